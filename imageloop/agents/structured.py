@@ -1,0 +1,65 @@
+"""Structured output, the same contract for every VLM backend.
+
+Ask with the JSON schema (backends that can constrain decoding do so), then parse and validate with
+pydantic; if that fails, show the model its answer and the validation error once and ask again. A
+second failure raises MalformedOutputError, which callers turn into a recorded fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from imageloop.errors import MalformedOutputError
+from imageloop.prompts import REPAIR_PROMPT
+from imageloop.protocols import Message, ModelT, VisionLanguageModel
+
+_FENCED = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
+
+
+def json_schema_for(model: type[ModelT]) -> dict[str, Any]:
+    """The response_format-ready schema: named, strict, no extra keys."""
+    return {"name": model.__name__, "schema": model.model_json_schema(), "strict": True}
+
+
+def parse_json_answer(text: str, model: type[ModelT]) -> ModelT:
+    """Validate `text` as `model`, tolerating code fences and prose around one JSON object."""
+    candidates = [text.strip(), *(m.strip() for m in _FENCED.findall(text))]
+    start, end = text.find("{"), text.rfind("}")
+    if 0 <= start < end:
+        candidates.append(text[start : end + 1])
+    error: Exception | None = None
+    for candidate in candidates:
+        try:
+            return model.model_validate(json.loads(candidate))
+        except (json.JSONDecodeError, ValidationError) as e:
+            error = e
+    raise ValueError(f"not a valid {model.__name__}: {error}")
+
+
+def ask_structured(
+    vlm: VisionLanguageModel, messages: Sequence[Message], model: type[ModelT]
+) -> ModelT:
+    """Ask `vlm` for an answer shaped like `model`, with one repair retry."""
+    schema = json_schema_for(model)
+    answer = vlm.chat(messages, json_schema=schema)
+    try:
+        return parse_json_answer(answer, model)
+    except ValueError as first_error:
+        repair = Message(
+            "user",
+            REPAIR_PROMPT.format(
+                error=str(first_error)[:500], schema=json.dumps(model.model_json_schema())
+            ),
+        )
+        retry = vlm.chat([*messages, Message("assistant", answer), repair], json_schema=schema)
+        try:
+            return parse_json_answer(retry, model)
+        except ValueError as second_error:
+            raise MalformedOutputError(
+                f"{vlm.model_id} gave no valid {model.__name__} after one repair retry: {second_error}"
+            ) from None

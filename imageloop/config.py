@@ -1,0 +1,128 @@
+"""One typed settings object, named profiles, and the `PROVIDER:MODEL` role strings.
+
+Precedence, lowest first: field defaults < profile < environment (`IMAGELOOP_*`) < explicit
+arguments (CLI options). Endpoint settings fall back to the OpenAI client's own variables
+(`OPENAI_BASE_URL`, `OPENAI_API_KEY`), so any OpenAI-compatible server works unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from imageloop.errors import ConfigError
+
+Role = Literal["vlm", "generator", "embedder", "captioner"]
+ROLES: tuple[Role, ...] = ("vlm", "generator", "embedder", "captioner")
+Mode = Literal["draft_first", "generation"]
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """A parsed `PROVIDER:MODEL` string, e.g. `openai:gpt-4.1-mini`."""
+
+    provider: str
+    model: str
+
+    @classmethod
+    def parse(cls, text: str, role: str) -> RoleSpec:
+        """Split `PROVIDER:MODEL`; the model part may itself contain colons (`ollama` tags)."""
+        provider, sep, model = text.partition(":")
+        if not sep or not provider.strip() or not model.strip():
+            raise ConfigError(f"--{role} {text!r}: expected PROVIDER:MODEL, e.g. openai:gpt-4.1-mini")
+        return cls(provider.strip().lower(), model.strip())
+
+    def __str__(self) -> str:
+        return f"{self.provider}:{self.model}"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where an OpenAI-compatible role sends its requests; None means the client's own default."""
+
+    base_url: str | None = None
+    api_key: str | None = None
+
+
+class Settings(BaseModel):
+    """Every knob of a run, with the paper's defaults."""
+
+    vlm: str | None = Field(None, description="critic and query rewriter, PROVIDER:MODEL")
+    generator: str | None = Field(None, description="image generator, PROVIDER:MODEL")
+    embedder: str | None = Field(None, description="retrieval embedder, PROVIDER:MODEL")
+    captioner: str | None = Field(None, description="captions images while indexing; defaults to the VLM")
+    vlm_base_url: str | None = None
+    generator_base_url: str | None = None
+    embedder_base_url: str | None = None
+    captioner_base_url: str | None = None
+    vlm_api_key: str | None = None
+    generator_api_key: str | None = None
+    embedder_api_key: str | None = None
+    captioner_api_key: str | None = None
+    mode: Mode = Field("draft_first", description="draft_first: critique a draft; generation: skip it")
+    max_iterations: int = Field(1, ge=1, le=20, description="regenerations with references before stopping")
+    similarity_threshold: float | None = Field(
+        None, ge=-1.0, le=1.0, description="drop retrieved references scoring below this cosine"
+    )
+    top_k: int = Field(1, ge=1, le=16, description="references retrieved per missing concept")
+    max_concepts: int = Field(3, ge=1, le=10, description="at most this many missing concepts per critique")
+    seed: int | None = Field(0, description="generator seed; None for random")
+    size: tuple[int, int] | None = Field(None, description="output size (width, height); backend default if None")
+    steps: int | None = Field(None, ge=1, le=500, description="denoising steps for diffusion backends")
+
+    def role_spec(self, role: Role) -> RoleSpec:
+        """The role's `PROVIDER:MODEL`, or a ConfigError saying how to choose one."""
+        value = getattr(self, role) or (self.vlm if role == "captioner" else None)
+        if not value:
+            raise ConfigError(f"no {role} configured: pass --{role} PROVIDER:MODEL or --profile NAME")
+        return RoleSpec.parse(value, role)
+
+    def endpoint(self, role: Role) -> Endpoint:
+        """Per-role base URL and key; the captioner inherits the VLM's endpoint unless set."""
+        base_url = getattr(self, f"{role}_base_url")
+        api_key = getattr(self, f"{role}_api_key")
+        if role == "captioner" and not self.captioner:
+            base_url = base_url or self.vlm_base_url
+            api_key = api_key or self.vlm_api_key
+        return Endpoint(base_url=base_url, api_key=api_key)
+
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "openai": {
+        "vlm": "openai:gpt-4.1-mini",
+        "generator": "openai:gpt-image-1",
+        "embedder": "openai:text-embedding-3-small",
+    },
+}
+
+ENV_PREFIX = "IMAGELOOP_"
+
+
+def load_settings(
+    profile: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge defaults, a profile, `IMAGELOOP_*` variables and explicit overrides (None values ignored)."""
+    environ = os.environ if environ is None else environ
+    profile = profile or environ.get(ENV_PREFIX + "PROFILE")
+    values: dict[str, Any] = {}
+    if profile:
+        if profile not in PROFILES:
+            raise ConfigError(f"unknown profile {profile!r}; known: {', '.join(sorted(PROFILES))}")
+        values.update(PROFILES[profile])
+    for name in Settings.model_fields:
+        env_value = environ.get(ENV_PREFIX + name.upper())
+        if env_value is not None:
+            values[name] = env_value
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"invalid setting {field}: {first['msg']}") from None

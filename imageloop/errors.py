@@ -1,0 +1,33 @@
+"""Errors a user can act on.
+
+Every `ImageloopError` carries a one-line message that the CLI prints as is (no traceback); anything
+else that escapes is a bug and keeps its traceback.
+"""
+
+
+class ImageloopError(Exception):
+    """A problem with the user's input, configuration or environment, explained in one line."""
+
+
+class ConfigError(ImageloopError):
+    """An unknown provider, model string, profile or option value."""
+
+
+class IndexNotFoundError(ImageloopError):
+    """The path given as an index holds no imageloop index."""
+
+
+class EmbedderMismatchError(ImageloopError):
+    """The index was built with another embedder than the one configured for the query."""
+
+
+class BackendError(ImageloopError):
+    """A model endpoint failed: unreachable, rejected the request, or returned something unusable."""
+
+
+class MalformedOutputError(BackendError):
+    """A model's answer could not be parsed into the expected structure, even after a repair retry."""
+
+
+class ImageDecodeError(ImageloopError):
+    """A file is not a readable image."""

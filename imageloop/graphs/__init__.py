@@ -1,0 +1,1 @@
+"""The loops, one module each, as LangGraph state machines."""

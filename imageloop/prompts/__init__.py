@@ -1,0 +1,76 @@
+"""Every text we send to a model, as named templates with `{placeholders}`.
+
+The ImageRAG critic follows the paper's order of questions: does the image match the prompt (content
+and style)? which concepts are missing (short, general, at most k, few-shot constrained)? then one
+stand-alone detailed retrieval caption per concept (detailed captions retrieve better than concept
+words or the raw prompt).
+"""
+
+CRITIC_SYSTEM = (
+    "You are a meticulous visual critic for a text-to-image system. You answer only with JSON."
+)
+
+CRITIC_PROMPT = """\
+The image was generated for the prompt: "{prompt}"
+
+Does the image match the prompt? Consider both content and style, and ignore minor details.
+If it does not match, list the concepts from the prompt that are missing or wrong in the image, at most \
+{max_concepts}. A concept is short and general: an object, an animal species, a landmark, a style, an \
+action; not a whole sentence and not a detail of the composition.
+
+Example. Prompt: "a Cyanocitta cristata perched on a snowy branch, ukiyo-e style". The image shows a \
+small brown bird on a snowy branch, photographed.
+Answer: {{"aligned": false, "missing_concepts": ["Cyanocitta cristata", "ukiyo-e style"]}}
+
+Example. Prompt: "a red bicycle leaning against a brick wall". The image shows exactly that.
+Answer: {{"aligned": true, "missing_concepts": []}}
+
+Answer with JSON: {{"aligned": true or false, "missing_concepts": [...]}}."""
+
+PLAN_PROMPT = """\
+A text-to-image model must draw: "{prompt}"
+
+Which concepts in this prompt is the model likely not to know well enough to draw from text alone \
+(rare objects, specific species or breeds, landmarks, named styles, unusual actions)? List at most \
+{max_concepts}, each short and general. List none if the prompt is common.
+
+Example. Prompt: "a Cyanocitta cristata perched on a snowy branch".
+Answer: {{"missing_concepts": ["Cyanocitta cristata"]}}
+
+Answer with JSON: {{"missing_concepts": [...]}}."""
+
+CAPTIONS_PROMPT = """\
+We will search an image collection for reference pictures that help draw: "{prompt}"
+
+For each concept below, write one detailed caption of an image that shows the concept clearly, as a \
+photo caption would describe it. Each caption stands alone: name the concept explicitly and do not \
+refer to the prompt or to other captions.
+
+Concepts: {concepts}
+
+Example. Concept: "Cyanocitta cristata".
+Caption: "A blue jay (Cyanocitta cristata) with a blue crest, white face and black collar, perched on \
+a branch."
+
+Answer with JSON: {{"captions": [{{"concept": "...", "caption": "..."}}, ...]}} with one entry per \
+concept, in the same order."""
+
+CAPTIONER_PROMPT = """\
+Write one detailed caption of this image for a search index: the main subject named as precisely as \
+you can (species, object type, landmark, style), then its appearance and setting. One or two \
+sentences, no preamble."""
+
+REPAIR_PROMPT = """\
+Your answer could not be used: {error}
+Answer again with only a JSON object that follows this schema: {schema}"""
+
+REFERENCE_TEMPLATE = "According to these examples of {concepts}: {images}, generate {prompt}"
+"""The paper's in-context prompt; each backend supplies its own image placeholders."""
+
+
+def compose_reference_prompt(prompt: str, concepts: list[str], image_tokens: list[str]) -> str:
+    """Render the paper's template: concepts and image placeholders in reference order."""
+    unique = list(dict.fromkeys(concepts))
+    return REFERENCE_TEMPLATE.format(
+        concepts=", ".join(unique), images=", ".join(image_tokens), prompt=prompt
+    )

@@ -1,0 +1,137 @@
+"""The seams: what the loops need from models and stores, as `typing.Protocol`s.
+
+Graphs depend on these roles only; concrete backends (OpenAI-compatible endpoints, local models)
+live in `imageloop.agents` and `imageloop.tools` and are chosen by `imageloop.backends`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+from pydantic import BaseModel
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+Vector = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat turn: text plus images (paths on disk), in the order the model should see them."""
+
+    role: Literal["system", "user", "assistant"]
+    text: str
+    images: tuple[Path, ...] = ()
+
+
+@runtime_checkable
+class VisionLanguageModel(Protocol):
+    """Chat with text and images.
+
+    `chat` returns the raw text answer. When `json_schema` is given the backend asks the endpoint to
+    constrain its output to that schema if it can; validation and repair happen in
+    `imageloop.agents.structured`, identically for every backend.
+    """
+
+    model_id: str
+
+    def chat(self, messages: Sequence[Message], json_schema: Mapping[str, Any] | None = None) -> str: ...
+
+
+@dataclass(frozen=True)
+class ReferenceImage:
+    """A retrieved image passed to a generator as an in-context example of `concept`."""
+
+    path: Path
+    concept: str
+    caption: str = ""
+    score: float = 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to draw; references are ordered, and the generator decides how they enter the model."""
+
+    prompt: str
+    references: tuple[ReferenceImage, ...] = ()
+    seed: int | None = None
+    size: tuple[int, int] | None = None
+    steps: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The picture and the exact prompt text the backend sent (its own rendering of the references)."""
+
+    image: Image.Image
+    prompt_used: str
+    notes: tuple[str, ...] = field(default=())
+
+
+@runtime_checkable
+class ImageGenerator(Protocol):
+    """Text-to-image, optionally conditioned on reference images.
+
+    `max_references` says how many references one call can take (0: text only); callers trim to it.
+    """
+
+    model_id: str
+    max_references: int
+
+    def generate(self, request: GenerationRequest) -> GenerationResult: ...
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Maps texts (and, when `embeds_images`, images) into one L2-normalised space of size `dim`.
+
+    `model_id` is stable across processes: an index records it and refuses queries from another.
+    """
+
+    model_id: str
+    dim: int
+    embeds_images: bool
+
+    def embed_texts(self, texts: Sequence[str]) -> Vector: ...
+
+    def embed_images(self, images: Sequence[Image.Image]) -> Vector: ...
+
+
+@dataclass(frozen=True)
+class VectorRecord:
+    """One stored item: a unit vector and small JSON-serialisable metadata."""
+
+    id: str
+    vector: Vector
+    metadata: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """A search result with its cosine similarity."""
+
+    id: str
+    score: float
+    metadata: Mapping[str, Any]
+
+
+@runtime_checkable
+class VectorStore(Protocol):
+    """Persistent vectors with metadata; cosine similarity search over unit vectors."""
+
+    def upsert(self, records: Sequence[VectorRecord]) -> None: ...
+
+    def search(
+        self, vector: Vector, k: int, where: Mapping[str, Any] | None = None
+    ) -> list[SearchHit]: ...
+
+    def get(self, ids: Sequence[str]) -> list[VectorRecord]: ...
+
+    def delete(self, ids: Sequence[str]) -> None: ...
+
+    def count(self) -> int: ...

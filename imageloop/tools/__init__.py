@@ -1,0 +1,1 @@
+"""Retrieval and generation tools: embedders, vector stores, indexer, retriever, generators, artifacts."""

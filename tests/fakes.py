@@ -1,0 +1,90 @@
+"""Scripted and fake backends for testing graph logic. They are not models: they replay answers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from imageloop.protocols import GenerationRequest, GenerationResult, Message, Vector
+
+
+def _unit(vectors: np.ndarray) -> Vector:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+class FakeHashEmbedder:
+    """Bag-of-words hashing embedder: texts sharing words are close; images embed by pixel statistics.
+
+    Deterministic across processes, so an index built in one test is queryable in another.
+    """
+
+    def __init__(self, dim: int = 64, embeds_images: bool = False, model_id: str = "fake:hash") -> None:
+        self.dim = dim
+        self.embeds_images = embeds_images
+        self.model_id = model_id
+        self.text_calls: list[list[str]] = []
+
+    def embed_texts(self, texts: Sequence[str]) -> Vector:
+        self.text_calls.append(list(texts))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in text.lower().replace(",", " ").replace(".", " ").split():
+                h = int(hashlib.sha256(word.encode()).hexdigest(), 16)
+                out[row, h % self.dim] += 1.0
+            out[row, -1] += 1e-3  # empty texts still get a direction
+        return _unit(out)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> Vector:
+        out = np.zeros((len(images), self.dim), dtype=np.float32)
+        for row, image in enumerate(images):
+            pixels = np.asarray(image.convert("RGB").resize((8, 8)), dtype=np.float32).ravel()
+            out[row, : min(self.dim, pixels.size)] = pixels[: self.dim] + 1.0
+        return _unit(out)
+
+
+@dataclass
+class ScriptedVLM:
+    """Replays `answers` in order (a callable answer sees the messages); records every call."""
+
+    answers: list[Any]
+    model_id: str = "scripted:vlm"
+    latency_s: float = 0.0
+    calls: list[tuple[list[Message], Mapping[str, Any] | None]] = field(default_factory=list)
+
+    def chat(self, messages: Sequence[Message], json_schema: Mapping[str, Any] | None = None) -> str:
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        self.calls.append((list(messages), json_schema))
+        if not self.answers:
+            raise AssertionError("ScriptedVLM ran out of answers")
+        answer = self.answers.pop(0)
+        if callable(answer):
+            answer = answer(messages)
+        return answer if isinstance(answer, str) else json.dumps(answer)
+
+
+@dataclass
+class ScriptedGenerator:
+    """Draws a flat colour per call (distinct per call) and records each request."""
+
+    model_id: str = "scripted:generator"
+    max_references: int = 3
+    latency_s: float = 0.0
+    requests: list[GenerationRequest] = field(default_factory=list)
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        self.requests.append(request)
+        shade = (40 * len(self.requests)) % 256
+        tokens = [f"<image {i}>" for i in range(1, len(request.references) + 1)]
+        prompt_used = request.prompt if not tokens else f"{request.prompt} | refs: {' '.join(tokens)}"
+        return GenerationResult(Image.new("RGB", (16, 16), (shade, 255 - shade, 128)), prompt_used)
