@@ -126,12 +126,27 @@ class VectorStore(Protocol):
 
     def upsert(self, records: Sequence[VectorRecord]) -> None: ...
 
-    def search(
-        self, vector: Vector, k: int, where: Mapping[str, Any] | None = None
-    ) -> list[SearchHit]: ...
+    def search(self, vector: Vector, k: int, where: Mapping[str, Any] | None = None) -> list[SearchHit]: ...
 
     def get(self, ids: Sequence[str]) -> list[VectorRecord]: ...
 
     def delete(self, ids: Sequence[str]) -> None: ...
 
     def count(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class RetrievedImage:
+    """An indexed image returned for a query, with its cosine similarity to the query."""
+
+    id: str
+    path: Path
+    caption: str
+    score: float
+
+
+@runtime_checkable
+class ImageRetriever(Protocol):
+    """Text-to-image search over an index (caption or image route, the retriever knows which)."""
+
+    def search(self, text: str, k: int, similarity_threshold: float | None = None) -> list[RetrievedImage]: ...

@@ -7,12 +7,13 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from imageloop.protocols import GenerationRequest, GenerationResult, Message, Vector
+from imageloop.protocols import GenerationRequest, GenerationResult, Message, RetrievedImage, Vector
 
 
 def _unit(vectors: np.ndarray) -> Vector:
@@ -88,3 +89,24 @@ class ScriptedGenerator:
         tokens = [f"<image {i}>" for i in range(1, len(request.references) + 1)]
         prompt_used = request.prompt if not tokens else f"{request.prompt} | refs: {' '.join(tokens)}"
         return GenerationResult(Image.new("RGB", (16, 16), (shade, 255 - shade, 128)), prompt_used)
+
+
+@dataclass
+class ScriptedRetriever:
+    """Returns the scripted hits for a query (matched by a word it contains), recording every query."""
+
+    by_keyword: dict[str, list[tuple[str, float]]]
+    root: Any = None
+    queries: list[str] = field(default_factory=list)
+
+    def search(self, text: str, k: int, similarity_threshold: float | None = None) -> list[RetrievedImage]:
+        self.queries.append(text)
+        for keyword, hits in self.by_keyword.items():
+            if keyword.lower() in text.lower():
+                found = [
+                    RetrievedImage(id=name, path=Path(self.root or ".") / name, caption=f"a picture of {name}", score=s)
+                    for name, s in hits
+                ]
+                found = [h for h in found if similarity_threshold is None or h.score >= similarity_threshold]
+                return found[:k]
+        return []

@@ -41,9 +41,7 @@ def parse_json_answer(text: str, model: type[ModelT]) -> ModelT:
     raise ValueError(f"not a valid {model.__name__}: {error}")
 
 
-def ask_structured(
-    vlm: VisionLanguageModel, messages: Sequence[Message], model: type[ModelT]
-) -> ModelT:
+def ask_structured(vlm: VisionLanguageModel, messages: Sequence[Message], model: type[ModelT]) -> ModelT:
     """Ask `vlm` for an answer shaped like `model`, with one repair retry."""
     schema = json_schema_for(model)
     answer = vlm.chat(messages, json_schema=schema)
@@ -52,9 +50,7 @@ def ask_structured(
     except ValueError as first_error:
         repair = Message(
             "user",
-            REPAIR_PROMPT.format(
-                error=str(first_error)[:500], schema=json.dumps(model.model_json_schema())
-            ),
+            REPAIR_PROMPT.format(error=str(first_error)[:500], schema=json.dumps(model.model_json_schema())),
         )
         retry = vlm.chat([*messages, Message("assistant", answer), repair], json_schema=schema)
         try:

@@ -6,9 +6,7 @@ stand-alone detailed retrieval caption per concept (detailed captions retrieve b
 words or the raw prompt).
 """
 
-CRITIC_SYSTEM = (
-    "You are a meticulous visual critic for a text-to-image system. You answer only with JSON."
-)
+CRITIC_SYSTEM = "You are a meticulous visual critic for a text-to-image system. You answer only with JSON."
 
 CRITIC_PROMPT = """\
 The image was generated for the prompt: "{prompt}"
@@ -71,6 +69,4 @@ REFERENCE_TEMPLATE = "According to these examples of {concepts}: {images}, gener
 def compose_reference_prompt(prompt: str, concepts: list[str], image_tokens: list[str]) -> str:
     """Render the paper's template: concepts and image placeholders in reference order."""
     unique = list(dict.fromkeys(concepts))
-    return REFERENCE_TEMPLATE.format(
-        concepts=", ".join(unique), images=", ".join(image_tokens), prompt=prompt
-    )
+    return REFERENCE_TEMPLATE.format(concepts=", ".join(unique), images=", ".join(image_tokens), prompt=prompt)

@@ -24,9 +24,7 @@ def open_image(path: Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 if img.width * img.height > MAX_PIXELS:
-                    raise ImageDecodeError(
-                        f"{path}: {img.width}x{img.height} exceeds the {MAX_PIXELS:,}-pixel limit"
-                    )
+                    raise ImageDecodeError(f"{path}: {img.width}x{img.height} exceeds the {MAX_PIXELS:,}-pixel limit")
                 img.load()
                 return img.convert("RGB")
     except ImageDecodeError:

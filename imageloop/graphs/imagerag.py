@@ -1,0 +1,471 @@
+"""ImageRAG as a LangGraph state machine.
+
+```
+START ─draft_first→ generate_draft → critic ─aligned / iteration == max_iterations→ finish
+  └─generation→ critic (plans concepts)   └─not aligned→ rewrite → retrieve ×N (Send, one per caption)
+                                              → compose ─no reference above threshold→ finish
+                                                   └→ generate_with_references → critic …
+```
+State holds artifact ids and small metadata only (never pixels). Caps live in state; routing
+functions are pure functions of state. Every node appends a `Step` recording its decision and time.
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypedDict
+
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.types import Checkpointer, Send
+
+from imageloop.agents.critic import Critic
+from imageloop.agents.rewriter import QueryRewriter
+from imageloop.config import Mode
+from imageloop.errors import MalformedOutputError
+from imageloop.protocols import (
+    GenerationRequest,
+    ImageGenerator,
+    ImageRetriever,
+    ReferenceImage,
+    VisionLanguageModel,
+)
+from imageloop.tools.artifacts import ArtifactStore
+
+
+class Step(TypedDict):
+    """One visited node: what it decided, in a sentence, and how long it took."""
+
+    node: str
+    iteration: int
+    decision: str
+    seconds: float
+    detail: dict[str, Any]
+
+
+class CaptionQuery(TypedDict):
+    """A retrieval caption and the missing concept it stands for."""
+
+    concept: str
+    caption: str
+
+
+class Hit(TypedDict):
+    """A retrieved image for one caption in one iteration."""
+
+    iteration: int
+    concept: str
+    query: str
+    id: str
+    path: str
+    caption: str
+    score: float
+
+
+class GeneratedImage(TypedDict):
+    """An image the loop produced; `missing` is the critic's count (None until judged)."""
+
+    artifact: str
+    iteration: int
+    prompt_used: str
+    aligned: bool | None
+    missing: int | None
+
+
+class ImageRAGState(TypedDict, total=False):
+    """Inputs (prompt and knobs) and everything the loop decided so far."""
+
+    prompt: str
+    mode: Mode
+    max_iterations: int
+    similarity_threshold: float | None
+    top_k: int
+    max_concepts: int
+    seed: int | None
+    size: tuple[int, int] | None
+    steps_per_image: int | None
+
+    iteration: int
+    current_image: str | None
+    draft_image: str | None
+    images: list[GeneratedImage]
+    aligned: bool
+    critic_failed: bool
+    missing_concepts: list[str]
+    retrieval_captions: list[CaptionQuery]
+    hits: Annotated[list[Hit], operator.add]
+    references: list[Hit]
+    final_image: str | None
+    stop_reason: str
+    steps: Annotated[list[Step], operator.add]
+
+
+class RetrieveTask(TypedDict):
+    """What one parallel retrieval branch receives through `Send`."""
+
+    query: CaptionQuery
+    iteration: int
+    top_k: int
+    similarity_threshold: float | None
+
+
+DEFAULTS: dict[str, Any] = {
+    "mode": "draft_first",
+    "max_iterations": 1,
+    "similarity_threshold": None,
+    "top_k": 1,
+    "max_concepts": 3,
+    "seed": 0,
+    "size": None,
+    "steps_per_image": None,
+}
+
+
+# Routing: pure functions of state.
+
+
+def route_start(state: ImageRAGState) -> Literal["generate_draft", "critic"]:
+    """Draft-first critiques a draft; generation mode asks the critic to plan concepts first."""
+    return "critic" if state["mode"] == "generation" else "generate_draft"
+
+
+def route_after_critic(
+    state: ImageRAGState,
+) -> Literal["finish", "rewrite", "generate_with_references"]:
+    """Stop when aligned or capped; generate directly when a plan needs no references."""
+    if state.get("aligned"):
+        return "finish"
+    if state["iteration"] >= state["max_iterations"]:
+        return "finish"
+    planning = state.get("current_image") is None
+    if planning and not state["missing_concepts"] and not state.get("critic_failed"):
+        return "generate_with_references"
+    return "rewrite"
+
+
+def fan_out_retrieval(state: ImageRAGState) -> list[Send]:
+    """One retrieval branch per caption, run in parallel."""
+    return [
+        Send(
+            "retrieve",
+            RetrieveTask(
+                query=query,
+                iteration=state["iteration"],
+                top_k=state["top_k"],
+                similarity_threshold=state["similarity_threshold"],
+            ),
+        )
+        for query in state["retrieval_captions"]
+    ]
+
+
+def route_after_compose(state: ImageRAGState) -> Literal["finish", "generate_with_references"]:
+    """Without a usable reference there is nothing to regenerate with, unless no image exists yet."""
+    if state["references"] or state.get("current_image") is None:
+        return "generate_with_references"
+    return "finish"
+
+
+def best_image(images: list[GeneratedImage]) -> GeneratedImage | None:
+    """An aligned image if any, else the one with fewest missing concepts; ties go to the latest."""
+    if not images:
+        return None
+
+    def rank(position_and_image: tuple[int, GeneratedImage]) -> tuple[int, float, int]:
+        position, image = position_and_image
+        missing = float("inf") if image["missing"] is None else image["missing"]
+        return (0 if image["aligned"] else 1, missing, -position)
+
+    return min(enumerate(images), key=rank)[1]
+
+
+def select_references(hits: list[Hit], max_references: int) -> tuple[list[Hit], list[Hit]]:
+    """Deduplicate by image (keeping its best score) and trim to the generator's capacity by score.
+
+    Returns (kept, trimmed), kept in caption order so the composed prompt lists concepts as asked.
+    """
+    best: dict[str, Hit] = {}
+    for hit in hits:
+        if hit["id"] not in best or hit["score"] > best[hit["id"]]["score"]:
+            best[hit["id"]] = hit
+    unique = list(best.values())
+    by_score = sorted(unique, key=lambda h: h["score"], reverse=True)
+    keep_ids = {h["id"] for h in by_score[:max_references]}
+    kept = [h for h in unique if h["id"] in keep_ids]
+    trimmed = [h for h in by_score[max_references:]]
+    return kept, trimmed
+
+
+def _step(node: str, iteration: int, decision: str, started: float, **detail: Any) -> Step:
+    return Step(
+        node=node,
+        iteration=iteration,
+        decision=decision,
+        seconds=round(time.perf_counter() - started, 4),
+        detail=detail,
+    )
+
+
+class _Nodes:
+    """The node functions, closed over the backends they call."""
+
+    def __init__(
+        self,
+        vlm: VisionLanguageModel,
+        generator: ImageGenerator,
+        retriever: ImageRetriever,
+        artifacts: ArtifactStore,
+    ) -> None:
+        self.critic = Critic(vlm)
+        self.rewriter = QueryRewriter(vlm)
+        self.generator = generator
+        self.retriever = retriever
+        self.artifacts = artifacts
+
+    def prepare(self, state: ImageRAGState) -> dict[str, Any]:
+        """Fill defaults so every later node can rely on the knobs being present."""
+        started = time.perf_counter()
+        update: dict[str, Any] = {k: v for k, v in DEFAULTS.items() if k not in state}
+        update.update(iteration=0, current_image=None, draft_image=None, images=[], missing_concepts=[])
+        knobs = {k: state.get(k, DEFAULTS[k]) for k in DEFAULTS}
+        update["steps"] = [_step("prepare", 0, f"mode {knobs['mode']}", started, **knobs)]
+        return update
+
+    def _generate(self, state: ImageRAGState, references: tuple[ReferenceImage, ...], iteration: int) -> GeneratedImage:
+        request = GenerationRequest(
+            prompt=state["prompt"],
+            references=references,
+            seed=state["seed"],
+            size=state["size"],
+            steps=state["steps_per_image"],
+        )
+        result = self.generator.generate(request)
+        return GeneratedImage(
+            artifact=self.artifacts.put(result.image),
+            iteration=iteration,
+            prompt_used=result.prompt_used,
+            aligned=None,
+            missing=None,
+        )
+
+    def generate_draft(self, state: ImageRAGState) -> dict[str, Any]:
+        """Text-only draft; the critic judges it next."""
+        started = time.perf_counter()
+        image = self._generate(state, (), iteration=0)
+        step = _step("generate_draft", 0, "drew a draft from the prompt alone", started, artifact=image["artifact"])
+        return {
+            "current_image": image["artifact"],
+            "draft_image": image["artifact"],
+            "images": [*state["images"], image],
+            "steps": [step],
+        }
+
+    def critic_node(self, state: ImageRAGState) -> dict[str, Any]:
+        """Judge the current image, or plan concepts when there is none yet (generation mode)."""
+        started = time.perf_counter()
+        iteration = state["iteration"]
+        current = state.get("current_image")
+        try:
+            if current is None:
+                concepts = self.critic.plan(state["prompt"], state["max_concepts"])
+                decision = f"prompt needs references for {concepts}" if concepts else "prompt needs no references"
+                return {
+                    "aligned": False,
+                    "critic_failed": False,
+                    "missing_concepts": concepts,
+                    "steps": [_step("critic", iteration, decision, started, missing_concepts=concepts)],
+                }
+            verdict = self.critic.judge(state["prompt"], self.artifacts.path(current), state["max_concepts"])
+        except MalformedOutputError as e:
+            return {
+                "aligned": False,
+                "critic_failed": True,
+                "missing_concepts": [],
+                "steps": [
+                    _step(
+                        "critic",
+                        iteration,
+                        "critic could not answer: retrieve with the raw prompt",
+                        started,
+                        error=str(e),
+                    )
+                ],
+            }
+        images = [
+            GeneratedImage(**{**img, "aligned": verdict.aligned, "missing": len(verdict.missing_concepts)})
+            if img["artifact"] == current and img["aligned"] is None
+            else img
+            for img in state["images"]
+        ]
+        if verdict.aligned:
+            decision = "aligned with the prompt"
+        elif iteration >= state["max_iterations"]:
+            decision = f"not aligned, missing {verdict.missing_concepts}; iteration cap reached"
+        else:
+            decision = f"not aligned, missing {verdict.missing_concepts}"
+        return {
+            "aligned": verdict.aligned,
+            "critic_failed": False,
+            "missing_concepts": verdict.missing_concepts,
+            "images": images,
+            "steps": [
+                _step(
+                    "critic",
+                    iteration,
+                    decision,
+                    started,
+                    aligned=verdict.aligned,
+                    missing_concepts=verdict.missing_concepts,
+                )
+            ],
+        }
+
+    def rewrite(self, state: ImageRAGState) -> dict[str, Any]:
+        """One retrieval caption per missing concept; the raw prompt when there is nothing to rewrite."""
+        started = time.perf_counter()
+        prompt, concepts = state["prompt"], state["missing_concepts"]
+        if state.get("critic_failed") or not concepts:
+            queries = [CaptionQuery(concept=prompt, caption=prompt)]
+            decision = "no concepts named: retrieve with the raw prompt"
+        else:
+            try:
+                queries = [
+                    CaptionQuery(concept=c.concept, caption=c.caption)
+                    for c in self.rewriter.write_captions(prompt, concepts)
+                ]
+                decision = f"wrote {len(queries)} retrieval caption(s)"
+            except MalformedOutputError as e:
+                queries = [CaptionQuery(concept=c, caption=c) for c in concepts]
+                decision = f"rewriter could not answer ({e}): retrieve with the concept words"
+        step = _step("rewrite", state["iteration"], decision, started, retrieval_captions=queries)
+        return {"retrieval_captions": queries, "steps": [step]}
+
+    def retrieve(self, task: RetrieveTask) -> dict[str, Any]:
+        """Search the index for one caption; keep hits at or above the similarity threshold."""
+        started = time.perf_counter()
+        query, threshold = task["query"], task["similarity_threshold"]
+        found = self.retriever.search(query["caption"], task["top_k"])
+        hits = [
+            Hit(
+                iteration=task["iteration"],
+                concept=query["concept"],
+                query=query["caption"],
+                id=r.id,
+                path=str(r.path),
+                caption=r.caption,
+                score=round(float(r.score), 6),
+            )
+            for r in found
+            if threshold is None or r.score >= threshold
+        ]
+        decision = f"{query['concept']!r}: kept {len(hits)} of {len(found)}"
+        if threshold is not None:
+            decision += f" at similarity >= {threshold}"
+        scores = [h["score"] for h in hits]
+        step = _step("retrieve", task["iteration"], decision, started, query=query["caption"], scores=scores)
+        return {"hits": hits, "steps": [step]}
+
+    def compose(self, state: ImageRAGState) -> dict[str, Any]:
+        """Gather this iteration's hits into the ordered references the generator will see."""
+        started = time.perf_counter()
+        iteration = state["iteration"]
+        current = [h for h in state["hits"] if h["iteration"] == iteration]
+        kept, trimmed = select_references(current, self.generator.max_references)
+        if not kept and state.get("current_image") is None:
+            step = _step("compose", iteration, "no usable reference: generate from the prompt alone", started)
+            return {"references": [], "steps": [step]}
+        if not kept:
+            step = _step("compose", iteration, "no usable reference: keep the best image so far", started)
+            return {"references": [], "stop_reason": "no_reference_above_threshold", "steps": [step]}
+        decision = f"{len(kept)} reference(s) for {sorted({h['concept'] for h in kept})}"
+        if trimmed:
+            decision += f"; trimmed {len(trimmed)} lowest-scoring to fit {self.generator.model_id}"
+        step = _step(
+            "compose",
+            iteration,
+            decision,
+            started,
+            references=[h["path"] for h in kept],
+            trimmed=[h["path"] for h in trimmed],
+        )
+        return {"references": kept, "steps": [step]}
+
+    def generate_with_references(self, state: ImageRAGState) -> dict[str, Any]:
+        """Regenerate with the references in context (or text only when a plan named none)."""
+        started = time.perf_counter()
+        references = tuple(
+            ReferenceImage(path=Path(h["path"]), concept=h["concept"], caption=h["caption"], score=h["score"])
+            for h in state.get("references") or []
+        )
+        image = self._generate(state, references, iteration=state["iteration"] + 1)
+        decision = f"generated with {len(references)} reference(s)"
+        step = _step(
+            "generate_with_references",
+            image["iteration"],
+            decision,
+            started,
+            artifact=image["artifact"],
+            prompt_used=image["prompt_used"],
+        )
+        return {
+            "iteration": image["iteration"],
+            "current_image": image["artifact"],
+            "images": [*state["images"], image],
+            "aligned": False,
+            "steps": [step],
+        }
+
+    def finish(self, state: ImageRAGState) -> dict[str, Any]:
+        """Pick the final image and say why the loop stopped."""
+        started = time.perf_counter()
+        best = best_image(state["images"])
+        if state.get("aligned"):
+            reason = "aligned"
+        elif state.get("stop_reason"):
+            reason = state["stop_reason"]
+        else:
+            reason = "max_iterations"
+        final = best["artifact"] if best else None
+        decision = f"stop: {reason}; final image from iteration {best['iteration'] if best else '-'}"
+        return {
+            "final_image": final,
+            "stop_reason": reason,
+            "steps": [_step("finish", state["iteration"], decision, started, final_image=final)],
+        }
+
+
+def build_imagerag_graph(
+    vlm: VisionLanguageModel,
+    generator: ImageGenerator,
+    retriever: ImageRetriever,
+    artifacts: ArtifactStore,
+    checkpointer: Checkpointer = None,
+) -> CompiledStateGraph[ImageRAGState, None, ImageRAGState, ImageRAGState]:
+    """Wire the ImageRAG loop over the given backends; pass a checkpointer to make runs resumable."""
+    nodes = _Nodes(vlm, generator, retriever, artifacts)
+    graph = StateGraph(ImageRAGState)
+    node_functions: dict[str, Callable[..., dict[str, Any]]] = {
+        "prepare": nodes.prepare,
+        "generate_draft": nodes.generate_draft,
+        "critic": nodes.critic_node,
+        "rewrite": nodes.rewrite,
+        "retrieve": nodes.retrieve,
+        "compose": nodes.compose,
+        "generate_with_references": nodes.generate_with_references,
+        "finish": nodes.finish,
+    }
+    for name, function in node_functions.items():
+        graph.add_node(name, function)
+    graph.add_edge(START, "prepare")
+    graph.add_conditional_edges("prepare", route_start, ["generate_draft", "critic"])
+    graph.add_edge("generate_draft", "critic")
+    graph.add_conditional_edges("critic", route_after_critic, ["finish", "rewrite", "generate_with_references"])
+    graph.add_conditional_edges("rewrite", fan_out_retrieval, ["retrieve"])
+    graph.add_edge("retrieve", "compose")
+    graph.add_conditional_edges("compose", route_after_compose, ["finish", "generate_with_references"])
+    graph.add_edge("generate_with_references", "critic")
+    graph.add_edge("finish", END)
+    return graph.compile(checkpointer=checkpointer)
