@@ -82,13 +82,20 @@ class Settings(BaseModel):
         return RoleSpec.parse(value, role)
 
     def endpoint(self, role: Role) -> Endpoint:
-        """Per-role base URL and key; the captioner inherits the VLM's endpoint unless set."""
+        """The effective base URL and key of a role: its own, the VLM's (captioner), else OPENAI_*.
+
+        Resolved here rather than in the client so that backends cached per endpoint never outlive a
+        change of `OPENAI_BASE_URL`.
+        """
         base_url = getattr(self, f"{role}_base_url")
         api_key = getattr(self, f"{role}_api_key")
         if role == "captioner" and not self.captioner:
             base_url = base_url or self.vlm_base_url
             api_key = api_key or self.vlm_api_key
-        return Endpoint(base_url=base_url, api_key=api_key)
+        return Endpoint(
+            base_url=base_url or os.environ.get("OPENAI_BASE_URL") or None,
+            api_key=api_key or os.environ.get("OPENAI_API_KEY") or None,
+        )
 
 
 PROFILES: dict[str, dict[str, Any]] = {

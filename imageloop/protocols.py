@@ -94,8 +94,10 @@ class Embedder(Protocol):
     """
 
     model_id: str
-    dim: int
     embeds_images: bool
+
+    @property
+    def dim(self) -> int: ...
 
     def embed_texts(self, texts: Sequence[str]) -> Vector: ...
 

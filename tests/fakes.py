@@ -18,7 +18,7 @@ from imageloop.protocols import GenerationRequest, GenerationResult, Message, Re
 
 def _unit(vectors: np.ndarray) -> Vector:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+    return np.asarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
 class FakeHashEmbedder:
@@ -97,9 +97,12 @@ class ScriptedRetriever:
 
     by_keyword: dict[str, list[tuple[str, float]]]
     root: Any = None
+    latency_s: float = 0.0
     queries: list[str] = field(default_factory=list)
 
     def search(self, text: str, k: int, similarity_threshold: float | None = None) -> list[RetrievedImage]:
+        if self.latency_s:
+            time.sleep(self.latency_s)
         self.queries.append(text)
         for keyword, hits in self.by_keyword.items():
             if keyword.lower() in text.lower():

@@ -1,0 +1,107 @@
+"""A VisionLanguageModel over any OpenAI-compatible chat completions endpoint (OpenAI, vLLM, Ollama...)."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from PIL import Image
+
+from imageloop.config import Endpoint
+from imageloop.errors import BackendError, MalformedOutputError
+from imageloop.openai_client import DEFAULT_ENDPOINT, make_client, server_message, translated_errors
+from imageloop.protocols import Message
+from imageloop.tools.images import open_image, png_bytes
+
+if TYPE_CHECKING:
+    import openai
+    from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
+    from openai.types.shared_params import ResponseFormatJSONSchema
+
+
+def image_data_uri(path: Path, max_image_side: int) -> str:
+    """The image at `path` as a PNG data URI, downscaled so its long side is at most `max_image_side`."""
+    image = open_image(path)
+    # Larger images cost tokens and upload time without helping a critic judge content and style.
+    image.thumbnail((max_image_side, max_image_side), Image.Resampling.LANCZOS)
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
+
+
+def _rejects_response_format(error: openai.APIStatusError) -> bool:
+    """Whether the endpoint refused the request because it cannot constrain output to a JSON schema."""
+    text = f"{server_message(error)} {error.message}".lower()
+    return error.status_code in (400, 422) and ("response_format" in text or "json_schema" in text)
+
+
+class OpenAIVisionLanguageModel:
+    """Chat with text and images through `chat.completions`, asking for schema-constrained JSON when possible."""
+
+    def __init__(
+        self,
+        model: str,
+        endpoint: Endpoint = DEFAULT_ENDPOINT,
+        *,
+        max_tokens: int = 1024,
+        max_image_side: int = 1024,
+        client: openai.OpenAI | None = None,
+    ) -> None:
+        self.model = model
+        self.model_id = f"openai:{model}"
+        self.max_tokens = max_tokens
+        self.max_image_side = max_image_side
+        self._client = client if client is not None else make_client(endpoint)
+        # Many local servers reject `response_format`; after one refusal we stop sending it, and
+        # imageloop.agents.structured still validates and repairs the plain answers.
+        self.supports_response_format = True
+
+    def _message_param(self, message: Message) -> ChatCompletionMessageParam:
+        """One Message in the chat API's shape: its text first, then its images in order."""
+        if not message.images:
+            return cast("ChatCompletionMessageParam", {"role": message.role, "content": message.text})
+        parts: list[dict[str, Any]] = [{"type": "text", "text": message.text}]
+        parts += [
+            {"type": "image_url", "image_url": {"url": image_data_uri(path, self.max_image_side)}}
+            for path in message.images
+        ]
+        return cast("ChatCompletionMessageParam", {"role": message.role, "content": parts})
+
+    def _complete(
+        self, messages: list[ChatCompletionMessageParam], json_schema: Mapping[str, Any] | None
+    ) -> ChatCompletion:
+        """One completion, with the JSON schema if the endpoint accepts it, else without."""
+        import openai
+
+        if json_schema is not None and self.supports_response_format:
+            # The schema comes from imageloop.agents.structured.json_schema_for, already in this shape.
+            response_format = cast(
+                "ResponseFormatJSONSchema", {"type": "json_schema", "json_schema": dict(json_schema)}
+            )
+            try:
+                return self._client.chat.completions.create(
+                    model=self.model,
+                    messages=messages,
+                    temperature=0,
+                    max_tokens=self.max_tokens,
+                    response_format=response_format,
+                )
+            except openai.APIStatusError as e:
+                if not _rejects_response_format(e):
+                    raise
+                self.supports_response_format = False
+        return self._client.chat.completions.create(
+            model=self.model, messages=messages, temperature=0, max_tokens=self.max_tokens
+        )
+
+    def chat(self, messages: Sequence[Message], json_schema: Mapping[str, Any] | None = None) -> str:
+        """Send `messages` (images as PNG data URIs after each text) and return the answer text."""
+        params = [self._message_param(m) for m in messages]
+        with translated_errors(f"chat with {self.model_id}", str(self._client.base_url)):
+            completion = self._complete(params, json_schema)
+        if not completion.choices:
+            raise BackendError(f"{self.model_id} returned no choices")
+        answer = completion.choices[0].message
+        if answer.refusal:
+            raise MalformedOutputError(f"{self.model_id} refused to answer: {answer.refusal}")
+        return answer.content or ""

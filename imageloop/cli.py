@@ -1,0 +1,148 @@
+"""The `imageloop` command line.
+
+User errors print one line (`imageloop: error: ...`) and exit 2; Ctrl-C exits 130 after saying what
+was kept. Progress goes to stderr so `--json` output on stdout stays machine-readable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from imageloop import __version__
+from imageloop.config import Settings, load_settings
+from imageloop.errors import ConfigError, ImageloopError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit() or int(width) < 8 or int(height) < 8:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1024x1024, got {text!r}")
+    return int(width), int(height)
+
+
+def _role_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("models (PROVIDER:MODEL; see README for providers)")
+    group.add_argument("--profile", help="defaults for every role: openai")
+    for role, example in [
+        ("vlm", "openai:gpt-4.1-mini"),
+        ("generator", "openai:gpt-image-1"),
+        ("embedder", "openai:text-embedding-3-small"),
+        ("captioner", "openai:gpt-4.1-mini (default: the --vlm)"),
+    ]:
+        group.add_argument(f"--{role}", metavar="PROVIDER:MODEL", help=f"e.g. {example}")
+        group.add_argument(f"--{role}-base-url", metavar="URL", help=f"OpenAI-compatible endpoint for the {role}")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (exposed for docs and tests)."""
+    roles = _role_options()
+    parser = argparse.ArgumentParser(
+        prog="imageloop",
+        description="Retrieval-augmented image generation and generative image retrieval as LangGraph loops.",
+    )
+    parser.add_argument("--version", action="version", version=f"imageloop {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    index = commands.add_parser("index", parents=[roles], help="index a folder of images for retrieval")
+    index.add_argument("folder", type=Path, help="folder of images; the index is written to FOLDER/.imageloop")
+    index.add_argument("--batch-size", type=int, default=32, help="images embedded per batch (default 32)")
+    index.add_argument("--json", action="store_true", help='print {"indexed", "skipped", "failed", "total"} last')
+
+    generate = commands.add_parser("generate", parents=[roles], help="run ImageRAG for a prompt")
+    generate.add_argument("prompt")
+    generate.add_argument("--index", type=Path, required=True, help="an indexed image folder")
+    generate.add_argument("--out", type=Path, required=True, help="run directory for images and run.json")
+    generate.add_argument("--mode", choices=["draft_first", "generation"], help="default draft_first")
+    generate.add_argument("--max-iterations", type=int, help="regenerations with references (default 1)")
+    generate.add_argument("--similarity-threshold", type=float, help="drop references below this cosine")
+    generate.add_argument("--top-k", type=int, help="references retrieved per missing concept (default 1)")
+    generate.add_argument("--max-concepts", type=int, help="missing concepts per critique (default 3)")
+    generate.add_argument("--seed", type=int, help="generator seed (default 0)")
+    generate.add_argument("--size", type=_size, help="WIDTHxHEIGHT, e.g. 1024x1024")
+    generate.add_argument("--steps", type=int, help="denoising steps for diffusion backends")
+    generate.add_argument("--json", action="store_true", help="print run.json to stdout when done")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    names = [*Settings.model_fields]
+    overrides = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    return load_settings(args.profile, overrides)
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _index(args: argparse.Namespace) -> int:
+    from imageloop.agents.captioner import VLMCaptioner
+    from imageloop.backends import make_embedder, make_vlm
+    from imageloop.tools.indexer import index_folder
+
+    if args.batch_size < 1:
+        raise ConfigError("--batch-size must be at least 1")
+    if not args.folder.is_dir():
+        raise ImageloopError(f"{args.folder} is not a folder")
+    settings = _settings(args)
+    embedder = make_embedder(settings)
+    captioner: VLMCaptioner | None = None
+
+    def caption(path: Path) -> str:
+        # Built on first use: a folder whose images all have sidecar captions needs no VLM at all.
+        nonlocal captioner
+        if captioner is None:
+            captioner = VLMCaptioner(make_vlm(settings, "captioner"))
+        return captioner(path)
+
+    summary = index_folder(args.folder, embedder, caption, batch_size=args.batch_size, progress=True)
+    for path, reason in summary.failures:
+        _err(f"skipped {path}: {reason}")
+    _err(f"indexed {summary.indexed}, skipped {summary.skipped}, failed {summary.failed} of {summary.total}")
+    if args.json:
+        print(json.dumps(summary.to_json()))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from imageloop.runs import run_imagerag
+
+    settings = _settings(args)
+
+    def show(step: dict[str, Any]) -> None:
+        _err(f"[{step['node']}] {step['decision']} ({step['seconds']:.2f} s)")
+
+    record = run_imagerag(args.prompt, settings, args.index, args.out, on_step=show)  # type: ignore[arg-type]
+    _err(f"{record['stop_reason']}: final image {record['final_image']}; record {args.out / 'run.json'}")
+    if args.json:
+        print(json.dumps(record))
+    return 0
+
+
+COMMANDS = {"index": _index, "generate": _generate}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `imageloop` script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ImageloopError as e:
+        _err(f"imageloop: error: {e}")
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        _err("imageloop: interrupted; finished work is saved, re-run to continue")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

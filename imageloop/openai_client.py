@@ -1,0 +1,80 @@
+"""One place that builds OpenAI clients and turns their exceptions into one-line BackendErrors.
+
+Every OpenAI-compatible backend (chat, images, embeddings) goes through here, so local servers (vLLM,
+Ollama, LM Studio) and api.openai.com are configured and reported the same way. `openai` is imported
+inside the functions: `import imageloop` must stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from imageloop.config import Endpoint
+from imageloop.errors import BackendError, ConfigError
+
+if TYPE_CHECKING:
+    import openai
+
+# Endpoint is frozen, so one shared default is safe; None fields mean "use OPENAI_BASE_URL / OPENAI_API_KEY".
+DEFAULT_ENDPOINT = Endpoint()
+
+# Local OpenAI-compatible servers ignore the key, but the client refuses to start without one.
+PLACEHOLDER_API_KEY = "not-needed"
+
+# Server messages can be long (whole validation dumps); a CLI line should stay readable.
+_MAX_MESSAGE_CHARS = 300
+
+
+def make_client(endpoint: Endpoint, *, max_retries: int = 2, timeout: float = 120.0) -> openai.OpenAI:
+    """An OpenAI client for `endpoint`, falling back to OPENAI_BASE_URL / OPENAI_API_KEY."""
+    import openai
+
+    base_url = endpoint.base_url or os.environ.get("OPENAI_BASE_URL") or None
+    api_key = endpoint.api_key or os.environ.get("OPENAI_API_KEY") or None
+    if api_key is None:
+        if base_url is None:
+            raise ConfigError(
+                "OPENAI_API_KEY is not set: export it, or pass a base URL of a local "
+                "OpenAI-compatible server (which needs no key)"
+            )
+        api_key = PLACEHOLDER_API_KEY
+    return openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=max_retries, timeout=timeout)
+
+
+def _one_line(text: str) -> str:
+    """Collapse whitespace and cut long text so an error message stays on one readable line."""
+    line = re.sub(r"\s+", " ", text).strip()
+    return line if len(line) <= _MAX_MESSAGE_CHARS else line[: _MAX_MESSAGE_CHARS - 3] + "..."
+
+
+def server_message(error: openai.APIStatusError) -> str:
+    """The server's own explanation of a rejected request, as sent in its error body."""
+    body = error.body
+    if isinstance(body, dict):
+        message = body.get("message") or body.get("detail") or body.get("error")
+        if isinstance(message, str) and message:
+            return message
+    if isinstance(body, str) and body:
+        return body
+    return error.message
+
+
+@contextmanager
+def translated_errors(what: str, base_url: str) -> Iterator[None]:
+    """Re-raise the client's connection and HTTP errors as one-line BackendErrors naming `base_url`."""
+    import openai
+
+    # The client normalises base URLs with a trailing slash; users typed them without.
+    base_url = base_url.rstrip("/")
+    try:
+        yield
+    except openai.APIConnectionError as e:
+        # The client's own message is a bare "Connection error."; the cause says refused, DNS, TLS...
+        cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ else ""
+        raise BackendError(_one_line(f"cannot reach {base_url} for {what} (after retries): {e.message}{cause}")) from e
+    except openai.APIStatusError as e:
+        raise BackendError(_one_line(f"{base_url} rejected {what}: HTTP {e.status_code}: {server_message(e)}")) from e

@@ -1,0 +1,209 @@
+"""A real HTTP server on 127.0.0.1 that speaks enough of the OpenAI API to test our backends end to end.
+
+openai 3.x sends through httpx2, which respx cannot intercept; a real socket exercises the client's own
+serialisation (JSON bodies, multipart uploads), retries and error handling exactly as production does.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.parser
+import email.policy
+import hashlib
+import io
+import json
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_EMBEDDING_DIM = 8
+# Real widths for the models the `openai` profile names, so profile runs see what OpenAI would send.
+MODEL_EMBEDDING_DIMS = {"text-embedding-3-small": 1536}
+
+
+@dataclass(frozen=True)
+class MultipartPart:
+    """One field of a multipart/form-data body: its form name, file name (None for plain fields), bytes."""
+
+    name: str
+    filename: str | None
+    content: bytes
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """What one request carried: parsed JSON body, or multipart parts, plus headers (lower-case names)."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    json: Any = None
+    parts: list[MultipartPart] = field(default_factory=list)
+
+    def fields(self, name: str) -> list[MultipartPart]:
+        """The multipart parts sent under form name `name`, in order."""
+        return [part for part in self.parts if part.name == name]
+
+
+def png_b64(color: tuple[int, int, int] = (200, 30, 30), size: int = 8) -> str:
+    """A small solid PNG, base64-encoded as the Images API returns it."""
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def hash_vector(text: str, dim: int) -> list[float]:
+    """A deterministic pseudo-embedding of `text` (not normalised, so callers' normalisation shows)."""
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    vector = np.random.default_rng(seed).standard_normal(dim).astype(np.float32) * 3.0
+    return [float(x) for x in vector]
+
+
+def chat_completion(content: str | None, refusal: str | None = None) -> dict[str, Any]:
+    """A chat.completion body with one assistant choice."""
+    message = {"role": "assistant", "content": content, "refusal": refusal}
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": "fake",
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
+    }
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None) -> dict[str, Any]:
+    """The OpenAI error envelope."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": None}}
+
+
+def _embeddings(body: dict[str, Any]) -> dict[str, Any]:
+    inputs = body.get("input", [])
+    texts = [inputs] if isinstance(inputs, str) else list(inputs)
+    dim = int(body.get("dimensions") or MODEL_EMBEDDING_DIMS.get(body.get("model", ""), DEFAULT_EMBEDDING_DIM))
+    data = []
+    for index, text in enumerate(texts):
+        vector: Any = hash_vector(str(text), dim)
+        if body.get("encoding_format") == "base64":
+            vector = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    return {
+        "object": "list",
+        "model": body.get("model", "fake"),
+        "data": data,
+        "usage": {"prompt_tokens": 0, "total_tokens": 0},
+    }
+
+
+def _image(_: Any) -> dict[str, Any]:
+    return {"created": int(time.time()), "data": [{"b64_json": png_b64()}]}
+
+
+_DEFAULTS = {
+    "/v1/chat/completions": lambda _: chat_completion("{}"),
+    "/v1/images/generations": _image,
+    "/v1/images/edits": _image,
+    "/v1/embeddings": _embeddings,
+}
+
+
+def _parse_multipart(content_type: str, body: bytes) -> list[MultipartPart]:
+    """Split a multipart/form-data body with the stdlib MIME parser (it reads the boundary from the header)."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + body
+    )
+    parts = []
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        parts.append(MultipartPart(str(name), part.get_filename(), payload if isinstance(payload, bytes) else b""))
+    return parts
+
+
+class FakeOpenAIServer:
+    """Records every request and answers from per-route scripted queues, else with sensible defaults."""
+
+    def __init__(self) -> None:
+        self.requests: list[RecordedRequest] = []
+        self._scripted: defaultdict[str, deque[tuple[int, Any]]] = defaultdict(deque)
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        # A short poll interval: shutdown() waits for the loop to notice, which is 0.5 s per test by default.
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.01,), daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        """What to pass as the client's base_url."""
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    def push(self, path: str, status: int, body: Any) -> None:
+        """Queue one answer for `path` (e.g. "/v1/chat/completions"); queued answers go first, in order."""
+        with self._lock:
+            self._scripted[path].append((status, body))
+
+    def requests_to(self, path: str) -> list[RecordedRequest]:
+        """The recorded requests for `path`, in arrival order."""
+        with self._lock:
+            return [r for r in self.requests if r.path == path]
+
+    def start(self) -> FakeOpenAIServer:
+        """Serve in a daemon thread."""
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> FakeOpenAIServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _answer(self, request: RecordedRequest) -> tuple[int, Any]:
+        with self._lock:
+            self.requests.append(request)
+            if self._scripted[request.path]:
+                return self._scripted[request.path].popleft()
+        default = _DEFAULTS.get(request.path)
+        if default is None:
+            return 404, error_body(f"fake server has no route {request.method} {request.path}")
+        return 200, default(request.json)
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                content_type = self.headers.get("Content-Type", "")
+                recorded = RecordedRequest(
+                    method="POST",
+                    path=self.path.split("?", 1)[0],
+                    headers={k.lower(): v for k, v in self.headers.items()},
+                    json=json.loads(raw) if content_type.startswith("application/json") and raw else None,
+                    parts=_parse_multipart(content_type, raw) if content_type.startswith("multipart/") else [],
+                )
+                status, body = server._answer(recorded)
+                payload = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                """Keep test output clean."""
+
+        return Handler
