@@ -73,6 +73,9 @@ class Settings(BaseModel):
     seed: int | None = Field(0, description="generator seed; None for random")
     size: tuple[int, int] | None = Field(None, description="output size (width, height); backend default if None")
     steps: int | None = Field(None, ge=1, le=500, description="denoising steps for diffusion backends")
+    device: str | None = Field(None, description="local models: cuda, cuda:1, mps or cpu; best available if None")
+    dtype: str | None = Field(None, description="local models: float32, float16 or bfloat16; per device if None")
+    offload: bool = Field(False, description="diffusers: enable model CPU offload to save GPU memory")
 
     def role_spec(self, role: Role) -> RoleSpec:
         """The role's `PROVIDER:MODEL`, or a ConfigError saying how to choose one."""
