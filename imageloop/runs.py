@@ -21,7 +21,8 @@ from imageloop import __version__
 from imageloop.backends import make_embedder, make_generator, make_vlm
 from imageloop.config import Settings
 from imageloop.errors import ImageloopError
-from imageloop.graphs.imagerag import ImageRAGState, Step, build_imagerag_graph
+from imageloop.graphs.imagerag import ImageRAGState, build_imagerag_graph
+from imageloop.graphs.steps import Step
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tools.image_index import open_index
 from imageloop.tools.retriever import Retriever

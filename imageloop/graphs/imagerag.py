@@ -26,6 +26,7 @@ from imageloop.agents.critic import Critic
 from imageloop.agents.rewriter import QueryRewriter
 from imageloop.config import Mode
 from imageloop.errors import MalformedOutputError
+from imageloop.graphs.steps import Step, step
 from imageloop.protocols import (
     GenerationRequest,
     ImageGenerator,
@@ -34,16 +35,6 @@ from imageloop.protocols import (
     VisionLanguageModel,
 )
 from imageloop.tools.artifacts import ArtifactStore
-
-
-class Step(TypedDict):
-    """One visited node: what it decided, in a sentence, and how long it took."""
-
-    node: str
-    iteration: int
-    decision: str
-    seconds: float
-    detail: dict[str, Any]
 
 
 class CaptionQuery(TypedDict):
@@ -199,16 +190,6 @@ def select_references(hits: list[Hit], max_references: int) -> tuple[list[Hit], 
     return kept, trimmed
 
 
-def _step(node: str, iteration: int, decision: str, started: float, **detail: Any) -> Step:
-    return Step(
-        node=node,
-        iteration=iteration,
-        decision=decision,
-        seconds=round(time.perf_counter() - started, 4),
-        detail=detail,
-    )
-
-
 class _Nodes:
     """The node functions, closed over the backends they call."""
 
@@ -231,7 +212,7 @@ class _Nodes:
         update: dict[str, Any] = {k: v for k, v in DEFAULTS.items() if k not in state}
         update.update(iteration=0, current_image=None, draft_image=None, images=[], missing_concepts=[])
         knobs = {k: state.get(k, DEFAULTS[k]) for k in DEFAULTS}
-        update["steps"] = [_step("prepare", 0, f"mode {knobs['mode']}", started, **knobs)]
+        update["steps"] = [step("prepare", 0, f"mode {knobs['mode']}", started, **knobs)]
         return update
 
     def _generate(self, state: ImageRAGState, references: tuple[ReferenceImage, ...], iteration: int) -> GeneratedImage:
@@ -255,12 +236,12 @@ class _Nodes:
         """Text-only draft; the critic judges it next."""
         started = time.perf_counter()
         image = self._generate(state, (), iteration=0)
-        step = _step("generate_draft", 0, "drew a draft from the prompt alone", started, artifact=image["artifact"])
+        record = step("generate_draft", 0, "drew a draft from the prompt alone", started, artifact=image["artifact"])
         return {
             "current_image": image["artifact"],
             "draft_image": image["artifact"],
             "images": [*state["images"], image],
-            "steps": [step],
+            "steps": [record],
         }
 
     def critic_node(self, state: ImageRAGState) -> dict[str, Any]:
@@ -276,7 +257,7 @@ class _Nodes:
                     "aligned": False,
                     "critic_failed": False,
                     "missing_concepts": concepts,
-                    "steps": [_step("critic", iteration, decision, started, missing_concepts=concepts)],
+                    "steps": [step("critic", iteration, decision, started, missing_concepts=concepts)],
                 }
             verdict = self.critic.judge(state["prompt"], self.artifacts.path(current), state["max_concepts"])
         except MalformedOutputError as e:
@@ -285,7 +266,7 @@ class _Nodes:
                 "critic_failed": True,
                 "missing_concepts": [],
                 "steps": [
-                    _step(
+                    step(
                         "critic",
                         iteration,
                         "critic could not answer: retrieve with the raw prompt",
@@ -312,7 +293,7 @@ class _Nodes:
             "missing_concepts": verdict.missing_concepts,
             "images": images,
             "steps": [
-                _step(
+                step(
                     "critic",
                     iteration,
                     decision,
@@ -340,8 +321,8 @@ class _Nodes:
             except MalformedOutputError as e:
                 queries = [CaptionQuery(concept=c, caption=c) for c in concepts]
                 decision = f"rewriter could not answer ({e}): retrieve with the concept words"
-        step = _step("rewrite", state["iteration"], decision, started, retrieval_captions=queries)
-        return {"retrieval_captions": queries, "steps": [step]}
+        record = step("rewrite", state["iteration"], decision, started, retrieval_captions=queries)
+        return {"retrieval_captions": queries, "steps": [record]}
 
     def retrieve(self, task: RetrieveTask) -> dict[str, Any]:
         """Search the index for one caption; keep hits at or above the similarity threshold."""
@@ -365,8 +346,8 @@ class _Nodes:
         if threshold is not None:
             decision += f" at similarity >= {threshold}"
         scores = [h["score"] for h in hits]
-        step = _step("retrieve", task["iteration"], decision, started, query=query["caption"], scores=scores)
-        return {"hits": hits, "steps": [step]}
+        record = step("retrieve", task["iteration"], decision, started, query=query["caption"], scores=scores)
+        return {"hits": hits, "steps": [record]}
 
     def compose(self, state: ImageRAGState) -> dict[str, Any]:
         """Gather this iteration's hits into the ordered references the generator will see."""
@@ -375,15 +356,15 @@ class _Nodes:
         current = [h for h in state["hits"] if h["iteration"] == iteration]
         kept, trimmed = select_references(current, self.generator.max_references)
         if not kept and state.get("current_image") is None:
-            step = _step("compose", iteration, "no usable reference: generate from the prompt alone", started)
-            return {"references": [], "steps": [step]}
+            record = step("compose", iteration, "no usable reference: generate from the prompt alone", started)
+            return {"references": [], "steps": [record]}
         if not kept:
-            step = _step("compose", iteration, "no usable reference: keep the best image so far", started)
-            return {"references": [], "stop_reason": "no_reference_above_threshold", "steps": [step]}
+            record = step("compose", iteration, "no usable reference: keep the best image so far", started)
+            return {"references": [], "stop_reason": "no_reference_above_threshold", "steps": [record]}
         decision = f"{len(kept)} reference(s) for {sorted({h['concept'] for h in kept})}"
         if trimmed:
             decision += f"; trimmed {len(trimmed)} lowest-scoring to fit {self.generator.model_id}"
-        step = _step(
+        record = step(
             "compose",
             iteration,
             decision,
@@ -391,7 +372,7 @@ class _Nodes:
             references=[h["path"] for h in kept],
             trimmed=[h["path"] for h in trimmed],
         )
-        return {"references": kept, "steps": [step]}
+        return {"references": kept, "steps": [record]}
 
     def generate_with_references(self, state: ImageRAGState) -> dict[str, Any]:
         """Regenerate with the references in context (or text only when a plan named none)."""
@@ -402,7 +383,7 @@ class _Nodes:
         )
         image = self._generate(state, references, iteration=state["iteration"] + 1)
         decision = f"generated with {len(references)} reference(s)"
-        step = _step(
+        record = step(
             "generate_with_references",
             image["iteration"],
             decision,
@@ -415,7 +396,7 @@ class _Nodes:
             "current_image": image["artifact"],
             "images": [*state["images"], image],
             "aligned": False,
-            "steps": [step],
+            "steps": [record],
         }
 
     def finish(self, state: ImageRAGState) -> dict[str, Any]:
@@ -433,7 +414,7 @@ class _Nodes:
         return {
             "final_image": final,
             "stop_reason": reason,
-            "steps": [_step("finish", state["iteration"], decision, started, final_image=final)],
+            "steps": [step("finish", state["iteration"], decision, started, final_image=final)],
         }
 
 
