@@ -113,3 +113,26 @@ class ScriptedRetriever:
                 found = [h for h in found if similarity_threshold is None or h.score >= similarity_threshold]
                 return found[:k]
         return []
+
+
+@dataclass
+class ScriptedRankingRetriever:
+    """Answers each search with the next scripted ranking of (id, score); records how it was asked."""
+
+    rankings: list[list[tuple[str, float]]]
+    route: str = "image"
+    calls: list[tuple[str, str]] = field(default_factory=list)
+
+    def _answer(self, k: int) -> list[RetrievedImage]:
+        ranking = self.rankings.pop(0) if len(self.rankings) > 1 else self.rankings[0]
+        return [RetrievedImage(id=i, path=Path(f"/index/{i}.png"), caption=f"image {i}", score=s) for i, s in ranking][
+            :k
+        ]
+
+    def search(self, text: str, k: int, similarity_threshold: float | None = None) -> list[RetrievedImage]:
+        self.calls.append(("text", text))
+        return self._answer(k)
+
+    def search_image(self, image: Path, k: int, similarity_threshold: float | None = None) -> list[RetrievedImage]:
+        self.calls.append(("image", str(image)))
+        return self._answer(k)

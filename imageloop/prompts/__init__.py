@@ -70,3 +70,51 @@ def compose_reference_prompt(prompt: str, concepts: list[str], image_tokens: lis
     """Render the paper's template: concepts and image placeholders in reference order."""
     unique = list(dict.fromkeys(concepts))
     return REFERENCE_TEMPLATE.format(concepts=", ".join(unique), images=", ".join(image_tokens), prompt=prompt)
+
+
+# GenIR: multi-round retrieval of the image a user has in mind, with generated images as feedback.
+
+SIMULATED_USER_DESCRIBE = """\
+You are looking for this image in a large collection, but you can only describe it from memory. \
+Write one short description (one sentence) of the image, as a person searching for it would type it.
+
+Answer with JSON: {"differences": "", "query": "..."}."""
+
+SIMULATED_USER_VISUAL = """\
+The first image is the image you are looking for. The second image is what the search system drew \
+from your last description: "{query}"
+
+First compare the two images: state what is different (subjects, attributes, colours, layout, \
+setting, style). Then write a new description of the FIRST image that fixes those differences. The \
+new description stands alone: it does not mention the drawing, the previous description or the \
+differences.
+
+Answer with JSON: {{"differences": "...", "query": "..."}}."""
+
+SIMULATED_USER_PREDICTION = """\
+The first image is the image you are looking for. The second image is the best match the search \
+system found for your last description: "{query}"
+
+First compare the two images: state what is different. Then write a new description of the FIRST \
+image that fixes those differences. The new description stands alone.
+
+Answer with JSON: {{"differences": "...", "query": "..."}}."""
+
+SIMULATED_USER_VERBAL = """\
+This is the image you are looking for. Your last description was: "{query}"
+The search system has not found it yet. State what your description leaves out or gets wrong, then \
+write a new, more precise description of the image. The new description stands alone.
+
+Answer with JSON: {{"differences": "...", "query": "..."}}."""
+
+QUERY_REFINER_PROMPT = """\
+A person is searching an image collection for a picture they remember. Their last search was: \
+"{query}"
+{shown}They said: "{feedback}"
+
+Write the next search description: one stand-alone description of the picture they want, keeping \
+what was right and fixing what they said. Do not refer to earlier searches.
+
+Answer with JSON: {{"query": "..."}}."""
+
+QUERY_REFINER_SHOWN = "The image attached is what the system drew from that search.\n"

@@ -1,0 +1,377 @@
+"""GenIR as a LangGraph state machine: multi-round retrieval of the image a user has in mind.
+
+```
+START → prepare ─(simulated user, no query)→ describe_target ─┐
+           └──────────────────────────────────────────────────┴→ choose_feedback
+choose_feedback ─visual→ generate_synthetic → retrieve ─┐      (hybrid picks per round)
+        └─verbal / prediction──────────────→ retrieve ─┴→ present
+present ─found / last round→ finish
+   └→ feedback (a person through interrupt(), or the simulated-user VLM) ─found→ finish
+         └→ rewrite (query_{t+1}) → choose_feedback …
+```
+Generation has its own node, so resuming a person's interrupt never draws again. Ranks are 0-based
+(0 is the top result); a target counts as found at round t when its rank is < k.
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal, Protocol, TypedDict
+
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.types import Checkpointer, interrupt
+
+from imageloop.agents.query_refiner import QueryRefiner
+from imageloop.agents.simulated_user import ShownKind, SimulatedUser
+from imageloop.errors import MalformedOutputError
+from imageloop.graphs.steps import Step, step
+from imageloop.protocols import GenerationRequest, ImageGenerator, RetrievedImage, VisionLanguageModel
+from imageloop.tools.artifacts import ArtifactStore
+
+FeedbackKind = Literal["visual", "verbal", "prediction", "hybrid"]
+FEEDBACK_KINDS: tuple[FeedbackKind, ...] = ("visual", "verbal", "prediction", "hybrid")
+User = Literal["person", "simulated"]
+FOUND_PREFIX = "found:"
+
+
+class GenIRRetriever(Protocol):
+    """What GenIR needs from retrieval: text queries, image queries on image-route indexes."""
+
+    @property
+    def route(self) -> Literal["image", "caption"]: ...
+
+    def search(self, text: str, k: int, similarity_threshold: float | None = None) -> list[RetrievedImage]: ...
+
+    def search_image(self, image: Path, k: int, similarity_threshold: float | None = None) -> list[RetrievedImage]: ...
+
+
+class Retrieved(TypedDict):
+    """One retrieved image as state keeps it."""
+
+    id: str
+    path: str
+    caption: str
+    score: float
+
+
+class RoundRecord(TypedDict):
+    """What happened in one round: the dialogue record GenIR's evaluation writes per target."""
+
+    round: int
+    query: str
+    feedback_kind: ShownKind
+    synthetic_image: str | None
+    retrieved: list[Retrieved]
+    target_rank: int | None
+    feedback: str | None
+    differences: str | None
+
+
+class GenIRState(TypedDict, total=False):
+    """Inputs (query or target, knobs) and the dialogue so far."""
+
+    query: str
+    user: User
+    target_id: str | None
+    target_path: str | None
+    feedback: FeedbackKind
+    max_rounds: int
+    k: int
+    rank_depth: int
+    hybrid_threshold: float
+    seed: int | None
+
+    round: int
+    shown_kind: ShownKind
+    synthetic_image: str | None
+    retrieved: list[Retrieved]
+    ranked_ids: list[str]
+    next_query: str | None
+    found: bool
+    found_id: str | None
+    rounds: list[RoundRecord]
+    stop_reason: str
+    steps: Annotated[list[Step], operator.add]
+
+
+DEFAULTS: dict[str, Any] = {
+    "user": "person",
+    "target_id": None,
+    "target_path": None,
+    "feedback": "visual",
+    "max_rounds": 5,
+    "k": 10,
+    "rank_depth": 1000,
+    "hybrid_threshold": 0.9,
+    "seed": 0,
+}
+
+
+# Routing: pure functions of state.
+
+
+def route_after_prepare(state: GenIRState) -> Literal["describe_target", "choose_feedback"]:
+    """A simulated user without a first query describes its target first."""
+    if state["user"] == "simulated" and not state.get("query"):
+        return "describe_target"
+    return "choose_feedback"
+
+
+def route_after_choice(state: GenIRState) -> Literal["generate_synthetic", "retrieve"]:
+    """Only visual feedback draws a synthetic image."""
+    return "generate_synthetic" if state["shown_kind"] == "visual" else "retrieve"
+
+
+def route_after_present(state: GenIRState) -> Literal["feedback", "finish"]:
+    """Stop when found or out of rounds; otherwise ask for feedback."""
+    if state.get("found") or state["round"] + 1 >= state["max_rounds"]:
+        return "finish"
+    return "feedback"
+
+
+def route_after_feedback(state: GenIRState) -> Literal["rewrite", "finish"]:
+    """A person may say the image is found."""
+    return "finish" if state.get("found") else "rewrite"
+
+
+def pick_shown_kind(state: GenIRState) -> ShownKind:
+    """The hybrid router: draw first; show the top hit once retrieval looks confident."""
+    kind = state["feedback"]
+    if kind != "hybrid":
+        return kind
+    previous = state["rounds"][-1] if state["rounds"] else None
+    if previous and previous["retrieved"] and previous["retrieved"][0]["score"] >= state["hybrid_threshold"]:
+        return "prediction"
+    return "visual"
+
+
+def parse_found(text: str) -> str | None:
+    """The id in a person's "found: <id>" answer, else None."""
+    stripped = text.strip()
+    if stripped.lower().startswith(FOUND_PREFIX):
+        return stripped[len(FOUND_PREFIX) :].strip() or None
+    return None
+
+
+class _Nodes:
+    """Node functions closed over the backends they call."""
+
+    def __init__(
+        self,
+        vlm: VisionLanguageModel,
+        generator: ImageGenerator,
+        retriever: GenIRRetriever,
+        artifacts: ArtifactStore,
+    ) -> None:
+        self.user = SimulatedUser(vlm)
+        self.refiner = QueryRefiner(vlm)
+        self.generator = generator
+        self.retriever = retriever
+        self.artifacts = artifacts
+
+    def prepare(self, state: GenIRState) -> dict[str, Any]:
+        """Fill defaults and check the inputs agree with the kind of user."""
+        started = time.perf_counter()
+        update: dict[str, Any] = {k: v for k, v in DEFAULTS.items() if k not in state}
+        merged = {**DEFAULTS, **state, **update}
+        if merged["user"] == "simulated" and not merged.get("target_path"):
+            raise ValueError("a simulated user needs target_path (and target_id) to look for")
+        if merged["user"] == "person" and not (state.get("query") or "").strip():
+            raise ValueError("a person's search starts from a query")
+        if merged["feedback"] not in FEEDBACK_KINDS:
+            raise ValueError(f"feedback must be one of {FEEDBACK_KINDS}, not {merged['feedback']!r}")
+        update.update(round=0, found=False, found_id=None, rounds=[], next_query=None, synthetic_image=None)
+        knobs = {k: merged[k] for k in ("user", "feedback", "max_rounds", "k")}
+        update["steps"] = [
+            step("prepare", 0, f"{merged['user']} search, {merged['feedback']} feedback", started, **knobs)
+        ]
+        return update
+
+    def describe_target(self, state: GenIRState) -> dict[str, Any]:
+        """The simulated user's first, from-memory query."""
+        started = time.perf_counter()
+        target = Path(str(state["target_path"]))
+        try:
+            query = self.user.describe(target)
+            decision = "described the target"
+        except MalformedOutputError as e:
+            query = ""
+            decision = f"could not describe the target ({e})"
+        if not query:
+            query = "a photo"
+            decision += "; starting from a generic query"
+        return {"query": query, "steps": [step("describe_target", 0, decision, started, query=query)]}
+
+    def choose_feedback(self, state: GenIRState) -> dict[str, Any]:
+        """Decide what this round shows the user (hybrid decides per round)."""
+        started = time.perf_counter()
+        kind = pick_shown_kind(state)
+        record = step("choose_feedback", state["round"], f"show {kind} feedback", started, query=state["query"])
+        return {"shown_kind": kind, "synthetic_image": None, "steps": [record]}
+
+    def generate_synthetic(self, state: GenIRState) -> dict[str, Any]:
+        """Draw what the system understood from the query."""
+        started = time.perf_counter()
+        result = self.generator.generate(GenerationRequest(prompt=state["query"], seed=state["seed"]))
+        artifact = self.artifacts.put(result.image)
+        record = step("generate_synthetic", state["round"], "drew the query", started, artifact=artifact)
+        return {"synthetic_image": artifact, "steps": [record]}
+
+    def retrieve(self, state: GenIRState) -> dict[str, Any]:
+        """Image→image with the synthetic image on image-route indexes, else text→image with the query."""
+        started = time.perf_counter()
+        depth = max(state["k"], state["rank_depth"]) if state.get("target_id") else state["k"]
+        synthetic = state.get("synthetic_image")
+        if synthetic and self.retriever.route == "image":
+            found = self.retriever.search_image(self.artifacts.path(synthetic), depth)
+            how = "image→image with the synthetic image"
+        else:
+            found = self.retriever.search(state["query"], depth)
+            how = "text→image with the query" if self.retriever.route == "image" else "caption route with the query"
+        retrieved = [
+            Retrieved(id=r.id, path=str(r.path), caption=r.caption, score=round(float(r.score), 6)) for r in found
+        ]
+        record = step("retrieve", state["round"], how, started, top=[r["id"] for r in retrieved[: state["k"]]])
+        return {
+            "retrieved": retrieved[: state["k"]],
+            "ranked_ids": [r["id"] for r in retrieved],
+            "steps": [record],
+        }
+
+    def present(self, state: GenIRState) -> dict[str, Any]:
+        """Record the round; with a known target, note its rank and whether it is in the top k."""
+        started = time.perf_counter()
+        target = state.get("target_id")
+        rank = state["ranked_ids"].index(target) if target and target in state["ranked_ids"] else None
+        found = rank is not None and rank < state["k"]
+        round_record = RoundRecord(
+            round=state["round"],
+            query=state["query"],
+            feedback_kind=state["shown_kind"],
+            synthetic_image=state.get("synthetic_image"),
+            retrieved=state["retrieved"],
+            target_rank=rank,
+            feedback=None,
+            differences=None,
+        )
+        decision = f"target at rank {rank}" if target else f"showing {len(state['retrieved'])} results"
+        if found:
+            decision += f" (< k={state['k']}): found"
+        return {
+            "rounds": [*state["rounds"], round_record],
+            "found": found,
+            "found_id": target if found else None,
+            "steps": [step("present", state["round"], decision, started, target_rank=rank)],
+        }
+
+    def _shown_path(self, state: GenIRState) -> Path | None:
+        if state["shown_kind"] == "visual" and state.get("synthetic_image"):
+            return self.artifacts.path(str(state["synthetic_image"]))
+        if state["shown_kind"] == "prediction" and state["retrieved"]:
+            return Path(state["retrieved"][0]["path"])
+        return None
+
+    def feedback(self, state: GenIRState) -> dict[str, Any]:
+        """Ask the person (interrupt; an empty answer is asked again) or the simulated user."""
+        started = time.perf_counter()
+        current = state["rounds"][-1]
+        shown = self._shown_path(state)
+        if state["user"] == "person":
+            request: dict[str, Any] = {
+                "round": state["round"],
+                "query": state["query"],
+                "feedback_kind": state["shown_kind"],
+                "synthetic_image": str(shown) if shown and state["shown_kind"] == "visual" else None,
+                "retrieved": state["retrieved"],
+                "ask": f"What differs from the image you want? Or answer '{FOUND_PREFIX} <id>'.",
+            }
+            while True:
+                answer = str(interrupt(request) or "").strip()
+                if answer:
+                    break
+                request = {**request, "ask": "Empty feedback: describe what differs, or answer 'found: <id>'."}
+            found_id = parse_found(answer)
+            updated = RoundRecord(**{**current, "feedback": answer})
+            decision = f"person found {found_id}" if found_id else "person gave feedback"
+            return {
+                "rounds": [*state["rounds"][:-1], updated],
+                "found": found_id is not None,
+                "found_id": found_id,
+                "next_query": None,
+                "steps": [step("feedback", state["round"], decision, started, feedback=answer)],
+            }
+        try:
+            turn = self.user.respond(Path(str(state["target_path"])), state["query"], state["shown_kind"], shown)
+            next_query, differences = turn.query or None, turn.differences
+            decision = "simulated user compared and rewrote" if next_query else "simulated user gave no query"
+        except MalformedOutputError as e:
+            next_query, differences = None, None
+            decision = f"simulated user gave nothing usable ({e})"
+        updated = RoundRecord(**{**current, "feedback": next_query, "differences": differences})
+        return {
+            "rounds": [*state["rounds"][:-1], updated],
+            "next_query": next_query,
+            "steps": [step("feedback", state["round"], decision, started, differences=differences)],
+        }
+
+    def rewrite(self, state: GenIRState) -> dict[str, Any]:
+        """query_{t+1}: the simulated user's own rewrite, or the person's feedback folded in by the VLM."""
+        started = time.perf_counter()
+        if state["user"] == "simulated":
+            query = state.get("next_query") or state["query"]
+            decision = "next query from the simulated user" if state.get("next_query") else "kept the previous query"
+        else:
+            feedback = str(state["rounds"][-1]["feedback"])
+            try:
+                query = self.refiner.refine(state["query"], feedback, self._shown_path(state)) or state["query"]
+                decision = "folded the feedback into a new query"
+            except MalformedOutputError as e:
+                query = f"{state['query']}; {feedback}"
+                decision = f"refiner could not answer ({e}): appended the feedback to the query"
+        return {
+            "query": query,
+            "round": state["round"] + 1,
+            "steps": [step("rewrite", state["round"], decision, started, query=query)],
+        }
+
+    def finish(self, state: GenIRState) -> dict[str, Any]:
+        """Say why the search stopped."""
+        started = time.perf_counter()
+        reason = "found" if state.get("found") else "max_rounds"
+        record = step("finish", state["round"], f"stop: {reason}", started, found_id=state.get("found_id"))
+        return {"stop_reason": reason, "steps": [record]}
+
+
+def build_genir_graph(
+    vlm: VisionLanguageModel,
+    generator: ImageGenerator,
+    retriever: GenIRRetriever,
+    artifacts: ArtifactStore,
+    checkpointer: Checkpointer = None,
+) -> CompiledStateGraph[GenIRState, None, GenIRState, GenIRState]:
+    """Wire the GenIR loop; a person's feedback needs a checkpointer and a thread_id to interrupt."""
+    nodes = _Nodes(vlm, generator, retriever, artifacts)
+    graph = StateGraph(GenIRState)
+    graph.add_node("prepare", nodes.prepare)
+    graph.add_node("describe_target", nodes.describe_target)
+    graph.add_node("choose_feedback", nodes.choose_feedback)
+    graph.add_node("generate_synthetic", nodes.generate_synthetic)
+    graph.add_node("retrieve", nodes.retrieve)
+    graph.add_node("present", nodes.present)
+    graph.add_node("feedback", nodes.feedback)
+    graph.add_node("rewrite", nodes.rewrite)
+    graph.add_node("finish", nodes.finish)
+    graph.add_edge(START, "prepare")
+    graph.add_conditional_edges("prepare", route_after_prepare, ["describe_target", "choose_feedback"])
+    graph.add_edge("describe_target", "choose_feedback")
+    graph.add_conditional_edges("choose_feedback", route_after_choice, ["generate_synthetic", "retrieve"])
+    graph.add_edge("generate_synthetic", "retrieve")
+    graph.add_edge("retrieve", "present")
+    graph.add_conditional_edges("present", route_after_present, ["feedback", "finish"])
+    graph.add_conditional_edges("feedback", route_after_feedback, ["rewrite", "finish"])
+    graph.add_edge("rewrite", "choose_feedback")
+    graph.add_edge("finish", END)
+    return graph.compile(checkpointer=checkpointer)

@@ -1,0 +1,157 @@
+"""The GenIR loop's branches, driven by scripted fake backends."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.types import Command
+
+from imageloop.graphs.genir import build_genir_graph, parse_found, pick_shown_kind
+from imageloop.tools.artifacts import ArtifactStore
+from tests.fakes import ScriptedGenerator, ScriptedRankingRetriever, ScriptedVLM
+
+MISS = [("a", 0.5), ("b", 0.4), ("t", 0.3)]  # target "t" at rank 2
+HIT = [("t", 0.95), ("a", 0.5)]
+
+
+def turn(query: str) -> dict[str, str]:
+    return {"differences": "the bird is blue, not brown", "query": query}
+
+
+def simulated(
+    tmp_path: Path, vlm_answers: list[Any], rankings: list[list[tuple[str, float]]], **inputs: Any
+) -> tuple[dict[str, Any], ScriptedVLM, ScriptedGenerator, ScriptedRankingRetriever]:
+    vlm, generator = ScriptedVLM(list(vlm_answers)), ScriptedGenerator()
+    retriever = ScriptedRankingRetriever(rankings, route=inputs.pop("route", "image"))
+    graph = build_genir_graph(vlm, generator, retriever, ArtifactStore(tmp_path / "artifacts"))
+    target = tmp_path / "target.png"
+    defaults = {"user": "simulated", "target_id": "t", "target_path": str(target), "query": "a bird", "k": 2}
+    state = graph.invoke({**defaults, **inputs}, version="v2").value
+    return state, vlm, generator, retriever
+
+
+def test_simulated_user_search_stops_when_the_target_enters_the_top_k(tmp_path: Path) -> None:
+    state, _, generator, retriever = simulated(tmp_path, [turn("a blue jay")], [MISS, HIT])
+    assert state["stop_reason"] == "found" and state["found_id"] == "t"
+    assert [r["target_rank"] for r in state["rounds"]] == [2, 0]
+    assert [r["query"] for r in state["rounds"]] == ["a bird", "a blue jay"]
+    assert len(generator.requests) == 2 and [g.prompt for g in generator.requests] == ["a bird", "a blue jay"]
+    assert [kind for kind, _ in retriever.calls] == ["image", "image"]  # image→image with the synthetic image
+
+
+def test_search_stops_at_max_rounds_without_asking_after_the_last_round(tmp_path: Path) -> None:
+    state, vlm, _, _ = simulated(tmp_path, [turn("q1"), turn("q2")], [MISS], max_rounds=3)
+    assert state["stop_reason"] == "max_rounds"
+    assert len(state["rounds"]) == 3
+    assert len(vlm.calls) == 2  # feedback after rounds 0 and 1 only
+
+
+def test_verbal_feedback_draws_nothing_and_retrieves_by_text(tmp_path: Path) -> None:
+    state, vlm, generator, retriever = simulated(tmp_path, [turn("q1")], [MISS, HIT], feedback="verbal")
+    assert generator.requests == []
+    assert retriever.calls == [("text", "a bird"), ("text", "q1")]
+    assert len(vlm.calls[0][0][0].images) == 1  # the simulated user sees only its target
+    assert state["rounds"][0]["feedback_kind"] == "verbal"
+
+
+def test_prediction_feedback_shows_the_top_retrieved_image(tmp_path: Path) -> None:
+    _, vlm, generator, _ = simulated(tmp_path, [turn("q1")], [MISS, HIT], feedback="prediction")
+    assert generator.requests == []
+    target, shown = vlm.calls[0][0][0].images
+    assert shown == Path("/index/a.png")
+
+
+def test_hybrid_shows_the_top_hit_once_retrieval_is_confident(tmp_path: Path) -> None:
+    confident_miss = [("a", 0.92), ("b", 0.4), ("t", 0.3)]
+    state, _, generator, _ = simulated(
+        tmp_path, [turn("q1"), turn("q2")], [confident_miss, confident_miss, HIT], feedback="hybrid", max_rounds=3
+    )
+    assert [r["feedback_kind"] for r in state["rounds"]] == ["visual", "prediction", "prediction"]
+    assert len(generator.requests) == 1
+
+
+def test_caption_route_index_is_searched_with_the_query_text(tmp_path: Path) -> None:
+    _, _, generator, retriever = simulated(tmp_path, [turn("q1")], [MISS, HIT], route="caption")
+    assert len(generator.requests) == 2  # the synthetic image is still shown to the user
+    assert [kind for kind, _ in retriever.calls] == ["text", "text"]
+
+
+def test_unusable_simulated_user_keeps_the_previous_query(tmp_path: Path) -> None:
+    state, _, _, _ = simulated(tmp_path, ["no idea", "still no idea"], [MISS, HIT])
+    assert [r["query"] for r in state["rounds"]] == ["a bird", "a bird"]
+    feedback_step = next(s for s in state["steps"] if s["node"] == "feedback")
+    assert "nothing usable" in feedback_step["decision"]
+
+
+def test_simulated_user_describes_its_target_when_no_query_is_given(tmp_path: Path) -> None:
+    state, vlm, _, _ = simulated(tmp_path, [{"differences": "", "query": "a jay in snow"}], [HIT], query="")
+    assert state["rounds"][0]["query"] == "a jay in snow"
+    assert vlm.calls[0][0][0].images == (tmp_path / "target.png",)
+
+
+def person_graph(tmp_path: Path, vlm_answers: list[Any], rankings: list[list[tuple[str, float]]], saver: Any) -> Any:
+    return build_genir_graph(
+        ScriptedVLM(list(vlm_answers)), ScriptedGenerator(), ScriptedRankingRetriever(rankings),
+        ArtifactStore(tmp_path / "artifacts"), saver,
+    )  # fmt: skip
+
+
+def test_person_feedback_interrupts_and_resumes_without_redrawing(tmp_path: Path) -> None:
+    graph = person_graph(tmp_path, [{"query": "a blue jay on a snowy branch"}], [MISS], InMemorySaver())
+    config = {"configurable": {"thread_id": "s1"}}
+    first = graph.invoke({"query": "a bird", "max_rounds": 3}, config, version="v2")
+    [asked] = first.interrupts
+    assert asked.value["query"] == "a bird" and Path(asked.value["synthetic_image"]).exists()
+    assert [r["id"] for r in asked.value["retrieved"]] == ["a", "b", "t"][:10]
+    second = graph.invoke(Command(resume="bluer, and in snow"), config, version="v2")
+    [asked_again] = second.interrupts
+    assert asked_again.value["round"] == 1 and asked_again.value["query"] == "a blue jay on a snowy branch"
+    done = graph.invoke(Command(resume="found: a"), config, version="v2").value
+    assert done["stop_reason"] == "found" and done["found_id"] == "a"
+    assert [r["feedback"] for r in done["rounds"]] == ["bluer, and in snow", "found: a"]
+    assert sum(s["node"] == "generate_synthetic" for s in done["steps"]) == 2  # one drawing per round
+
+
+def test_empty_feedback_is_asked_again(tmp_path: Path) -> None:
+    graph = person_graph(tmp_path, [], [MISS], InMemorySaver())
+    config = {"configurable": {"thread_id": "s2"}}
+    graph.invoke({"query": "a bird"}, config, version="v2")
+    again = graph.invoke(Command(resume="   "), config, version="v2")
+    [asked] = again.interrupts
+    assert asked.value["ask"].startswith("Empty feedback")
+    assert graph.invoke(Command(resume="found: b"), config, version="v2").value["found_id"] == "b"
+
+
+def test_a_search_resumes_from_a_sqlite_checkpoint_in_a_new_graph(tmp_path: Path) -> None:
+    db = tmp_path / "sessions.sqlite"
+    config = {"configurable": {"thread_id": "s3"}}
+    with sqlite3.connect(db, check_same_thread=False) as conn:
+        before = person_graph(tmp_path, [], [MISS], SqliteSaver(conn))
+        before.invoke({"query": "a bird"}, config, version="v2")
+    with sqlite3.connect(db, check_same_thread=False) as conn:
+        after = person_graph(tmp_path, [], [MISS], SqliteSaver(conn))
+        state = after.invoke(Command(resume="found: t"), config, version="v2").value
+    assert state["found_id"] == "t"
+    assert sum(s["node"] == "generate_synthetic" for s in state["steps"]) == 1
+
+
+def test_graph_draws_every_node_for_studio(tmp_path: Path) -> None:
+    mermaid = person_graph(tmp_path, [], [MISS], None).get_graph().draw_mermaid()
+    for node in ("describe_target", "generate_synthetic", "retrieve", "present", "feedback", "rewrite", "finish"):
+        assert node in mermaid
+
+
+def test_parse_found_reads_the_id() -> None:
+    assert parse_found("found: abc") == "abc"
+    assert parse_found("FOUND:  x1 ") == "x1"
+    assert parse_found("not found yet") is None
+    assert parse_found("found:") is None
+
+
+def test_hybrid_router_starts_visual() -> None:
+    state: Any = {"feedback": "hybrid", "rounds": [], "hybrid_threshold": 0.9}
+    assert pick_shown_kind(state) == "visual"
