@@ -62,6 +62,7 @@ def test_prediction_feedback_shows_the_top_retrieved_image(tmp_path: Path) -> No
     _, vlm, generator, _ = simulated(tmp_path, [turn("q1")], [MISS, HIT], feedback="prediction")
     assert generator.requests == []
     target, shown = vlm.calls[0][0][0].images
+    assert target.name == "target.png"
     assert shown == Path("/index/a.png")
 
 
