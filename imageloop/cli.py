@@ -18,6 +18,7 @@ from imageloop.config import Settings, load_settings
 from imageloop.errors import ConfigError, ImageloopError
 
 EXIT_USER_ERROR = 2
+FEEDBACK_CHOICES = ["visual", "verbal", "prediction", "hybrid"]
 EXIT_INTERRUPTED = 130
 
 
@@ -74,6 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--size", type=_size, help="WIDTHxHEIGHT, e.g. 1024x1024")
     generate.add_argument("--steps", type=int, help="denoising steps for diffusion backends")
     generate.add_argument("--json", action="store_true", help="print run.json to stdout when done")
+
+    search = commands.add_parser("search", parents=[roles], help="find an image you have in mind, round by round")
+    search.add_argument("--index", type=Path, required=True, help="an indexed image folder")
+    search.add_argument("--query", help="what you are looking for (asked for when missing)")
+    search.add_argument("--rounds", type=int, default=10, help="at most this many rounds (default 10)")
+    search.add_argument("--k", type=int, default=10, help="results shown per round (default 10)")
+    search.add_argument("--feedback", choices=FEEDBACK_CHOICES, default="visual", help="what each round shows")
+    search.add_argument("--resume", metavar="THREAD_ID", help="continue a session that was interrupted")
+    search.add_argument("--out", type=Path, help="where round images and pages go (default runs/search-ID)")
+    search.add_argument("--sessions", type=Path, help="session checkpoint database (default in ~/.local/state)")
+
+    evaluate = commands.add_parser("eval", help="benchmark a loop")
+    loops = evaluate.add_subparsers(dest="loop", required=True, metavar="LOOP")
+    genir = loops.add_parser("genir", parents=[roles], help="simulated-user GenIR: cumulative Hits@K per round")
+    genir.add_argument("--index", type=Path, required=True, help="an indexed image folder")
+    genir.add_argument("--targets", type=Path, required=True, help="a folder of target images or a file of paths")
+    genir.add_argument("--rounds", type=int, default=5, help="rounds per target (default 5)")
+    genir.add_argument("--k", type=int, default=10, help="Hits@K cut-off (default 10)")
+    genir.add_argument("--feedback", choices=FEEDBACK_CHOICES, default="visual", help="feedback kind (default visual)")
+    genir.add_argument("--rank-depth", type=int, default=1000, help="ranks deeper than this count as misses")
+    genir.add_argument("--concurrency", type=int, default=1, help="targets searched at once (default 1)")
+    genir.add_argument("--out", type=Path, default=Path("runs/eval-genir"), help="results folder (resumable)")
+    genir.add_argument("--json", action="store_true", help='print {"rounds": [{"round", "hits_at_k"}], ...} last')
     return parser
 
 
@@ -131,7 +155,56 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"index": _index, "generate": _generate}
+def _search(args: argparse.Namespace) -> int:
+    from imageloop.search_session import run_search_session
+
+    query = args.query
+    if args.resume is None and not query:
+        query = input("What are you looking for? ").strip()
+
+    def ask(payload: dict[str, Any]) -> str:
+        return input(f"{payload['ask']}\n> ")
+
+    try:
+        summary = run_search_session(
+            args.index, _settings(args), args.out, query=query, rounds=args.rounds, k=args.k,
+            feedback=args.feedback, resume=args.resume, ask=ask, show=print, sessions_db=args.sessions,
+        )  # fmt: skip
+    except (KeyboardInterrupt, EOFError):
+        _err("\nimageloop: search paused; continue it with --resume (the session id is printed above)")
+        return EXIT_INTERRUPTED
+    print(f"{summary['stop_reason']}: {summary['found_id'] or 'not found'} after {summary['rounds_played']} round(s)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from imageloop.eval.genir import run_genir_eval
+
+    bar = tqdm(desc="targets", unit="target", file=sys.stderr, disable=None)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        summary = run_genir_eval(
+            args.index, args.targets, _settings(args), args.out, rounds=args.rounds, k=args.k,
+            feedback=args.feedback, rank_depth=args.rank_depth, concurrency=args.concurrency, on_target=progress,
+        )  # fmt: skip
+    finally:
+        bar.close()
+    for entry in summary["rounds"]:
+        _err(f"round {entry['round']}: Hits@{summary['k']} = {entry['hits_at_k']:.3f}")
+    _err(f"{summary['n_targets']} targets; dialogues in {args.out / 'dialogues.jsonl'}")
+    if args.json:
+        print(json.dumps({key: summary[key] for key in ("rounds", "k", "n_targets", "mean_rank")}))
+    return 0
+
+
+COMMANDS = {"index": _index, "generate": _generate, "search": _search, "eval": _eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

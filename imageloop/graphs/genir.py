@@ -162,7 +162,7 @@ class _Nodes:
     def __init__(
         self,
         vlm: VisionLanguageModel,
-        generator: ImageGenerator,
+        generator: ImageGenerator | None,
         retriever: GenIRRetriever,
         artifacts: ArtifactStore,
     ) -> None:
@@ -183,6 +183,8 @@ class _Nodes:
             raise ValueError("a person's search starts from a query")
         if merged["feedback"] not in FEEDBACK_KINDS:
             raise ValueError(f"feedback must be one of {FEEDBACK_KINDS}, not {merged['feedback']!r}")
+        if merged["feedback"] in ("visual", "hybrid") and self.generator is None:
+            raise ValueError(f"{merged['feedback']} feedback draws synthetic images: pass a generator")
         update.update(round=0, found=False, found_id=None, rounds=[], next_query=None, synthetic_image=None)
         knobs = {k: merged[k] for k in ("user", "feedback", "max_rounds", "k")}
         update["steps"] = [
@@ -215,6 +217,7 @@ class _Nodes:
     def generate_synthetic(self, state: GenIRState) -> dict[str, Any]:
         """Draw what the system understood from the query."""
         started = time.perf_counter()
+        assert self.generator is not None  # prepare refuses visual feedback without one
         result = self.generator.generate(GenerationRequest(prompt=state["query"], seed=state["seed"]))
         artifact = self.artifacts.put(result.image)
         record = step("generate_synthetic", state["round"], "drew the query", started, artifact=artifact)
@@ -347,12 +350,15 @@ class _Nodes:
 
 def build_genir_graph(
     vlm: VisionLanguageModel,
-    generator: ImageGenerator,
+    generator: ImageGenerator | None,
     retriever: GenIRRetriever,
     artifacts: ArtifactStore,
     checkpointer: Checkpointer = None,
 ) -> CompiledStateGraph[GenIRState, None, GenIRState, GenIRState]:
-    """Wire the GenIR loop; a person's feedback needs a checkpointer and a thread_id to interrupt."""
+    """Wire the GenIR loop; a person's feedback needs a checkpointer and a thread_id to interrupt.
+
+    `generator` may be None for verbal and prediction feedback, which never draw.
+    """
     nodes = _Nodes(vlm, generator, retriever, artifacts)
     graph = StateGraph(GenIRState)
     graph.add_node("prepare", nodes.prepare)

@@ -1,0 +1,208 @@
+"""GenIR evaluation: a simulated user searches for each target; cumulative Hits@K per round.
+
+The run directory holds `dialogues.jsonl` (one line per finished target: every round's query,
+synthetic image, retrieved ids with scores and the target's rank), `summary.json`, the synthetic
+images under `artifacts/`, and `eval.json` (the settings). A re-run with the same settings skips the
+targets already in `dialogues.jsonl`, so an interrupted evaluation loses at most the targets in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from imageloop.backends import make_embedder, make_generator, make_vlm
+from imageloop.config import Settings
+from imageloop.errors import ImageloopError
+from imageloop.eval.metrics import cumulative_hits_at_k, mean_best_rank, per_round_hits_at_k
+from imageloop.graphs.genir import FEEDBACK_KINDS, FeedbackKind, GenIRState, build_genir_graph
+from imageloop.runs import write_json_atomic
+from imageloop.tools.artifacts import ArtifactStore
+from imageloop.tools.image_index import ImageIndex, open_index
+from imageloop.tools.images import IMAGE_SUFFIXES
+from imageloop.tools.retriever import Retriever
+
+DIALOGUES = "dialogues.jsonl"
+SUMMARY = "summary.json"
+EVAL_SETTINGS = "eval.json"
+
+
+@dataclass(frozen=True)
+class Target:
+    """An image the simulated user looks for: its index id and a path to show the VLM."""
+
+    id: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class GenIREvalSettings:
+    """What makes two evaluation runs comparable; a resume must match it exactly."""
+
+    rounds: int
+    k: int
+    feedback: FeedbackKind
+    rank_depth: int
+    seed: int | None
+    vlm: str
+    generator: str
+    embedder: str
+    index: str
+
+
+def _target_files(spec: Path) -> list[Path]:
+    if spec.is_dir():
+        return sorted(p for p in spec.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if spec.is_file():
+        lines = [line.strip() for line in spec.read_text(encoding="utf-8").splitlines()]
+        return [(spec.parent / line) for line in lines if line and not line.startswith("#")]
+    raise ImageloopError(f"--targets {spec}: no such file or folder")
+
+
+def load_targets(spec: Path, index: ImageIndex) -> list[Target]:
+    """Targets from a folder of images or a file listing paths; each must be in the index."""
+    targets: list[Target] = []
+    for path in _target_files(spec):
+        if not path.is_file():
+            raise ImageloopError(f"target {path} does not exist")
+        with path.open("rb") as f:
+            target_id = hashlib.file_digest(f, "sha256").hexdigest()
+        if not index.store.get([target_id]):
+            raise ImageloopError(f"target {path} is not in the index at {index.root}: index it first")
+        targets.append(Target(target_id, path.resolve()))
+    if not targets:
+        raise ImageloopError(f"--targets {spec}: no target images found")
+    return targets
+
+
+def _finished(dialogues: Path) -> dict[str, dict[str, Any]]:
+    done: dict[str, dict[str, Any]] = {}
+    if dialogues.exists():
+        for line in dialogues.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash: that target runs again
+            done[record["target_id"]] = record
+    return done
+
+
+def _dialogue_record(target: Target, state: GenIRState, artifacts: ArtifactStore) -> dict[str, Any]:
+    return {
+        "target_id": target.id,
+        "target_path": str(target.path),
+        "stop_reason": state.get("stop_reason"),
+        "rounds": [
+            {
+                "round": r["round"],
+                "query": r["query"],
+                "feedback_kind": r["feedback_kind"],
+                "synthetic_image": str(artifacts.path(r["synthetic_image"])) if r["synthetic_image"] else None,
+                "retrieved": [{"id": hit["id"], "score": hit["score"]} for hit in r["retrieved"]],
+                "target_rank": r["target_rank"],
+                "differences": r["differences"],
+                "next_query": r["feedback"],
+            }
+            for r in state.get("rounds", [])
+        ],
+    }
+
+
+def summarise(records: Iterable[dict[str, Any]], settings: GenIREvalSettings) -> dict[str, Any]:
+    """Hits@K per round (cumulative), per-round hits and mean best rank over the finished dialogues."""
+    ranks = [[r["target_rank"] for r in record["rounds"]] for record in records]
+    cumulative = cumulative_hits_at_k(ranks, settings.k, settings.rounds)
+    return {
+        "rounds": [{"round": t, "hits_at_k": round(h, 4)} for t, h in enumerate(cumulative)],
+        "k": settings.k,
+        "n_targets": len(ranks),
+        "per_round_hits_at_k": [round(h, 4) for h in per_round_hits_at_k(ranks, settings.k, settings.rounds)],
+        "mean_rank": [round(r, 2) for r in mean_best_rank(ranks, settings.rounds, settings.rank_depth)],
+        "settings": asdict(settings),
+    }
+
+
+def run_genir_eval(
+    index_path: Path,
+    targets_spec: Path,
+    settings: Settings,
+    out_dir: Path,
+    *,
+    rounds: int,
+    k: int,
+    feedback: FeedbackKind,
+    rank_depth: int = 1000,
+    concurrency: int = 1,
+    on_target: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run the simulated-user loop for every target not yet done; write and return the summary."""
+    if feedback not in FEEDBACK_KINDS:
+        raise ImageloopError(f"--feedback {feedback!r}: expected one of {', '.join(FEEDBACK_KINDS)}")
+    if rounds < 1 or k < 1 or concurrency < 1:
+        raise ImageloopError("--rounds, --k and --concurrency must be at least 1")
+    index = open_index(index_path)
+    embedder = make_embedder(settings)
+    retriever = Retriever(index, embedder)
+    uses_generator = feedback in ("visual", "hybrid")
+    eval_settings = GenIREvalSettings(
+        rounds=rounds,
+        k=k,
+        feedback=feedback,
+        rank_depth=rank_depth,
+        seed=settings.seed,
+        vlm=str(settings.role_spec("vlm")),
+        generator=str(settings.role_spec("generator")) if uses_generator else "-",
+        embedder=embedder.model_id,
+        index=str(index.root),
+    )
+    targets = load_targets(targets_spec, index)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings_file = out_dir / EVAL_SETTINGS
+    if settings_file.exists() and json.loads(settings_file.read_text()) != asdict(eval_settings):
+        raise ImageloopError(f"{out_dir} holds an evaluation with other settings: use another --out")
+    write_json_atomic(settings_file, asdict(eval_settings))
+
+    vlm = make_vlm(settings)
+    generator = make_generator(settings) if uses_generator else None
+    artifacts = ArtifactStore(out_dir / "artifacts")
+    graph = build_genir_graph(vlm, generator, retriever, artifacts)
+    dialogues = out_dir / DIALOGUES
+    done = _finished(dialogues)
+    pending = [t for t in targets if t.id not in done]
+
+    def search(target: Target) -> dict[str, Any]:
+        inputs: GenIRState = {
+            "user": "simulated",
+            "target_id": target.id,
+            "target_path": str(target.path),
+            "feedback": feedback,
+            "max_rounds": rounds,
+            "k": k,
+            "rank_depth": rank_depth,
+            "seed": settings.seed,
+        }
+        state = graph.invoke(inputs, version="v2").value
+        return _dialogue_record(target, state, artifacts)
+
+    finished = len(targets) - len(pending)
+    if on_target is not None:
+        on_target(finished, len(targets))
+    with dialogues.open("a", encoding="utf-8") as out, ThreadPoolExecutor(concurrency) as pool:
+        for record in pool.map(search, pending):
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+            done[record["target_id"]] = record
+            finished += 1
+            if on_target is not None:
+                on_target(finished, len(targets))
+    wanted = {t.id for t in targets}
+    summary = summarise((r for target_id, r in done.items() if target_id in wanted), eval_settings)
+    write_json_atomic(out_dir / SUMMARY, summary)
+    return summary
