@@ -24,6 +24,7 @@ from imageloop.eval.metrics import cumulative_hits_at_k, mean_best_rank, per_rou
 from imageloop.graphs.genir import FEEDBACK_KINDS, FeedbackKind, GenIRState, build_genir_graph
 from imageloop.runs import write_json_atomic
 from imageloop.tools.artifacts import ArtifactStore
+from imageloop.tools.batching import BatchingEmbedder
 from imageloop.tools.image_index import ImageIndex, open_index
 from imageloop.tools.images import IMAGE_SUFFIXES
 from imageloop.tools.retriever import Retriever
@@ -148,7 +149,8 @@ def run_genir_eval(
         raise ImageloopError("--rounds, --k and --concurrency must be at least 1")
     index = open_index(index_path)
     embedder = make_embedder(settings)
-    retriever = Retriever(index, embedder)
+    # Concurrent searches share embedding calls: one batch costs about what one item does on a GPU.
+    retriever = Retriever(index, BatchingEmbedder(embedder) if concurrency > 1 else embedder)
     uses_generator = feedback in ("visual", "hybrid")
     eval_settings = GenIREvalSettings(
         rounds=rounds,
