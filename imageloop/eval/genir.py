@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from langgraph.graph.state import CompiledStateGraph
+
 from imageloop.backends import make_embedder, make_generator, make_vlm
 from imageloop.config import Settings
 from imageloop.errors import ImageloopError
@@ -129,6 +131,54 @@ def summarise(records: Iterable[dict[str, Any]], settings: GenIREvalSettings) ->
     }
 
 
+def evaluate_targets(
+    graph: CompiledStateGraph[GenIRState, None, GenIRState, GenIRState],
+    targets: list[Target],
+    out_dir: Path,
+    *,
+    rounds: int,
+    k: int,
+    feedback: FeedbackKind,
+    rank_depth: int,
+    seed: int | None,
+    concurrency: int = 1,
+    on_target: Callable[[int, int], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Search for every target not already in `dialogues.jsonl`, appending (fsynced) as each finishes."""
+    artifacts = ArtifactStore(out_dir / "artifacts")
+    dialogues = out_dir / DIALOGUES
+    done = _finished(dialogues)
+    pending = [t for t in targets if t.id not in done]
+
+    def search(target: Target) -> dict[str, Any]:
+        inputs: GenIRState = {
+            "user": "simulated",
+            "target_id": target.id,
+            "target_path": str(target.path),
+            "feedback": feedback,
+            "max_rounds": rounds,
+            "k": k,
+            "rank_depth": rank_depth,
+            "seed": seed,
+        }
+        state = graph.invoke(inputs, version="v2").value
+        return _dialogue_record(target, state, artifacts)
+
+    finished = len(targets) - len(pending)
+    if on_target is not None:
+        on_target(finished, len(targets))
+    with dialogues.open("a", encoding="utf-8") as out, ThreadPoolExecutor(concurrency) as pool:
+        for record in pool.map(search, pending):
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+            done[record["target_id"]] = record
+            finished += 1
+            if on_target is not None:
+                on_target(finished, len(targets))
+    return done
+
+
 def run_genir_eval(
     index_path: Path,
     targets_spec: Path,
@@ -170,40 +220,16 @@ def run_genir_eval(
         raise ImageloopError(f"{out_dir} holds an evaluation with other settings: use another --out")
     write_json_atomic(settings_file, asdict(eval_settings))
 
-    vlm = make_vlm(settings)
-    generator = make_generator(settings) if uses_generator else None
-    artifacts = ArtifactStore(out_dir / "artifacts")
-    graph = build_genir_graph(vlm, generator, retriever, artifacts)
-    dialogues = out_dir / DIALOGUES
-    done = _finished(dialogues)
-    pending = [t for t in targets if t.id not in done]
-
-    def search(target: Target) -> dict[str, Any]:
-        inputs: GenIRState = {
-            "user": "simulated",
-            "target_id": target.id,
-            "target_path": str(target.path),
-            "feedback": feedback,
-            "max_rounds": rounds,
-            "k": k,
-            "rank_depth": rank_depth,
-            "seed": settings.seed,
-        }
-        state = graph.invoke(inputs, version="v2").value
-        return _dialogue_record(target, state, artifacts)
-
-    finished = len(targets) - len(pending)
-    if on_target is not None:
-        on_target(finished, len(targets))
-    with dialogues.open("a", encoding="utf-8") as out, ThreadPoolExecutor(concurrency) as pool:
-        for record in pool.map(search, pending):
-            out.write(json.dumps(record) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-            done[record["target_id"]] = record
-            finished += 1
-            if on_target is not None:
-                on_target(finished, len(targets))
+    graph = build_genir_graph(
+        make_vlm(settings),
+        make_generator(settings) if uses_generator else None,
+        retriever,
+        ArtifactStore(out_dir / "artifacts"),
+    )
+    done = evaluate_targets(
+        graph, targets, out_dir, rounds=rounds, k=k, feedback=feedback, rank_depth=rank_depth,
+        seed=settings.seed, concurrency=concurrency, on_target=on_target,
+    )  # fmt: skip
     wanted = {t.id for t in targets}
     summary = summarise((r for target_id, r in done.items() if target_id in wanted), eval_settings)
     write_json_atomic(out_dir / SUMMARY, summary)
