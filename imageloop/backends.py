@@ -1,13 +1,16 @@
 """Turns role strings (`PROVIDER:MODEL`) into backends, each built once per process.
 
 Providers import their libraries lazily, so choosing `openai:` never imports torch. A later
-provider registers itself by adding a factory to the matching table.
+provider registers itself by adding a factory to the matching table; every factory is called as
+`factory(model, endpoint, placement)` and uses what it needs (remote ones the endpoint, local ones the
+placement).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from imageloop.config import Endpoint, Role, RoleSpec, Settings
@@ -15,22 +18,38 @@ from imageloop.errors import ConfigError
 from imageloop.protocols import Embedder, ImageGenerator, VisionLanguageModel
 
 T = TypeVar("T")
-Factory = Callable[[str, Endpoint], T]
 
 
-def _openai_vlm(model: str, endpoint: Endpoint) -> VisionLanguageModel:
+@dataclass(frozen=True)
+class Placement:
+    """Where a local model runs: the settings' device, dtype and offload (None: best available)."""
+
+    device: str | None = None
+    dtype: str | None = None
+    offload: bool = False
+
+    @classmethod
+    def of(cls, settings: Settings) -> Placement:
+        """The placement fields of `settings` (hashable, so backends are cached per placement)."""
+        return cls(settings.device, settings.dtype, settings.offload)
+
+
+Factory = Callable[[str, Endpoint, Placement], T]
+
+
+def _openai_vlm(model: str, endpoint: Endpoint, placement: Placement) -> VisionLanguageModel:
     from imageloop.agents.openai_vlm import OpenAIVisionLanguageModel
 
     return OpenAIVisionLanguageModel(model, endpoint)
 
 
-def _openai_generator(model: str, endpoint: Endpoint) -> ImageGenerator:
+def _openai_generator(model: str, endpoint: Endpoint, placement: Placement) -> ImageGenerator:
     from imageloop.tools.openai_images import OpenAIImageGenerator
 
     return OpenAIImageGenerator(model, endpoint)
 
 
-def _openai_embedder(model: str, endpoint: Endpoint) -> Embedder:
+def _openai_embedder(model: str, endpoint: Endpoint, placement: Placement) -> Embedder:
     from imageloop.tools.openai_embeddings import OpenAITextEmbedder
 
     return OpenAITextEmbedder(model, endpoint)
@@ -41,39 +60,39 @@ GENERATOR_PROVIDERS: dict[str, Factory[ImageGenerator]] = {"openai": _openai_gen
 EMBEDDER_PROVIDERS: dict[str, Factory[Embedder]] = {"openai": _openai_embedder}
 
 
-def _build(table: dict[str, Factory[T]], role: Role, spec: RoleSpec, endpoint: Endpoint) -> T:
+def _build(table: dict[str, Factory[T]], role: Role, spec: RoleSpec, endpoint: Endpoint, placement: Placement) -> T:
     factory = table.get(spec.provider)
     if factory is None:
         known = ", ".join(sorted(table))
         raise ConfigError(f"unknown {role} provider {spec.provider!r} in {str(spec)!r}; known providers: {known}")
-    return factory(spec.model, endpoint)
+    return factory(spec.model, endpoint, placement)
 
 
 @functools.cache
-def _vlm(spec: RoleSpec, endpoint: Endpoint, role: Role) -> VisionLanguageModel:
-    return _build(VLM_PROVIDERS, role, spec, endpoint)
+def _vlm(spec: RoleSpec, endpoint: Endpoint, placement: Placement, role: Role) -> VisionLanguageModel:
+    return _build(VLM_PROVIDERS, role, spec, endpoint, placement)
 
 
 @functools.cache
-def _generator(spec: RoleSpec, endpoint: Endpoint) -> ImageGenerator:
-    return _build(GENERATOR_PROVIDERS, "generator", spec, endpoint)
+def _generator(spec: RoleSpec, endpoint: Endpoint, placement: Placement) -> ImageGenerator:
+    return _build(GENERATOR_PROVIDERS, "generator", spec, endpoint, placement)
 
 
 @functools.cache
-def _embedder(spec: RoleSpec, endpoint: Endpoint) -> Embedder:
-    return _build(EMBEDDER_PROVIDERS, "embedder", spec, endpoint)
+def _embedder(spec: RoleSpec, endpoint: Endpoint, placement: Placement) -> Embedder:
+    return _build(EMBEDDER_PROVIDERS, "embedder", spec, endpoint, placement)
 
 
 def make_vlm(settings: Settings, role: Role = "vlm") -> VisionLanguageModel:
     """The VLM serving `role` (the critic and rewriter, or the captioner)."""
-    return _vlm(settings.role_spec(role), settings.endpoint(role), role)
+    return _vlm(settings.role_spec(role), settings.endpoint(role), Placement.of(settings), role)
 
 
 def make_generator(settings: Settings) -> ImageGenerator:
     """The configured image generator."""
-    return _generator(settings.role_spec("generator"), settings.endpoint("generator"))
+    return _generator(settings.role_spec("generator"), settings.endpoint("generator"), Placement.of(settings))
 
 
 def make_embedder(settings: Settings) -> Embedder:
     """The configured retrieval embedder."""
-    return _embedder(settings.role_spec("embedder"), settings.endpoint("embedder"))
+    return _embedder(settings.role_spec("embedder"), settings.endpoint("embedder"), Placement.of(settings))
