@@ -55,9 +55,34 @@ def _openai_embedder(model: str, endpoint: Endpoint, placement: Placement) -> Em
     return OpenAITextEmbedder(model, endpoint)
 
 
+def _open_clip_embedder(model: str, endpoint: Endpoint, placement: Placement) -> Embedder:
+    from imageloop.tools.local_embedders import open_clip_embedder
+
+    return open_clip_embedder(model, placement.device, placement.dtype)
+
+
+def _transformers_embedder(model: str, endpoint: Endpoint, placement: Placement) -> Embedder:
+    from imageloop.tools.local_embedders import TransformersEmbedder
+
+    return TransformersEmbedder(model, device=placement.device, dtype=placement.dtype)
+
+
+def _tiny_embedder(model: str, endpoint: Endpoint, placement: Placement) -> Embedder:
+    if model != "clip":
+        raise ConfigError(f"tiny:{model}: the tiny embedder is tiny:clip")
+    from imageloop.tools.local_embedders import tiny_clip_embedder
+
+    return tiny_clip_embedder(placement.device, placement.dtype)
+
+
 VLM_PROVIDERS: dict[str, Factory[VisionLanguageModel]] = {"openai": _openai_vlm}
 GENERATOR_PROVIDERS: dict[str, Factory[ImageGenerator]] = {"openai": _openai_generator}
-EMBEDDER_PROVIDERS: dict[str, Factory[Embedder]] = {"openai": _openai_embedder}
+EMBEDDER_PROVIDERS: dict[str, Factory[Embedder]] = {
+    "openai": _openai_embedder,
+    "open_clip": _open_clip_embedder,
+    "transformers": _transformers_embedder,
+    "tiny": _tiny_embedder,
+}
 
 
 def _build(table: dict[str, Factory[T]], role: Role, spec: RoleSpec, endpoint: Endpoint, placement: Placement) -> T:

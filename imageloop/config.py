@@ -107,6 +107,13 @@ PROFILES: dict[str, dict[str, Any]] = {
         "generator": "openai:gpt-image-1",
         "embedder": "openai:text-embedding-3-small",
     },
+    "local": {
+        "vlm": "transformers:Qwen/Qwen2.5-VL-7B-Instruct",
+        "generator": "omnigen:Shitao/OmniGen-v1-diffusers",
+        "embedder": "open_clip:ViT-B-32/laion2b_s34b_b79k",
+    },
+    # Random tiny models built on the fly: offline, seconds on CPU, for smoke tests; noise out.
+    "tiny": {"vlm": "tiny:qwen2-vl", "generator": "tiny:omnigen", "embedder": "tiny:clip"},
 }
 
 ENV_PREFIX = "IMAGELOOP_"
