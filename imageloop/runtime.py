@@ -112,9 +112,9 @@ def explain_load_failure(model: str, error: Exception) -> ImageloopError:
     return ConfigError(f"model {model!r} is not available: {how}")
 
 
-def explain_out_of_memory(what: str) -> ImageloopError:
-    """The one-line message for a CUDA/MPS out-of-memory error, naming the knobs that help."""
-    return ImageloopError(
-        f"out of GPU memory while {what}: lower --size or --steps, use --dtype float16, "
-        "or enable CPU offload (--offload)"
-    )
+DIFFUSION_MEMORY_KNOBS = "lower --size or --steps, use --dtype float16, or enable CPU offload (--offload)"
+
+
+def explain_out_of_memory(what: str, knobs: str = DIFFUSION_MEMORY_KNOBS) -> ImageloopError:
+    """The one-line message for a CUDA/MPS out-of-memory error, naming the knobs that help `what`."""
+    return ImageloopError(f"out of GPU memory while {what}: {knobs}")
