@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,9 +119,7 @@ def transformers_blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     towers = tiny_towers()
     towers["text_config"].update(vocab_size=len(vocab), encoder_hidden_size=32, pad_token_id=0)
     torch.manual_seed(0)
-    config = transformers.BlipConfig(
-        **towers, image_text_hidden_size=16, architectures=["BlipForImageTextRetrieval"]
-    )
+    config = transformers.BlipConfig(**towers, image_text_hidden_size=16, architectures=["BlipForImageTextRetrieval"])
     transformers.BlipForImageTextRetrieval(config).save_pretrained(directory)
     transformers.BlipProcessor(
         image_processor=transformers.BlipImageProcessor(size={"height": 32, "width": 32}),
