@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     genir.add_argument("--concurrency", type=int, default=1, help="targets searched at once (default 1)")
     genir.add_argument("--out", type=Path, default=Path("runs/eval-genir"), help="results folder (resumable)")
     genir.add_argument("--json", action="store_true", help='print {"rounds": [{"round", "hits_at_k"}], ...} last')
+
+    report = commands.add_parser("report", help="(re)write a run directory's report.html from its run.json")
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a directory `imageloop generate --out` wrote")
     return parser
 
 
@@ -204,7 +207,14 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"index": _index, "generate": _generate, "search": _search, "eval": _eval}
+def _report(args: argparse.Namespace) -> int:
+    from imageloop.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+COMMANDS = {"index": _index, "generate": _generate, "search": _search, "eval": _eval, "report": _report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,9 @@
 """Running a loop end to end and writing its record: the one entry point the CLI and servers share.
 
 A run directory holds `final.png`, `draft.png` (draft-first mode), `artifacts/` (every image, by
-sha256) and `run.json`, written atomically. A run that fails part-way still writes its record, with
-the steps taken so far and the error, so nothing already paid for is lost.
+sha256), `run.json`, written atomically, and `report.html` (the run as a page; `imageloop.report`).
+A run that fails part-way still writes its record, with the steps taken so far and the error, so
+nothing already paid for is lost.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from imageloop.config import Settings
 from imageloop.errors import ImageloopError
 from imageloop.graphs.imagerag import ImageRAGState, build_imagerag_graph
 from imageloop.graphs.steps import Step
+from imageloop.report import write_report
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tools.image_index import open_index
 from imageloop.tools.retriever import Retriever
@@ -134,4 +136,5 @@ def run_imagerag(
     finally:
         record = imagerag_record(state, settings, out_dir, artifacts, index_path, time.perf_counter() - started, error)
         write_json_atomic(out_dir / RUN_RECORD, record)
+        write_report(out_dir, record)
     return record
