@@ -12,12 +12,17 @@ import html
 import os
 import shutil
 import sqlite3
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command
 
 from imageloop.backends import make_embedder, make_generator, make_vlm
@@ -85,7 +90,7 @@ def run_search_session(
     artifacts = ArtifactStore(out_dir / "artifacts")
     db = sessions_db or default_sessions_db()
     db.parent.mkdir(parents=True, exist_ok=True)
-    config = {"configurable": {"thread_id": thread_id}}
+    config = _config(thread_id)
     with sqlite3.connect(db, check_same_thread=False) as conn:
         graph = build_genir_graph(make_vlm(settings), generator, retriever, artifacts, SqliteSaver(conn))
         if resume is not None:
@@ -111,13 +116,19 @@ def run_search_session(
             command = Command(resume=_ask_round(result.interrupts[0].value, artifacts, out_dir, ask, show))
 
 
-def _ask_round(payload: dict[str, Any], artifacts: ArtifactStore, out_dir: Path, ask: Ask, show: Show) -> str:
+def publish_round(payload: dict[str, Any], out_dir: Path) -> tuple[Path | None, Path]:
+    """Copy a round's synthetic image into `out_dir` and write the round's page; returns both paths."""
     synthetic = None
     if payload.get("synthetic_image"):
         synthetic = out_dir / f"round_{payload['round']}.png"
         shutil.copyfile(payload["synthetic_image"], synthetic)
     page = out_dir / f"round_{payload['round']}.html"
     render_round_page(payload, synthetic, page)
+    return synthetic, page
+
+
+def _ask_round(payload: dict[str, Any], artifacts: ArtifactStore, out_dir: Path, ask: Ask, show: Show) -> str:
+    synthetic, page = publish_round(payload, out_dir)
     show(f"\nround {payload['round']}: {payload['query']}")
     if synthetic:
         show(f"  synthetic image: {synthetic}")
@@ -138,11 +149,173 @@ def resolve_found(answer: str, retrieved: list[dict[str, Any]]) -> str:
     return f"{FOUND_PREFIX} {matches[0]}" if len(matches) == 1 else answer
 
 
-def _summary(thread_id: str, state: dict[str, Any]) -> dict[str, Any]:
+def _summary(thread_id: str, state: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "thread_id": thread_id,
         "stop_reason": state.get("stop_reason"),
         "found_id": state.get("found_id"),
         "rounds_played": len(state.get("rounds", [])),
         "last_query": state.get("query"),
+    }
+
+
+# A session across calls: start a search, then give feedback by session id alone (the LangChain tools and
+# the MCP server). Each call plays until the next question or the end; the checkpointer keeps the rest.
+
+SESSIONS_TABLE = "imageloop_search_sessions"
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+@dataclass(frozen=True)
+class SearchSession:
+    """What a session id stands for: the index searched, where its rounds go, and its feedback kind."""
+
+    thread_id: str
+    index: Path
+    out_dir: Path
+    feedback: FeedbackKind
+
+
+def start_search(
+    index_path: Path,
+    settings: Settings,
+    *,
+    query: str,
+    rounds: int = 10,
+    k: int = 10,
+    feedback: FeedbackKind = "visual",
+    out_dir: Path | None = None,
+    runs_dir: Path = Path("runs"),
+    sessions_db: Path | None = None,
+) -> dict[str, Any]:
+    """Start a person's search and play its first round; returns the round to show (see `continue_search`).
+
+    Round images and pages go to `out_dir`, by default `runs_dir/search-<session id>`.
+    """
+    if not query.strip():
+        raise ImageloopError("a search starts from a query")
+    if rounds < 1 or k < 1:
+        raise ImageloopError(f"rounds and k must be at least 1, got rounds={rounds}, k={k}")
+    thread_id = uuid.uuid4().hex[:12]
+    session = SearchSession(
+        thread_id, Path(index_path).resolve(), (out_dir or runs_dir / f"search-{thread_id}").resolve(), feedback
+    )
+    inputs: GenIRState = {"query": query, "max_rounds": rounds, "k": k, "feedback": feedback}
+    with _session_graph(session, settings, sessions_db, new=True) as graph:
+        return _play(graph, session, inputs)
+
+
+def continue_search(
+    thread_id: str, answer: str, settings: Settings, *, sessions_db: Path | None = None
+) -> dict[str, Any]:
+    """Answer the pending round of a session and play the next one.
+
+    `answer` says what differs from the wanted image, or `found: N` (a listed position or an id prefix).
+    Returns `status` "awaiting_feedback" with the round to show (`round`, `query`, `synthetic_image`,
+    `retrieved`, `page`, `ask`), or "finished" with `stop_reason`, `found_id`, `found_path` and `last_round`.
+    """
+    if not answer.strip():
+        raise ImageloopError("empty feedback: say what differs from the image you want, or 'found: N'")
+    session = load_search_session(thread_id, sessions_db)
+    with _session_graph(session, settings, sessions_db, new=False) as graph:
+        config = _config(thread_id)
+        snapshot = graph.get_state(config)
+        pending = [i.value for task in snapshot.tasks for i in task.interrupts]
+        if not pending:
+            return _finished(session, dict(snapshot.values))
+        return _play(graph, session, Command(resume=resolve_found(answer, pending[0]["retrieved"])))
+
+
+def load_search_session(thread_id: str, sessions_db: Path | None = None) -> SearchSession:
+    """The session a `start_search` call registered under `thread_id`, or an ImageloopError."""
+    db = sessions_db or default_sessions_db()
+    row = None
+    if db.is_file():
+        with closing(sqlite3.connect(db)) as conn:
+            _create_sessions_table(conn)
+            row = conn.execute(
+                f"SELECT index_path, out_dir, feedback FROM {SESSIONS_TABLE} WHERE thread_id = ?", (thread_id,)
+            ).fetchone()
+    if row is None:
+        raise ImageloopError(f"no search session {thread_id!r} in {db}: start one first")
+    return SearchSession(thread_id, Path(row[0]), Path(row[1]), row[2])
+
+
+def _create_sessions_table(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        f"CREATE TABLE IF NOT EXISTS {SESSIONS_TABLE} (thread_id TEXT PRIMARY KEY, index_path TEXT NOT NULL, "
+        "out_dir TEXT NOT NULL, feedback TEXT NOT NULL, created_at TEXT NOT NULL)"
+    )
+
+
+def _config(thread_id: str) -> RunnableConfig:
+    return {"configurable": {"thread_id": thread_id}}
+
+
+@contextmanager
+def _session_graph(
+    session: SearchSession, settings: Settings, sessions_db: Path | None, *, new: bool
+) -> Iterator[CompiledStateGraph[GenIRState, None, GenIRState, GenIRState]]:
+    """The session's graph over its index, checkpointed in the sessions database; one call per session at a time."""
+    with _THREAD_LOCKS_GUARD:
+        lock = _THREAD_LOCKS.setdefault(session.thread_id, threading.Lock())
+    db = sessions_db or default_sessions_db()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    index = open_index(session.index)
+    try:
+        retriever = Retriever(index, make_embedder(settings))
+        generator = make_generator(settings) if session.feedback in ("visual", "hybrid") else None
+        vlm = make_vlm(settings)
+        session.out_dir.mkdir(parents=True, exist_ok=True)
+        artifacts = ArtifactStore(session.out_dir / "artifacts")
+        with lock, closing(sqlite3.connect(db, check_same_thread=False)) as conn:
+            if new:
+                _create_sessions_table(conn)
+                with conn:
+                    conn.execute(
+                        f"INSERT INTO {SESSIONS_TABLE} VALUES (?, ?, ?, ?, datetime('now'))",
+                        (session.thread_id, str(session.index), str(session.out_dir), session.feedback),
+                    )
+            yield build_genir_graph(vlm, generator, retriever, artifacts, SqliteSaver(conn))
+    finally:
+        index.close()
+
+
+def _play(
+    graph: CompiledStateGraph[GenIRState, None, GenIRState, GenIRState],
+    session: SearchSession,
+    command: GenIRState | Command[Any],
+) -> dict[str, Any]:
+    result = graph.invoke(command, _config(session.thread_id), version="v2")
+    if not result.interrupts:
+        return _finished(session, dict(result.value))
+    payload: dict[str, Any] = result.interrupts[0].value
+    synthetic, page = publish_round(payload, session.out_dir)
+    return {
+        "thread_id": session.thread_id,
+        "status": "awaiting_feedback",
+        "round": payload["round"],
+        "query": payload["query"],
+        "feedback_kind": payload["feedback_kind"],
+        "synthetic_image": str(synthetic) if synthetic else None,
+        "retrieved": payload["retrieved"],
+        "page": str(page),
+        "ask": payload["ask"],
+        "out_dir": str(session.out_dir),
+    }
+
+
+def _finished(session: SearchSession, state: dict[str, Any]) -> dict[str, Any]:
+    summary = _summary(session.thread_id, state)
+    rounds = state.get("rounds", [])
+    write_json_atomic(session.out_dir / "session.json", {**summary, "rounds": rounds})
+    shown = [r for round_ in rounds for r in round_["retrieved"]]
+    found_path = next((r["path"] for r in shown if r["id"] == summary["found_id"]), None)
+    return {
+        **summary,
+        "status": "finished",
+        "found_path": found_path,
+        "last_round": rounds[-1] if rounds else None,
+        "out_dir": str(session.out_dir),
     }
