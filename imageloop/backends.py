@@ -75,7 +75,30 @@ def _tiny_embedder(model: str, endpoint: Endpoint, placement: Placement) -> Embe
     return tiny_clip_embedder(placement.device, placement.dtype)
 
 
-VLM_PROVIDERS: dict[str, Factory[VisionLanguageModel]] = {"openai": _openai_vlm}
+def _transformers_vlm(model: str, endpoint: Endpoint, placement: Placement) -> VisionLanguageModel:
+    from imageloop.agents.transformers_vlm import TransformersVisionLanguageModel
+
+    return TransformersVisionLanguageModel(model, device=placement.device, dtype=placement.dtype)
+
+
+def _tiny_vlm(model: str, endpoint: Endpoint, placement: Placement) -> VisionLanguageModel:
+    from imageloop.agents.transformers_vlm import tiny_transformers_vlm
+
+    return tiny_transformers_vlm(model, placement.device, placement.dtype)
+
+
+def _langchain_vlm(model: str, endpoint: Endpoint, placement: Placement) -> VisionLanguageModel:
+    from imageloop.agents.langchain_vlm import langchain_vlm
+
+    return langchain_vlm(model)
+
+
+VLM_PROVIDERS: dict[str, Factory[VisionLanguageModel]] = {
+    "openai": _openai_vlm,
+    "transformers": _transformers_vlm,
+    "tiny": _tiny_vlm,
+    "langchain": _langchain_vlm,
+}
 GENERATOR_PROVIDERS: dict[str, Factory[ImageGenerator]] = {"openai": _openai_generator}
 EMBEDDER_PROVIDERS: dict[str, Factory[Embedder]] = {
     "openai": _openai_embedder,

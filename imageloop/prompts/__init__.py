@@ -118,3 +118,6 @@ what was right and fixing what they said. Do not refer to earlier searches.
 Answer with JSON: {{"query": "..."}}."""
 
 QUERY_REFINER_SHOWN = "The image attached is what the system drew from that search.\n"
+
+JSON_SCHEMA_NOTE = "Answer with only a JSON object that follows this JSON schema: {schema}"
+"""Added to the system turn by backends that cannot constrain decoding to a schema (local transformers VLMs)."""
