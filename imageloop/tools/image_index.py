@@ -1,33 +1,105 @@
-"""The on-disk index of an image folder: `<folder>/.imageloop/index.sqlite`.
+"""The index of an image folder: `<folder>/.imageloop/`, whatever store holds its vectors.
 
 The index lives inside the folder it describes, so the same path names both (`imageloop index
-./my_images`, then `--index ./my_images`), and moving the folder moves its index along.
+./my_images`, then `--index ./my_images`), and moving the folder moves its index along. The
+`.imageloop/` folder is always local; `store.json` in it records which store holds the vectors:
+
+- `embedded` (default): `.imageloop/index.sqlite`, exact search, no server.
+- `weaviate`: a collection on a Weaviate server, recorded by URL and collection name. The API key
+  is never written to disk: it comes from the caller, `WEAVIATE_API_KEY` or
+  `IMAGELOOP_WEAVIATE_API_KEY` each time the index is opened.
+
+An index made before `store.json` existed is an `index.sqlite` alone, and reads as embedded.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from types import ModuleType
+from typing import Any, Literal, Protocol, TypedDict
 
-from imageloop.errors import EmbedderMismatchError, ImageloopError, IndexNotFoundError
-from imageloop.protocols import Embedder
+from imageloop.errors import ConfigError, EmbedderMismatchError, ImageloopError, IndexNotFoundError
+from imageloop.protocols import Embedder, VectorStore
 from imageloop.tools.embedded_store import EmbeddedVectorStore
 
 INDEX_DIRNAME = ".imageloop"
 INDEX_FILENAME = "index.sqlite"
+STORE_FILENAME = "store.json"
+API_KEY_VARIABLES = ("WEAVIATE_API_KEY", "IMAGELOOP_WEAVIATE_API_KEY")
 
 Route = Literal["image", "caption"]
+StoreKind = Literal["embedded", "weaviate"]
+STORE_KINDS: tuple[StoreKind, ...] = ("embedded", "weaviate")
+
+
+class IndexStore(VectorStore, Protocol):
+    """A `VectorStore` that also keeps the index meta (what built the vectors) and can be closed."""
+
+    def get_meta(self) -> dict[str, Any]: ...
+
+    def set_meta(self, values: Mapping[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class StoreOptions(TypedDict, total=False):
+    """The store choice for a new index, as `create_or_open_index` keywords (see there)."""
+
+    store: StoreKind | None
+    weaviate_url: str | None
+    weaviate_api_key: str | None
+    weaviate_collection: str | None
+    weaviate_grpc_port: int | None
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """Where an index keeps its vectors, as recorded in `.imageloop/store.json` (no secrets)."""
+
+    kind: StoreKind = "embedded"
+    url: str | None = None
+    collection: str | None = None
+    grpc_port: int | None = None
+
+    def describe(self) -> str:
+        """One phrase for messages and `index-info`: `embedded store` or `Weaviate collection C at URL`."""
+        if self.kind == "weaviate":
+            return f"Weaviate collection {self.collection} at {self.url}"
+        return "embedded store"
+
+    def to_json(self) -> dict[str, Any]:
+        """The `store.json` content; None fields are left out."""
+        fields = {"store": self.kind, "url": self.url, "collection": self.collection, "grpc_port": self.grpc_port}
+        return {key: value for key, value in fields.items() if value is not None}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], source: Path) -> StoreLocation:
+        """Parse `store.json`; a file that does not say where the vectors are is a ConfigError."""
+        kind = data.get("store")
+        if kind == "embedded":
+            return cls()
+        if kind == "weaviate" and isinstance(data.get("url"), str) and isinstance(data.get("collection"), str):
+            port = data.get("grpc_port")
+            return cls("weaviate", data["url"], data["collection"], int(port) if port is not None else None)
+        raise ConfigError(
+            f"{source} does not name a known store: expected embedded, or weaviate with url and collection"
+        )
 
 
 class ImageIndex:
     """An image folder's vectors plus what built them: embedder id, dimension and route."""
 
-    def __init__(self, root: Path, store: EmbeddedVectorStore) -> None:
+    def __init__(self, root: Path, store: IndexStore, location: StoreLocation | None = None) -> None:
         meta = store.get_meta()
         # The root comes from where the index sits, not from the recorded "root": a moved or
         # mounted-elsewhere folder keeps working.
         self.root = root
         self.store = store
+        self.location = location or StoreLocation()
         self.embedder_id: str = meta["embedder_id"]
         self.dim: int = meta["dim"]
         # "image": vectors are image embeddings; "caption": text embeddings of the captions.
@@ -47,11 +119,11 @@ class ImageIndex:
             )
 
     def close(self) -> None:
-        """Release the index's database connection."""
+        """Release the store's connection."""
         self.store.close()
 
 
-def open_index(path: Path) -> ImageIndex:
+def open_index(path: Path, *, weaviate_api_key: str | None = None) -> ImageIndex:
     """Open the index of an image folder (or of its `.imageloop` directory); never creates one."""
     given = Path(path)
     resolved = given.resolve()
@@ -60,29 +132,141 @@ def open_index(path: Path) -> ImageIndex:
     else:
         root, index_dir = resolved, resolved / INDEX_DIRNAME
     missing = IndexNotFoundError(f"no imageloop index at {given}: run `imageloop index {root}` first")
-    if not (index_dir / INDEX_FILENAME).is_file():
+    location = _recorded_location(index_dir)
+    if location is None:
         raise missing
-    store = EmbeddedVectorStore(index_dir / INDEX_FILENAME)
-    # A file without meta is an index whose creation was interrupted before it held anything.
+    if location.kind == "embedded" and not (index_dir / INDEX_FILENAME).is_file():
+        raise missing
+    try:
+        store = _open_store(index_dir, location, weaviate_api_key, create=False)
+    except IndexNotFoundError:
+        raise IndexNotFoundError(
+            f"no imageloop index at {given}: {location.describe()} does not exist; run `imageloop index {root}`"
+        ) from None
+    # A store without meta is an index whose creation was interrupted before it held anything.
     if "embedder_id" not in store.get_meta():
         store.close()
         raise missing
-    return ImageIndex(root, store)
+    return ImageIndex(root, store, location)
 
 
-def create_or_open_index(folder: Path, embedder: Embedder) -> ImageIndex:
-    """The index the indexer writes to: created for `embedder`, or reopened if `embedder` built it."""
+def create_or_open_index(
+    folder: Path,
+    embedder: Embedder,
+    *,
+    store: StoreKind | None = None,
+    weaviate_url: str | None = None,
+    weaviate_api_key: str | None = None,
+    weaviate_collection: str | None = None,
+    weaviate_grpc_port: int | None = None,
+) -> ImageIndex:
+    """The index the indexer writes to: created for `embedder`, or reopened if `embedder` built it.
+
+    `store` chooses where a new index keeps its vectors (default embedded); the `weaviate_*` options
+    say how to reach Weaviate (the collection defaults to one named after the folder). An existing
+    index keeps its recorded store: asking for another one is an error, not a silent move.
+    """
     root = Path(folder).resolve()
     if not root.is_dir():
         raise ImageloopError(f"{folder} is not a folder")
-    store = EmbeddedVectorStore(root / INDEX_DIRNAME / INDEX_FILENAME)
-    if "embedder_id" not in store.get_meta():
-        route: Route = "image" if embedder.embeds_images else "caption"
-        store.set_meta({"embedder_id": embedder.model_id, "dim": embedder.dim, "route": route, "root": str(root)})
-    index = ImageIndex(root, store)
+    if store is not None and store not in STORE_KINDS:
+        raise ConfigError(f"unknown store {store!r}; known: {', '.join(STORE_KINDS)}")
+    index_dir = root / INDEX_DIRNAME
+    recorded = _recorded_location(index_dir)
+    if recorded is None:
+        location = _new_location(root, store, weaviate_url, weaviate_collection, weaviate_grpc_port)
+    else:
+        _refuse_another_store(recorded, root, store, weaviate_url, weaviate_collection)
+        location = recorded
+    vectors = _open_store(index_dir, location, weaviate_api_key, create=True)
     try:
+        if "embedder_id" not in vectors.get_meta():
+            route: Route = "image" if embedder.embeds_images else "caption"
+            vectors.set_meta({"embedder_id": embedder.model_id, "dim": embedder.dim, "route": route, "root": str(root)})
+        if not (index_dir / STORE_FILENAME).is_file():
+            _write_location(index_dir, location)
+        index = ImageIndex(root, vectors, location)
         index.require_embedder(embedder.model_id)
-    except EmbedderMismatchError:
-        index.close()
+    except BaseException:
+        vectors.close()
         raise
     return index
+
+
+def _recorded_location(index_dir: Path) -> StoreLocation | None:
+    """What `store.json` records; an `index.sqlite` without it is an older embedded index; else None."""
+    record = index_dir / STORE_FILENAME
+    if record.is_file():
+        try:
+            data = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{record} is unreadable ({e}): delete {index_dir} and re-index") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{record} is not a JSON object: delete {index_dir} and re-index")
+        return StoreLocation.from_json(data, record)
+    if (index_dir / INDEX_FILENAME).is_file():
+        return StoreLocation()
+    return None
+
+
+def _new_location(
+    root: Path, store: StoreKind | None, url: str | None, collection: str | None, grpc_port: int | None
+) -> StoreLocation:
+    if store != "weaviate":
+        return StoreLocation()
+    if not url:
+        raise ConfigError("--store weaviate needs a server: pass --weaviate-url URL or set IMAGELOOP_WEAVIATE_URL")
+    weaviate_store = _weaviate_store_module()
+    name = weaviate_store.check_collection_name(collection) if collection else weaviate_store.collection_name_for(root)
+    return StoreLocation("weaviate", url.rstrip("/"), name, grpc_port)
+
+
+def _refuse_another_store(
+    recorded: StoreLocation, root: Path, store: StoreKind | None, url: str | None, collection: str | None
+) -> None:
+    """An existing index stays where it is: a different explicit store, URL or collection is an error."""
+    wanted_kind = store or recorded.kind
+    differs = wanted_kind != recorded.kind or (
+        recorded.kind == "weaviate"
+        and (
+            (url is not None and url.rstrip("/") != recorded.url) or (collection and collection != recorded.collection)
+        )
+    )
+    if differs:
+        raise ConfigError(
+            f"index at {root} keeps its vectors in the {recorded.describe()}: to move it, delete "
+            f"{root / INDEX_DIRNAME} and re-index"
+        )
+
+
+def _open_store(index_dir: Path, location: StoreLocation, api_key: str | None, *, create: bool) -> IndexStore:
+    if location.kind == "embedded":
+        return EmbeddedVectorStore(index_dir / INDEX_FILENAME)
+    assert location.url is not None and location.collection is not None
+    store: IndexStore = _weaviate_store_module().WeaviateVectorStore(
+        location.url,
+        location.collection,
+        api_key=api_key or next((os.environ[name] for name in API_KEY_VARIABLES if os.environ.get(name)), None),
+        grpc_port=location.grpc_port,
+        create=create,
+    )
+    return store
+
+
+def _weaviate_store_module() -> ModuleType:
+    """`imageloop.tools.weaviate_store`, imported on first use (weaviate-client is an optional extra)."""
+    try:
+        from imageloop.tools import weaviate_store
+    except ImportError as e:
+        raise ConfigError(
+            f"the Weaviate store needs the weaviate extra: pip install 'imageloop[weaviate]' ({e})"
+        ) from e
+    return weaviate_store
+
+
+def _write_location(index_dir: Path, location: StoreLocation) -> None:
+    """Write `store.json` atomically: a crash leaves the old file or the new one, never half of one."""
+    index_dir.mkdir(parents=True, exist_ok=True)
+    temporary = index_dir / f"{STORE_FILENAME}.tmp"
+    temporary.write_text(json.dumps(location.to_json(), indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, index_dir / STORE_FILENAME)
