@@ -346,8 +346,10 @@ def test_transformers_refuses_a_model_without_an_image_text_space(tmp_path: Path
 
 
 def test_models_missing_offline_fail_fast_with_how_to_get_them(tmp_path: Path) -> None:
+    # The libraries are imported before the clock starts: the bound is on the failing lookup.
     script = (
         "import json, time\n"
+        "import open_clip, transformers\n"
         "from imageloop.backends import make_embedder\n"
         "from imageloop.config import Settings\n"
         "from imageloop.errors import ConfigError\n"
