@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from pathlib import Path
 
@@ -12,25 +13,46 @@ from imageloop.errors import ImageDecodeError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
-# Pillow warns above ~89 Mpx and raises above twice that; we refuse anything over this bound outright
-# so a hostile or broken file cannot exhaust memory while decoding.
+# The decompression-bomb guard: a file is refused before any pixel is decoded when it is larger than
+# MAX_FILE_BYTES on disk or its header declares more than MAX_PIXELS, so one hostile or broken file
+# costs at most ~MAX_PIXELS * 4 bytes while decoding. Pillow only warns above ~89 Mpx and raises
+# above twice that; 64 Mpx is larger than any camera or scanner image an index needs.
 MAX_PIXELS = 64_000_000
+# The largest honest file at MAX_PIXELS: an uncompressed 16-bit RGBA TIFF (8 bytes a pixel).
+MAX_FILE_BYTES = 512 * 2**20
+
+# warnings.catch_warnings swaps process-wide state; the indexer opens images from several threads,
+# so the header reads that use it take turns (the decoding that follows runs in parallel).
+_HEADER_LOCK = threading.Lock()
 
 
 def open_image(path: Path) -> Image.Image:
     """Decode `path` fully into an RGB image, or raise ImageDecodeError saying why."""
     try:
-        with warnings.catch_warnings():
+        size = path.stat().st_size
+    except OSError as e:
+        raise ImageDecodeError(f"{path}: cannot read ({e})") from e
+    if size > MAX_FILE_BYTES:
+        raise ImageDecodeError(f"{path}: {size:,} bytes exceeds the {MAX_FILE_BYTES:,}-byte limit; not decoded")
+    try:
+        with _HEADER_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise ImageDecodeError(f"{path}: {img.width}x{img.height} exceeds the {MAX_PIXELS:,}-pixel limit")
-                img.load()
-                return img.convert("RGB")
-    except ImageDecodeError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            # Image.open reads the header only; Pillow's own bomb check runs here, on the declared size.
+            img = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageDecodeError(f"{path}: exceeds the {MAX_PIXELS:,}-pixel limit; not decoded ({e})") from e
+    except (OSError, ValueError, SyntaxError) as e:
         raise ImageDecodeError(f"{path}: not a readable image ({e})") from e
+    with img:
+        if img.width * img.height > MAX_PIXELS:
+            raise ImageDecodeError(
+                f"{path}: {img.width}x{img.height} exceeds the {MAX_PIXELS:,}-pixel limit; not decoded"
+            )
+        try:
+            img.load()
+            return img.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ImageDecodeError(f"{path}: not a readable image ({e})") from e
 
 
 def png_bytes(image: Image.Image) -> bytes:

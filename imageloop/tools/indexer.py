@@ -1,36 +1,57 @@
-"""Indexing an image folder: content-addressed, incremental, and resumable after an interruption.
+"""Indexing an image folder: content-addressed, incremental, overlapped, and crash-safe.
 
 Each image is stored once under the sha256 of its bytes, so re-running over a folder only embeds
-files it has not seen, and a run that was killed loses at most the batch it was filling.
+files it has not seen, and a file that moved inside the folder keeps its vector and gets its new
+path. Worker threads hash, decode and caption files ahead of the embedder, which sees one batch at
+a time; each batch is committed in one transaction, so a run that is killed (Ctrl-C or kill -9)
+loses at most the batches it had not committed yet, and a re-run completes it without duplicates.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import sys
-from collections.abc import Callable, Iterator
+import threading
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, Unpack
 
 from PIL import Image
 from tqdm import tqdm
 
 from imageloop.errors import ImageloopError
 from imageloop.protocols import Embedder, VectorRecord
-from imageloop.tools.image_index import ImageIndex, Route, create_or_open_index
+from imageloop.tools.image_index import ImageIndex, Route, StoreOptions, create_or_open_index
 from imageloop.tools.images import IMAGE_SUFFIXES, open_image
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+Captioner = Callable[[Path], str]
+
+
+def default_workers() -> int:
+    """Decoding threads when none are asked for: up to 4, never more than the machine has cores."""
+    return min(4, os.cpu_count() or 1)
 
 
 @dataclass
 class IndexSummary:
-    """What one indexing run did; `indexed + skipped + failed == total` image files seen."""
+    """What one indexing run did; `indexed + skipped + failed == total` image files seen.
+
+    `moved` counts the skipped files whose content was already indexed under a path that no longer
+    exists: their record now carries the new path, without re-embedding.
+    """
 
     indexed: int = 0
     skipped: int = 0
     failed: int = 0
     total: int = 0
+    moved: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -40,13 +61,22 @@ class IndexSummary:
             "skipped": self.skipped,
             "failed": self.failed,
             "total": self.total,
+            "moved": self.moved,
             "failures": [{"path": path, "reason": reason} for path, reason in self.failures],
         }
 
 
+class IndexingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during indexing; `summary` counts what the committed batches saved."""
+
+    def __init__(self, summary: IndexSummary) -> None:
+        super().__init__(f"{summary.indexed} newly indexed images in finished batches are saved")
+        self.summary = summary
+
+
 @dataclass(frozen=True)
-class _Pending:
-    """A decoded image waiting for its batch to be embedded; `image` is kept on the image route only."""
+class _New:
+    """Content not in the index yet, decoded; `image` is kept on the image route only."""
 
     id: str
     relative: Path
@@ -54,109 +84,229 @@ class _Pending:
     image: Image.Image | None
 
 
+@dataclass(frozen=True)
+class _Known:
+    """Content the index already holds, with its stored record (the path it was indexed under)."""
+
+    id: str
+    relative: Path
+    record: VectorRecord
+
+
+@dataclass(frozen=True)
+class _Failed:
+    relative: Path
+    reason: str
+
+
+_Outcome = _New | _Known | _Failed
+
+
 def index_folder(
     folder: Path,
     embedder: Embedder,
-    captioner: Callable[[Path], str] | None,
+    captioner: Captioner | None,
     *,
     batch_size: int = 32,
+    workers: int | None = None,
     progress: bool = True,
+    **store_options: Unpack[StoreOptions],
 ) -> IndexSummary:
-    """Add every new image under `folder` to its index; unreadable files are reported, never fatal."""
-    if batch_size <= 0:
-        raise ImageloopError(f"batch_size must be positive, got {batch_size}")
-    index = create_or_open_index(folder, embedder)
+    """Add every new image under `folder` to its index; unreadable files are reported, never fatal.
+
+    `store_options` choose the store of a new index (see `create_or_open_index`); default embedded.
+    """
+    _check_sizes(batch_size, workers)
+    index = create_or_open_index(folder, embedder, **store_options)
     try:
-        return _index_into(index, embedder, captioner, batch_size=batch_size, progress=progress)
+        return index_into(index, embedder, captioner, batch_size=batch_size, workers=workers, progress=progress)
     finally:
         index.close()
 
 
-def _index_into(
+def index_into(
     index: ImageIndex,
     embedder: Embedder,
-    captioner: Callable[[Path], str] | None,
+    captioner: Captioner | None,
     *,
-    batch_size: int,
-    progress: bool,
+    batch_size: int = 32,
+    workers: int | None = None,
+    progress: bool = True,
 ) -> IndexSummary:
-    """The indexing loop proper: hash, skip known content, decode, caption, embed and commit per batch."""
+    """Index the images under `index.root` into an open index (whatever its store); see `index_folder`.
+
+    `captioner` is called from `workers` threads at once and must be thread-safe. At most
+    `batch_size + 2 * workers` files are prepared ahead of the batch being embedded, so on the image
+    route at most `2 * batch_size + 2 * workers` decoded images are held at once (each under the
+    `images.MAX_PIXELS` guard); the caption route keeps only the captions.
+    """
+    _check_sizes(batch_size, workers)
+    workers = workers or default_workers()
+    index.require_embedder(embedder.model_id)
     files = sorted(_image_files(index.root), key=lambda path: path.relative_to(index.root).as_posix())
     summary = IndexSummary(total=len(files))
+    # Workers look up known content while the main thread commits: one lock makes any store safe.
+    store_lock = threading.Lock()
     seen: set[str] = set()
-    pending: list[_Pending] = []
+    pending: list[_New] = []
+    moves: list[VectorRecord] = []
+
+    def prepare(path: Path) -> _Outcome:
+        return _prepare(path, index, captioner, store_lock)
 
     def commit() -> None:
         # One upsert per batch, one transaction per upsert: an interruption loses this batch only.
-        if index.route == "image":
-            vectors = embedder.embed_images([item.image for item in pending if item.image is not None])
-        else:
-            vectors = embedder.embed_texts([item.caption for item in pending])
-        index.store.upsert(
-            [
-                VectorRecord(
-                    id=item.id,
-                    vector=vector,
-                    metadata={
-                        "path": item.relative.as_posix(),
-                        "caption": item.caption,
-                        "folder": item.relative.parent.as_posix(),
-                    },
-                )
-                for item, vector in zip(pending, vectors, strict=True)
-            ]
-        )
+        records = [*_embedded(pending, index, embedder), *moves]
+        with store_lock:
+            index.store.upsert(records)
         summary.indexed += len(pending)
+        summary.moved += len(moves)
         pending.clear()
+        moves.clear()
 
-    disable = not progress or not sys.stderr.isatty()
-    with tqdm(total=len(files), unit="img", file=sys.stderr, disable=disable) as bar:
-        for path in files:
-            relative = path.relative_to(index.root)
-            outcome = _prepare(path, relative, index, captioner, seen)
-            if isinstance(outcome, _Pending):
-                pending.append(outcome)
-                if len(pending) == batch_size:
+    bar = tqdm(total=len(files), unit="img", desc="indexing", disable=None if progress else True)
+    try:
+        # On the way out, `closing` cancels the files not started yet before the pool waits for the
+        # few in progress, so Ctrl-C returns after at most one file per worker.
+        with (
+            ThreadPoolExecutor(workers, thread_name_prefix="imageloop-index") as pool,
+            closing(_in_order(pool, prepare, files, lookahead=batch_size + 2 * workers)) as outcomes,
+        ):
+            for outcome in outcomes:
+                if isinstance(outcome, _Failed):
+                    summary.failed += 1
+                    summary.failures.append((outcome.relative.as_posix(), outcome.reason))
+                elif outcome.id in seen:
+                    summary.skipped += 1  # the same content earlier in this run: stored once
+                elif isinstance(outcome, _Known):
+                    seen.add(outcome.id)
+                    summary.skipped += 1
+                    moved = _moved(outcome, index.root)
+                    if moved is not None:
+                        moves.append(moved)
+                else:
+                    seen.add(outcome.id)
+                    pending.append(outcome)
+                if len(pending) >= batch_size or len(moves) >= batch_size:
                     commit()
-            elif outcome is None:
-                summary.skipped += 1
-            else:
-                summary.failed += 1
-                summary.failures.append((relative.as_posix(), outcome))
-            bar.update()
-            bar.set_postfix(indexed=summary.indexed, skipped=summary.skipped, failed=summary.failed)
-        if pending:
-            commit()
-            bar.set_postfix(indexed=summary.indexed, skipped=summary.skipped, failed=summary.failed)
+                bar.set_postfix(_counts(summary, len(moves)), refresh=False)
+                bar.update()
+            if pending or moves:
+                commit()
+                bar.set_postfix(_counts(summary, 0))
+    except KeyboardInterrupt:
+        raise IndexingInterrupted(summary) from None
+    finally:
+        bar.close()
     return summary
 
 
-def _prepare(
-    path: Path,
-    relative: Path,
-    index: ImageIndex,
-    captioner: Callable[[Path], str] | None,
-    seen: set[str],
-) -> _Pending | str | None:
-    """A record-to-be for `path`, None when its content is already indexed, else why it failed."""
+def _check_sizes(batch_size: int, workers: int | None) -> None:
+    if batch_size <= 0:
+        raise ImageloopError(f"batch_size must be positive, got {batch_size}")
+    if workers is not None and workers <= 0:
+        raise ImageloopError(f"workers must be positive, got {workers}")
+
+
+def _counts(summary: IndexSummary, moves_pending: int) -> dict[str, int]:
+    """The progress bar's postfix: what the run has done so far."""
+    counts = {"indexed": summary.indexed, "skipped": summary.skipped, "failed": summary.failed}
+    if summary.moved or moves_pending:
+        counts["moved"] = summary.moved + moves_pending
+    return counts
+
+
+def _in_order(
+    pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], *, lookahead: int
+) -> Generator[R, None, None]:
+    """`fn` over `items` in the pool, results in input order, never more than `lookahead` ahead.
+
+    The window keeps workers busy while the caller embeds (the overlap) and bounds how many
+    prepared (decoded) items wait in memory. Leaving early cancels what has not started.
+    """
+    window: deque[Future[R]] = deque()
+    iterator = iter(items)
+    try:
+        for item in iterator:
+            window.append(pool.submit(fn, item))
+            if len(window) >= lookahead:
+                break
+        while window:
+            result = window.popleft().result()
+            for item in iterator:
+                window.append(pool.submit(fn, item))
+                break
+            yield result
+    finally:
+        for future in window:
+            future.cancel()
+
+
+def _prepare(path: Path, index: ImageIndex, captioner: Captioner | None, store_lock: threading.Lock) -> _Outcome:
+    """Runs in a worker: hash `path`, look its content up, and decode and caption it if it is new."""
+    relative = path.relative_to(index.root)
     try:
         with path.open("rb") as f:
             image_id = hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as e:
-        return f"{path}: cannot read ({e})"
-    # Known content is skipped before decoding: a re-run over a large folder only hashes bytes.
-    if image_id in seen or index.store.get([image_id]):
-        return None
+        return _Failed(relative, f"{path}: cannot read ({e})")
+    # Known content is not decoded: a re-run over a large folder only hashes bytes.
+    with store_lock:
+        known = index.store.get([image_id])
+    if known:
+        return _Known(image_id, relative, known[0])
     try:
         image = open_image(path)
         caption = _caption(path, relative, index.route, captioner)
     except ImageloopError as e:
-        return str(e)
-    seen.add(image_id)
-    return _Pending(image_id, relative, caption, image if index.route == "image" else None)
+        return _Failed(relative, str(e))
+    return _New(image_id, relative, caption, image if index.route == "image" else None)
 
 
-def _caption(path: Path, relative: Path, route: Route, captioner: Callable[[Path], str] | None) -> str:
+def _moved(known: _Known, root: Path) -> VectorRecord | None:
+    """The record with its new path when the path it was indexed under no longer exists, else None.
+
+    A second copy of content whose recorded file is still there is a duplicate, not a move.
+    """
+    recorded = known.record.metadata.get("path")
+    if isinstance(recorded, str) and (recorded == known.relative.as_posix() or (root / recorded).is_file()):
+        return None
+    metadata: Mapping[str, Any] = {
+        **known.record.metadata,
+        "path": known.relative.as_posix(),
+        "folder": known.relative.parent.as_posix(),
+    }
+    return VectorRecord(id=known.id, vector=known.record.vector, metadata=metadata)
+
+
+def _embedded(pending: list[_New], index: ImageIndex, embedder: Embedder) -> list[VectorRecord]:
+    """Records for a batch of new images, embedded in one call (pixels or captions, by route)."""
+    if not pending:
+        return []
+    if index.route == "image":
+        vectors = embedder.embed_images([item.image for item in pending if item.image is not None])
+    else:
+        vectors = embedder.embed_texts([item.caption for item in pending])
+    if vectors.shape != (len(pending), index.dim):
+        raise ImageloopError(
+            f"{embedder.model_id} returned vectors of shape {tuple(vectors.shape)} for {len(pending)} images, "
+            f"but the index at {index.root} holds {index.dim}-d vectors"
+        )
+    return [
+        VectorRecord(
+            id=item.id,
+            vector=vector,
+            metadata={
+                "path": item.relative.as_posix(),
+                "caption": item.caption,
+                "folder": item.relative.parent.as_posix(),
+            },
+        )
+        for item, vector in zip(pending, vectors, strict=True)
+    ]
+
+
+def _caption(path: Path, relative: Path, route: Route, captioner: Captioner | None) -> str:
     """The sidecar `NAME.txt` if present, else the captioner's; the caption route needs one of them."""
     sidecar = path.with_suffix(".txt")
     if sidecar.is_file():

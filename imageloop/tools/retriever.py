@@ -1,16 +1,35 @@
-"""Text-to-image retrieval over an image folder's index, the step ImageRAG and RAGE call `retrieve`."""
+"""Retrieval over an image folder's index: the step ImageRAG, RAGE and GenIR call `retrieve`.
+
+Three kinds of query, each answered best first with a cosine similarity per hit:
+
+- text→image (`search`, `search_many`) on an **image-route** index: the text is embedded in the
+  embedder's text tower and compared with the images' pixel embeddings (CLIP-like embedders);
+- the **caption route** (`search`, `search_many` on a caption-route index): the same call, compared
+  with the text embeddings of the images' captions, because queries and captions share one space;
+- image→image (`search_image`) on an image-route index, with an embedder that embeds images.
+
+`similarity_threshold` drops hits below that cosine after the top-k cut, so a query may return
+fewer than `k` images; `where` filters on stored metadata, e.g. `{"folder": "birds"}`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
 
 from imageloop.errors import ImageloopError
-from imageloop.protocols import Embedder, RetrievedImage
-from imageloop.tools.image_index import ImageIndex
+from imageloop.protocols import Embedder, RetrievedImage, SearchHit, Vector
+from imageloop.tools.image_index import ImageIndex, Route
+from imageloop.tools.images import open_image
+
+Where = Mapping[str, Any]
 
 
 class Retriever:
-    """An `ImageRetriever` over an index, querying it with the embedder that built it."""
+    """An `ImageRetriever` (and GenIR's image-query retriever) over an index, with the embedder that built it."""
 
     def __init__(self, index: ImageIndex, embedder: Embedder) -> None:
         # Refused up front: vectors from another model are a different space, and an empty index
@@ -21,33 +40,76 @@ class Retriever:
         self.index = index
         self.embedder = embedder
 
-    def search(self, text: str, k: int, similarity_threshold: float | None = None) -> list[RetrievedImage]:
+    @property
+    def route(self) -> Route:
+        """What the index's vectors embed: "image" (pixels) or "caption" (text of the captions)."""
+        return self.index.route
+
+    def search(
+        self, text: str, k: int, similarity_threshold: float | None = None, where: Where | None = None
+    ) -> list[RetrievedImage]:
         """The top-`k` images for `text`, best first, without hits below `similarity_threshold`."""
-        return self.search_many([text], k, similarity_threshold)[0]
+        return self.search_many([text], k, similarity_threshold, where)[0]
 
     def search_many(
-        self, texts: Sequence[str], k: int, similarity_threshold: float | None = None
+        self, texts: Sequence[str], k: int, similarity_threshold: float | None = None, where: Where | None = None
     ) -> list[list[RetrievedImage]]:
         """`search` for each text, embedding all texts in one batch (one model call per fan-out)."""
         if not texts:
             return []
-        vectors = self.embedder.embed_texts(list(texts))
-        results = []
-        for vector in vectors:
-            hits = self.index.store.search(vector, k)
-            results.append(
-                [
-                    RetrievedImage(
-                        id=hit.id,
-                        path=self.index.root / hit.metadata["path"],
-                        caption=hit.metadata.get("caption", ""),
-                        score=hit.score,
-                    )
-                    for hit in hits
-                    if similarity_threshold is None or hit.score >= similarity_threshold
-                ]
+        return self._search_vectors(self.embedder.embed_texts(list(texts)), k, similarity_threshold, where)
+
+    def search_image(
+        self,
+        image: Image.Image | Path,
+        k: int,
+        similarity_threshold: float | None = None,
+        where: Where | None = None,
+    ) -> list[RetrievedImage]:
+        """The top-`k` indexed images most like `image` (a picture or a file), best first."""
+        if self.index.route != "image":
+            raise ImageloopError(
+                f"index at {self.index.root} is on the caption route (it holds text embeddings of captions, "
+                f"built with {self.index.embedder_id}): image queries need an image-route index built with an "
+                "embedder that embeds images; query it with text instead"
             )
-        return results
+        if not self.embedder.embeds_images:
+            raise ImageloopError(f"embedder {self.embedder.model_id} does not embed images: image queries need one")
+        picture = open_image(image) if isinstance(image, Path) else image.convert("RGB")
+        return self._search_vectors(self.embedder.embed_images([picture]), k, similarity_threshold, where)[0]
+
+    def _search_vectors(
+        self, vectors: Vector, k: int, similarity_threshold: float | None, where: Where | None
+    ) -> list[list[RetrievedImage]]:
+        """Top-`k` hits per query vector, with the store's batched search when it has one."""
+        if k <= 0:
+            raise ImageloopError(f"k must be a positive number of results, got {k}")
+        if vectors.ndim != 2 or vectors.shape[1] != self.index.dim:
+            got = vectors.shape[-1] if vectors.ndim else "scalar"
+            raise ImageloopError(
+                f"dimension mismatch: embedder {self.embedder.model_id} gives {got}-d vectors but the index at "
+                f"{self.index.root} holds {self.index.dim}-d vectors; re-index with this embedder or configure "
+                f"the one that built it ({self.index.embedder_id})"
+            )
+        store = self.index.store
+        batched = getattr(store, "search_many", None)
+        hit_lists: list[list[SearchHit]]
+        if batched is not None:
+            hit_lists = batched(vectors, k, where)
+        else:
+            hit_lists = [store.search(vector, k, where) for vector in vectors]
+        return [
+            [self._retrieved(hit) for hit in hits if similarity_threshold is None or hit.score >= similarity_threshold]
+            for hits in hit_lists
+        ]
+
+    def _retrieved(self, hit: SearchHit) -> RetrievedImage:
+        return RetrievedImage(
+            id=hit.id,
+            path=self.index.root / hit.metadata["path"],
+            caption=hit.metadata.get("caption", ""),
+            score=hit.score,
+        )
 
 
 # RetrievedImage is defined next to the ImageRetriever protocol that graphs depend on; it is
