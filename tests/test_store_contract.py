@@ -89,10 +89,12 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
             ),
         )
     yield backend
-    if request.param == "weaviate-real" and backend.handles:
-        backend.handles[0].drop()  # type: ignore[attr-defined]
     for handle in backend.handles:
         handle.close()
+    if request.param == "weaviate-real" and backend.handles:
+        cleaner = backend.opener()
+        cleaner.drop()  # type: ignore[attr-defined]
+        cleaner.close()
 
 
 @pytest.fixture
