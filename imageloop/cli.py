@@ -101,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="(re)write a run directory's report.html from its run.json")
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a directory `imageloop generate --out` wrote")
+
+    mcp = commands.add_parser("mcp", parents=[roles], help="serve the tools to MCP clients (stdio; HTTP with --http)")
+    mcp.add_argument(
+        "--root", type=Path, action="append", default=[], metavar="DIR",
+        help="a folder that path arguments may reach (repeatable; default: the current directory)",
+    )  # fmt: skip
+    mcp.add_argument("--runs", type=Path, metavar="DIR", help="runs and sessions (default FIRST_ROOT/.imageloop-runs)")
+    mcp.add_argument("--http", metavar="HOST:PORT", help="serve streamable HTTP at HOST:PORT/mcp instead of stdio")
+    mcp.add_argument("--token", help="bearer token HTTP clients must send beyond localhost ($IMAGELOOP_MCP_TOKEN)")
+    mcp.add_argument(
+        "--allow-host", action="append", default=[], metavar="NAME",
+        help="a host name HTTP clients may use besides localhost and the bound address (repeatable)",
+    )  # fmt: skip
     return parser
 
 
@@ -214,7 +227,20 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"index": _index, "generate": _generate, "search": _search, "eval": _eval, "report": _report}
+def _mcp(args: argparse.Namespace) -> int:
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("mcp") is None:
+        raise ConfigError("the MCP server needs the mcp extra: pip install 'imageloop[mcp]'")
+    from imageloop.mcp_server import serve
+
+    token = args.token or os.environ.get("IMAGELOOP_MCP_TOKEN") or None
+    serve(_settings(args), args.root, args.runs, http=args.http, token=token, allow_hosts=args.allow_host)
+    return 0
+
+
+COMMANDS = {"index": _index, "generate": _generate, "search": _search, "eval": _eval, "report": _report, "mcp": _mcp}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
