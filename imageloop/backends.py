@@ -3,7 +3,7 @@
 Providers import their libraries lazily, so choosing `openai:` never imports torch. A later
 provider registers itself by adding a factory to the matching table; every factory is called as
 `factory(model, endpoint, placement)` and uses what it needs (remote ones the endpoint, local ones the
-placement).
+placement). Generator factories also receive the settings' `GeneratorOptions` (guidance, adapters).
 """
 
 from __future__ import annotations
@@ -34,7 +34,33 @@ class Placement:
         return cls(settings.device, settings.dtype, settings.offload)
 
 
+@dataclass(frozen=True)
+class GeneratorOptions:
+    """What a local generator is built with besides its placement: guidance and reference adapters."""
+
+    guidance_scale: float | None
+    ip_adapter: str
+    ip_adapter_weight: str
+    ip_adapter_image_encoder: str
+    ip_adapter_scale: float
+    flux_redux: str | None
+
+    @classmethod
+    def of(cls, settings: Settings) -> GeneratorOptions:
+        """The generator fields of `settings` (hashable, so generators are cached per option set)."""
+        redux = None if settings.flux_redux.strip().lower() in ("", "none") else settings.flux_redux
+        return cls(
+            settings.guidance_scale,
+            settings.ip_adapter,
+            settings.ip_adapter_weight,
+            settings.ip_adapter_image_encoder,
+            settings.ip_adapter_scale,
+            redux,
+        )
+
+
 Factory = Callable[[str, Endpoint, Placement], T]
+GeneratorFactory = Callable[[str, Endpoint, Placement, GeneratorOptions], ImageGenerator]
 
 
 def _openai_vlm(model: str, endpoint: Endpoint, placement: Placement) -> VisionLanguageModel:
@@ -43,10 +69,77 @@ def _openai_vlm(model: str, endpoint: Endpoint, placement: Placement) -> VisionL
     return OpenAIVisionLanguageModel(model, endpoint)
 
 
-def _openai_generator(model: str, endpoint: Endpoint, placement: Placement) -> ImageGenerator:
+def _openai_generator(
+    model: str, endpoint: Endpoint, placement: Placement, options: GeneratorOptions
+) -> ImageGenerator:
     from imageloop.tools.openai_images import OpenAIImageGenerator
 
     return OpenAIImageGenerator(model, endpoint)
+
+
+def _omnigen_generator(
+    model: str, endpoint: Endpoint, placement: Placement, options: GeneratorOptions
+) -> ImageGenerator:
+    from imageloop.tools.generators.omnigen import OmniGenGenerator
+
+    return OmniGenGenerator(
+        model,
+        device=placement.device,
+        dtype=placement.dtype,
+        offload=placement.offload,
+        guidance_scale=options.guidance_scale,
+    )
+
+
+def _sdxl_ip_adapter_generator(
+    model: str, endpoint: Endpoint, placement: Placement, options: GeneratorOptions
+) -> ImageGenerator:
+    from imageloop.tools.generators.sdxl_ip_adapter import SDXLIPAdapterGenerator
+
+    return SDXLIPAdapterGenerator(
+        model,
+        ip_adapter=options.ip_adapter,
+        ip_adapter_weight=options.ip_adapter_weight,
+        ip_adapter_image_encoder=options.ip_adapter_image_encoder,
+        ip_adapter_scale=options.ip_adapter_scale,
+        device=placement.device,
+        dtype=placement.dtype,
+        offload=placement.offload,
+        guidance_scale=options.guidance_scale,
+    )
+
+
+def _flux_generator(model: str, endpoint: Endpoint, placement: Placement, options: GeneratorOptions) -> ImageGenerator:
+    from imageloop.tools.generators.flux import FluxGenerator
+
+    return FluxGenerator(
+        model,
+        redux=options.flux_redux,
+        device=placement.device,
+        dtype=placement.dtype,
+        offload=placement.offload,
+        guidance_scale=options.guidance_scale,
+    )
+
+
+def _diffusers_generator(
+    model: str, endpoint: Endpoint, placement: Placement, options: GeneratorOptions
+) -> ImageGenerator:
+    from imageloop.tools.generators.text2image import Text2ImageGenerator
+
+    return Text2ImageGenerator(
+        model,
+        device=placement.device,
+        dtype=placement.dtype,
+        offload=placement.offload,
+        guidance_scale=options.guidance_scale,
+    )
+
+
+def _tiny_generator(model: str, endpoint: Endpoint, placement: Placement, options: GeneratorOptions) -> ImageGenerator:
+    from imageloop.tools.generators import tiny_generator
+
+    return tiny_generator(model, placement.device, placement.dtype, placement.offload)
 
 
 def _openai_embedder(model: str, endpoint: Endpoint, placement: Placement) -> Embedder:
@@ -99,7 +192,14 @@ VLM_PROVIDERS: dict[str, Factory[VisionLanguageModel]] = {
     "tiny": _tiny_vlm,
     "langchain": _langchain_vlm,
 }
-GENERATOR_PROVIDERS: dict[str, Factory[ImageGenerator]] = {"openai": _openai_generator}
+GENERATOR_PROVIDERS: dict[str, GeneratorFactory] = {
+    "openai": _openai_generator,
+    "omnigen": _omnigen_generator,
+    "sdxl-ip-adapter": _sdxl_ip_adapter_generator,
+    "flux": _flux_generator,
+    "diffusers": _diffusers_generator,
+    "tiny": _tiny_generator,
+}
 EMBEDDER_PROVIDERS: dict[str, Factory[Embedder]] = {
     "openai": _openai_embedder,
     "open_clip": _open_clip_embedder,
@@ -108,12 +208,19 @@ EMBEDDER_PROVIDERS: dict[str, Factory[Embedder]] = {
 }
 
 
-def _build(table: dict[str, Factory[T]], role: Role, spec: RoleSpec, endpoint: Endpoint, placement: Placement) -> T:
+F = TypeVar("F")
+
+
+def _factory(table: dict[str, F], role: Role, spec: RoleSpec) -> F:
     factory = table.get(spec.provider)
     if factory is None:
         known = ", ".join(sorted(table))
         raise ConfigError(f"unknown {role} provider {spec.provider!r} in {str(spec)!r}; known providers: {known}")
-    return factory(spec.model, endpoint, placement)
+    return factory
+
+
+def _build(table: dict[str, Factory[T]], role: Role, spec: RoleSpec, endpoint: Endpoint, placement: Placement) -> T:
+    return _factory(table, role, spec)(spec.model, endpoint, placement)
 
 
 @functools.cache
@@ -122,8 +229,8 @@ def _vlm(spec: RoleSpec, endpoint: Endpoint, placement: Placement, role: Role) -
 
 
 @functools.cache
-def _generator(spec: RoleSpec, endpoint: Endpoint, placement: Placement) -> ImageGenerator:
-    return _build(GENERATOR_PROVIDERS, "generator", spec, endpoint, placement)
+def _generator(spec: RoleSpec, endpoint: Endpoint, placement: Placement, options: GeneratorOptions) -> ImageGenerator:
+    return _factory(GENERATOR_PROVIDERS, "generator", spec)(spec.model, endpoint, placement, options)
 
 
 @functools.cache
@@ -138,7 +245,12 @@ def make_vlm(settings: Settings, role: Role = "vlm") -> VisionLanguageModel:
 
 def make_generator(settings: Settings) -> ImageGenerator:
     """The configured image generator."""
-    return _generator(settings.role_spec("generator"), settings.endpoint("generator"), Placement.of(settings))
+    return _generator(
+        settings.role_spec("generator"),
+        settings.endpoint("generator"),
+        Placement.of(settings),
+        GeneratorOptions.of(settings),
+    )
 
 
 def make_embedder(settings: Settings) -> Embedder:

@@ -44,6 +44,20 @@ def _role_options() -> argparse.ArgumentParser:
     group.add_argument("--device", help="local models: cuda, cuda:1, mps or cpu (default: best available)")
     group.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="local models (default per device)")
     group.add_argument("--offload", action="store_true", default=None, help="diffusers: CPU offload to save VRAM")
+    group.add_argument("--guidance-scale", type=float, help="diffusers: guidance scale (default per backend)")
+    group.add_argument("--ip-adapter", metavar="REPO_OR_DIR", help="sdxl-ip-adapter: the adapter (h94/IP-Adapter)")
+    group.add_argument(
+        "--ip-adapter-weight",
+        metavar="PATH",
+        help="sdxl-ip-adapter: weight file in it (sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors)",
+    )
+    group.add_argument(
+        "--ip-adapter-image-encoder", metavar="PATH", help="sdxl-ip-adapter: image encoder in it (models/image_encoder)"
+    )
+    group.add_argument("--ip-adapter-scale", type=float, help="sdxl-ip-adapter: reference strength (0.5, the paper's)")
+    group.add_argument(
+        "--flux-redux", metavar="REPO_OR_DIR", help="flux: Redux prior for references, or none (FLUX.1-Redux-dev)"
+    )
     return parent
 
 

@@ -76,6 +76,23 @@ class Settings(BaseModel):
     device: str | None = Field(None, description="local models: cuda, cuda:1, mps or cpu; best available if None")
     dtype: str | None = Field(None, description="local models: float32, float16 or bfloat16; per device if None")
     offload: bool = Field(False, description="diffusers: enable model CPU offload to save GPU memory")
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=50.0, description="diffusers: guidance scale (FLUX: distilled); backend default if None"
+    )
+    ip_adapter: str = Field("h94/IP-Adapter", description="sdxl-ip-adapter: the IP-Adapter's hub id or directory")
+    ip_adapter_weight: str = Field(
+        "sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors",
+        description="sdxl-ip-adapter: the weight file inside it (the paper's plus ViT-H adapter)",
+    )
+    ip_adapter_image_encoder: str = Field(
+        "models/image_encoder", description="sdxl-ip-adapter: the CLIP image encoder's folder inside it"
+    )
+    ip_adapter_scale: float = Field(
+        0.5, ge=0.0, le=2.0, description="sdxl-ip-adapter: how strongly references steer (the paper: 0.5)"
+    )
+    flux_redux: str = Field(
+        "black-forest-labs/FLUX.1-Redux-dev", description="flux: the Redux prior that takes references; none: text only"
+    )
 
     def role_spec(self, role: Role) -> RoleSpec:
         """The role's `PROVIDER:MODEL`, or a ConfigError saying how to choose one."""

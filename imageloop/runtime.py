@@ -112,7 +112,8 @@ def explain_load_failure(model: str, error: Exception) -> ImageloopError:
     return ConfigError(f"model {model!r} is not available: {how}")
 
 
-DIFFUSION_MEMORY_KNOBS = "lower --size or --steps, use --dtype float16, or enable CPU offload (--offload)"
+# Steps cost time, not memory; a 16-bit dtype halves float32's weights and activations.
+DIFFUSION_MEMORY_KNOBS = "lower --size, use --dtype bfloat16 or float16 (not float32), or CPU offload (--offload)"
 
 
 def explain_out_of_memory(what: str, knobs: str = DIFFUSION_MEMORY_KNOBS) -> ImageloopError:

@@ -1,0 +1,129 @@
+"""FLUX.1 through diffusers: `FluxPipeline` from text, and FLUX.1 Redux for references.
+
+Why Redux: of the FLUX.1 reference mechanisms in diffusers, it is the one that takes several
+images in one call. `FluxPriorReduxPipeline` turns each reference into SigLIP image tokens appended
+to the prompt's T5 tokens and sums the per-image conditionings with one weight each; we weight them
+equally (1/n), so the text keeps its full weight and the references share theirs. FLUX.1 Kontext
+takes one input image in diffusers (several only through a community pipeline the model was not
+trained for), and the FLUX IP-Adapter takes one image per adapter. The prompt is the paper's
+template naming the images in order ("image 1", ...): the pictures travel as tokens beside it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imageloop.prompts import compose_reference_prompt
+from imageloop.protocols import GenerationRequest, GenerationResult
+from imageloop.runtime import load_cached
+from imageloop.tools.generators._diffusers_common import (
+    from_hub,
+    open_references,
+    place,
+    resolve_placement,
+    run_pipeline,
+    seeded_generator,
+    trim_references,
+)
+
+DEFAULT_REDUX = "black-forest-labs/FLUX.1-Redux-dev"
+# diffusers' FluxPipeline defaults, tuned for FLUX.1 [dev]; [schnell] wants 4 steps and guidance 0.
+DEFAULT_STEPS = 28
+DEFAULT_GUIDANCE_SCALE = 3.5
+DEFAULT_SIZE = (1024, 1024)
+MAX_REFERENCES = 3
+"""Redux has no hard limit; averaged references blur into each other, so we keep the paper's 3."""
+
+
+class FluxGenerator:
+    """FLUX.1 text-to-image; with references, FLUX.1 Redux adds their image tokens to the prompt's."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        redux: str | None = DEFAULT_REDUX,
+        device: str | None = None,
+        dtype: str | None = None,
+        offload: bool = False,
+        steps: int = DEFAULT_STEPS,
+        guidance_scale: float | None = None,
+        size: tuple[int, int] = DEFAULT_SIZE,
+        max_references: int = MAX_REFERENCES,
+    ) -> None:
+        from diffusers import FluxPipeline, FluxPriorReduxPipeline
+
+        self.model_id = f"flux:{model}"
+        # Without a Redux prior this backend draws from text alone and says so when given references.
+        self.max_references = max_references if redux else 0
+        self.steps = steps
+        self.guidance_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+        self.size = size
+        self.device, torch_dtype = resolve_placement(device, dtype, offload)
+        where = (self.device, str(torch_dtype), offload)
+
+        def load_base() -> Any:
+            pipe = from_hub(model, lambda: FluxPipeline.from_pretrained(model, dtype=torch_dtype))
+            place(pipe, self.device, offload)
+            return pipe
+
+        self._pipe = load_cached(("flux", model, *where), load_base)
+        self._prior: Any = None
+        if redux:
+            base = self._pipe
+
+            def load_prior() -> Any:
+                # The prior encodes the prompt with the base pipeline's own text encoders (no second copy).
+                prior = from_hub(
+                    redux,
+                    lambda: FluxPriorReduxPipeline.from_pretrained(
+                        redux,
+                        text_encoder=base.text_encoder,
+                        tokenizer=base.tokenizer,
+                        text_encoder_2=base.text_encoder_2,
+                        tokenizer_2=base.tokenizer_2,
+                        dtype=torch_dtype,
+                    ),
+                )
+                # Only the prior's own parts move: the shared encoders stay wherever the base put them.
+                prior.image_encoder.to(self.device)
+                prior.image_embedder.to(self.device)
+                prior.set_progress_bar_config(disable=None)
+                return prior
+
+            self._prior = load_cached(("flux-redux", redux, model, *where), load_prior)
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Draw `request`; references are weighted equally through Redux after the paper's prompt."""
+        references, notes = trim_references(request.references, self.max_references, self.model_id)
+        width, height = request.size or self.size
+        options = {
+            "width": width,
+            "height": height,
+            "num_inference_steps": request.steps or self.steps,
+            "guidance_scale": self.guidance_scale,
+        }
+        what = f"generating {width}x{height} with {self.model_id}"
+        if not references:
+            output = run_pipeline(
+                what, lambda: self._pipe(prompt=request.prompt, generator=seeded_generator(request.seed), **options)
+            )
+            return GenerationResult(output.images[0], request.prompt, notes)
+        names = [f"image {i}" for i in range(1, len(references) + 1)]
+        prompt_used = compose_reference_prompt(request.prompt, [r.concept for r in references], names)
+        images = open_references(references)
+        weights = [1.0 / len(images)] * len(images)
+
+        def call() -> Any:
+            prior = self._prior(
+                image=images, prompt=prompt_used, prompt_embeds_scale=weights, pooled_prompt_embeds_scale=weights
+            )
+            return self._pipe(
+                prompt_embeds=prior.prompt_embeds,
+                pooled_prompt_embeds=prior.pooled_prompt_embeds,
+                generator=seeded_generator(request.seed),
+                **options,
+            )
+
+        output = run_pipeline(what, call)
+        return GenerationResult(output.images[0], prompt_used, notes)

@@ -1,0 +1,438 @@
+"""The diffusers generators, on tiny random pipelines saved to disk and loaded like hub checkpoints.
+
+Session fixtures build each tiny model once (`save_pretrained` into a private tiny cache); every
+backend is made by its production factory from that directory, so `from_pretrained` /
+`load_ip_adapter` run exactly as they would on a real checkpoint. Spies wrap the real pipeline
+classes to see what reaches them; nothing about the models is faked.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline, FluxPriorReduxPipeline, OmniGenPipeline, StableDiffusionXLPipeline
+from PIL import Image
+
+import imageloop.tiny
+from imageloop import runtime
+from imageloop.backends import GENERATOR_PROVIDERS, GeneratorOptions, Placement, make_generator
+from imageloop.cli import _settings, build_parser
+from imageloop.config import Endpoint, Settings, load_settings
+from imageloop.errors import ConfigError, ImageloopError
+from imageloop.protocols import GenerationRequest, GenerationResult, ImageGenerator, ReferenceImage
+from imageloop.tiny.diffusion import IP_ADAPTER_IMAGE_ENCODER, IP_ADAPTER_WEIGHT, tiny_generator_dir
+from imageloop.tools.generators import flux, omnigen, sdxl_ip_adapter
+
+SIZE = (64, 64)
+PROMPT = "a Cyanocitta cristata on a snowy branch"
+
+
+# --- fixtures: tiny checkpoints on disk, reference pictures ----------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A private tiny-model cache: the fixtures below and the `tiny:` providers build into it."""
+    root = tmp_path_factory.mktemp("tiny-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IMAGELOOP_TINY_CACHE", str(root))
+        yield root
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tiny_cache: Path) -> dict[str, Path]:
+    """Every tiny diffusion checkpoint, saved with save_pretrained (the IP-Adapter as its own folder)."""
+    return {name: tiny_generator_dir(name) for name in ("omnigen", "sdxl", "ip-adapter", "flux", "flux-redux")}
+
+
+@pytest.fixture(scope="session")
+def references(tmp_path_factory: pytest.TempPathFactory) -> list[ReferenceImage]:
+    """Four distinct 32 px pictures, scored so the second is the weakest."""
+    folder = tmp_path_factory.mktemp("references")
+    found = []
+    for i, (color, score) in enumerate([((200, 30, 30), 0.9), ((30, 200, 30), 0.1), ((30, 30, 200), 0.8),
+                                        ((200, 200, 30), 0.7)]):  # fmt: skip
+        pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+        pixels[:, :] = color
+        pixels[: 8 * (i + 1), :8] = 255  # a different white bar each, so no two are alike
+        path = folder / f"ref{i + 1}.png"
+        Image.fromarray(pixels).save(path)
+        found.append(ReferenceImage(path, concept=f"concept {i + 1}", score=score))
+    return found
+
+
+def options(model_dirs: dict[str, Path], **changes: Any) -> GeneratorOptions:
+    """Generator options as the settings give them, with the IP-Adapter and Redux pointed at tiny ones."""
+    settings = Settings(
+        ip_adapter=str(model_dirs["ip-adapter"]),
+        ip_adapter_weight=IP_ADAPTER_WEIGHT,
+        ip_adapter_image_encoder=IP_ADAPTER_IMAGE_ENCODER,
+        flux_redux=str(model_dirs["flux-redux"]),
+    )
+    return GeneratorOptions.of(settings.model_copy(update=changes))
+
+
+BASE_MODEL = {"omnigen": "omnigen", "sdxl-ip-adapter": "sdxl", "flux": "flux", "diffusers": "sdxl"}
+
+
+def build(provider: str, model_dirs: dict[str, Path], model: str | None = None, **changes: Any) -> ImageGenerator:
+    """A generator made by the production factory for `provider`, from the tiny checkpoint directory."""
+    model = model or str(model_dirs[BASE_MODEL[provider]])
+    return GENERATOR_PROVIDERS[provider](model, Endpoint(), Placement(), options(model_dirs, **changes))
+
+
+def request(references: list[ReferenceImage] | None = None, seed: int | None = 0) -> GenerationRequest:
+    return GenerationRequest(PROMPT, tuple(references or ()), seed=seed, size=SIZE, steps=2)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def spy(monkeypatch: pytest.MonkeyPatch, cls: type, method: str = "__call__") -> list[dict[str, Any]]:
+    """Record the arguments and result of every call to `cls.method` (which still runs)."""
+    calls: list[dict[str, Any]] = []
+    original = getattr(cls, method)
+
+    def recording(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append({"self": self, "args": args, **kwargs})
+        calls[-1]["returned"] = original(self, *args, **kwargs)
+        return calls[-1]["returned"]
+
+    monkeypatch.setattr(cls, method, recording)
+    return calls
+
+
+def same_pictures(images: list[Image.Image], references: list[ReferenceImage]) -> bool:
+    return len(images) == len(references) and all(
+        np.array_equal(pixels(image), pixels(Image.open(r.path))) for image, r in zip(images, references, strict=True)
+    )
+
+
+# --- every backend loads from a saved directory and honours its seed --------------------------------
+
+PROVIDERS = ["omnigen", "sdxl-ip-adapter", "flux", "diffusers"]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_each_backend_loads_a_saved_checkpoint_and_draws_from_text(provider: str, model_dirs: dict[str, Path]) -> None:
+    generator = build(provider, model_dirs)
+    result = generator.generate(request())
+    assert isinstance(generator, ImageGenerator)
+    assert generator.model_id.startswith(f"{provider}:")
+    assert isinstance(result, GenerationResult)
+    assert result.image.size == SIZE and result.image.mode == "RGB"
+    assert result.prompt_used == PROMPT and result.notes == ()
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("with_references", [False, True], ids=["text", "references"])
+def test_a_fixed_seed_gives_the_same_picture_twice_and_after_reloading(
+    provider: str, with_references: bool, model_dirs: dict[str, Path], references: list[ReferenceImage]
+) -> None:
+    chosen = references[:2] if with_references else []
+    generator = build(provider, model_dirs)
+    first = pixels(generator.generate(request(chosen, seed=7)).image)
+    assert np.array_equal(first, pixels(generator.generate(request(chosen, seed=7)).image))
+    assert not np.array_equal(first, pixels(generator.generate(request(chosen, seed=8)).image))
+    runtime.clear_cache()
+    reloaded = build(provider, model_dirs)
+    assert reloaded._pipe is not generator._pipe  # type: ignore[attr-defined]
+    assert np.array_equal(first, pixels(reloaded.generate(request(chosen, seed=7)).image))
+
+
+# --- OmniGen: references as numbered image tokens -----------------------------------------------------
+
+
+def test_omnigen_gets_the_references_in_order_with_one_numbered_token_each(
+    model_dirs: dict[str, Path], references: list[ReferenceImage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = spy(monkeypatch, OmniGenPipeline)
+    encoded = spy(monkeypatch, OmniGenPipeline, "encode_input_images")
+    chosen = [references[0], references[2], references[3]]
+    result = build("omnigen", model_dirs).generate(request(chosen))
+
+    (call,) = calls
+    assert same_pictures(call["input_images"], chosen)
+    assert call["prompt"] == result.prompt_used
+    assert re.findall(r"<img><\|image_(\d+)\|></img>", result.prompt_used) == ["1", "2", "3"]
+    assert result.prompt_used == (
+        "According to these examples of concept 1, concept 3, concept 4: <img><|image_1|></img>, "
+        f"<img><|image_2|></img>, <img><|image_3|></img>, generate {PROMPT}"
+    )
+    # The pictures reach the VAE: the conditional branch and the image-guidance branch encode all three.
+    (encoding,) = encoded
+    assert len(encoding["args"][0]) == 2 * len(chosen)
+    assert result.notes == ()
+
+
+def test_omnigen_takes_three_of_four_references_by_score_and_says_which_it_dropped(
+    model_dirs: dict[str, Path], references: list[ReferenceImage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = spy(monkeypatch, OmniGenPipeline)
+    generator = build("omnigen", model_dirs)
+    result = generator.generate(request(references))
+
+    assert generator.max_references == 3
+    assert same_pictures(calls[0]["input_images"], [references[0], references[2], references[3]])
+    assert result.prompt_used.count("<img><|image_") == 3
+    (note,) = result.notes
+    assert "at most 3 references" in note and "ref2.png (0.100)" in note
+
+
+def test_references_change_the_omnigen_picture(model_dirs: dict[str, Path], references: list[ReferenceImage]) -> None:
+    generator = build("omnigen", model_dirs)
+    plain = pixels(generator.generate(request()).image)
+    assert not np.array_equal(plain, pixels(generator.generate(request(references[:2])).image))
+
+
+# --- SDXL + IP-Adapter: every reference to one adapter, at the set scale -----------------------------
+
+
+def ip_adapter_scales(pipe: Any) -> set[float]:
+    """The scales set on the pipeline's IP-Adapter attention layers (one list per layer, one adapter)."""
+    scales = [p.scale for p in pipe.unet.attn_processors.values() if hasattr(p, "scale")]
+    assert scales and all(len(s) == 1 for s in scales)
+    return {s[0] for s in scales}
+
+
+def test_sdxl_ip_adapter_gets_every_reference_for_one_adapter_at_the_set_scale(
+    model_dirs: dict[str, Path], references: list[ReferenceImage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = spy(monkeypatch, StableDiffusionXLPipeline)
+    embeds = spy(monkeypatch, StableDiffusionXLPipeline, "prepare_ip_adapter_image_embeds")
+    chosen = references[:3]
+    generator = build("sdxl-ip-adapter", model_dirs, ip_adapter_scale=0.7)
+    result = generator.generate(request(chosen))
+
+    (call,) = calls
+    (adapter_images,) = call["ip_adapter_image"]  # one adapter ...
+    assert same_pictures(adapter_images, chosen)  # ... given all three pictures, in order
+    assert ip_adapter_scales(call["self"]) == {0.7}
+    concepts = "concept 1, concept 2, concept 3"
+    assert call["prompt"] == result.prompt_used
+    assert (
+        result.prompt_used == f"According to these examples of {concepts}: image 1, image 2, image 3, generate {PROMPT}"
+    )
+    assert call["negative_prompt"] == sdxl_ip_adapter.PAPER_NEGATIVE_PROMPT
+    # The image encoder turned them into one adapter's embeddings: (guidance batch, 3 pictures, tokens, width).
+    (embedding,) = embeds
+    (adapter_embeds,) = embedding["returned"]
+    assert adapter_embeds.shape[:2] == (2, 3)
+
+
+def test_sdxl_ip_adapter_scale_steers_the_picture(
+    model_dirs: dict[str, Path], references: list[ReferenceImage]
+) -> None:
+    generator = build("sdxl-ip-adapter", model_dirs)
+    weak = build("sdxl-ip-adapter", model_dirs, ip_adapter_scale=0.1)
+    assert weak._pipe is generator._pipe  # type: ignore[attr-defined]  # one pipeline, the scale is per call
+    assert not np.array_equal(
+        pixels(generator.generate(request(references[:2])).image), pixels(weak.generate(request(references[:2])).image)
+    )
+
+
+def test_sdxl_drafts_run_the_adapter_at_scale_zero_which_is_plain_sdxl(
+    model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = spy(monkeypatch, StableDiffusionXLPipeline)
+    with_adapter = sdxl_ip_adapter.SDXLIPAdapterGenerator(
+        str(model_dirs["sdxl"]),
+        ip_adapter=str(model_dirs["ip-adapter"]),
+        ip_adapter_weight=IP_ADAPTER_WEIGHT,
+        ip_adapter_image_encoder=IP_ADAPTER_IMAGE_ENCODER,
+        negative_prompt=None,
+    )
+    draft = with_adapter.generate(request())
+    assert ip_adapter_scales(calls[0]["self"]) == {0.0}
+    plain = build("diffusers", model_dirs).generate(request())
+    assert np.array_equal(pixels(draft.image), pixels(plain.image))
+
+
+# --- FLUX: references through Redux --------------------------------------------------------------------
+
+
+def test_flux_sends_every_reference_through_redux_with_equal_weights(
+    model_dirs: dict[str, Path], references: list[ReferenceImage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    priors = spy(monkeypatch, FluxPriorReduxPipeline)
+    calls = spy(monkeypatch, FluxPipeline)
+    chosen = references[:3]
+    generator = build("flux", model_dirs)
+    result = generator.generate(request(chosen))
+
+    (prior,) = priors
+    assert same_pictures(prior["image"], chosen)
+    assert prior["prompt"] == result.prompt_used
+    assert prior["prompt_embeds_scale"] == pytest.approx([1 / 3] * 3)
+    (call,) = calls
+    assert call.get("prompt") is None
+    # The prompt's T5 tokens (512) followed by the references' image tokens (16 for the tiny SigLIP).
+    assert call["prompt_embeds"].shape[:2] == (1, 512 + 16)
+    text_only = pixels(generator.generate(request()).image)
+    assert not np.array_equal(text_only, pixels(result.image))
+
+
+def test_flux_without_redux_draws_from_text_and_notes_the_references_it_left_out(
+    model_dirs: dict[str, Path], references: list[ReferenceImage]
+) -> None:
+    generator = build("flux", model_dirs, flux_redux="none")
+    result = generator.generate(request(references[:2]))
+    assert generator.max_references == 0
+    assert result.prompt_used == PROMPT
+    assert result.notes == (f"{generator.model_id} draws from text alone: left out 2 reference(s)",)
+
+
+def test_a_text_to_image_pipeline_leaves_references_out_with_a_note(
+    model_dirs: dict[str, Path], references: list[ReferenceImage]
+) -> None:
+    result = build("diffusers", model_dirs).generate(request(references[:1]))
+    assert result.prompt_used == PROMPT
+    assert result.notes and "draws from text alone" in result.notes[0]
+
+
+# --- one load per process --------------------------------------------------------------------------------
+
+
+def _count_loads(monkeypatch: pytest.MonkeyPatch, cls: type) -> list[Any]:
+    loads: list[Any] = []
+    original: Callable[..., Any] = cls.from_pretrained  # type: ignore[attr-defined]
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        loads.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cls, "from_pretrained", counting)
+    return loads
+
+
+@pytest.mark.parametrize(("provider", "cls"), [("omnigen", OmniGenPipeline), ("flux", FluxPriorReduxPipeline)])
+def test_a_pipeline_loads_once_across_calls_and_backend_objects(
+    provider: str, cls: type, model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime.clear_cache()
+    loads = _count_loads(monkeypatch, cls)
+    first, second = build(provider, model_dirs), build(provider, model_dirs)
+    for generator in (first, second, first):
+        generator.generate(request())
+    assert len(loads) == 1
+    assert first._pipe is second._pipe  # type: ignore[attr-defined]
+
+
+# --- bad input ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("provider", "model", "changes", "missing"),
+    [
+        ("omnigen", "imageloop-test/no-such-omnigen", {}, "imageloop-test/no-such-omnigen"),
+        ("flux", "imageloop-test/no-such-flux", {}, "imageloop-test/no-such-flux"),
+        ("diffusers", "imageloop-test/no-such-pipeline", {}, "imageloop-test/no-such-pipeline"),
+        ("sdxl-ip-adapter", None, {"ip_adapter": "imageloop-test/no-such-adapter"}, "imageloop-test/no-such-adapter"),
+        ("flux", None, {"flux_redux": "imageloop-test/no-such-redux"}, "imageloop-test/no-such-redux"),
+    ],
+)
+def test_a_model_missing_offline_fails_fast_saying_how_to_get_it(
+    provider: str,
+    model: str | None,
+    changes: dict[str, str],
+    missing: str,
+    model_dirs: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # The hub reads the variable once, at import; without this a missing model costs minutes of retries.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(
+        ConfigError, match=rf"'{missing}' is not available: HF_HUB_OFFLINE is set.*hf download {missing}"
+    ):
+        build(provider, model_dirs, model, **changes)
+
+
+def test_a_missing_local_directory_is_named_as_such(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"no-such-dir: no such directory"):
+        build("omnigen", model_dirs, str(tmp_path / "no-such-dir"))
+
+
+def test_offload_without_a_cuda_device_is_refused_before_loading(model_dirs: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match=r"--offload .* CUDA GPU; the device is cpu"):
+        GENERATOR_PROVIDERS["omnigen"](
+            str(model_dirs["omnigen"]), Endpoint(), Placement(device="cpu", offload=True), options(model_dirs)
+        )
+
+
+@pytest.mark.parametrize(
+    ("provider", "cls"), [("omnigen", OmniGenPipeline), ("sdxl-ip-adapter", StableDiffusionXLPipeline)]
+)
+def test_running_out_of_gpu_memory_names_the_size_dtype_and_offload_knobs(
+    provider: str, cls: type, model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generator = build(provider, model_dirs)
+
+    def out_of_memory(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)")
+
+    monkeypatch.setattr(cls, "__call__", out_of_memory)
+    with pytest.raises(ImageloopError) as raised:
+        generator.generate(request())
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(f"out of GPU memory while generating 64x64 with {generator.model_id}: ")
+    assert "--size" in message and "--dtype" in message and "--offload" in message
+
+
+# --- the tiny: providers and the settings --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["omnigen", "sdxl-ip-adapter", "flux", "sd"])
+def test_tiny_generators_draw_noise_in_seconds_and_say_so(
+    name: str,
+    tiny_cache: Path,
+    references: list[ReferenceImage],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(imageloop.tiny, "_noticed", False)
+    generator = make_generator(load_settings(overrides={"generator": f"tiny:{name}"}))
+    result = generator.generate(GenerationRequest(PROMPT, tuple(references[:2]), seed=0))
+    assert result.image.size == (64, 64)
+    assert imageloop.tiny.NOISE_NOTICE in capsys.readouterr().err
+
+
+def test_an_unknown_tiny_generator_lists_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match="tiny:omnigen, tiny:sdxl-ip-adapter, tiny:flux, tiny:sd"):
+        make_generator(load_settings(overrides={"generator": "tiny:kandinsky"}))
+
+
+def test_the_settings_default_to_the_papers_ip_adapter_and_the_backends_agree() -> None:
+    defaults = GeneratorOptions.of(Settings())
+    assert defaults == GeneratorOptions(
+        guidance_scale=None,
+        ip_adapter=sdxl_ip_adapter.DEFAULT_IP_ADAPTER,
+        ip_adapter_weight=sdxl_ip_adapter.DEFAULT_IP_ADAPTER_WEIGHT,
+        ip_adapter_image_encoder=sdxl_ip_adapter.DEFAULT_IP_ADAPTER_IMAGE_ENCODER,
+        ip_adapter_scale=sdxl_ip_adapter.DEFAULT_IP_ADAPTER_SCALE,
+        flux_redux=flux.DEFAULT_REDUX,
+    )
+    assert (defaults.ip_adapter, defaults.ip_adapter_scale) == ("h94/IP-Adapter", 0.5)
+    assert defaults.ip_adapter_weight == "sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors"
+    assert (omnigen.DEFAULT_GUIDANCE_SCALE, omnigen.DEFAULT_IMAGE_GUIDANCE_SCALE) == (2.5, 1.6)
+
+
+def test_generator_options_come_from_the_command_line() -> None:
+    args = build_parser().parse_args(
+        ["generate", PROMPT, "--index", "idx", "--out", "run", "--generator", "sdxl-ip-adapter:my/sdxl",
+         "--ip-adapter", "./adapters/ip", "--ip-adapter-weight", "ip.safetensors", "--ip-adapter-image-encoder",
+         "encoder", "--ip-adapter-scale", "0.8", "--guidance-scale", "4", "--flux-redux", "none"]
+    )  # fmt: skip
+    assert GeneratorOptions.of(_settings(args)) == GeneratorOptions(
+        4.0, "./adapters/ip", "ip.safetensors", "encoder", 0.8, None
+    )
