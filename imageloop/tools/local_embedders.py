@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from imageloop.errors import ConfigError, ImageloopError
+from imageloop.errors import ConfigError
 from imageloop.protocols import Vector
 from imageloop.runtime import device_lock, explain_load_failure, load_cached, pick_device, pick_dtype
 
@@ -196,8 +196,6 @@ def _load_open_clip(name: str, pretrained: str | None, device: str, dtype: torch
         )
         tokenizer = open_clip.get_tokenizer(name)
         config = open_clip.get_model_config(name)
-    except ImageloopError:
-        raise
     except Exception as e:
         raise explain_load_failure(_open_clip_source(name, pretrained), e) from e
     model.eval()
@@ -256,8 +254,9 @@ def tiny_clip_embedder(device: str | None = None, dtype: str | None = None) -> O
 
 # --- transformers ------------------------------------------------------------------------------
 
-# Which class holds the joint image-text space of each checkpoint family. A BLIP retrieval checkpoint
-# (architectures: BlipForImageTextRetrieval) keeps it in vision_proj/text_proj, not in BlipModel.
+# Checkpoint families with one joint image-text space. BLIP's lives in BlipModel's projections, or, in
+# retrieval checkpoints (architectures: BlipForImageTextRetrieval), in their ITC vision_proj/text_proj.
+# BLIP-2 is left out: its image side is 32 query vectors scored by their maximum, not one vector.
 _TRANSFORMERS_FAMILIES = ("clip", "siglip", "blip")
 
 
