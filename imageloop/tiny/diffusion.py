@@ -41,8 +41,9 @@ def _seeded() -> Iterator[None]:
     """Torch draws from `TINY_SEED` inside, without disturbing the caller's random state."""
     import torch
 
+    # Weights are made on the CPU: seed (and restore) its generator only, never the GPUs'.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
+        torch.default_generator.manual_seed(TINY_SEED)
         yield
 
 
