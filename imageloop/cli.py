@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ def _size(text: str) -> tuple[int, int]:
 def _role_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("models (PROVIDER:MODEL; see README for providers)")
-    group.add_argument("--profile", help="defaults for every role: openai")
+    group.add_argument("--profile", help="defaults for every role: openai, local or tiny")
     for role, example in [
         ("vlm", "openai:gpt-4.1-mini"),
         ("generator", "openai:gpt-image-1"),
@@ -75,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("folder", type=Path, help="folder of images; the index is written to FOLDER/.imageloop")
     index.add_argument("--batch-size", type=int, default=32, help="images embedded per batch (default 32)")
     index.add_argument("--json", action="store_true", help='print {"indexed", "skipped", "failed", "total"} last')
+    stores = index.add_argument_group("vector store (a new index; an existing one keeps its own)")
+    stores.add_argument("--store", choices=["embedded", "weaviate"], help="default embedded: FOLDER/.imageloop")
+    stores.add_argument("--weaviate-url", metavar="URL", help="e.g. http://localhost:8080 or https://ID.weaviate.cloud")
+    stores.add_argument("--weaviate-api-key", metavar="KEY", help="default: WEAVIATE_API_KEY (never written to disk)")
+
+    index_info = commands.add_parser("index-info", help="show what an index holds and what built it")
+    index_info.add_argument("index", type=Path, metavar="INDEX", help="an indexed image folder (or its .imageloop)")
+    index_info.add_argument("--json", action="store_true", help='print {"count", "embedder", "dim", "store"}')
 
     generate = commands.add_parser("generate", parents=[roles], help="run ImageRAG for a prompt")
     generate.add_argument("prompt")
@@ -153,20 +162,51 @@ def _index(args: argparse.Namespace) -> int:
     settings = _settings(args)
     embedder = make_embedder(settings)
     captioner: VLMCaptioner | None = None
+    captioner_lock = threading.Lock()
 
     def caption(path: Path) -> str:
         # Built on first use: a folder whose images all have sidecar captions needs no VLM at all.
+        # The indexer captions from several threads; the lock builds the VLM once.
         nonlocal captioner
-        if captioner is None:
-            captioner = VLMCaptioner(make_vlm(settings, "captioner"))
+        with captioner_lock:
+            if captioner is None:
+                captioner = VLMCaptioner(make_vlm(settings, "captioner"))
         return captioner(path)
 
-    summary = index_folder(args.folder, embedder, caption, batch_size=args.batch_size, progress=True)
+    # Caption route: the index sees images only through captions, so every image needs one (a sidecar,
+    # else the captioner, by default the VLM). Image route: captions are extras; sidecars are read and a
+    # VLM is asked only when --captioner names one, since captioning a whole folder costs a model call each.
+    wants_captioner = not embedder.embeds_images or settings.captioner is not None
+    summary = index_folder(
+        args.folder, embedder, caption if wants_captioner else None, batch_size=args.batch_size, progress=True,
+        store=settings.store,
+        weaviate_url=settings.weaviate_url, weaviate_api_key=settings.weaviate_api_key,
+        weaviate_grpc_port=settings.weaviate_grpc_port,
+    )  # fmt: skip
     for path, reason in summary.failures:
         _err(f"skipped {path}: {reason}")
     _err(f"indexed {summary.indexed}, skipped {summary.skipped}, failed {summary.failed} of {summary.total}")
     if args.json:
         print(json.dumps(summary.to_json()))
+    return 0
+
+
+def _index_info(args: argparse.Namespace) -> int:
+    from imageloop.tools.image_index import open_index
+
+    index = open_index(args.index)
+    try:
+        count = index.count()
+    finally:
+        index.close()
+    if args.json:
+        # "store" is the kind (embedded, weaviate); a Weaviate index adds its url and collection.
+        info = {"count": count, "embedder": index.embedder_id, "dim": index.dim, **index.location.to_json()}
+        print(json.dumps({**info, "route": index.route, "root": str(index.root)}))
+    else:
+        print(f"{index.root}: {count} images")
+        print(f"  embedder: {index.embedder_id} ({index.dim}-d, {index.route} route)")
+        print(f"  store:    {index.location.describe()}")
     return 0
 
 
@@ -254,7 +294,15 @@ def _mcp(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"index": _index, "generate": _generate, "search": _search, "eval": _eval, "report": _report, "mcp": _mcp}
+COMMANDS = {
+    "index": _index,
+    "index-info": _index_info,
+    "generate": _generate,
+    "search": _search,
+    "eval": _eval,
+    "report": _report,
+    "mcp": _mcp,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -265,8 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImageloopError as e:
         _err(f"imageloop: error: {e}")
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        _err("imageloop: interrupted; finished work is saved, re-run to continue")
+    except KeyboardInterrupt as e:
+        # The indexer's interrupt says how much its committed batches saved.
+        _err(f"imageloop: interrupted; {str(e) or 'finished work is saved'}, re-run to continue")
         return EXIT_INTERRUPTED
 
 

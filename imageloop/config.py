@@ -93,6 +93,12 @@ class Settings(BaseModel):
     flux_redux: str = Field(
         "black-forest-labs/FLUX.1-Redux-dev", description="flux: the Redux prior that takes references; none: text only"
     )
+    store: Literal["embedded", "weaviate"] | None = Field(
+        None, description="where a new index keeps its vectors (default embedded); an existing index keeps its own"
+    )
+    weaviate_url: str | None = Field(None, description="Weaviate server for --store weaviate (http://HOST:8080)")
+    weaviate_api_key: str | None = Field(None, description="Weaviate API key (else WEAVIATE_API_KEY); never written")
+    weaviate_grpc_port: int | None = Field(None, ge=1, le=65535, description="Weaviate's gRPC port (default 50051)")
 
     def role_spec(self, role: Role) -> RoleSpec:
         """The role's `PROVIDER:MODEL`, or a ConfigError saying how to choose one."""
