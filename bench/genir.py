@@ -120,7 +120,7 @@ def eval_throughput(
         graph = build_genir_graph(ScriptedVLM([lambda _: TURN] * (n * rounds)), ScriptedGenerator(), retriever,
                                   ArtifactStore(out / "artifacts"))  # fmt: skip
         started = time.perf_counter()
-        evaluate_targets(graph, targets, out, rounds=rounds, k=10, feedback="visual", rank_depth=100, seed=0,
+        evaluate_targets(graph, targets, out, rounds=rounds, k=10, feedback="visual", rank_depth=100,
                          concurrency=workers)  # fmt: skip
         results[name] = n / (time.perf_counter() - started)
     return results

@@ -62,9 +62,19 @@ def _role_options() -> argparse.ArgumentParser:
     return parent
 
 
+def _drawing_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("drawing")
+    group.add_argument("--seed", type=int, help="generator seed (default 0)")
+    group.add_argument("--size", type=_size, help="WIDTHxHEIGHT, e.g. 1024x1024 (default per backend)")
+    group.add_argument("--steps", type=int, help="denoising steps for diffusion backends (default per backend)")
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (exposed for docs and tests)."""
     roles = _role_options()
+    drawing = _drawing_options()
     parser = argparse.ArgumentParser(
         prog="imageloop",
         description="Retrieval-augmented image generation and generative image retrieval as LangGraph loops.",
@@ -85,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     index_info.add_argument("index", type=Path, metavar="INDEX", help="an indexed image folder (or its .imageloop)")
     index_info.add_argument("--json", action="store_true", help='print {"count", "embedder", "dim", "store"}')
 
-    generate = commands.add_parser("generate", parents=[roles], help="run ImageRAG for a prompt")
+    generate = commands.add_parser("generate", parents=[roles, drawing], help="run ImageRAG for a prompt")
     generate.add_argument("prompt")
     generate.add_argument("--index", type=Path, required=True, help="an indexed image folder")
     generate.add_argument("--out", type=Path, required=True, help="run directory for images and run.json")
@@ -94,12 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--similarity-threshold", type=float, help="drop references below this cosine")
     generate.add_argument("--top-k", type=int, help="references retrieved per missing concept (default 1)")
     generate.add_argument("--max-concepts", type=int, help="missing concepts per critique (default 3)")
-    generate.add_argument("--seed", type=int, help="generator seed (default 0)")
-    generate.add_argument("--size", type=_size, help="WIDTHxHEIGHT, e.g. 1024x1024")
-    generate.add_argument("--steps", type=int, help="denoising steps for diffusion backends")
     generate.add_argument("--json", action="store_true", help="print run.json to stdout when done")
 
-    search = commands.add_parser("search", parents=[roles], help="find an image you have in mind, round by round")
+    search = commands.add_parser(
+        "search", parents=[roles, drawing], help="find an image you have in mind, round by round"
+    )
     search.add_argument("--index", type=Path, required=True, help="an indexed image folder")
     search.add_argument("--query", help="what you are looking for (asked for when missing)")
     search.add_argument("--rounds", type=int, default=10, help="at most this many rounds (default 10)")
@@ -111,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="benchmark a loop")
     loops = evaluate.add_subparsers(dest="loop", required=True, metavar="LOOP")
-    genir = loops.add_parser("genir", parents=[roles], help="simulated-user GenIR: cumulative Hits@K per round")
+    genir = loops.add_parser(
+        "genir", parents=[roles, drawing], help="simulated-user GenIR: cumulative Hits@K per round"
+    )
     genir.add_argument("--index", type=Path, required=True, help="an indexed image folder")
     genir.add_argument("--targets", type=Path, required=True, help="a folder of target images or a file of paths")
     genir.add_argument("--rounds", type=int, default=5, help="rounds per target (default 5)")

@@ -64,7 +64,7 @@ from imageloop.agents.captioner import VLMCaptioner
 from imageloop.backends import make_embedder, make_generator, make_vlm
 from imageloop.config import Settings
 from imageloop.errors import ConfigError, ImageloopError
-from imageloop.graphs.genir import FeedbackKind, GenIRState, build_genir_graph
+from imageloop.graphs.genir import FeedbackKind, GenIRState, build_genir_graph, drawing_knobs
 from imageloop.graphs.steps import Step
 from imageloop.runs import RUN_RECORD, run_imagerag, write_json_atomic
 from imageloop.search_session import resolve_found
@@ -697,7 +697,9 @@ class ImageloopMCP:
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         write_json_atomic(self._session_dir(session_id) / SESSION_FILE, meta)
-        inputs: GenIRState = {"query": query, "max_rounds": max_rounds, "k": k, "feedback": feedback}
+        inputs: GenIRState = {
+            "query": query, "max_rounds": max_rounds, "k": k, "feedback": feedback, **drawing_knobs(self.settings)
+        }  # fmt: skip
         return self._genir_job(session_id, meta, inputs)
 
     def genir_show(self, session_id: str) -> dict[str, Any] | Job:

@@ -28,7 +28,14 @@ from langgraph.types import Command
 from imageloop.backends import make_embedder, make_generator, make_vlm
 from imageloop.config import Settings
 from imageloop.errors import ImageloopError
-from imageloop.graphs.genir import FOUND_PREFIX, FeedbackKind, GenIRState, build_genir_graph, parse_found
+from imageloop.graphs.genir import (
+    FOUND_PREFIX,
+    FeedbackKind,
+    GenIRState,
+    build_genir_graph,
+    drawing_knobs,
+    parse_found,
+)
 from imageloop.runs import write_json_atomic
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tools.image_index import open_index
@@ -103,7 +110,9 @@ def run_search_session(
                 return _summary(thread_id, snapshot.values)
             command: Any = Command(resume=_ask_round(pending[0], artifacts, out_dir, ask, show))
         else:
-            inputs: GenIRState = {"query": str(query), "max_rounds": rounds, "k": k, "feedback": feedback}
+            inputs: GenIRState = {
+                "query": str(query), "max_rounds": rounds, "k": k, "feedback": feedback, **drawing_knobs(settings)
+            }  # fmt: skip
             command = inputs
             show(f"session {thread_id} (resume with --resume {thread_id})")
         while True:
@@ -201,7 +210,9 @@ def start_search(
     session = SearchSession(
         thread_id, Path(index_path).resolve(), (out_dir or runs_dir / f"search-{thread_id}").resolve(), feedback
     )
-    inputs: GenIRState = {"query": query, "max_rounds": rounds, "k": k, "feedback": feedback}
+    inputs: GenIRState = {
+        "query": query, "max_rounds": rounds, "k": k, "feedback": feedback, **drawing_knobs(settings)
+    }  # fmt: skip
     with _session_graph(session, settings, sessions_db, new=True) as graph:
         return _play(graph, session, inputs)
 

@@ -23,7 +23,13 @@ from imageloop.backends import make_embedder, make_generator, make_vlm
 from imageloop.config import Settings
 from imageloop.errors import ImageloopError
 from imageloop.eval.metrics import cumulative_hits_at_k, mean_best_rank, per_round_hits_at_k
-from imageloop.graphs.genir import FEEDBACK_KINDS, FeedbackKind, GenIRState, build_genir_graph
+from imageloop.graphs.genir import (
+    FEEDBACK_KINDS,
+    FeedbackKind,
+    GenIRState,
+    build_genir_graph,
+    drawing_knobs,
+)
 from imageloop.runs import write_json_atomic
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tools.batching import BatchingEmbedder
@@ -140,7 +146,7 @@ def evaluate_targets(
     k: int,
     feedback: FeedbackKind,
     rank_depth: int,
-    seed: int | None,
+    drawing: GenIRState | None = None,
     concurrency: int = 1,
     on_target: Callable[[int, int], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
@@ -159,7 +165,7 @@ def evaluate_targets(
             "max_rounds": rounds,
             "k": k,
             "rank_depth": rank_depth,
-            "seed": seed,
+            **(drawing or {}),
         }
         state = graph.invoke(inputs, version="v2").value
         return _dialogue_record(target, state, artifacts)
@@ -228,7 +234,7 @@ def run_genir_eval(
     )
     done = evaluate_targets(
         graph, targets, out_dir, rounds=rounds, k=k, feedback=feedback, rank_depth=rank_depth,
-        seed=settings.seed, concurrency=concurrency, on_target=on_target,
+        drawing=drawing_knobs(settings), concurrency=concurrency, on_target=on_target,
     )  # fmt: skip
     wanted = {t.id for t in targets}
     summary = summarise((r for target_id, r in done.items() if target_id in wanted), eval_settings)

@@ -26,6 +26,7 @@ from langgraph.types import Checkpointer, interrupt
 
 from imageloop.agents.query_refiner import QueryRefiner
 from imageloop.agents.simulated_user import ShownKind, SimulatedUser
+from imageloop.config import Settings
 from imageloop.errors import MalformedOutputError
 from imageloop.graphs.steps import Step, step
 from imageloop.protocols import GenerationRequest, ImageGenerator, RetrievedImage, VisionLanguageModel
@@ -83,6 +84,8 @@ class GenIRState(TypedDict, total=False):
     rank_depth: int
     hybrid_threshold: float
     seed: int | None
+    size: tuple[int, int] | None
+    steps_per_image: int | None
 
     round: int
     shown_kind: ShownKind
@@ -107,7 +110,14 @@ DEFAULTS: dict[str, Any] = {
     "rank_depth": 1000,
     "hybrid_threshold": 0.9,
     "seed": 0,
+    "size": None,
+    "steps_per_image": None,
 }
+
+
+def drawing_knobs(settings: Settings) -> GenIRState:
+    """The GenIR inputs that say how synthetic images are drawn, from the run's settings."""
+    return {"seed": settings.seed, "size": settings.size, "steps_per_image": settings.steps}
 
 
 # Routing: pure functions of state.
@@ -218,7 +228,10 @@ class _Nodes:
         """Draw what the system understood from the query."""
         started = time.perf_counter()
         assert self.generator is not None  # prepare refuses visual feedback without one
-        result = self.generator.generate(GenerationRequest(prompt=state["query"], seed=state["seed"]))
+        request = GenerationRequest(
+            prompt=state["query"], seed=state["seed"], size=state["size"], steps=state["steps_per_image"]
+        )
+        result = self.generator.generate(request)
         artifact = self.artifacts.put(result.image)
         record = step("generate_synthetic", state["round"], "drew the query", started, artifact=artifact)
         return {"synthetic_image": artifact, "steps": [record]}
