@@ -32,7 +32,6 @@ import logging
 import os
 import signal
 import socket
-import sqlite3
 import sys
 import threading
 import time
@@ -42,15 +41,12 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, BinaryIO, Literal
 
 import anyio
 import anyio.to_thread
-from langgraph.checkpoint.sqlite import SqliteSaver
-from langgraph.types import Command
 from mcp.server.fastmcp import Context, FastMCP
 from mcp.server.fastmcp.exceptions import ToolError
 from mcp.server.stdio import stdio_server
@@ -64,11 +60,17 @@ from imageloop.agents.captioner import VLMCaptioner
 from imageloop.backends import make_embedder, make_generator, make_vlm
 from imageloop.config import Settings
 from imageloop.errors import ConfigError, ImageloopError
-from imageloop.graphs.genir import FeedbackKind, GenIRState, build_genir_graph, drawing_knobs
+from imageloop.graphs.genir import FeedbackKind
 from imageloop.graphs.steps import Step
 from imageloop.runs import RUN_RECORD, run_imagerag, write_json_atomic
-from imageloop.search_session import resolve_found
-from imageloop.tools.artifacts import ArtifactStore
+from imageloop.search_session import (
+    OnStep,
+    SearchSession,
+    continue_search,
+    load_search_session,
+    show_search,
+    start_search,
+)
 from imageloop.tools.image_index import open_index
 from imageloop.tools.images import open_image, png_bytes
 from imageloop.tools.indexer import index_folder
@@ -103,7 +105,6 @@ HEARTBEAT_S = 10.0
 
 RUN_ID = r"^[0-9a-f]{12}$"
 STATUS_FILE = "status.json"
-SESSION_FILE = "session.json"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 SCHEMES = ("http", "https")
 
@@ -459,6 +460,7 @@ class ImageloopMCP:
         self.gate = ModelGate()
         self._retrievers: dict[tuple[Path, str], Retriever] = {}
         self._lock = threading.Lock()
+        self.sessions_db = self.runs_dir / "sessions.sqlite"
         self._session_runs: dict[str, str] = {}
 
     # Backends and indexes, built once per process.
@@ -605,80 +607,45 @@ class ImageloopMCP:
 
         return self.jobs.submit("generate", work, run_root=self.runs_dir)
 
-    # GenIR sessions: a LangGraph thread in RUNS/sessions.sqlite, its files in RUNS/sessions/<id>/.
+    # GenIR sessions: the library's search sessions (imageloop.search_session), kept in RUNS/sessions.sqlite
+    # with their files in RUNS/search-<id>/; each round plays as a background run.
 
-    def _session_dir(self, session_id: str) -> Path:
-        return self.runs_dir / "sessions" / session_id
-
-    def _session_meta(self, session_id: str) -> dict[str, Any]:
-        path = self._session_dir(session_id) / SESSION_FILE
-        if not path.is_file():
-            raise ImageloopError(f"no GenIR session {session_id!r}: start one with genir_round")
-        meta: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-        return meta
-
-    @contextmanager
-    def _genir_graph(self, session_id: str, meta: dict[str, Any]) -> Iterator[tuple[Any, dict[str, Any]]]:
-        folder = self.roots.resolve(meta["index"], "index", kind="dir")
-        feedback: FeedbackKind = meta["feedback"]
-        generator = make_generator(self.settings) if feedback in ("visual", "hybrid") else None
-        artifacts = ArtifactStore(self._session_dir(session_id) / "artifacts")
-        conn = sqlite3.connect(self.runs_dir / "sessions.sqlite", timeout=30.0, check_same_thread=False)
-        try:
-            retriever: Any = self.retriever(folder)
-            graph = build_genir_graph(make_vlm(self.settings), generator, retriever, artifacts, SqliteSaver(conn))
-            yield graph, {"configurable": {"thread_id": session_id}}
-        finally:
-            conn.close()
-
-    def _genir_state(self, session_id: str, graph: Any, config: dict[str, Any]) -> dict[str, Any]:
-        """The session as the client sees it: the round awaiting feedback, or how it ended."""
-        snapshot = graph.get_state(config)
-        values = snapshot.values or {}
-        pending = [i.value for task in snapshot.tasks for i in task.interrupts]
-        base = {
-            "session_id": session_id,
-            "rounds_played": len(values.get("rounds", [])),
-            "found_id": values.get("found_id"),
-            "stop_reason": values.get("stop_reason"),
-        }
-        if pending:
-            payload = pending[0]
-            retrieved = [{"rank": rank, **hit} for rank, hit in enumerate(payload["retrieved"])]
-            return {
-                **base,
-                "state": "awaiting_feedback",
-                "round": payload["round"],
-                "query": payload["query"],
-                "feedback_kind": payload["feedback_kind"],
-                "synthetic_image": payload.get("synthetic_image"),
-                "retrieved": retrieved,
-                "ask": payload["ask"] + " (genir_feedback; 'found: <rank>' also works)",
-            }
-        state = "finished" if values.get("stop_reason") else "incomplete"
-        return {**base, "state": state, "query": values.get("query")}
-
-    def _genir_job(self, session_id: str, meta: dict[str, Any], command: Any) -> Job:
+    def _session(self, session_id: str) -> SearchSession:
+        """The session, refused if it is busy with a run or its index is no longer inside the roots."""
+        session = load_search_session(session_id, self.sessions_db)
+        self.roots.resolve(str(session.index), "index", kind="dir")
         with self._lock:
-            busy = self._session_runs.get(session_id)
-            running = self.jobs.get(busy) if busy else None
-            if running is not None and not running.done.is_set():
-                raise ServerBusyError(f"session {session_id} is busy with run {running.id}: poll get_run first")
+            self._refuse_busy(session_id)
+        return session
 
-            def work(job: Job) -> dict[str, Any]:
-                key = "generator" if meta["feedback"] in ("visual", "hybrid") else "vlm"
-                model = make_generator(self.settings) if key == "generator" else make_vlm(self.settings)
-                with self.gate.hold((key, id(model)), job, key), self._genir_graph(session_id, meta) as (graph, config):
-                    for chunk in graph.stream(command, config, stream_mode="updates"):
-                        for node, update in chunk.items():
-                            if isinstance(update, dict):
-                                for step in update.get("steps", []):
-                                    job.report(f"[{node}] {step['decision']}")
-                        job.check_cancelled()
-                    return self._genir_state(session_id, graph, config)
+    def _refuse_busy(self, session_id: str) -> None:
+        busy = self._session_runs.get(session_id)
+        running = self.jobs.get(busy) if busy else None
+        if running is not None and not running.done.is_set():
+            raise ServerBusyError(f"session {session_id} is busy with run {running.id}: poll get_run first")
 
+    def _genir_job(
+        self, session_id: str | None, feedback: FeedbackKind, play: Callable[[OnStep], dict[str, Any]]
+    ) -> Job:
+        """Run `play` (a library call reporting its steps) as a background run on the model it draws with."""
+
+        def work(job: Job) -> dict[str, Any]:
+            def on_step(step: Step) -> None:
+                job.report(f"[{step['node']}] {step['decision']}")
+                job.check_cancelled()
+
+            key = "generator" if feedback in ("visual", "hybrid") else "vlm"
+            model = make_generator(self.settings) if key == "generator" else make_vlm(self.settings)
+            with self.gate.hold((key, id(model)), job, key):
+                job.check_cancelled()
+                return _genir_view(play(on_step))
+
+        with self._lock:
+            if session_id is not None:
+                self._refuse_busy(session_id)
             job = self.jobs.submit("genir", work)
-            self._session_runs[session_id] = job.id
+            if session_id is not None:
+                self._session_runs[session_id] = job.id
             return job
 
     def start_genir(self, index: str, query: str, feedback: FeedbackKind, k: int, max_rounds: int) -> Job:
@@ -687,44 +654,38 @@ class ImageloopMCP:
             raise ImageloopError("query: a search starts from a description of the image")
         folder = self.roots.resolve(index, "index", kind="dir")
         self.retriever(folder)  # refuses a missing, empty or mismatched index now, not in the run
-        session_id = uuid.uuid4().hex[:12]
-        meta = {
-            "session_id": session_id,
-            "index": str(folder),
-            "feedback": feedback,
-            "k": k,
-            "max_rounds": max_rounds,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        write_json_atomic(self._session_dir(session_id) / SESSION_FILE, meta)
-        inputs: GenIRState = {
-            "query": query, "max_rounds": max_rounds, "k": k, "feedback": feedback, **drawing_knobs(self.settings)
-        }  # fmt: skip
-        return self._genir_job(session_id, meta, inputs)
+
+        def start(on_step: OnStep) -> dict[str, Any]:
+            return start_search(
+                folder, self.settings, query=query, rounds=max_rounds, k=k, feedback=feedback,
+                runs_dir=self.runs_dir, sessions_db=self.sessions_db, on_step=on_step,
+            )  # fmt: skip
+
+        return self._genir_job(None, feedback, start)
 
     def genir_show(self, session_id: str) -> dict[str, Any] | Job:
         """A session's current round; an interrupted session is continued in the background."""
-        meta = self._session_meta(session_id)
-        with self._genir_graph(session_id, meta) as (graph, config):
-            state = self._genir_state(session_id, graph, config)
-        if state["state"] == "incomplete":
-            return self._genir_job(session_id, meta, None)
-        return state
+        session = self._session(session_id)
+        shown = show_search(session_id, self.settings, sessions_db=self.sessions_db)
+        if shown["status"] == "incomplete":
+            return self._genir_job(session_id, session.feedback, functools.partial(self._continue, session_id, None))
+        return _genir_view(shown)
 
     def genir_feedback(self, session_id: str, feedback: str) -> Job:
         """Answer the session's pending question and run to the next one (or the end)."""
         if not feedback.strip():
             raise ImageloopError("feedback: describe what differs from the image you want, or 'found: <rank>'")
-        meta = self._session_meta(session_id)
-        with self._genir_graph(session_id, meta) as (graph, config):
-            state = self._genir_state(session_id, graph, config)
-        if state["state"] != "awaiting_feedback":
+        session = self._session(session_id)
+        shown = show_search(session_id, self.settings, sessions_db=self.sessions_db)
+        if shown["status"] != "awaiting_feedback":
             raise ImageloopError(
-                f"session {session_id} is {state['state']} ({state['stop_reason'] or 'no question pending'}); "
+                f"session {session_id} is {shown['status']} ({shown['stop_reason'] or 'no question pending'}); "
                 "start another with genir_round"
             )
-        answer = resolve_found(feedback, state["retrieved"])
-        return self._genir_job(session_id, meta, Command(resume=answer))
+        return self._genir_job(session_id, session.feedback, functools.partial(self._continue, session_id, feedback))
+
+    def _continue(self, session_id: str, answer: str | None, on_step: OnStep) -> dict[str, Any]:
+        return continue_search(session_id, answer, self.settings, sessions_db=self.sessions_db, on_step=on_step)
 
     # get_run
 
@@ -776,6 +737,27 @@ class ImageloopMCP:
             shown += [(f"#{hit['rank']} {hit['path']}", hit["path"]) for hit in result["retrieved"][:MAX_IMAGES]]
         content, _ = self._image_blocks(shown)
         return _result(view.model_dump(mode="json"), content, is_error=view.status == "error")
+
+
+def _genir_view(session: dict[str, Any]) -> dict[str, Any]:
+    """A library search session as genir_round/genir_feedback show it: ranked results, the ask naming the tool."""
+    view = {
+        "session_id": session["thread_id"],
+        "rounds_played": session["rounds_played"],
+        "found_id": session["found_id"],
+        "stop_reason": session["stop_reason"],
+        "state": session["status"],
+        "query": session.get("query", session["last_query"]),
+    }
+    if session["status"] == "awaiting_feedback":
+        view |= {
+            "round": session["round"],
+            "feedback_kind": session["feedback_kind"],
+            "synthetic_image": session["synthetic_image"],
+            "retrieved": [{"rank": rank, **hit} for rank, hit in enumerate(session["retrieved"])],
+            "ask": session["ask"] + " (genir_feedback; 'found: <rank>' also works)",
+        }
+    return view
 
 
 def _read_record(run_dir: Path) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ from typing import Any
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.graph.state import CompiledStateGraph
-from langgraph.types import Command
+from langgraph.types import Command, StateSnapshot
 
 from imageloop.backends import make_embedder, make_generator, make_vlm
 from imageloop.config import Settings
@@ -36,6 +36,7 @@ from imageloop.graphs.genir import (
     drawing_knobs,
     parse_found,
 )
+from imageloop.graphs.steps import Step
 from imageloop.runs import write_json_atomic
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tools.image_index import open_index
@@ -43,6 +44,7 @@ from imageloop.tools.retriever import Retriever
 
 Ask = Callable[[dict[str, Any]], str]
 Show = Callable[[str], None]
+OnStep = Callable[[Step], None]
 
 
 def default_sessions_db() -> Path:
@@ -197,6 +199,7 @@ def start_search(
     out_dir: Path | None = None,
     runs_dir: Path = Path("runs"),
     sessions_db: Path | None = None,
+    on_step: OnStep | None = None,
 ) -> dict[str, Any]:
     """Start a person's search and play its first round; returns the round to show (see `continue_search`).
 
@@ -214,28 +217,48 @@ def start_search(
         "query": query, "max_rounds": rounds, "k": k, "feedback": feedback, **drawing_knobs(settings)
     }  # fmt: skip
     with _session_graph(session, settings, sessions_db, new=True) as graph:
-        return _play(graph, session, inputs)
+        return _play(graph, session, inputs, on_step)
 
 
 def continue_search(
-    thread_id: str, answer: str, settings: Settings, *, sessions_db: Path | None = None
+    thread_id: str,
+    answer: str | None,
+    settings: Settings,
+    *,
+    sessions_db: Path | None = None,
+    on_step: OnStep | None = None,
 ) -> dict[str, Any]:
     """Answer the pending round of a session and play the next one.
 
     `answer` says what differs from the wanted image, or `found: N` (a listed position or an id prefix).
-    Returns `status` "awaiting_feedback" with the round to show (`round`, `query`, `synthetic_image`,
-    `retrieved`, `page`, `ask`), or "finished" with `stop_reason`, `found_id`, `found_path` and `last_round`.
+    A round cut off mid-way (status "incomplete": the process died, or `on_step` raised) is played on
+    and shown instead, since the answer cannot be about a round nobody saw; `answer=None` does only that.
+    Returns what `show_search` returns after the play; a finished session is shown as is.
     """
-    if not answer.strip():
+    if answer is not None and not answer.strip():
         raise ImageloopError("empty feedback: say what differs from the image you want, or 'found: N'")
     session = load_search_session(thread_id, sessions_db)
     with _session_graph(session, settings, sessions_db, new=False) as graph:
-        config = _config(thread_id)
-        snapshot = graph.get_state(config)
-        pending = [i.value for task in snapshot.tasks for i in task.interrupts]
-        if not pending:
-            return _finished(session, dict(snapshot.values))
-        return _play(graph, session, Command(resume=resolve_found(answer, pending[0]["retrieved"])))
+        snapshot = graph.get_state(_config(thread_id))
+        pending = _pending(snapshot)
+        if pending is None and snapshot.next:
+            return _play(graph, session, None, on_step)
+        if answer is None or pending is None:
+            return _shown(session, snapshot)
+        return _play(graph, session, Command(resume=resolve_found(answer, pending["retrieved"])), on_step)
+
+
+def show_search(thread_id: str, settings: Settings, *, sessions_db: Path | None = None) -> dict[str, Any]:
+    """A session as it stands, without playing anything: its pending round, how it ended, or "incomplete".
+
+    Every answer has `thread_id`, `status`, `stop_reason`, `found_id`, `rounds_played`, `last_query` and
+    `out_dir`. Status "awaiting_feedback" adds the round to show (`round`, `query`, `feedback_kind`,
+    `synthetic_image`, `retrieved`, `page`, `ask`); "finished" adds `found_path` and `last_round`;
+    "incomplete" (a round cut off mid-way) is continued by `continue_search(thread_id, None, ...)`.
+    """
+    session = load_search_session(thread_id, sessions_db)
+    with _session_graph(session, settings, sessions_db, new=False) as graph:
+        return _shown(session, graph.get_state(_config(thread_id)))
 
 
 def load_search_session(thread_id: str, sessions_db: Path | None = None) -> SearchSession:
@@ -280,7 +303,8 @@ def _session_graph(
         vlm = make_vlm(settings)
         session.out_dir.mkdir(parents=True, exist_ok=True)
         artifacts = ArtifactStore(session.out_dir / "artifacts")
-        with lock, closing(sqlite3.connect(db, check_same_thread=False)) as conn:
+        # A generous busy timeout: a server plays several sessions at once against one database.
+        with lock, closing(sqlite3.connect(db, timeout=30.0, check_same_thread=False)) as conn:
             if new:
                 _create_sessions_table(conn)
                 with conn:
@@ -296,37 +320,50 @@ def _session_graph(
 def _play(
     graph: CompiledStateGraph[GenIRState, None, GenIRState, GenIRState],
     session: SearchSession,
-    command: GenIRState | Command[Any],
+    command: GenIRState | Command[Any] | None,
+    on_step: OnStep | None,
 ) -> dict[str, Any]:
-    result = graph.invoke(command, _config(session.thread_id), version="v2")
-    if not result.interrupts:
-        return _finished(session, dict(result.value))
-    payload: dict[str, Any] = result.interrupts[0].value
-    synthetic, page = publish_round(payload, session.out_dir)
-    return {
-        "thread_id": session.thread_id,
-        "status": "awaiting_feedback",
-        "round": payload["round"],
-        "query": payload["query"],
-        "feedback_kind": payload["feedback_kind"],
-        "synthetic_image": str(synthetic) if synthetic else None,
-        "retrieved": payload["retrieved"],
-        "page": str(page),
-        "ask": payload["ask"],
-        "out_dir": str(session.out_dir),
-    }
+    """Play to the next question or the end, handing each node's steps to `on_step` as the node finishes.
+
+    `on_step` may raise to stop the play there (a server's cancel): the checkpoint keeps every finished
+    node, and the session shows as "incomplete" until `continue_search(thread_id, None, ...)`.
+    """
+    config = _config(session.thread_id)
+    for chunk in graph.stream(command, config, stream_mode="updates"):
+        for update in chunk.values():
+            if on_step is not None and isinstance(update, dict):  # an interrupt's update is a tuple
+                for step in update.get("steps", []):
+                    on_step(step)
+    return _shown(session, graph.get_state(config))
 
 
-def _finished(session: SearchSession, state: dict[str, Any]) -> dict[str, Any]:
-    summary = _summary(session.thread_id, state)
+def _pending(snapshot: StateSnapshot) -> dict[str, Any] | None:
+    """The question the session waits on (the feedback node's interrupt payload), if any."""
+    pending: list[dict[str, Any]] = [i.value for task in snapshot.tasks for i in task.interrupts]
+    return pending[0] if pending else None
+
+
+def _shown(session: SearchSession, snapshot: StateSnapshot) -> dict[str, Any]:
+    state = dict(snapshot.values)
+    base = {**_summary(session.thread_id, state), "out_dir": str(session.out_dir)}
+    payload = _pending(snapshot)
+    if payload is not None:
+        synthetic, page = publish_round(payload, session.out_dir)
+        return {
+            **base,
+            "status": "awaiting_feedback",
+            "round": payload["round"],
+            "query": payload["query"],
+            "feedback_kind": payload["feedback_kind"],
+            "synthetic_image": str(synthetic) if synthetic else None,
+            "retrieved": payload["retrieved"],
+            "page": str(page),
+            "ask": payload["ask"],
+        }
+    if snapshot.next:
+        return {**base, "status": "incomplete"}
     rounds = state.get("rounds", [])
-    write_json_atomic(session.out_dir / "session.json", {**summary, "rounds": rounds})
+    write_json_atomic(session.out_dir / "session.json", {**base, "rounds": rounds})
     shown = [r for round_ in rounds for r in round_["retrieved"]]
-    found_path = next((r["path"] for r in shown if r["id"] == summary["found_id"]), None)
-    return {
-        **summary,
-        "status": "finished",
-        "found_path": found_path,
-        "last_round": rounds[-1] if rounds else None,
-        "out_dir": str(session.out_dir),
-    }
+    found_path = next((r["path"] for r in shown if r["id"] == base["found_id"]), None)
+    return {**base, "status": "finished", "found_path": found_path, "last_round": rounds[-1] if rounds else None}
