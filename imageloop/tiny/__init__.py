@@ -13,12 +13,24 @@ import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 TINY_SEED = 1234
 NOISE_NOTICE = "imageloop: the tiny profile uses random tiny models: its pictures and captions are noise"
 _build_lock = threading.Lock()
+
+
+@contextmanager
+def seeded() -> Iterator[None]:
+    """Torch draws from `TINY_SEED` inside, without disturbing the caller's random state."""
+    import torch
+
+    # Weights are made on the CPU: seed (and restore) its generator only, never the GPUs'.
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(TINY_SEED)
+        yield
 
 
 def tiny_cache_root() -> Path:

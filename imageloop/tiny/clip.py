@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from imageloop.tiny import TINY_SEED, tiny_model_dir
+from imageloop.tiny import seeded, tiny_model_dir
 
 TINY_CLIP_CONFIG: dict[str, Any] = {
     "model_cfg": {
@@ -32,12 +32,10 @@ TINY_CLIP_CONFIG: dict[str, Any] = {
 def build_tiny_clip(directory: Path) -> None:
     """Write the tiny model into `directory`: the same weights for the same TINY_SEED, in any process."""
     import open_clip
-    import torch
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
+    with seeded():
         model = open_clip.CLIP(**TINY_CLIP_CONFIG["model_cfg"])
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, str(directory / "open_clip_model.safetensors"))

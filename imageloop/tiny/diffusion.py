@@ -10,13 +10,12 @@ fraction of a second on a CPU. Their pictures are noise.
 from __future__ import annotations
 
 import string
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imageloop.errors import ConfigError
-from imageloop.tiny import TINY_SEED, tiny_model_dir
+from imageloop.tiny import TINY_SEED, seeded, tiny_model_dir
 
 if TYPE_CHECKING:
     import torch
@@ -34,17 +33,6 @@ _SDXL_BLOCKS = (32, 64)
 _SDXL_CROSS_ATTENTION = 64  # the two text encoders' hidden sizes (32 + 32), as in SDXL (768 + 1280)
 _FLUX_TEXT_WIDTH = 32  # T5 width = FLUX joint attention width = Redux output width
 _CLIP_CONTEXT = 256
-
-
-@contextmanager
-def _seeded() -> Iterator[None]:
-    """Torch draws from `TINY_SEED` inside, without disturbing the caller's random state."""
-    import torch
-
-    # Weights are made on the CPU: seed (and restore) its generator only, never the GPUs'.
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(TINY_SEED)
-        yield
 
 
 def _clip_tokenizer() -> Any:
@@ -128,7 +116,7 @@ def build_omnigen(directory: Path) -> None:
     head_dim = 16 // heads
     # Phi-3's "su" rotary scaling: one factor per rotary frequency (head_dim / 2 of them).
     rope_scaling = {"short_factor": [1.0] * (head_dim // 2), "long_factor": [1.0] * (head_dim // 2)}
-    with _seeded():
+    with seeded():
         transformer = OmniGenTransformer2DModel(
             in_channels=4,
             patch_size=2,
@@ -178,7 +166,7 @@ def build_sdxl(directory: Path) -> None:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = _clip_tokenizer()
-    with _seeded():
+    with seeded():
         unet = _sdxl_unet()
         vae = _vae(blocks=2)
         text_encoder = CLIPTextModel(_clip_text_config(len(tokenizer)))
@@ -252,7 +240,7 @@ def build_ip_adapter(directory: Path) -> None:
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    with _seeded():
+    with seeded():
         encoder = CLIPVisionModelWithProjection(
             CLIPVisionConfig(
                 hidden_size=32,
@@ -276,7 +264,7 @@ def build_flux(directory: Path) -> None:
 
     tokenizer = _clip_tokenizer()
     tokenizer_2 = _t5_tokenizer()
-    with _seeded():
+    with seeded():
         transformer = FluxTransformer2DModel(
             patch_size=1,
             in_channels=4,
@@ -321,7 +309,7 @@ def build_flux_redux(directory: Path) -> None:
     from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
-    with _seeded():
+    with seeded():
         image_encoder = SiglipVisionModel(
             SiglipVisionConfig(
                 hidden_size=32,

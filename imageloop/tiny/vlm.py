@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from imageloop.errors import ConfigError
-from imageloop.tiny import TINY_SEED, tiny_model_dir
+from imageloop.tiny import seeded, tiny_model_dir
 
 QWEN2_VL_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -68,7 +68,6 @@ def _byte_level_vocab(special_tokens: tuple[str, ...]) -> dict[str, int]:
 
 def build_qwen2_vl(directory: Path) -> None:
     """Save a tiny random Qwen2-VL (2 text and 2 vision layers, width 32) with its processor."""
-    import torch
     from transformers import (
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
@@ -124,8 +123,7 @@ def build_qwen2_vl(directory: Path) -> None:
         vision_start_token_id=vocab["<|vision_start|>"],
         vision_end_token_id=vocab["<|vision_end|>"],
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
+    with seeded():
         model = Qwen2VLForConditionalGeneration(config)
     model.generation_config.pad_token_id = vocab["<|endoftext|>"]
     model.save_pretrained(directory)
@@ -134,7 +132,6 @@ def build_qwen2_vl(directory: Path) -> None:
 
 def build_smolvlm(directory: Path) -> None:
     """Save a tiny random SmolVLM (2 text and 2 vision layers, width 32, 32 px images) with its processor."""
-    import torch
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import (
         SmolVLMConfig,
@@ -198,8 +195,7 @@ def build_smolvlm(directory: Path) -> None:
         scale_factor=scale_factor,
         image_token_id=vocab["<image>"],
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
+    with seeded():
         model = SmolVLMForConditionalGeneration(config)
     model.generation_config.pad_token_id = vocab["<|endoftext|>"]
     model.save_pretrained(directory)
