@@ -238,6 +238,12 @@ def _embedder(spec: RoleSpec, endpoint: Endpoint, placement: Placement) -> Embed
     return _build(EMBEDDER_PROVIDERS, "embedder", spec, endpoint, placement)
 
 
+def clear_backends() -> None:
+    """Forget every built backend, so the next make_* call builds anew (tests; switching provider tables)."""
+    for cached in (_vlm, _generator, _embedder):
+        cached.cache_clear()
+
+
 def make_vlm(settings: Settings, role: Role = "vlm") -> VisionLanguageModel:
     """The VLM serving `role` (the critic and rewriter, or the captioner)."""
     return _vlm(settings.role_spec(role), settings.endpoint(role), Placement.of(settings), role)

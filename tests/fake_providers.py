@@ -31,11 +31,6 @@ class FakeBackends:
     settings: Settings
 
 
-def _clear_caches() -> None:
-    for cached in (backends._vlm, backends._generator, backends._embedder):
-        cached.cache_clear()
-
-
 @contextmanager
 def fake_backends(monkeypatch: pytest.MonkeyPatch, vlm_answers: list[object] | None = None) -> Iterator[FakeBackends]:
     """Within the block, `fake:*` roles are the returned scripted VLM, generator and hashing embedder."""
@@ -58,11 +53,11 @@ def fake_backends(monkeypatch: pytest.MonkeyPatch, vlm_answers: list[object] | N
     monkeypatch.setitem(backends.VLM_PROVIDERS, "fake", vlm)
     monkeypatch.setitem(backends.GENERATOR_PROVIDERS, "fake", generator)
     monkeypatch.setitem(backends.EMBEDDER_PROVIDERS, "fake", embedder)
-    _clear_caches()
+    backends.clear_backends()
     try:
         yield fakes
     finally:
-        _clear_caches()
+        backends.clear_backends()
 
 
 CAPTIONS = {

@@ -21,7 +21,7 @@ from PIL import Image
 
 import imageloop.tiny
 from imageloop import runtime
-from imageloop.backends import GENERATOR_PROVIDERS, GeneratorOptions, Placement, make_generator
+from imageloop.backends import GENERATOR_PROVIDERS, GeneratorOptions, Placement, clear_backends, make_generator
 from imageloop.cli import _settings, build_parser
 from imageloop.config import Endpoint, Settings, load_settings
 from imageloop.errors import ConfigError, ImageloopError
@@ -401,6 +401,7 @@ def test_tiny_generators_draw_noise_in_seconds_and_say_so(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setattr(imageloop.tiny, "_noticed", False)
+    clear_backends()  # another test may have built this tiny backend already, without a fresh notice
     generator = make_generator(load_settings(overrides={"generator": f"tiny:{name}"}))
     result = generator.generate(GenerationRequest(PROMPT, tuple(references[:2]), seed=0))
     assert result.image.size == (64, 64)

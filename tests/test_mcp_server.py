@@ -462,11 +462,9 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
         (backends.EMBEDDER_PROVIDERS, "embedder"),
     ]:
         monkeypatch.setitem(table, "fake", factory(role))
-    for cached in (backends._vlm, backends._generator, backends._embedder):
-        cached.cache_clear()
+    backends.clear_backends()
     yield made
-    for cached in (backends._vlm, backends._generator, backends._embedder):
-        cached.cache_clear()
+    backends.clear_backends()
 
 
 @contextmanager
