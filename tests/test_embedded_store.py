@@ -1,7 +1,14 @@
-"""EmbeddedVectorStore: the default on-disk vector store."""
+"""EmbeddedVectorStore: the default on-disk vector store, exact below a size and HNSW above it."""
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +16,11 @@ import pytest
 
 from imageloop.errors import ImageloopError
 from imageloop.protocols import VectorRecord, VectorStore
+from imageloop.tools import ann_index, embedded_store
+from imageloop.tools.ann_index import HnswIndex, HnswSettings
 from imageloop.tools.embedded_store import EmbeddedVectorStore
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def unit(*values: float) -> np.ndarray:
@@ -21,13 +32,111 @@ def record(record_id: str, *values: float, **metadata: object) -> VectorRecord:
     return VectorRecord(record_id, unit(*values), metadata)
 
 
+def clustered(n: int, dim: int = 24, seed: int = 0) -> np.ndarray:
+    """Unit vectors with a low intrinsic dimension (8), like embeddings: HNSW finds their neighbours."""
+    mixing = np.random.default_rng(99).standard_normal((dim, 8))
+    vectors = (np.random.default_rng(seed).standard_normal((n, 8)) @ mixing.T).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def numbered(vectors: np.ndarray, start: int = 0) -> list[VectorRecord]:
+    """Records "0", "1", ... with a folder (one of 10) and tags (one of 3, one of 50) each."""
+    return [
+        VectorRecord(
+            str(start + i),
+            vector,
+            {"folder": f"f{(start + i) % 10}", "tags": [f"t{(start + i) % 3}", f"u{(start + i) % 50}"]},
+        )
+        for i, vector in enumerate(vectors)
+    ]
+
+
+def exact_ids(vectors: np.ndarray, query: np.ndarray, k: int, rows: np.ndarray | None = None) -> list[str]:
+    rows = np.arange(len(vectors)) if rows is None else rows
+    scores = vectors[rows] @ (query / np.linalg.norm(query))
+    return [str(rows[i]) for i in np.argsort(-scores, kind="stable")[:k]]
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> EmbeddedVectorStore:
     return EmbeddedVectorStore(tmp_path / "store.sqlite")
 
 
+needs_faiss = pytest.mark.skipif(ann_index.faiss_module() is None, reason="faiss is not installed (the ann extra)")
+
+
+def large_store(path: Path, n: int = 1500, **settings: object) -> tuple[EmbeddedVectorStore, np.ndarray]:
+    """A store past its (lowered) ANN threshold, holding `n` clustered vectors."""
+    vectors = clustered(n)
+    store = EmbeddedVectorStore(path, ann_threshold=1000, hnsw=HnswSettings(**settings))  # type: ignore[arg-type]
+    store.upsert(numbered(vectors))
+    return store, vectors
+
+
+# What a store is and what it is not
+
+
 def test_implements_the_vector_store_protocol(store: EmbeddedVectorStore) -> None:
     assert isinstance(store, VectorStore)
+
+
+def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("not a vector store\n")
+
+    with pytest.raises(ImageloopError, match="not an imageloop vector store: it is not an SQLite database"):
+        EmbeddedVectorStore(path)
+
+
+def test_a_database_of_another_application_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoints.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE checkpoints (thread_id TEXT, data BLOB)")
+    before = path.read_bytes()
+
+    with pytest.raises(ImageloopError, match=r"not an imageloop vector store \(its tables: checkpoints\)"):
+        EmbeddedVectorStore(path)
+    assert path.read_bytes() == before
+
+
+def test_a_folder_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ImageloopError, match="is a folder, not an imageloop vector store file"):
+        EmbeddedVectorStore(tmp_path)
+
+
+def test_a_store_from_a_newer_imageloop_is_refused(tmp_path: Path) -> None:
+    EmbeddedVectorStore(tmp_path / "store.sqlite").close()
+    with sqlite3.connect(tmp_path / "store.sqlite") as conn:
+        conn.execute("PRAGMA user_version = 99")
+
+    with pytest.raises(ImageloopError, match="newer imageloop"):
+        EmbeddedVectorStore(tmp_path / "store.sqlite")
+
+
+def test_a_store_in_the_first_layout_is_migrated_with_its_records_and_meta(tmp_path: Path) -> None:
+    path = tmp_path / "index.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE vectors (id TEXT PRIMARY KEY, vector BLOB NOT NULL, metadata TEXT NOT NULL)")
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.executemany(
+            "INSERT INTO vectors VALUES (?, ?, ?)",
+            [
+                ("a", unit(1, 0).astype("<f4").tobytes(), '{"caption": "x"}'),
+                ("b", unit(0, 1).astype("<f4").tobytes(), "{}"),
+            ],
+        )
+        conn.executemany("INSERT INTO meta VALUES (?, ?)", [("dim", "2"), ("generation", "3"), ("embedder_id", '"e"')])
+
+    migrated = EmbeddedVectorStore(path)
+
+    assert migrated.count() == 2
+    assert [(hit.id, hit.metadata) for hit in migrated.search(unit(1, 0.1), k=1)] == [("a", {"caption": "x"})]
+    assert migrated.get_meta()["embedder_id"] == "e"
+    migrated.upsert([record("c", 1, 1)])
+    assert migrated.count() == 3
+
+
+# Searching
 
 
 def test_search_returns_hits_by_descending_cosine_similarity(store: EmbeddedVectorStore) -> None:
@@ -67,6 +176,48 @@ def test_search_returns_the_stored_metadata(store: EmbeddedVectorStore) -> None:
     assert hit.metadata == {"path": "birds/a.png", "caption": "a bird"}
 
 
+def test_search_many_answers_each_query_like_search(store: EmbeddedVectorStore) -> None:
+    vectors = clustered(200)
+    store.upsert(numbered(vectors))
+    queries = clustered(5, seed=1)
+
+    batched = store.search_many(queries, k=4, where={"folder": ["f1", "f2"]})
+
+    singles = [store.search(query, k=4, where={"folder": ["f1", "f2"]}) for query in queries]
+    assert [[hit.id for hit in hits] for hits in batched] == [[hit.id for hit in hits] for hits in singles]
+    assert [hit.score for hits in batched for hit in hits] == pytest.approx(
+        [hit.score for hits in singles for hit in hits]
+    )
+    assert store.search_many([], k=4) == []
+
+
+def test_a_query_vector_must_be_finite_and_non_zero(store: EmbeddedVectorStore) -> None:
+    store.upsert([record("a", 1, 0)])
+
+    with pytest.raises(ImageloopError, match="finite and non-zero"):
+        store.search(np.zeros(2, dtype=np.float32), k=1)
+    with pytest.raises(ImageloopError, match="query vector 1 must be finite"):
+        store.search_many([unit(1, 0), np.asarray([np.inf, 0], dtype=np.float32)], k=1)
+
+
+def test_k_must_be_positive(store: EmbeddedVectorStore) -> None:
+    store.upsert([record("a", 1, 0)])
+
+    with pytest.raises(ImageloopError, match="k must be"):
+        store.search(unit(1, 0), k=0)
+
+
+def test_ann_info_of_a_small_store_says_exact_search_with_recall_1(store: EmbeddedVectorStore) -> None:
+    store.upsert([record("a", 1, 0)])
+
+    info = store.ann_info()
+
+    assert (info["engine"], info["count"], info["recall_at_10"]) == ("exact", 1, 1.0)
+
+
+# Filtering with `where`
+
+
 def test_where_keeps_only_records_whose_metadata_equals_the_value(store: EmbeddedVectorStore) -> None:
     store.upsert([record("a", 1, 0, folder="birds"), record("b", 1, 0.1, folder="cars"), record("c", 0, 1)])
 
@@ -93,6 +244,45 @@ def test_where_requires_every_key_to_match(store: EmbeddedVectorStore) -> None:
     assert [hit.id for hit in hits] == ["b"]
 
 
+def test_where_matches_a_list_value_holding_the_wanted_value(store: EmbeddedVectorStore) -> None:
+    store.upsert(
+        [record("a", 1, 0, tags=["bird", "winter"]), record("b", 1, 0.1, tags=["car"]), record("c", 1, 0.2, tags=[])]
+    )
+
+    assert [hit.id for hit in store.search(unit(1, 0), k=10, where={"tags": "winter"})] == ["a"]
+    assert [hit.id for hit in store.search(unit(1, 0), k=10, where={"tags": ["car", "bird"]})] == ["a", "b"]
+
+
+def test_where_tells_booleans_from_numbers(store: EmbeddedVectorStore) -> None:
+    store.upsert([record("true", 1, 0, flag=True), record("one", 1, 0.1, flag=1), record("none", 1, 0.2, flag=None)])
+
+    assert [hit.id for hit in store.search(unit(1, 0), k=10, where={"flag": True})] == ["true"]
+    assert [hit.id for hit in store.search(unit(1, 0), k=10, where={"flag": 1.0})] == ["one"]
+    assert [hit.id for hit in store.search(unit(1, 0), k=10, where={"flag": None})] == ["none"]
+
+
+def test_where_with_a_value_that_is_not_a_scalar_is_refused(store: EmbeddedVectorStore) -> None:
+    store.upsert([record("a", 1, 0, folder="birds")])
+
+    with pytest.raises(ImageloopError, match=r"where\['folder'\] must be a text, number, boolean or null"):
+        store.search(unit(1, 0), k=1, where={"folder": {"in": ["birds"]}})
+
+
+def test_where_follows_later_inserts_replacements_and_deletes(store: EmbeddedVectorStore) -> None:
+    store.upsert([record("a", 1, 0, folder="birds"), record("b", 1, 0.1, folder="cars")])
+    assert [hit.id for hit in store.search(unit(1, 0), k=10, where={"folder": "birds"})] == ["a"]
+
+    store.upsert([record("c", 1, 0.2, folder="birds")])
+    assert [hit.id for hit in store.search(unit(1, 0), k=10, where={"folder": "birds"})] == ["a", "c"]
+
+    store.upsert([record("b", 1, 0.1, folder="birds")])
+    store.delete(["a"])
+    assert [hit.id for hit in store.search(unit(1, 0), k=10, where={"folder": "birds"})] == ["b", "c"]
+
+
+# Reading, replacing, deleting
+
+
 def test_get_returns_records_in_the_order_asked_and_leaves_out_unknown_ids(store: EmbeddedVectorStore) -> None:
     store.upsert([record("a", 1, 0, n=1), record("b", 0, 1, n=2)])
 
@@ -112,6 +302,15 @@ def test_upsert_replaces_an_existing_id(store: EmbeddedVectorStore) -> None:
     (hit,) = store.search(unit(0, 1), k=1)
     assert hit.score == pytest.approx(1.0)
     assert hit.metadata == {"version": 2}
+
+
+def test_an_id_named_twice_in_one_batch_keeps_its_last_record(store: EmbeddedVectorStore) -> None:
+    store.upsert([record("a", 1, 0, version=1), record("a", 0, 1, version=2)])
+
+    (stored,) = store.get(["a"])
+
+    np.testing.assert_allclose(stored.vector, unit(0, 1))
+    assert stored.metadata == {"version": 2}
 
 
 def test_delete_removes_records_and_ignores_unknown_ids(store: EmbeddedVectorStore) -> None:
@@ -147,6 +346,9 @@ def test_search_sees_writes_made_through_another_store_object(tmp_path: Path) ->
     writer.delete(["a"])
 
     assert [hit.id for hit in reader.search(unit(1, 0), k=5)] == ["b"]
+
+
+# Bad input
 
 
 def test_a_vector_of_another_dimension_is_refused_naming_both(store: EmbeddedVectorStore) -> None:
@@ -189,8 +391,252 @@ def test_set_meta_refuses_to_change_the_dimension(store: EmbeddedVectorStore) ->
         store.set_meta({"dim": 5})
 
 
-def test_k_must_be_positive(store: EmbeddedVectorStore) -> None:
-    store.upsert([record("a", 1, 0)])
+def test_set_meta_refuses_the_keys_the_store_maintains(store: EmbeddedVectorStore) -> None:
+    for key in ("generation", "ann"):
+        with pytest.raises(ValueError, match="maintained by the store"):
+            store.set_meta({key: 1})
 
-    with pytest.raises(ImageloopError, match="k must be"):
-        store.search(unit(1, 0), k=0)
+
+# Large stores: HNSW
+
+
+@needs_faiss
+def test_past_the_threshold_search_uses_hnsw_and_reports_its_measured_recall(tmp_path: Path) -> None:
+    store, vectors = large_store(tmp_path / "store.sqlite")
+
+    info = store.ann_info()
+
+    assert info["engine"] == "faiss-hnsw"
+    assert info["count"] == 1500
+    assert info["recall_at_10"] >= 0.95
+    assert "held-out stored vectors as queries" in info["recall_method"]
+    assert store.get_meta()["ann"]["recall_at_10"] == info["recall_at_10"]
+    queries = clustered(20, seed=5)
+    found = [[hit.id for hit in hits] for hits in store.search_many(queries, k=10)]
+    expected = [exact_ids(vectors, query, 10) for query in queries]
+    recall = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, expected, strict=True)])
+    assert recall >= 0.9
+
+
+@needs_faiss
+def test_hnsw_returns_k_hits_even_when_k_exceeds_ef_search(tmp_path: Path) -> None:
+    store, vectors = large_store(tmp_path / "store.sqlite", ef_search=16)
+
+    hits = store.search(vectors[0], k=50)
+
+    assert len(hits) == 50
+    assert hits[0].id == "0"
+    assert [hit.score for hit in hits] == sorted((hit.score for hit in hits), reverse=True)
+
+
+@needs_faiss
+def test_the_hnsw_index_is_saved_once_and_reused_by_a_reopened_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, vectors = large_store(tmp_path / "store.sqlite")
+    store.refresh()
+    store.close()
+    monkeypatch.setattr(HnswIndex, "build", _must_not_build)
+
+    reopened = EmbeddedVectorStore(tmp_path / "store.sqlite", ann_threshold=1000)
+
+    assert reopened.ann_info()["engine"] == "faiss-hnsw"
+    assert reopened.search(vectors[7], k=1)[0].id == "7"
+    assert len(list(tmp_path.glob("store.sqlite-hnsw-*"))) == 1
+
+
+@needs_faiss
+def test_hnsw_catches_up_with_another_writer_without_rebuilding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reader, vectors = large_store(tmp_path / "store.sqlite")
+    reader.refresh()
+    monkeypatch.setattr(HnswIndex, "build", _must_not_build)
+    writer = EmbeddedVectorStore(tmp_path / "store.sqlite", ann_threshold=1000)
+
+    writer.upsert([VectorRecord("new", vectors[3], {"folder": "fresh"})])
+    writer.upsert([VectorRecord("5", -vectors[5], {"folder": "moved"})])
+    writer.delete(["3", "4"])
+
+    assert [hit.id for hit in reader.search(vectors[3], k=1)] == ["new"]
+    assert "5" not in [hit.id for hit in reader.search(vectors[5], k=10)]
+    assert [hit.id for hit in reader.search(vectors[5], k=10, where={"folder": "moved"})] == ["5"]
+    assert "4" not in [hit.id for hit in reader.search(vectors[4], k=10)]
+    assert reader.ann_info()["count"] == 1500 - 2 + 1
+
+
+@needs_faiss
+@pytest.mark.parametrize("exact_below", [10_000, 0], ids=["subset-searched-exactly", "hnsw-restricted-to-subset"])
+def test_filtered_search_on_hnsw_finds_what_exact_filtered_search_finds(tmp_path: Path, exact_below: int) -> None:
+    store, vectors = large_store(tmp_path / "store.sqlite", exact_below=exact_below)
+    folder_rows = np.flatnonzero(np.arange(1500) % 10 == 4)
+    rare_rows = np.flatnonzero(np.arange(1500) % 50 == 7)
+
+    for query in clustered(10, seed=3):
+        folder_hits = [hit.id for hit in store.search(query, k=5, where={"folder": "f4"})]
+        rare_hits = [hit.id for hit in store.search(query, k=40, where={"tags": "u7"})]
+        assert len(set(folder_hits) & set(exact_ids(vectors, query, 5, folder_rows))) >= 4
+        assert sorted(rare_hits, key=int) == [str(row) for row in rare_rows]  # all 30 of them, none else
+
+
+@needs_faiss
+def test_a_filter_keeps_working_across_a_rebuild_of_the_hnsw_index(tmp_path: Path) -> None:
+    store, vectors = large_store(tmp_path / "store.sqlite")
+    before = [hit.id for hit in store.search(vectors[30], k=5, where={"folder": "f0"})]
+
+    store.refresh(rebuild=True)
+
+    assert [hit.id for hit in store.search(vectors[30], k=5, where={"folder": "f0"})] == before
+    assert before[0] == "30"
+
+
+@needs_faiss
+def test_replacing_many_records_rebuilds_the_hnsw_index(tmp_path: Path) -> None:
+    store, _ = large_store(tmp_path / "store.sqlite")
+    built = store.ann_info()["built_generation"]
+
+    store.upsert(numbered(clustered(400, seed=9)))  # 400 of 1500 positions die: past the 20% limit
+
+    info = store.ann_info()
+    assert info["built_generation"] > built
+    assert info["count"] == 1500
+    assert store.search(clustered(400, seed=9)[17], k=1)[0].id == "17"
+
+
+@needs_faiss
+def test_a_damaged_hnsw_file_is_rebuilt_from_the_store(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store, vectors = large_store(tmp_path / "store.sqlite")
+    store.refresh()
+    store.close()
+    (saved,) = tmp_path.glob("store.sqlite-hnsw-*")
+    saved.write_bytes(saved.read_bytes()[:1000])
+
+    reopened = EmbeddedVectorStore(tmp_path / "store.sqlite", ann_threshold=1000)
+
+    with caplog.at_level(logging.WARNING):
+        assert reopened.search(vectors[9], k=1)[0].id == "9"
+    assert "rebuilding" in caplog.text
+    assert reopened.ann_info()["engine"] == "faiss-hnsw"
+
+
+def test_without_faiss_a_large_store_searches_exactly_and_says_so_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` now raises ImportError
+    monkeypatch.setattr(embedded_store, "_warned_without_faiss", False)
+    ann_index.faiss_module.cache_clear()
+    try:
+        store, vectors = large_store(tmp_path / "store.sqlite")
+        with caplog.at_level(logging.WARNING):
+            first = store.search(vectors[2], k=3)
+            store.upsert([record("x", *vectors[0])])
+            store.search(vectors[2], k=3)
+        info = store.ann_info()
+    finally:
+        ann_index.faiss_module.cache_clear()
+
+    assert [hit.id for hit in first] == exact_ids(vectors, vectors[2], 3)
+    assert info["engine"] == "exact"
+    assert "imageloop[ann]" in info["note"]
+    assert caplog.text.count("faiss is not installed") == 1
+
+
+# A killed process
+
+
+_UPSERT_FOREVER = """
+import sys
+import numpy as np
+from pathlib import Path
+from imageloop.protocols import VectorRecord
+from imageloop.tools.embedded_store import EmbeddedVectorStore
+
+store = EmbeddedVectorStore(Path(sys.argv[1]))
+rng = np.random.default_rng(0)
+for batch in range(10_000):
+    vectors = rng.standard_normal((200, 64)).astype(np.float32)
+    store.upsert([VectorRecord(f"{batch}-{i}", vector, {"batch": batch}) for i, vector in enumerate(vectors)])
+    print(batch, flush=True)
+"""
+
+
+def test_a_process_killed_during_upserts_leaves_every_committed_batch_and_no_partial_one(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite"
+    child = _python(_UPSERT_FOREVER, str(path))
+    committed = [int(_read_line(child)) for _ in range(5)]  # the sixth batch is being written
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+
+    store = EmbeddedVectorStore(path)
+
+    batches = [hit.metadata["batch"] for hit in store.search(np.ones(64, dtype=np.float32), k=100_000)]
+    sizes = {batch: batches.count(batch) for batch in set(batches)}
+    assert set(committed) <= set(sizes)
+    assert set(sizes.values()) == {200}
+    assert store.count() == 200 * len(sizes)
+
+
+_HANG_WHILE_SAVING_HNSW = """
+import sys, time
+from pathlib import Path
+import numpy as np
+from imageloop.protocols import VectorRecord
+from imageloop.tools import ann_index
+from imageloop.tools.embedded_store import EmbeddedVectorStore
+from tests.test_embedded_store import clustered, numbered
+
+store = EmbeddedVectorStore(Path(sys.argv[1]), ann_threshold=1000)
+store.upsert(numbered(clustered(1500)))
+store.refresh()
+store.upsert(numbered(clustered(100, seed=1), start=1500))
+faiss = ann_index.faiss_module()
+real_writer = faiss.PyCallbackIOWriter
+
+def hanging_writer(write):
+    def write_then_hang(data):
+        write(data)
+        print("writing", flush=True)
+        time.sleep(60)
+    return real_writer(write_then_hang)
+
+faiss.PyCallbackIOWriter = hanging_writer
+store.refresh(rebuild=True)
+"""
+
+
+@needs_faiss
+def test_a_process_killed_while_saving_the_hnsw_index_leaves_a_store_that_opens_whole(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite"
+    child = _python(_HANG_WHILE_SAVING_HNSW, str(path))
+    assert _read_line(child) == "writing"  # half a file is on disk under its temporary name
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert list(tmp_path.glob("store.sqlite-hnsw-*.tmp"))
+
+    store = EmbeddedVectorStore(path, ann_threshold=1000)
+
+    assert store.count() == 1600
+    info = store.ann_info()
+    assert (info["engine"], info["count"], info["built_generation"]) == ("faiss-hnsw", 1600, 1)
+    assert store.search(clustered(100, seed=1)[42], k=1)[0].id == "1542"
+    assert store.search(clustered(1500)[42], k=1)[0].id == "42"
+
+
+def _python(script: str, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", textwrap.dedent(script), *args]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _read_line(child: subprocess.Popen[str]) -> str:
+    assert child.stdout is not None
+    line = child.stdout.readline()
+    if not line:
+        child.wait()
+        assert child.stderr is not None
+        raise AssertionError(f"the child exited early: {child.stderr.read()}")
+    return line.strip()
+
+
+def _must_not_build(*args: object, **kwargs: object) -> HnswIndex:
+    raise AssertionError("the HNSW index was rebuilt")
