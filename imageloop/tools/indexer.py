@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from imageloop.errors import ImageloopError
 from imageloop.protocols import Embedder, VectorRecord
+from imageloop.tools.embedded_store import EmbeddedVectorStore
 from imageloop.tools.image_index import ImageIndex, Route, StoreOptions, create_or_open_index
 from imageloop.tools.images import IMAGE_SUFFIXES, open_image
 
@@ -198,6 +199,10 @@ def index_into(
         raise IndexingInterrupted(summary) from None
     finally:
         bar.close()
+    if summary.indexed and isinstance(index.store, EmbeddedVectorStore):
+        # Past its ANN threshold the store builds its HNSW index here, once, rather than making the
+        # first search after indexing wait minutes for it.
+        index.store.refresh()
     return summary
 
 
