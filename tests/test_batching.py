@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -55,3 +56,22 @@ def test_a_lone_caller_is_served_after_the_wait() -> None:
     batching = BatchingEmbedder(CountingEmbedder(), max_wait_s=0.001)
     assert batching.embed_texts(["alone"]).shape == (1, 64)
     assert batching.dim == 64 and batching.model_id == "fake:hash"
+
+
+def test_requests_arriving_during_a_slow_batch_join_the_next_one() -> None:
+    class SlowEmbedder(CountingEmbedder):
+        def embed_texts(self, texts):  # type: ignore[no-untyped-def]
+            time.sleep(0.05)  # a device busy for a while: callers keep arriving meanwhile
+            return super().embed_texts(texts)
+
+    inner = SlowEmbedder()
+    batching = BatchingEmbedder(inner, max_batch=64, max_wait_s=0.001)
+
+    def staggered(i: int) -> np.ndarray:
+        time.sleep(0.002 * i)  # arrivals spread over ~60 ms, longer than one batch takes
+        return batching.embed_texts([f"text {i}"])
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(staggered, range(32)))
+    assert all(r.shape == (1, 64) for r in results)
+    assert inner.calls <= 4  # not one call per straggler

@@ -2,8 +2,8 @@
 
 An evaluation searching for many targets at once asks the embedder for one vector per round per
 target; on a GPU one batch of 64 costs about what one item costs. The first caller to arrive becomes
-the batch's leader: it waits up to `max_wait_s` (or until `max_batch` items are queued), embeds
-everything queued in one call, and hands each caller its rows.
+the batch's leader: it waits up to `max_wait_s` (or until `max_batch` items are queued) and for the
+previous batch to finish, then embeds everything queued in one call and hands each caller its rows.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class _Batcher:
         self.full = threading.Condition(self.lock)
         self.queue: list[tuple[list[Any], Future[Vector]]] = []
         self.leader_waiting = False
+        self.flushing = threading.Lock()
 
     def submit(self, items: Sequence[Any]) -> Vector:
         future: Future[Vector] = Future()
@@ -48,8 +49,15 @@ class _Batcher:
     def _lead(self) -> None:
         with self.lock:
             self.full.wait_for(lambda: sum(len(i) for i, _ in self.queue) >= self.max_batch, self.max_wait_s)
-            batch, self.queue = self.queue, []
-            self.leader_waiting = False
+        # The batch is collected only once the previous one has left the device: whatever arrived while
+        # it was embedding joins this batch, instead of queuing behind it in batches of one.
+        with self.flushing:
+            with self.lock:
+                batch, self.queue = self.queue, []
+                self.leader_waiting = False
+            self._embed(batch)
+
+    def _embed(self, batch: list[tuple[list[Any], Future[Vector]]]) -> None:
         items = [item for request, _ in batch for item in request]
         try:
             vectors = self.embed(items)
