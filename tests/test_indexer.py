@@ -636,3 +636,13 @@ def test_index_info_on_a_store_directory_holding_something_else_is_a_one_line_er
     assert out == ""
     assert err.startswith("imageloop: error: ") and err.count("\n") == 1
     assert str(folder.resolve() / ".imageloop") in err
+
+
+def test_a_symlink_leading_out_of_the_folder_is_not_indexed(tmp_path: Path) -> None:
+    outside = write_image(tmp_path / "private" / "secret.png", 200)
+    folder = tmp_path / "photos"
+    write_image(folder / "inside.png", 10)
+    (folder / "link_out.png").symlink_to(outside)
+    (folder / "link_in.png").symlink_to(folder / "inside.png")
+    summary = index_folder(folder, FakeHashEmbedder(embeds_images=True), None, progress=False)
+    assert (summary.indexed, summary.skipped, summary.total) == (1, 1, 2)  # the inner link is a duplicate

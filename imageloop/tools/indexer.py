@@ -327,10 +327,19 @@ def _caption(path: Path, relative: Path, route: Route, captioner: Captioner | No
 
 
 def _image_files(root: Path) -> Iterator[Path]:
-    """Image files under `root`, skipping hidden files and folders (the index's own `.imageloop` among them)."""
+    """Image files under `root`, skipping hidden files and folders (the index's own `.imageloop` among them).
+
+    A symlink whose target lies outside `root` is skipped: an index must not hand out files from
+    outside the folder it was asked to index (servers confine paths to the folders they serve).
+    """
+    real_root = root.resolve()
     for dirpath, dirnames, filenames in os.walk(root):
         # Pruned in place so os.walk never descends into .imageloop, .git and the like.
         dirnames[:] = [name for name in dirnames if not name.startswith(".")]
         for name in filenames:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                yield Path(dirpath) / name
+            path = Path(dirpath) / name
+            if name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if path.is_symlink() and not path.resolve().is_relative_to(real_root):
+                continue
+            yield path
