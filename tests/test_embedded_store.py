@@ -215,33 +215,7 @@ def test_ann_info_of_a_small_store_says_exact_search_with_recall_1(store: Embedd
     assert (info["engine"], info["count"], info["recall_at_10"]) == ("exact", 1, 1.0)
 
 
-# Filtering with `where`
-
-
-def test_where_keeps_only_records_whose_metadata_equals_the_value(store: EmbeddedVectorStore) -> None:
-    store.upsert([record("a", 1, 0, folder="birds"), record("b", 1, 0.1, folder="cars"), record("c", 0, 1)])
-
-    hits = store.search(unit(1, 0), k=10, where={"folder": "cars"})
-
-    assert [hit.id for hit in hits] == ["b"]
-
-
-def test_where_with_a_list_accepts_any_of_its_values(store: EmbeddedVectorStore) -> None:
-    store.upsert(
-        [record("a", 1, 0, folder="birds"), record("b", 1, 0.1, folder="cars"), record("c", 1, 1, folder="trees")]
-    )
-
-    hits = store.search(unit(1, 0), k=10, where={"folder": ["birds", "trees"]})
-
-    assert [hit.id for hit in hits] == ["a", "c"]
-
-
-def test_where_requires_every_key_to_match(store: EmbeddedVectorStore) -> None:
-    store.upsert([record("a", 1, 0, folder="birds", kind="photo"), record("b", 1, 0, folder="birds", kind="art")])
-
-    hits = store.search(unit(1, 0), k=10, where={"folder": "birds", "kind": "art"})
-
-    assert [hit.id for hit in hits] == ["b"]
+# Filtering with `where` (the basics are in tests/test_store_contract.py, run against every store)
 
 
 def test_where_matches_a_list_value_holding_the_wanted_value(store: EmbeddedVectorStore) -> None:
