@@ -8,7 +8,6 @@ targets already in `dialogues.jsonl`, so an interrupted evaluation loses at most
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -34,7 +33,7 @@ from imageloop.runs import write_json_atomic
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tools.batching import BatchingEmbedder
 from imageloop.tools.image_index import ImageIndex, open_index
-from imageloop.tools.images import IMAGE_SUFFIXES
+from imageloop.tools.images import IMAGE_SUFFIXES, content_id
 from imageloop.tools.retriever import Retriever
 
 DIALOGUES = "dialogues.jsonl"
@@ -80,8 +79,7 @@ def load_targets(spec: Path, index: ImageIndex) -> list[Target]:
     for path in _target_files(spec):
         if not path.is_file():
             raise ImageloopError(f"target {path} does not exist")
-        with path.open("rb") as f:
-            target_id = hashlib.file_digest(f, "sha256").hexdigest()
+        target_id = content_id(path)
         if not index.store.get([target_id]):
             raise ImageloopError(f"target {path} is not in the index at {index.root}: index it first")
         targets.append(Target(target_id, path.resolve()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import threading
 import warnings
@@ -60,3 +61,9 @@ def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def content_id(path: Path) -> str:
+    """The sha256 of a file's bytes: an indexed image's id, the same whatever its name or folder."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -9,7 +9,6 @@ loses at most the batches it had not committed yet, and a re-run completes it wi
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections import deque
@@ -27,7 +26,7 @@ from imageloop.errors import ImageloopError
 from imageloop.protocols import Embedder, VectorRecord
 from imageloop.tools.embedded_store import EmbeddedVectorStore
 from imageloop.tools.image_index import ImageIndex, Route, StoreOptions, create_or_open_index
-from imageloop.tools.images import IMAGE_SUFFIXES, open_image
+from imageloop.tools.images import IMAGE_SUFFIXES, content_id, open_image
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -251,8 +250,7 @@ def _prepare(path: Path, index: ImageIndex, captioner: Captioner | None, store_l
     """Runs in a worker: hash `path`, look its content up, and decode and caption it if it is new."""
     relative = path.relative_to(index.root)
     try:
-        with path.open("rb") as f:
-            image_id = hashlib.file_digest(f, "sha256").hexdigest()
+        image_id = content_id(path)
     except OSError as e:
         return _Failed(relative, f"{path}: cannot read ({e})")
     # Known content is not decoded: a re-run over a large folder only hashes bytes.
