@@ -60,9 +60,10 @@ from imageloop.agents.captioner import VLMCaptioner
 from imageloop.backends import make_embedder, make_generator, make_vlm
 from imageloop.config import Settings
 from imageloop.errors import ConfigError, ImageloopError
+from imageloop.files import write_json_atomic
 from imageloop.graphs.genir import FeedbackKind
 from imageloop.graphs.steps import Step
-from imageloop.runs import RUN_RECORD, run_imagerag, write_json_atomic
+from imageloop.runs import RUN_RECORD, run_imagerag
 from imageloop.search_session import (
     OnStep,
     SearchSession,

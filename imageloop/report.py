@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from imageloop.errors import ImageDecodeError, ImageloopError
+from imageloop.files import write_atomic
 from imageloop.tools.images import open_image
 
 REPORT_FILE = "report.html"
@@ -66,10 +65,7 @@ def write_report(run_dir: Path, record: Mapping[str, Any] | None = None) -> Path
     run_dir = Path(run_dir)
     page = _Page(run_dir).render(record if record is not None else read_record(run_dir))
     target = run_dir / REPORT_FILE
-    fd, tmp = tempfile.mkstemp(dir=run_dir, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(tmp, target)
+    write_atomic(target, page)
     return target
 
 

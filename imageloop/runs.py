@@ -8,10 +8,7 @@ nothing already paid for is lost.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -22,6 +19,7 @@ from imageloop import __version__
 from imageloop.backends import make_embedder, make_generator, make_vlm
 from imageloop.config import Settings
 from imageloop.errors import ImageloopError
+from imageloop.files import write_json_atomic
 from imageloop.graphs.imagerag import ImageRAGState, build_imagerag_graph
 from imageloop.graphs.steps import Step
 from imageloop.report import write_report
@@ -30,16 +28,6 @@ from imageloop.tools.image_index import open_index
 from imageloop.tools.retriever import Retriever
 
 RUN_RECORD = "run.json"
-
-
-def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    """Write JSON through a temp file and a rename, so readers never see half a record."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _export_image(artifacts: ArtifactStore, artifact_id: str | None, target: Path) -> str | None:

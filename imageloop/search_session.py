@@ -28,6 +28,7 @@ from langgraph.types import Command, StateSnapshot
 from imageloop.backends import make_embedder, make_generator, make_vlm
 from imageloop.config import Settings
 from imageloop.errors import ImageloopError
+from imageloop.files import write_json_atomic
 from imageloop.graphs.genir import (
     FOUND_PREFIX,
     FeedbackKind,
@@ -37,7 +38,6 @@ from imageloop.graphs.genir import (
     parse_found,
 )
 from imageloop.graphs.steps import Step
-from imageloop.runs import write_json_atomic
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tools.image_index import open_index
 from imageloop.tools.retriever import Retriever

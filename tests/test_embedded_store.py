@@ -585,7 +585,7 @@ def test_a_process_killed_while_saving_the_hnsw_index_leaves_a_store_that_opens_
     assert _read_line(child) == "writing"  # half a file is on disk under its temporary name
     child.send_signal(signal.SIGKILL)
     child.wait()
-    assert list(tmp_path.glob("store.sqlite-hnsw-*.tmp"))
+    assert list(tmp_path.glob(".store.sqlite-hnsw-*.tmp"))
 
     store = EmbeddedVectorStore(path, ann_threshold=1000)
 

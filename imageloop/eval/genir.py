@@ -22,6 +22,7 @@ from imageloop.backends import make_embedder, make_generator, make_vlm
 from imageloop.config import Settings
 from imageloop.errors import ImageloopError
 from imageloop.eval.metrics import cumulative_hits_at_k, mean_best_rank, per_round_hits_at_k
+from imageloop.files import write_json_atomic
 from imageloop.graphs.genir import (
     FEEDBACK_KINDS,
     FeedbackKind,
@@ -29,7 +30,6 @@ from imageloop.graphs.genir import (
     build_genir_graph,
     drawing_knobs,
 )
-from imageloop.runs import write_json_atomic
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tools.batching import BatchingEmbedder
 from imageloop.tools.image_index import ImageIndex, open_index

@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from imageloop.files import atomic_writer
 from imageloop.tools.vector_search import Changes, Found, Matrix, Seqs, exact_search
 
 logger = logging.getLogger(__name__)
@@ -207,15 +207,10 @@ class HnswIndex:
         header = json.dumps(
             {"format": _FORMAT, "generation": self.generation, "positions": len(self.seqs), "info": self.info}
         ).encode()
-        temporary = path.with_name(path.name + ".tmp")
-        with temporary.open("wb") as f:
+        with atomic_writer(path) as f:
             f.write(_MAGIC + len(header).to_bytes(8, "little") + header)
             f.write(self.seqs.astype("<i8").tobytes())
             faiss.write_index(self._index, faiss.PyCallbackIOWriter(f.write))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-        _fsync_folder(path.parent)
         self.saved_positions = len(self.seqs)
 
     @classmethod
@@ -325,14 +320,3 @@ def _read_exactly(f: io.BufferedReader, size: int) -> bytes:
     if len(data) != size:
         raise AnnIndexUnreadable(f"{f.name} is truncated")
     return data
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename durable (POSIX); Windows cannot open a folder for fsync and needs none."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

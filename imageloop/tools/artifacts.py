@@ -7,12 +7,11 @@ stays a few hundred bytes however many images a run makes, and identical images 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image
 
+from imageloop.files import write_atomic
 from imageloop.tools.images import open_image, png_bytes
 
 
@@ -28,11 +27,7 @@ class ArtifactStore:
         artifact_id = hashlib.sha256(data).hexdigest()
         target = self.path(artifact_id)
         if not target.exists():
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)
+            write_atomic(target, data)
         return artifact_id
 
     def path(self, artifact_id: str) -> Path:

@@ -657,10 +657,11 @@ def _remove_stale_hnsw_files(store_path: Path, *, keep: str, keep_generation: in
     """Delete HNSW files superseded by `keep`; others (another process's save in progress) only once abandoned."""
     prefix = store_path.name + _HNSW_INFIX
     now = time.time()
-    for candidate in store_path.parent.glob(prefix + "*"):
+    # Temporary files of interrupted saves are dot-prefixed (imageloop.files.atomic_writer).
+    for candidate in [*store_path.parent.glob(prefix + "*"), *store_path.parent.glob(f".{prefix}*")]:
         if candidate.name == keep:
             continue
-        generation = candidate.name[len(prefix) :].split("-")[0]
+        generation = candidate.name.lstrip(".")[len(prefix) :].split("-")[0]
         superseded = not candidate.name.endswith(".tmp") and generation.isdigit() and int(generation) <= keep_generation
         try:
             if superseded or now - candidate.stat().st_mtime > _STALE_SECONDS:

@@ -23,6 +23,7 @@ from types import ModuleType
 from typing import Any, Literal, Protocol, TypedDict
 
 from imageloop.errors import ConfigError, EmbedderMismatchError, ImageloopError, IndexNotFoundError
+from imageloop.files import write_json_atomic
 from imageloop.protocols import Embedder, VectorStore
 from imageloop.tools.embedded_store import EmbeddedVectorStore
 
@@ -266,7 +267,4 @@ def _weaviate_store_module() -> ModuleType:
 
 def _write_location(index_dir: Path, location: StoreLocation) -> None:
     """Write `store.json` atomically: a crash leaves the old file or the new one, never half of one."""
-    index_dir.mkdir(parents=True, exist_ok=True)
-    temporary = index_dir / f"{STORE_FILENAME}.tmp"
-    temporary.write_text(json.dumps(location.to_json(), indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, index_dir / STORE_FILENAME)
+    write_json_atomic(index_dir / STORE_FILENAME, location.to_json())
