@@ -28,9 +28,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imageloop.tools.image_index import INDEX_DIRNAME
-from imageloop.tools.indexer import index_folder
-from imageloop.tools.local_embedders import OpenClipEmbedder
+from imageloop.tools.embedders.local import OpenClipEmbedder
+from imageloop.tools.indexing.image_index import INDEX_DIRNAME
+from imageloop.tools.indexing.indexer import index_folder
 
 
 def write_images(folder: Path, count: int, size: int, seed: int = 0) -> None:

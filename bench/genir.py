@@ -31,9 +31,9 @@ from imageloop.eval.genir import Target, evaluate_targets
 from imageloop.graphs.genir import build_genir_graph
 from imageloop.protocols import GenerationRequest, Vector, VectorRecord
 from imageloop.tools.artifacts import ArtifactStore
-from imageloop.tools.batching import BatchingEmbedder
-from imageloop.tools.image_index import create_or_open_index
-from imageloop.tools.retriever import Retriever
+from imageloop.tools.embedders.batching import BatchingEmbedder
+from imageloop.tools.indexing.image_index import create_or_open_index
+from imageloop.tools.indexing.retriever import Retriever
 from tests.fakes import FakeHashEmbedder, ScriptedGenerator, ScriptedRankingRetriever, ScriptedVLM
 
 TURN = {"differences": "bluer", "query": "a blue jay on a snowy branch"}

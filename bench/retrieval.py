@@ -40,7 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imageloop.protocols import VectorRecord
-from imageloop.tools.embedded_store import DEFAULT_ANN_THRESHOLD, EmbeddedVectorStore
+from imageloop.tools.stores.embedded import DEFAULT_ANN_THRESHOLD, EmbeddedVectorStore
 
 DIM = 512
 K = 10

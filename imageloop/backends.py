@@ -64,7 +64,7 @@ GeneratorFactory = Callable[[str, Endpoint, Placement, GeneratorOptions], ImageG
 
 
 def _openai_vlm(model: str, endpoint: Endpoint, placement: Placement) -> VisionLanguageModel:
-    from imageloop.agents.openai_vlm import OpenAIVisionLanguageModel
+    from imageloop.agents.vlms.openai_compatible import OpenAIVisionLanguageModel
 
     return OpenAIVisionLanguageModel(model, endpoint)
 
@@ -72,7 +72,7 @@ def _openai_vlm(model: str, endpoint: Endpoint, placement: Placement) -> VisionL
 def _openai_generator(
     model: str, endpoint: Endpoint, placement: Placement, options: GeneratorOptions
 ) -> ImageGenerator:
-    from imageloop.tools.openai_images import OpenAIImageGenerator
+    from imageloop.tools.generators.openai_images import OpenAIImageGenerator
 
     return OpenAIImageGenerator(model, endpoint)
 
@@ -143,19 +143,19 @@ def _tiny_generator(model: str, endpoint: Endpoint, placement: Placement, option
 
 
 def _openai_embedder(model: str, endpoint: Endpoint, placement: Placement) -> Embedder:
-    from imageloop.tools.openai_embeddings import OpenAITextEmbedder
+    from imageloop.tools.embedders.openai_compatible import OpenAITextEmbedder
 
     return OpenAITextEmbedder(model, endpoint)
 
 
 def _open_clip_embedder(model: str, endpoint: Endpoint, placement: Placement) -> Embedder:
-    from imageloop.tools.local_embedders import open_clip_embedder
+    from imageloop.tools.embedders.local import open_clip_embedder
 
     return open_clip_embedder(model, placement.device, placement.dtype)
 
 
 def _transformers_embedder(model: str, endpoint: Endpoint, placement: Placement) -> Embedder:
-    from imageloop.tools.local_embedders import TransformersEmbedder
+    from imageloop.tools.embedders.local import TransformersEmbedder
 
     return TransformersEmbedder(model, device=placement.device, dtype=placement.dtype)
 
@@ -163,25 +163,25 @@ def _transformers_embedder(model: str, endpoint: Endpoint, placement: Placement)
 def _tiny_embedder(model: str, endpoint: Endpoint, placement: Placement) -> Embedder:
     if model != "clip":
         raise ConfigError(f"tiny:{model}: the tiny embedder is tiny:clip")
-    from imageloop.tools.local_embedders import tiny_clip_embedder
+    from imageloop.tools.embedders.local import tiny_clip_embedder
 
     return tiny_clip_embedder(placement.device, placement.dtype)
 
 
 def _transformers_vlm(model: str, endpoint: Endpoint, placement: Placement) -> VisionLanguageModel:
-    from imageloop.agents.transformers_vlm import TransformersVisionLanguageModel
+    from imageloop.agents.vlms.transformers_local import TransformersVisionLanguageModel
 
     return TransformersVisionLanguageModel(model, device=placement.device, dtype=placement.dtype)
 
 
 def _tiny_vlm(model: str, endpoint: Endpoint, placement: Placement) -> VisionLanguageModel:
-    from imageloop.agents.transformers_vlm import tiny_transformers_vlm
+    from imageloop.agents.vlms.transformers_local import tiny_transformers_vlm
 
     return tiny_transformers_vlm(model, placement.device, placement.dtype)
 
 
 def _langchain_vlm(model: str, endpoint: Endpoint, placement: Placement) -> VisionLanguageModel:
-    from imageloop.agents.langchain_vlm import langchain_vlm
+    from imageloop.agents.vlms.langchain_chat import langchain_vlm
 
     return langchain_vlm(model)
 

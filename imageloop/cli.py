@@ -164,7 +164,7 @@ def _err(message: str) -> None:
 def _index(args: argparse.Namespace) -> int:
     from imageloop.agents.captioner import VLMCaptioner
     from imageloop.backends import make_embedder, make_vlm
-    from imageloop.tools.indexer import index_folder
+    from imageloop.tools.indexing.indexer import index_folder
 
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
@@ -203,7 +203,7 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _index_info(args: argparse.Namespace) -> int:
-    from imageloop.tools.image_index import open_index
+    from imageloop.tools.indexing.image_index import open_index
 
     index = open_index(args.index)
     try:

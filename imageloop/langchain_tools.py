@@ -32,9 +32,9 @@ from imageloop.graphs.genir import FeedbackKind
 from imageloop.report import REPORT_FILE, read_record
 from imageloop.runs import run_imagerag
 from imageloop.search_session import continue_search, start_search
-from imageloop.tools.image_index import open_index
-from imageloop.tools.indexer import index_folder
-from imageloop.tools.retriever import Retriever
+from imageloop.tools.indexing.image_index import open_index
+from imageloop.tools.indexing.indexer import index_folder
+from imageloop.tools.indexing.retriever import Retriever
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -72,10 +72,10 @@ from imageloop.search_session import (
     show_search,
     start_search,
 )
-from imageloop.tools.image_index import open_index
 from imageloop.tools.images import open_image, png_bytes
-from imageloop.tools.indexer import index_folder
-from imageloop.tools.retriever import Retriever
+from imageloop.tools.indexing.image_index import open_index
+from imageloop.tools.indexing.indexer import index_folder
+from imageloop.tools.indexing.retriever import Retriever
 
 logger = logging.getLogger("imageloop.mcp")
 

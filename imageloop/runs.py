@@ -24,8 +24,8 @@ from imageloop.graphs.imagerag import ImageRAGState, build_imagerag_graph
 from imageloop.graphs.steps import Step
 from imageloop.report import write_report
 from imageloop.tools.artifacts import ArtifactStore
-from imageloop.tools.image_index import open_index
-from imageloop.tools.retriever import Retriever
+from imageloop.tools.indexing.image_index import open_index
+from imageloop.tools.indexing.retriever import Retriever
 
 RUN_RECORD = "run.json"
 

@@ -39,8 +39,8 @@ from imageloop.graphs.genir import (
 )
 from imageloop.graphs.steps import Step
 from imageloop.tools.artifacts import ArtifactStore
-from imageloop.tools.image_index import open_index
-from imageloop.tools.retriever import Retriever
+from imageloop.tools.indexing.image_index import open_index
+from imageloop.tools.indexing.retriever import Retriever
 
 Ask = Callable[[dict[str, Any]], str]
 Show = Callable[[str], None]

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from imageloop.tools.batching import BatchingEmbedder
+from imageloop.tools.embedders.batching import BatchingEmbedder
 from tests.fakes import FakeHashEmbedder
 
 

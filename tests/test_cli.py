@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from imageloop.cli import main
-from imageloop.tools.image_index import open_index
+from imageloop.tools.indexing.image_index import open_index
 from tests.fake_openai_server import FakeOpenAIServer, chat_completion
 
 PROMPT = "a Cyanocitta cristata perched on a snowy branch"

@@ -16,9 +16,10 @@ import pytest
 
 from imageloop.errors import ImageloopError
 from imageloop.protocols import VectorRecord, VectorStore
-from imageloop.tools import ann_index, embedded_store
-from imageloop.tools.ann_index import HnswIndex, HnswSettings
-from imageloop.tools.embedded_store import EmbeddedVectorStore
+from imageloop.tools.stores import ann_index
+from imageloop.tools.stores import embedded as embedded_store
+from imageloop.tools.stores.ann_index import HnswIndex, HnswSettings
+from imageloop.tools.stores.embedded import EmbeddedVectorStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -523,7 +524,7 @@ import sys
 import numpy as np
 from pathlib import Path
 from imageloop.protocols import VectorRecord
-from imageloop.tools.embedded_store import EmbeddedVectorStore
+from imageloop.tools.stores.embedded import EmbeddedVectorStore
 
 store = EmbeddedVectorStore(Path(sys.argv[1]))
 rng = np.random.default_rng(0)
@@ -555,8 +556,8 @@ import sys, time
 from pathlib import Path
 import numpy as np
 from imageloop.protocols import VectorRecord
-from imageloop.tools import ann_index
-from imageloop.tools.embedded_store import EmbeddedVectorStore
+from imageloop.tools.stores import ann_index
+from imageloop.tools.stores.embedded import EmbeddedVectorStore
 from tests.test_embedded_store import clustered, numbered
 
 store = EmbeddedVectorStore(Path(sys.argv[1]), ann_threshold=1000)

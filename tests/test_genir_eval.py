@@ -8,8 +8,8 @@ import pytest
 
 from imageloop.errors import ImageloopError
 from imageloop.eval.genir import load_targets
-from imageloop.tools.image_index import open_index
-from imageloop.tools.indexer import index_folder
+from imageloop.tools.indexing.image_index import open_index
+from imageloop.tools.indexing.indexer import index_folder
 from tests.fakes import FakeHashEmbedder
 from tests.image_folders import numbered_images, sha256, write_image
 

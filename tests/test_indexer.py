@@ -19,13 +19,13 @@ import pytest
 from PIL import Image, ImageFile
 
 import imageloop.tools.images as images
-import imageloop.tools.indexer as indexer
+import imageloop.tools.indexing.indexer as indexer
 from imageloop.cli import main
 from imageloop.errors import EmbedderMismatchError, ImageloopError, IndexNotFoundError
 from imageloop.protocols import Vector
-from imageloop.tools.image_index import open_index
 from imageloop.tools.images import open_image
-from imageloop.tools.indexer import IndexingInterrupted, index_folder
+from imageloop.tools.indexing.image_index import open_index
+from imageloop.tools.indexing.indexer import IndexingInterrupted, index_folder
 from tests.fakes import FakeHashEmbedder
 from tests.image_folders import CAPTIONS, captioned_folder, numbered_images, sha256, write_image
 

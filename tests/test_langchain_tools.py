@@ -22,7 +22,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import Field
 
 from imageloop.langchain_tools import imageloop_tools
-from imageloop.tools.indexer import index_folder
+from imageloop.tools.indexing.indexer import index_folder
 from tests.fake_providers import FakeBackends, captioned_folder, fake_backends
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "agent.py"

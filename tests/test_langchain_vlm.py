@@ -21,8 +21,8 @@ from PIL import Image
 from pydantic import Field
 
 from imageloop.agents.critic import CriticVerdict
-from imageloop.agents.langchain_vlm import LangChainVisionLanguageModel
 from imageloop.agents.structured import ask_structured
+from imageloop.agents.vlms.langchain_chat import LangChainVisionLanguageModel
 from imageloop.backends import VLM_PROVIDERS, Placement
 from imageloop.config import Endpoint
 from imageloop.errors import BackendError, ConfigError, MalformedOutputError

@@ -15,7 +15,7 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command
 
 from imageloop.errors import ConfigError
-from imageloop.tools.indexer import index_folder
+from imageloop.tools.indexing.indexer import index_folder
 from tests.fake_providers import FAKE_SETTINGS, FakeBackends, captioned_folder, fake_backends
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from imageloop.config import Settings, load_settings  # noqa: E402
 from imageloop.errors import ConfigError  # noqa: E402
 from imageloop.tiny import NOISE_NOTICE  # noqa: E402
 from imageloop.tiny.clip import build_tiny_clip  # noqa: E402
-from imageloop.tools.local_embedders import OpenClipEmbedder, TransformersEmbedder, open_clip_embedder  # noqa: E402
+from imageloop.tools.embedders.local import OpenClipEmbedder, TransformersEmbedder, open_clip_embedder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LONG_CAPTION = " ".join(["a very detailed photograph of a small red bird"] * 30)  # ~300 tokens

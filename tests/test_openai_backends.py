@@ -15,15 +15,15 @@ import pytest
 from PIL import Image
 from pydantic import BaseModel
 
-from imageloop.agents.openai_vlm import OpenAIVisionLanguageModel
 from imageloop.agents.structured import ask_structured, json_schema_for
+from imageloop.agents.vlms.openai_compatible import OpenAIVisionLanguageModel
 from imageloop.config import Endpoint
 from imageloop.errors import BackendError, ConfigError, MalformedOutputError
 from imageloop.openai_client import make_client
 from imageloop.protocols import GenerationRequest, Message, ReferenceImage
+from imageloop.tools.embedders.openai_compatible import OpenAITextEmbedder
+from imageloop.tools.generators.openai_images import OpenAIImageGenerator
 from imageloop.tools.images import png_bytes
-from imageloop.tools.openai_embeddings import OpenAITextEmbedder
-from imageloop.tools.openai_images import OpenAIImageGenerator
 from tests.fake_openai_server import FakeOpenAIServer, chat_completion, error_body, hash_vector
 
 CHAT = "/v1/chat/completions"
@@ -358,8 +358,8 @@ def test_no_key_and_no_base_url_is_a_config_error(monkeypatch: pytest.MonkeyPatc
 def test_the_backend_modules_import_openai_lazily() -> None:
     code = (
         "import sys, json\n"
-        "import imageloop.openai_client, imageloop.agents.openai_vlm\n"
-        "import imageloop.tools.openai_images, imageloop.tools.openai_embeddings\n"
+        "import imageloop.openai_client, imageloop.agents.vlms.openai_compatible\n"
+        "import imageloop.tools.generators.openai_images, imageloop.tools.embedders.openai_compatible\n"
         "print(json.dumps('openai' in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -15,7 +15,7 @@ from imageloop.cli import main
 from imageloop.errors import BackendError
 from imageloop.protocols import Message
 from imageloop.runs import run_imagerag
-from imageloop.tools.indexer import index_folder
+from imageloop.tools.indexing.indexer import index_folder
 from tests.fake_providers import FakeBackends, captioned_folder, fake_backends
 
 PROMPT = 'a blue jay <b>on</b> a "snowy" branch & a cat'

@@ -12,10 +12,10 @@ from PIL import Image
 
 from imageloop.errors import EmbedderMismatchError, ImageloopError, IndexNotFoundError
 from imageloop.protocols import ImageRetriever, SearchHit, Vector
-from imageloop.tools.image_index import create_or_open_index, open_index
 from imageloop.tools.images import open_image
-from imageloop.tools.indexer import index_folder
-from imageloop.tools.retriever import Retriever
+from imageloop.tools.indexing.image_index import create_or_open_index, open_index
+from imageloop.tools.indexing.indexer import index_folder
+from imageloop.tools.indexing.retriever import Retriever
 from tests.fakes import FakeHashEmbedder
 from tests.image_folders import CAPTIONS, captioned_folder, write_image
 

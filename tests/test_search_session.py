@@ -9,7 +9,7 @@ import pytest
 
 from imageloop.graphs.steps import Step
 from imageloop.search_session import continue_search, show_search, start_search
-from imageloop.tools.indexer import index_folder
+from imageloop.tools.indexing.indexer import index_folder
 from tests.fake_providers import FakeBackends, captioned_folder, fake_backends
 
 

@@ -22,8 +22,8 @@ import pytest
 
 from imageloop.errors import ImageloopError
 from imageloop.protocols import VectorRecord, VectorStore
-from imageloop.tools.embedded_store import EmbeddedVectorStore
-from imageloop.tools.image_index import IndexStore
+from imageloop.tools.indexing.image_index import IndexStore
+from imageloop.tools.stores.embedded import EmbeddedVectorStore
 
 BACKENDS = ["embedded", "weaviate-fake", "weaviate-real"]
 
@@ -67,7 +67,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     if request.param == "embedded":
         backend = Backend(request.param, lambda: EmbeddedVectorStore(tmp_path / "store.sqlite"))
     elif request.param == "weaviate-fake":
-        from imageloop.tools.weaviate_store import WeaviateVectorStore
+        from imageloop.tools.stores.weaviate_store import WeaviateVectorStore
 
         server = request.getfixturevalue("fake_weaviate")
         backend = Backend(
@@ -79,7 +79,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         if not url:
             pytest.skip("WEAVIATE_URL is not set: no real Weaviate server to run the contract against")
         pytest.importorskip("weaviate", reason="the weaviate extra is not installed")
-        from imageloop.tools.weaviate_store import WeaviateVectorStore
+        from imageloop.tools.stores.weaviate_store import WeaviateVectorStore
 
         grpc_port = int(os.environ["WEAVIATE_GRPC_PORT"]) if os.environ.get("WEAVIATE_GRPC_PORT") else None
         backend = Backend(

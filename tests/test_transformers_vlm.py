@@ -15,7 +15,7 @@ from PIL import Image
 from imageloop import runtime, tiny
 from imageloop.agents.critic import CriticVerdict
 from imageloop.agents.structured import ask_structured, json_schema_for
-from imageloop.agents.transformers_vlm import TransformersVisionLanguageModel
+from imageloop.agents.vlms.transformers_local import TransformersVisionLanguageModel
 from imageloop.backends import VLM_PROVIDERS, Placement
 from imageloop.config import Endpoint
 from imageloop.errors import ConfigError, ImageloopError, MalformedOutputError

@@ -22,11 +22,11 @@ import weaviate
 from imageloop.cli import main
 from imageloop.errors import BackendError, ConfigError, ImageloopError, IndexNotFoundError
 from imageloop.protocols import VectorRecord
-from imageloop.tools import weaviate_store
-from imageloop.tools.image_index import create_or_open_index, open_index
-from imageloop.tools.indexer import index_folder
-from imageloop.tools.retriever import Retriever
-from imageloop.tools.weaviate_store import (
+from imageloop.tools.indexing.image_index import create_or_open_index, open_index
+from imageloop.tools.indexing.indexer import index_folder
+from imageloop.tools.indexing.retriever import Retriever
+from imageloop.tools.stores import weaviate_store
+from imageloop.tools.stores.weaviate_store import (
     WeaviateVectorStore,
     collection_name_for,
     metadata_property,

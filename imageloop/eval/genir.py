@@ -31,10 +31,10 @@ from imageloop.graphs.genir import (
     drawing_knobs,
 )
 from imageloop.tools.artifacts import ArtifactStore
-from imageloop.tools.batching import BatchingEmbedder
-from imageloop.tools.image_index import ImageIndex, open_index
+from imageloop.tools.embedders.batching import BatchingEmbedder
 from imageloop.tools.images import IMAGE_SUFFIXES, content_id
-from imageloop.tools.retriever import Retriever
+from imageloop.tools.indexing.image_index import ImageIndex, open_index
+from imageloop.tools.indexing.retriever import Retriever
 
 DIALOGUES = "dialogues.jsonl"
 SUMMARY = "summary.json"

@@ -38,8 +38,8 @@ from imageloop.protocols import (
     VisionLanguageModel,
 )
 from imageloop.tools.artifacts import ArtifactStore
-from imageloop.tools.image_index import open_index
-from imageloop.tools.retriever import Retriever
+from imageloop.tools.indexing.image_index import open_index
+from imageloop.tools.indexing.retriever import Retriever
 
 INDEX_ENV = "IMAGELOOP_INDEX"
 ARTIFACTS_ENV = "IMAGELOOP_ARTIFACTS"

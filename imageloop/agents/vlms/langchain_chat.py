@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
-from imageloop.agents.openai_vlm import image_data_uri
+from imageloop.agents.vlms.openai_compatible import image_data_uri
 from imageloop.errors import BackendError, ConfigError, MalformedOutputError
 from imageloop.protocols import Message
 

@@ -37,9 +37,9 @@ import numpy.typing as npt
 
 from imageloop.errors import ImageloopError
 from imageloop.protocols import SearchHit, Vector, VectorRecord
-from imageloop.tools.ann_index import AnnIndexUnreadable, HnswIndex, HnswSettings, faiss_module
-from imageloop.tools.metadata_filter import Facet, Where, parse_where
-from imageloop.tools.vector_search import Changes, ExactIndex, Found, Matrix, Seqs, normalise_rows
+from imageloop.tools.stores.ann_index import AnnIndexUnreadable, HnswIndex, HnswSettings, faiss_module
+from imageloop.tools.stores.metadata_filter import Facet, Where, parse_where
+from imageloop.tools.stores.vector_search import Changes, ExactIndex, Found, Matrix, Seqs, normalise_rows
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol, TypedDict
 from imageloop.errors import ConfigError, EmbedderMismatchError, ImageloopError, IndexNotFoundError
 from imageloop.files import write_json_atomic
 from imageloop.protocols import Embedder, VectorStore
-from imageloop.tools.embedded_store import EmbeddedVectorStore
+from imageloop.tools.stores.embedded import EmbeddedVectorStore
 
 INDEX_DIRNAME = ".imageloop"
 INDEX_FILENAME = "index.sqlite"
@@ -255,9 +255,9 @@ def _open_store(index_dir: Path, location: StoreLocation, api_key: str | None, *
 
 
 def _weaviate_store_module() -> ModuleType:
-    """`imageloop.tools.weaviate_store`, imported on first use (weaviate-client is an optional extra)."""
+    """`imageloop.tools.stores.weaviate_store`, imported on first use (weaviate-client is an optional extra)."""
     try:
-        from imageloop.tools import weaviate_store
+        from imageloop.tools.stores import weaviate_store
     except ImportError as e:
         raise ConfigError(
             f"the Weaviate store needs the weaviate extra: pip install 'imageloop[weaviate]' ({e})"

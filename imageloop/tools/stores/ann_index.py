@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from imageloop.files import atomic_writer
-from imageloop.tools.vector_search import Changes, Found, Matrix, Seqs, exact_search
+from imageloop.tools.stores.vector_search import Changes, Found, Matrix, Seqs, exact_search
 
 logger = logging.getLogger(__name__)
 

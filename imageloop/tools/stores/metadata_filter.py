@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from imageloop.errors import ImageloopError
-from imageloop.tools.vector_search import Seqs
+from imageloop.tools.stores.vector_search import Seqs
 
 Scalar = str | int | float | bool | None
 # A value tagged with its JSON kind, so True and 1 (equal in Python) stay apart while 1 and 1.0 meet.

@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from imageloop.errors import ImageloopError
 from imageloop.protocols import Embedder, VectorRecord
-from imageloop.tools.embedded_store import EmbeddedVectorStore
-from imageloop.tools.image_index import ImageIndex, Route, StoreOptions, create_or_open_index
 from imageloop.tools.images import IMAGE_SUFFIXES, content_id, open_image
+from imageloop.tools.indexing.image_index import ImageIndex, Route, StoreOptions, create_or_open_index
+from imageloop.tools.stores.embedded import EmbeddedVectorStore
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -22,8 +22,8 @@ from PIL import Image
 
 from imageloop.errors import ImageloopError
 from imageloop.protocols import Embedder, RetrievedImage, SearchHit, Vector
-from imageloop.tools.image_index import ImageIndex, Route
 from imageloop.tools.images import open_image
+from imageloop.tools.indexing.image_index import ImageIndex, Route
 
 Where = Mapping[str, Any]
 

@@ -1,0 +1,1 @@
+"""Vector stores behind an index: the embedded store (SQLite + exact/HNSW search) and Weaviate."""
