@@ -29,18 +29,46 @@ class Message:
     images: tuple[Path, ...] = ()
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How a VLM picks its answer's tokens. The default is greedy, so a critique is reproducible; GenIR's
+    simulated user samples as the paper's code does (temperature 0.7, top_p 0.9, repetition penalty 1.1).
+
+    `seed` makes a sampled answer repeatable where the backend honours seeds (local models, vLLM);
+    `repetition_penalty` is a local-model and vLLM knob that OpenAI's own API does not take.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        """Whether this decoding always takes the most likely token."""
+        return self.temperature <= 0.0
+
+
+GREEDY = Decoding()
+
+
 @runtime_checkable
 class VisionLanguageModel(Protocol):
     """Chat with text and images.
 
     `chat` returns the raw text answer. When `json_schema` is given the backend asks the endpoint to
     constrain its output to that schema if it can; validation and repair happen in
-    `imageloop.agents.structured`, identically for every backend.
+    `imageloop.agents.structured`, identically for every backend. `decoding` defaults to greedy.
     """
 
     model_id: str
 
-    def chat(self, messages: Sequence[Message], json_schema: Mapping[str, Any] | None = None) -> str: ...
+    def chat(
+        self,
+        messages: Sequence[Message],
+        json_schema: Mapping[str, Any] | None = None,
+        decoding: Decoding = GREEDY,
+    ) -> str: ...
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from imageloop.protocols import GenerationRequest, GenerationResult, Message, RetrievedImage, Vector
+from imageloop.protocols import GREEDY, Decoding, GenerationRequest, GenerationResult, Message, RetrievedImage, Vector
 
 
 def _unit(vectors: np.ndarray) -> Vector:
@@ -59,11 +59,15 @@ class ScriptedVLM:
     model_id: str = "scripted:vlm"
     latency_s: float = 0.0
     calls: list[tuple[list[Message], Mapping[str, Any] | None]] = field(default_factory=list)
+    decodings: list[Decoding] = field(default_factory=list)
 
-    def chat(self, messages: Sequence[Message], json_schema: Mapping[str, Any] | None = None) -> str:
+    def chat(
+        self, messages: Sequence[Message], json_schema: Mapping[str, Any] | None = None, decoding: Decoding = GREEDY
+    ) -> str:
         if self.latency_s:
             time.sleep(self.latency_s)
         self.calls.append((list(messages), json_schema))
+        self.decodings.append(decoding)
         if not self.answers:
             raise AssertionError("ScriptedVLM ran out of answers")
         answer = self.answers.pop(0)

@@ -26,7 +26,7 @@ from imageloop.agents.vlms.langchain_chat import LangChainVisionLanguageModel
 from imageloop.backends import VLM_PROVIDERS, Placement
 from imageloop.config import Endpoint
 from imageloop.errors import BackendError, ConfigError, MalformedOutputError
-from imageloop.protocols import Message
+from imageloop.protocols import Decoding, Message
 
 VERDICT = {"aligned": False, "missing_concepts": ["Cyanocitta cristata"]}
 
@@ -114,6 +114,26 @@ def test_images_are_downscaled_to_max_image_side(tmp_path: Path) -> None:
     vlm.chat([Message("user", "What?", (picture(tmp_path, "wide.png", (128, 64), (0, 128, 0)),))])
     content = cast("list[dict[str, Any]]", model.received[0][0].content)
     assert decoded_image(content[1]).size == (32, 16)
+
+
+class ScriptedTemperatureChatModel(ScriptedVisionChatModel):
+    """A scripted model with a temperature field, as most integrations have; records it per request."""
+
+    temperature: float = 0.0
+    temperatures: list[float] = Field(default_factory=list)
+
+    def _generate(self, messages: list[BaseMessage], *args: Any, **kwargs: Any) -> ChatResult:
+        self.temperatures.append(self.temperature)
+        return super()._generate(messages, *args, **kwargs)
+
+
+def test_sampling_sets_the_models_own_temperature_for_that_call_only() -> None:
+    model = ScriptedTemperatureChatModel(answers=["a", "b", "c"])
+    vlm = LangChainVisionLanguageModel(model)
+    vlm.chat([Message("user", "Hi")])
+    vlm.chat([Message("user", "Hi")], decoding=Decoding(temperature=0.7, top_p=0.9))
+    vlm.chat([Message("user", "Hi")])
+    assert model.temperatures == [0.0, 0.7, 0.0]
 
 
 def test_structured_output_asks_for_the_json_schema_and_returns_parseable_json() -> None:

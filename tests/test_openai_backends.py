@@ -20,7 +20,7 @@ from imageloop.agents.vlms.openai_compatible import OpenAIVisionLanguageModel
 from imageloop.config import Endpoint
 from imageloop.errors import BackendError, ConfigError, MalformedOutputError
 from imageloop.openai_client import make_client
-from imageloop.protocols import GenerationRequest, Message, ReferenceImage
+from imageloop.protocols import Decoding, GenerationRequest, Message, ReferenceImage
 from imageloop.tools.embedders.openai_compatible import OpenAITextEmbedder
 from imageloop.tools.generators.openai_images import OpenAIImageGenerator
 from imageloop.tools.images import png_bytes
@@ -92,6 +92,19 @@ def test_response_format_carries_the_json_schema(openai_server: FakeOpenAIServer
 
     body = openai_server.requests_to(CHAT)[0].json
     assert body["response_format"] == {"type": "json_schema", "json_schema": schema}
+
+
+def test_chat_is_greedy_by_default_and_samples_as_asked(openai_server: FakeOpenAIServer) -> None:
+    vlm = vlm_for(openai_server)
+    vlm.chat([Message("user", "describe")])
+    vlm.chat(
+        [Message("user", "describe")], decoding=Decoding(temperature=0.7, top_p=0.9, repetition_penalty=1.1, seed=3)
+    )
+
+    greedy, sampled = (request.json for request in openai_server.requests_to(CHAT))
+    assert greedy["temperature"] == 0 and "top_p" not in greedy and "repetition_penalty" not in greedy
+    assert (sampled["temperature"], sampled["top_p"], sampled["seed"]) == (0.7, 0.9, 3)
+    assert sampled["repetition_penalty"] == 1.1  # vLLM reads it from the body
 
 
 def test_no_response_format_without_a_schema(openai_server: FakeOpenAIServer) -> None:

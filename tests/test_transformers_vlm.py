@@ -21,7 +21,7 @@ from imageloop.config import Endpoint
 from imageloop.errors import ConfigError, ImageloopError, MalformedOutputError
 from imageloop.graphs.imagerag import build_imagerag_graph
 from imageloop.prompts import REPAIR_PROMPT
-from imageloop.protocols import Message
+from imageloop.protocols import Decoding, Message
 from imageloop.tiny.vlm import build_qwen2_vl, build_smolvlm
 from imageloop.tools.artifacts import ArtifactStore
 from tests.fakes import ScriptedGenerator, ScriptedRetriever
@@ -135,6 +135,17 @@ def test_decoding_is_greedy_at_the_requested_length(vlm: TransformersVisionLangu
     vlm.chat([Message("user", "Hello")])
     assert spy.calls[0]["do_sample"] is False
     assert spy.calls[0]["max_new_tokens"] == 8
+
+
+def test_sampling_uses_the_papers_knobs_and_a_seed_repeats_the_answer(
+    vlm: TransformersVisionLanguageModel, spy: GenerateSpy
+) -> None:
+    paper = Decoding(temperature=0.7, top_p=0.9, repetition_penalty=1.1, seed=5)
+    first = vlm.chat([Message("user", "Hello")], decoding=paper)
+    again = vlm.chat([Message("user", "Hello")], decoding=paper)
+    call = spy.calls[0]
+    assert (call["do_sample"], call["temperature"], call["top_p"], call["repetition_penalty"]) == (True, 0.7, 0.9, 1.1)
+    assert first == again
 
 
 def test_greedy_answers_repeat_across_calls_and_after_a_reload(qwen2_vl_dir: Path, tmp_path: Path) -> None:

@@ -30,6 +30,8 @@ from imageloop.errors import ConfigError
 from imageloop.graphs.genir import GenIRRetriever, GenIRState, build_genir_graph
 from imageloop.graphs.imagerag import ImageRAGState, build_imagerag_graph
 from imageloop.protocols import (
+    GREEDY,
+    Decoding,
     GenerationRequest,
     GenerationResult,
     ImageGenerator,
@@ -98,8 +100,10 @@ class _LazyVLM:
     def model_id(self) -> str:
         return self._backends.vlm().model_id
 
-    def chat(self, messages: Sequence[Message], json_schema: Mapping[str, Any] | None = None) -> str:
-        return self._backends.vlm().chat(messages, json_schema)
+    def chat(
+        self, messages: Sequence[Message], json_schema: Mapping[str, Any] | None = None, decoding: Decoding = GREEDY
+    ) -> str:
+        return self._backends.vlm().chat(messages, json_schema, decoding)
 
 
 class _LazyGenerator:

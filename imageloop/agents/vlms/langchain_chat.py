@@ -17,7 +17,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 
 from imageloop.agents.vlms.openai_compatible import image_data_uri
 from imageloop.errors import BackendError, ConfigError, MalformedOutputError
-from imageloop.protocols import Message
+from imageloop.protocols import GREEDY, Decoding, Message
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
@@ -52,13 +52,23 @@ class LangChainVisionLanguageModel:
         ]
         return HumanMessage(content=content)
 
-    def _structured(self, messages: list[BaseMessage], json_schema: Mapping[str, Any]) -> str | None:
+    def _model(self, decoding: Decoding) -> BaseChatModel:
+        """The chat model with `decoding`'s temperature and top_p, where its integration has those fields."""
+        if decoding.greedy:
+            return self.chat_model
+        wanted = {"temperature": decoding.temperature, "top_p": decoding.top_p, "seed": decoding.seed}
+        fields = type(self.chat_model).model_fields
+        return self.chat_model.model_copy(update={k: v for k, v in wanted.items() if k in fields and v is not None})
+
+    def _structured(
+        self, model: BaseChatModel, messages: list[BaseMessage], json_schema: Mapping[str, Any]
+    ) -> str | None:
         """The answer as JSON text from the model's structured output; None when the model has none."""
         # json_schema_for's {"name", "schema", "strict"} is OpenAI's wrapper; integrations take the bare
         # JSON schema and name the output after its title.
         schema = {"title": json_schema.get("name", "Answer"), **json_schema.get("schema", json_schema)}
         try:
-            runnable = self.chat_model.with_structured_output(schema, method="json_schema", include_raw=True)
+            runnable = model.with_structured_output(schema, method="json_schema", include_raw=True)
         except (NotImplementedError, TypeError, ValueError):
             self.supports_structured_output = False
             return None
@@ -72,15 +82,18 @@ class LangChainVisionLanguageModel:
         # Unparseable structured output: hand the raw text to validation and repair.
         return raw.text if isinstance(raw, BaseMessage) else str(raw)
 
-    def chat(self, messages: Sequence[Message], json_schema: Mapping[str, Any] | None = None) -> str:
+    def chat(
+        self, messages: Sequence[Message], json_schema: Mapping[str, Any] | None = None, decoding: Decoding = GREEDY
+    ) -> str:
         """Send `messages` (images as PNG data URIs after each text) and return the answer text."""
         converted = [self._message(m) for m in messages]
+        model = self._model(decoding)
         try:
             if json_schema is not None and self.supports_structured_output:
-                answer = self._structured(converted, json_schema)
+                answer = self._structured(model, converted, json_schema)
                 if answer is not None:
                     return answer
-            return self.chat_model.invoke(converted).text
+            return model.invoke(converted).text
         except MalformedOutputError:
             raise
         except Exception as e:

@@ -12,7 +12,7 @@ from PIL import Image
 from imageloop.config import Endpoint
 from imageloop.errors import BackendError, MalformedOutputError
 from imageloop.openai_client import DEFAULT_ENDPOINT, make_client, server_message, translated_errors
-from imageloop.protocols import Message
+from imageloop.protocols import GREEDY, Decoding, Message
 from imageloop.tools.images import open_image, png_bytes
 
 if TYPE_CHECKING:
@@ -68,10 +68,19 @@ class OpenAIVisionLanguageModel:
         return cast("ChatCompletionMessageParam", {"role": message.role, "content": parts})
 
     def _complete(
-        self, messages: list[ChatCompletionMessageParam], json_schema: Mapping[str, Any] | None
+        self, messages: list[ChatCompletionMessageParam], json_schema: Mapping[str, Any] | None, decoding: Decoding
     ) -> ChatCompletion:
         """One completion, with the JSON schema if the endpoint accepts it, else without."""
         import openai
+
+        sampling: dict[str, Any] = {"temperature": decoding.temperature, "max_tokens": self.max_tokens}
+        if not decoding.greedy:
+            sampling["top_p"] = decoding.top_p
+        if decoding.seed is not None:
+            sampling["seed"] = decoding.seed
+        if decoding.repetition_penalty != 1.0:
+            # Not an OpenAI parameter: vLLM and other local servers read it from the body's extras.
+            sampling["extra_body"] = {"repetition_penalty": decoding.repetition_penalty}
 
         if json_schema is not None and self.supports_response_format:
             # The schema comes from imageloop.agents.structured.json_schema_for, already in this shape.
@@ -79,26 +88,27 @@ class OpenAIVisionLanguageModel:
                 "ResponseFormatJSONSchema", {"type": "json_schema", "json_schema": dict(json_schema)}
             )
             try:
-                return self._client.chat.completions.create(
-                    model=self.model,
-                    messages=messages,
-                    temperature=0,
-                    max_tokens=self.max_tokens,
-                    response_format=response_format,
+                return cast(
+                    "ChatCompletion",
+                    self._client.chat.completions.create(
+                        model=self.model, messages=messages, response_format=response_format, **sampling
+                    ),
                 )
             except openai.APIStatusError as e:
                 if not _rejects_response_format(e):
                     raise
                 self.supports_response_format = False
-        return self._client.chat.completions.create(
-            model=self.model, messages=messages, temperature=0, max_tokens=self.max_tokens
+        return cast(
+            "ChatCompletion", self._client.chat.completions.create(model=self.model, messages=messages, **sampling)
         )
 
-    def chat(self, messages: Sequence[Message], json_schema: Mapping[str, Any] | None = None) -> str:
+    def chat(
+        self, messages: Sequence[Message], json_schema: Mapping[str, Any] | None = None, decoding: Decoding = GREEDY
+    ) -> str:
         """Send `messages` (images as PNG data URIs after each text) and return the answer text."""
         params = [self._message_param(m) for m in messages]
         with translated_errors(f"chat with {self.model_id}", str(self._client.base_url)):
-            completion = self._complete(params, json_schema)
+            completion = self._complete(params, json_schema, decoding)
         if not completion.choices:
             raise BackendError(f"{self.model_id} returned no choices")
         answer = completion.choices[0].message

@@ -19,7 +19,7 @@ from PIL import Image
 
 from imageloop.errors import ConfigError
 from imageloop.prompts import JSON_SCHEMA_NOTE
-from imageloop.protocols import Message
+from imageloop.protocols import GREEDY, Decoding, Message
 from imageloop.runtime import (
     device_lock,
     explain_load_failure,
@@ -115,8 +115,10 @@ class TransformersVisionLanguageModel:
             images += [self._image(path) for path in message.images]
         return conversation, images
 
-    def chat(self, messages: Sequence[Message], json_schema: Mapping[str, Any] | None = None) -> str:
-        """Render `messages` with the checkpoint's chat template and return the greedy answer."""
+    def chat(
+        self, messages: Sequence[Message], json_schema: Mapping[str, Any] | None = None, decoding: Decoding = GREEDY
+    ) -> str:
+        """Render `messages` with the checkpoint's chat template and return the answer (greedy by default)."""
         import torch
 
         if json_schema is not None:
@@ -128,10 +130,12 @@ class TransformersVisionLanguageModel:
         prompt_length = inputs["input_ids"].shape[1]
         try:
             with device_lock, torch.inference_mode():
+                if not decoding.greedy and decoding.seed is not None:
+                    torch.manual_seed(decoding.seed)  # under the device lock: no other call draws in between
                 output = self.network.generate(
                     **inputs.to(self.device, dtype=self.dtype),
                     max_new_tokens=self.max_new_tokens,
-                    do_sample=False,
+                    **sampling_kwargs(decoding),
                 )
         except RuntimeError as e:
             if "out of memory" in str(e).lower():
@@ -139,6 +143,14 @@ class TransformersVisionLanguageModel:
             raise
         answer: str = self.processor.batch_decode(output[:, prompt_length:], skip_special_tokens=True)[0]
         return prefix + answer.strip()
+
+
+def sampling_kwargs(decoding: Decoding) -> dict[str, Any]:
+    """`generate` keywords for `decoding`: greedy, or sampling with temperature, top_p and repetition penalty."""
+    kwargs: dict[str, Any] = {"repetition_penalty": decoding.repetition_penalty}
+    if decoding.greedy:
+        return {**kwargs, "do_sample": False}
+    return {**kwargs, "do_sample": True, "temperature": decoding.temperature, "top_p": decoding.top_p}
 
 
 def tiny_transformers_vlm(
