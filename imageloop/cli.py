@@ -1,7 +1,7 @@
-"""The `imageloop` command line.
+"""The `imageloop` command line: parses options, calls the application layer (`imageloop.app.App`), prints.
 
 User errors print one line (`imageloop: error: ...`) and exit 2; Ctrl-C exits 130 after saying what
-was kept. Progress goes to stderr so `--json` output on stdout stays machine-readable.
+was kept and how to continue. Progress goes to stderr so `--json` output on stdout stays machine-readable.
 """
 
 from __future__ import annotations
@@ -9,25 +9,31 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from imageloop import __version__
-from imageloop.config import Settings, load_settings
+from imageloop import __version__, limits
+from imageloop.config import FEEDBACK_KINDS, MODES, STORE_KINDS, Settings, load_settings
 from imageloop.errors import ConfigError, ImageloopError
 
+if TYPE_CHECKING:
+    from imageloop.app import App
+
 EXIT_USER_ERROR = 2
-FEEDBACK_CHOICES = ["visual", "verbal", "prediction", "hybrid"]
 EXIT_INTERRUPTED = 130
 
 
 def _size(text: str) -> tuple[int, int]:
-    width, sep, height = text.lower().partition("x")
-    if not sep or not width.isdigit() or not height.isdigit() or int(width) < 8 or int(height) < 8:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1024x1024, got {text!r}")
-    return int(width), int(height)
+    try:
+        return limits.parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _default(name: str) -> str:
+    value = limits.default(name)
+    return "per backend" if value is None else f"{value:g}"
 
 
 def _role_options() -> argparse.ArgumentParser:
@@ -65,16 +71,26 @@ def _role_options() -> argparse.ArgumentParser:
 def _drawing_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("drawing")
-    group.add_argument("--seed", type=int, help="generator seed (default 0)")
-    group.add_argument("--size", type=_size, help="WIDTHxHEIGHT, e.g. 1024x1024 (default per backend)")
+    group.add_argument("--seed", type=int, help=f"generator seed (default {_default('seed')})")
+    group.add_argument(
+        "--size", type=_size, help=f"WIDTHxHEIGHT, sides {limits.MIN_SIDE}..{limits.MAX_SIDE} (default per backend)"
+    )
     group.add_argument("--steps", type=int, help="denoising steps for diffusion backends (default per backend)")
+    return parent
+
+
+def _genir_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("search")
+    group.add_argument("--rounds", type=int, help=f"rounds at most (default {_default('rounds')})")
+    group.add_argument("--k", type=int, help=f"results per round (default {_default('k')})")
+    group.add_argument("--feedback", choices=FEEDBACK_KINDS, help="what each round shows (default visual)")
     return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (exposed for docs and tests)."""
-    roles = _role_options()
-    drawing = _drawing_options()
+    roles, drawing, genir = _role_options(), _drawing_options(), _genir_options()
     parser = argparse.ArgumentParser(
         prog="imageloop",
         description="Retrieval-augmented image generation and generative image retrieval as LangGraph loops.",
@@ -84,10 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = commands.add_parser("index", parents=[roles], help="index a folder of images for retrieval")
     index.add_argument("folder", type=Path, help="folder of images; the index is written to FOLDER/.imageloop")
-    index.add_argument("--batch-size", type=int, default=32, help="images embedded per batch (default 32)")
-    index.add_argument("--json", action="store_true", help='print {"indexed", "skipped", "failed", "total"} last')
+    index.add_argument("--batch-size", type=int, help=f"images embedded per batch (default {_default('batch_size')})")
+    index.add_argument("--json", action="store_true", help='print {"indexed", "skipped", "failed", "total", ...} last')
     stores = index.add_argument_group("vector store (a new index; an existing one keeps its own)")
-    stores.add_argument("--store", choices=["embedded", "weaviate"], help="default embedded: FOLDER/.imageloop")
+    stores.add_argument("--store", choices=STORE_KINDS, help="default embedded: FOLDER/.imageloop")
     stores.add_argument("--weaviate-url", metavar="URL", help="e.g. http://localhost:8080 or https://ID.weaviate.cloud")
     stores.add_argument("--weaviate-api-key", metavar="KEY", help="default: WEAVIATE_API_KEY (never written to disk)")
 
@@ -95,43 +111,60 @@ def build_parser() -> argparse.ArgumentParser:
     index_info.add_argument("index", type=Path, metavar="INDEX", help="an indexed image folder (or its .imageloop)")
     index_info.add_argument("--json", action="store_true", help='print {"count", "embedder", "dim", "store"}')
 
+    query = commands.add_parser("query", parents=[roles], help="retrieve the indexed images that match a text or image")
+    query.add_argument("index", type=Path, metavar="INDEX", help="an indexed image folder")
+    query.add_argument("text", nargs="?", help="what the images show (or pass --image)")
+    query.add_argument("--image", type=Path, help="find images that look like this one")
+    query.add_argument("--k", type=int, help=f"how many results (default {_default('k')})")
+    query.add_argument("--similarity-threshold", type=float, help="drop results below this cosine")
+    query.add_argument(
+        "--where", action="append", default=[], metavar="KEY=VALUE", help="metadata filter, e.g. folder=birds"
+    )
+    query.add_argument(
+        "--json", action="store_true", help='print {"results": [{"id", "path", "caption", "score"}]} last'
+    )
+
     generate = commands.add_parser("generate", parents=[roles, drawing], help="run ImageRAG for a prompt")
-    generate.add_argument("prompt")
-    generate.add_argument("--index", type=Path, required=True, help="an indexed image folder")
-    generate.add_argument("--out", type=Path, required=True, help="run directory for images and run.json")
-    generate.add_argument("--mode", choices=["draft_first", "generation"], help="default draft_first")
-    generate.add_argument("--max-iterations", type=int, help="regenerations with references (default 1)")
+    generate.add_argument("prompt", nargs="?", help="what to draw (not needed with --resume)")
+    generate.add_argument("--index", type=Path, help="an indexed image folder")
+    generate.add_argument("--out", type=Path, help="run directory for images and run.json")
+    generate.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint"
+    )
+    generate.add_argument("--mode", choices=MODES, help="default draft_first")
+    generate.add_argument("--max-iterations", type=int, help=f"regenerations (default {_default('max_iterations')})")
     generate.add_argument("--similarity-threshold", type=float, help="drop references below this cosine")
-    generate.add_argument("--top-k", type=int, help="references retrieved per missing concept (default 1)")
-    generate.add_argument("--max-concepts", type=int, help="missing concepts per critique (default 3)")
+    generate.add_argument("--top-k", type=int, help=f"references per missing concept (default {_default('top_k')})")
+    generate.add_argument(
+        "--max-concepts", type=int, help=f"concepts per critique (default {_default('max_concepts')})"
+    )
+    generate.add_argument(
+        "--where", action="append", default=[], metavar="KEY=VALUE", help="retrieve only matching images"
+    )
     generate.add_argument("--json", action="store_true", help="print run.json to stdout when done")
 
     search = commands.add_parser(
-        "search", parents=[roles, drawing], help="find an image you have in mind, round by round"
+        "search", parents=[roles, drawing, genir], help="find an image you have in mind, round by round"
     )
-    search.add_argument("--index", type=Path, required=True, help="an indexed image folder")
+    search.add_argument("--index", type=Path, help="an indexed image folder (not needed with --resume)")
     search.add_argument("--query", help="what you are looking for (asked for when missing)")
-    search.add_argument("--rounds", type=int, default=10, help="at most this many rounds (default 10)")
-    search.add_argument("--k", type=int, default=10, help="results shown per round (default 10)")
-    search.add_argument("--feedback", choices=FEEDBACK_CHOICES, default="visual", help="what each round shows")
-    search.add_argument("--resume", metavar="THREAD_ID", help="continue a session that was interrupted")
+    search.add_argument("--resume", metavar="SESSION_ID", help="continue a session (started in any face)")
     search.add_argument("--out", type=Path, help="where round images and pages go (default runs/search-ID)")
-    search.add_argument("--sessions", type=Path, help="session checkpoint database (default in ~/.local/state)")
+    search.add_argument(
+        "--sessions", type=Path, help="session database (default $IMAGELOOP_SESSIONS or ~/.local/state)"
+    )
 
     evaluate = commands.add_parser("eval", help="benchmark a loop")
     loops = evaluate.add_subparsers(dest="loop", required=True, metavar="LOOP")
-    genir = loops.add_parser(
-        "genir", parents=[roles, drawing], help="simulated-user GenIR: cumulative Hits@K per round"
+    genir_eval = loops.add_parser(
+        "genir", parents=[roles, drawing, genir], help="simulated-user GenIR: cumulative Hits@K per round"
     )
-    genir.add_argument("--index", type=Path, required=True, help="an indexed image folder")
-    genir.add_argument("--targets", type=Path, required=True, help="a folder of target images or a file of paths")
-    genir.add_argument("--rounds", type=int, default=5, help="rounds per target (default 5)")
-    genir.add_argument("--k", type=int, default=10, help="Hits@K cut-off (default 10)")
-    genir.add_argument("--feedback", choices=FEEDBACK_CHOICES, default="visual", help="feedback kind (default visual)")
-    genir.add_argument("--rank-depth", type=int, default=1000, help="ranks deeper than this count as misses")
-    genir.add_argument("--concurrency", type=int, default=1, help="targets searched at once (default 1)")
-    genir.add_argument("--out", type=Path, default=Path("runs/eval-genir"), help="results folder (resumable)")
-    genir.add_argument("--json", action="store_true", help='print {"rounds": [{"round", "hits_at_k"}], ...} last')
+    genir_eval.add_argument("--index", type=Path, required=True, help="an indexed image folder")
+    genir_eval.add_argument("--targets", type=Path, required=True, help="a folder of target images or a file of paths")
+    genir_eval.add_argument("--rank-depth", type=int, help=f"ranks deeper count as misses ({_default('rank_depth')})")
+    genir_eval.add_argument("--concurrency", type=int, default=1, help="targets searched at once (default 1)")
+    genir_eval.add_argument("--out", type=Path, default=Path("runs/eval-genir"), help="results folder (resumable)")
+    genir_eval.add_argument("--json", action="store_true", help='print {"rounds": [{"round", "hits_at_k"}], ...} last')
 
     report = commands.add_parser("report", help="(re)write a run directory's report.html from its run.json")
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a directory `imageloop generate --out` wrote")
@@ -141,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--root", type=Path, action="append", default=[], metavar="DIR",
         help="a folder that path arguments may reach (repeatable; default: the current directory)",
     )  # fmt: skip
-    mcp.add_argument("--runs", type=Path, metavar="DIR", help="runs and sessions (default FIRST_ROOT/.imageloop-runs)")
+    mcp.add_argument("--runs", type=Path, metavar="DIR", help="runs (default FIRST_ROOT/.imageloop-runs)")
+    mcp.add_argument("--sessions", type=Path, help="GenIR session database (default shared with the other faces)")
     mcp.add_argument("--http", metavar="HOST:PORT", help="serve streamable HTTP at HOST:PORT/mcp instead of stdio")
     mcp.add_argument("--token", help="bearer token HTTP clients must send beyond localhost ($IMAGELOOP_MCP_TOKEN)")
     mcp.add_argument(
@@ -152,116 +186,118 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    names = [*Settings.model_fields]
-    overrides = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    return load_settings(args.profile, overrides)
+    overrides = {name: getattr(args, name) for name in Settings.model_fields if hasattr(args, name)}
+    return load_settings(getattr(args, "profile", None), overrides)
+
+
+def _app(args: argparse.Namespace, **options: Any) -> App:
+    from imageloop.app import App
+
+    return App(_settings(args), sessions_db=getattr(args, "sessions", None), **options)
 
 
 def _err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _index(args: argparse.Namespace) -> int:
-    from imageloop.agents.captioner import VLMCaptioner
-    from imageloop.backends import make_embedder, make_vlm
-    from imageloop.tools.indexing.indexer import index_folder
+def _show_step(step: dict[str, Any]) -> None:
+    _err(f"[{step['node']}] {step['decision']} ({step['seconds']:.2f} s)")
 
-    if args.batch_size < 1:
-        raise ConfigError("--batch-size must be at least 1")
-    if not args.folder.is_dir():
-        raise ImageloopError(f"{args.folder} is not a folder")
-    settings = _settings(args)
-    embedder = make_embedder(settings)
-    captioner: VLMCaptioner | None = None
-    captioner_lock = threading.Lock()
 
-    def caption(path: Path) -> str:
-        # Built on first use: a folder whose images all have sidecar captions needs no VLM at all.
-        # The indexer captions from several threads; the lock builds the VLM once.
-        nonlocal captioner
-        with captioner_lock:
-            if captioner is None:
-                captioner = VLMCaptioner(make_vlm(settings, "captioner"))
-        return captioner(path)
-
-    # Caption route: the index sees images only through captions, so every image needs one (a sidecar,
-    # else the captioner, by default the VLM). Image route: captions are extras; sidecars are read and a
-    # VLM is asked only when --captioner names one, since captioning a whole folder costs a model call each.
-    wants_captioner = not embedder.embeds_images or settings.captioner is not None
-    summary = index_folder(
-        args.folder, embedder, caption if wants_captioner else None, batch_size=args.batch_size, progress=True,
-        store=settings.store,
-        weaviate_url=settings.weaviate_url, weaviate_api_key=settings.weaviate_api_key,
-        weaviate_grpc_port=settings.weaviate_grpc_port,
-    )  # fmt: skip
+def _index(args: argparse.Namespace, app: App) -> int:
+    summary = app.index_folder(args.folder, batch_size=args.batch_size, progress=True)
     for path, reason in summary.failures:
         _err(f"skipped {path}: {reason}")
-    _err(f"indexed {summary.indexed}, skipped {summary.skipped}, failed {summary.failed} of {summary.total}")
+    removed = f", removed {summary.removed}" if summary.removed else ""
+    _err(f"indexed {summary.indexed}, skipped {summary.skipped}, failed {summary.failed} of {summary.total}{removed}")
     if args.json:
         print(json.dumps(summary.to_json()))
     return 0
 
 
-def _index_info(args: argparse.Namespace) -> int:
-    from imageloop.tools.indexing.image_index import open_index
-
-    index = open_index(args.index)
-    try:
-        count = index.count()
-    finally:
-        index.close()
+def _index_info(args: argparse.Namespace, app: App) -> int:
+    info = app.index_info(args.index)
     if args.json:
-        # "store" is the kind (embedded, weaviate); a Weaviate index adds its url and collection.
-        info = {"count": count, "embedder": index.embedder_id, "dim": index.dim, **index.location.to_json()}
-        print(json.dumps({**info, "route": index.route, "root": str(index.root)}))
+        print(json.dumps(info))
     else:
-        print(f"{index.root}: {count} images")
-        print(f"  embedder: {index.embedder_id} ({index.dim}-d, {index.route} route)")
-        print(f"  store:    {index.location.describe()}")
+        print(f"{info['root']}: {info['count']} images")
+        print(f"  embedder: {info['embedder']} ({info['dim']}-d, {info['route']} route)")
+        print(f"  store:    {app.index(args.index).location.describe()}")
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from imageloop.runs import run_imagerag
+def _query(args: argparse.Namespace, app: App) -> int:
+    from imageloop.app import parse_where
 
-    settings = _settings(args)
+    if (args.text is None) == (args.image is None):
+        raise ConfigError("give a TEXT to search for, or --image IMAGE (not both)")
+    found = app.retrieve(
+        args.index, query=args.text, image=args.image, k=args.k,
+        similarity_threshold=args.similarity_threshold, where=parse_where(args.where),
+    )  # fmt: skip
+    results: list[dict[str, Any]] = [
+        {"id": r.id, "path": str(r.path), "caption": r.caption, "score": round(r.score, 6)} for r in found
+    ]
+    for rank, r in enumerate(results):
+        _err(f"{rank}. {r['path']}  ({r['score']:.3f})  {r['caption'][:80]}")
+    if not results:
+        _err("no indexed image matched")
+    if args.json:
+        print(json.dumps({"results": results}))
+    return 0
 
-    def show(step: dict[str, Any]) -> None:
-        _err(f"[{step['node']}] {step['decision']} ({step['seconds']:.2f} s)")
 
-    record = run_imagerag(args.prompt, settings, args.index, args.out, on_step=show)  # type: ignore[arg-type]
-    _err(f"{record['stop_reason']}: final image {record['final_image']}; record {args.out / 'run.json'}")
+def _generate(args: argparse.Namespace, app: App) -> int:
+    from imageloop.app import parse_where
+
+    if args.resume is None and (args.prompt is None or args.index is None or args.out is None):
+        raise ConfigError("generate needs PROMPT, --index and --out (or --resume RUN_DIR)")
+    knobs = {name: getattr(args, name) for name in ("mode", "max_iterations", "similarity_threshold", "top_k")}
+    record = app.generate(
+        args.prompt, args.index, out_dir=args.resume or args.out, knobs={**knobs, "max_concepts": args.max_concepts},
+        where=parse_where(args.where), on_step=_show_step, resume=args.resume is not None,
+    )  # fmt: skip
+    _err(f"{record['stop_reason']}: final image {record['final_image']}; record {args.resume or args.out}/run.json")
     if args.json:
         print(json.dumps(record))
     return 0
 
 
-def _search(args: argparse.Namespace) -> int:
-    from imageloop.search_session import run_search_session
-
-    query = args.query
-    if args.resume is None and not query:
-        query = input("What are you looking for? ").strip()
-
-    def ask(payload: dict[str, Any]) -> str:
-        return input(f"{payload['ask']}\n> ")
-
-    try:
-        summary = run_search_session(
-            args.index, _settings(args), args.out, query=query, rounds=args.rounds, k=args.k,
-            feedback=args.feedback, resume=args.resume, ask=ask, show=print, sessions_db=args.sessions,
-        )  # fmt: skip
-    except (KeyboardInterrupt, EOFError):
-        _err("\nimageloop: search paused; continue it with --resume (the session id is printed above)")
-        return EXIT_INTERRUPTED
-    print(f"{summary['stop_reason']}: {summary['found_id'] or 'not found'} after {summary['rounds_played']} round(s)")
+def _search(args: argparse.Namespace, app: App) -> int:
+    given = {"feedback": args.feedback, "rounds": args.rounds, "k": args.k}
+    if args.resume is not None:
+        shown = app.show_search(args.resume, given=given)
+        if shown["status"] == "incomplete":
+            shown = app.continue_search(args.resume, None, on_step=_show_step)
+    else:
+        if args.index is None:
+            raise ConfigError("search needs --index (or --resume SESSION_ID)")
+        query = args.query or input("What are you looking for? ").strip()
+        shown = app.start_search(args.index, query, knobs=given, out_dir=args.out, on_step=_show_step)
+        print(f"session {shown['thread_id']} (continue it with --resume {shown['thread_id']})")
+    while shown["status"] == "awaiting_feedback":
+        _print_round(shown)
+        answer = input(f"{shown['ask']}\n> ")
+        try:
+            shown = app.continue_search(shown["thread_id"], answer, on_step=_show_step)
+        except ImageloopError as e:  # an empty or unknown answer: say why and ask again
+            print(f"  {e}")
+    found = shown["found_id"] or "not found"
+    print(f"{shown['stop_reason']}: {found} after {shown['rounds_played']} round(s)")
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def _print_round(shown: dict[str, Any]) -> None:
+    print(f"\nround {shown['round']}: {shown['query']}")
+    if shown["synthetic_image"]:
+        print(f"  synthetic image: {shown['synthetic_image']}")
+    for i, r in enumerate(shown["retrieved"]):
+        print(f"  {i}. {r['path']}  ({r['score']:.3f})  id {r['id'][:12]}")
+    print(f"  page: {shown['page']}")
 
-    from imageloop.eval.genir import run_genir_eval
+
+def _eval(args: argparse.Namespace, app: App) -> int:
+    from tqdm import tqdm
 
     bar = tqdm(desc="targets", unit="target", file=sys.stderr, disable=None)
 
@@ -270,11 +306,11 @@ def _eval(args: argparse.Namespace) -> int:
         bar.n = done
         bar.refresh()
 
+    knobs = {"feedback": args.feedback, "rounds": args.rounds, "k": args.k, "rank_depth": args.rank_depth}
     try:
-        summary = run_genir_eval(
-            args.index, args.targets, _settings(args), args.out, rounds=args.rounds, k=args.k,
-            feedback=args.feedback, rank_depth=args.rank_depth, concurrency=args.concurrency, on_target=progress,
-        )  # fmt: skip
+        summary = app.eval_genir(
+            args.index, args.targets, args.out, knobs=knobs, concurrency=args.concurrency, on_target=progress
+        )
     finally:
         bar.close()
     for entry in summary["rounds"]:
@@ -285,29 +321,38 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace) -> int:
+def _report(args: argparse.Namespace, app: App) -> int:
     from imageloop.report import write_report
 
     print(write_report(args.run_dir))
     return 0
 
 
-def _mcp(args: argparse.Namespace) -> int:
+def _mcp(args: argparse.Namespace, app: App) -> int:
     import importlib.util
     import os
 
     if importlib.util.find_spec("mcp") is None:
         raise ConfigError("the MCP server needs the mcp extra: pip install 'imageloop[mcp]'")
-    from imageloop.mcp_server import serve
+    from imageloop.mcp import serve
 
     token = args.token or os.environ.get("IMAGELOOP_MCP_TOKEN") or None
-    serve(_settings(args), args.root, args.runs, http=args.http, token=token, allow_hosts=args.allow_host)
+    serve(app, http=args.http, token=token, allow_hosts=args.allow_host)
     return 0
 
 
-COMMANDS = {
+def _mcp_app(args: argparse.Namespace) -> App:
+    roots = args.root or [Path.cwd()]
+    if not args.root and Path.cwd() == Path(Path.cwd().anchor):
+        raise ConfigError("the current directory is the filesystem root: pass --root DIR for the folders to serve")
+    runs = args.runs or Path(roots[0]).resolve() / ".imageloop-runs"
+    return _app(args, roots=roots, runs_dir=runs)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, App], int]] = {
     "index": _index,
     "index-info": _index_info,
+    "query": _query,
     "generate": _generate,
     "search": _search,
     "eval": _eval,
@@ -316,18 +361,36 @@ COMMANDS = {
 }
 
 
+def _interrupted(args: argparse.Namespace, error: KeyboardInterrupt) -> str:
+    """What Ctrl-C kept, and the command that continues from there."""
+    if args.command == "index":
+        return f"{str(error) or 'finished batches are saved'}; run the same command again to add the rest"
+    if args.command == "generate":
+        run_dir = args.resume or args.out
+        return f"the run so far is in {run_dir}/run.json; continue it with: imageloop generate --resume {run_dir}"
+    if args.command == "search":
+        return "search paused; continue it with --resume and the session id printed above"
+    if args.command == "eval":
+        return f"finished targets are in {args.out}; run the same command again to evaluate the rest"
+    return "stopped"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `imageloop` script."""
     args = build_parser().parse_args(argv)
+    app: App | None = None
     try:
-        return COMMANDS[args.command](args)
+        app = _mcp_app(args) if args.command == "mcp" else _app(args)
+        return COMMANDS[args.command](args, app)
     except ImageloopError as e:
         _err(f"imageloop: error: {e}")
         return EXIT_USER_ERROR
-    except KeyboardInterrupt as e:
-        # The indexer's interrupt says how much its committed batches saved.
-        _err(f"imageloop: interrupted; {str(e) or 'finished work is saved'}, re-run to continue")
+    except (KeyboardInterrupt, EOFError) as e:
+        _err(f"\nimageloop: interrupted; {_interrupted(args, KeyboardInterrupt(str(e)))}")
         return EXIT_INTERRUPTED
+    finally:
+        if app is not None:
+            app.close()
 
 
 if __name__ == "__main__":

@@ -12,13 +12,30 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from imageloop import limits
 from imageloop.errors import ConfigError
 
 Role = Literal["vlm", "generator", "embedder", "captioner"]
 ROLES: tuple[Role, ...] = ("vlm", "generator", "embedder", "captioner")
 Mode = Literal["draft_first", "generation"]
+MODES: tuple[Mode, ...] = ("draft_first", "generation")
+FeedbackKind = Literal["visual", "verbal", "prediction", "hybrid"]
+FEEDBACK_KINDS: tuple[FeedbackKind, ...] = ("visual", "verbal", "prediction", "hybrid")
+StoreKind = Literal["embedded", "weaviate"]
+STORE_KINDS: tuple[StoreKind, ...] = ("embedded", "weaviate")
+
+
+def bounded(name: str, *, unset: bool = False, description: str | None = None) -> Any:
+    """A pydantic field with the default, range and description of bound `name` in `imageloop.limits`.
+
+    Settings use it, and so do the faces' argument schemas (MCP tools, LangChain tools), which is how a
+    bound is the same on every face. `unset` makes the default None: "the application's setting".
+    """
+    bound = limits.BOUNDS[name]
+    default = None if unset else bound.default
+    return Field(default, ge=bound.low, le=bound.high, description=description or bound.description)
 
 
 @dataclass(frozen=True)
@@ -64,21 +81,22 @@ class Settings(BaseModel):
     embedder_api_key: str | None = None
     captioner_api_key: str | None = None
     mode: Mode = Field("draft_first", description="draft_first: critique a draft; generation: skip it")
-    max_iterations: int = Field(1, ge=1, le=20, description="regenerations with references before stopping")
-    similarity_threshold: float | None = Field(
-        None, ge=-1.0, le=1.0, description="drop retrieved references scoring below this cosine"
-    )
-    top_k: int = Field(1, ge=1, le=16, description="references retrieved per missing concept")
-    max_concepts: int = Field(3, ge=1, le=10, description="at most this many missing concepts per critique")
-    seed: int | None = Field(0, description="generator seed; None for random")
+    max_iterations: int = bounded("max_iterations")
+    similarity_threshold: float | None = bounded("similarity_threshold")
+    top_k: int = bounded("top_k")
+    max_concepts: int = bounded("max_concepts")
+    seed: int | None = bounded("seed")
     size: tuple[int, int] | None = Field(None, description="output size (width, height); backend default if None")
-    steps: int | None = Field(None, ge=1, le=500, description="denoising steps for diffusion backends")
+    steps: int | None = bounded("steps")
+    feedback: FeedbackKind = Field("visual", description="GenIR: what each round shows (visual draws the query)")
+    rounds: int = bounded("rounds")
+    k: int = bounded("k")
+    rank_depth: int = bounded("rank_depth")
+    hybrid_threshold: float = bounded("hybrid_threshold")
     device: str | None = Field(None, description="local models: cuda, cuda:1, mps or cpu; best available if None")
     dtype: str | None = Field(None, description="local models: float32, float16 or bfloat16; per device if None")
     offload: bool = Field(False, description="diffusers: enable model CPU offload to save GPU memory")
-    guidance_scale: float | None = Field(
-        None, ge=0.0, le=50.0, description="diffusers: guidance scale (FLUX: distilled); backend default if None"
-    )
+    guidance_scale: float | None = bounded("guidance_scale")
     ip_adapter: str = Field("h94/IP-Adapter", description="sdxl-ip-adapter: the IP-Adapter's hub id or directory")
     ip_adapter_weight: str = Field(
         "sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors",
@@ -93,12 +111,26 @@ class Settings(BaseModel):
     flux_redux: str = Field(
         "black-forest-labs/FLUX.1-Redux-dev", description="flux: the Redux prior that takes references; none: text only"
     )
-    store: Literal["embedded", "weaviate"] | None = Field(
+    store: StoreKind | None = Field(
         None, description="where a new index keeps its vectors (default embedded); an existing index keeps its own"
     )
     weaviate_url: str | None = Field(None, description="Weaviate server for --store weaviate (http://HOST:8080)")
     weaviate_api_key: str | None = Field(None, description="Weaviate API key (else WEAVIATE_API_KEY); never written")
     weaviate_grpc_port: int | None = Field(None, ge=1, le=65535, description="Weaviate's gRPC port (default 50051)")
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:
+        """These settings with `overrides` (None values ignored), validated as every other source is."""
+        return _validated({**self.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        """`WIDTHxHEIGHT` text (options, `IMAGELOOP_SIZE`) or a pair, each side within the limits' bounds."""
+        if isinstance(value, str):
+            return limits.parse_size(value)
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            return limits.check_size((int(value[0]), int(value[1])))
+        return value
 
     def role_spec(self, role: Role) -> RoleSpec:
         """The role's `PROVIDER:MODEL`, or a ConfigError saying how to choose one."""
@@ -160,6 +192,10 @@ def load_settings(
         if env_value is not None:
             values[name] = env_value
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return _validated(values)
+
+
+def _validated(values: Mapping[str, Any]) -> Settings:
     try:
         return Settings.model_validate(values)
     except ValidationError as e:

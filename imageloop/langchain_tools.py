@@ -1,23 +1,21 @@
-"""LangChain tools over imageloop's operations, so a LangChain or LangGraph agent can run an image loop as a tool.
+"""LangChain tools over the application layer, so a LangChain or LangGraph agent can run an image loop as a tool.
 
-The tools are the MCP server's operations, built over the same library functions: `index_images`,
-`retrieve_images`, `generate_with_references` (ImageRAG), `genir_round` / `genir_feedback` (a GenIR
-search across calls, keyed by a session id) and `get_run`. Each answers with
+The tools are the MCP server's operations on the same `App`: `index_images`, `retrieve_images`,
+`generate_with_references` (ImageRAG), `genir_round` / `genir_feedback` (a GenIR search across calls,
+keyed by a session id, shared with every other face) and `get_run`. Each answers with
 `response_format="content_and_artifact"`: a short text for the model, and an artifact (paths, scores,
 run and session ids) that the application reads from the `ToolMessage` without the model paying
-tokens for it.
+tokens for it. Arguments are bounded by `imageloop.limits`, as on every face.
 
-An agent chooses the paths it passes, so every folder, index and image must lie inside `roots`
-(relative paths are taken inside the first); runs and search sessions are written under `runs_dir`.
-A user error (a missing index, a path outside the roots, an argument out of bounds) comes back to
-the model as the tool's one-line answer.
+An agent chooses the paths it passes, so every folder, index and image must lie inside the app's
+roots (relative paths are taken inside the first); runs are written under its runs folder. A user
+error (a missing index, a path outside the roots, an argument out of bounds) comes back to the model
+as the tool's one-line answer.
 """
 
 from __future__ import annotations
 
 import functools
-import re
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -25,16 +23,11 @@ from typing import Any, ParamSpec, TypeVar
 from langchain_core.tools import StructuredTool, ToolException
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from imageloop.backends import make_embedder, make_vlm
-from imageloop.config import Mode, Settings
+from imageloop.app import App
+from imageloop.config import FeedbackKind, Mode, Settings, bounded
 from imageloop.errors import ImageloopError
-from imageloop.graphs.genir import FeedbackKind
-from imageloop.report import REPORT_FILE, read_record
-from imageloop.runs import run_imagerag
-from imageloop.search_session import continue_search, start_search
-from imageloop.tools.indexing.image_index import open_index
-from imageloop.tools.indexing.indexer import index_folder
-from imageloop.tools.indexing.retriever import Retriever
+from imageloop.limits import PATH_CHARS, PROMPT_CHARS
+from imageloop.report import REPORT_FILE
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -46,23 +39,31 @@ CAPTION_CHARS = 90
 PATH_HINT = " (absolute, or relative to the first allowed folder)"
 
 
+def _path(description: str) -> Any:
+    return Field(min_length=1, max_length=PATH_CHARS, description=description + PATH_HINT)
+
+
+def _text(description: str, default: Any = ...) -> Any:
+    return Field(default, min_length=1, max_length=PROMPT_CHARS, description=description)
+
+
 class IndexImagesArgs(BaseModel):
     """Arguments of `index_images`."""
 
-    folder: str = Field(description=f"folder of images to index, kept in FOLDER/.imageloop{PATH_HINT}")
-    batch_size: int = Field(32, ge=1, le=256, description="images embedded per batch")
+    folder: str = _path("folder of images to index, kept in FOLDER/.imageloop")
+    batch_size: int = bounded("batch_size")
 
 
 class RetrieveImagesArgs(BaseModel):
     """Arguments of `retrieve_images`: a text query or an image path, not both."""
 
-    index: str = Field(description=f"an indexed image folder{PATH_HINT}")
-    query: str | None = Field(None, min_length=1, max_length=2000, description="what the wanted images show")
+    index: str = _path("an indexed image folder")
+    query: str | None = _text("what the wanted images show", None)
     image_path: str | None = Field(
-        None, description="an image file: find indexed images that look like it (image-route indexes only)"
+        None, max_length=PATH_CHARS, description="an image file: find indexed images that look like it"
     )
-    k: int = Field(5, ge=1, le=50, description="how many images to return")
-    similarity_threshold: float | None = Field(None, ge=-1.0, le=1.0, description="drop results below this cosine")
+    k: int = bounded("k", description="how many images to return")
+    similarity_threshold: float | None = bounded("similarity_threshold")
 
     @model_validator(mode="after")
     def _one_query(self) -> RetrieveImagesArgs:
@@ -74,33 +75,29 @@ class RetrieveImagesArgs(BaseModel):
 class GenerateArgs(BaseModel):
     """Arguments of `generate_with_references`; unset knobs keep the configured settings."""
 
-    prompt: str = Field(min_length=1, max_length=4000, description="what to draw")
-    index: str = Field(description=f"an indexed image folder to take reference images from{PATH_HINT}")
+    prompt: str = _text("what to draw")
+    index: str = _path("an indexed image folder to take reference images from")
     mode: Mode | None = Field(None, description="draft_first (critique a draft) or generation (plan first)")
-    max_iterations: int | None = Field(None, ge=1, le=5, description="regenerations with references at most")
-    top_k: int | None = Field(None, ge=1, le=8, description="references retrieved per missing concept")
-    similarity_threshold: float | None = Field(None, ge=-1.0, le=1.0, description="drop references below this")
+    max_iterations: int | None = bounded("max_iterations", unset=True)
+    top_k: int | None = bounded("top_k", unset=True)
+    similarity_threshold: float | None = bounded("similarity_threshold", unset=True)
 
 
 class GenIRRoundArgs(BaseModel):
     """Arguments of `genir_round`, which starts a search session."""
 
-    index: str = Field(description=f"an indexed image folder to search{PATH_HINT}")
-    query: str = Field(min_length=1, max_length=2000, description="the user's description of the image wanted")
-    feedback: FeedbackKind = Field("visual", description="visual draws the query each round; verbal does not")
-    rounds: int = Field(5, ge=1, le=20, description="rounds at most")
-    k: int = Field(5, ge=1, le=50, description="results shown per round")
+    index: str = _path("an indexed image folder to search")
+    query: str = _text("the user's description of the image wanted")
+    feedback: FeedbackKind | None = Field(None, description="visual draws the query each round; verbal does not")
+    rounds: int | None = bounded("rounds", unset=True)
+    k: int | None = bounded("k", unset=True, description="results shown per round")
 
 
 class GenIRFeedbackArgs(BaseModel):
     """Arguments of `genir_feedback`."""
 
     session_id: str = Field(pattern=ID_PATTERN, description="the session id genir_round returned")
-    feedback: str = Field(
-        min_length=1,
-        max_length=2000,
-        description="the user's words on what differs from the image they want, or 'found: N' (N: a listed position)",
-    )
+    feedback: str = _text("the user's words on what differs from the image they want, or 'found: N' (N: a position)")
 
 
 class GetRunArgs(BaseModel):
@@ -141,50 +138,18 @@ def _listing(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def new_run_id() -> str:
-    """A run's id and folder name: 12 hex digits, as the MCP server's runs and GenIR session ids."""
-    return uuid.uuid4().hex[:12]
-
-
 class _Toolbox:
-    """The tools' shared context: settings, the folders the agent may touch, where runs go."""
+    """The tools' operations: argument handling and rendering over one `App`."""
 
-    def __init__(self, settings: Settings, roots: Sequence[Path], runs_dir: Path, sessions_db: Path | None) -> None:
-        if not roots:
-            raise ImageloopError("give the tools at least one folder they may index and search")
-        self.settings = settings
-        self.roots = [Path(root).expanduser().resolve() for root in roots]
-        self.runs_dir = Path(runs_dir).expanduser().resolve()
-        self.sessions_db = sessions_db or self.runs_dir / "sessions.sqlite"
+    def __init__(self, app: App) -> None:
+        self.app = app
 
-    def allowed(self, given: str, what: str) -> Path:
-        """`given` resolved (relative paths against the first root), refused outside the roots."""
-        path = Path(given).expanduser()
-        resolved = (path if path.is_absolute() else self.roots[0] / path).resolve()
-        if not any(resolved.is_relative_to(root) for root in self.roots):
-            allowed = ", ".join(str(root) for root in self.roots)
-            raise ImageloopError(f"{what} {given} is outside the folders this agent may use ({allowed})")
-        return resolved
-
-    def index_images(self, folder: str, batch_size: int = 32) -> Answer:
-        from imageloop.agents.captioner import VLMCaptioner
-
-        root = self.allowed(folder, "folder")
-        if not root.is_dir():
-            raise ImageloopError(f"{folder} is not a folder")
-        captioner: VLMCaptioner | None = None
-
-        def caption(path: Path) -> str:
-            # Built on first use: a folder whose images all have sidecar captions needs no VLM at all.
-            nonlocal captioner
-            if captioner is None:
-                captioner = VLMCaptioner(make_vlm(self.settings, "captioner"))
-            return captioner(path)
-
-        summary = index_folder(root, make_embedder(self.settings), caption, batch_size=batch_size, progress=False)
+    def index_images(self, folder: str, batch_size: int | None = None) -> Answer:
+        summary = self.app.index_folder(folder, batch_size=batch_size)
+        root = self.app.path(folder, "folder", kind="dir")
         text = (
-            f"Indexed {summary.indexed} new image(s) in {root.name}; {summary.skipped} were already indexed"
-            f" and {summary.failed} could not be read."
+            f"Indexed {summary.indexed} new image(s) in {root.name}; {summary.skipped} were already indexed,"
+            f" {summary.failed} could not be read and {summary.removed} were gone and removed."
         )
         return text, {**summary.to_json(), "index": str(root)}
 
@@ -193,27 +158,19 @@ class _Toolbox:
         index: str,
         query: str | None = None,
         image_path: str | None = None,
-        k: int = 5,
+        k: int | None = None,
         similarity_threshold: float | None = None,
     ) -> Answer:
-        image_index = open_index(self.allowed(index, "index"))
-        try:
-            retriever = Retriever(image_index, make_embedder(self.settings))
-            if image_path is not None:
-                found = retriever.search_image(self.allowed(image_path, "image"), k, similarity_threshold)
-                asked = f"images like {Path(image_path).name}"
-            else:
-                found = retriever.search(str(query), k, similarity_threshold)
-                asked = f"{query!r}"
-        finally:
-            image_index.close()
-        results = [
-            {"id": r.id, "path": str(r.path), "caption": r.caption, "score": round(float(r.score), 6)} for r in found
-        ]
+        found = self.app.retrieve(index, query=query, image=image_path, k=k, similarity_threshold=similarity_threshold)
+        asked = f"images like {Path(image_path).name}" if image_path is not None else f"{query!r}"
+        root = str(self.app.index(index).root)
+        results = [{"id": r.id, "path": str(r.path), "caption": r.caption, "score": round(r.score, 6)} for r in found]
         if not results:
-            return f"No indexed image matched {asked}.", {"results": [], "index": str(image_index.root)}
-        text = f"{len(results)} image(s) for {asked}, best first:\n{_listing(results)}"
-        return text, {"results": results, "index": str(image_index.root)}
+            return f"No indexed image matched {asked}.", {"results": [], "index": root}
+        return f"{len(results)} image(s) for {asked}, best first:\n{_listing(results)}", {
+            "results": results,
+            "index": root,
+        }
 
     def generate_with_references(
         self,
@@ -225,46 +182,34 @@ class _Toolbox:
         similarity_threshold: float | None = None,
     ) -> Answer:
         knobs = {"mode": mode, "max_iterations": max_iterations, "top_k": top_k}
-        update: dict[str, Any] = {name: value for name, value in knobs.items() if value is not None}
-        if similarity_threshold is not None:
-            update["similarity_threshold"] = similarity_threshold
-        run_id = new_run_id()
-        run_dir = self.runs_dir / run_id
-        record = run_imagerag(prompt, self.settings.model_copy(update=update), self.allowed(index, "index"), run_dir)
+        record = self.app.generate(prompt, index, knobs={**knobs, "similarity_threshold": similarity_threshold})
         concepts = sorted({str(r["concept"]) for r in record["references"]})
         text = (
-            f"Run {run_id}: {'aligned with the prompt' if record['aligned'] else 'not aligned'}"
+            f"Run {record['run_id']}: {'aligned with the prompt' if record['aligned'] else 'not aligned'}"
             f" (stopped: {record['stop_reason']}) after {record['iterations']} regeneration(s)"
             f" with {len(record['references'])} reference image(s)"
             + (f" for {', '.join(concepts)}" if concepts else "")
             + ". The final image is saved; get_run gives the details."
         )
-        return text, _run_artifact(run_id, run_dir, record)
+        return text, self._run_artifact(record)
 
     def genir_round(
-        self, index: str, query: str, feedback: FeedbackKind = "visual", rounds: int = 5, k: int = 5
+        self,
+        index: str,
+        query: str,
+        feedback: FeedbackKind | None = None,
+        rounds: int | None = None,
+        k: int | None = None,
     ) -> Answer:
-        session = start_search(
-            self.allowed(index, "index"),
-            self.settings,
-            query=query,
-            rounds=rounds,
-            k=k,
-            feedback=feedback,
-            runs_dir=self.runs_dir,
-            sessions_db=self.sessions_db,
-        )
+        session = self.app.start_search(index, query, knobs={"feedback": feedback, "rounds": rounds, "k": k})
         return _round_text(session), {**session, "session_id": session["thread_id"]}
 
     def genir_feedback(self, session_id: str, feedback: str) -> Answer:
-        session = continue_search(session_id, feedback, self.settings, sessions_db=self.sessions_db)
+        session = self.app.continue_search(session_id, feedback)
         return _round_text(session), {**session, "session_id": session["thread_id"]}
 
     def get_run(self, run_id: str) -> Answer:
-        run_dir = self.runs_dir / run_id
-        if not re.fullmatch(ID_PATTERN, run_id) or not run_dir.is_dir():
-            raise ImageloopError(f"no run {run_id!r} in {self.runs_dir}")
-        record = read_record(run_dir)
+        record = self.app.read_run(run_id)
         steps = record.get("steps") or []
         text = (
             f"Run {run_id} for {_short(str(record.get('prompt')), 200)!r}:"
@@ -274,22 +219,22 @@ class _Toolbox:
             + (f" Missing concepts: {', '.join(record['missing_concepts'])}." if record.get("missing_concepts") else "")
             + (f" Error: {record['error']}" if record.get("error") else "")
         )
-        return text, {**_run_artifact(run_id, run_dir, record), "record": record}
+        return text, {**self._run_artifact(record), "record": record}
 
-
-def _run_artifact(run_id: str, run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "run_id": run_id,
-        "run_dir": str(run_dir),
-        "final_image": record.get("final_image"),
-        "draft_image": record.get("draft_image"),
-        "report": str(run_dir / REPORT_FILE),
-        "aligned": record.get("aligned"),
-        "stop_reason": record.get("stop_reason"),
-        "iterations": record.get("iterations"),
-        "references": record.get("references"),
-        "images": [{"iteration": i["iteration"], "path": i["path"]} for i in record.get("images") or []],
-    }
+    def _run_artifact(self, record: dict[str, Any]) -> dict[str, Any]:
+        run_dir = self.app.runs_dir / str(record["run_id"])
+        return {
+            "run_id": record["run_id"],
+            "run_dir": str(run_dir),
+            "final_image": record.get("final_image"),
+            "draft_image": record.get("draft_image"),
+            "report": str(run_dir / REPORT_FILE),
+            "aligned": record.get("aligned"),
+            "stop_reason": record.get("stop_reason"),
+            "iterations": record.get("iterations"),
+            "references": record.get("references"),
+            "images": [{"iteration": i["iteration"], "path": i["path"]} for i in record.get("images") or []],
+        }
 
 
 def _round_text(session: dict[str, Any]) -> str:
@@ -310,14 +255,23 @@ def _round_text(session: dict[str, Any]) -> str:
 
 
 def imageloop_tools(
-    settings: Settings,
+    settings: Settings | None = None,
     *,
-    roots: Sequence[Path],
-    runs_dir: Path,
+    roots: Sequence[Path] | None = None,
+    runs_dir: Path | None = None,
     sessions_db: Path | None = None,
+    app: App | None = None,
 ) -> list[StructuredTool]:
-    """The six imageloop tools over `settings`' backends, confined to `roots`, writing under `runs_dir`."""
-    box = _Toolbox(settings, roots, runs_dir, sessions_db)
+    """The six imageloop tools over `app` (or one built from `settings`, confined to `roots`, writing to `runs_dir`).
+
+    Pass your own `app` to share its backends and indexes with the rest of your program, and close it
+    when done (`app.close()`).
+    """
+    if app is None:
+        if not roots:
+            raise ImageloopError("give the tools at least one folder they may index and search")
+        app = App(settings, roots=roots, runs_dir=runs_dir, sessions_db=sessions_db)
+    box = _Toolbox(app)
     specs: list[tuple[Callable[..., Answer], type[BaseModel], str]] = [
         (
             box.index_images,

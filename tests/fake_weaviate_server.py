@@ -343,6 +343,8 @@ class FakeWeaviateServer:
             _refuse_unimplemented_search(request)
             keep = _filter_predicate(request.filters) if request.HasField("filters") else _always
             candidates = [(key, obj) for key, obj in sorted(stored.objects.items()) if keep(key, obj)]
+            if request.after:  # the cursor: objects in uuid order after the given one
+                candidates = [(key, obj) for key, obj in candidates if key > request.after]
             limit = request.limit or DEFAULT_LIMIT
             distances: dict[str, float] = {}
             if request.HasField("near_vector"):
@@ -442,8 +444,8 @@ def _refuse_unimplemented_search(request: search_get_pb2.SearchRequest) -> None:
     for name in UNIMPLEMENTED_SEARCHES:
         if request.HasField(name):
             raise _unimplemented(f"fake Weaviate: {name} is not implemented")
-    if request.sort_by or request.after or request.autocut or request.tenant:
-        raise _unimplemented("fake Weaviate: sort, cursor, autocut and tenants are not implemented")
+    if request.sort_by or request.autocut or request.tenant:
+        raise _unimplemented("fake Weaviate: sort, autocut and tenants are not implemented")
 
 
 def _decode_batch_properties(properties: batch_pb2.BatchObject.Properties) -> dict[str, Any]:

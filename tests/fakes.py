@@ -97,12 +97,20 @@ class ScriptedGenerator:
 
 @dataclass
 class ScriptedRetriever:
-    """Returns the scripted hits for a query (matched by a word it contains), recording every query."""
+    """Returns the scripted hits for a query (matched by a word it contains), recording every query.
+
+    With a `root`, each scripted image exists there as a small PNG, as an indexed file would.
+    """
 
     by_keyword: dict[str, list[tuple[str, float]]]
     root: Any = None
     latency_s: float = 0.0
     queries: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.root is not None:
+            for name, _ in (hit for hits in self.by_keyword.values() for hit in hits):
+                Image.new("RGB", (8, 8), (90, 90, 200)).save(Path(self.root) / name)
 
     def search(self, text: str, k: int, similarity_threshold: float | None = None) -> list[RetrievedImage]:
         if self.latency_s:

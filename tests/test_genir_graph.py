@@ -6,11 +6,12 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.types import Command
 
-from imageloop.graphs.genir import build_genir_graph, parse_found, pick_shown_kind
+from imageloop.graphs.genir import FoundError, build_genir_graph, parse_found, pick_shown_kind, resolve_found
 from imageloop.tools.artifacts import ArtifactStore
 from tests.fakes import ScriptedGenerator, ScriptedRankingRetriever, ScriptedVLM
 
@@ -23,14 +24,16 @@ def turn(query: str) -> dict[str, str]:
 
 
 def simulated(
-    tmp_path: Path, vlm_answers: list[Any], rankings: list[list[tuple[str, float]]], **inputs: Any
+    tmp_path: Path, vlm_answers: list[Any], rankings: list[list[tuple[str, float]]], **knobs: Any
 ) -> tuple[dict[str, Any], ScriptedVLM, ScriptedGenerator, ScriptedRankingRetriever]:
-    vlm, generator = ScriptedVLM(list(vlm_answers)), ScriptedGenerator()
-    retriever = ScriptedRankingRetriever(rankings, route=inputs.pop("route", "image"))
+    """A simulated user's search: it first describes its target as "a bird", then answers `vlm_answers`."""
+    vlm = ScriptedVLM([{"differences": "", "query": "a bird"}, *vlm_answers])
+    generator = ScriptedGenerator()
+    retriever = ScriptedRankingRetriever(rankings, route=knobs.pop("route", "image"))
     graph = build_genir_graph(vlm, generator, retriever, ArtifactStore(tmp_path / "artifacts"))
     target = tmp_path / "target.png"
-    defaults = {"user": "simulated", "target_id": "t", "target_path": str(target), "query": "a bird", "k": 2}
-    state = graph.invoke({**defaults, **inputs}, version="v2").value
+    context = {"user": "simulated", "target_id": "t", "target_path": str(target), "k": 2, **knobs}
+    state = graph.invoke({}, version="v2", context=context).value
     return state, vlm, generator, retriever
 
 
@@ -47,21 +50,21 @@ def test_search_stops_at_max_rounds_without_asking_after_the_last_round(tmp_path
     state, vlm, _, _ = simulated(tmp_path, [turn("q1"), turn("q2")], [MISS], max_rounds=3)
     assert state["stop_reason"] == "max_rounds"
     assert len(state["rounds"]) == 3
-    assert len(vlm.calls) == 2  # feedback after rounds 0 and 1 only
+    assert len(vlm.calls) == 3  # the description, then feedback after rounds 0 and 1 only
 
 
 def test_verbal_feedback_draws_nothing_and_retrieves_by_text(tmp_path: Path) -> None:
     state, vlm, generator, retriever = simulated(tmp_path, [turn("q1")], [MISS, HIT], feedback="verbal")
     assert generator.requests == []
     assert retriever.calls == [("text", "a bird"), ("text", "q1")]
-    assert len(vlm.calls[0][0][0].images) == 1  # the simulated user sees only its target
+    assert len(vlm.calls[1][0][0].images) == 1  # the simulated user sees only its target
     assert state["rounds"][0]["feedback_kind"] == "verbal"
 
 
 def test_prediction_feedback_shows_the_top_retrieved_image(tmp_path: Path) -> None:
     _, vlm, generator, _ = simulated(tmp_path, [turn("q1")], [MISS, HIT], feedback="prediction")
     assert generator.requests == []
-    target, shown = vlm.calls[0][0][0].images
+    target, shown = vlm.calls[1][0][0].images
     assert target.name == "target.png"
     assert shown == Path("/index/a.png")
 
@@ -88,10 +91,15 @@ def test_unusable_simulated_user_keeps_the_previous_query(tmp_path: Path) -> Non
     assert "nothing usable" in feedback_step["decision"]
 
 
-def test_simulated_user_describes_its_target_when_no_query_is_given(tmp_path: Path) -> None:
-    state, vlm, _, _ = simulated(tmp_path, [{"differences": "", "query": "a jay in snow"}], [HIT], query="")
-    assert state["rounds"][0]["query"] == "a jay in snow"
+def test_a_simulated_users_first_query_is_its_description_of_the_target(tmp_path: Path) -> None:
+    state, vlm, _, _ = simulated(tmp_path, [], [HIT])
+    assert state["rounds"][0]["query"] == "a bird"
     assert vlm.calls[0][0][0].images == (tmp_path / "target.png",)
+
+
+def test_a_checkpoint_keeps_the_targets_rank_not_the_deep_ranking(tmp_path: Path) -> None:
+    state, _, _, _ = simulated(tmp_path, [turn("q1")], [MISS, HIT], rank_depth=1000)
+    assert "ranked_ids" not in state and [r["target_rank"] for r in state["rounds"]] == [2, 0]
 
 
 def person_graph(tmp_path: Path, vlm_answers: list[Any], rankings: list[list[tuple[str, float]]], saver: Any) -> Any:
@@ -104,7 +112,7 @@ def person_graph(tmp_path: Path, vlm_answers: list[Any], rankings: list[list[tup
 def test_person_feedback_interrupts_and_resumes_without_redrawing(tmp_path: Path) -> None:
     graph = person_graph(tmp_path, [{"query": "a blue jay on a snowy branch"}], [MISS], InMemorySaver())
     config = {"configurable": {"thread_id": "s1"}}
-    first = graph.invoke({"query": "a bird", "max_rounds": 3}, config, version="v2")
+    first = graph.invoke({"query": "a bird"}, config, version="v2", context={"max_rounds": 3})
     [asked] = first.interrupts
     assert asked.value["query"] == "a bird" and Path(asked.value["synthetic_image"]).exists()
     assert [r["id"] for r in asked.value["retrieved"]] == ["a", "b", "t"][:10]
@@ -127,6 +135,42 @@ def test_empty_feedback_is_asked_again(tmp_path: Path) -> None:
     assert graph.invoke(Command(resume="found: b"), config, version="v2").value["found_id"] == "b"
 
 
+@pytest.mark.parametrize("answer", ["found: 9", "found: zz", "found: "])
+def test_a_found_answer_naming_no_shown_result_is_asked_again(tmp_path: Path, answer: str) -> None:
+    graph = person_graph(tmp_path, [], [MISS], InMemorySaver())
+    config = {"configurable": {"thread_id": "s4"}}
+    graph.invoke({"query": "a bird"}, config, version="v2")
+    again = graph.invoke(Command(resume=answer), config, version="v2")
+    [asked] = again.interrupts
+    assert "is not one of the results shown" in asked.value["ask"] and "0..2" in asked.value["ask"]
+    assert graph.invoke(Command(resume="found: 1"), config, version="v2").value["found_id"] == "b"
+
+
+def test_an_ambiguous_id_prefix_is_asked_again() -> None:
+    shown = [{"id": "abc1"}, {"id": "abc2"}]
+    with pytest.raises(FoundError, match="matches several results"):
+        resolve_found("found: abc", shown)
+    assert resolve_found("found: abc2", shown) == "abc2" and resolve_found("bluer", shown) is None
+
+
+def test_a_second_run_on_the_same_thread_starts_clean(tmp_path: Path) -> None:
+    vlm = ScriptedVLM([{"differences": "", "query": "a bird"}, turn("q1")])
+    graph = build_genir_graph(
+        vlm, ScriptedGenerator(), ScriptedRankingRetriever([MISS]), ArtifactStore(tmp_path / "a"), InMemorySaver()
+    )
+    config = {"configurable": {"thread_id": "shared"}}
+    target = {"user": "simulated", "target_id": "t", "target_path": str(tmp_path / "t.png"), "max_rounds": 2, "k": 2}
+    first = graph.invoke({}, config, version="v2", context={**target, "feedback": "verbal"}).value
+    second = graph.invoke({"query": "a cat"}, config, version="v2")
+
+    assert first["stop_reason"] == "max_rounds" and len(first["rounds"]) == 2
+    [asked] = second.interrupts  # a person's search: no target, default feedback and rounds
+    state = graph.get_state(config).values
+    assert (state["user"], state["target_id"], state["feedback"], state["max_rounds"]) == ("person", None, "visual", 10)
+    assert [r["query"] for r in state["rounds"]] == ["a cat"] and asked.value["round"] == 0
+    assert state["steps"][0]["node"] == "prepare" and state["found_id"] is None and state["k"] == 10
+
+
 def test_a_search_resumes_from_a_sqlite_checkpoint_in_a_new_graph(tmp_path: Path) -> None:
     db = tmp_path / "sessions.sqlite"
     config = {"configurable": {"thread_id": "s3"}}
@@ -146,11 +190,11 @@ def test_graph_draws_every_node_for_studio(tmp_path: Path) -> None:
         assert node in mermaid
 
 
-def test_parse_found_reads_the_id() -> None:
+def test_parse_found_reads_what_the_answer_names() -> None:
     assert parse_found("found: abc") == "abc"
     assert parse_found("FOUND:  x1 ") == "x1"
     assert parse_found("not found yet") is None
-    assert parse_found("found:") is None
+    assert parse_found("found:") == ""
 
 
 def test_hybrid_router_starts_visual() -> None:

@@ -25,13 +25,13 @@ def run(
     vlm_answers: list[Any],
     hits: dict[str, list[tuple[str, float]]] | None = None,
     generator: ScriptedGenerator | None = None,
-    **inputs: Any,
+    **knobs: Any,
 ) -> tuple[dict[str, Any], ScriptedVLM, ScriptedGenerator, ScriptedRetriever]:
     vlm = ScriptedVLM(list(vlm_answers))
     generator = generator or ScriptedGenerator()
     retriever = ScriptedRetriever(JAY_HITS if hits is None else hits, root=tmp_path)
     graph = build_imagerag_graph(vlm, generator, retriever, ArtifactStore(tmp_path / "artifacts"))
-    state = graph.invoke({"prompt": PROMPT, **inputs}, version="v2").value
+    state = graph.invoke({"prompt": PROMPT}, version="v2", context=knobs).value
     return state, vlm, generator, retriever
 
 
@@ -151,6 +151,51 @@ def test_references_are_trimmed_to_the_generator_capacity(tmp_path: Path) -> Non
     assert [r.path.name for r in generator.requests[1].references] == ["b.png", "c.png"]
     compose = next(s for s in state["steps"] if s["node"] == "compose")
     assert "trimmed 1" in compose["decision"]
+
+
+def test_a_reference_whose_file_vanished_is_skipped_with_a_note(tmp_path: Path) -> None:
+    hits = {"jay": [("jay1.png", 0.8), ("gone.png", 0.7)]}
+    retriever = ScriptedRetriever(hits, root=tmp_path)
+    (tmp_path / "gone.png").unlink()  # deleted after it was indexed
+    vlm, generator = ScriptedVLM([NOT_ALIGNED, CAPTIONS, ALIGNED]), ScriptedGenerator()
+    graph = build_imagerag_graph(vlm, generator, retriever, ArtifactStore(tmp_path / "a"))
+    state = graph.invoke({"prompt": PROMPT}, version="v2", context={"top_k": 2}).value
+
+    assert state["stop_reason"] == "aligned"
+    assert [r.path.name for r in generator.requests[1].references] == ["jay1.png"]
+    compose = next(s for s in state["steps"] if s["node"] == "compose")
+    assert "skipped 1 reference(s) whose file is gone" in compose["decision"]
+
+
+def test_a_second_run_on_the_same_thread_inherits_nothing(tmp_path: Path) -> None:
+    vlm = ScriptedVLM([NOT_ALIGNED, CAPTIONS, ALIGNED, ALIGNED])
+    generator = ScriptedGenerator()
+    graph = build_imagerag_graph(
+        vlm, generator, ScriptedRetriever(JAY_HITS, root=tmp_path), ArtifactStore(tmp_path / "a"), InMemorySaver()
+    )
+    config = {"configurable": {"thread_id": "reused"}}
+    first = graph.invoke({"prompt": PROMPT}, config, version="v2", context={"similarity_threshold": 0.1, "top_k": 2})
+    second = graph.invoke({"prompt": "a cat"}, config, version="v2").value
+
+    assert len(first.value["references"]) == 2
+    assert generator.requests[-1].prompt == "a cat" and generator.requests[-1].references == ()  # no jay.png
+    assert (second["stop_reason"], second["iteration"], second["references"]) == ("aligned", 0, [])
+    state = graph.get_state(config).values
+    assert (state["similarity_threshold"], state["top_k"], state["hits"]) == (None, 1, [])
+    assert [s["node"] for s in second["steps"]] == ["prepare", "generate_draft", "critic", "finish"]
+
+
+def test_a_run_capped_after_a_thresholded_run_reports_its_own_reason(tmp_path: Path) -> None:
+    vlm = ScriptedVLM([NOT_ALIGNED, CAPTIONS, NOT_ALIGNED, CAPTIONS, NOT_ALIGNED])
+    graph = build_imagerag_graph(
+        vlm, ScriptedGenerator(), ScriptedRetriever(JAY_HITS, root=tmp_path), ArtifactStore(tmp_path / "a"),
+        InMemorySaver(),
+    )  # fmt: skip
+    config = {"configurable": {"thread_id": "reused"}}
+    first = graph.invoke({"prompt": PROMPT}, config, version="v2", context={"similarity_threshold": 0.99}).value
+    second = graph.invoke({"prompt": PROMPT}, config, version="v2", context={"max_iterations": 1}).value
+    assert first["stop_reason"] == "no_reference_above_threshold"
+    assert (second["stop_reason"], second["iteration"]) == ("max_iterations", 1)
 
 
 def test_checkpoints_hold_artifact_ids_not_pixels(tmp_path: Path) -> None:

@@ -102,7 +102,15 @@ def test_sidecar_captions_are_stored_and_embedded(tmp_path: Path) -> None:
 
     summary = index_folder(folder, embedder, None, progress=False)
 
-    assert summary.to_json() == {"indexed": 3, "skipped": 0, "failed": 0, "total": 3, "moved": 0, "failures": []}
+    assert summary.to_json() == {
+        "indexed": 3,
+        "skipped": 0,
+        "failed": 0,
+        "total": 3,
+        "moved": 0,
+        "removed": 0,
+        "failures": [],
+    }
     assert stored_captions(folder) == {f"{name}.png": caption for name, caption in CAPTIONS.items()}
     (record,) = open_index(folder).store.get([sha256(folder / "bird.png")])
     np.testing.assert_allclose(record.vector, embedder.embed_texts([CAPTIONS["bird"]])[0])
@@ -293,7 +301,15 @@ def test_a_moved_file_gets_its_new_path_without_being_embedded_again(tmp_path: P
 
     summary = index_folder(folder, embedder, None, progress=False)
 
-    assert summary.to_json() == {"indexed": 0, "skipped": 3, "failed": 0, "total": 3, "moved": 1, "failures": []}
+    assert summary.to_json() == {
+        "indexed": 0,
+        "skipped": 3,
+        "failed": 0,
+        "total": 3,
+        "moved": 1,
+        "removed": 0,
+        "failures": [],
+    }
     (after,) = open_index(folder).store.get([bird])
     assert (after.metadata["path"], after.metadata["folder"]) == ("birds/bird.png", "birds")
     assert after.metadata["caption"] == CAPTIONS["bird"]
@@ -498,7 +514,8 @@ def test_ctrl_c_keeps_finished_batches_and_the_cli_says_how_many(tmp_path: Path)
     last_line = stderr.strip().splitlines()[-1]
     saved = count(folder)
     assert last_line == (
-        f"imageloop: interrupted; {saved} newly indexed images in finished batches are saved, re-run to continue"
+        f"imageloop: interrupted; {saved} newly indexed images in finished batches are saved; "
+        "run the same command again to add the rest"
     )
     summary = index_folder(folder, FakeHashEmbedder(), None, batch_size=2, progress=False)
     assert (summary.indexed, summary.skipped) == (30 - saved, saved)

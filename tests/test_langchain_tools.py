@@ -215,7 +215,7 @@ def test_mistakes_come_back_to_the_model_as_one_line_answers(fakes: FakeBackends
     assert [m.status for m in answers] == ["error"] * 6
     texts = [str(m.content) for m in answers]
     assert texts[0].startswith("no imageloop index at") and "run `imageloop index" in texts[0]
-    assert "is outside the folders this agent may use" in texts[1]
+    assert "is outside the folders" in texts[1]
     assert texts[2] == "invalid arguments: k: Input should be less than or equal to 50"
     assert texts[3] == "invalid arguments: give exactly one of query (text) or image_path"
     assert texts[4].startswith("no search session '0123456789ab'")

@@ -14,6 +14,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command
 
+from imageloop.app.deployment import close_deployed_app
 from imageloop.errors import ConfigError
 from imageloop.tools.indexing.indexer import index_folder
 from tests.fake_providers import FAKE_SETTINGS, FakeBackends, captioned_folder, fake_backends
@@ -67,7 +68,11 @@ def configured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Fake
         photos = captioned_folder(tmp_path / "photos")
         index_folder(photos, fakes.embedder, None, progress=False)
         monkeypatch.setenv("IMAGELOOP_INDEX", str(photos))
+        monkeypatch.setenv("IMAGELOOP_ROOTS", str(tmp_path))
+        monkeypatch.setenv("IMAGELOOP_RUNS", str(tmp_path / "runs"))
+        close_deployed_app()
         yield fakes
+        close_deployed_app()
 
 
 def test_langgraph_json_names_a_python_factory_per_loop() -> None:
@@ -98,19 +103,47 @@ def test_the_imagerag_graph_runs_on_the_configured_backends(configured: FakeBack
         ]
     )
     artifacts = tmp_path / "server-artifacts"
-    graph = load_graph("imagerag", {"configurable": {"artifacts_dir": str(artifacts)}})
-    state = graph.invoke({"prompt": "a blue jay on a snowy branch"})
+    graph = load_graph("imagerag")
+    state = graph.invoke({"prompt": "a blue jay on a snowy branch"}, context={"artifacts_dir": str(artifacts)})
     assert state["stop_reason"] == "aligned"
     assert (artifacts / f"{state['final_image']}.png").is_file()
     [reference] = state["references"]
     assert Path(reference["path"]).name == "jay.png"
 
 
+def test_a_finished_server_run_writes_its_record_under_the_runs_folder(
+    configured: FakeBackends, tmp_path: Path
+) -> None:
+    configured.vlm.answers.append({"aligned": True, "missing_concepts": []})
+    load_graph("imagerag").invoke({"prompt": "a blue jay"})
+    [record] = (tmp_path / "runs" / "server").glob("*/run.json")
+    written = json.loads(record.read_text())
+    assert (written["prompt"], written["stop_reason"]) == ("a blue jay", "aligned")
+    assert Path(written["final_image"]).is_file() and (record.parent / "report.html").is_file()
+
+
+def test_the_servers_settings_are_the_runs_knobs_unless_the_run_says_otherwise(
+    configured: FakeBackends, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IMAGELOOP_MAX_ITERATIONS", "2")
+    monkeypatch.setenv("IMAGELOOP_TOP_K", "3")
+    not_aligned = {"aligned": False, "missing_concepts": ["blue jay"]}
+    captions = {"captions": [{"concept": "blue jay", "caption": "a blue jay with a blue crest"}]}
+    configured.vlm.answers.extend([not_aligned, captions, not_aligned, captions, not_aligned])
+    state = load_graph("imagerag").invoke({"prompt": "a blue jay"})
+    assert (state["iteration"], state["stop_reason"], len(state["references"])) == (2, "max_iterations", 3)
+
+    configured.vlm.answers.extend([not_aligned, captions, not_aligned])
+    state = load_graph("imagerag").invoke({"prompt": "a blue jay"}, context={"max_iterations": 1, "top_k": 1})
+    assert (state["iteration"], len(state["references"])) == (1, 1)
+
+
 def test_a_person_answers_genir_through_the_servers_checkpointer(configured: FakeBackends, tmp_path: Path) -> None:
-    graph = load_graph("genir", {"configurable": {"artifacts_dir": str(tmp_path / "a")}})
+    graph = load_graph("genir")
     served = graph.copy(update={"checkpointer": InMemorySaver()})  # what the server does with its own saver
     thread = {"configurable": {"thread_id": "t1"}}
-    asked = served.invoke({"query": "a blue jay", "feedback": "verbal", "k": 2}, thread, version="v2")
+    context = {"artifacts_dir": str(tmp_path / "a"), "feedback": "verbal", "k": 2}
+    asked = served.invoke({"query": "a blue jay"}, thread, version="v2", context=context)
     [question] = asked.interrupts
     top = question.value["retrieved"][0]
     assert "blue jay" in top["caption"]
@@ -118,11 +151,12 @@ def test_a_person_answers_genir_through_the_servers_checkpointer(configured: Fak
     assert (done["stop_reason"], done["found_id"]) == ("found", top["id"])
 
 
-def test_the_run_config_chooses_the_index(configured: FakeBackends, tmp_path: Path) -> None:
+def test_the_run_context_chooses_the_index(configured: FakeBackends, tmp_path: Path) -> None:
     configured.vlm.answers.extend(PLAN_AND_CAPTIONS)
-    graph = load_graph("imagerag", {"configurable": {"index": str(tmp_path / "nowhere")}})
+    (tmp_path / "nowhere").mkdir()
+    graph = load_graph("imagerag")
     with pytest.raises(Exception, match="no imageloop index at"):
-        graph.invoke({"prompt": "a blue jay", "mode": "generation"})
+        graph.invoke({"prompt": "a blue jay"}, context={"mode": "generation", "index": str(tmp_path / "nowhere")})
 
 
 def test_a_run_without_an_index_says_how_to_configure_one(
@@ -132,4 +166,4 @@ def test_a_run_without_an_index_says_how_to_configure_one(
     configured.vlm.answers.extend(PLAN_AND_CAPTIONS)
     graph = load_graph("imagerag")
     with pytest.raises(ConfigError, match="no index: set IMAGELOOP_INDEX=FOLDER"):
-        graph.invoke({"prompt": "a blue jay", "mode": "generation"})
+        graph.invoke({"prompt": "a blue jay"}, context={"mode": "generation"})

@@ -15,7 +15,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
@@ -36,10 +35,13 @@ from mcp.types import CallToolResult, ImageContent, TextContent
 from PIL import Image
 
 import imageloop.backends as backends
+from imageloop import limits
+from imageloop.app import App
 from imageloop.cli import main
 from imageloop.config import Settings
-from imageloop.mcp_server import RESULT_IMAGE_BUDGET, ImageloopMCP, Roots, build_server
-from imageloop.protocols import GenerationRequest, GenerationResult
+from imageloop.mcp import build_server
+from imageloop.mcp.server import ImageloopMCP
+from imageloop.mcp.thumbnails import RESULT_IMAGE_BUDGET
 from tests.fake_openai_server import FakeOpenAIServer, RecordedRequest, chat_completion
 from tests.fakes import FakeHashEmbedder, ScriptedGenerator, ScriptedVLM
 
@@ -104,7 +106,12 @@ def stdio_server(openai: FakeOpenAIServer, *args: str, errlog: Any = None) -> Ca
     params = StdioServerParameters(
         command=sys.executable,
         args=["-m", "imageloop.cli", "mcp", "--profile", "openai", *args],
-        env={"OPENAI_BASE_URL": openai.base_url, "OPENAI_API_KEY": "sk-test", "PYTHONPATH": str(REPO)},
+        env={
+            "OPENAI_BASE_URL": openai.base_url,
+            "OPENAI_API_KEY": "sk-test",
+            "PYTHONPATH": str(REPO),
+            "IMAGELOOP_SESSIONS": os.environ["IMAGELOOP_SESSIONS"],
+        },
         cwd=REPO,
     )
     return lambda: stdio_client(params, errlog=errlog or sys.stderr)
@@ -181,8 +188,10 @@ def test_lists_the_six_tools_with_bounded_arguments(stdio: Client) -> None:
     k = tools["retrieve_images"].inputSchema["properties"]["k"]
     assert (k["minimum"], k["maximum"]) == (1, 50)
     generate = tools["generate_with_references"].inputSchema["properties"]
-    assert maximum(generate["max_iterations"]) == 5 and maximum(generate["steps"]) == 100
-    assert maximum(generate["width"]) == 2048 and maximum(generate["wait_seconds"]) <= 55
+    bounds = limits.BOUNDS  # the one table every face takes its bounds from
+    assert maximum(generate["max_iterations"]) == bounds["max_iterations"].high
+    assert maximum(generate["steps"]) == bounds["steps"].high
+    assert maximum(generate["width"]) == limits.MAX_SIDE and maximum(generate["wait_seconds"]) <= 55
     assert tools["get_run"].outputSchema is not None  # the run view's shape is declared
 
 
@@ -220,11 +229,11 @@ def test_a_symlink_out_of_the_roots_is_never_indexed_so_never_returned(stdio: Cl
     ("arguments", "message"),
     [
         ({"index": "../outside", "query": "x"}, "'..' is not allowed"),
-        ({"index": "/etc", "query": "x"}, "is outside the folders this server may read"),
-        ({"index": "escape", "query": "x"}, "is outside the folders this server may read"),  # a symlink out
-        ({"index": "photos", "image": "photos/leak.png"}, "is outside the folders this server may read"),
-        ({"index": "photos", "image": "/etc/passwd"}, "is outside the folders this server may read"),
-        ({"index": "nowhere", "query": "x"}, "no such file or folder"),
+        ({"index": "/etc", "query": "x"}, "is outside the folders"),
+        ({"index": "escape", "query": "x"}, "is outside the folders"),  # a symlink out
+        ({"index": "photos", "image": "photos/leak.png"}, "is outside the folders"),
+        ({"index": "photos", "image": "/etc/passwd"}, "is outside the folders"),
+        ({"index": "nowhere", "query": "x"}, "no imageloop index at"),
     ],
 )
 def test_paths_outside_the_roots_are_refused(stdio: Client, arguments: dict[str, Any], message: str) -> None:
@@ -234,6 +243,8 @@ def test_paths_outside_the_roots_are_refused(stdio: Client, arguments: dict[str,
 
 
 FIND = {"index": "photos", "query": "x"}
+BOUNDS = limits.BOUNDS
+TOO_MANY_ITERATIONS, TOO_MANY_ROUNDS = BOUNDS["max_iterations"].high + 1, BOUNDS["rounds"].high + 1
 DRAW = {"prompt": "a jay", "index": "photos"}
 
 
@@ -244,13 +255,13 @@ DRAW = {"prompt": "a jay", "index": "photos"}
         ("retrieve_images", {**FIND, "k": "ten"}, "invalid k:"),
         ("retrieve_images", {"query": "x"}, "invalid index: Field required"),
         ("retrieve_images", {**FIND, "top": 3}, "unknown argument 'top'"),
-        ("retrieve_images", {"index": "photos"}, "pass exactly one of query (text) or image (a path)"),
-        ("retrieve_images", {"index": "photos", "query": "x" * 2001}, "invalid query:"),
-        ("generate_with_references", {**DRAW, "max_iterations": 6}, "invalid max_iterations"),
-        ("generate_with_references", {**DRAW, "steps": 101}, "invalid steps"),
-        ("generate_with_references", {**DRAW, "width": 4096}, "invalid width"),
+        ("retrieve_images", {"index": "photos"}, "give exactly one of a text query or an image"),
+        ("retrieve_images", {"index": "photos", "query": "x" * (limits.PROMPT_CHARS + 1)}, "invalid query:"),
+        ("generate_with_references", {**DRAW, "max_iterations": TOO_MANY_ITERATIONS}, "invalid max_iterations"),
+        ("generate_with_references", {**DRAW, "steps": BOUNDS["steps"].high + 1}, "invalid steps"),
+        ("generate_with_references", {**DRAW, "width": limits.MAX_SIDE + 1}, "invalid width"),
         ("generate_with_references", {**DRAW, "wait_seconds": 600}, "invalid wait_seconds"),
-        ("genir_round", {"index": "photos", "query": "a jay", "max_rounds": 11}, "invalid max_rounds"),
+        ("genir_round", {"index": "photos", "query": "a jay", "max_rounds": TOO_MANY_ROUNDS}, "invalid max_rounds"),
         ("genir_feedback", {"session_id": "../../etc", "feedback": "bluer"}, "invalid session_id"),
         ("get_run", {"run_id": "nope"}, "invalid run_id"),
         ("get_run", {"run_id": "0123456789ab"}, "no run '0123456789ab'"),
@@ -356,13 +367,13 @@ def test_a_client_that_disconnects_mid_run_leaves_a_cancelled_run_with_a_whole_r
     run_dir = runs / started["run_id"]
     status = json.loads((run_dir / "status.json").read_text())
     record = json.loads((run_dir / "run.json").read_text())
-    assert status["status"] == "cancelled" and "server shut down" in status["error"]
+    assert status["status"] == "cancelled" and "shut down" in status["error"]
     assert record["stop_reason"] == "error" and record["error"] == status["error"]
     assert record["steps"] and record["draft_image"] and Path(record["draft_image"]).is_file()
 
-    app = ImageloopMCP(Settings(), Roots([library]), runs)  # a later server reads the run from disk
+    app = App(Settings(), roots=[library], runs_dir=runs)  # a later server reads the run from disk
     try:
-        view = app.run_view(started["run_id"])
+        view = ImageloopMCP(app).run_view(started["run_id"])
     finally:
         app.close()
     assert (view.status, view.error, view.result) == ("cancelled", status["error"], record)
@@ -378,6 +389,7 @@ def http_server(openai: FakeOpenAIServer, library: Path, bind: str, env: dict[st
         [sys.executable, "-m", "imageloop.cli", "mcp", "--profile", "openai", "--root", str(library), "--http", bind],
         cwd=REPO,
         env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "OPENAI_BASE_URL": openai.base_url,
+             "IMAGELOOP_SESSIONS": os.environ["IMAGELOOP_SESSIONS"],
              "OPENAI_API_KEY": "sk-test", **(env or {})},
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -466,10 +478,10 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
 
 
 @contextmanager
-def in_process(root: Path) -> Iterator[tuple[ImageloopMCP, Callable[[], Any]]]:
-    """An ImageloopMCP over `root` with fake backends, and a way to open client sessions to it."""
+def in_process(root: Path) -> Iterator[tuple[App, Callable[[], Any]]]:
+    """An App confined to `root` with fake backends, its MCP server, and a way to open client sessions to it."""
     settings = Settings.model_validate({"vlm": "fake:vlm", "generator": "fake:generator", "embedder": "fake:hash"})
-    app = ImageloopMCP(settings, Roots([root]), root / ".runs")
+    app = App(settings, roots=[root], runs_dir=root / ".runs", sessions_db=root / ".runs" / "sessions.sqlite")
     server = build_server(app)
     try:
         yield app, lambda: create_connected_server_and_client_session(server)
@@ -531,29 +543,11 @@ def test_models_load_once_per_process_not_per_session(fakes: dict[str, Any], tmp
     assert fakes["builds"] == 1  # the embedder; the second session reused it
 
 
-class CountingGenerator(ScriptedGenerator):
-    """A generator that notices when two calls overlap."""
-
-    def __init__(self) -> None:
-        super().__init__(latency_s=0.05)
-        self.active = 0
-        self.most_active = 0
-        self.lock = threading.Lock()
-
-    def generate(self, request: GenerationRequest) -> GenerationResult:
-        with self.lock:
-            self.active += 1
-            self.most_active = max(self.most_active, self.active)
-        try:
-            return super().generate(request)
-        finally:
-            with self.lock:
-                self.active -= 1
-
-
-def test_runs_on_one_generator_take_turns_and_none_is_lost(fakes: dict[str, Any], tmp_path: Path) -> None:
+def test_concurrent_runs_on_one_generator_all_finish_with_their_own_records(
+    fakes: dict[str, Any], tmp_path: Path
+) -> None:
     photo_folder(tmp_path, 3)
-    fakes["generator"] = CountingGenerator()
+    fakes["generator"] = ScriptedGenerator(latency_s=0.05)
     fakes["vlm"].answers.extend([ALIGNED] * 4)
     with in_process(tmp_path) as (app, open_session), memory_client(open_session) as client:
         client.call("index_images", {"folder": "photos"})
@@ -565,7 +559,7 @@ def test_runs_on_one_generator_take_turns_and_none_is_lost(fakes: dict[str, Any]
 
     assert [run["status"] for run in runs] == ["done"] * 4
     assert len({run["run_id"] for run in runs}) == 4
-    assert fakes["generator"].most_active == 1 and len(fakes["generator"].requests) == 4
+    assert len(fakes["generator"].requests) == 4
     assert all((app.runs_dir / run["run_id"] / "run.json").is_file() for run in runs)
 
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from imageloop.app import App
 from imageloop.cli import main
 from imageloop.errors import BackendError
 from imageloop.protocols import Message
-from imageloop.runs import run_imagerag
 from imageloop.tools.indexing.indexer import index_folder
 from tests.fake_providers import FakeBackends, captioned_folder, fake_backends
 
@@ -42,7 +42,7 @@ def run_dir(fakes: FakeBackends, tmp_path: Path) -> Path:
     images = captioned_folder(tmp_path / "photos")
     index_folder(images, fakes.embedder, None, progress=False)
     out = tmp_path / "runs" / "jay"
-    run_imagerag(PROMPT, fakes.settings, images, out)
+    App(fakes.settings).generate(PROMPT, images, out_dir=out)
     return out
 
 
@@ -138,7 +138,7 @@ def test_a_failed_run_still_gets_a_report_saying_why(monkeypatch: pytest.MonkeyP
         index_folder(images, fakes.embedder, None, progress=False)
         out = tmp_path / "runs" / "failed"
         with pytest.raises(BackendError):
-            run_imagerag("a blue jay", fakes.settings, images, out)
+            App(fakes.settings).generate("a blue jay", images, out_dir=out)
     page = parse(out / "report.html")
     assert "The run failed: the VLM endpoint is unreachable" in page.text
     assert "draft (prompt alone)" in page.text and all((out / src).is_file() for src in page.images)

@@ -1,4 +1,4 @@
-"""A person's search session across calls (the API the LangChain tools and the MCP server share), on fakes."""
+"""A person's search session across calls (the application layer every face shares), on fakes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from imageloop.app import App
 from imageloop.graphs.steps import Step
-from imageloop.search_session import continue_search, show_search, start_search
 from imageloop.tools.indexing.indexer import index_folder
 from tests.fake_providers import FakeBackends, captioned_folder, fake_backends
 
@@ -35,15 +35,8 @@ def test_each_finished_node_reports_its_steps_as_the_round_plays(
 ) -> None:
     steps: list[Step] = []
 
-    shown = start_search(
-        photos,
-        fakes.settings,
-        query="a bird",
-        k=2,
-        runs_dir=tmp_path,
-        sessions_db=tmp_path / "s.db",
-        on_step=steps.append,
-    )
+    app = App(fakes.settings, runs_dir=tmp_path, sessions_db=tmp_path / "s.db")
+    shown = app.start_search(photos, "a bird", knobs={"k": 2}, on_step=steps.append)
 
     assert shown["status"] == "awaiting_feedback"
     assert [s["node"] for s in steps] == ["prepare", "choose_feedback", "generate_synthetic", "retrieve", "present"]
@@ -52,21 +45,20 @@ def test_each_finished_node_reports_its_steps_as_the_round_plays(
 def test_a_round_stopped_by_its_step_callback_shows_incomplete_and_continues_without_drawing_again(
     fakes: FakeBackends, photos: Path, tmp_path: Path
 ) -> None:
-    db = tmp_path / "sessions.sqlite"
+    app = App(fakes.settings, runs_dir=tmp_path / "runs", sessions_db=tmp_path / "sessions.sqlite")
 
     def stop_after_drawing(step: Step) -> None:
         if step["node"] == "generate_synthetic":
             raise Cancelled
 
     with pytest.raises(Cancelled):
-        start_search(photos, fakes.settings, query="a bird", k=2, runs_dir=tmp_path / "runs", sessions_db=db,
-                     on_step=stop_after_drawing)  # fmt: skip
+        app.start_search(photos, "a bird", knobs={"k": 2}, on_step=stop_after_drawing)
     [out_dir] = (tmp_path / "runs").iterdir()
     thread_id = out_dir.name.removeprefix("search-")
 
-    assert show_search(thread_id, fakes.settings, sessions_db=db)["status"] == "incomplete"
+    assert app.show_search(thread_id)["status"] == "incomplete"
     played: list[Step] = []
-    resumed = continue_search(thread_id, None, fakes.settings, sessions_db=db, on_step=played.append)
+    resumed = app.continue_search(thread_id, None, on_step=played.append)
 
     assert resumed["status"] == "awaiting_feedback" and resumed["round"] == 0
     assert [s["node"] for s in played] == ["retrieve", "present"]
@@ -76,10 +68,10 @@ def test_a_round_stopped_by_its_step_callback_shows_incomplete_and_continues_wit
 def test_showing_a_session_plays_nothing_and_shows_the_same_round(
     fakes: FakeBackends, photos: Path, tmp_path: Path
 ) -> None:
-    db = tmp_path / "sessions.sqlite"
-    started = start_search(photos, fakes.settings, query="a bird", k=2, runs_dir=tmp_path, sessions_db=db)
+    app = App(fakes.settings, runs_dir=tmp_path, sessions_db=tmp_path / "sessions.sqlite")
+    started = app.start_search(photos, "a bird", knobs={"k": 2})
 
-    shown = show_search(started["thread_id"], fakes.settings, sessions_db=db)
+    shown = app.show_search(started["thread_id"])
 
     assert shown == started
     assert len(fakes.generator.requests) == 1

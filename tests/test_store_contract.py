@@ -273,6 +273,13 @@ def test_delete_removes_records_and_ignores_unknown_ids(store: IndexStore) -> No
     assert store.get(["a"]) == []
 
 
+def test_ids_lists_every_stored_record_across_pages(store: IndexStore) -> None:
+    store.upsert([record(f"img{i:04d}", 1.0, float(i)) for i in range(1100)])  # over two pages of 500
+    store.delete(["img0007"])
+    ids = store.ids()
+    assert sorted(ids) == sorted(f"img{i:04d}" for i in range(1100) if i != 7)
+
+
 def test_batches_larger_than_one_request_are_written_read_and_deleted_whole(store: IndexStore) -> None:
     rng = np.random.default_rng(0)
     records = [VectorRecord(f"r{i:04d}", rng.normal(size=8).astype(np.float32), {"i": i}) for i in range(700)]

@@ -10,31 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from langgraph.graph.state import CompiledStateGraph
-
-from imageloop.backends import make_embedder, make_generator, make_vlm
-from imageloop.config import Settings
+from imageloop.config import FeedbackKind
 from imageloop.errors import ImageloopError
 from imageloop.eval.metrics import cumulative_hits_at_k, mean_best_rank, per_round_hits_at_k
-from imageloop.files import write_json_atomic
-from imageloop.graphs.genir import (
-    FEEDBACK_KINDS,
-    FeedbackKind,
-    GenIRState,
-    build_genir_graph,
-    drawing_knobs,
-)
+from imageloop.graphs.genir import GenIRContext, GenIRGraph
 from imageloop.tools.artifacts import ArtifactStore
-from imageloop.tools.embedders.batching import BatchingEmbedder
 from imageloop.tools.images import IMAGE_SUFFIXES, content_id
-from imageloop.tools.indexing.image_index import ImageIndex, open_index
-from imageloop.tools.indexing.retriever import Retriever
+from imageloop.tools.indexing.image_index import ImageIndex
 
 DIALOGUES = "dialogues.jsonl"
 SUMMARY = "summary.json"
@@ -100,7 +88,7 @@ def _finished(dialogues: Path) -> dict[str, dict[str, Any]]:
     return done
 
 
-def _dialogue_record(target: Target, state: GenIRState, artifacts: ArtifactStore) -> dict[str, Any]:
+def _dialogue_record(target: Target, state: Mapping[str, Any], artifacts: ArtifactStore) -> dict[str, Any]:
     return {
         "target_id": target.id,
         "target_path": str(target.path),
@@ -121,6 +109,15 @@ def _dialogue_record(target: Target, state: GenIRState, artifacts: ArtifactStore
     }
 
 
+def _end_last_line(path: Path) -> None:
+    """Finish a line a crash cut short, so the next record starts on a line of its own (not glued to it)."""
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
 def summarise(records: Iterable[dict[str, Any]], settings: GenIREvalSettings) -> dict[str, Any]:
     """Hits@K per round (cumulative), per-round hits and mean best rank over the finished dialogues."""
     ranks = [[r["target_rank"] for r in record["rounds"]] for record in records]
@@ -136,7 +133,7 @@ def summarise(records: Iterable[dict[str, Any]], settings: GenIREvalSettings) ->
 
 
 def evaluate_targets(
-    graph: CompiledStateGraph[GenIRState, None, GenIRState, GenIRState],
+    graph: GenIRGraph,
     targets: list[Target],
     out_dir: Path,
     *,
@@ -144,33 +141,30 @@ def evaluate_targets(
     k: int,
     feedback: FeedbackKind,
     rank_depth: int,
-    drawing: GenIRState | None = None,
     concurrency: int = 1,
     on_target: Callable[[int, int], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Search for every target not already in `dialogues.jsonl`, appending (fsynced) as each finishes."""
+    """Search for every target not already in `dialogues.jsonl`, appending (fsynced) as each finishes.
+
+    The graph's own defaults (the drawing knobs among them) apply except for the knobs given here.
+    """
     artifacts = ArtifactStore(out_dir / "artifacts")
     dialogues = out_dir / DIALOGUES
     done = _finished(dialogues)
     pending = [t for t in targets if t.id not in done]
 
     def search(target: Target) -> dict[str, Any]:
-        inputs: GenIRState = {
-            "user": "simulated",
-            "target_id": target.id,
-            "target_path": str(target.path),
-            "feedback": feedback,
-            "max_rounds": rounds,
-            "k": k,
-            "rank_depth": rank_depth,
-            **(drawing or {}),
-        }
-        state = graph.invoke(inputs, version="v2").value
+        context = GenIRContext(
+            user="simulated", target_id=target.id, target_path=str(target.path), feedback=feedback,
+            max_rounds=rounds, k=k, rank_depth=rank_depth,
+        )  # fmt: skip
+        state = graph.invoke({}, version="v2", context=context).value
         return _dialogue_record(target, state, artifacts)
 
     finished = len(targets) - len(pending)
     if on_target is not None:
         on_target(finished, len(targets))
+    _end_last_line(dialogues)
     with dialogues.open("a", encoding="utf-8") as out, ThreadPoolExecutor(concurrency) as pool:
         for record in pool.map(search, pending):
             out.write(json.dumps(record) + "\n")
@@ -181,60 +175,3 @@ def evaluate_targets(
             if on_target is not None:
                 on_target(finished, len(targets))
     return done
-
-
-def run_genir_eval(
-    index_path: Path,
-    targets_spec: Path,
-    settings: Settings,
-    out_dir: Path,
-    *,
-    rounds: int,
-    k: int,
-    feedback: FeedbackKind,
-    rank_depth: int = 1000,
-    concurrency: int = 1,
-    on_target: Callable[[int, int], None] | None = None,
-) -> dict[str, Any]:
-    """Run the simulated-user loop for every target not yet done; write and return the summary."""
-    if feedback not in FEEDBACK_KINDS:
-        raise ImageloopError(f"--feedback {feedback!r}: expected one of {', '.join(FEEDBACK_KINDS)}")
-    if rounds < 1 or k < 1 or concurrency < 1:
-        raise ImageloopError("--rounds, --k and --concurrency must be at least 1")
-    index = open_index(index_path)
-    embedder = make_embedder(settings)
-    # Concurrent searches share embedding calls: one batch costs about what one item does on a GPU.
-    retriever = Retriever(index, BatchingEmbedder(embedder) if concurrency > 1 else embedder)
-    uses_generator = feedback in ("visual", "hybrid")
-    eval_settings = GenIREvalSettings(
-        rounds=rounds,
-        k=k,
-        feedback=feedback,
-        rank_depth=rank_depth,
-        seed=settings.seed,
-        vlm=str(settings.role_spec("vlm")),
-        generator=str(settings.role_spec("generator")) if uses_generator else "-",
-        embedder=embedder.model_id,
-        index=str(index.root),
-    )
-    targets = load_targets(targets_spec, index)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    settings_file = out_dir / EVAL_SETTINGS
-    if settings_file.exists() and json.loads(settings_file.read_text()) != asdict(eval_settings):
-        raise ImageloopError(f"{out_dir} holds an evaluation with other settings: use another --out")
-    write_json_atomic(settings_file, asdict(eval_settings))
-
-    graph = build_genir_graph(
-        make_vlm(settings),
-        make_generator(settings) if uses_generator else None,
-        retriever,
-        ArtifactStore(out_dir / "artifacts"),
-    )
-    done = evaluate_targets(
-        graph, targets, out_dir, rounds=rounds, k=k, feedback=feedback, rank_depth=rank_depth,
-        drawing=drawing_knobs(settings), concurrency=concurrency, on_target=on_target,
-    )  # fmt: skip
-    wanted = {t.id for t in targets}
-    summary = summarise((r for target_id, r in done.items() if target_id in wanted), eval_settings)
-    write_json_atomic(out_dir / SUMMARY, summary)
-    return summary

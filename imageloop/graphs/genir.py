@@ -1,8 +1,8 @@
 """GenIR as a LangGraph state machine: multi-round retrieval of the image a user has in mind.
 
 ```
-START → prepare ─(simulated user, no query)→ describe_target ─┐
-           └──────────────────────────────────────────────────┴→ choose_feedback
+START → prepare ─(simulated user)→ describe_target ─┐
+           └─(a person's query)──────────────────────┴→ choose_feedback
 choose_feedback ─visual→ generate_synthetic → retrieve ─┐      (hybrid picks per round)
         └─verbal / prediction──────────────→ retrieve ─┴→ present
 present ─found / last round→ finish
@@ -10,30 +10,38 @@ present ─found / last round→ finish
          └→ rewrite (query_{t+1}) → choose_feedback …
 ```
 Generation has its own node, so resuming a person's interrupt never draws again. Ranks are 0-based
-(0 is the top result); a target counts as found at round t when its rank is < k.
+(0 is the top result); a target counts as found at round t when its rank is < k. A person's
+"found: X" must name a result that was shown (`resolve_found`), else the question is asked again.
+
+A run is asked `GenIRInput` (a person's query) with per-run knobs in the run context (`GenIRContext`:
+the kind of user and target, feedback, rounds, k), answers `GenIROutput`, and `prepare` resets every
+per-run field, so a reused thread starts clean.
 """
 
 from __future__ import annotations
 
 import operator
 import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol, TypedDict
+from typing import Annotated, Any, Literal, Protocol
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
-from langgraph.types import Checkpointer, interrupt
+from langgraph.runtime import Runtime
+from langgraph.types import Checkpointer, Overwrite, interrupt
+from typing_extensions import TypedDict
 
+from imageloop import limits
 from imageloop.agents.query_refiner import QueryRefiner
 from imageloop.agents.simulated_user import ShownKind, SimulatedUser
-from imageloop.config import Settings
-from imageloop.errors import MalformedOutputError
+from imageloop.config import FEEDBACK_KINDS, FeedbackKind
+from imageloop.errors import ConfigError, ImageloopError, MalformedOutputError
 from imageloop.graphs.steps import Step, step
 from imageloop.protocols import GenerationRequest, ImageGenerator, RetrievedImage, VisionLanguageModel
 from imageloop.tools.artifacts import ArtifactStore
 
-FeedbackKind = Literal["visual", "verbal", "prediction", "hybrid"]
-FEEDBACK_KINDS: tuple[FeedbackKind, ...] = ("visual", "verbal", "prediction", "hybrid")
 User = Literal["person", "simulated"]
 FOUND_PREFIX = "found:"
 
@@ -71,10 +79,9 @@ class RoundRecord(TypedDict):
     differences: str | None
 
 
-class GenIRState(TypedDict, total=False):
-    """Inputs (query or target, knobs) and the dialogue so far."""
+class GenIRKnobs(TypedDict):
+    """The per-run knobs (who searches for what, and how), as state holds them once `prepare` resolved them."""
 
-    query: str
     user: User
     target_id: str | None
     target_path: str | None
@@ -87,47 +94,154 @@ class GenIRState(TypedDict, total=False):
     size: tuple[int, int] | None
     steps_per_image: int | None
 
+
+KNOB_DEFAULTS = GenIRKnobs(
+    user="person",
+    target_id=None,
+    target_path=None,
+    feedback="visual",
+    max_rounds=int(limits.BOUNDS["rounds"].default or 10),
+    k=int(limits.BOUNDS["k"].default or 10),
+    rank_depth=int(limits.BOUNDS["rank_depth"].default or 1000),
+    hybrid_threshold=float(limits.BOUNDS["hybrid_threshold"].default or 0.9),
+    seed=0,
+    size=None,
+    steps_per_image=None,
+)
+
+
+@dataclass(kw_only=True)
+class GenIRContext:
+    """Per-run knobs (LangGraph run context); a field left None takes the graph's defaults.
+
+    A person's search needs only the input query; a simulated user's (evaluation) names its target here.
+    """
+
+    user: User | None = field(default=None, metadata={"description": "person (interrupts) or simulated"})
+    target_id: str | None = field(default=None, metadata={"description": "simulated user: the target's index id"})
+    target_path: str | None = field(default=None, metadata={"description": "simulated user: the target image"})
+    feedback: FeedbackKind | None = field(
+        default=None, metadata={"description": "visual, verbal, prediction or hybrid"}
+    )
+    max_rounds: int | None = field(default=None, metadata={"description": "rounds at most"})
+    k: int | None = field(default=None, metadata={"description": "results per round (Hits@K cut-off)"})
+    rank_depth: int | None = field(default=None, metadata={"description": "ranks deeper than this are misses"})
+    hybrid_threshold: float | None = field(default=None, metadata={"description": "hybrid: predict from here"})
+    seed: int | None = field(default=None, metadata={"description": "generator seed"})
+    size: tuple[int, int] | None = field(default=None, metadata={"description": "[width, height] of drawings"})
+    steps: int | None = field(default=None, metadata={"description": "denoising steps (diffusion backends)"})
+
+
+class GenIRInput(TypedDict, total=False):
+    """What a person's search starts from (a simulated user describes its target itself)."""
+
+    query: str
+
+
+class GenIROutput(TypedDict, total=False):
+    """How the search ended and the whole dialogue."""
+
+    query: str
+    round: int
+    found: bool
+    found_id: str | None
+    rounds: list[RoundRecord]
+    stop_reason: str | None
+    steps: list[Step]
+
+
+class GenIRState(GenIRKnobs, total=False):
+    """The resolved knobs and the dialogue so far."""
+
+    query: str
     round: int
     shown_kind: ShownKind
     synthetic_image: str | None
     retrieved: list[Retrieved]
-    ranked_ids: list[str]
+    target_rank: int | None
     next_query: str | None
     found: bool
     found_id: str | None
     rounds: list[RoundRecord]
-    stop_reason: str
+    stop_reason: str | None
     steps: Annotated[list[Step], operator.add]
 
 
-DEFAULTS: dict[str, Any] = {
-    "user": "person",
-    "target_id": None,
-    "target_path": None,
-    "feedback": "visual",
-    "max_rounds": 5,
-    "k": 10,
-    "rank_depth": 1000,
-    "hybrid_threshold": 0.9,
-    "seed": 0,
-    "size": None,
-    "steps_per_image": None,
+FRESH_RUN: dict[str, Any] = {
+    "round": 0,
+    "synthetic_image": None,
+    "retrieved": [],
+    "target_rank": None,
+    "next_query": None,
+    "found": False,
+    "found_id": None,
+    "rounds": [],
+    "stop_reason": None,
 }
 
 
-def drawing_knobs(settings: Settings) -> GenIRState:
-    """The GenIR inputs that say how synthetic images are drawn, from the run's settings."""
-    return {"seed": settings.seed, "size": settings.size, "steps_per_image": settings.steps}
+def resolve_knobs(defaults: GenIRKnobs, context: GenIRContext | None) -> GenIRKnobs:
+    """The run's knobs: the context's where given, else `defaults`; each checked against `imageloop.limits`."""
+    knobs = GenIRKnobs(**defaults)
+    for f in fields(GenIRContext) if context else ():
+        value = getattr(context, f.name)
+        if value is None:
+            continue
+        if f.name == "size":
+            knobs["size"] = limits.check_size((int(value[0]), int(value[1])))
+        elif f.name == "steps":
+            limits.check("steps", value)
+            knobs["steps_per_image"] = int(value)
+        elif f.name == "feedback" and value not in FEEDBACK_KINDS:
+            raise ConfigError(f"feedback {value!r}: expected one of {', '.join(FEEDBACK_KINDS)}")
+        elif f.name == "user" and value not in ("person", "simulated"):
+            raise ConfigError(f"user {value!r}: expected person or simulated")
+        else:
+            if f.name in limits.BOUNDS or f.name == "max_rounds":
+                limits.check("rounds" if f.name == "max_rounds" else f.name, value)
+            knobs[f.name] = value  # type: ignore[literal-required]
+    return knobs
+
+
+class FoundError(ImageloopError):
+    """A `found:` answer that names none of the results shown."""
+
+
+def parse_found(text: str) -> str | None:
+    """What a "found: X" answer names (X as written), else None."""
+    stripped = text.strip()
+    if stripped.lower().startswith(FOUND_PREFIX):
+        return stripped[len(FOUND_PREFIX) :].strip()
+    return None
+
+
+def resolve_found(answer: str, shown: Sequence[Mapping[str, Any]]) -> str | None:
+    """The id a "found: X" answer picks among the `shown` results, else None for ordinary feedback.
+
+    X is a listed position (0 is the top result), an id, or an id's unique prefix; anything else is a
+    FoundError listing what may be picked, so neither a person nor a client can end a search on an
+    image that was never shown.
+    """
+    named = parse_found(answer)
+    if named is None:
+        return None
+    ids = [str(result["id"]) for result in shown]
+    if named.isdigit() and int(named) < len(ids):
+        return ids[int(named)]
+    matches = [i for i in ids if named and i.startswith(named)]
+    if len(set(matches)) == 1:
+        return matches[0]
+    choice = f"a position 0..{len(ids) - 1} or an id of a result shown" if ids else "nothing (no result was shown)"
+    reason = "matches several results" if len(set(matches)) > 1 else "is not one of the results shown"
+    raise FoundError(f"'{FOUND_PREFIX} {named}' {reason}: answer with {choice}, or say what differs")
 
 
 # Routing: pure functions of state.
 
 
 def route_after_prepare(state: GenIRState) -> Literal["describe_target", "choose_feedback"]:
-    """A simulated user without a first query describes its target first."""
-    if state["user"] == "simulated" and not state.get("query"):
-        return "describe_target"
-    return "choose_feedback"
+    """A simulated user describes its target first; a person's search starts from their query."""
+    return "describe_target" if state["user"] == "simulated" else "choose_feedback"
 
 
 def route_after_choice(state: GenIRState) -> Literal["generate_synthetic", "retrieve"]:
@@ -158,14 +272,6 @@ def pick_shown_kind(state: GenIRState) -> ShownKind:
     return "visual"
 
 
-def parse_found(text: str) -> str | None:
-    """The id in a person's "found: <id>" answer, else None."""
-    stripped = text.strip()
-    if stripped.lower().startswith(FOUND_PREFIX):
-        return stripped[len(FOUND_PREFIX) :].strip() or None
-    return None
-
-
 class _Nodes:
     """Node functions closed over the backends they call."""
 
@@ -175,32 +281,32 @@ class _Nodes:
         generator: ImageGenerator | None,
         retriever: GenIRRetriever,
         artifacts: ArtifactStore,
+        defaults: GenIRKnobs | Callable[[], GenIRKnobs],
     ) -> None:
+        self._defaults = defaults
         self.user = SimulatedUser(vlm)
         self.refiner = QueryRefiner(vlm)
         self.generator = generator
         self.retriever = retriever
         self.artifacts = artifacts
 
-    def prepare(self, state: GenIRState) -> dict[str, Any]:
-        """Fill defaults and check the inputs agree with the kind of user."""
+    def prepare(self, state: GenIRState, runtime: Runtime[GenIRContext]) -> dict[str, Any]:
+        """Resolve the knobs, check they fit the kind of user, and reset every per-run field."""
         started = time.perf_counter()
-        update: dict[str, Any] = {k: v for k, v in DEFAULTS.items() if k not in state}
-        merged = {**DEFAULTS, **state, **update}
-        if merged["user"] == "simulated" and not merged.get("target_path"):
-            raise ValueError("a simulated user needs target_path (and target_id) to look for")
-        if merged["user"] == "person" and not (state.get("query") or "").strip():
-            raise ValueError("a person's search starts from a query")
-        if merged["feedback"] not in FEEDBACK_KINDS:
-            raise ValueError(f"feedback must be one of {FEEDBACK_KINDS}, not {merged['feedback']!r}")
-        if merged["feedback"] in ("visual", "hybrid") and self.generator is None:
-            raise ValueError(f"{merged['feedback']} feedback draws synthetic images: pass a generator")
-        update.update(round=0, found=False, found_id=None, rounds=[], next_query=None, synthetic_image=None)
-        knobs = {k: merged[k] for k in ("user", "feedback", "max_rounds", "k")}
-        update["steps"] = [
-            step("prepare", 0, f"{merged['user']} search, {merged['feedback']} feedback", started, **knobs)
-        ]
-        return update
+        defaults = self._defaults() if callable(self._defaults) else self._defaults
+        knobs = resolve_knobs(defaults, runtime.context)
+        if knobs["user"] == "simulated":
+            if not knobs["target_path"] or not knobs["target_id"]:
+                raise ConfigError("a simulated user needs target_id and target_path to look for")
+            query = ""  # the simulated user describes its target (describe_target)
+        else:
+            query = limits.check_text("query", str(state.get("query") or ""))
+        if knobs["feedback"] in ("visual", "hybrid") and self.generator is None:
+            raise ConfigError(f"{knobs['feedback']} feedback draws synthetic images: configure a generator")
+        decision = f"{knobs['user']} search, {knobs['feedback']} feedback"
+        shown = {k: knobs[k] for k in ("user", "feedback", "max_rounds", "k")}
+        record = step("prepare", 0, decision, started, **shown)
+        return {"query": query, **knobs, **FRESH_RUN, "steps": Overwrite([record])}
 
     def describe_target(self, state: GenIRState) -> dict[str, Any]:
         """The simulated user's first, from-memory query."""
@@ -248,20 +354,21 @@ class _Nodes:
             found = self.retriever.search(state["query"], depth)
             how = "text→image with the query" if self.retriever.route == "image" else "caption route with the query"
         retrieved = [
-            Retrieved(id=r.id, path=str(r.path), caption=r.caption, score=round(float(r.score), 6)) for r in found
+            Retrieved(id=r.id, path=str(r.path), caption=r.caption, score=round(float(r.score), 6))
+            for r in found[: state["k"]]
         ]
-        record = step("retrieve", state["round"], how, started, top=[r["id"] for r in retrieved[: state["k"]]])
-        return {
-            "retrieved": retrieved[: state["k"]],
-            "ranked_ids": [r["id"] for r in retrieved],
-            "steps": [record],
-        }
+        # Only the target's rank is kept from the deep ranking: a checkpoint holds k results, not rank_depth ids.
+        target = state.get("target_id")
+        ranked = [r.id for r in found]
+        rank = ranked.index(target) if target and target in ranked else None
+        record = step("retrieve", state["round"], how, started, top=[r["id"] for r in retrieved])
+        return {"retrieved": retrieved, "target_rank": rank, "steps": [record]}
 
     def present(self, state: GenIRState) -> dict[str, Any]:
         """Record the round; with a known target, note its rank and whether it is in the top k."""
         started = time.perf_counter()
         target = state.get("target_id")
-        rank = state["ranked_ids"].index(target) if target and target in state["ranked_ids"] else None
+        rank = state.get("target_rank")
         found = rank is not None and rank < state["k"]
         round_record = RoundRecord(
             round=state["round"],
@@ -302,14 +409,18 @@ class _Nodes:
                 "feedback_kind": state["shown_kind"],
                 "synthetic_image": str(shown) if shown and state["shown_kind"] == "visual" else None,
                 "retrieved": state["retrieved"],
-                "ask": f"What differs from the image you want? Or answer '{FOUND_PREFIX} <id>'.",
+                "ask": f"What differs from the image you want? Or answer '{FOUND_PREFIX} N' (its position) or an id.",
             }
             while True:
                 answer = str(interrupt(request) or "").strip()
-                if answer:
+                if not answer:
+                    request = {**request, "ask": "Empty feedback: describe what differs, or answer 'found: <id>'."}
+                    continue
+                try:
+                    found_id = resolve_found(answer, state["retrieved"])
                     break
-                request = {**request, "ask": "Empty feedback: describe what differs, or answer 'found: <id>'."}
-            found_id = parse_found(answer)
+                except FoundError as e:
+                    request = {**request, "ask": str(e)}
             updated = RoundRecord(**{**current, "feedback": answer})
             decision = f"person found {found_id}" if found_id else "person gave feedback"
             return {
@@ -361,19 +472,26 @@ class _Nodes:
         return {"stop_reason": reason, "steps": [record]}
 
 
+GenIRGraph = CompiledStateGraph[GenIRState, GenIRContext, GenIRInput, GenIROutput]
+
+
 def build_genir_graph(
     vlm: VisionLanguageModel,
     generator: ImageGenerator | None,
     retriever: GenIRRetriever,
     artifacts: ArtifactStore,
     checkpointer: Checkpointer = None,
-) -> CompiledStateGraph[GenIRState, None, GenIRState, GenIRState]:
+    *,
+    defaults: GenIRKnobs | Callable[[], GenIRKnobs] = KNOB_DEFAULTS,
+    context_schema: type[GenIRContext] = GenIRContext,
+) -> GenIRGraph:
     """Wire the GenIR loop; a person's feedback needs a checkpointer and a thread_id to interrupt.
 
-    `generator` may be None for verbal and prediction feedback, which never draw.
+    `generator` may be None for verbal and prediction feedback, which never draw. `defaults` are the
+    knobs of a run whose context leaves them unset (or a function returning them, read when a run starts).
     """
-    nodes = _Nodes(vlm, generator, retriever, artifacts)
-    graph = StateGraph(GenIRState)
+    nodes = _Nodes(vlm, generator, retriever, artifacts, defaults)
+    graph = StateGraph(GenIRState, context_schema=context_schema, input_schema=GenIRInput, output_schema=GenIROutput)
     graph.add_node("prepare", nodes.prepare)
     graph.add_node("describe_target", nodes.describe_target)
     graph.add_node("choose_feedback", nodes.choose_feedback)
@@ -393,4 +511,4 @@ def build_genir_graph(
     graph.add_conditional_edges("feedback", route_after_feedback, ["rewrite", "finish"])
     graph.add_edge("rewrite", "choose_feedback")
     graph.add_edge("finish", END)
-    return graph.compile(checkpointer=checkpointer)
+    return graph.compile(checkpointer=checkpointer, name="genir")

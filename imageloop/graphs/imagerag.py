@@ -8,6 +8,10 @@ START ─draft_first→ generate_draft → critic ─aligned / iteration == max_
 ```
 State holds artifact ids and small metadata only (never pixels). Caps live in state; routing
 functions are pure functions of state. Every node appends a `Step` recording its decision and time.
+
+A run is asked `ImageRAGInput` (the prompt) with per-run knobs in the run context (`ImageRAGContext`),
+answers `ImageRAGOutput`, and `prepare` resets every per-run field: two runs on one thread (LangGraph
+Server and Studio reuse threads) are as independent as two runs on two threads.
 """
 
 from __future__ import annotations
@@ -15,17 +19,21 @@ from __future__ import annotations
 import operator
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypedDict
+from typing import Annotated, Any, Literal
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
-from langgraph.types import Checkpointer, Send
+from langgraph.runtime import Runtime
+from langgraph.types import Checkpointer, Overwrite, Send
+from typing_extensions import TypedDict
 
+from imageloop import limits
 from imageloop.agents.critic import Critic
 from imageloop.agents.rewriter import QueryRewriter
 from imageloop.config import Mode
-from imageloop.errors import MalformedOutputError
+from imageloop.errors import ConfigError, MalformedOutputError
 from imageloop.graphs.steps import Step, step
 from imageloop.protocols import (
     GenerationRequest,
@@ -66,10 +74,9 @@ class GeneratedImage(TypedDict):
     missing: int | None
 
 
-class ImageRAGState(TypedDict, total=False):
-    """Inputs (prompt and knobs) and everything the loop decided so far."""
+class ImageRAGKnobs(TypedDict):
+    """The per-run knobs, as state holds them once `prepare` has resolved them."""
 
-    prompt: str
     mode: Mode
     max_iterations: int
     similarity_threshold: float | None
@@ -79,6 +86,66 @@ class ImageRAGState(TypedDict, total=False):
     size: tuple[int, int] | None
     steps_per_image: int | None
 
+
+KNOB_DEFAULTS = ImageRAGKnobs(
+    mode="draft_first",
+    max_iterations=int(limits.BOUNDS["max_iterations"].default or 1),
+    similarity_threshold=None,
+    top_k=int(limits.BOUNDS["top_k"].default or 1),
+    max_concepts=int(limits.BOUNDS["max_concepts"].default or 3),
+    seed=0,
+    size=None,
+    steps_per_image=None,
+)
+
+
+@dataclass(kw_only=True)
+class ImageRAGContext:
+    """Per-run knobs (LangGraph run context); a field left None takes the graph's defaults.
+
+    The defaults are what the graph was built with: the application's settings (profile, `IMAGELOOP_*`),
+    else the paper's values. Knobs travel here rather than in state so a run never inherits the previous
+    run's knobs on a reused thread.
+    """
+
+    mode: Mode | None = field(default=None, metadata={"description": "draft_first critiques a draft; generation plans"})
+    max_iterations: int | None = field(default=None, metadata={"description": "regenerations with references"})
+    similarity_threshold: float | None = field(
+        default=None, metadata={"description": "drop references whose cosine is below this (-1 keeps all)"}
+    )
+    top_k: int | None = field(default=None, metadata={"description": "references retrieved per missing concept"})
+    max_concepts: int | None = field(default=None, metadata={"description": "missing concepts per critique"})
+    seed: int | None = field(default=None, metadata={"description": "generator seed"})
+    size: tuple[int, int] | None = field(default=None, metadata={"description": "[width, height] of the images"})
+    steps: int | None = field(default=None, metadata={"description": "denoising steps (diffusion backends)"})
+
+
+class ImageRAGInput(TypedDict):
+    """What a run is asked: the prompt (knobs come through the context)."""
+
+    prompt: str
+
+
+class ImageRAGOutput(TypedDict, total=False):
+    """What a run answers: the outcome, the images by artifact id, and every decision."""
+
+    prompt: str
+    aligned: bool
+    iteration: int
+    draft_image: str | None
+    final_image: str | None
+    stop_reason: str | None
+    images: list[GeneratedImage]
+    references: list[Hit]
+    missing_concepts: list[str]
+    retrieval_captions: list[CaptionQuery]
+    steps: list[Step]
+
+
+class ImageRAGState(ImageRAGKnobs, total=False):
+    """The prompt, the resolved knobs and everything the loop decided so far."""
+
+    prompt: str
     iteration: int
     current_image: str | None
     draft_image: str | None
@@ -90,7 +157,7 @@ class ImageRAGState(TypedDict, total=False):
     hits: Annotated[list[Hit], operator.add]
     references: list[Hit]
     final_image: str | None
-    stop_reason: str
+    stop_reason: str | None
     steps: Annotated[list[Step], operator.add]
 
 
@@ -103,16 +170,42 @@ class RetrieveTask(TypedDict):
     similarity_threshold: float | None
 
 
-DEFAULTS: dict[str, Any] = {
-    "mode": "draft_first",
-    "max_iterations": 1,
-    "similarity_threshold": None,
-    "top_k": 1,
-    "max_concepts": 3,
-    "seed": 0,
-    "size": None,
-    "steps_per_image": None,
+# Every per-run field a run starts from, so a second run on the same thread inherits nothing.
+FRESH_RUN: dict[str, Any] = {
+    "iteration": 0,
+    "current_image": None,
+    "draft_image": None,
+    "images": [],
+    "aligned": False,
+    "critic_failed": False,
+    "missing_concepts": [],
+    "retrieval_captions": [],
+    "references": [],
+    "final_image": None,
+    "stop_reason": None,
 }
+
+
+def resolve_knobs(defaults: ImageRAGKnobs, context: ImageRAGContext | None) -> ImageRAGKnobs:
+    """The run's knobs: the context's where given, else `defaults`; each checked against `imageloop.limits`."""
+    given = {f.name: getattr(context, f.name) for f in fields(ImageRAGContext)} if context else {}
+    knobs = ImageRAGKnobs(**defaults)
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name == "size":
+            knobs["size"] = limits.check_size((int(value[0]), int(value[1])))
+        elif name == "steps":
+            limits.check("steps", value)
+            knobs["steps_per_image"] = int(value)
+        elif name == "mode":
+            if value not in ("draft_first", "generation"):
+                raise ConfigError(f"mode {value!r}: expected draft_first or generation")
+            knobs["mode"] = value
+        else:
+            limits.check(name, value)
+            knobs[name] = value  # type: ignore[literal-required]
+    return knobs
 
 
 # Routing: pure functions of state.
@@ -199,21 +292,25 @@ class _Nodes:
         generator: ImageGenerator,
         retriever: ImageRetriever,
         artifacts: ArtifactStore,
+        defaults: ImageRAGKnobs | Callable[[], ImageRAGKnobs],
+        on_finish: Callable[[ImageRAGState], None] | None = None,
     ) -> None:
+        self._defaults = defaults
+        self.on_finish = on_finish
         self.critic = Critic(vlm)
         self.rewriter = QueryRewriter(vlm)
         self.generator = generator
         self.retriever = retriever
         self.artifacts = artifacts
 
-    def prepare(self, state: ImageRAGState) -> dict[str, Any]:
-        """Fill defaults so every later node can rely on the knobs being present."""
+    def prepare(self, state: ImageRAGState, runtime: Runtime[ImageRAGContext]) -> dict[str, Any]:
+        """Check the prompt, resolve the knobs and reset every per-run field (a reused thread starts clean)."""
         started = time.perf_counter()
-        update: dict[str, Any] = {k: v for k, v in DEFAULTS.items() if k not in state}
-        update.update(iteration=0, current_image=None, draft_image=None, images=[], missing_concepts=[])
-        knobs = {k: state.get(k, DEFAULTS[k]) for k in DEFAULTS}
-        update["steps"] = [step("prepare", 0, f"mode {knobs['mode']}", started, **knobs)]
-        return update
+        prompt = limits.check_text("prompt", str(state.get("prompt") or ""))
+        defaults = self._defaults() if callable(self._defaults) else self._defaults
+        knobs = resolve_knobs(defaults, runtime.context)
+        record = step("prepare", 0, f"mode {knobs['mode']}", started, **knobs)
+        return {"prompt": prompt, **knobs, **FRESH_RUN, "hits": Overwrite([]), "steps": Overwrite([record])}
 
     def _generate(self, state: ImageRAGState, references: tuple[ReferenceImage, ...], iteration: int) -> GeneratedImage:
         request = GenerationRequest(
@@ -354,14 +451,19 @@ class _Nodes:
         started = time.perf_counter()
         iteration = state["iteration"]
         current = [h for h in state["hits"] if h["iteration"] == iteration]
+        # A file deleted since it was indexed is skipped with a note, not a failed run.
+        vanished = sorted({h["path"] for h in current if not Path(h["path"]).is_file()})
+        current = [h for h in current if h["path"] not in vanished]
         kept, trimmed = select_references(current, self.generator.max_references)
+        note = f"; skipped {len(vanished)} reference(s) whose file is gone" if vanished else ""
         if not kept and state.get("current_image") is None:
-            record = step("compose", iteration, "no usable reference: generate from the prompt alone", started)
-            return {"references": [], "steps": [record]}
+            decision = "no usable reference: generate from the prompt alone" + note
+            return {"references": [], "steps": [step("compose", iteration, decision, started, vanished=vanished)]}
         if not kept:
-            record = step("compose", iteration, "no usable reference: keep the best image so far", started)
+            decision = "no usable reference: keep the best image so far" + note
+            record = step("compose", iteration, decision, started, vanished=vanished)
             return {"references": [], "stop_reason": "no_reference_above_threshold", "steps": [record]}
-        decision = f"{len(kept)} reference(s) for {sorted({h['concept'] for h in kept})}"
+        decision = f"{len(kept)} reference(s) for {sorted({h['concept'] for h in kept})}{note}"
         if trimmed:
             decision += f"; trimmed {len(trimmed)} lowest-scoring to fit {self.generator.model_id}"
         record = step(
@@ -371,6 +473,7 @@ class _Nodes:
             started,
             references=[h["path"] for h in kept],
             trimmed=[h["path"] for h in trimmed],
+            vanished=vanished,
         )
         return {"references": kept, "steps": [record]}
 
@@ -403,19 +506,17 @@ class _Nodes:
         """Pick the final image and say why the loop stopped."""
         started = time.perf_counter()
         best = best_image(state["images"])
-        if state.get("aligned"):
-            reason = "aligned"
-        elif state.get("stop_reason"):
-            reason = state["stop_reason"]
-        else:
-            reason = "max_iterations"
+        reason = "aligned" if state.get("aligned") else state.get("stop_reason") or "max_iterations"
         final = best["artifact"] if best else None
         decision = f"stop: {reason}; final image from iteration {best['iteration'] if best else '-'}"
-        return {
-            "final_image": final,
-            "stop_reason": reason,
-            "steps": [step("finish", state["iteration"], decision, started, final_image=final)],
-        }
+        record = step("finish", state["iteration"], decision, started, final_image=final)
+        if self.on_finish is not None:
+            final_state = {**state, "final_image": final, "stop_reason": reason, "steps": [*state["steps"], record]}
+            self.on_finish(ImageRAGState(**final_state))  # type: ignore[typeddict-item]
+        return {"final_image": final, "stop_reason": reason, "steps": [record]}
+
+
+ImageRAGGraph = CompiledStateGraph[ImageRAGState, ImageRAGContext, ImageRAGInput, ImageRAGOutput]
 
 
 def build_imagerag_graph(
@@ -424,10 +525,22 @@ def build_imagerag_graph(
     retriever: ImageRetriever,
     artifacts: ArtifactStore,
     checkpointer: Checkpointer = None,
-) -> CompiledStateGraph[ImageRAGState, None, ImageRAGState, ImageRAGState]:
-    """Wire the ImageRAG loop over the given backends; pass a checkpointer to make runs resumable."""
-    nodes = _Nodes(vlm, generator, retriever, artifacts)
-    graph = StateGraph(ImageRAGState)
+    *,
+    defaults: ImageRAGKnobs | Callable[[], ImageRAGKnobs] = KNOB_DEFAULTS,
+    context_schema: type[ImageRAGContext] = ImageRAGContext,
+    on_finish: Callable[[ImageRAGState], None] | None = None,
+) -> ImageRAGGraph:
+    """Wire the ImageRAG loop over the given backends; pass a checkpointer to make runs resumable.
+
+    `defaults` (or a function returning them, read at each run's start) are the knobs of a run whose
+    context leaves them unset; `context_schema` may extend
+    `ImageRAGContext` with what a deployment needs per run (LangGraph Server: the index); `on_finish`
+    sees the final state of every finished run (LangGraph Server writes the run's record with it).
+    """
+    nodes = _Nodes(vlm, generator, retriever, artifacts, defaults, on_finish)
+    graph = StateGraph(
+        ImageRAGState, context_schema=context_schema, input_schema=ImageRAGInput, output_schema=ImageRAGOutput
+    )
     node_functions: dict[str, Callable[..., dict[str, Any]]] = {
         "prepare": nodes.prepare,
         "generate_draft": nodes.generate_draft,
@@ -449,4 +562,4 @@ def build_imagerag_graph(
     graph.add_conditional_edges("compose", route_after_compose, ["finish", "generate_with_references"])
     graph.add_edge("generate_with_references", "critic")
     graph.add_edge("finish", END)
-    return graph.compile(checkpointer=checkpointer)
+    return graph.compile(checkpointer=checkpointer, name="imagerag")

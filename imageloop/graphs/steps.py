@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any, TypedDict
+
+from langgraph.types import Overwrite
 
 
 class Step(TypedDict):
@@ -25,3 +28,9 @@ def step(node: str, iteration: int, decision: str, started: float, **detail: Any
         seconds=round(time.perf_counter() - started, 4),
         detail=detail,
     )
+
+
+def node_steps(update: Mapping[str, Any]) -> list[Step]:
+    """The steps a node's update adds (a `prepare` node starts the list afresh with `Overwrite`)."""
+    steps = update.get("steps") or []
+    return list(steps.value if isinstance(steps, Overwrite) else steps)

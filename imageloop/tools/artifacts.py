@@ -19,7 +19,12 @@ class ArtifactStore:
     """Images stored as `<root>/<sha256>.png`; writes are atomic (temp file, then rename)."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+        self._root = Path(root)
+
+    @property
+    def root(self) -> Path:
+        """The folder the images are stored in (created with the first one)."""
+        return self._root
 
     def put(self, image: Image.Image) -> str:
         """Store `image` and return its id; storing the same pixels twice is a no-op."""

@@ -44,7 +44,8 @@ class IndexSummary:
     """What one indexing run did; `indexed + skipped + failed == total` image files seen.
 
     `moved` counts the skipped files whose content was already indexed under a path that no longer
-    exists: their record now carries the new path, without re-embedding.
+    exists: their record now carries the new path, without re-embedding. `removed` counts records
+    pruned because their file is gone from the folder (or was edited in place: new bytes, new id).
     """
 
     indexed: int = 0
@@ -52,6 +53,7 @@ class IndexSummary:
     failed: int = 0
     total: int = 0
     moved: int = 0
+    removed: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -62,6 +64,7 @@ class IndexSummary:
             "failed": self.failed,
             "total": self.total,
             "moved": self.moved,
+            "removed": self.removed,
             "failures": [{"path": path, "reason": reason} for path, reason in self.failures],
         }
 
@@ -194,6 +197,8 @@ def index_into(
             if pending or moves:
                 commit()
                 bar.set_postfix(_counts(summary, 0))
+        with store_lock:
+            summary.removed = _prune(index, seen, {path for path, _ in summary.failures})
     except KeyboardInterrupt:
         raise IndexingInterrupted(summary) from None
     finally:
@@ -203,6 +208,18 @@ def index_into(
         # first search after indexing wait minutes for it.
         index.store.refresh()
     return summary
+
+
+def _prune(index: ImageIndex, seen: set[str], unreadable: set[str]) -> int:
+    """Delete records whose content no file in the folder has any more; returns how many.
+
+    A record whose file merely failed to read this time (permissions, a file being written) is kept:
+    only content that is really gone from the folder is forgotten.
+    """
+    stale = [record for record in index.store.get([i for i in index.store.ids() if i not in seen])]
+    gone = [record.id for record in stale if record.metadata.get("path") not in unreadable]
+    index.store.delete(gone)
+    return len(gone)
 
 
 def _check_sizes(batch_size: int, workers: int | None) -> None:

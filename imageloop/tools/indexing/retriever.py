@@ -39,6 +39,7 @@ class Retriever:
             raise ImageloopError(f"index at {index.root} is empty: add images and run `imageloop index`")
         self.index = index
         self.embedder = embedder
+        self._real_root = index.root.resolve()
 
     @property
     def route(self) -> Route:
@@ -98,20 +99,48 @@ class Retriever:
             hit_lists = batched(vectors, k, where)
         else:
             hit_lists = [store.search(vector, k, where) for vector in vectors]
-        return [
-            [self._retrieved(hit) for hit in hits if similarity_threshold is None or hit.score >= similarity_threshold]
+        kept = [
+            [hit for hit in hits if similarity_threshold is None or hit.score >= similarity_threshold]
             for hits in hit_lists
         ]
+        return [[image for image in map(self._retrieved, hits) if image is not None] for hits in kept]
 
-    def _retrieved(self, hit: SearchHit) -> RetrievedImage:
-        return RetrievedImage(
-            id=hit.id,
-            path=self.index.root / hit.metadata["path"],
-            caption=hit.metadata.get("caption", ""),
-            score=hit.score,
-        )
+    def _retrieved(self, hit: SearchHit) -> RetrievedImage | None:
+        """The hit as a result, or None when its file now resolves outside the index's folder.
+
+        The indexer never indexes a symlink that leaves the folder; a file (or folder) replaced by one
+        afterwards is dropped here, so no caller (a confined server among them) is handed a file from elsewhere.
+        """
+        path = self.index.root / hit.metadata["path"]
+        if not path.resolve().is_relative_to(self._real_root):
+            return None
+        return RetrievedImage(id=hit.id, path=path, caption=hit.metadata.get("caption", ""), score=hit.score)
+
+
+class FilteredRetriever:
+    """A retriever whose every search keeps only images whose metadata matches `where` (e.g. one folder)."""
+
+    def __init__(self, retriever: Retriever, where: Where) -> None:
+        self.retriever = retriever
+        self.where = where
+        self.index = retriever.index
+
+    @property
+    def route(self) -> Route:
+        """The index's route (see `Retriever.route`)."""
+        return self.retriever.route
+
+    def search(self, text: str, k: int, similarity_threshold: float | None = None) -> list[RetrievedImage]:
+        """`Retriever.search` within the filter."""
+        return self.retriever.search(text, k, similarity_threshold, self.where)
+
+    def search_image(
+        self, image: Image.Image | Path, k: int, similarity_threshold: float | None = None
+    ) -> list[RetrievedImage]:
+        """`Retriever.search_image` within the filter."""
+        return self.retriever.search_image(image, k, similarity_threshold, self.where)
 
 
 # RetrievedImage is defined next to the ImageRetriever protocol that graphs depend on; it is
 # re-exported because it is what this module returns.
-__all__ = ["RetrievedImage", "Retriever"]
+__all__ = ["FilteredRetriever", "RetrievedImage", "Retriever"]

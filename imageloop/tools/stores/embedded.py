@@ -231,6 +231,11 @@ class EmbeddedVectorStore:
                     conn.execute("INSERT INTO deletions (seq, generation) VALUES (?, ?)", (row[0], generation))
             _put_meta(conn, {_GENERATION: generation})
 
+    def ids(self) -> list[str]:
+        """Every stored id (re-indexing prunes those whose file is gone)."""
+        with self._lock:
+            return [row[0] for row in self._conn.execute("SELECT id FROM records ORDER BY seq")]
+
     def count(self) -> int:
         """How many records the store holds."""
         with self._lock:

@@ -304,6 +304,25 @@ class WeaviateVectorStore:
             if result.failed:
                 raise BackendError(f"Weaviate at {self.url} failed to delete {result.failed} of {len(chunk)} records")
 
+    def ids(self) -> list[str]:
+        """Every stored id, read page by page with Weaviate's cursor (offsets stop at 10,000 objects)."""
+        found: list[str] = []
+        after: str | None = None
+        while True:
+            page = self._retrying(
+                "list ids",
+                partial(
+                    self._collection.query.fetch_objects,
+                    limit=ID_BATCH,
+                    after=after,
+                    return_properties=[RECORD_ID_PROPERTY],
+                ),
+            )
+            found += [str(obj.properties[RECORD_ID_PROPERTY]) for obj in page.objects]
+            if len(page.objects) < ID_BATCH:
+                return found
+            after = str(page.objects[-1].uuid)
+
     def count(self) -> int:
         """How many records the collection holds."""
         result = self._retrying("count vectors", lambda: self._collection.aggregate.over_all(total_count=True))

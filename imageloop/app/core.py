@@ -1,0 +1,283 @@
+"""The application layer: one object every face (CLI, MCP, LangChain tools, LangGraph Server, UI) calls.
+
+It owns what the faces used to wire themselves, and so used to disagree on: settings → backends (built
+once per process by `imageloop.backends`), root confinement, indexes (opened once, cached, closed on
+`close`), the indexing rules (which store, when a captioner is asked), runs and their folders, GenIR
+sessions (one store for every face), evaluations, and the limits every argument is checked against
+(`imageloop.limits`). A face parses its protocol, calls one method, and renders the answer.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from imageloop import limits
+from imageloop.app.jobs import JobRegistry
+from imageloop.app.paths import Kind, Roots, default_sessions_db, resolve_path
+from imageloop.backends import make_embedder, make_generator, make_vlm
+from imageloop.config import Role, Settings, load_settings
+from imageloop.errors import ConfigError, ImageloopError
+from imageloop.protocols import Embedder, ImageGenerator, RetrievedImage, VisionLanguageModel
+
+if TYPE_CHECKING:
+    from imageloop.tools.indexing.image_index import ImageIndex
+    from imageloop.tools.indexing.indexer import IndexSummary
+    from imageloop.tools.indexing.retriever import Retriever, Where
+
+Progress = Callable[[str], None]
+"""A face's way to show progress: one short line per event (a step decided, a batch indexed)."""
+
+ROOTS_ENV = "IMAGELOOP_ROOTS"
+RUNS_ENV = "IMAGELOOP_RUNS"
+DEFAULT_RUNS = Path("runs")
+
+
+class App:
+    """Settings, roots and process-wide resources behind every face; `close()` releases them."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        roots: Sequence[Path] | None = None,
+        runs_dir: Path | None = None,
+        sessions_db: Path | None = None,
+    ) -> None:
+        """`roots` confine every path argument (None: unconfined, a person's own shell); runs go to `runs_dir`."""
+        self.settings = settings if settings is not None else load_settings()
+        self.roots = Roots(roots) if roots is not None else None
+        self.runs_dir = Path(runs_dir or DEFAULT_RUNS).expanduser().resolve()
+        self.sessions_db = Path(sessions_db).expanduser() if sessions_db else default_sessions_db()
+        self._indexes: dict[Path, ImageIndex] = {}
+        self._retrievers: dict[tuple[Path, str], Retriever] = {}
+        self._retired: list[ImageIndex] = []
+        self._lock = threading.RLock()
+        self._jobs: JobRegistry | None = None
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> App:
+        """The application a server face runs: settings from `IMAGELOOP_*`, confined to `IMAGELOOP_ROOTS`.
+
+        `IMAGELOOP_ROOTS` lists folders (os.pathsep-separated; default the working directory); runs and
+        images go to `IMAGELOOP_RUNS` (default `runs/` under the first root).
+        """
+        environ = os.environ if environ is None else environ
+        roots = [Path(p) for p in environ.get(ROOTS_ENV, "").split(os.pathsep) if p.strip()] or [Path.cwd()]
+        runs = environ.get(RUNS_ENV)
+        return cls(load_settings(environ=environ), roots=roots, runs_dir=Path(runs) if runs else roots[0] / "runs")
+
+    # Settings and backends.
+
+    def with_knobs(self, **overrides: Any) -> Settings:
+        """The settings with a run's knobs (None: keep the setting), validated against the limits."""
+        return self.settings.with_overrides(overrides)
+
+    def vlm(self, settings: Settings | None = None, role: Role = "vlm") -> VisionLanguageModel:
+        """The configured VLM for `role` (critic and rewriter, or the captioner)."""
+        return make_vlm(settings or self.settings, role)
+
+    def generator(self, settings: Settings | None = None) -> ImageGenerator:
+        """The configured image generator."""
+        return make_generator(settings or self.settings)
+
+    def embedder(self, settings: Settings | None = None) -> Embedder:
+        """The configured retrieval embedder."""
+        return make_embedder(settings or self.settings)
+
+    # Paths.
+
+    def path(self, text: str | Path, what: str, kind: Kind | None = None) -> Path:
+        """A path argument resolved, and refused outside the roots when this application is confined.
+
+        Run outputs (under `runs_dir`) may be passed back, e.g. a drawn image as an image query. `kind`:
+        "file" or "dir" must exist as such, "out" is an output folder that may not exist yet.
+        """
+        return resolve_path(text, what, self.roots, extra=(self.runs_dir,), kind=kind)
+
+    def may_read(self, path: Path) -> bool:
+        """Whether a face may show the file at `path` (inside the roots or the runs, when confined)."""
+        resolved = path.resolve()
+        return self.roots is None or self.roots.contains(resolved) or resolved.is_relative_to(self.runs_dir)
+
+    # Indexes.
+
+    def index(self, folder: str | Path) -> ImageIndex:
+        """The index of `folder`, opened once and shared until `close()` (or a re-index) retires it."""
+        from imageloop.tools.indexing.image_index import open_index
+
+        root = self.path(folder, "index")  # open_index says what to do when there is no index there
+        with self._lock:
+            if root not in self._indexes:
+                self._indexes[root] = open_index(root, weaviate_api_key=self.settings.weaviate_api_key)
+            return self._indexes[root]
+
+    def retriever(self, folder: str | Path, settings: Settings | None = None) -> Retriever:
+        """A retriever over `folder`'s index with the configured embedder (refuses a mismatched or empty index)."""
+        from imageloop.tools.indexing.retriever import Retriever
+
+        index = self.index(folder)
+        embedder = self.embedder(settings)
+        with self._lock:
+            key = (index.root, embedder.model_id)
+            if key not in self._retrievers:
+                self._retrievers[key] = Retriever(index, embedder)
+            return self._retrievers[key]
+
+    def index_folder(
+        self, folder: str | Path, *, batch_size: int | None = None, progress: bool = False
+    ) -> IndexSummary:
+        """Add the new images of `folder` to its index (created in the configured store); prune vanished ones.
+
+        The one captioning rule: the caption route (a text embedder) needs a caption per image (a
+        sidecar `NAME.txt`, else the captioner VLM); the image route asks a VLM only when a captioner is
+        configured explicitly, since captioning a whole folder costs a model call per image.
+        """
+        from imageloop.agents.captioner import VLMCaptioner
+        from imageloop.tools.indexing.indexer import index_folder
+
+        root = self.path(folder, "folder", kind="dir")
+        limits.check("batch_size", batch_size)
+        embedder = self.embedder()
+        captioner: VLMCaptioner | None = None
+        captioner_lock = threading.Lock()
+
+        def caption(path: Path) -> str:
+            # Built on first use (a folder whose images all have sidecars needs no VLM), once, though the
+            # indexer captions from several threads.
+            nonlocal captioner
+            with captioner_lock:
+                if captioner is None:
+                    captioner = VLMCaptioner(self.vlm(role="captioner"))
+            return captioner(path)
+
+        wants_captioner = not embedder.embeds_images or self.settings.captioner is not None
+        settings = self.settings
+        try:
+            return index_folder(
+                root, embedder, caption if wants_captioner else None,
+                batch_size=batch_size or int(limits.default("batch_size") or 32), progress=progress,
+                store=settings.store, weaviate_url=settings.weaviate_url,
+                weaviate_api_key=settings.weaviate_api_key, weaviate_grpc_port=settings.weaviate_grpc_port,
+            )  # fmt: skip
+        finally:
+            self.retire_index(root)
+
+    def retire_index(self, folder: Path) -> None:
+        """Drop `folder`'s cached index after it changed; closed at `close()`, since a search may still use it."""
+        with self._lock:
+            index = self._indexes.pop(folder, None)
+            if index is not None:
+                self._retired.append(index)
+            for key in [key for key in self._retrievers if key[0] == folder]:
+                del self._retrievers[key]
+
+    def index_info(self, folder: str | Path) -> dict[str, Any]:
+        """What an index holds and what built it: `{count, embedder, dim, store, route, root}` (+ url, collection)."""
+        index = self.index(folder)
+        info = {"count": index.count(), "embedder": index.embedder_id, "dim": index.dim, **index.location.to_json()}
+        return {**info, "route": index.route, "root": str(index.root)}
+
+    def retrieve(
+        self,
+        index: str | Path,
+        *,
+        query: str | None = None,
+        image: str | Path | None = None,
+        k: int | None = None,
+        similarity_threshold: float | None = None,
+        where: Where | None = None,
+    ) -> list[RetrievedImage]:
+        """The best matches in `index` for a text query or an example image (exactly one), best first."""
+        if (query is None) == (image is None):
+            raise ConfigError("give exactly one of a text query or an image")
+        k = int(k if k is not None else limits.default("k") or 10)
+        limits.check("k", k)
+        limits.check("similarity_threshold", similarity_threshold)
+        retriever = self.retriever(index)
+        if image is not None:
+            return retriever.search_image(self.path(image, "image", kind="file"), k, similarity_threshold, where)
+        return retriever.search(limits.check_text("query", str(query)), k, similarity_threshold, where)
+
+    # Loops: ImageRAG runs, GenIR sessions, evaluations (each in its own module of this package).
+
+    def generate(self, prompt: str | None, index: str | Path | None, **options: Any) -> dict[str, Any]:
+        """Run ImageRAG and write its run directory; see `imageloop.app.runs.run_imagerag`."""
+        from imageloop.app.runs import run_imagerag
+
+        return run_imagerag(self, prompt, index, **options)
+
+    def read_run(self, run: str) -> dict[str, Any]:
+        """A run's record, by id (under the runs folder) or folder."""
+        from imageloop.app.runs import read_run
+
+        return read_run(self, run)
+
+    def start_search(self, index: str | Path, query: str, **options: Any) -> dict[str, Any]:
+        """Start a GenIR session and play its first round; see `imageloop.app.sessions.start_search`."""
+        from imageloop.app.sessions import start_search
+
+        return start_search(self, index, query, **options)
+
+    def continue_search(self, session_id: str, answer: str | None, **options: Any) -> dict[str, Any]:
+        """Answer a session's round and play the next; see `imageloop.app.sessions.continue_search`."""
+        from imageloop.app.sessions import continue_search
+
+        return continue_search(self, session_id, answer, **options)
+
+    def show_search(self, session_id: str, **options: Any) -> dict[str, Any]:
+        """A session as it stands; see `imageloop.app.sessions.show_search`."""
+        from imageloop.app.sessions import show_search
+
+        return show_search(self, session_id, **options)
+
+    def eval_genir(self, index: str | Path, targets: str | Path, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+        """Simulated-user GenIR evaluation; see `imageloop.app.evals.run_genir_eval`."""
+        from imageloop.app.evals import run_genir_eval
+
+        return run_genir_eval(self, index, targets, out_dir, **options)
+
+    # Background runs.
+
+    @property
+    def jobs(self) -> JobRegistry:
+        """The background runs of agent-facing faces (created on first use)."""
+        with self._lock:
+            if self._jobs is None:
+                self._jobs = JobRegistry()
+            return self._jobs
+
+    def close(self, grace_s: float = 1.0) -> None:
+        """Finish (or cancel at a step boundary) background runs, then close every index this app opened."""
+        if self._jobs is not None:
+            self._jobs.shutdown(grace_s)
+        with self._lock:
+            for index in [*self._indexes.values(), *self._retired]:
+                index.close()
+            self._indexes.clear()
+            self._retired.clear()
+            self._retrievers.clear()
+
+    def open_indexes(self) -> int:
+        """How many index handles are open (the face contract checks `close` leaves none)."""
+        with self._lock:
+            return len(self._indexes) + len(self._retired)
+
+
+def parse_where(items: Sequence[str]) -> dict[str, Any] | None:
+    """`KEY=VALUE` filters (repeatable; a repeated key accepts any of its values), e.g. `folder=birds`."""
+    where: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ImageloopError(f"--where {item!r}: expected KEY=VALUE, e.g. folder=birds")
+        key = key.strip()
+        if key in where:
+            previous = where[key]
+            where[key] = [*(previous if isinstance(previous, list) else [previous]), value]
+        else:
+            where[key] = value
+    return where or None

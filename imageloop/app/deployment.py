@@ -1,0 +1,157 @@
+"""What a deployed graph (LangGraph Server, Studio) runs on: the application resolved at run time.
+
+A server builds a graph to run it, and also to draw it or read its schemas, so nothing here is
+configured at build time: the process-wide `App` (settings from `IMAGELOOP_*`, paths confined to
+`IMAGELOOP_ROOTS`, default the working directory) is created when a node first needs a model or an
+index. The run context names the index and where images go (`DeployedImageRAGContext`,
+`DeployedGenIRContext`), and knobs a run leaves unset take the deployment's settings. Every finished
+ImageRAG run writes its record under `<runs>/server/<run id>/run.json`, as the CLI does.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from langgraph.runtime import get_runtime
+
+from imageloop.app.core import App
+from imageloop.app.runs import imagerag_record, new_run_id
+from imageloop.errors import ConfigError
+from imageloop.files import write_json_atomic
+from imageloop.graphs.genir import GenIRContext
+from imageloop.graphs.imagerag import ImageRAGContext
+from imageloop.protocols import (
+    GREEDY,
+    Decoding,
+    GenerationRequest,
+    GenerationResult,
+    Message,
+    RetrievedImage,
+)
+from imageloop.report import write_report
+from imageloop.tools.artifacts import ArtifactStore
+
+INDEX_ENV = "IMAGELOOP_INDEX"
+ARTIFACTS_ENV = "IMAGELOOP_ARTIFACTS"
+
+_app: App | None = None
+_app_lock = threading.Lock()
+
+
+def deployed_app() -> App:
+    """The process's application, created from the environment on first use."""
+    global _app
+    with _app_lock:
+        if _app is None:
+            _app = App.from_environment()
+        return _app
+
+
+def close_deployed_app() -> None:
+    """Close the process's application; the next run creates it again from the environment (tests, reloads)."""
+    global _app
+    with _app_lock:
+        if _app is not None:
+            _app.close()
+        _app = None
+
+
+@dataclass(kw_only=True)
+class DeployedImageRAGContext(ImageRAGContext):
+    """ImageRAG's knobs plus where a server run searches and draws."""
+
+    index: str | None = field(default=None, metadata={"description": f"an indexed image folder (${INDEX_ENV})"})
+    artifacts_dir: str | None = field(default=None, metadata={"description": "where drawn images are stored"})
+
+
+@dataclass(kw_only=True)
+class DeployedGenIRContext(GenIRContext):
+    """GenIR's knobs plus where a server run searches and draws."""
+
+    index: str | None = field(default=None, metadata={"description": f"an indexed image folder (${INDEX_ENV})"})
+    artifacts_dir: str | None = field(default=None, metadata={"description": "where drawn images are stored"})
+
+
+def _context_value(name: str) -> Any:
+    context = get_runtime().context
+    return getattr(context, name, None) if context is not None else None
+
+
+def _index() -> str:
+    value = _context_value("index") or os.environ.get(INDEX_ENV)
+    if not value:
+        raise ConfigError(f"no index: set {INDEX_ENV}=FOLDER for the server or pass context.index in the run")
+    return str(value)
+
+
+class LazyVLM:
+    """The configured VLM, built on its first call."""
+
+    @property
+    def model_id(self) -> str:
+        return deployed_app().vlm().model_id
+
+    def chat(
+        self, messages: Sequence[Message], json_schema: Mapping[str, Any] | None = None, decoding: Decoding = GREEDY
+    ) -> str:
+        return deployed_app().vlm().chat(messages, json_schema, decoding)
+
+
+class LazyGenerator:
+    """The configured generator, built on its first call."""
+
+    @property
+    def model_id(self) -> str:
+        return deployed_app().generator().model_id
+
+    @property
+    def max_references(self) -> int:
+        return deployed_app().generator().max_references
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        return deployed_app().generator().generate(request)
+
+
+class ContextRetriever:
+    """Retrieval over the run's index (context.index, else IMAGELOOP_INDEX), opened once per index."""
+
+    @property
+    def route(self) -> Literal["image", "caption"]:
+        return deployed_app().retriever(_index()).route
+
+    def search(self, text: str, k: int, similarity_threshold: float | None = None) -> list[RetrievedImage]:
+        return deployed_app().retriever(_index()).search(text, k, similarity_threshold)
+
+    def search_image(self, image: Path, k: int, similarity_threshold: float | None = None) -> list[RetrievedImage]:
+        return deployed_app().retriever(_index()).search_image(image, k, similarity_threshold)
+
+
+class ContextArtifacts(ArtifactStore):
+    """Images of the run: context.artifacts_dir, else IMAGELOOP_ARTIFACTS, else `<runs>/server/artifacts`."""
+
+    def __init__(self) -> None:
+        """No fixed root: each run names its own."""
+
+    @property
+    def root(self) -> Path:
+        value = _context_value("artifacts_dir") or os.environ.get(ARTIFACTS_ENV)
+        app = deployed_app()
+        return app.path(value, "artifacts_dir") if value else app.runs_dir / "server" / "artifacts"
+
+
+def record_run(state: Mapping[str, Any]) -> None:
+    """Write a finished server run's record and report, as the CLI does for its runs."""
+    app = deployed_app()
+    run_dir = app.runs_dir / "server" / new_run_id()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seconds = sum(float(step["seconds"]) for step in state.get("steps", []))
+    index = app.index(_index()).root
+    record = imagerag_record(state, app.settings, run_dir, ContextArtifacts(), index, seconds)
+    write_json_atomic(run_dir / "run.json", {**record, "finished_at": time.time()})
+    write_report(run_dir, record)

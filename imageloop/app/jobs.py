@@ -1,0 +1,176 @@
+"""Background runs: long work (indexing, ImageRAG, GenIR rounds) that an agent-facing face starts and polls.
+
+An agent's tool call cannot wait minutes (MCP clients time out near 60 s), so a face submits the work
+here, waits a while, and hands back the run id; the run goes on in a small thread pool, reports its
+progress as it goes, writes its status next to its record (so a later process can still answer for
+it), and stops at its next step boundary when the application closes. The registry is bounded:
+too many active runs is a one-line "busy" error, never a silent queue of unbounded length.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from imageloop.errors import ImageloopError
+from imageloop.files import write_json_atomic
+
+logger = logging.getLogger("imageloop.jobs")
+
+WORKERS = 4
+MAX_ACTIVE_RUNS = 8
+KEPT_RUNS = 256
+PROGRESS_KEPT = 500
+STATUS_FILE = "status.json"
+
+JobKind = Literal["generate", "index", "genir", "rage", "cir", "triplets", "eval"]
+JobStatus = Literal["queued", "running", "done", "error", "cancelled", "interrupted"]
+FINISHED: frozenset[str] = frozenset({"done", "error", "cancelled", "interrupted"})
+
+
+class ServerBusyError(ImageloopError):
+    """Too many runs are queued or running, or the application is shutting down."""
+
+
+class RunCancelledError(ImageloopError):
+    """A run stopped at a step boundary because the application is shutting down."""
+
+
+@dataclass
+class Job:
+    """One background run: its progress messages, then its result or error."""
+
+    id: str
+    kind: JobKind
+    run_dir: Path | None = None
+    status: JobStatus = "queued"
+    progress: list[str] = field(default_factory=list)
+    reported: int = 0
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    future: Future[None] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def report(self, message: str) -> None:
+        """Add a progress message (what the waiting call forwards to the client)."""
+        with self.lock:
+            self.progress.append(message)
+            self.reported += 1
+            if len(self.progress) > PROGRESS_KEPT:
+                del self.progress[: len(self.progress) - PROGRESS_KEPT]
+
+    def check_cancelled(self) -> None:
+        """Stop here if the server is shutting down."""
+        if self.cancel.is_set():
+            raise RunCancelledError("cancelled: the service shut down before the run finished")
+
+    def messages_since(self, count: int) -> tuple[int, list[str]]:
+        """The total reported so far and the messages after the first `count`."""
+        with self.lock:
+            new = self.reported - count
+            return self.reported, self.progress[-new:] if new > 0 else []
+
+    def persist(self) -> None:
+        """Write the run's status next to its record, so get_run can answer after a restart."""
+        if self.run_dir is not None:
+            write_json_atomic(
+                self.run_dir / STATUS_FILE,
+                {"run_id": self.id, "kind": self.kind, "status": self.status, "error": self.error},
+            )
+
+
+class JobRegistry:
+    """Background runs on a small thread pool; bounded, and cancelled cleanly at shutdown."""
+
+    def __init__(self, workers: int = WORKERS, max_active: int = MAX_ACTIVE_RUNS, kept: int = KEPT_RUNS) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imageloop-run")
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._lock = threading.Lock()
+        self._max_active = max_active
+        self._kept = kept
+        self._closed = False
+
+    def submit(self, kind: JobKind, work: Callable[[Job], dict[str, Any]], run_root: Path | None = None) -> Job:
+        """Queue `work` (with its own folder RUN_ROOT/<run_id> if given); refused when shutting down or full."""
+        with self._lock:
+            if self._closed:
+                raise ServerBusyError("shutting down; no new runs")
+            active = sum(not job.done.is_set() for job in self._jobs.values())
+            if active >= self._max_active:
+                raise ServerBusyError(
+                    f"{active} runs are queued or running (at most {self._max_active}); poll get_run and retry"
+                )
+            job_id = uuid.uuid4().hex[:12]
+            job = Job(id=job_id, kind=kind, run_dir=run_root / job_id if run_root is not None else None)
+            self._jobs[job.id] = job
+            finished = [key for key, old in self._jobs.items() if old.done.is_set()]
+            for key in finished[: max(0, len(self._jobs) - self._kept)]:
+                del self._jobs[key]
+        job.persist()
+        job.future = self._executor.submit(self._run, job, work)
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        """The run with this id, if this process still remembers it."""
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def _run(self, job: Job, work: Callable[[Job], dict[str, Any]]) -> None:
+        try:
+            job.check_cancelled()
+            job.status = "running"
+            job.persist()
+            job.result = work(job)
+            job.status = "done"
+        except RunCancelledError as e:
+            job.status, job.error = "cancelled", str(e)
+        except ImageloopError as e:
+            job.status, job.error = "error", str(e)
+        except Exception as e:
+            logger.exception("run %s failed", job.id)
+            job.status, job.error = "error", f"{type(e).__name__}: {e}"
+        finally:
+            try:
+                job.persist()
+            finally:
+                job.done.set()
+
+    def cancel_all(self) -> None:
+        """Ask every unfinished run to stop at its next step boundary; queued ones never start."""
+        with self._lock:
+            self._closed = True
+            pending = [job for job in self._jobs.values() if not job.done.is_set()]
+        for job in pending:
+            job.cancel.set()
+            if job.future is not None and job.future.cancel():
+                # Never started: record the cancellation here, since _run will not.
+                job.status, job.error = "cancelled", "cancelled: the service shut down before the run started"
+                job.persist()
+                job.done.set()
+
+    def shutdown(self, grace_s: float) -> None:
+        """Let running work finish for `grace_s`, then cancel the rest at their next step boundary."""
+        with self._lock:
+            self._closed = True
+            pending = [job for job in self._jobs.values() if not job.done.is_set()]
+        deadline = time.monotonic() + grace_s
+        try:
+            for job in pending:
+                job.done.wait(max(0.0, deadline - time.monotonic()))
+        finally:
+            # Even when a second signal cuts the grace short: the runs then stop at their next step.
+            self.cancel_all()
+        deadline = time.monotonic() + grace_s
+        for job in pending:
+            job.done.wait(max(0.0, deadline - time.monotonic()))
+        self._executor.shutdown(wait=False, cancel_futures=True)

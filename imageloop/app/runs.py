@@ -1,0 +1,204 @@
+"""ImageRAG runs: a run directory per run, checkpointed as it goes, its record written whatever happens.
+
+A run directory holds `final.png`, `draft.png` (draft-first mode), `artifacts/` (every image, by
+sha256), `checkpoints.sqlite` (the graph's checkpoints, so an interrupted run resumes where it stopped),
+`run.json`, written atomically, and `report.html`. A run that fails part-way, for any reason, still
+writes its record with the steps taken so far and the error, so nothing already paid for is lost.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import closing, contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.sqlite import SqliteSaver
+
+from imageloop import __version__, limits
+from imageloop.config import Settings
+from imageloop.errors import ImageloopError
+from imageloop.files import write_json_atomic
+from imageloop.graphs.imagerag import ImageRAGGraph, ImageRAGKnobs, build_imagerag_graph
+from imageloop.graphs.steps import Step, node_steps
+from imageloop.protocols import ImageRetriever
+from imageloop.report import RECORD_FILE, read_record, write_report
+from imageloop.tools.artifacts import ArtifactStore
+from imageloop.tools.indexing.retriever import FilteredRetriever, Where
+
+if TYPE_CHECKING:
+    from imageloop.app.core import App
+
+RUN_RECORD = RECORD_FILE
+CHECKPOINTS = "checkpoints.sqlite"
+THREAD: RunnableConfig = {"configurable": {"thread_id": "run"}}
+RUN_ID = r"^[0-9a-f]{12}$"
+OnStep = Callable[[Step], None]
+
+
+def new_run_id() -> str:
+    """A run's id and folder name: 12 hex digits."""
+    return uuid.uuid4().hex[:12]
+
+
+def imagerag_knobs(settings: Settings) -> ImageRAGKnobs:
+    """The graph's knobs from the settings (profile, environment, options)."""
+    return ImageRAGKnobs(
+        mode=settings.mode,
+        max_iterations=settings.max_iterations,
+        similarity_threshold=settings.similarity_threshold,
+        top_k=settings.top_k,
+        max_concepts=settings.max_concepts,
+        seed=settings.seed,
+        size=settings.size,
+        steps_per_image=settings.steps,
+    )
+
+
+def _export_image(artifacts: ArtifactStore, artifact_id: str | None, target: Path) -> str | None:
+    if artifact_id is None:
+        return None
+    shutil.copyfile(artifacts.path(artifact_id), target)
+    return str(target.resolve())
+
+
+def imagerag_record(
+    state: Mapping[str, Any],
+    settings: Settings,
+    run_dir: Path,
+    artifacts: ArtifactStore,
+    index_root: Path,
+    seconds: float,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """run.json from the final (or last known) state, exporting final.png and draft.png."""
+    draft = _export_image(artifacts, state.get("draft_image"), run_dir / "draft.png")
+    final = _export_image(artifacts, state.get("final_image") or state.get("current_image"), run_dir / "final.png")
+    return {
+        "run_id": run_dir.name,
+        "prompt": state.get("prompt"),
+        "mode": state.get("mode", settings.mode),
+        "aligned": bool(state.get("aligned", False)),
+        "iterations": int(state.get("iteration", 0)),
+        "draft_image": draft,
+        "final_image": final,
+        "references": [
+            {"path": h["path"], "caption": h["caption"], "score": h["score"], "concept": h["concept"]}
+            for h in state.get("references") or []
+        ],
+        "missing_concepts": state.get("missing_concepts", []),
+        "retrieval_captions": state.get("retrieval_captions", []),
+        "images": [
+            {**image, "path": str(artifacts.path(image["artifact"]).resolve())} for image in state.get("images", [])
+        ],
+        "steps": state.get("steps", []),
+        "stop_reason": "error" if error else state.get("stop_reason"),
+        "error": error,
+        "models": {role: str(settings.role_spec(role)) for role in ("vlm", "generator", "embedder")},
+        "settings": settings.model_dump(
+            include={"max_iterations", "similarity_threshold", "top_k", "max_concepts", "seed", "size", "steps"}
+        ),
+        "index": str(index_root),
+        "seconds": round(seconds, 3),
+        "imageloop_version": __version__,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def error_text(error: BaseException) -> str:
+    """How a failure is recorded: a user error's own line, anything else with its type."""
+    if isinstance(error, ImageloopError):
+        return str(error)
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    return f"{type(error).__name__}: {error}"
+
+
+@contextmanager
+def _checkpointed(run_dir: Path) -> Iterator[SqliteSaver]:
+    with closing(sqlite3.connect(run_dir / CHECKPOINTS, check_same_thread=False)) as conn:
+        yield SqliteSaver(conn)
+
+
+def run_imagerag(
+    app: App,
+    prompt: str | None,
+    index: str | Path | None,
+    *,
+    out_dir: str | Path | None = None,
+    knobs: Mapping[str, Any] | None = None,
+    where: Where | None = None,
+    on_step: OnStep | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Run ImageRAG for `prompt` against `index`; returns the record written to `run.json`.
+
+    `out_dir` defaults to a new folder under the app's runs; `where` restricts retrieval to images whose
+    metadata matches (e.g. `{"folder": "birds"}`). With `resume`, `out_dir` is an interrupted run's
+    folder: the run continues from its last checkpoint, reusing every finished node.
+    """
+    if resume:
+        if out_dir is None:
+            raise ImageloopError("resuming needs the run's folder")
+        run_dir = app.path(out_dir, "run", kind="dir")
+        previous = read_record(run_dir)
+        prompt, index = str(previous["prompt"]), str(previous["index"])
+        knobs = {**previous.get("settings", {}), "mode": previous.get("mode"), **(knobs or {})}
+        if not (run_dir / CHECKPOINTS).is_file():
+            raise ImageloopError(f"{run_dir} has no checkpoints to resume from: start a new run")
+    else:
+        prompt = limits.check_text("prompt", prompt or "")
+        run_dir = app.path(out_dir, "out", kind="out") if out_dir is not None else app.runs_dir / new_run_id()
+    settings = app.with_knobs(**(knobs or {}))
+    retriever = app.retriever(str(index), settings)
+    searched: ImageRetriever = FilteredRetriever(retriever, where) if where else retriever
+    run_dir.mkdir(parents=True, exist_ok=True)
+    artifacts = ArtifactStore(run_dir / "artifacts")
+    started = time.perf_counter()
+    with _checkpointed(run_dir) as checkpointer:
+        graph = build_imagerag_graph(
+            app.vlm(settings), app.generator(settings), searched, artifacts, checkpointer,
+            defaults=imagerag_knobs(settings),
+        )  # fmt: skip
+        reused = len(graph.get_state(THREAD).values.get("steps", [])) if resume else 0
+        if not resume and graph.get_state(THREAD).values:
+            raise ImageloopError(f"{run_dir} already holds a run: use another --out, or --resume {run_dir}")
+        error: str | None = None
+        try:
+            _play(graph, None if resume else {"prompt": prompt}, on_step)
+        except BaseException as e:
+            error = error_text(e)
+            raise
+        finally:
+            state = graph.get_state(THREAD).values
+            record = imagerag_record(
+                state, settings, run_dir, artifacts, retriever.index.root, time.perf_counter() - started, error
+            )
+            if resume:
+                record["resumed"] = {"reused_steps": reused}
+            write_json_atomic(run_dir / RUN_RECORD, record)
+            write_report(run_dir, record)
+    return record
+
+
+def _play(graph: ImageRAGGraph, inputs: Mapping[str, Any] | None, on_step: OnStep | None) -> None:
+    """Run (or continue) the graph, handing each node's steps to `on_step` as the node finishes."""
+    for chunk in graph.stream(inputs, THREAD, stream_mode="updates"):  # type: ignore[arg-type]
+        for update in chunk.values():
+            if on_step is not None and isinstance(update, dict):
+                for step in node_steps(update):
+                    on_step(step)
+
+
+def read_run(app: App, run: str) -> dict[str, Any]:
+    """A finished (or failed) run's record, by run id under the app's runs or by folder."""
+    folder = app.runs_dir / run if len(run) == 12 and run.isalnum() else app.path(run, "run", kind="dir")
+    if not folder.is_dir():
+        raise ImageloopError(f"no run {run!r} in {app.runs_dir}")
+    return read_record(folder)

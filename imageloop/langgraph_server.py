@@ -1,0 +1,52 @@
+"""The LangGraph Server / Studio face: the loops as the graphs `langgraph.json` names.
+
+The server brings its own checkpointer, so none is compiled in; it loads this file by path and calls a
+factory to run a graph, draw it or read its schemas. Everything the graphs run on is resolved when a
+run needs it (`imageloop.app.deployment`): models and the index from the deployment's settings
+(`IMAGELOOP_*`, `IMAGELOOP_INDEX`), per-run knobs, the index and the images folder from the run context,
+which Studio shows as a form.
+"""
+
+from __future__ import annotations
+
+from langchain_core.runnables import RunnableConfig
+
+from imageloop.app.deployment import (
+    ContextArtifacts,
+    ContextRetriever,
+    DeployedGenIRContext,
+    DeployedImageRAGContext,
+    LazyGenerator,
+    LazyVLM,
+    deployed_app,
+    record_run,
+)
+from imageloop.app.runs import imagerag_knobs
+from imageloop.app.sessions import genir_knobs
+from imageloop.graphs.genir import GenIRGraph, build_genir_graph
+from imageloop.graphs.imagerag import ImageRAGGraph, build_imagerag_graph
+
+
+def imagerag(config: RunnableConfig | None = None) -> ImageRAGGraph:
+    """The ImageRAG graph for LangGraph Server, compiled without a checkpointer (the server has its own)."""
+    return build_imagerag_graph(
+        LazyVLM(),  # type: ignore[arg-type]  # model_id is a property here
+        LazyGenerator(),  # type: ignore[arg-type]
+        ContextRetriever(),
+        ContextArtifacts(),
+        defaults=lambda: imagerag_knobs(deployed_app().settings),
+        context_schema=DeployedImageRAGContext,
+        on_finish=record_run,
+    )
+
+
+def genir(config: RunnableConfig | None = None) -> GenIRGraph:
+    """The GenIR graph for LangGraph Server; a person's feedback is an interrupt the client resumes."""
+    return build_genir_graph(
+        LazyVLM(),  # type: ignore[arg-type]
+        LazyGenerator(),  # type: ignore[arg-type]
+        ContextRetriever(),
+        ContextArtifacts(),
+        defaults=lambda: genir_knobs(deployed_app().settings),
+        context_schema=DeployedGenIRContext,
+    )

@@ -1,0 +1,105 @@
+"""The one table of defaults and bounds: every face (CLI, MCP, LangChain tools, LangGraph Server, UI) and every
+graph reads its limits here, so a value refused on one face is refused on all, with the same words.
+
+A bound protects the machine (an image side of 100,000 px allocates until the kernel kills the process)
+and keeps an agent's argument sane (k ≤ 50 results fit in a tool answer). Settings validate against
+these bounds, the faces build their argument schemas from them, and `check` turns a value past a bound
+into a one-line `ConfigError` naming the bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from imageloop.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Bound:
+    """An inclusive range and the default a face shows when the value is not given."""
+
+    low: float
+    high: float
+    default: float | None
+    description: str
+
+    def check(self, name: str, value: float | None) -> None:
+        """Refuse `value` outside the range, in one line naming the bound."""
+        if value is not None and not self.low <= value <= self.high:
+            raise ConfigError(f"{name} {value} is out of range: {_number(self.low)}..{_number(self.high)}")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+# Text and paths.
+PROMPT_CHARS = 4000
+"""The longest prompt, query, change text or feedback; a 100k-character prompt made a generator allocate 40 GB."""
+PATH_CHARS = 4096
+
+# Pictures: both sides bounded, so no size can exhaust memory before a model sees it.
+MIN_SIDE, MAX_SIDE = 16, 2048
+MAX_REFERENCES = 16
+"""The most reference images one generation takes (GPT-Image's `images.edit` limit)."""
+
+BOUNDS: dict[str, Bound] = {
+    # ImageRAG
+    "max_iterations": Bound(1, 10, 1, "regenerations with references before stopping (the paper: one pass)"),
+    "top_k": Bound(1, 8, 1, "references retrieved per missing concept"),
+    "max_concepts": Bound(1, 10, 3, "at most this many missing concepts per critique"),
+    "similarity_threshold": Bound(-1.0, 1.0, None, "drop retrieved references whose cosine is below this"),
+    # Drawing
+    "seed": Bound(0, 2**32 - 1, 0, "generator seed"),
+    "steps": Bound(1, 200, None, "denoising steps of diffusion backends (default per backend)"),
+    "guidance_scale": Bound(0.0, 50.0, None, "diffusers guidance scale (default per backend)"),
+    # Retrieval and GenIR
+    "k": Bound(1, 50, 10, "results per query or per round"),
+    "rounds": Bound(1, 20, 10, "GenIR rounds at most"),
+    "rank_depth": Bound(1, 100_000, 1000, "GenIR evaluation: ranks deeper than this count as misses"),
+    "hybrid_threshold": Bound(-1.0, 1.0, 0.9, "GenIR hybrid feedback: show the top hit from this similarity"),
+    # Jobs
+    "batch_size": Bound(1, 256, 32, "images embedded per batch while indexing"),
+    "concurrency": Bound(1, 64, 1, "evaluation targets searched at once"),
+    "wait_seconds": Bound(0, 50, 40, "how long an agent's call waits for a run before returning its id to poll"),
+    "max_images": Bound(0, 16, 10, "thumbnails in one tool answer"),
+}
+
+
+def default(name: str) -> float | None:
+    """The default of bound `name`."""
+    return BOUNDS[name].default
+
+
+def check(name: str, value: float | None) -> None:
+    """Refuse `value` if it is past bound `name`."""
+    BOUNDS[name].check(name, value)
+
+
+def check_text(name: str, text: str, *, required: bool = True) -> str:
+    """`text` stripped; refused when empty (if required) or longer than `PROMPT_CHARS`."""
+    stripped = text.strip()
+    if required and not stripped:
+        raise ConfigError(f"{name} is empty")
+    if len(stripped) > PROMPT_CHARS:
+        raise ConfigError(f"{name} has {len(stripped):,} characters; at most {PROMPT_CHARS:,}")
+    return stripped
+
+
+def check_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
+    """An image size (width, height) with both sides within MIN_SIDE..MAX_SIDE (None: the backend's default)."""
+    return None if size is None else _bounded_size(*size)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """`WIDTHxHEIGHT` (e.g. 1024x1024), bounded as `check_size` bounds it."""
+    width, sep, height = text.strip().lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise ConfigError(f"size {text!r}: expected WIDTHxHEIGHT such as 1024x1024")
+    return _bounded_size(int(width), int(height))
+
+
+def _bounded_size(width: int, height: int) -> tuple[int, int]:
+    if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
+        raise ConfigError(f"size {width}x{height} is out of range: each side {MIN_SIDE}..{MAX_SIDE} pixels")
+    return width, height

@@ -1,0 +1,494 @@
+"""The MCP tools: each parses its arguments (bounded by `imageloop.limits`), calls the application layer
+(`imageloop.app.App`) and renders the answer as JSON text plus labelled PNG thumbnails.
+
+Built on the official SDK's 1.x line (`mcp.server.fastmcp.FastMCP`, public API only), not 2.x
+(`MCPServer`): langchain-mcp-adapters, the usual way a LangGraph agent loads MCP tools, still pins
+`mcp<2`, and a server that shares an environment with its LangGraph clients must resolve with them.
+
+Long work (indexing, ImageRAG, GenIR rounds) runs as a background run of the app (`App.jobs`): the
+call waits up to `wait_seconds`, reporting each step as progress, and otherwise returns a run id for
+`get_run`, so no call outlives a client's ~60 s timeout silently. A client that disconnects leaves the
+run to finish; at shutdown unfinished runs are cancelled at a step boundary with their records whole.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import anyio.to_thread
+from mcp.server.fastmcp import Context, FastMCP
+from mcp.server.fastmcp.exceptions import ToolError
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp.types import CallToolResult, ContentBlock, ImageContent, TextContent, ToolAnnotations
+from pydantic import BaseModel, Field, ValidationError
+
+from imageloop.app import App
+from imageloop.app.jobs import FINISHED, STATUS_FILE, Job, JobKind, JobStatus, ServerBusyError
+from imageloop.app.runs import RUN_ID, RUN_RECORD
+from imageloop.config import FeedbackKind, Mode, bounded
+from imageloop.errors import ImageloopError
+from imageloop.graphs.steps import Step
+from imageloop.limits import MAX_SIDE, MIN_SIDE, PATH_CHARS, PROMPT_CHARS
+from imageloop.mcp.thumbnails import RESULT_IMAGE_BUDGET, encode_png_under, image_budgets
+
+HEARTBEAT_S = 10.0
+MAX_THUMBNAILS = 16
+
+
+class Hit(BaseModel):
+    """One retrieved image."""
+
+    rank: int
+    id: str
+    path: str
+    caption: str
+    score: float
+
+
+class Retrieval(BaseModel):
+    """What retrieve_images returns (image content follows in the same order, for the top results)."""
+
+    index: str
+    query: str | None
+    image: str | None
+    results: list[Hit]
+    images_shown: int
+
+
+class RunView(BaseModel):
+    """A run's state: queued or running (poll get_run with run_id), or finished with a result or error."""
+
+    run_id: str
+    kind: JobKind
+    status: JobStatus
+    progress: list[str] = Field(description="the latest progress messages, oldest first")
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    poll: str | None = Field(default=None, description="what to call next while the run is not finished")
+
+
+class ImageloopMCP:
+    """The tools' operations over one `App`: starting runs, viewing them, rendering results."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self._session_runs: dict[str, str] = {}
+
+    def retrieve(
+        self, index: str, query: str | None, image: str | None, k: int, threshold: float | None, max_images: int
+    ) -> CallToolResult:
+        """Search `index` by text or by an image; results as JSON, then thumbnails of the top ones."""
+        if query is not None and not query.strip():
+            query = None
+        found = self.app.retrieve(index, query=query, image=image, k=k, similarity_threshold=threshold)
+        results = [
+            Hit(rank=rank, id=hit.id, path=str(hit.path), caption=hit.caption, score=round(float(hit.score), 6))
+            for rank, hit in enumerate(found)
+        ]
+        content, count = self._image_blocks([(f"#{hit.rank} {hit.path}", hit.path) for hit in results[:max_images]])
+        root = str(self.app.index(index).root)
+        output = Retrieval(index=root, query=query, image=image, results=results, images_shown=count)
+        return _result(output.model_dump(mode="json"), content)
+
+    def _image_blocks(self, shown: Sequence[tuple[str, str]]) -> tuple[list[ContentBlock], int]:
+        """A label and a downscaled PNG per (label, path); paths outside the roots are named, not read."""
+        blocks: list[ContentBlock] = []
+        count = 0
+        each = image_budgets(len(shown), RESULT_IMAGE_BUDGET)
+        for label, text in shown:
+            path = Path(text)
+            note = ""
+            data: str | None = None
+            if not self.app.may_read(path):
+                note = " (outside the server's roots: not shown)"
+            else:
+                try:
+                    data = encode_png_under(path.resolve(), each)
+                except (ImageloopError, OSError) as e:
+                    note = f" (not shown: {e})"
+                if data is None and not note:
+                    note = " (not shown: too large for the result size cap)"
+            blocks.append(TextContent(type="text", text=label + note))
+            if data is not None:
+                blocks.append(ImageContent(type="image", data=data, mimeType="image/png"))
+                count += 1
+        return blocks, count
+
+    # Runs.
+
+    def start_index(self, folder: str, batch_size: int) -> Job:
+        """Index a folder in the background (new images only; vanished ones pruned)."""
+        root = self.app.path(folder, "folder", kind="dir")
+
+        def work(job: Job) -> dict[str, Any]:
+            job.report(f"indexing {root}")
+            summary = self.app.index_folder(root, batch_size=batch_size)
+            job.report(f"indexed {summary.indexed}, skipped {summary.skipped}, failed {summary.failed}")
+            return {"folder": str(root), **summary.to_json()}
+
+        return self.app.jobs.submit("index", work)
+
+    def start_generate(self, prompt: str, index: str, knobs: dict[str, Any]) -> Job:
+        """Run ImageRAG in the background; its record and images go to RUNS/<run_id>/."""
+        settings = self.app.with_knobs(**knobs)
+        self.app.retriever(index, settings)  # a missing or mismatched index fails this call, not the run
+        self.app.vlm(settings), self.app.generator(settings)  # so does a misconfigured model
+
+        def work(job: Job) -> dict[str, Any]:
+            assert job.run_dir is not None
+            return self.app.generate(prompt, index, out_dir=job.run_dir, knobs=knobs, on_step=_reporter(job))
+
+        return self.app.jobs.submit("generate", work, run_root=self.app.runs_dir)
+
+    def start_genir(self, index: str, query: str, knobs: dict[str, Any]) -> Job:
+        """A new person-in-the-loop GenIR session, played up to its first question."""
+        self.app.retriever(index)
+
+        def work(job: Job) -> dict[str, Any]:
+            return _genir_view(self.app.start_search(index, query, knobs=knobs, on_step=_reporter(job)))
+
+        return self.app.jobs.submit("genir", work)
+
+    def genir_show(self, session_id: str) -> dict[str, Any] | Job:
+        """A session's current round; an interrupted session is continued in the background."""
+        self._refuse_busy(session_id)
+        shown = self.app.show_search(session_id)
+        if shown["status"] == "incomplete":
+            return self._genir_job(session_id, None)
+        return _genir_view(shown)
+
+    def genir_feedback(self, session_id: str, feedback: str) -> Job:
+        """Answer the session's pending question (checked now) and play to the next one in the background."""
+        self._refuse_busy(session_id)
+        shown = self.app.show_search(session_id)
+        if shown["status"] != "awaiting_feedback":
+            raise ImageloopError(
+                f"session {session_id} is {shown['status']} ({shown['stop_reason'] or 'no question pending'}); "
+                "start another with genir_round"
+            )
+        from imageloop.graphs.genir import resolve_found
+
+        resolve_found(feedback, shown["retrieved"])  # a "found:" naming no shown result is refused now
+        return self._genir_job(session_id, feedback)
+
+    def _genir_job(self, session_id: str, answer: str | None) -> Job:
+        def work(job: Job) -> dict[str, Any]:
+            return _genir_view(self.app.continue_search(session_id, answer, on_step=_reporter(job)))
+
+        job = self.app.jobs.submit("genir", work)
+        self._session_runs[session_id] = job.id
+        return job
+
+    def _refuse_busy(self, session_id: str) -> None:
+        busy = self._session_runs.get(session_id)
+        running = self.app.jobs.get(busy) if busy else None
+        if running is not None and not running.done.is_set():
+            raise ServerBusyError(f"session {session_id} is busy with run {running.id}: poll get_run first")
+
+    def run_view(self, run_id: str) -> RunView:
+        """A run's state from memory, or from its folder on disk after a restart."""
+        job = self.app.jobs.get(run_id)
+        if job is not None:
+            return self.view(job)
+        run_dir = self.app.runs_dir / run_id
+        status_path = run_dir / STATUS_FILE
+        if not status_path.is_file():
+            raise ImageloopError(f"no run {run_id!r} (runs are kept in {self.app.runs_dir})")
+        status = json.loads(status_path.read_text(encoding="utf-8"))
+        state: JobStatus = status["status"]
+        error = status.get("error")
+        if state not in FINISHED:
+            state, error = "interrupted", "the server stopped before the run finished"
+        return RunView(
+            run_id=run_id, kind=status["kind"], status=state, progress=[], error=error, result=_read_record(run_dir)
+        )
+
+    def view(self, job: Job, last: int = 20) -> RunView:
+        """A live run's state."""
+        with job.lock:
+            progress = job.progress[-last:]
+        result = job.result
+        if result is None and job.run_dir is not None and job.done.is_set():
+            result = _read_record(job.run_dir)  # a failed or cancelled run still wrote its record
+        poll = None if job.done.is_set() else f"call get_run with run_id={job.id!r} (and wait_seconds) for the result"
+        return RunView(
+            run_id=job.id,
+            kind=job.kind,
+            status=job.status,
+            progress=progress,
+            error=job.error,
+            result=result,
+            poll=poll,
+        )
+
+    def render_run(self, view: RunView) -> CallToolResult:
+        """A run's view as a tool result: JSON text, plus the images a finished run produced."""
+        shown: list[tuple[str, str]] = []
+        result = view.result or {}
+        if view.kind == "generate":
+            shown += [
+                (f"{key}: {result[key]}", result[key]) for key in ("final_image", "draft_image") if result.get(key)
+            ]
+        elif view.kind == "genir" and result.get("state") == "awaiting_feedback":
+            if result.get("synthetic_image"):
+                shown.append((f"synthetic image: {result['synthetic_image']}", result["synthetic_image"]))
+            shown += [(f"#{hit['rank']} {hit['path']}", hit["path"]) for hit in result["retrieved"][:MAX_THUMBNAILS]]
+        content, _ = self._image_blocks(shown)
+        return _result(view.model_dump(mode="json"), content, is_error=view.status == "error")
+
+
+def _reporter(job: Job) -> Callable[[Step], None]:
+    """Forward a run's steps as progress, and stop at the next step once the server shuts down."""
+
+    def on_step(step: Step) -> None:
+        job.report(f"[{step['node']}] {step['decision']}")
+        job.check_cancelled()
+
+    return on_step
+
+
+def _genir_view(session: dict[str, Any]) -> dict[str, Any]:
+    """A search session as genir_round/genir_feedback show it: ranked results, the ask naming the tool."""
+    view = {
+        "session_id": session["thread_id"],
+        "rounds_played": session["rounds_played"],
+        "found_id": session["found_id"],
+        "stop_reason": session["stop_reason"],
+        "state": session["status"],
+        "query": session.get("query", session["last_query"]),
+    }
+    if session["status"] == "awaiting_feedback":
+        view |= {
+            "round": session["round"],
+            "feedback_kind": session["feedback_kind"],
+            "synthetic_image": session["synthetic_image"],
+            "retrieved": [{"rank": rank, **hit} for rank, hit in enumerate(session["retrieved"])],
+            "ask": session["ask"] + " (genir_feedback; 'found: <rank>' also works)",
+        }
+    return view
+
+
+def _read_record(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / RUN_RECORD
+    if not path.is_file():
+        return None
+    record: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return record
+
+
+def _result(structured: dict[str, Any], images: list[ContentBlock], is_error: bool = False) -> CallToolResult:
+    """JSON text first (for clients that ignore structured output), then labelled images."""
+    text = TextContent(type="text", text=json.dumps(structured, ensure_ascii=False))
+    return CallToolResult(content=[text, *images], structuredContent=structured, isError=is_error)
+
+
+class _Server(FastMCP[Any]):
+    """FastMCP with one-line errors: an unknown argument, the field that failed validation, or the
+    imageloop error as is."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.parameters: dict[str, set[str]] = {}
+
+    def tool_of(self, function: Callable[..., Any], annotations: ToolAnnotations) -> None:
+        """Register `function` as a tool, remembering its parameters to name unknown arguments."""
+        self.parameters[function.__name__] = set(inspect.signature(function).parameters) - {"ctx"}
+        self.tool(annotations=annotations)(function)
+
+    async def call_tool(self, name: str, arguments: dict[str, Any]) -> Sequence[ContentBlock] | dict[str, Any]:
+        known = self.parameters.get(name)
+        if known is not None:
+            unknown = sorted(set(arguments) - known)
+            if unknown:
+                raise ToolError(f"{name}: unknown argument {unknown[0]!r}; expected some of {', '.join(sorted(known))}")
+        try:
+            return await super().call_tool(name, arguments)
+        except ToolError as e:
+            cause = e.__cause__
+            if isinstance(cause, ValidationError):
+                raise ToolError(f"{name}: {_validation_message(cause)}") from None
+            if isinstance(cause, ImageloopError):
+                raise ToolError(f"{name}: {cause}") from None
+            raise
+
+
+def _validation_message(error: ValidationError) -> str:
+    parts = []
+    for detail in error.errors():
+        where = ".".join(str(part) for part in detail["loc"]) or "arguments"
+        parts.append(f"invalid {where}: {detail['msg']}")
+    return "; ".join(parts)
+
+
+WaitSeconds = Annotated[float, bounded("wait_seconds")]
+PathArg = Annotated[str, Field(min_length=1, max_length=PATH_CHARS)]
+Text = Annotated[str, Field(min_length=1, max_length=PROMPT_CHARS)]
+RunId = Annotated[str, Field(pattern=RUN_ID, description="the run_id a previous call returned")]
+SessionId = Annotated[str, Field(pattern=RUN_ID, description="the session_id genir_round returned")]
+McpContext = Context[Any, Any, Any]
+
+
+async def _follow(job: Job, wait_s: float, ctx: McpContext) -> None:
+    """Wait up to `wait_s` for `job`, forwarding its progress (and a heartbeat) to the client."""
+    deadline = anyio.current_time() + wait_s
+    sent, last_sent = 0, anyio.current_time()
+    delay = 0.002
+    while True:
+        total, messages = job.messages_since(sent)
+        now = anyio.current_time()
+        if not messages and now - last_sent >= HEARTBEAT_S:
+            messages = [f"still {job.status}"]  # a heartbeat, for clients that extend timeouts on progress
+        try:
+            for offset, message in enumerate(messages, start=total - len(messages) + 1):
+                await ctx.report_progress(max(offset, 1), None, message)
+                last_sent = now
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return  # the client went away: the run carries on, its result waits for get_run
+        sent = total
+        if job.done.is_set() or now >= deadline:
+            return
+        await anyio.sleep(min(delay, max(0.0, deadline - now)))
+        delay = min(delay * 2, 0.1)
+
+
+def build_server(app: App, security: TransportSecuritySettings | None = None) -> FastMCP[Any]:
+    """The MCP server exposing `app`'s operations as tools."""
+    ops = ImageloopMCP(app)
+    server = _Server(
+        "imageloop",
+        instructions=(
+            "Retrieval over indexed image folders, retrieval-augmented generation (ImageRAG) and "
+            "interactive generative retrieval (GenIR). Paths must lie inside the server's roots. Long "
+            "calls return a run_id: poll get_run until status is done."
+        ),
+        log_level="WARNING",
+        transport_security=security,
+    )
+
+    async def run_result(job: Job, wait_seconds: float, ctx: McpContext) -> CallToolResult:
+        await _follow(job, wait_seconds, ctx)
+        return ops.render_run(ops.view(job))
+
+    async def retrieve_images(
+        index: Annotated[str, Field(min_length=1, max_length=PATH_CHARS, description="an indexed image folder")],
+        query: Annotated[str | None, Field(max_length=PROMPT_CHARS, description="text describing the images")] = None,
+        image: Annotated[
+            str | None, Field(max_length=PATH_CHARS, description="or: a path of an image to find similar ones")
+        ] = None,
+        k: Annotated[int, bounded("k", description="how many results")] = 10,
+        similarity_threshold: Annotated[float | None, bounded("similarity_threshold")] = None,
+        max_images: Annotated[int, bounded("max_images")] = 10,
+    ) -> CallToolResult:
+        """Find images in an indexed folder by a text query or by an example image, best first.
+
+        Returns JSON {index, query, image, results: [{rank, id, path, caption, score}], images_shown},
+        then a label and a PNG thumbnail for each of the top max_images results."""
+        # No declared outputSchema on this, the hot path: the 1.x SDK re-checks a declared schema
+        # against the JSON Schema metaschema on every call, on both ends (~10 ms each).
+        return await anyio.to_thread.run_sync(
+            functools.partial(ops.retrieve, index, query, image, k, similarity_threshold, max_images)
+        )
+
+    async def index_images(
+        folder: PathArg,
+        ctx: McpContext,
+        batch_size: Annotated[int, bounded("batch_size")] = 32,
+        wait_seconds: WaitSeconds = 40,
+    ) -> Annotated[CallToolResult, RunView]:
+        """Index (or update the index of) an image folder so retrieve_images and the loops can search it."""
+        job = await anyio.to_thread.run_sync(ops.start_index, folder, batch_size)
+        return await run_result(job, wait_seconds, ctx)
+
+    async def generate_with_references(
+        prompt: Text,
+        index: PathArg,
+        ctx: McpContext,
+        # Knobs left null take the server's settings (its profile, IMAGELOOP_* variables, defaults).
+        mode: Annotated[Mode | None, Field(description="draft_first critiques a draft first")] = None,
+        max_iterations: Annotated[int | None, bounded("max_iterations", unset=True)] = None,
+        top_k: Annotated[int | None, bounded("top_k", unset=True)] = None,
+        similarity_threshold: Annotated[float | None, bounded("similarity_threshold", unset=True)] = None,
+        seed: Annotated[int | None, bounded("seed", unset=True)] = None,
+        width: Annotated[int | None, Field(ge=MIN_SIDE, le=MAX_SIDE, description="pixels (height if omitted)")] = None,
+        height: Annotated[int | None, Field(ge=MIN_SIDE, le=MAX_SIDE, description="pixels (width if omitted)")] = None,
+        steps: Annotated[int | None, bounded("steps", unset=True)] = None,
+        wait_seconds: WaitSeconds = 40,
+    ) -> Annotated[CallToolResult, RunView]:
+        """Generate an image for a prompt, retrieving reference images from an index for concepts the
+        generator gets wrong (ImageRAG). Returns the final image and the run record, or a run_id to poll."""
+        size = (width or height, height or width) if width is not None or height is not None else None
+        knobs = {
+            "mode": mode, "max_iterations": max_iterations, "top_k": top_k,
+            "similarity_threshold": similarity_threshold, "seed": seed, "size": size, "steps": steps,
+        }  # fmt: skip
+        job = await anyio.to_thread.run_sync(ops.start_generate, prompt, index, knobs)
+        return await run_result(job, wait_seconds, ctx)
+
+    async def genir_round(
+        ctx: McpContext,
+        index: Annotated[str | None, Field(max_length=PATH_CHARS, description="folder to search (new)")] = None,
+        query: Annotated[
+            str | None, Field(max_length=PROMPT_CHARS, description="the image you have in mind (new)")
+        ] = None,
+        feedback: Annotated[FeedbackKind | None, Field(description="what each round shows")] = None,
+        k: Annotated[int | None, bounded("k", unset=True, description="results per round")] = None,
+        max_rounds: Annotated[int | None, bounded("rounds", unset=True)] = None,
+        session_id: Annotated[
+            str | None, Field(pattern=RUN_ID, description="show (or continue) an existing session instead")
+        ] = None,
+        wait_seconds: WaitSeconds = 40,
+    ) -> Annotated[CallToolResult, RunView]:
+        """Start a GenIR search for an image someone has in mind (index + query), or show a session's
+        current round (session_id). Each round shows results; answer with genir_feedback."""
+        if session_id is not None:
+            shown = await anyio.to_thread.run_sync(ops.genir_show, session_id)
+            if isinstance(shown, Job):
+                return await run_result(shown, wait_seconds, ctx)
+            view = RunView(run_id=session_id, kind="genir", status="done", progress=[], result=shown)
+            return ops.render_run(view)
+        if index is None or query is None:
+            raise ImageloopError("a new session needs index and query (or pass session_id)")
+        knobs = {"feedback": feedback, "k": k, "rounds": max_rounds}
+        job = await anyio.to_thread.run_sync(ops.start_genir, index, query, knobs)
+        return await run_result(job, wait_seconds, ctx)
+
+    async def genir_feedback(
+        session_id: SessionId,
+        feedback: Annotated[
+            str,
+            Field(min_length=1, max_length=PROMPT_CHARS, description="what differs, or 'found: <rank or id>'"),
+        ],
+        ctx: McpContext,
+        wait_seconds: WaitSeconds = 40,
+    ) -> Annotated[CallToolResult, RunView]:
+        """Answer a GenIR round: say what differs from the image you want (the query is refined and
+        searched again), or 'found: <rank>' to finish."""
+        job = await anyio.to_thread.run_sync(ops.genir_feedback, session_id, feedback)
+        return await run_result(job, wait_seconds, ctx)
+
+    async def get_run(
+        run_id: RunId,
+        ctx: McpContext,
+        wait_seconds: Annotated[float, bounded("wait_seconds", description="wait this long for it to finish")] = 0,
+    ) -> Annotated[CallToolResult, RunView]:
+        """A run's status, progress and, once finished, its result (record, images)."""
+        job = app.jobs.get(run_id)
+        if job is not None:
+            return await run_result(job, wait_seconds, ctx)
+        view = await anyio.to_thread.run_sync(ops.run_view, run_id)
+        return await anyio.to_thread.run_sync(ops.render_run, view)
+
+    reads = ToolAnnotations(readOnlyHint=True, openWorldHint=False)
+    server.tool_of(retrieve_images, reads)
+    server.tool_of(index_images, ToolAnnotations(idempotentHint=True, openWorldHint=False))
+    server.tool_of(generate_with_references, ToolAnnotations(openWorldHint=True))
+    server.tool_of(genir_round, ToolAnnotations(openWorldHint=True))
+    server.tool_of(genir_feedback, ToolAnnotations(openWorldHint=True))
+    server.tool_of(get_run, reads)
+    return server
