@@ -1,0 +1,19 @@
+"""Hypothesis strategies for outside input: JSON of any shape, and JSON that nearly fits a format."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hypothesis import strategies as st
+
+SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12)
+
+
+def json_values(keys: Sequence[str] = (), max_leaves: int = 16) -> st.SearchStrategy[object]:
+    """Any JSON value; objects draw their keys from `keys` as often as not, so parsers get past the top level."""
+    names = st.sampled_from(list(keys)) | st.text(max_size=6) if keys else st.text(max_size=6)
+    return st.recursive(
+        SCALARS,
+        lambda children: st.lists(children, max_size=4) | st.dictionaries(names, children, max_size=6),
+        max_leaves=max_leaves,
+    )
