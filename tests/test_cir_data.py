@@ -159,7 +159,7 @@ def fashioniq_folder(tmp_path_factory: pytest.TempPathFactory) -> FashionIQFixtu
     return write_fashioniq(tmp_path_factory.mktemp("fashioniq"), categories=["dress"])
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(data=st.data())
 def test_mangled_cirr_files_load_or_raise_imageloop_error(cirr_folder: CIRRFixture, data: st.DataObject) -> None:
     split = {name: f"./dev/{name}.png" for name in cirr_folder.names}
@@ -168,7 +168,7 @@ def test_mangled_cirr_files_load_or_raise_imageloop_error(cirr_folder: CIRRFixtu
     _loads_or_refuses(lambda: load_cirr(cirr_folder.root))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(captions=json_values(CIRR_KEYS), split=json_values())
 def test_cirr_files_of_any_json_shape_load_or_raise_imageloop_error(
     cirr_folder: CIRRFixture, captions: object, split: object
@@ -178,7 +178,7 @@ def test_cirr_files_of_any_json_shape_load_or_raise_imageloop_error(
     _loads_or_refuses(lambda: load_cirr(cirr_folder.root))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(data=st.data())
 def test_mangled_fashioniq_files_load_or_raise_imageloop_error(
     fashioniq_folder: FashionIQFixture, data: st.DataObject
@@ -189,7 +189,7 @@ def test_mangled_fashioniq_files_load_or_raise_imageloop_error(
     _loads_or_refuses(lambda: load_fashioniq(root, categories=["dress"]))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(captions=json_values(FASHIONIQ_KEYS), split=json_values())
 def test_fashioniq_files_of_any_json_shape_load_or_raise_imageloop_error(
     fashioniq_folder: FashionIQFixture, captions: object, split: object
