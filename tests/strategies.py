@@ -1,10 +1,15 @@
-"""Hypothesis strategies for outside input: JSON of any shape, and JSON that nearly fits a format."""
+"""Property-test helpers for outside input: JSON of any shape, JSON that nearly fits a format, and the check
+that a parser of it either succeeds or refuses with a one-line ImageloopError."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 
+from hypothesis import event
 from hypothesis import strategies as st
+
+from imageloop.errors import ImageloopError
 
 SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12)
 
@@ -39,3 +44,13 @@ def mangled(draw: st.DrawFn, value: object, odds: int = 40) -> object:
         return part
 
     return mangle(value)
+
+
+def loads_or_refuses(load: Callable[[], object]) -> None:
+    """`load()` returns, or raises a one-line ImageloopError; any other exception fails the test."""
+    try:
+        load()
+        event("loaded")
+    except ImageloopError as e:
+        event("refused")
+        assert "\n" not in str(e)

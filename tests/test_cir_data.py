@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hypothesis import event, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imageloop.errors import ImageloopError
@@ -19,7 +18,7 @@ from imageloop.eval.cir_data import (
 )
 from tests.cir_fixtures import CIRRFixture, FashionIQFixture, write_cirr, write_fashioniq
 from tests.image_folders import write_image
-from tests.strategies import json_values, mangled
+from tests.strategies import json_values, loads_or_refuses, mangled
 
 CIRR_KEYS = ("pairid", "reference", "target_hard", "caption", "img_set", "members", "id")
 FASHIONIQ_KEYS = ("candidate", "target", "captions")
@@ -165,7 +164,7 @@ def test_mangled_cirr_files_load_or_raise_imageloop_error(cirr_folder: CIRRFixtu
     split = {name: f"./dev/{name}.png" for name in cirr_folder.names}
     _write(cirr_folder.root / "image_splits" / "split.rc2.val.json", data.draw(mangled(split)))
     _write(cirr_folder.root / "captions" / "cap.rc2.val.json", data.draw(mangled(cirr_folder.pairs)))
-    _loads_or_refuses(lambda: load_cirr(cirr_folder.root))
+    loads_or_refuses(lambda: load_cirr(cirr_folder.root))
 
 
 @settings(max_examples=100, deadline=None)
@@ -175,7 +174,7 @@ def test_cirr_files_of_any_json_shape_load_or_raise_imageloop_error(
 ) -> None:
     _write(cirr_folder.root / "image_splits" / "split.rc2.val.json", split)
     _write(cirr_folder.root / "captions" / "cap.rc2.val.json", captions)
-    _loads_or_refuses(lambda: load_cirr(cirr_folder.root))
+    loads_or_refuses(lambda: load_cirr(cirr_folder.root))
 
 
 @settings(max_examples=100, deadline=None)
@@ -186,7 +185,7 @@ def test_mangled_fashioniq_files_load_or_raise_imageloop_error(
     root = fashioniq_folder.root
     _write(root / "image_splits" / "split.dress.val.json", data.draw(mangled(fashioniq_folder.galleries["dress"])))
     _write(root / "captions" / "cap.dress.val.json", data.draw(mangled(fashioniq_folder.triplets["dress"])))
-    _loads_or_refuses(lambda: load_fashioniq(root, categories=["dress"]))
+    loads_or_refuses(lambda: load_fashioniq(root, categories=["dress"]))
 
 
 @settings(max_examples=100, deadline=None)
@@ -197,7 +196,7 @@ def test_fashioniq_files_of_any_json_shape_load_or_raise_imageloop_error(
     root = fashioniq_folder.root
     _write(root / "image_splits" / "split.dress.val.json", split)
     _write(root / "captions" / "cap.dress.val.json", captions)
-    _loads_or_refuses(lambda: load_fashioniq(root, categories=["dress"]))
+    loads_or_refuses(lambda: load_fashioniq(root, categories=["dress"]))
 
 
 @settings(max_examples=50, deadline=None)
@@ -205,18 +204,8 @@ def test_fashioniq_files_of_any_json_shape_load_or_raise_imageloop_error(
 def test_a_captions_file_that_is_not_json_is_one_line_error(cirr_folder: CIRRFixture, raw: bytes) -> None:
     (cirr_folder.root / "captions" / "cap.rc2.val.json").write_bytes(raw)
     _write(cirr_folder.root / "image_splits" / "split.rc2.val.json", {})
-    _loads_or_refuses(lambda: load_cirr(cirr_folder.root))
+    loads_or_refuses(lambda: load_cirr(cirr_folder.root))
 
 
 def _write(path: Path, value: object) -> None:
     path.write_text(json.dumps(value), encoding="utf-8")
-
-
-def _loads_or_refuses(load: Callable[[], object]) -> None:
-    """The loader returns, or raises a one-line ImageloopError; any other exception fails the test."""
-    try:
-        load()
-        event("loaded")
-    except ImageloopError as e:
-        event("refused")
-        assert "\n" not in str(e)
