@@ -113,6 +113,12 @@ def test_chatir_query_lists_open_with_the_caption_and_genir_lists_carry_none(tmp
     assert (second.captions, second.dialog, second.path) == ((), (), images / "unlabeled2017" / "000000000002.jpg")
 
 
+def test_an_image_has_the_same_id_whichever_file_lists_it(tmp_path: Path) -> None:
+    write_image(tmp_path / "00000" / "00001.png", 10)
+    queries = write_json(tmp_path / "q.json", [{"img": "./00000//00001.png", "dialog": []}])
+    assert load_chatir_queries(queries, tmp_path)[0].id == load_image_folder(tmp_path)[0].id == "00000/00001.png"
+
+
 def test_a_query_image_outside_the_images_folder_is_refused(tmp_path: Path) -> None:
     queries = [{"img": "/etc/passwd", "dialog": []}]
     with pytest.raises(ImageloopError, match="entry 0: '/etc/passwd' is not a path inside"):

@@ -181,7 +181,8 @@ def _fashioniq_query(entry: object, query_id: str, split: str, where: str) -> CI
 def _files_by_stem(folder: Path) -> dict[str, Path]:
     """Image name -> file, listing the folder once (a FashionIQ gallery has thousands of names)."""
     try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda e: e.name)
     except OSError as e:
         raise ImageloopError(f"FashionIQ images folder {folder}: cannot list it ({e.strerror})") from None
     rank = {suffix: i for i, suffix in enumerate(FASHIONIQ_SUFFIXES)}

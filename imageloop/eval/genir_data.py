@@ -131,10 +131,10 @@ def _chatir_queries(entries: list[object], source: Path, images: Path) -> list[B
     for i, entry in enumerate(entries):
         where = f"{source}, entry {i}"
         query = as_dict(entry, where)
-        relative = get_str(query, "img", where)
+        path = inside(images, get_str(query, "img", where), where)
         dialog = get_str_list(query, "dialog", where)
         # ChatIR opens each dialogue with the image's caption; GenIR's lists leave it empty.
-        targets.append(BenchmarkTarget(relative, inside(images, relative, where), tuple(dialog[:1]), tuple(dialog[1:])))
+        targets.append(BenchmarkTarget(_relative(path, images), path, tuple(dialog[:1]), tuple(dialog[1:])))
     require_files(((t.id, t.path) for t in targets), f"{source} (images folder {images})")
     return targets
 
@@ -167,9 +167,10 @@ def load_flickr30k(annotations: Path, images: Path, split: str | None = None) ->
 
 
 def _flickr30k_targets(captions: dict[str, list[str]], source: Path, images: Path) -> list[BenchmarkTarget]:
-    targets = [
-        BenchmarkTarget(name, inside(images, name, str(source)), tuple(texts)) for name, texts in captions.items()
-    ]
+    targets: list[BenchmarkTarget] = []
+    for name, texts in captions.items():
+        path = inside(images, name, str(source))
+        targets.append(BenchmarkTarget(_relative(path, images), path, tuple(texts)))
     require_files(((t.id, t.path) for t in targets), f"Flickr30k (images folder {images})")
     return targets
 
