@@ -3,6 +3,10 @@
 Ask with the JSON schema (backends that can constrain decoding do so), then parse and validate with
 pydantic; if that fails, show the model its answer and the validation error once and ask again. A
 second failure raises MalformedOutputError, which callers turn into a recorded fallback.
+
+The schema sent asks for no extra keys (strict mode requires it), but an answer that adds some is
+still used: they are ignored, at every nesting level. Models without constrained decoding often add
+a "reasoning" or "confidence" key, and refusing them would fail the repair retry too.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ def json_schema_for(model: type[ModelT]) -> dict[str, Any]:
 
 
 def parse_json_answer(text: str, model: type[ModelT]) -> ModelT:
-    """Validate `text` as `model`, tolerating code fences and prose around one JSON object."""
+    """Validate `text` as `model`, tolerating code fences, prose around one JSON object, and extra keys."""
     candidates = [text.strip(), *(m.strip() for m in _FENCED.findall(text))]
     start, end = text.find("{"), text.rfind("}")
     if 0 <= start < end:
@@ -35,8 +39,10 @@ def parse_json_answer(text: str, model: type[ModelT]) -> ModelT:
     error: Exception | None = None
     for candidate in candidates:
         try:
-            return model.model_validate(json.loads(candidate))
-        except (json.JSONDecodeError, ValidationError) as e:
+            return model.model_validate(json.loads(candidate), extra="ignore")
+        # ValueError covers JSONDecodeError and integers beyond Python's digit limit; RecursionError
+        # is the decoder's answer to nesting deeper than the stack allows.
+        except (ValueError, RecursionError, ValidationError) as e:
             error = e
     raise ValueError(f"not a valid {model.__name__}: {error}")
 

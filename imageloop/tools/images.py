@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
@@ -67,3 +69,22 @@ def content_id(path: Path) -> str:
     """The sha256 of a file's bytes: an indexed image's id, the same whatever its name or folder."""
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def image_files(root: Path) -> Iterator[Path]:
+    """Image files under `root`, skipping hidden files and folders (the index's own `.imageloop` among them).
+
+    A symlink whose target lies outside `root` is skipped: an index must not hand out files from
+    outside the folder it was asked to index (servers confine paths to the folders they serve).
+    """
+    real_root = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Pruned in place so os.walk never descends into .imageloop, .git and the like.
+        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
+        for name in filenames:
+            path = Path(dirpath) / name
+            if name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if path.is_symlink() and not path.resolve().is_relative_to(real_root):
+                continue
+            yield path

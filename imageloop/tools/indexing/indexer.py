@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from imageloop.errors import ImageloopError
 from imageloop.protocols import Embedder, VectorRecord
-from imageloop.tools.images import IMAGE_SUFFIXES, content_id, open_image
+from imageloop.tools.images import content_id, image_files, open_image
 from imageloop.tools.indexing.image_index import ImageIndex, Route, StoreOptions, create_or_open_index
 from imageloop.tools.stores.embedded import EmbeddedVectorStore
 
@@ -146,7 +146,7 @@ def index_into(
     _check_sizes(batch_size, workers)
     workers = workers or default_workers()
     index.require_embedder(embedder.model_id)
-    files = sorted(_image_files(index.root), key=lambda path: path.relative_to(index.root).as_posix())
+    files = sorted(image_files(index.root), key=lambda path: path.relative_to(index.root).as_posix())
     summary = IndexSummary(total=len(files))
     # Workers look up known content while the main thread commits: one lock makes any store safe.
     store_lock = threading.Lock()
@@ -339,22 +339,3 @@ def _caption(path: Path, relative: Path, route: Route, captioner: Captioner | No
     if route == "caption":
         raise ImageloopError(f"no caption: add {relative.with_suffix('.txt').as_posix()} or configure a captioner")
     return ""
-
-
-def _image_files(root: Path) -> Iterator[Path]:
-    """Image files under `root`, skipping hidden files and folders (the index's own `.imageloop` among them).
-
-    A symlink whose target lies outside `root` is skipped: an index must not hand out files from
-    outside the folder it was asked to index (servers confine paths to the folders they serve).
-    """
-    real_root = root.resolve()
-    for dirpath, dirnames, filenames in os.walk(root):
-        # Pruned in place so os.walk never descends into .imageloop, .git and the like.
-        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
-        for name in filenames:
-            path = Path(dirpath) / name
-            if name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            if path.is_symlink() and not path.resolve().is_relative_to(real_root):
-                continue
-            yield path
