@@ -48,6 +48,8 @@ from weaviate.exceptions import (
 
 from imageloop.errors import BackendError, ConfigError, ImageloopError, IndexNotFoundError
 from imageloop.protocols import SearchHit, Vector, VectorRecord
+from imageloop.tools.stores.checks import check_k, checked_vector
+from imageloop.tools.stores.metadata_filter import canonical_json
 
 T = TypeVar("T")
 
@@ -98,21 +100,6 @@ def check_collection_name(name: str) -> str:
             f"invalid Weaviate collection name {name!r}: use an uppercase letter, then letters, digits or underscores"
         )
     return name
-
-
-def canonical_json(value: Any) -> str:
-    """The JSON text `where` compares: sorted keys, no spaces, integral floats written as ints (1.0 == 1)."""
-    return json.dumps(_normalised(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _normalised(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, Mapping):
-        return {str(key): _normalised(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_normalised(item) for item in value]
-    return value
 
 
 class WeaviateVectorStore:
@@ -204,7 +191,7 @@ class WeaviateVectorStore:
         keys: set[str] = set()
         dims: set[int] = set()
         for record in records:
-            vector = _checked_vector(record.vector, f"vector for id {record.id!r}")
+            vector = checked_vector(record.vector, f"vector for id {record.id!r}")
             dims.add(vector.shape[0])
             properties = {RECORD_ID_PROPERTY: record.id, METADATA_PROPERTY: json.dumps(dict(record.metadata))}
             for key, value in record.metadata.items():
@@ -234,9 +221,8 @@ class WeaviateVectorStore:
 
         `where` maps metadata keys to a required value, or to a list of accepted values.
         """
-        if k <= 0:
-            raise ImageloopError(f"k must be a positive number of results, got {k}")
-        query = _checked_vector(vector, "query vector")
+        check_k(k)
+        query = checked_vector(vector, "query vector")
         dim = self._stored_dim()
         if dim is None:
             return []
@@ -519,16 +505,6 @@ def _parse_meta(description: str | None) -> dict[str, Any]:
     except json.JSONDecodeError:
         return {}
     return meta if isinstance(meta, dict) else {}
-
-
-def _checked_vector(vector: Vector, what: str) -> np.ndarray[Any, np.dtype[np.float32]]:
-    """A 1-D, finite, non-zero float32 copy of `vector`; cosine is undefined otherwise."""
-    array = np.asarray(vector, dtype=np.float32)
-    if array.ndim != 1:
-        raise ImageloopError(f"{what} must be one-dimensional, got shape {array.shape}")
-    if not np.all(np.isfinite(array)) or not np.any(array):
-        raise ImageloopError(f"{what} must be finite and non-zero")
-    return array
 
 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
