@@ -93,7 +93,7 @@ class Settings(BaseModel):
     flux_redux: str = Field(
         "black-forest-labs/FLUX.1-Redux-dev", description="flux: the Redux prior that takes references; none: text only"
     )
-    store: Literal["embedded", "weaviate"] | None = Field(
+    store: Literal["embedded", "chroma", "weaviate"] | None = Field(
         None, description="where a new index keeps its vectors (default embedded); an existing index keeps its own"
     )
     weaviate_url: str | None = Field(None, description="Weaviate server for --store weaviate (http://HOST:8080)")
