@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from imageloop.cli import main
 from imageloop.errors import ConfigError, ImageloopError, IndexNotFoundError
 from imageloop.protocols import VectorRecord
 from imageloop.tools.indexing.image_index import create_or_open_index, open_index
@@ -25,8 +26,8 @@ from imageloop.tools.indexing.indexer import index_folder
 from imageloop.tools.indexing.retriever import Retriever
 from imageloop.tools.stores.chroma_store import COLLECTION_NAME, LOCK_FILENAME, ChromaVectorStore
 from imageloop.tools.stores.embedded import EmbeddedVectorStore
+from tests.fake_providers import captioned_folder, fake_backends
 from tests.fakes import FakeHashEmbedder
-from tests.image_folders import captioned_folder
 
 needs_chromadb = pytest.mark.skipif(
     importlib.util.find_spec("chromadb") is None, reason="the chroma extra is not installed"
@@ -58,9 +59,9 @@ def test_an_index_on_chroma_lives_in_the_folder_and_reopens_for_retrieval(tmp_pa
     assert not (folder / ".imageloop" / "index.sqlite").exists()
     index = open_index(folder)
     try:
-        hits = Retriever(index, FakeHashEmbedder()).search_many(["a red bird", "a blue car"], k=1)
+        hits = Retriever(index, FakeHashEmbedder()).search_many(["a blue jay", "a tabby cat"], k=1)
         assert (index.location.kind, index.count(), index.route) == ("chroma", 3, "caption")
-        assert [hit.path for (hit,) in hits] == [folder.resolve() / "bird.png", folder.resolve() / "car.png"]
+        assert [hit.path for (hit,) in hits] == [folder.resolve() / "jay.png", folder.resolve() / "cat.png"]
     finally:
         index.close()
 
@@ -70,7 +71,7 @@ def test_an_index_on_chroma_cannot_silently_change_store(tmp_path: Path) -> None
     folder = captioned_folder(tmp_path / "images")
     create_or_open_index(folder, FakeHashEmbedder(), store="chroma").close()
 
-    with pytest.raises(ConfigError, match=r"keeps its vectors in the Chroma store: to move it, delete"):
+    with pytest.raises(ConfigError, match=r"keeps its vectors in the Chroma store in \.imageloop/chroma: to move it"):
         create_or_open_index(folder, FakeHashEmbedder(), store="embedded")
 
     reopened = create_or_open_index(folder, FakeHashEmbedder())  # no store option: the recorded one
@@ -84,10 +85,28 @@ def test_an_index_whose_chroma_folder_was_removed_is_not_found_and_not_recreated
     index_folder(folder, FakeHashEmbedder(), None, progress=False, store="chroma")
     shutil.rmtree(folder / ".imageloop" / "chroma")
 
-    with pytest.raises(IndexNotFoundError, match=r"Chroma store does not exist; run `imageloop index"):
+    with pytest.raises(IndexNotFoundError, match=r"Chroma store in \.imageloop/chroma does not exist; run `imageloop"):
         open_index(folder)
 
     assert not (folder / ".imageloop" / "chroma").exists()
+
+
+@needs_chromadb
+def test_imageloop_store_chroma_in_the_environment_makes_the_cli_index_into_chroma(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = captioned_folder(tmp_path / "images")
+    monkeypatch.setenv("IMAGELOOP_STORE", "chroma")
+    with fake_backends(monkeypatch):
+        assert main(["index", str(folder), "--embedder", "fake:hash", "--json"]) == 0
+        monkeypatch.delenv("IMAGELOOP_STORE")  # the index keeps its store
+        capsys.readouterr()
+        assert main(["index-info", str(folder), "--json"]) == 0
+
+    assert {key: value for key, value in json.loads(capsys.readouterr().out).items() if key in ("count", "store")} == {
+        "count": 3,
+        "store": "chroma",
+    }
 
 
 # Nothing downloaded, no embedding function
@@ -108,7 +127,7 @@ def test_chroma_never_constructs_its_default_embedding_model(tmp_path: Path, mon
     index_folder(folder, FakeHashEmbedder(), None, progress=False, store="chroma")
     index = open_index(folder)
     try:
-        assert Retriever(index, FakeHashEmbedder()).search("a red bird", k=3)
+        assert Retriever(index, FakeHashEmbedder()).search("a blue jay", k=3)
     finally:
         index.close()
 

@@ -75,7 +75,7 @@ class StoreLocation:
         if self.kind == "weaviate":
             return f"Weaviate collection {self.collection} at {self.url}"
         if self.kind == "chroma":
-            return "Chroma store"
+            return f"Chroma store in {INDEX_DIRNAME}/{CHROMA_DIRNAME}"
         return "embedded store"
 
     def to_json(self) -> dict[str, Any]:
