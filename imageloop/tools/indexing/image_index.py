@@ -71,7 +71,7 @@ class StoreLocation:
     grpc_port: int | None = None
 
     def describe(self) -> str:
-        """One phrase for messages and `index-info`, such as `Chroma store` or `Weaviate collection C at URL`."""
+        """One phrase for messages and `index-info`, such as `embedded store` or `Weaviate collection C at URL`."""
         if self.kind == "weaviate":
             return f"Weaviate collection {self.collection} at {self.url}"
         if self.kind == "chroma":
