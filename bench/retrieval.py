@@ -1,6 +1,6 @@
 """Retrieval at scale: the embedded store against bare FAISS, side by side in one run on the same vectors.
 
-    python bench/retrieval.py --n 100000 [--queries 1000] [--data lowrank|uniform]
+    python bench/retrieval.py --n 100000 [--queries 1000] [--data lowrank|uniform] [--chroma]
 
 Exact search: our store with the ANN index off vs `faiss.IndexFlatIP`. Approximate search: our
 store's HNSW index vs `faiss.IndexHNSWFlat` with the same M, efConstruction and efSearch (ours is
@@ -9,6 +9,11 @@ one fresh process: both are loaded, then every query goes to both, alternating w
 a busy machine slows both alike. Memory is the process's peak RSS (VmHWM, reset before each phase)
 above what it held before: opening our store, or building the FAISS index from the vectors. The
 store is built once beforehand (upsert in 10,000-record transactions, then the HNSW index).
+
+With `--chroma` (needs `pip install imageloop[chroma]`), one more row: our Chroma store (Chroma's
+persistent local client, its default HNSW: M 16, efConstruction 100, efSearch 100) built from the
+same vectors and metadata through `ChromaVectorStore.upsert`, then queried alone in a fresh process
+(load includes its first search, which reads the HNSW segment). It takes minutes at 100,000.
 
 Data, `lowrank` (default): x = normalise(W z + 0.3 e) with z in R^32: like real image embeddings, the
 vectors have a low intrinsic dimension. `uniform` vectors (normalised Gaussian noise) have no
@@ -200,19 +205,68 @@ def compare(
     else:
         theirs["disk_bytes"] = index.ntotal * DIM * 4
 
-    ours["filters"] = {}
+    ours["filters"] = filtered_searches(store, queries)
+    store.close()
+    return {"ours": ours, "faiss": theirs}
+
+
+def filtered_searches(store: Any, queries: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Latency and hits of `store.search` under each of FILTERS, over the first FILTER_QUERIES queries."""
+    figures = {}
     for name, (where, _) in FILTERS.items():
-        probe = queries[:FILTER_QUERIES]
         ms = []
         found = []
-        for query in probe:
+        for query in queries[:FILTER_QUERIES]:
             started = time.perf_counter()
             hits = store.search(query, K, where=where)
             ms.append((time.perf_counter() - started) * 1000)
             found.append([int(hit.id) for hit in hits] + [-1] * (K - len(hits)))
-        ours["filters"][name] = {**latency(np.asarray(ms[10:])), "found": np.array(found)}
+        figures[name] = {**latency(np.asarray(ms[10:])), "found": np.array(found)}
+    return figures
+
+
+def build_chroma(chroma_path: str, data_path: str) -> dict[str, Any]:
+    """Child: upsert every vector with its metadata into a Chroma store, in UPSERT_BATCH batches."""
+    from imageloop.tools.stores.chroma_store import ChromaVectorStore
+
+    data = np.load(data_path)
+    with Memory() as memory:
+        store = ChromaVectorStore(Path(chroma_path))
+        started = time.perf_counter()
+        for start in range(0, len(data), UPSERT_BATCH):
+            block = data[start : start + UPSERT_BATCH]
+            store.upsert([VectorRecord(str(start + j), block[j], metadata(start + j)) for j in range(len(block))])
+        store.close()  # inside the timing: what Chroma writes out on close is part of the build
+        build_s = time.perf_counter() - started
+    return {"build_s": build_s, "peak_mib": memory.peak_mib}
+
+
+def query_chroma(chroma_path: str, queries_path: str) -> dict[str, Any]:
+    """Child: the Chroma store opened afresh, then queried like our store in `compare` (alone: no pair)."""
+    from imageloop.tools.stores.chroma_store import ChromaVectorStore
+
+    queries = np.load(queries_path)
+    with Memory() as memory:
+        started = time.perf_counter()
+        store = ChromaVectorStore(Path(chroma_path), create=False)
+        store.search(queries[0], K)
+        result: dict[str, Any] = {"load_s": time.perf_counter() - started}
+    result["peak_mib"], result["held_mib"] = memory.peak_mib, memory.held_mib
+    for query in queries[:10]:
+        store.search(query, K)
+    ms = np.zeros(len(queries))
+    for i, query in enumerate(queries):
+        started = time.perf_counter()
+        store.search(query, K)
+        ms[i] = (time.perf_counter() - started) * 1000
+    result.update(latency(ms))
+    started = time.perf_counter()
+    batched = store.search_many(queries, K)
+    result["batch_qps"] = len(queries) / (time.perf_counter() - started)
+    result["found"] = np.array([[int(hit.id) for hit in hits] + [-1] * (K - len(hits)) for hits in batched])
+    result["filters"] = filtered_searches(store, queries)
     store.close()
-    return {"ours": ours, "faiss": theirs}
+    return result
 
 
 def in_child(function: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
@@ -228,6 +282,7 @@ def main() -> None:
     parser.add_argument("--exact-queries", type=int, default=200, help="queries for the exact engines")
     parser.add_argument("--data", choices=("lowrank", "uniform"), default="lowrank")
     parser.add_argument("--dir", type=Path, help="working folder (default: a temporary one, removed after)")
+    parser.add_argument("--chroma", action="store_true", help="add the Chroma store (the chroma extra) as one more row")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         run(args, Path(tmp))
@@ -270,6 +325,13 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
 
     exact = in_child(compare, "exact", str(store_path), str(paths["data"]), str(paths["exact"]), None, info)
     ann = in_child(compare, "hnsw", str(store_path), str(paths["data"]), str(paths["hnsw"]), ann_threshold, info)
+    chroma_path = tmp / "chroma"
+    if args.chroma:
+        chroma_built = in_child(build_chroma, str(chroma_path), str(paths["data"]))
+        print(
+            f"Chroma build: {chroma_built['build_s']:.1f} s, peak RSS +{chroma_built['peak_mib']:.0f} MiB", flush=True
+        )
+        chroma = in_child(query_chroma, str(chroma_path), str(paths["hnsw"]))
 
     print(
         f"{'engine':11} {'p50 ms':>8} {'p99 ms':>8} {'QPS':>7} {'batch QPS':>9} {'recall@10':>9} {'disk MiB':>8} "
@@ -281,6 +343,11 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         ("store HNSW", ann["ours"], store_bytes + hnsw_bytes, f"load {ann['ours']['load_s']:.1f} s"),
         ("FAISS HNSW", ann["faiss"], ann["faiss"]["disk_bytes"], f"build {ann['faiss']['build_s']:.1f} s"),
     ]
+    if args.chroma:
+        chroma_bytes = sum(p.stat().st_size for p in chroma_path.rglob("*") if p.is_file())
+        rows_out.append(
+            ("Chroma", chroma, chroma_bytes, f"build {chroma_built['build_s']:.1f} s, load {chroma['load_s']:.1f} s")
+        )
     recalls = {}
     for name, result, size, when in rows_out:
         recalls[name] = recall(result["found"], truth[: len(result["found"])])
@@ -289,15 +356,18 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
             f"{result['batch_qps']:9.0f} {recalls[name]:9.4f} {size / 2**20:8.0f} {result['peak_mib']:9.0f} "
             f"{result['held_mib']:9.0f}  {when}"
         )
-    for label, ours in (("exact", exact["ours"]), ("HNSW", ann["ours"])):
+    filtered = [("store exact", exact["ours"]), ("store HNSW", ann["ours"])] + (
+        [("Chroma", chroma)] if args.chroma else []
+    )
+    for label, ours in filtered:
         for name in FILTERS:
             measured = ours["filters"][name]
             print(
-                f"store {label:5} where {name:10}: p50 {measured['p50_ms']:7.3f} ms, p99 {measured['p99_ms']:7.3f} ms, "
+                f"{label:11} where {name:10}: p50 {measured['p50_ms']:7.3f} ms, p99 {measured['p99_ms']:7.3f} ms, "
                 f"recall@10 {recall(measured['found'], filter_truth[name]):.4f}"
             )
-        if not ours["batch_matches_single"]:
-            print(f"note: store {label} batched results differ from single searches (float rounding of near-ties)")
+        if not ours.get("batch_matches_single", True):
+            print(f"note: {label} batched results differ from single searches (float rounding of near-ties)")
     for label, pair in (("exact", exact), ("HNSW", ann)):
         ratio = pair["ours"]["p50_ms"] / pair["faiss"]["p50_ms"]
         print(f"{label} p50 ratio store / FAISS: {ratio:.3f}")

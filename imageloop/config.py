@@ -23,8 +23,8 @@ Mode = Literal["draft_first", "generation"]
 MODES: tuple[Mode, ...] = ("draft_first", "generation")
 FeedbackKind = Literal["visual", "verbal", "prediction", "hybrid"]
 FEEDBACK_KINDS: tuple[FeedbackKind, ...] = ("visual", "verbal", "prediction", "hybrid")
-StoreKind = Literal["embedded", "weaviate"]
-STORE_KINDS: tuple[StoreKind, ...] = ("embedded", "weaviate")
+StoreKind = Literal["embedded", "chroma", "weaviate"]
+STORE_KINDS: tuple[StoreKind, ...] = ("embedded", "chroma", "weaviate")
 
 
 def bounded(name: str, *, unset: bool = False, description: str | None = None) -> Any:

@@ -1,6 +1,7 @@
 """The vector store contract: every store an index can live in passes this one suite.
 
-It runs against the embedded SQLite store; the Weaviate store on FakeWeaviateServer (Weaviate's
+It runs against the embedded SQLite store; the Chroma store (Chroma's persistent local client, in a
+temporary folder); the Weaviate store on FakeWeaviateServer (Weaviate's
 REST and gRPC wire protocol on 127.0.0.1, spoken to by the real weaviate-client); and the Weaviate
 store on a real server when `WEAVIATE_URL` is set (with `WEAVIATE_API_KEY` and
 `WEAVIATE_GRPC_PORT` when needed; each test uses, then drops, its own collection):
@@ -25,7 +26,7 @@ from imageloop.protocols import VectorRecord, VectorStore
 from imageloop.tools.indexing.image_index import IndexStore
 from imageloop.tools.stores.embedded import EmbeddedVectorStore
 
-BACKENDS = ["embedded", "weaviate-fake", "weaviate-real"]
+BACKENDS = ["embedded", "chroma", "weaviate-fake", "weaviate-real"]
 
 
 def unit(*values: float) -> np.ndarray:
@@ -66,6 +67,11 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     collection = f"Contract_{uuid.uuid4().hex[:12]}"
     if request.param == "embedded":
         backend = Backend(request.param, lambda: EmbeddedVectorStore(tmp_path / "store.sqlite"))
+    elif request.param == "chroma":
+        pytest.importorskip("chromadb", reason="the chroma extra is not installed")
+        from imageloop.tools.stores.chroma_store import ChromaVectorStore
+
+        backend = Backend(request.param, lambda: ChromaVectorStore(tmp_path / "chroma"))
     elif request.param == "weaviate-fake":
         from imageloop.tools.stores.weaviate_store import WeaviateVectorStore
 

@@ -5,6 +5,8 @@ The index lives inside the folder it describes, so the same path names both (`im
 `.imageloop/` folder is always local; `store.json` in it records which store holds the vectors:
 
 - `embedded` (default): `.imageloop/index.sqlite`, exact search, no server.
+- `chroma`: `.imageloop/chroma/`, one collection of a local Chroma database (`pip install
+  imageloop[chroma]`), no server.
 - `weaviate`: a collection on a Weaviate server, recorded by URL and collection name. The API key
   is never written to disk: it comes from the caller, `WEAVIATE_API_KEY` or
   `IMAGELOOP_WEAVIATE_API_KEY` each time the index is opened.
@@ -22,19 +24,20 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal, Protocol, TypedDict
 
+from imageloop.config import STORE_KINDS, StoreKind
 from imageloop.errors import ConfigError, EmbedderMismatchError, ImageloopError, IndexNotFoundError
 from imageloop.files import write_json_atomic
 from imageloop.protocols import Embedder, VectorStore
+from imageloop.tools.stores.chroma_store import ChromaVectorStore
 from imageloop.tools.stores.embedded import EmbeddedVectorStore
 
 INDEX_DIRNAME = ".imageloop"
 INDEX_FILENAME = "index.sqlite"
 STORE_FILENAME = "store.json"
+CHROMA_DIRNAME = "chroma"
 API_KEY_VARIABLES = ("WEAVIATE_API_KEY", "IMAGELOOP_WEAVIATE_API_KEY")
 
 Route = Literal["image", "caption"]
-StoreKind = Literal["embedded", "weaviate"]
-STORE_KINDS: tuple[StoreKind, ...] = ("embedded", "weaviate")
 
 
 class IndexStore(VectorStore, Protocol):
@@ -69,9 +72,11 @@ class StoreLocation:
     grpc_port: int | None = None
 
     def describe(self) -> str:
-        """One phrase for messages and `index-info`: `embedded store` or `Weaviate collection C at URL`."""
+        """One phrase for messages and `index-info`, such as `embedded store` or `Weaviate collection C at URL`."""
         if self.kind == "weaviate":
             return f"Weaviate collection {self.collection} at {self.url}"
+        if self.kind == "chroma":
+            return f"Chroma store in {INDEX_DIRNAME}/{CHROMA_DIRNAME}"
         return "embedded store"
 
     def to_json(self) -> dict[str, Any]:
@@ -85,11 +90,13 @@ class StoreLocation:
         kind = data.get("store")
         if kind == "embedded":
             return cls()
+        if kind == "chroma":
+            return cls("chroma")
         if kind == "weaviate" and isinstance(data.get("url"), str) and isinstance(data.get("collection"), str):
             port = data.get("grpc_port")
             return cls("weaviate", data["url"], data["collection"], int(port) if port is not None else None)
         raise ConfigError(
-            f"{source} does not name a known store: expected embedded, or weaviate with url and collection"
+            f"{source} does not name a known store: expected embedded, chroma, or weaviate with url and collection"
         )
 
 
@@ -215,6 +222,8 @@ def _recorded_location(index_dir: Path) -> StoreLocation | None:
 def _new_location(
     root: Path, store: StoreKind | None, url: str | None, collection: str | None, grpc_port: int | None
 ) -> StoreLocation:
+    if store == "chroma":
+        return StoreLocation("chroma")
     if store != "weaviate":
         return StoreLocation()
     if not url:
@@ -245,6 +254,8 @@ def _refuse_another_store(
 def _open_store(index_dir: Path, location: StoreLocation, api_key: str | None, *, create: bool) -> IndexStore:
     if location.kind == "embedded":
         return EmbeddedVectorStore(index_dir / INDEX_FILENAME)
+    if location.kind == "chroma":
+        return ChromaVectorStore(index_dir / CHROMA_DIRNAME, create=create)
     assert location.url is not None and location.collection is not None
     store: IndexStore = _weaviate_store_module().WeaviateVectorStore(
         location.url,

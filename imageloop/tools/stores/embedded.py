@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from imageloop.errors import ImageloopError
 from imageloop.protocols import SearchHit, Vector, VectorRecord
 from imageloop.tools.stores.ann_index import AnnIndexUnreadable, HnswIndex, HnswSettings, faiss_module
+from imageloop.tools.stores.checks import check_k, checked_vector, unit_vector
 from imageloop.tools.stores.metadata_filter import Facet, Where, parse_where
 from imageloop.tools.stores.vector_search import Changes, ExactIndex, Found, Matrix, Seqs, normalise_rows
 
@@ -165,7 +165,7 @@ class EmbeddedVectorStore:
             for record in records:
                 # Validation and serialisation happen inside the transaction on purpose: a bad
                 # record anywhere in the batch rolls back the records before it as well.
-                vector = _checked_vector(record.vector, f"vector for id {record.id!r}")
+                vector = checked_vector(record.vector, f"vector for id {record.id!r}")
                 if vector.shape[0] not in checked_dims:
                     self._check_dim(conn, vector.shape[0])
                     checked_dims.add(vector.shape[0])
@@ -188,15 +188,15 @@ class EmbeddedVectorStore:
         `where` maps metadata keys to a required value, or to a list of accepted values; a record
         whose value is a list (tags) matches when any of its elements is accepted.
         """
-        _check_k(k)
-        return self._search(_unit_vector(vector, "query vector")[None, :], k, where)[0]
+        check_k(k)
+        return self._search(unit_vector(vector, "query vector")[None, :], k, where)[0]
 
     def search_many(
         self, vectors: Sequence[Vector] | Matrix, k: int, where: Mapping[str, Any] | None = None
     ) -> list[list[SearchHit]]:
         """`search` for each of `vectors`, in one batch: one matrix product or one parallel HNSW search."""
-        _check_k(k)
-        queries = [_unit_vector(vector, f"query vector {i}") for i, vector in enumerate(vectors)]
+        check_k(k)
+        queries = [unit_vector(vector, f"query vector {i}") for i, vector in enumerate(vectors)]
         if not queries:
             return []
         if len({query.shape[0] for query in queries}) > 1:
@@ -673,29 +673,6 @@ def _remove_stale_hnsw_files(store_path: Path, *, keep: str, keep_generation: in
                 candidate.unlink()
         except OSError:
             continue  # already gone, or open elsewhere (Windows): a later save tries again
-
-
-def _checked_vector(vector: Vector, what: str) -> npt.NDArray[np.float32]:
-    """A 1-D, finite, non-zero float32 copy of `vector`; cosine is undefined otherwise."""
-    array = np.asarray(vector, dtype=np.float32)
-    if array.ndim != 1:
-        raise ImageloopError(f"{what} must be one-dimensional, got shape {array.shape}")
-    # One dot product is finite and positive exactly when every value is finite and one is non-zero
-    # (short of float32 overflow at magnitudes near 1e19); a per-value check costs ten times more.
-    if not 0.0 < float(np.dot(array, array)) < np.inf:
-        raise ImageloopError(f"{what} must be finite and non-zero")
-    return array
-
-
-def _unit_vector(vector: Vector, what: str) -> npt.NDArray[np.float32]:
-    """`vector` checked like a stored one and scaled to length 1, so inner products are cosines."""
-    array = _checked_vector(vector, what)
-    return array / np.float32(np.sqrt(np.dot(array, array)))
-
-
-def _check_k(k: int) -> None:
-    if k <= 0:
-        raise ImageloopError(f"k must be a positive number of results, got {k}")
 
 
 def _read_meta(conn: sqlite3.Connection, key: str) -> Any:

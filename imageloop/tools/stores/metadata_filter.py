@@ -1,9 +1,10 @@
-"""Metadata filters (`where`) for the embedded store: validated, then answered from per-key value lists.
+"""Metadata filters (`where`): validated, answered from per-key value lists (embedded), or as canonical JSON text.
 
 `where` maps a metadata key to a wanted value or a list of accepted values. A record matches when,
 for every key, its value equals one accepted value or, if its value is a list (tags), one of its
 elements does. Values are JSON scalars: text, numbers, booleans, null; 1 and 1.0 are equal, while
-1, "1" and true are three different values.
+1, "1" and true are three different values. Stores that filter on the server (Weaviate, Chroma)
+compare `canonical_json` texts, which keep exactly these distinctions.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def parse_where(where: Mapping[str, Any]) -> Where:
     return tuple(sorted(parsed))
 
 
+def canonical_json(value: Any) -> str:
+    """The JSON text `where` compares: sorted keys, no spaces, integral floats written as ints (1.0 == 1)."""
+    return json.dumps(_normalised(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 class Facet:
     """For one metadata key: which rows (`seq`s) hold each value, as of write `generation`."""
 
@@ -67,6 +73,16 @@ class Facet:
         """The sorted rows holding any of `values` (as `parse_where` tags them)."""
         arrays = [np.asarray(self._rows.get(value, []), dtype=np.int64) for value in values]
         return np.unique(np.concatenate(arrays)) if arrays else np.zeros(0, dtype=np.int64)
+
+
+def _normalised(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, Mapping):
+        return {str(key): _normalised(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_normalised(item) for item in value]
+    return value
 
 
 def _tagged(value: Scalar) -> Tagged:

@@ -46,8 +46,11 @@ from weaviate.exceptions import (
     WeaviateTimeoutError,
 )
 
-from imageloop.errors import BackendError, ConfigError, ImageloopError, IndexNotFoundError
+from imageloop.errors import BackendError, ConfigError, IndexNotFoundError
 from imageloop.protocols import SearchHit, Vector, VectorRecord
+from imageloop.tools.stores.checks import check_k, checked_vector
+from imageloop.tools.stores.index_meta import IndexMeta
+from imageloop.tools.stores.metadata_filter import canonical_json
 
 T = TypeVar("T")
 
@@ -60,7 +63,6 @@ RECORD_NAMESPACE = uuid.UUID("6f1c2b1e-5d0a-5b8e-9a4e-3c7d1f0b2a61")
 # Objects per gRPC batch write, and ids per get/delete filter (the server caps query results).
 WRITE_BATCH = 256
 ID_BATCH = 500
-_DIM = "dim"
 
 _COLLECTION_NAME = re.compile(r"^[A-Z][_0-9A-Za-z]{0,230}$")
 _PLAIN_KEY = re.compile(r"^[a-z0-9_]{1,200}$")
@@ -100,21 +102,6 @@ def check_collection_name(name: str) -> str:
     return name
 
 
-def canonical_json(value: Any) -> str:
-    """The JSON text `where` compares: sorted keys, no spaces, integral floats written as ints (1.0 == 1)."""
-    return json.dumps(_normalised(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _normalised(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, Mapping):
-        return {str(key): _normalised(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_normalised(item) for item in value]
-    return value
-
-
 class WeaviateVectorStore:
     """A `VectorStore` in one Weaviate collection, created on first open unless `create=False`."""
 
@@ -151,7 +138,7 @@ class WeaviateVectorStore:
         # Caches of what this process last saw on the server; refreshed when a miss could be stale.
         self._lock = threading.RLock()
         self._properties: set[str] = set()
-        self._dim: int | None = None
+        self._meta = IndexMeta(self.label, self._read_description, self._write_description)
         self._client = self._retrying("connect", self._connect)
         try:
             self._collection = self._retrying("open the collection", lambda: self._open_collection(create))
@@ -174,23 +161,11 @@ class WeaviateVectorStore:
 
     def get_meta(self) -> dict[str, Any]:
         """The index meta kept in the collection's description (JSON), including `dim` once fixed."""
-        meta = self._retrying("read the index meta", self._read_meta)
-        with self._lock:
-            if _DIM in meta:
-                self._dim = int(meta[_DIM])
-        return meta
+        return self._meta.get()
 
     def set_meta(self, values: Mapping[str, Any]) -> None:
         """Merge `values` into the meta; `dim` may only be set while unset or unchanged."""
-        with self._lock:
-            meta = self.get_meta()
-            if _DIM in values:
-                self._refuse_other_dim(int(values[_DIM]), meta.get(_DIM))
-            meta.update(values)
-            description = json.dumps(meta, sort_keys=True)
-            self._retrying("write the index meta", lambda: self._collection.config.update(description=description))
-            if _DIM in meta:
-                self._dim = int(meta[_DIM])
+        self._meta.set(values)
 
     def upsert(self, records: Sequence[VectorRecord]) -> None:
         """Insert or overwrite `records`; all are validated before anything is written.
@@ -204,7 +179,7 @@ class WeaviateVectorStore:
         keys: set[str] = set()
         dims: set[int] = set()
         for record in records:
-            vector = _checked_vector(record.vector, f"vector for id {record.id!r}")
+            vector = checked_vector(record.vector, f"vector for id {record.id!r}")
             dims.add(vector.shape[0])
             properties = {RECORD_ID_PROPERTY: record.id, METADATA_PROPERTY: json.dumps(dict(record.metadata))}
             for key, value in record.metadata.items():
@@ -213,11 +188,7 @@ class WeaviateVectorStore:
             objects.append(
                 DataObject(properties=properties, uuid=record_uuid(record.id), vector={VECTOR_NAME: vector.tolist()})
             )
-        if len(dims) > 1:
-            low, high = sorted(dims)[:2]
-            raise ImageloopError(f"vector has dimension {low} but the batch also holds dimension {high}")
-        (dim,) = dims
-        self._fix_dim(dim)
+        self._meta.fix_dim(dims)
         self._ensure_properties(keys)
         for start in range(0, len(objects), WRITE_BATCH):
             batch = objects[start : start + WRITE_BATCH]
@@ -234,16 +205,10 @@ class WeaviateVectorStore:
 
         `where` maps metadata keys to a required value, or to a list of accepted values.
         """
-        if k <= 0:
-            raise ImageloopError(f"k must be a positive number of results, got {k}")
-        query = _checked_vector(vector, "query vector")
-        dim = self._stored_dim()
-        if dim is None:
+        check_k(k)
+        query = checked_vector(vector, "query vector")
+        if not self._meta.accepts_query(query.shape[0]):
             return []
-        if query.shape[0] != dim:
-            raise ImageloopError(
-                f"query vector has dimension {query.shape[0]} but the {self.label} holds dimension {dim}"
-            )
         filters = self._filters(where) if where else None
         if filters is False:
             return []
@@ -403,35 +368,18 @@ class WeaviateVectorStore:
             )
         with self._lock:
             self._properties = names
-            meta = _parse_meta(config.description)
-            self._dim = int(meta[_DIM]) if _DIM in meta else None
+        self._meta.parse(config.description)
         return collection
 
-    def _read_meta(self) -> dict[str, Any]:
-        config = self._collection.config.get()
+    def _read_description(self) -> str | None:
+        """The collection's description (the index meta); refreshes the property cache on the way."""
+        config = self._retrying("read the index meta", self._collection.config.get)
         with self._lock:
             self._properties = {prop.name for prop in config.properties}
-        return _parse_meta(config.description)
+        return config.description
 
-    def _stored_dim(self) -> int | None:
-        """The collection's dimension; re-read from the server while unknown (another process may set it)."""
-        with self._lock:
-            if self._dim is not None:
-                return self._dim
-        self.get_meta()
-        return self._dim
-
-    def _fix_dim(self, dim: int) -> None:
-        """Record the dimension on first write; refuse vectors of any other dimension afterwards."""
-        stored = self._stored_dim()
-        if stored is None:
-            self.set_meta({_DIM: dim})
-        else:
-            self._refuse_other_dim(dim, stored)
-
-    def _refuse_other_dim(self, dim: int, stored: Any) -> None:
-        if stored is not None and int(stored) != dim:
-            raise ImageloopError(f"vector has dimension {dim} but the {self.label} holds dimension {stored}")
+    def _write_description(self, description: str) -> None:
+        self._retrying("write the index meta", lambda: self._collection.config.update(description=description))
 
     def _ensure_properties(self, keys: set[str]) -> None:
         """Add a filterable text property for every metadata key the collection does not have yet."""
@@ -529,25 +477,6 @@ def _is_transient(error: WeaviateBaseError) -> bool:
 def _pause(seconds: float) -> None:
     """The wait between attempts; tests replace it to see the backoff without waiting."""
     time.sleep(seconds)
-
-
-def _parse_meta(description: str | None) -> dict[str, Any]:
-    """The meta in a collection description; empty when absent or not ours."""
-    try:
-        meta = json.loads(description or "{}")
-    except json.JSONDecodeError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def _checked_vector(vector: Vector, what: str) -> np.ndarray[Any, np.dtype[np.float32]]:
-    """A 1-D, finite, non-zero float32 copy of `vector`; cosine is undefined otherwise."""
-    array = np.asarray(vector, dtype=np.float32)
-    if array.ndim != 1:
-        raise ImageloopError(f"{what} must be one-dimensional, got shape {array.shape}")
-    if not np.all(np.isfinite(array)) or not np.any(array):
-        raise ImageloopError(f"{what} must be finite and non-zero")
-    return array
 
 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
