@@ -62,14 +62,26 @@ REPAIR_PROMPT = """\
 Your answer could not be used: {error}
 Answer again with only a JSON object that follows this schema: {schema}"""
 
-REFERENCE_TEMPLATE = "According to these examples of {concepts}: {images}, generate {prompt}"
-"""The paper's in-context prompt; each backend supplies its own image placeholders."""
+# ImageRAG's in-context prompts, worded as the released code words them (rotem-shalev/ImageRAG @ 16c9502):
+# imageRAG_OmniGen.py l.130-131 pairs each image with the retrieval caption that found it, in order; the
+# paper's text says "these examples of", the code that produced its figures says "these images of".
+# imageRAG_SDXL.py l.131 gives SDXL + IP-Adapter one image and names it by its caption, with no image word
+# the text encoders could not resolve anyway.
 
+IN_CONTEXT_TEMPLATE = "According to these images of {examples}, generate {prompt}"
+"""Backends that read image placeholders in the text (OmniGen's tokens, gpt-image's "image i")."""
 
-def compose_reference_prompt(prompt: str, concepts: list[str], image_tokens: list[str]) -> str:
-    """Render the paper's template: concepts and image placeholders in reference order."""
-    unique = list(dict.fromkeys(concepts))
-    return REFERENCE_TEMPLATE.format(concepts=", ".join(unique), images=", ".join(image_tokens), prompt=prompt)
+IN_CONTEXT_EXAMPLE = "{label}: {image}"
+"""One reference in IN_CONTEXT_TEMPLATE: its retrieval caption, then its placeholder."""
+
+ADAPTER_TEMPLATE_ONE = "According to this image of {label}, generate {prompt}"
+"""Backends whose references enter beside the text (IP-Adapter, Redux), with one reference."""
+
+ADAPTER_TEMPLATE_MANY = "According to these images of {labels}, generate {prompt}"
+"""The same with several references (an option; the paper gives SDXL one)."""
+
+VERBATIM_WITH_PLACEHOLDERS = "{prompt} {images}"
+"""The user's prompt unchanged, followed by the placeholders a backend needs to see the images at all (OmniGen)."""
 
 
 # GenIR: multi-round retrieval of the image a user has in mind, with generated images as feedback.
