@@ -37,6 +37,53 @@ Answer: {{"missing_concepts": ["Cyanocitta cristata"]}}
 
 Answer with JSON: {{"missing_concepts": [...]}}."""
 
+PLAN_EVERY_CONCEPT_PROMPT = """\
+A text-to-image model must draw: "{prompt}"
+
+Which visual concepts does the model need to know to draw it: the objects that appear in the image, \
+its style, and the like? List at most {max_concepts}, each short and general.
+
+Example. Prompt: "An elephant standing on a ball".
+Answer: {{"missing_concepts": ["elephant", "ball"]}}
+
+Answer with JSON: {{"missing_concepts": [...]}}."""
+"""Generation mode as the released code asks it: every concept the prompt needs, not only rare ones."""
+
+# The paper's critic, in the released code's words (rotem-shalev/ImageRAG @ 16c9502, utils.py
+# `retrieval_caption_generation`): one conversation, plain-text answers, the image on the first turn.
+
+PAPER_CRITIC_DECISION = (
+    'Does this image match the prompt "{prompt}"? consider both content and style aspects. only answer yes or no.'
+)
+"""utils.py l.68; an answer containing "yes" means aligned (l.71)."""
+
+PAPER_CRITIC_CONCEPTS = (
+    "What are the differences between this image and the required prompt? in your answer only provide missing "
+    "concepts in terms of content and style, each in a separate line. For example, if the prompt is "
+    '"An oil painting of a sheep and a car" and the image is a painting of a car but not an oil painting, the '
+    "missing concepts will be:\noil painting style\na sheep"
+)
+"""utils.py l.87, asked after the decision in the same conversation."""
+
+PAPER_PLAN_CONCEPTS = (
+    'What visual concepts does a generative model need to know to generate an image described by the prompt "{prompt}"?'
+    "\nThe concepts should be things like objects that should appear in the image, the style of it, etc. For example, "
+    'if the prompt is "An elephant standing on a ball", 2 concepts would be: elephant, ball. In your answer only '
+    "provide the concepts, each in a separate line."
+)
+"""utils.py l.96-100, generation mode (no image); the code's missing spaces between sentences are restored."""
+
+PAPER_CONCEPT_LIMIT = "Return up to {max_concepts} concepts."
+"""utils.py l.88-89, appended when a limit is set (the code glues it to the example; we start a new line)."""
+
+PAPER_CRITIC_CAPTIONS = (
+    "For each concept you suggested above, please suggest 1 image captions describing images that explain this "
+    "concept only. The captions should be stand-alone description of the images, assuming no knowledge of the "
+    "given images and prompt, that I can use to lookup images with automatically. In your answer only provide the "
+    "image captions, each in a new line with nothing else other than the caption."
+)
+"""utils.py l.108-110 with k_captions_per_concept=1, as both released scripts call it."""
+
 CAPTIONS_PROMPT = """\
 We will search an image collection for reference pictures that help draw: "{prompt}"
 
