@@ -90,6 +90,15 @@ def test_concepts_beyond_the_limit_are_dropped_with_their_captions() -> None:
     assert critique.retrieval_captions == [RetrievalCaption(concept="a", caption="caption a")]
 
 
+def test_a_repeated_concept_does_not_shift_the_captions_of_those_after_it() -> None:
+    vlm = ScriptedVLM(["No", "a blue jay\nA blue jay.\nsnow", "jay photo\njay close-up\nsnow photo"])
+    critique = PaperCritic(vlm).judge(PROMPT, IMAGE, 3)
+    assert critique.retrieval_captions == [
+        RetrievalCaption(concept="a blue jay", caption="jay photo"),
+        RetrievalCaption(concept="snow", caption="snow photo"),
+    ]
+
+
 def test_a_concepts_answer_that_says_unable_is_asked_again() -> None:
     vlm = ScriptedVLM(["No", "I'm unable to tell.", CONCEPTS, CAPTIONS])
     critique = PaperCritic(vlm).judge(PROMPT, IMAGE, 3)

@@ -185,7 +185,8 @@ class PaperCritic:
             raise MalformedOutputError(
                 f"{self.vlm.model_id} named no missing concepts in {PAPER_CONCEPT_TRIES} tries: {concepts_answer[:200]}"
             )
-        concepts = clean_concepts(answer_lines(concepts_answer), max_concepts)
+        named = answer_lines(concepts_answer)
+        concepts = clean_concepts(named, max_concepts)
         if not concepts:
             raise MalformedOutputError(f"{self.vlm.model_id} named no missing concepts: {concepts_answer[:200]}")
         conversation = [
@@ -197,6 +198,12 @@ class PaperCritic:
         captions = answer_lines(ask_text(self.vlm, conversation, self.decoding))
         if not captions:
             raise MalformedOutputError(f"{self.vlm.model_id} wrote no retrieval captions")
-        # One caption per concept, in order (k_captions_per_concept=1); captions beyond the concepts are dropped.
-        paired = [RetrievalCaption(concept=c, caption=t) for c, t in zip(concepts, captions, strict=False)]
+        # One caption per line of the concepts answer, in order (k_captions_per_concept=1); the concepts
+        # dropped as duplicates or beyond the limit take their captions with them.
+        by_concept: dict[str, str] = {}
+        for line, caption in zip(named, captions, strict=False):
+            by_concept.setdefault(line.strip(".").lower(), caption)
+        paired = [
+            RetrievalCaption(concept=c, caption=by_concept[c.lower()]) for c in concepts if c.lower() in by_concept
+        ]
         return Critique(aligned=False, missing_concepts=concepts, retrieval_captions=paired)
