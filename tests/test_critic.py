@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from imageloop.agents.critic import Critic, Critique, PaperCritic, answer_lines
 from imageloop.agents.rewriter import RetrievalCaption
+from imageloop.agents.vlms.openai_compatible import OpenAIVisionLanguageModel
+from imageloop.config import Endpoint
 from imageloop.errors import MalformedOutputError
 from imageloop.prompts import (
     PAPER_CRITIC_CAPTIONS,
@@ -18,6 +21,7 @@ from imageloop.prompts import (
     PLAN_PROMPT,
 )
 from imageloop.protocols import GREEDY, Decoding, Message
+from tests.fake_openai_server import FakeOpenAIServer, chat_completion
 from tests.fakes import ScriptedVLM
 
 PROMPT = "a Cyanocitta cristata perched on a snowy branch, ukiyo-e style"
@@ -96,6 +100,30 @@ def test_a_repeated_concept_does_not_shift_the_captions_of_those_after_it() -> N
     assert critique.retrieval_captions == [
         RetrievalCaption(concept="a blue jay", caption="jay photo"),
         RetrievalCaption(concept="snow", caption="snow photo"),
+    ]
+
+
+def test_the_paper_conversation_reaches_an_openai_endpoint_as_plain_text_turns_with_the_image_first(
+    openai_server: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    draft = tmp_path / "draft.png"
+    Image.new("RGB", (8, 8), (90, 60, 30)).save(draft)
+    for answer in ("No.", CONCEPTS, CAPTIONS):
+        openai_server.push("/v1/chat/completions", 200, chat_completion(answer))
+    vlm = OpenAIVisionLanguageModel("gpt-4o", Endpoint(base_url=openai_server.base_url, api_key="sk-test"))
+
+    critique = PaperCritic(vlm).judge(PROMPT, draft, 3)
+
+    assert len(critique.retrieval_captions) == 2
+    last = openai_server.requests_to("/v1/chat/completions")[-1].json
+    assert "response_format" not in last and last["temperature"] == 0.0
+    first, *rest = last["messages"]
+    assert [part["type"] for part in first["content"]] == ["text", "image_url"]
+    assert [(m["role"], m["content"]) for m in rest] == [
+        ("assistant", "No."),
+        ("user", PAPER_CRITIC_CONCEPTS + "\nReturn up to 3 concepts."),
+        ("assistant", CONCEPTS),
+        ("user", PAPER_CRITIC_CAPTIONS),
     ]
 
 
