@@ -23,6 +23,12 @@ Mode = Literal["draft_first", "generation"]
 MODES: tuple[Mode, ...] = ("draft_first", "generation")
 FeedbackKind = Literal["visual", "verbal", "prediction", "hybrid"]
 FEEDBACK_KINDS: tuple[FeedbackKind, ...] = ("visual", "verbal", "prediction", "hybrid")
+CriticKind = Literal["single_call", "paper"]
+PlanScope = Literal["rare", "every"]
+RetrievalQuery = Literal["caption", "concept", "prompt"]
+ReferencesPolicy = Literal["replace", "accumulate"]
+FinalImage = Literal["best", "last"]
+SimulatedUserStyle = Literal["ours", "paper"]
 StoreKind = Literal["embedded", "chroma", "weaviate"]
 STORE_KINDS: tuple[StoreKind, ...] = ("embedded", "chroma", "weaviate")
 
@@ -88,7 +94,15 @@ class Settings(BaseModel):
     seed: int | None = bounded("seed")
     size: tuple[int, int] | None = Field(None, description="output size (width, height); backend default if None")
     steps: int | None = bounded("steps")
+    critic: CriticKind = Field("single_call", description="single_call (JSON) or paper (the released conversation)")
+    plan_scope: PlanScope = Field("rare", description="generation mode: plan rare concepts, or every (paper)")
+    retrieval_query: RetrievalQuery = Field("caption", description="search with caption, concept word or prompt")
+    rephrase_only: bool = Field(False, description="ablation: captions folded into the prompt, no references")
+    references_policy: ReferencesPolicy = Field("replace", description="per iteration: replace or accumulate")
+    final_image_policy: FinalImage = Field("best", description="return the best judged image or the last")
+    sdxl_max_references: int = Field(1, ge=1, le=3, description="sdxl-ip-adapter: references (the paper: 1)")
     feedback: FeedbackKind = Field("visual", description="GenIR: what each round shows (visual draws the query)")
+    simulated_user: SimulatedUserStyle = Field("ours", description="GenIR simulated user: ours (one call) or paper")
     rounds: int = bounded("rounds")
     k: int = bounded("k")
     rank_depth: int = bounded("rank_depth")

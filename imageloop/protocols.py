@@ -73,23 +73,43 @@ class VisionLanguageModel(Protocol):
 
 @dataclass(frozen=True)
 class ReferenceImage:
-    """A retrieved image passed to a generator as an in-context example of `concept`."""
+    """A retrieved image passed to a generator as an in-context example of `concept`.
+
+    `caption` is the retrieval caption that found it; ImageRAG's prompt names each image by it (the
+    released code does), falling back to `concept` when there is none.
+    """
 
     path: Path
     concept: str
     caption: str = ""
     score: float = 0.0
 
+    @property
+    def label(self) -> str:
+        """The words the in-context prompt uses for this image: its retrieval caption, else its concept."""
+        return self.caption.strip() or self.concept.strip()
+
+
+PromptTemplate = Literal["imagerag", "verbatim"]
+"""How a generator words a prompt with references: ImageRAG's "According to these images of <c_i>: <img_i>,
+..., generate <p>", or the user's prompt unchanged with the references beside it (RAGE's picked images)."""
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """What to draw; references are ordered, and the generator decides how they enter the model."""
+    """What to draw; references are ordered, and the generator decides how they enter the model.
+
+    `template` says how the prompt names the references. When a backend takes fewer references than
+    given, "imagerag" keeps the best-scoring ones and "verbatim" the first ones (the user's pick order);
+    either way the result's notes name those dropped.
+    """
 
     prompt: str
     references: tuple[ReferenceImage, ...] = ()
     seed: int | None = None
     size: tuple[int, int] | None = None
     steps: int | None = None
+    template: PromptTemplate = "imagerag"
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,10 @@ def test_generate_writes_images_references_and_record(
     [sent] = edit.fields("image[]")
     sent_pixels = np.asarray(Image.open(io.BytesIO(sent.content)).convert("RGB"))
     assert np.array_equal(sent_pixels, np.asarray(Image.open(reference["path"]).convert("RGB")))
-    assert "According to these examples of Cyanocitta cristata" in edit.fields("prompt")[0].content.decode()
+    sent_prompt = edit.fields("prompt")[0].content.decode()
+    assert sent_prompt.startswith("According to these images of ") and sent_prompt.endswith(
+        f": image 1, generate {PROMPT}"
+    )
     assert "[critic]" in capsys.readouterr().err  # progress was shown
 
 

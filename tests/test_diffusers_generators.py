@@ -25,7 +25,7 @@ from imageloop.backends import GENERATOR_PROVIDERS, GeneratorOptions, Placement,
 from imageloop.cli import _settings, build_parser
 from imageloop.config import Endpoint, Settings, load_settings
 from imageloop.errors import ConfigError, ImageloopError
-from imageloop.protocols import GenerationRequest, GenerationResult, ImageGenerator, ReferenceImage
+from imageloop.protocols import GenerationRequest, GenerationResult, ImageGenerator, PromptTemplate, ReferenceImage
 from imageloop.tiny.diffusion import IP_ADAPTER_IMAGE_ENCODER, IP_ADAPTER_WEIGHT, tiny_generator_dir
 from imageloop.tools.generators import flux, omnigen, sdxl_ip_adapter
 
@@ -53,7 +53,7 @@ def model_dirs(tiny_cache: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def references(tmp_path_factory: pytest.TempPathFactory) -> list[ReferenceImage]:
-    """Four distinct 32 px pictures, scored so the second is the weakest."""
+    """Four distinct 32 px pictures with their retrieval captions, scored so the second is the weakest."""
     folder = tmp_path_factory.mktemp("references")
     found = []
     for i, (color, score) in enumerate([((200, 30, 30), 0.9), ((30, 200, 30), 0.1), ((30, 30, 200), 0.8),
@@ -63,7 +63,9 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> list[ReferenceImage]
         pixels[: 8 * (i + 1), :8] = 255  # a different white bar each, so no two are alike
         path = folder / f"ref{i + 1}.png"
         Image.fromarray(pixels).save(path)
-        found.append(ReferenceImage(path, concept=f"concept {i + 1}", score=score))
+        found.append(
+            ReferenceImage(path, concept=f"concept {i + 1}", caption=f"a photo of concept {i + 1}", score=score)
+        )
     return found
 
 
@@ -87,8 +89,10 @@ def build(provider: str, model_dirs: dict[str, Path], model: str | None = None, 
     return GENERATOR_PROVIDERS[provider](model, Endpoint(), Placement(), options(model_dirs, **changes))
 
 
-def request(references: list[ReferenceImage] | None = None, seed: int | None = 0) -> GenerationRequest:
-    return GenerationRequest(PROMPT, tuple(references or ()), seed=seed, size=SIZE, steps=2)
+def request(
+    references: list[ReferenceImage] | None = None, seed: int | None = 0, template: PromptTemplate = "imagerag"
+) -> GenerationRequest:
+    return GenerationRequest(PROMPT, tuple(references or ()), seed=seed, size=SIZE, steps=2, template=template)
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -162,9 +166,11 @@ def test_omnigen_gets_the_references_in_order_with_one_numbered_token_each(
     assert same_pictures(call["input_images"], chosen)
     assert call["prompt"] == result.prompt_used
     assert re.findall(r"<img><\|image_(\d+)\|></img>", result.prompt_used) == ["1", "2", "3"]
+    # Each image follows the retrieval caption that found it, as the released imageRAG_OmniGen.py words it.
     assert result.prompt_used == (
-        "According to these examples of concept 1, concept 3, concept 4: <img><|image_1|></img>, "
-        f"<img><|image_2|></img>, <img><|image_3|></img>, generate {PROMPT}"
+        "According to these images of a photo of concept 1: <img><|image_1|></img>, "
+        "a photo of concept 3: <img><|image_2|></img>, a photo of concept 4: <img><|image_3|></img>, "
+        f"generate {PROMPT}"
     )
     # The pictures reach the VAE: the conditional branch and the image-guidance branch encode all three.
     (encoding,) = encoded
@@ -186,6 +192,22 @@ def test_omnigen_takes_three_of_four_references_by_score_and_says_which_it_dropp
     assert "at most 3 references" in note and "ref2.png (0.100)" in note
 
 
+def test_omnigen_verbatim_keeps_the_prompt_and_the_first_three_picks_in_order(
+    model_dirs: dict[str, Path], references: list[ReferenceImage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = spy(monkeypatch, OmniGenPipeline)
+    generator = build("omnigen", model_dirs)
+    picked = [references[3], references[1], references[0], references[2]]
+    result = generator.generate(request(picked, template="verbatim"))
+
+    assert same_pictures(calls[0]["input_images"], picked[:3])
+    # The prompt is the user's; OmniGen sees no image its text does not point at, so the tokens follow it.
+    tokens = "<img><|image_1|></img> <img><|image_2|></img> <img><|image_3|></img>"
+    assert result.prompt_used == f"{PROMPT} {tokens}"
+    (note,) = result.notes
+    assert "kept the first 3 as given, dropped ref3.png" in note
+
+
 def test_references_change_the_omnigen_picture(model_dirs: dict[str, Path], references: list[ReferenceImage]) -> None:
     generator = build("omnigen", model_dirs)
     plain = pixels(generator.generate(request()).image)
@@ -202,29 +224,67 @@ def ip_adapter_scales(pipe: Any) -> set[float]:
     return {s[0] for s in scales}
 
 
-def test_sdxl_ip_adapter_gets_every_reference_for_one_adapter_at_the_set_scale(
+def sdxl_with(model_dirs: dict[str, Path], **kwargs: Any) -> sdxl_ip_adapter.SDXLIPAdapterGenerator:
+    """The SDXL backend on the tiny checkpoint and adapter, with constructor options the settings do not reach."""
+    return sdxl_ip_adapter.SDXLIPAdapterGenerator(
+        str(model_dirs["sdxl"]),
+        ip_adapter=str(model_dirs["ip-adapter"]),
+        ip_adapter_weight=IP_ADAPTER_WEIGHT,
+        ip_adapter_image_encoder=IP_ADAPTER_IMAGE_ENCODER,
+        **kwargs,
+    )
+
+
+def test_sdxl_takes_one_reference_as_in_the_paper_and_names_it_by_its_caption(
+    model_dirs: dict[str, Path], references: list[ReferenceImage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = spy(monkeypatch, StableDiffusionXLPipeline)
+    generator = build("sdxl-ip-adapter", model_dirs, ip_adapter_scale=0.7)
+    result = generator.generate(request(references[:3]))
+
+    assert generator.max_references == 1
+    (call,) = calls
+    assert same_pictures(call["ip_adapter_image"][0], references[:1])  # the best-scoring of the three
+    assert ip_adapter_scales(call["self"]) == {0.7}
+    # The released imageRAG_SDXL.py's wording: no "image 1", which SDXL's text encoders cannot resolve.
+    assert result.prompt_used == f"According to this image of a photo of concept 1, generate {PROMPT}"
+    assert call["prompt"] == result.prompt_used
+    assert call["negative_prompt"] == sdxl_ip_adapter.PAPER_NEGATIVE_PROMPT
+    (note,) = result.notes
+    assert "at most 1 references" in note and "ref2.png (0.100)" in note and "ref3.png (0.800)" in note
+
+
+def test_sdxl_with_several_references_gives_them_all_to_one_adapter_without_numbering_them(
     model_dirs: dict[str, Path], references: list[ReferenceImage], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = spy(monkeypatch, StableDiffusionXLPipeline)
     embeds = spy(monkeypatch, StableDiffusionXLPipeline, "prepare_ip_adapter_image_embeds")
     chosen = references[:3]
-    generator = build("sdxl-ip-adapter", model_dirs, ip_adapter_scale=0.7)
-    result = generator.generate(request(chosen))
+    result = sdxl_with(model_dirs, max_references=3).generate(request(chosen))
 
     (call,) = calls
     (adapter_images,) = call["ip_adapter_image"]  # one adapter ...
     assert same_pictures(adapter_images, chosen)  # ... given all three pictures, in order
-    assert ip_adapter_scales(call["self"]) == {0.7}
-    concepts = "concept 1, concept 2, concept 3"
-    assert call["prompt"] == result.prompt_used
-    assert (
-        result.prompt_used == f"According to these examples of {concepts}: image 1, image 2, image 3, generate {PROMPT}"
-    )
-    assert call["negative_prompt"] == sdxl_ip_adapter.PAPER_NEGATIVE_PROMPT
+    captions = "a photo of concept 1, a photo of concept 2, a photo of concept 3"
+    assert result.prompt_used == f"According to these images of {captions}, generate {PROMPT}"
+    assert "image 1" not in result.prompt_used
     # The image encoder turned them into one adapter's embeddings: (guidance batch, 3 pictures, tokens, width).
     (embedding,) = embeds
     (adapter_embeds,) = embedding["returned"]
     assert adapter_embeds.shape[:2] == (2, 3)
+
+
+def test_sdxl_verbatim_sends_the_prompt_unchanged_with_the_first_pick(
+    model_dirs: dict[str, Path], references: list[ReferenceImage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = spy(monkeypatch, StableDiffusionXLPipeline)
+    picked = [references[1], references[0]]
+    result = build("sdxl-ip-adapter", model_dirs).generate(request(picked, template="verbatim"))
+
+    assert result.prompt_used == PROMPT == calls[0]["prompt"]
+    assert same_pictures(calls[0]["ip_adapter_image"][0], picked[:1])  # the weaker pick, because it came first
+    (note,) = result.notes
+    assert "kept the first 1 as given, dropped ref1.png (0.900)" in note
 
 
 def test_sdxl_ip_adapter_scale_steers_the_picture(
@@ -242,13 +302,7 @@ def test_sdxl_drafts_run_the_adapter_at_scale_zero_which_is_plain_sdxl(
     model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = spy(monkeypatch, StableDiffusionXLPipeline)
-    with_adapter = sdxl_ip_adapter.SDXLIPAdapterGenerator(
-        str(model_dirs["sdxl"]),
-        ip_adapter=str(model_dirs["ip-adapter"]),
-        ip_adapter_weight=IP_ADAPTER_WEIGHT,
-        ip_adapter_image_encoder=IP_ADAPTER_IMAGE_ENCODER,
-        negative_prompt=None,
-    )
+    with_adapter = sdxl_with(model_dirs, negative_prompt=None)
     draft = with_adapter.generate(request())
     assert ip_adapter_scales(calls[0]["self"]) == {0.0}
     plain = build("diffusers", model_dirs).generate(request())
@@ -270,6 +324,8 @@ def test_flux_sends_every_reference_through_redux_with_equal_weights(
     (prior,) = priors
     assert same_pictures(prior["image"], chosen)
     assert prior["prompt"] == result.prompt_used
+    captions = "a photo of concept 1, a photo of concept 2, a photo of concept 3"
+    assert result.prompt_used == f"According to these images of {captions}, generate {PROMPT}"
     assert prior["prompt_embeds_scale"] == pytest.approx([1 / 3] * 3)
     (call,) = calls
     assert call.get("prompt") is None

@@ -20,7 +20,7 @@ from imageloop.agents.vlms.openai_compatible import OpenAIVisionLanguageModel
 from imageloop.config import Endpoint
 from imageloop.errors import BackendError, ConfigError, MalformedOutputError
 from imageloop.openai_client import make_client
-from imageloop.protocols import Decoding, GenerationRequest, Message, ReferenceImage
+from imageloop.protocols import Decoding, GenerationRequest, Message, PromptTemplate, ReferenceImage
 from imageloop.tools.embedders.openai_compatible import OpenAITextEmbedder
 from imageloop.tools.generators.openai_images import OpenAIImageGenerator
 from imageloop.tools.images import png_bytes
@@ -183,12 +183,15 @@ def test_images_edit_gets_the_reference_pngs_in_order_and_the_rendered_prompt(
     jay = write_image(tmp_path / "jay.jpg", (0, 0, 255))
     print_ = write_image(tmp_path / "print.png", (250, 240, 200))
     generator = OpenAIImageGenerator(endpoint=Endpoint(base_url=openai_server.base_url))
-    references = (ReferenceImage(jay, "blue jay"), ReferenceImage(print_, "ukiyo-e style"))
+    references = (
+        ReferenceImage(jay, "blue jay", caption="a blue jay perched on a branch"),
+        ReferenceImage(print_, "ukiyo-e style"),  # no retrieval caption: named by its concept
+    )
 
     result = generator.generate(GenerationRequest("a blue jay on a branch, ukiyo-e style", references))
 
     expected_prompt = (
-        "According to these examples of blue jay, ukiyo-e style: image 1, image 2, "
+        "According to these images of a blue jay perched on a branch: image 1, ukiyo-e style: image 2, "
         "generate a blue jay on a branch, ukiyo-e style"
     )
     assert result.prompt_used == expected_prompt
@@ -203,6 +206,45 @@ def test_images_edit_gets_the_reference_pngs_in_order_and_the_rendered_prompt(
     assert request.fields("prompt")[0].content.decode() == expected_prompt
     assert request.fields("model")[0].content == b"gpt-image-1"
     assert result.image.size == (8, 8)
+
+
+def test_images_edit_verbatim_sends_the_prompt_unchanged_with_the_picks_in_order(
+    openai_server: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    picks = [write_image(tmp_path / f"pick{i}.png", (10 * i, 0, 0)) for i in range(3)]
+    generator = OpenAIImageGenerator(endpoint=Endpoint(base_url=openai_server.base_url))
+    references = tuple(ReferenceImage(path, "product", caption="a catalogue photo") for path in picks)
+
+    result = generator.generate(GenerationRequest("the red sofa in a sunlit loft", references, template="verbatim"))
+
+    request = openai_server.requests_to(EDITS)[0]
+    assert request.fields("prompt")[0].content.decode() == "the red sofa in a sunlit loft" == result.prompt_used
+    assert [part.content for part in request.fields("image[]")] == [
+        png_bytes(Image.open(path).convert("RGB")) for path in picks
+    ]
+    assert result.notes == ()
+
+
+@pytest.mark.parametrize(
+    ("template", "kept", "how"),
+    [
+        ("verbatim", list(range(16)), "kept the first 16 as given, dropped pick16.png"),
+        ("imagerag", list(range(1, 17)), "dropped the lowest-scoring pick0.png"),
+    ],
+)
+def test_images_edit_takes_sixteen_references_and_notes_the_one_it_dropped(
+    template: PromptTemplate, kept: list[int], how: str, openai_server: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    picks = [write_image(tmp_path / f"pick{i}.png", (i, 0, 0)) for i in range(17)]
+    references = tuple(ReferenceImage(path, f"c{i}", score=i / 100) for i, path in enumerate(picks))
+    generator = OpenAIImageGenerator(endpoint=Endpoint(base_url=openai_server.base_url))
+
+    result = generator.generate(GenerationRequest("a shelf of things", references, template=template))
+
+    sent = openai_server.requests_to(EDITS)[0].fields("image[]")
+    assert [part.content for part in sent] == [png_bytes(Image.open(picks[i]).convert("RGB")) for i in kept]
+    (note,) = result.notes
+    assert note.startswith("openai:gpt-image-1 takes at most 16 references: ") and how in note
 
 
 def test_images_generate_is_used_when_there_are_no_references(openai_server: FakeOpenAIServer) -> None:

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict
 from imageloop.agents.structured import ask_structured
 from imageloop.errors import MalformedOutputError
 from imageloop.prompts import CAPTIONS_PROMPT, CRITIC_SYSTEM
-from imageloop.protocols import Message, VisionLanguageModel
+from imageloop.protocols import GREEDY, Decoding, Message, VisionLanguageModel
 
 
 class RetrievalCaption(BaseModel):
@@ -32,8 +32,9 @@ class RetrievalCaptions(BaseModel):
 class QueryRewriter:
     """Turns concepts into retrieval captions; raises MalformedOutputError when it cannot."""
 
-    def __init__(self, vlm: VisionLanguageModel) -> None:
+    def __init__(self, vlm: VisionLanguageModel, *, decoding: Decoding = GREEDY) -> None:
         self.vlm = vlm
+        self.decoding = decoding
 
     def write_captions(self, prompt: str, concepts: list[str]) -> list[RetrievalCaption]:
         """One caption per concept, in the concepts' order, matched by concept name or position."""
@@ -41,7 +42,7 @@ class QueryRewriter:
             Message("system", CRITIC_SYSTEM),
             Message("user", CAPTIONS_PROMPT.format(prompt=prompt, concepts=json.dumps(concepts))),
         ]
-        answer = ask_structured(self.vlm, messages, RetrievalCaptions).captions
+        answer = ask_structured(self.vlm, messages, RetrievalCaptions, self.decoding).captions
         by_concept = {c.concept.strip().lower(): c.caption.strip() for c in answer}
         captions: list[RetrievalCaption] = []
         for position, concept in enumerate(concepts):

@@ -1,8 +1,9 @@
-"""Structured output, the same contract for every VLM backend.
+"""Asking a VLM, the same contract for every backend: structured answers, and the papers' plain-text ones.
 
-Ask with the JSON schema (backends that can constrain decoding do so), then parse and validate with
-pydantic; if that fails, show the model its answer and the validation error once and ask again. A
-second failure raises MalformedOutputError, which callers turn into a recorded fallback.
+Structured: ask with the JSON schema (backends that can constrain decoding do so), then parse and
+validate with pydantic; if that fails, show the model its answer and the validation error once and
+ask again. A second failure raises MalformedOutputError, which callers turn into a recorded fallback.
+Plain text (the released papers' prompts): the answer as written; an empty one is MalformedOutputError.
 
 The schema sent asks for no extra keys (strict mode requires it), but an answer that adds some is
 still used: they are ignored, at every nesting level. Models without constrained decoding often add
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 
 from imageloop.errors import MalformedOutputError
 from imageloop.prompts import REPAIR_PROMPT
-from imageloop.protocols import Message, ModelT, VisionLanguageModel
+from imageloop.protocols import GREEDY, Decoding, Message, ModelT, VisionLanguageModel
 
 _FENCED = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 
@@ -47,10 +48,12 @@ def parse_json_answer(text: str, model: type[ModelT]) -> ModelT:
     raise ValueError(f"not a valid {model.__name__}: {error}")
 
 
-def ask_structured(vlm: VisionLanguageModel, messages: Sequence[Message], model: type[ModelT]) -> ModelT:
-    """Ask `vlm` for an answer shaped like `model`, with one repair retry."""
+def ask_structured(
+    vlm: VisionLanguageModel, messages: Sequence[Message], model: type[ModelT], decoding: Decoding = GREEDY
+) -> ModelT:
+    """Ask `vlm` for an answer shaped like `model`, with one repair retry, both decoded by `decoding`."""
     schema = json_schema_for(model)
-    answer = vlm.chat(messages, json_schema=schema)
+    answer = vlm.chat(messages, json_schema=schema, decoding=decoding)
     try:
         return parse_json_answer(answer, model)
     except ValueError as first_error:
@@ -58,10 +61,18 @@ def ask_structured(vlm: VisionLanguageModel, messages: Sequence[Message], model:
             "user",
             REPAIR_PROMPT.format(error=str(first_error)[:500], schema=json.dumps(model.model_json_schema())),
         )
-        retry = vlm.chat([*messages, Message("assistant", answer), repair], json_schema=schema)
+        retry = vlm.chat([*messages, Message("assistant", answer), repair], json_schema=schema, decoding=decoding)
         try:
             return parse_json_answer(retry, model)
         except ValueError as second_error:
             raise MalformedOutputError(
                 f"{vlm.model_id} gave no valid {model.__name__} after one repair retry: {second_error}"
             ) from None
+
+
+def ask_text(vlm: VisionLanguageModel, messages: Sequence[Message], decoding: Decoding = GREEDY) -> str:
+    """Ask `vlm` for a free-text answer (no schema), stripped; an empty answer is an error, not an answer."""
+    answer = vlm.chat(messages, decoding=decoding).strip()
+    if not answer:
+        raise MalformedOutputError(f"{vlm.model_id} gave an empty answer")
+    return answer

@@ -36,6 +36,10 @@ if TYPE_CHECKING:
     from imageloop.app.core import App
 
 RUN_RECORD = RECORD_FILE
+RECORDED_SETTINGS = {
+    "max_iterations", "similarity_threshold", "top_k", "max_concepts", "seed", "size", "steps", "critic",
+    "plan_scope", "retrieval_query", "rephrase_only", "references_policy", "final_image_policy",
+}  # fmt: skip
 CHECKPOINTS = "checkpoints.sqlite"
 THREAD: RunnableConfig = {"configurable": {"thread_id": "run"}}
 RUN_ID = r"^[0-9a-f]{12}$"
@@ -58,6 +62,12 @@ def imagerag_knobs(settings: Settings) -> ImageRAGKnobs:
         seed=settings.seed,
         size=settings.size,
         steps_per_image=settings.steps,
+        critic=settings.critic,
+        plan_scope=settings.plan_scope,
+        retrieval_query=settings.retrieval_query,
+        rephrase_only=settings.rephrase_only,
+        references_policy=settings.references_policy,
+        final_image_policy=settings.final_image_policy,
     )
 
 
@@ -79,7 +89,12 @@ def imagerag_record(
 ) -> dict[str, Any]:
     """run.json from the final (or last known) state, exporting final.png and draft.png."""
     draft = _export_image(artifacts, state.get("draft_image"), run_dir / "draft.png")
-    final = _export_image(artifacts, state.get("final_image") or state.get("current_image"), run_dir / "final.png")
+    final_id = state.get("final_image") or state.get("current_image")
+    final = _export_image(artifacts, final_id, run_dir / "final.png")
+    # The references of the image returned (which may be an earlier one than the last generated).
+    returned = next((image for image in reversed(state.get("images", [])) if image["artifact"] == final_id), None)
+    used = set(returned.get("references", [])) if returned else set()
+    hits = {h["path"]: h for h in state.get("hits") or [] if h["path"] in used}
     return {
         "run_id": run_dir.name,
         "prompt": state.get("prompt"),
@@ -89,8 +104,14 @@ def imagerag_record(
         "draft_image": draft,
         "final_image": final,
         "references": [
-            {"path": h["path"], "caption": h["caption"], "score": h["score"], "concept": h["concept"]}
-            for h in state.get("references") or []
+            {
+                "path": h["path"],
+                "caption": h["caption"],
+                "score": h["score"],
+                "concept": h["concept"],
+                "query": h["query"],
+            }
+            for h in hits.values()
         ],
         "missing_concepts": state.get("missing_concepts", []),
         "retrieval_captions": state.get("retrieval_captions", []),
@@ -101,9 +122,7 @@ def imagerag_record(
         "stop_reason": "error" if error else state.get("stop_reason"),
         "error": error,
         "models": {role: str(settings.role_spec(role)) for role in ("vlm", "generator", "embedder")},
-        "settings": settings.model_dump(
-            include={"max_iterations", "similarity_threshold", "top_k", "max_concepts", "seed", "size", "steps"}
-        ),
+        "settings": settings.model_dump(include=RECORDED_SETTINGS),
         "index": str(index_root),
         "seconds": round(seconds, 3),
         "imageloop_version": __version__,

@@ -30,9 +30,9 @@ from langgraph.types import Checkpointer, Overwrite, Send
 from typing_extensions import TypedDict
 
 from imageloop import limits
-from imageloop.agents.critic import Critic
+from imageloop.agents.critic import Critic, Critique, ImageCritic, PaperCritic
 from imageloop.agents.rewriter import QueryRewriter
-from imageloop.config import Mode
+from imageloop.config import CriticKind, FinalImage, Mode, PlanScope, ReferencesPolicy, RetrievalQuery
 from imageloop.errors import ConfigError, MalformedOutputError
 from imageloop.graphs.steps import Step, step
 from imageloop.protocols import (
@@ -72,6 +72,7 @@ class GeneratedImage(TypedDict):
     prompt_used: str
     aligned: bool | None
     missing: int | None
+    references: list[str]
 
 
 class ImageRAGKnobs(TypedDict):
@@ -85,6 +86,12 @@ class ImageRAGKnobs(TypedDict):
     seed: int | None
     size: tuple[int, int] | None
     steps_per_image: int | None
+    critic: CriticKind
+    plan_scope: PlanScope
+    retrieval_query: RetrievalQuery
+    rephrase_only: bool
+    references_policy: ReferencesPolicy
+    final_image_policy: FinalImage
 
 
 KNOB_DEFAULTS = ImageRAGKnobs(
@@ -96,6 +103,12 @@ KNOB_DEFAULTS = ImageRAGKnobs(
     seed=0,
     size=None,
     steps_per_image=None,
+    critic="single_call",
+    plan_scope="rare",
+    retrieval_query="caption",
+    rephrase_only=False,
+    references_policy="replace",
+    final_image_policy="best",
 )
 
 
@@ -118,6 +131,24 @@ class ImageRAGContext:
     seed: int | None = field(default=None, metadata={"description": "generator seed"})
     size: tuple[int, int] | None = field(default=None, metadata={"description": "[width, height] of the images"})
     steps: int | None = field(default=None, metadata={"description": "denoising steps (diffusion backends)"})
+    critic: CriticKind | None = field(
+        default=None, metadata={"description": "single_call (one JSON call) or paper (the released conversation)"}
+    )
+    plan_scope: PlanScope | None = field(
+        default=None, metadata={"description": "generation mode: plan rare concepts or every concept (paper)"}
+    )
+    retrieval_query: RetrievalQuery | None = field(
+        default=None, metadata={"description": "search with the detailed caption, the concept word or the prompt"}
+    )
+    rephrase_only: bool | None = field(
+        default=None, metadata={"description": "ablation: fold the captions into the prompt, no references"}
+    )
+    references_policy: ReferencesPolicy | None = field(
+        default=None, metadata={"description": "replace each iteration's references, or accumulate them"}
+    )
+    final_image_policy: FinalImage | None = field(
+        default=None, metadata={"description": "return the best judged image or the last one"}
+    )
 
 
 class ImageRAGInput(TypedDict):
@@ -153,6 +184,7 @@ class ImageRAGState(ImageRAGKnobs, total=False):
     aligned: bool
     critic_failed: bool
     missing_concepts: list[str]
+    critic_captions: list[CaptionQuery]
     retrieval_captions: list[CaptionQuery]
     hits: Annotated[list[Hit], operator.add]
     references: list[Hit]
@@ -179,10 +211,22 @@ FRESH_RUN: dict[str, Any] = {
     "aligned": False,
     "critic_failed": False,
     "missing_concepts": [],
+    "critic_captions": [],
     "retrieval_captions": [],
     "references": [],
     "final_image": None,
     "stop_reason": None,
+}
+
+
+CHOICES: dict[str, tuple[object, ...]] = {
+    "mode": ("draft_first", "generation"),
+    "critic": ("single_call", "paper"),
+    "plan_scope": ("rare", "every"),
+    "retrieval_query": ("caption", "concept", "prompt"),
+    "rephrase_only": (True, False),
+    "references_policy": ("replace", "accumulate"),
+    "final_image_policy": ("best", "last"),
 }
 
 
@@ -198,10 +242,10 @@ def resolve_knobs(defaults: ImageRAGKnobs, context: ImageRAGContext | None) -> I
         elif name == "steps":
             limits.check("steps", value)
             knobs["steps_per_image"] = int(value)
-        elif name == "mode":
-            if value not in ("draft_first", "generation"):
-                raise ConfigError(f"mode {value!r}: expected draft_first or generation")
-            knobs["mode"] = value
+        elif name in CHOICES:
+            if value not in CHOICES[name]:
+                raise ConfigError(f"{name} {value!r}: expected one of {', '.join(map(str, CHOICES[name]))}")
+            knobs[name] = value  # type: ignore[literal-required]
         else:
             limits.check(name, value)
             knobs[name] = value  # type: ignore[literal-required]
@@ -297,7 +341,7 @@ class _Nodes:
     ) -> None:
         self._defaults = defaults
         self.on_finish = on_finish
-        self.critic = Critic(vlm)
+        self.vlm = vlm
         self.rewriter = QueryRewriter(vlm)
         self.generator = generator
         self.retriever = retriever
@@ -312,9 +356,11 @@ class _Nodes:
         record = step("prepare", 0, f"mode {knobs['mode']}", started, **knobs)
         return {"prompt": prompt, **knobs, **FRESH_RUN, "hits": Overwrite([]), "steps": Overwrite([record])}
 
-    def _generate(self, state: ImageRAGState, references: tuple[ReferenceImage, ...], iteration: int) -> GeneratedImage:
+    def _generate(
+        self, state: ImageRAGState, references: tuple[ReferenceImage, ...], iteration: int, prompt: str | None = None
+    ) -> GeneratedImage:
         request = GenerationRequest(
-            prompt=state["prompt"],
+            prompt=prompt or state["prompt"],
             references=references,
             seed=state["seed"],
             size=state["size"],
@@ -327,6 +373,7 @@ class _Nodes:
             prompt_used=result.prompt_used,
             aligned=None,
             missing=None,
+            references=[str(r.path) for r in references],
         )
 
     def generate_draft(self, state: ImageRAGState) -> dict[str, Any]:
@@ -341,73 +388,65 @@ class _Nodes:
             "steps": [record],
         }
 
+    def _critic(self, state: ImageRAGState) -> ImageCritic:
+        if state["critic"] == "paper":
+            return PaperCritic(self.vlm)
+        return Critic(self.vlm, plan_scope=state["plan_scope"])
+
     def critic_node(self, state: ImageRAGState) -> dict[str, Any]:
         """Judge the current image, or plan concepts when there is none yet (generation mode)."""
         started = time.perf_counter()
         iteration = state["iteration"]
         current = state.get("current_image")
+        image = self.artifacts.path(current) if current is not None else None
         try:
-            if current is None:
-                concepts = self.critic.plan(state["prompt"], state["max_concepts"])
-                decision = f"prompt needs references for {concepts}" if concepts else "prompt needs no references"
-                return {
-                    "aligned": False,
-                    "critic_failed": False,
-                    "missing_concepts": concepts,
-                    "steps": [step("critic", iteration, decision, started, missing_concepts=concepts)],
-                }
-            verdict = self.critic.judge(state["prompt"], self.artifacts.path(current), state["max_concepts"])
+            critique: Critique = self._critic(state).critique(state["prompt"], image, state["max_concepts"])
         except MalformedOutputError as e:
+            decision = "critic could not answer: retrieve with the raw prompt"
+            record = step("critic", iteration, decision, started, error=str(e))
             return {
                 "aligned": False,
                 "critic_failed": True,
                 "missing_concepts": [],
-                "steps": [
-                    step(
-                        "critic",
-                        iteration,
-                        "critic could not answer: retrieve with the raw prompt",
-                        started,
-                        error=str(e),
-                    )
-                ],
+                "critic_captions": [],
+                "steps": [record],
             }
+        concepts = critique.missing_concepts
+        captions = [CaptionQuery(concept=c.concept, caption=c.caption) for c in critique.retrieval_captions]
+        update: dict[str, Any] = {"critic_failed": False, "missing_concepts": concepts, "critic_captions": captions}
+        if image is None:
+            decision = f"prompt needs references for {concepts}" if concepts else "prompt needs no references"
+            record = step("critic", iteration, decision, started, missing_concepts=concepts)
+            return {**update, "aligned": False, "steps": [record]}
         images = [
-            GeneratedImage(**{**img, "aligned": verdict.aligned, "missing": len(verdict.missing_concepts)})
+            GeneratedImage(**{**img, "aligned": critique.aligned, "missing": len(concepts)})
             if img["artifact"] == current and img["aligned"] is None
             else img
             for img in state["images"]
         ]
-        if verdict.aligned:
+        if critique.aligned:
             decision = "aligned with the prompt"
         elif iteration >= state["max_iterations"]:
-            decision = f"not aligned, missing {verdict.missing_concepts}; iteration cap reached"
+            decision = f"not aligned, missing {concepts}; iteration cap reached"
         else:
-            decision = f"not aligned, missing {verdict.missing_concepts}"
-        return {
-            "aligned": verdict.aligned,
-            "critic_failed": False,
-            "missing_concepts": verdict.missing_concepts,
-            "images": images,
-            "steps": [
-                step(
-                    "critic",
-                    iteration,
-                    decision,
-                    started,
-                    aligned=verdict.aligned,
-                    missing_concepts=verdict.missing_concepts,
-                )
-            ],
-        }
+            decision = f"not aligned, missing {concepts}"
+        record = step("critic", iteration, decision, started, aligned=critique.aligned, missing_concepts=concepts)
+        return {**update, "aligned": critique.aligned, "images": images, "steps": [record]}
 
     def rewrite(self, state: ImageRAGState) -> dict[str, Any]:
-        """One retrieval caption per missing concept; the raw prompt when there is nothing to rewrite."""
+        """One retrieval query per missing concept: the detailed caption (the paper's), or, as ablations,
+        the concept word or the raw prompt; the raw prompt when the critic named nothing."""
         started = time.perf_counter()
         prompt, concepts = state["prompt"], state["missing_concepts"]
-        if state.get("critic_failed") or not concepts:
+        if state.get("critic_failed") or not concepts or state["retrieval_query"] == "prompt":
             queries = [CaptionQuery(concept=prompt, caption=prompt)]
-            decision = "no concepts named: retrieve with the raw prompt"
+            decision = "retrieve with the raw prompt" + ("" if concepts else ": no concepts named")
+        elif state["retrieval_query"] == "concept":
+            queries = [CaptionQuery(concept=c, caption=c) for c in concepts]
+            decision = f"retrieve with {len(queries)} concept word(s)"
+        elif state.get("critic_captions"):
+            queries = list(state["critic_captions"])
+            decision = f"the critic wrote {len(queries)} retrieval caption(s)"
         else:
             try:
                 queries = [
@@ -450,7 +489,10 @@ class _Nodes:
         """Gather this iteration's hits into the ordered references the generator will see."""
         started = time.perf_counter()
         iteration = state["iteration"]
-        current = [h for h in state["hits"] if h["iteration"] == iteration]
+        accumulate = state["references_policy"] == "accumulate"
+        current = [
+            h for h in state["hits"] if h["iteration"] == iteration or (accumulate and h["iteration"] < iteration)
+        ]
         # A file deleted since it was indexed is skipped with a note, not a failed run.
         vanished = sorted({h["path"] for h in current if not Path(h["path"]).is_file()})
         current = [h for h in current if h["path"] not in vanished]
@@ -478,14 +520,19 @@ class _Nodes:
         return {"references": kept, "steps": [record]}
 
     def generate_with_references(self, state: ImageRAGState) -> dict[str, Any]:
-        """Regenerate with the references in context (or text only when a plan named none)."""
+        """Regenerate with the references in context, each named by the retrieval caption that found it
+        (or from text alone: a plan that named nothing, or the rephrase-only ablation)."""
         started = time.perf_counter()
         references = tuple(
-            ReferenceImage(path=Path(h["path"]), concept=h["concept"], caption=h["caption"], score=h["score"])
+            ReferenceImage(path=Path(h["path"]), concept=h["concept"], caption=h["query"], score=h["score"])
             for h in state.get("references") or []
         )
-        image = self._generate(state, references, iteration=state["iteration"] + 1)
-        decision = f"generated with {len(references)} reference(s)"
+        prompt = None
+        if state["rephrase_only"] and state["retrieval_captions"]:
+            prompt = ". ".join([state["prompt"], *(q["caption"] for q in state["retrieval_captions"])])
+            references = ()
+        image = self._generate(state, references, iteration=state["iteration"] + 1, prompt=prompt)
+        decision = f"generated with {len(references)} reference(s)" + (" (rephrased prompt)" if prompt else "")
         record = step(
             "generate_with_references",
             image["iteration"],
@@ -505,7 +552,8 @@ class _Nodes:
     def finish(self, state: ImageRAGState) -> dict[str, Any]:
         """Pick the final image and say why the loop stopped."""
         started = time.perf_counter()
-        best = best_image(state["images"])
+        images = state["images"]
+        best = best_image(images) if state["final_image_policy"] == "best" else (images[-1] if images else None)
         reason = "aligned" if state.get("aligned") else state.get("stop_reason") or "max_iterations"
         final = best["artifact"] if best else None
         decision = f"stop: {reason}; final image from iteration {best['iteration'] if best else '-'}"

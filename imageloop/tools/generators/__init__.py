@@ -1,9 +1,13 @@
 """Local image generators on diffusers, one module per backend.
 
 - `omnigen`: OmniGen, references as `<img><|image_i|></img>` tokens (at most 3).
-- `sdxl_ip_adapter`: SDXL (base, Turbo, Lightning) + an IP-Adapter taking all references at once.
+- `sdxl_ip_adapter`: SDXL (base, Turbo, Lightning) + an IP-Adapter: one reference as in the paper, several
+  as an option.
 - `flux`: FLUX.1 from text; references through FLUX.1 Redux.
 - `text2image`: any diffusers text-to-image checkpoint (`AutoPipelineForText2Image`), text only.
+
+`references` (no heavy imports) decides which references a backend keeps and words the prompt that
+names them, one function per family (in-context placeholders, or adapters beside the text).
 
 Every pipeline loads once per process through `imageloop.runtime.load_cached` (keyed by what and
 where), runs under the device lock, takes its noise from a CPU generator seeded by the request, and

@@ -1,4 +1,4 @@
-"""What every diffusers generator shares: placement, loading errors, seeded noise, reference trimming, OOM.
+"""What every diffusers generator shares: placement, loading errors, seeded noise, opening references, OOM.
 
 Only logic that must change together for all backends lives here; each backend's pipeline calls stay
 in its own module.
@@ -82,25 +82,6 @@ def seeded_generator(seed: int | None) -> torch.Generator | None:
     import torch
 
     return None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
-
-
-def trim_references(
-    references: Sequence[ReferenceImage], max_references: int, model_id: str
-) -> tuple[tuple[ReferenceImage, ...], tuple[str, ...]]:
-    """Keep the `max_references` best-scoring references in their given order; say what was dropped.
-
-    The graph trims before calling; this guards direct callers, so a backend never fails on too many.
-    """
-    if len(references) <= max_references:
-        return tuple(references), ()
-    if max_references == 0:
-        return (), (f"{model_id} draws from text alone: left out {len(references)} reference(s)",)
-    ranked = sorted(range(len(references)), key=lambda i: references[i].score, reverse=True)
-    kept = sorted(ranked[:max_references])
-    dropped = [references[i] for i in ranked[max_references:]]
-    listing = ", ".join(f"{r.path.name} ({r.score:.3f})" for r in dropped)
-    note = f"{model_id} takes at most {max_references} references: dropped the lowest-scoring {listing}"
-    return tuple(references[i] for i in kept), (note,)
 
 
 def open_references(references: Sequence[ReferenceImage]) -> list[Image.Image]:

@@ -5,15 +5,15 @@ images in one call. `FluxPriorReduxPipeline` turns each reference into SigLIP im
 to the prompt's T5 tokens and sums the per-image conditionings with one weight each; we weight them
 equally (1/n), so the text keeps its full weight and the references share theirs. FLUX.1 Kontext
 takes one input image in diffusers (several only through a community pipeline the model was not
-trained for), and the FLUX IP-Adapter takes one image per adapter. The prompt is the paper's
-template naming the images in order ("image 1", ...): the pictures travel as tokens beside it.
+trained for), and the FLUX IP-Adapter takes one image per adapter. The images enter beside the text,
+so the prompt is ImageRAG's adapter wording ("According to this image of <c>, generate <p>", or
+"these images of <c_1>, <c_2>"): T5 cannot resolve "image 1", so the text never numbers them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from imageloop.prompts import compose_reference_prompt
 from imageloop.protocols import GenerationRequest, GenerationResult
 from imageloop.runtime import load_cached
 from imageloop.tools.generators._diffusers_common import (
@@ -23,8 +23,8 @@ from imageloop.tools.generators._diffusers_common import (
     resolve_placement,
     run_pipeline,
     seeded_generator,
-    trim_references,
 )
+from imageloop.tools.generators.references import adapter_prompt, keep_references
 
 DEFAULT_REDUX = "black-forest-labs/FLUX.1-Redux-dev"
 # diffusers' FluxPipeline defaults, tuned for FLUX.1 [dev]; [schnell] wants 4 steps and guidance 0.
@@ -94,8 +94,8 @@ class FluxGenerator:
             self._prior = load_cached(("flux-redux", redux, model, *where), load_prior)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Draw `request`; references are weighted equally through Redux after the paper's prompt."""
-        references, notes = trim_references(request.references, self.max_references, self.model_id)
+        """Draw `request`; references are weighted equally through Redux beside ImageRAG's adapter prompt."""
+        references, notes = keep_references(request, self.max_references, self.model_id)
         width, height = request.size or self.size
         options = {
             "width": width,
@@ -109,8 +109,7 @@ class FluxGenerator:
                 what, lambda: self._pipe(prompt=request.prompt, generator=seeded_generator(request.seed), **options)
             )
             return GenerationResult(output.images[0], request.prompt, notes)
-        names = [f"image {i}" for i in range(1, len(references) + 1)]
-        prompt_used = compose_reference_prompt(request.prompt, [r.concept for r in references], names)
+        prompt_used = adapter_prompt(request, references)
         images = open_references(references)
         weights = [1.0 / len(images)] * len(images)
 

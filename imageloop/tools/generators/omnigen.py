@@ -1,9 +1,10 @@
 """OmniGen through diffusers' `OmniGenPipeline`: references enter the prompt as image tokens.
 
 OmniGen reads `<img><|image_i|></img>` placeholders (numbered from 1) in the instruction and puts the
-i-th input image's latents there, so the paper's template "According to these examples of <c>:
-<img1>, ..., generate <p>" is rendered with real image tokens. The released ImageRAG code passes at
-most 3 images to OmniGen; so do we.
+i-th input image's latents there, so ImageRAG's prompt "According to these images of <c_1>: <img_1>,
+..., generate <p>" is rendered with real image tokens, each after its retrieval caption. Verbatim, the
+user's prompt is followed by the tokens (OmniGen sees no image its text does not point at). The
+released ImageRAG code passes at most 3 images to OmniGen; so do we.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from imageloop.prompts import compose_reference_prompt
 from imageloop.protocols import GenerationRequest, GenerationResult
 from imageloop.runtime import load_cached
 from imageloop.tools.generators._diffusers_common import (
@@ -22,8 +22,8 @@ from imageloop.tools.generators._diffusers_common import (
     resolve_placement,
     run_pipeline,
     seeded_generator,
-    trim_references,
 )
+from imageloop.tools.generators.references import in_context_prompt, keep_references
 
 # The released ImageRAG OmniGen script's defaults (its steps are OmniGen's own default).
 DEFAULT_STEPS = 50
@@ -94,14 +94,11 @@ class OmniGenGenerator:
         self._pipe = load_cached(("omnigen", model, self.device, str(torch_dtype), offload), load)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Draw `request`; each reference becomes `<img><|image_i|></img>` in the paper's prompt, in order."""
-        references, notes = trim_references(request.references, self.max_references, self.model_id)
-        if references:
-            tokens = [image_token(i) for i in range(1, len(references) + 1)]
-            prompt_used = compose_reference_prompt(request.prompt, [r.concept for r in references], tokens)
-            input_images = open_references(references)
-        else:
-            prompt_used, input_images = request.prompt, None
+        """Draw `request`; each reference becomes `<img><|image_i|></img>` in the prompt, in order."""
+        references, notes = keep_references(request, self.max_references, self.model_id)
+        tokens = [image_token(i) for i in range(1, len(references) + 1)]
+        prompt_used = in_context_prompt(request, references, tokens, placeholders_required=True)
+        input_images = open_references(references) if references else None
         width, height = request.size or self.size
 
         def call() -> Any:

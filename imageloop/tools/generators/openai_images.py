@@ -1,4 +1,8 @@
-"""An ImageGenerator over the OpenAI Images API: `images.generate` from text, `images.edit` with references."""
+"""An ImageGenerator over the OpenAI Images API: `images.generate` from text, `images.edit` with references.
+
+The edit endpoint sees the references in order, and the prompt points at them as "image 1", "image 2"
+(ImageRAG's in-context wording, each after its retrieval caption), or is the user's own (verbatim).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,8 @@ from PIL import Image
 from imageloop.config import Endpoint
 from imageloop.errors import BackendError
 from imageloop.openai_client import DEFAULT_ENDPOINT, make_client, translated_errors
-from imageloop.prompts import compose_reference_prompt
 from imageloop.protocols import GenerationRequest, GenerationResult
+from imageloop.tools.generators.references import in_context_prompt, keep_references
 from imageloop.tools.images import open_image, png_bytes
 
 if TYPE_CHECKING:
@@ -43,29 +47,24 @@ class OpenAIImageGenerator:
         self._client = client if client is not None else make_client(endpoint)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Draw `request`; references go in order as image 1, image 2, ... named in the paper's prompt."""
+        """Draw `request`; references go in order as image 1, image 2, ... named in the prompt."""
         import openai
 
-        references = request.references
-        if len(references) > self.max_references:
-            raise ValueError(f"{self.model_id} takes at most {self.max_references} references, got {len(references)}")
+        references, notes = keep_references(request, self.max_references, self.model_id)
         size = f"{request.size[0]}x{request.size[1]}" if request.size else self.size
         size_option = size if size is not None else openai.omit
         # The server validates quality; the client's Literal sets differ between generate and edit.
         quality_option: Any = self.quality if self.quality is not None else openai.omit
-        notes = () if request.seed is None else (f"seed ignored by {self.model_id}",)
+        if request.seed is not None:
+            notes += (f"seed ignored by {self.model_id}",)
+        names = [f"image {i}" for i in range(1, len(references) + 1)]
+        prompt_used = in_context_prompt(request, references, names)
         with translated_errors(f"image generation with {self.model_id}", str(self._client.base_url)):
             if not references:
-                prompt_used = request.prompt
                 response = self._client.images.generate(
                     model=self.model, prompt=prompt_used, n=1, size=size_option, quality=quality_option
                 )
             else:
-                prompt_used = compose_reference_prompt(
-                    request.prompt,
-                    [r.concept for r in references],
-                    [f"image {i}" for i in range(1, len(references) + 1)],
-                )
                 # Always PNG, whatever the file's format: the API takes PNG, WebP and JPEG only.
                 images = [
                     (f"image_{i}.png", png_bytes(open_image(r.path)), "image/png")

@@ -1,10 +1,12 @@
 """SDXL (base, Turbo, Lightning) with an IP-Adapter: references enter as image prompts, the text names them.
 
-The adapter is loaded with diffusers' `load_ip_adapter`; all references go to its one adapter as a
-list (`ip_adapter_image=[[a, b, c]]`), so each adds its image tokens to every cross-attention
-layer, weighted by `ip_adapter_scale`. The text is the paper's template with the images named in
-order ("image 1", ...), as the pictures themselves travel beside it. ImageRAG's released SDXL
-script used SDXL base 1.0 + `ip-adapter-plus_sdxl_vit-h` at scale 0.5, 50 steps, its own negative
+The adapter is loaded with diffusers' `load_ip_adapter`. As in the paper, SDXL takes ONE reference by
+default, and the prompt is the released code's "According to this image of <c>, generate <p>" with
+<c> the retrieval caption (imageRAG_SDXL.py l.131): SDXL's text encoders cannot resolve "image 1", so
+the text names what the image shows and never numbers it. Several references are an option
+(`max_references`): they go to the one adapter as a list (`ip_adapter_image=[[a, b, c]]`), each adding
+its image tokens to every cross-attention layer, weighted by `ip_adapter_scale`. ImageRAG's released
+SDXL script used SDXL base 1.0 + `ip-adapter-plus_sdxl_vit-h` at scale 0.5, 50 steps, its own negative
 prompt, and a second pipeline without the adapter for drafts; we keep one pipeline and run drafts
 with the adapter at scale 0, where diffusers skips its attention (the same picture, half the memory).
 """
@@ -15,7 +17,6 @@ from typing import Any
 
 from PIL import Image
 
-from imageloop.prompts import compose_reference_prompt
 from imageloop.protocols import GenerationRequest, GenerationResult
 from imageloop.runtime import load_cached
 from imageloop.tools.generators._diffusers_common import (
@@ -25,8 +26,8 @@ from imageloop.tools.generators._diffusers_common import (
     resolve_placement,
     run_pipeline,
     seeded_generator,
-    trim_references,
 )
+from imageloop.tools.generators.references import adapter_prompt, keep_references
 
 DEFAULT_IP_ADAPTER = "h94/IP-Adapter"
 DEFAULT_IP_ADAPTER_WEIGHT = "sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors"
@@ -35,11 +36,12 @@ DEFAULT_IP_ADAPTER_SCALE = 0.5
 # The released ImageRAG SDXL script's settings; guidance and size are SDXL's own defaults (5.0, 1024 px).
 DEFAULT_STEPS = 50
 PAPER_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
-MAX_REFERENCES = 3
+MAX_REFERENCES = 1
+"""The paper's SDXL setting: one retrieved image (imageRAG_SDXL.py asks for one concept and retrieves k=1)."""
 
 
 class SDXLIPAdapterGenerator:
-    """SDXL text-to-image; with references, an IP-Adapter conditions on all of them at `ip_adapter_scale`."""
+    """SDXL text-to-image; with references (one by default), an IP-Adapter conditions on them at `ip_adapter_scale`."""
 
     def __init__(
         self,
@@ -100,15 +102,14 @@ class SDXLIPAdapterGenerator:
         self._pipe = load_cached((*key, self.device, str(torch_dtype), offload), load)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Draw `request`; references go to the IP-Adapter together, and the prompt names their concepts."""
-        references, notes = trim_references(request.references, self.max_references, self.model_id)
+        """Draw `request`; references go to the IP-Adapter together, and the prompt says what they show."""
+        references, notes = keep_references(request, self.max_references, self.model_id)
+        prompt_used = adapter_prompt(request, references)
         if references:
-            names = [f"image {i}" for i in range(1, len(references) + 1)]
-            prompt_used = compose_reference_prompt(request.prompt, [r.concept for r in references], names)
             images, scale = open_references(references), self.ip_adapter_scale
         else:
             # A loaded adapter needs an image; at scale 0 diffusers skips the adapter's attention entirely.
-            prompt_used, images, scale = request.prompt, [Image.new("RGB", (224, 224))], 0.0
+            images, scale = [Image.new("RGB", (224, 224))], 0.0
         width, height = request.size or self.size or (None, None)
         options: dict[str, Any] = {"num_inference_steps": request.steps or self.steps}
         if self.guidance_scale is not None:

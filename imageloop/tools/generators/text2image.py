@@ -18,8 +18,8 @@ from imageloop.tools.generators._diffusers_common import (
     resolve_placement,
     run_pipeline,
     seeded_generator,
-    trim_references,
 )
+from imageloop.tools.generators.references import keep_references
 
 
 class Text2ImageGenerator:
@@ -55,7 +55,7 @@ class Text2ImageGenerator:
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Draw `request.prompt`; references, if any, are left out with a note."""
-        _, notes = trim_references(request.references, self.max_references, self.model_id)
+        _, notes = keep_references(request, self.max_references, self.model_id)
         width, height = request.size or self.size or (None, None)
         options: dict[str, Any] = {}
         if request.steps or self.steps:
