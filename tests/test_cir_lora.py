@@ -21,6 +21,7 @@ from imageloop.training.cir_lora import (  # noqa: E402
     CIRLoRAOptions,
     LoRAMixture,
     apply_cir_lora,
+    resolve_base_model,
     stitch_diptych,
     train_cir_lora,
 )
@@ -187,3 +188,18 @@ def test_an_unknown_weighting_scheme_is_refused_before_loading_anything(real_tri
 def test_a_folder_without_a_cir_lora_is_refused(flux_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no CIR-LoRA here"):
         apply_cir_lora(load(flux_dir), tmp_path, DESCRIPTION)
+
+
+def test_the_base_model_is_named_as_a_flux_provider_string_or_a_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert resolve_base_model("flux:black-forest-labs/FLUX.1-dev") == "black-forest-labs/FLUX.1-dev"
+    assert resolve_base_model("black-forest-labs/FLUX.1-dev") == "black-forest-labs/FLUX.1-dev"
+    monkeypatch.setenv("IMAGELOOP_TINY_CACHE", str(tmp_path))
+    assert Path(resolve_base_model("tiny:flux")) == tmp_path / "gen-flux"
+
+
+@pytest.mark.parametrize("spec", ["tiny:omnigen", "omnigen:Shitao/OmniGen-v1-diffusers"])
+def test_a_base_model_that_is_not_flux_is_refused(spec: str) -> None:
+    with pytest.raises(ConfigError, match="CIR-LoRA trains on FLUX"):
+        resolve_base_model(spec)

@@ -17,7 +17,7 @@ from PIL import Image
 pytest.importorskip("open_clip")
 torch = pytest.importorskip("torch")
 
-from imageloop.errors import ConfigError  # noqa: E402
+from imageloop.errors import ConfigError, EmbedderMismatchError  # noqa: E402
 from imageloop.protocols import Embedder, Vector  # noqa: E402
 from imageloop.tiny.clip import build_tiny_clip  # noqa: E402
 from imageloop.tools.embedders.local import OpenClipEmbedder  # noqa: E402
@@ -129,6 +129,13 @@ def test_the_model_folder_loads_and_embeds_one_query_into_the_embedders_space(
 def test_a_query_of_the_wrong_width_is_refused_naming_the_embedder(trained: TrainResult) -> None:
     with pytest.raises(ConfigError, match=r"width 32 .*tiny:clip"):
         CIRModel.load(trained.model_dir).embed_query(np.ones(512, np.float32), np.ones(512, np.float32))
+
+
+def test_a_model_refuses_to_serve_an_index_of_another_embedder(trained: TrainResult) -> None:
+    model = CIRModel.load(trained.model_dir)
+    model.require_embedder("tiny:clip")
+    with pytest.raises(EmbedderMismatchError, match="trained on features of tiny:clip"):
+        model.require_embedder("open_clip:ViT-B-32/laion2b_s34b_b79k")
 
 
 def test_a_folder_without_a_trained_model_is_refused(tmp_path: Path) -> None:

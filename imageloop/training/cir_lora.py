@@ -221,6 +221,22 @@ class LoRAMixture(nn.Module):
         )
 
 
+def resolve_base_model(spec: str) -> str:
+    """The FLUX checkpoint a CIR-LoRA trains on: `flux:MODEL` or `MODEL` (hub id or folder), or `tiny:flux`."""
+    provider, _, model = spec.partition(":")
+    if provider == "flux" and model:
+        return model
+    if provider == "tiny":
+        if model != "flux":
+            raise ConfigError(f"{spec}: CIR-LoRA trains on FLUX; the tiny one is tiny:flux")
+        from imageloop.tiny.diffusion import tiny_generator_dir
+
+        return str(tiny_generator_dir("flux"))
+    if model and "/" not in provider and not Path(spec).exists():
+        raise ConfigError(f"{spec}: CIR-LoRA trains on FLUX; name it flux:MODEL, tiny:flux, a hub id or a folder")
+    return spec
+
+
 def apply_cir_lora(pipe: Any, lora_dir: Path, description: str) -> list[float]:
     """Make a FluxPipeline draw with the CIR-LoRA in `lora_dir` for `description`; return the experts' weights.
 
@@ -334,12 +350,16 @@ def train_cir_lora(
     options: CIRLoRAOptions = CIRLoRAOptions(),
     progress: ProgressCallback | None = None,
 ) -> CIRLoRAResult:
-    """Fine-tune a CIR-LoRA on FLUX `base_model` from the triplets of `triplets` (a folder or JSONL) into `out_dir`."""
+    """Fine-tune a CIR-LoRA on FLUX `base_model` from the triplets of `triplets` (a folder or JSONL) into `out_dir`.
+
+    `base_model` is a FLUX.1 diffusers checkpoint: `flux:MODEL`, a hub id, a folder, or `tiny:flux`.
+    """
     from diffusers import FluxPipeline
 
     from imageloop.tools.generators._diffusers_common import from_hub, resolve_placement
 
     _check(options, steps)
+    base_model = resolve_base_model(base_model)
     examples = read_triplets(triplets)
     device, dtype = resolve_placement(options.device, options.dtype, offload=False)
     # A private copy, never the generators' cached pipeline: training rewires its transformer.

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imageloop.errors import ConfigError
+from imageloop.errors import ConfigError, EmbedderMismatchError
 from imageloop.files import write_json_atomic
 from imageloop.protocols import Vector
 
@@ -125,6 +125,14 @@ class CIRModel:
         combiner = Combiner(CombinerConfig(**config["combiner"]))
         combiner.load_state_dict(load_file(str(directory / MODEL_WEIGHTS)))
         return cls(combiner, config["embedder"], config.get("training", {}))
+
+    def require_embedder(self, model_id: str) -> None:
+        """Refuse to serve an index built with another embedder than the one this model was trained on."""
+        if model_id != self.embedder_id:
+            raise EmbedderMismatchError(
+                f"this CIR model was trained on features of {self.embedder_id}, but the index was built with "
+                f"{model_id}: search an index built with {self.embedder_id}, or train a model on {model_id}"
+            )
 
     def embed_query(self, reference_image_vector: Vector, text_vector: Vector) -> Vector:
         """The unit query vector for one (D,) pair, or one row per row of two (N, D) arrays."""
