@@ -170,7 +170,7 @@ def test_a_real_triplet_without_captions_still_trains(flux_dir: Path, tmp_path: 
     source = write_jsonl(tmp_path / "real.jsonl", records)
     assert read_triplets(source)[0].reference_text == ""
     result = train_cir_lora(source, tmp_path / "lora", base_model=str(flux_dir), steps=1, options=TINY)
-    assert (result.lora_dir / CONFIG_FILE).is_file()
+    assert (result.out_dir / CONFIG_FILE).is_file()
 
 
 def test_a_panel_size_flux_cannot_patch_is_refused(flux_dir: Path, real_triplets: Path, tmp_path: Path) -> None:

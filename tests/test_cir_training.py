@@ -22,9 +22,9 @@ from imageloop.protocols import Embedder, Vector  # noqa: E402
 from imageloop.tiny.clip import build_tiny_clip  # noqa: E402
 from imageloop.tools.embedders.local import OpenClipEmbedder  # noqa: E402
 from imageloop.training import cir  # noqa: E402
-from imageloop.training.cir import CIRTrainingOptions, TrainResult, train_cir  # noqa: E402
+from imageloop.training.cir import CIRTrainingOptions, train_cir  # noqa: E402
 from imageloop.training.combiner import CIRModel  # noqa: E402
-from imageloop.training.progress import TrainProgress, read_loss_curve  # noqa: E402
+from imageloop.training.progress import TrainProgress, TrainResult, read_loss_curve  # noqa: E402
 from imageloop.training.triplets import read_triplets  # noqa: E402
 from tests.triplet_folders import all_combos, write_dataset  # noqa: E402
 
@@ -112,14 +112,14 @@ def test_a_trained_model_retrieves_held_out_targets_better_than_the_zero_shot_su
     texts = embedder.embed_texts([t.change for t in triplets])
 
     zero_shot = recall_at_1(references + texts, gallery, targets)
-    learned = recall_at_1(CIRModel.load(trained.model_dir).embed_query(references, texts), gallery, targets)
+    learned = recall_at_1(CIRModel.load(trained.out_dir).embed_query(references, texts), gallery, targets)
     assert learned >= zero_shot + 0.3
 
 
 def test_the_model_folder_loads_and_embeds_one_query_into_the_embedders_space(
     trained: TrainResult, embedder: OpenClipEmbedder
 ) -> None:
-    model = CIRModel.load(trained.model_dir)
+    model = CIRModel.load(trained.out_dir)
     assert (model.embedder_id, model.dim) == ("tiny:clip", embedder.dim)
     query = model.embed_query(np.ones(embedder.dim, np.float32), np.zeros(embedder.dim, np.float32))
     assert query.shape == (embedder.dim,) and query.dtype == np.float32
@@ -128,11 +128,11 @@ def test_the_model_folder_loads_and_embeds_one_query_into_the_embedders_space(
 
 def test_a_query_of_the_wrong_width_is_refused_naming_the_embedder(trained: TrainResult) -> None:
     with pytest.raises(ConfigError, match=r"width 32 .*tiny:clip"):
-        CIRModel.load(trained.model_dir).embed_query(np.ones(512, np.float32), np.ones(512, np.float32))
+        CIRModel.load(trained.out_dir).embed_query(np.ones(512, np.float32), np.ones(512, np.float32))
 
 
 def test_a_model_refuses_to_serve_an_index_of_another_embedder(trained: TrainResult) -> None:
-    model = CIRModel.load(trained.model_dir)
+    model = CIRModel.load(trained.out_dir)
     model.require_embedder("tiny:clip")
     with pytest.raises(EmbedderMismatchError, match="trained on features of tiny:clip"):
         model.require_embedder("open_clip:ViT-B-32/laion2b_s34b_b79k")
@@ -163,8 +163,8 @@ def test_an_interrupted_run_resumes_to_the_loss_curve_of_an_uninterrupted_one(
     assert resumed.resumed_from_step == 10
     assert [p.stage for p in resumed.loss_curve] == ["pretrain"] * 20 + ["finetune"] * 10
     assert resumed.loss_curve == whole.loss_curve
-    for name, weight in CIRModel.load(whole.model_dir).combiner.state_dict().items():
-        assert torch.equal(weight, CIRModel.load(resumed.model_dir).combiner.state_dict()[name])
+    for name, weight in CIRModel.load(whole.out_dir).combiner.state_dict().items():
+        assert torch.equal(weight, CIRModel.load(resumed.out_dir).combiner.state_dict()[name])
 
 
 def test_a_finished_run_called_again_trains_no_further_and_embeds_nothing_again(

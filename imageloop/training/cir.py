@@ -37,7 +37,13 @@ from imageloop.tools.images import content_id, open_image
 from imageloop.training.combiner import Combiner, CombinerConfig, save_cir_model
 from imageloop.training.drsp import DEFAULT_PROBABILITY, DRSP
 from imageloop.training.fra import DEFAULT_MARGIN, DEFAULT_TEMPERATURE, FRALoss
-from imageloop.training.progress import LossPoint, ProgressCallback, TrainProgress, write_loss_curve
+from imageloop.training.progress import (
+    LossPoint,
+    ProgressCallback,
+    TrainProgress,
+    TrainResult,
+    finish_training,
+)
 from imageloop.training.triplets import Triplet, read_triplets
 
 DEFAULT_STEPS = 1000
@@ -64,21 +70,6 @@ class CIRTrainingOptions:
     seed: int = 0
     device: str | None = None
     """Where to train (None: CUDA, then MPS, else CPU)."""
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What a finished run left in `model_dir`, its loss curve, and how fast it ran (this call's steps)."""
-
-    model_dir: Path
-    steps: int
-    final_loss: float
-    loss_curve: list[LossPoint]
-    loss_curve_json: Path
-    loss_curve_svg: Path
-    resumed_from_step: int
-    seconds: float
-    steps_per_second: float
 
 
 @dataclass(frozen=True)
@@ -145,20 +136,9 @@ def train_cir(
             if run.step % options.checkpoint_every == 0 or run.step == total or run.stage_ends():
                 run.save_checkpoint()
         seconds = time.perf_counter() - started
-    done = run.step - started_at
     save_cir_model(out_dir, run.combiner, embedder.model_id, {**training, "final_loss": run.curve[-1].loss})
-    json_path, svg_path = write_loss_curve(out_dir, run.curve, f"CIR combiner loss ({embedder.model_id})")
-    return TrainResult(
-        model_dir=out_dir,
-        steps=run.step,
-        final_loss=run.curve[-1].loss,
-        loss_curve=list(run.curve),
-        loss_curve_json=json_path,
-        loss_curve_svg=svg_path,
-        resumed_from_step=started_at,
-        seconds=seconds,
-        steps_per_second=done / seconds if done and seconds > 0 else 0.0,
-    )
+    title = f"CIR combiner loss ({embedder.model_id})"
+    return finish_training(out_dir, run.curve, title, seconds=seconds, resumed_from_step=started_at)
 
 
 def _check(options: CIRTrainingOptions, steps: int, finetune_steps: int, embedder: Embedder) -> None:

@@ -42,7 +42,13 @@ from imageloop.errors import ConfigError
 from imageloop.files import write_json_atomic
 from imageloop.prompts.diptych import DIPTYCH_TEMPLATE, diptych_description
 from imageloop.tools.images import open_image
-from imageloop.training.progress import LossPoint, ProgressCallback, TrainProgress, write_loss_curve
+from imageloop.training.progress import (
+    LossPoint,
+    ProgressCallback,
+    TrainProgress,
+    TrainResult,
+    finish_training,
+)
 from imageloop.training.triplets import Triplet, read_triplets
 
 DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.1-dev"
@@ -76,21 +82,6 @@ class CIRLoRAOptions:
     seed: int = 0
     device: str | None = None
     dtype: str | None = None
-
-
-@dataclass(frozen=True)
-class CIRLoRAResult:
-    """What a finished run left in `lora_dir`, its loss curve and its speed."""
-
-    lora_dir: Path
-    steps: int
-    experts: int
-    final_loss: float
-    loss_curve: list[LossPoint]
-    loss_curve_json: Path
-    loss_curve_svg: Path
-    seconds: float
-    steps_per_second: float
 
 
 def stitch_diptych(reference: Image.Image, target: Image.Image, side: int) -> Image.Image:
@@ -349,7 +340,7 @@ def train_cir_lora(
     steps: int = DEFAULT_STEPS,
     options: CIRLoRAOptions = CIRLoRAOptions(),
     progress: ProgressCallback | None = None,
-) -> CIRLoRAResult:
+) -> TrainResult:
     """Fine-tune a CIR-LoRA on FLUX `base_model` from the triplets of `triplets` (a folder or JSONL) into `out_dir`.
 
     `base_model` is a FLUX.1 diffusers checkpoint: `flux:MODEL`, a hub id, a folder, or `tiny:flux`.
@@ -433,18 +424,8 @@ def train_cir_lora(
             "options": asdict(options),
         },
     )
-    json_path, svg_path = write_loss_curve(out_dir, curve, f"CIR-LoRA flow-matching loss ({options.experts} expert(s))")
-    return CIRLoRAResult(
-        lora_dir=out_dir,
-        steps=steps,
-        experts=options.experts,
-        final_loss=curve[-1].loss,
-        loss_curve=curve,
-        loss_curve_json=json_path,
-        loss_curve_svg=svg_path,
-        seconds=seconds,
-        steps_per_second=steps / seconds if seconds > 0 else 0.0,
-    )
+    title = f"CIR-LoRA flow-matching loss ({options.experts} expert(s))"
+    return finish_training(out_dir, curve, title, seconds=seconds)
 
 
 def _check(options: CIRLoRAOptions, steps: int) -> None:

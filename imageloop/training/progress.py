@@ -36,6 +36,40 @@ class TrainProgress:
 ProgressCallback = Callable[[TrainProgress], None]
 
 
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run left in `out_dir`, its loss curve, and how fast this call's steps ran."""
+
+    out_dir: Path
+    steps: int
+    final_loss: float
+    loss_curve: list[LossPoint]
+    loss_curve_json: Path
+    loss_curve_svg: Path
+    seconds: float
+    steps_per_second: float
+    resumed_from_step: int = 0
+
+
+def finish_training(
+    out_dir: Path, curve: Sequence[LossPoint], title: str, *, seconds: float, resumed_from_step: int = 0
+) -> TrainResult:
+    """Write the run's loss curve into `out_dir` and describe the run (`seconds`: this call's training loop)."""
+    json_path, svg_path = write_loss_curve(out_dir, curve, title)
+    done = curve[-1].step - resumed_from_step
+    return TrainResult(
+        out_dir=out_dir,
+        steps=curve[-1].step,
+        final_loss=curve[-1].loss,
+        loss_curve=list(curve),
+        loss_curve_json=json_path,
+        loss_curve_svg=svg_path,
+        seconds=seconds,
+        steps_per_second=done / seconds if done and seconds > 0 else 0.0,
+        resumed_from_step=resumed_from_step,
+    )
+
+
 def write_loss_curve(out_dir: Path, points: Sequence[LossPoint], title: str) -> tuple[Path, Path]:
     """Write `loss_curve.json` and `loss_curve.svg` into `out_dir`; return their paths."""
     json_path, svg_path = out_dir / LOSS_CURVE_JSON, out_dir / LOSS_CURVE_SVG
