@@ -1,4 +1,4 @@
-"""Training speed and memory: the CIR Combiner and CIR-LoRA (one LoRA vs a mixture of experts), one short run each.
+"""Training speed and memory: the CIR Combiner and CIR-LoRA (one LoRA vs a mixture of experts), short runs.
 
 --size tiny (CPU is fine): `train_cir` on tiny:clip features of a toy triplet set, and `train_cir_lora`
 on the tiny FLUX pipeline, end to end through the public functions; steps/s counts the optimisation
@@ -8,10 +8,12 @@ ViT-L-14 features (768-d, CLIP4CIR widths), and CIR-LoRA steps on the FLUX.1-dev
 a 1024x512 diptych, 512 T5 tokens) through the same `LoRAMixture` and `flow_matching_loss` that
 `train_cir_lora` runs. Without CUDA it builds both on the meta device, prints their sizes and says
 that timing needs CUDA (exit status 2).
-Side by side: the mixture of `--experts` LoRA experts vs one LoRA, as a steps/s ratio.
+Side by side: the mixture of `--experts` LoRA experts vs one LoRA, as a steps/s ratio; runs are repeated
+interleaved (a shared machine's slow spells hit every variant alike) and medians reported.
 Peak memory: CUDA's peak allocation per phase, or on the CPU the process's peak resident set so far.
 
     python bench/training.py [--size tiny|real] [--steps 200] [--lora-steps 30] [--experts 4] [--rank 16]
+                             [--repeats 3]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import json
 import random
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -61,16 +64,32 @@ def peak_memory_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def phase(name: str, device: str, run: Callable[[], tuple[int, float]]) -> dict[str, Any]:
-    """Run one phase (it returns steps and steps/s) and record its peak memory."""
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    steps, rate = run()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()  # the phase's models are gone with its frame; hand their memory back
-    row = {"phase": name, "steps": steps, "steps_per_s": round(rate, 2), "peak_mib": round(peak_memory_mib(device))}
-    print(f"{name:28s} {rate:9.2f} steps/s   peak {row['peak_mib']:8.0f} MiB   ({steps} steps)")
-    return row
+Run = Callable[[int], float]
+"""One timed run: given the repeat's number (for a fresh output folder), it returns steps/s."""
+
+
+def measure(device: str, runs: dict[str, Run], steps: dict[str, int], repeats: int) -> list[dict[str, Any]]:
+    """Time every run `repeats` times, interleaved (a shared machine's slow spells hit all alike); report medians."""
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    peaks: dict[str, float] = dict.fromkeys(runs, 0.0)
+    for repeat in range(repeats):
+        for name, run in runs.items():
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            rates[name].append(run(repeat))
+            peaks[name] = max(peaks[name], peak_memory_mib(device))
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()  # the run's models are gone with its frame; hand their memory back
+    rows = []
+    for name in runs:
+        rate = statistics.median(rates[name])
+        rows.append(
+            {"phase": name, "steps": steps[name], "steps_per_s": round(rate, 2), "peak_mib": round(peaks[name])}
+        )
+        print(
+            f"{name:34s} {rate:9.2f} steps/s   peak {peaks[name]:8.0f} MiB   ({steps[name]} steps, median of {repeats})"
+        )
+    return rows
 
 
 def toy_data(root: Path, side: int) -> tuple[Path, Path]:
@@ -91,27 +110,25 @@ def tiny(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     flux = str(tiny_generator_dir("flux"))
     options = CIRTrainingOptions(batch_size=32, device="cpu", checkpoint_every=10_000)
 
-    def cir() -> tuple[int, float]:
-        result = train_cir(synthetic, root / "cir", embedder=embedder, steps=args.steps, options=options)
-        return args.steps, result.steps_per_second
+    def cir(repeat: int) -> float:
+        out = root / f"cir-{repeat}"
+        return train_cir(synthetic, out, embedder=embedder, steps=args.steps, options=options).steps_per_second
 
-    def lora(experts: int) -> Callable[[], tuple[int, float]]:
-        def run() -> tuple[int, float]:
+    def lora(experts: int, steps: int) -> Run:
+        def run(repeat: int) -> float:
             lora_options = CIRLoRAOptions(
                 rank=args.rank, experts=experts, resolution=16, max_sequence_length=64, device="cpu"
             )
-            result = train_cir_lora(
-                real, root / f"lora-{experts}", base_model=flux, steps=args.lora_steps, options=lora_options
-            )
-            return args.lora_steps, result.steps_per_second
+            out = root / f"lora-{experts}-{repeat}"
+            return train_cir_lora(real, out, base_model=flux, steps=steps, options=lora_options).steps_per_second
 
         return run
 
-    return [
-        phase("cir combiner (tiny:clip)", "cpu", cir),
-        phase("cir-lora, 1 expert", "cpu", lora(1)),
-        phase(f"cir-lora, {args.experts} experts", "cpu", lora(args.experts)),
-    ]
+    lora(1, 3)(-1)  # warm-up, untimed: the first backward passes pay for lazy initialisation in torch
+    names = ("cir combiner (tiny:clip)", "cir-lora, 1 expert", f"cir-lora, {args.experts} experts")
+    runs = dict(zip(names, (cir, lora(1, args.lora_steps), lora(args.experts, args.lora_steps)), strict=True))
+    steps = dict(zip(names, (args.steps, args.lora_steps, args.lora_steps), strict=True))
+    return measure("cpu", runs, steps, args.repeats)
 
 
 def real_flux_transformer(device: str | torch.device) -> Any:
@@ -121,8 +138,8 @@ def real_flux_transformer(device: str | torch.device) -> Any:
         return FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER).to(torch.bfloat16).requires_grad_(False)
 
 
-def lora_steps(args: argparse.Namespace, experts: int) -> tuple[int, float]:
-    """CIR-LoRA steps on the FLUX.1-dev transformer (random weights): a 1024x512 diptych, 512 text tokens."""
+def lora_steps(args: argparse.Namespace, experts: int) -> float:
+    """CIR-LoRA steps/s on the FLUX.1-dev transformer (random weights): a 1024x512 diptych, 512 text tokens."""
     transformer = real_flux_transformer("cuda")
     mixture = LoRAMixture(transformer, pooled_dim=768, rank=args.rank, alpha=args.rank, experts=experts).cuda()
     optimizer = torch.optim.AdamW(mixture.trainable_parameters(), lr=1e-4)
@@ -146,7 +163,7 @@ def lora_steps(args: argparse.Namespace, experts: int) -> tuple[int, float]:
     for _ in range(args.lora_steps):
         step()
     torch.cuda.synchronize()
-    return args.lora_steps, args.lora_steps / (time.perf_counter() - started)
+    return args.lora_steps / (time.perf_counter() - started)
 
 
 def real(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
@@ -154,15 +171,22 @@ def real(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     embedder = OpenClipEmbedder(REAL_CLIP[0], None, model_id=f"bench:{REAL_CLIP[0]}-random", device="cuda")
     options = CIRTrainingOptions(batch_size=64, device="cuda", checkpoint_every=10_000)
 
-    def cir() -> tuple[int, float]:
-        result = train_cir(synthetic, root / "cir", embedder=embedder, steps=args.steps, options=options)
-        return args.steps, result.steps_per_second
+    def cir(repeat: int) -> float:
+        out = root / f"cir-{repeat}"
+        return train_cir(synthetic, out, embedder=embedder, steps=args.steps, options=options).steps_per_second
 
-    return [
-        phase(f"cir combiner ({REAL_CLIP[0]})", "cuda", cir),
-        phase("cir-lora FLUX.1-dev, 1 expert", "cuda", lambda: lora_steps(args, 1)),
-        phase(f"cir-lora FLUX.1-dev, {args.experts} experts", "cuda", lambda: lora_steps(args, args.experts)),
-    ]
+    names = (
+        f"cir combiner ({REAL_CLIP[0]})",
+        "cir-lora FLUX.1-dev, 1 expert",
+        f"cir-lora FLUX.1-dev, {args.experts} experts",
+    )
+    runs: dict[str, Run] = {
+        names[0]: cir,
+        names[1]: lambda repeat: lora_steps(args, 1),
+        names[2]: lambda repeat: lora_steps(args, args.experts),
+    }
+    steps = dict(zip(names, (args.steps, args.lora_steps, args.lora_steps), strict=True))
+    return measure("cuda", runs, steps, args.repeats)
 
 
 def describe_real_without_cuda(args: argparse.Namespace) -> None:
@@ -189,6 +213,7 @@ def main() -> None:
     parser.add_argument("--lora-steps", type=int, default=30, help="CIR-LoRA training steps per variant")
     parser.add_argument("--experts", type=int, default=4, help="experts in the mixture variant")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
     args = parser.parse_args()
 
     if args.size == "real" and not torch.cuda.is_available():
