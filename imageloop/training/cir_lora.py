@@ -59,13 +59,17 @@ ROUTER_WEIGHTS = "router.safetensors"
 CONFIG_FILE = "cir_lora.json"
 CONFIG_FORMAT = "imageloop-cir-lora/1"
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-"""The attention projections of FLUX's double and single blocks: what diffusers' FLUX LoRA script adapts."""
+"""Attention projections of FLUX's blocks: the image stream's q, k, v and output (all diffusers' FLUX LoRA
+script adapts by default) and the text stream's, through which the in-context description steers both panels."""
 WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
 
 
 @dataclass(frozen=True)
 class CIRLoRAOptions:
-    """How `train_cir_lora` trains; defaults follow diffusers' FLUX LoRA script where DAIG says nothing."""
+    """How `train_cir_lora` trains. DAIG's own values could not be read here: the optimiser, learning rate,
+    batch, guidance, weighting, panel size and text length follow diffusers' FLUX LoRA script; the rank
+    (the script's default is 4) is ours, as in-context LoRAs carry a layout as well as a look.
+    """
 
     rank: int = 16
     alpha: float = 16.0
@@ -74,8 +78,9 @@ class CIRLoRAOptions:
     learning_rate: float = 1e-4
     resolution: int = 512
     """Each panel's side in pixels; the diptych is 2 * resolution wide and resolution high."""
-    batch_size: int = 1
-    guidance_scale: float = 1.0
+    batch_size: int = 4
+    guidance_scale: float = 3.5
+    """FLUX.1-dev is guidance-distilled: training feeds it the guidance it draws with."""
     weighting_scheme: str = "none"
     max_sequence_length: int = 512
     max_grad_norm: float = 1.0
