@@ -1,0 +1,88 @@
+"""Reading CIR triplets: a synthesised dataset folder (`DIR/triplets.jsonl`) or a JSONL file of real ones.
+
+One JSON object per line: `{"id", "object", "edit", "reference_text", "change", "target_text",
+"reference_image", "target_image"}`. `change` is the modification text of the composed query (what
+turns the reference into the target); `id`, `change` and both images are required, the captions may
+be empty (real triplets often have none). Image paths are absolute or relative to the folder that
+holds the JSONL file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imageloop.errors import ImageloopError
+
+TRIPLETS_FILENAME = "triplets.jsonl"
+_REQUIRED = ("id", "change", "reference_image", "target_image")
+_OPTIONAL_TEXT = ("object", "edit", "reference_text", "target_text")
+
+
+@dataclass(frozen=True)
+class Triplet:
+    """One (reference image, modification text, target image) example with its captions."""
+
+    id: str
+    reference_image: Path
+    change: str
+    target_image: Path
+    object: str = ""
+    edit: str = ""
+    reference_text: str = ""
+    target_text: str = ""
+
+
+def triplets_file(source: Path) -> Path:
+    """The JSONL file `source` names: `source/triplets.jsonl` for a dataset folder, else `source` itself."""
+    return source / TRIPLETS_FILENAME if source.is_dir() else source
+
+
+def read_triplets(source: Path) -> list[Triplet]:
+    """Every triplet of a dataset folder or JSONL file, images resolved and checked to exist."""
+    path = triplets_file(source)
+    if not path.is_file():
+        raise ImageloopError(f"{path}: no such triplets file (expected a dataset folder with {TRIPLETS_FILENAME})")
+    triplets = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            triplets.append(_parse(line, f"{path}:{number}", path.parent))
+    if not triplets:
+        raise ImageloopError(f"{path}: holds no triplets")
+    return triplets
+
+
+def _parse(line: str, where: str, base: Path) -> Triplet:
+    try:
+        record: Any = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ImageloopError(f"{where}: not a JSON object ({e.msg})") from e
+    if not isinstance(record, dict):
+        raise ImageloopError(f"{where}: not a JSON object")
+    missing = [key for key in _REQUIRED if not isinstance(record.get(key), str) or not record[key].strip()]
+    if missing:
+        raise ImageloopError(f"{where}: missing or empty {', '.join(missing)}")
+    texts = {key: record.get(key) or "" for key in _OPTIONAL_TEXT}
+    wrong = [key for key, value in texts.items() if not isinstance(value, str)]
+    if wrong:
+        raise ImageloopError(f"{where}: {', '.join(wrong)} must be text")
+    return Triplet(
+        id=record["id"],
+        reference_image=_resolve(record["reference_image"], base, where),
+        change=record["change"].strip(),
+        target_image=_resolve(record["target_image"], base, where),
+        object=texts["object"].strip(),
+        edit=texts["edit"].strip(),
+        reference_text=texts["reference_text"].strip(),
+        target_text=texts["target_text"].strip(),
+    )
+
+
+def _resolve(name: str, base: Path, where: str) -> Path:
+    path = Path(name).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        raise ImageloopError(f"{where}: image {path} does not exist")
+    return path
