@@ -3,9 +3,10 @@
 Faces: the CLI (a subprocess, as a user runs it), the MCP server (a subprocess behind the official
 client over stdio), the LangChain tools (in process), and the LangGraph Server factories (in process,
 with the checkpointer the server would bring). Models are a local fake of the OpenAI API (the VLM,
-whose calls are counted) and the tiny open_clip embedder (the image route), so every face, in every
-process, resolves the same backends from the same settings. A scenario runs on every face that offers
-the operation; a face that cannot (the server does not index) is left out by name.
+whose calls are counted, and text embeddings for the caption route) and the tiny open_clip embedder
+(the image route), so every face, in every process, resolves the same backends from the same settings.
+A scenario runs on every face that offers the operation; a face that cannot (the server does not
+index) is left out by name.
 """
 
 from __future__ import annotations
@@ -39,7 +40,12 @@ from tests.fake_openai_server import FakeOpenAIServer
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = {"jay": "a blue jay on a branch", "snow": "a snowy branch in winter", "cat": "a tabby cat on a sofa"}
-MODELS = {"IMAGELOOP_VLM": "openai:gpt-test", "IMAGELOOP_EMBEDDER": "tiny:clip", "IMAGELOOP_GENERATOR": "tiny:sd"}
+# The fake's text embeddings (caption route) keep subprocess faces free of torch; the image route uses tiny:clip.
+MODELS = {
+    "IMAGELOOP_VLM": "openai:gpt-test",
+    "IMAGELOOP_EMBEDDER": "openai:embed-test",
+    "IMAGELOOP_GENERATOR": "tiny:sd",
+}
 
 
 @pytest.fixture(scope="module")
@@ -299,29 +305,39 @@ def _index_in_process(library: Path) -> None:
 # The scenarios.
 
 
-@faces("cli", "mcp", "langchain")
-def test_image_route_indexing_asks_the_vlm_nothing(face: Any, openai: FakeOpenAIServer, library: Path) -> None:
+@contextmanager
+def face_with(
+    name: str, env: dict[str, str], library: Path, monkeypatch: pytest.MonkeyPatch, **extra: str
+) -> Iterator[Any]:
+    """Face `name` with `extra` settings (as variables: in this process too, for the in-process faces)."""
+    for variable, value in extra.items():
+        monkeypatch.setenv(variable, value)
+    opened = FACES[name]({**env, **extra}, library)
+    try:
+        yield opened
+    finally:
+        if hasattr(opened, "close"):
+            opened.close()
+
+
+@pytest.mark.parametrize("name", ["cli", "mcp", "langchain"])
+def test_image_route_indexing_asks_the_vlm_nothing(
+    name: str, env: dict[str, str], openai: FakeOpenAIServer, library: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (library / "photos" / "cat.txt").unlink()  # an image without a caption: still no VLM on the image route
-    summary = face.index(str(library / "photos"))
+    with face_with(name, env, library, monkeypatch, IMAGELOOP_EMBEDDER="tiny:clip") as face:
+        summary = face.index(str(library / "photos"))
     assert (summary["indexed"], summary["failed"]) == (3, 0)
     assert openai.requests_to("/v1/chat/completions") == []
 
 
-@faces("cli", "mcp", "langchain")
+@pytest.mark.parametrize("name", ["cli", "mcp", "langchain"])
 def test_the_store_setting_is_honoured(
-    face: Any, library: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    name: str, env: dict[str, str], library: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("chromadb")
-    if face.name == "langchain":
-        monkeypatch.setenv("IMAGELOOP_STORE", "chroma")
-        face = LangChainFace(env, library)
-    else:
-        face = FACES[face.name]({**env, "IMAGELOOP_STORE": "chroma"}, library)
-    try:
+    with face_with(name, env, library, monkeypatch, IMAGELOOP_STORE="chroma") as face:
         face.index(str(library / "photos"))
-    finally:
-        if hasattr(face, "close"):
-            face.close()
     assert json.loads((library / "photos" / ".imageloop" / "store.json").read_text())["store"] == "chroma"
 
 
