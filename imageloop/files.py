@@ -47,6 +47,15 @@ def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def end_last_line(path: Path) -> None:
+    """Finish a line a crash cut short in an append-only JSONL file, so the next record starts a line of its own."""
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
 def fsync_folder(folder: Path) -> None:
     """Make a rename inside `folder` durable (a no-op where folders cannot be opened, e.g. Windows)."""
     try:

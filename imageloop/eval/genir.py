@@ -19,6 +19,7 @@ from typing import Any
 from imageloop.config import FeedbackKind
 from imageloop.errors import ImageloopError
 from imageloop.eval.metrics import cumulative_hits_at_k, mean_best_rank, per_round_hits_at_k
+from imageloop.files import end_last_line
 from imageloop.graphs.genir import GenIRContext, GenIRGraph
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tools.images import IMAGE_SUFFIXES, content_id
@@ -109,15 +110,6 @@ def _dialogue_record(target: Target, state: Mapping[str, Any], artifacts: Artifa
     }
 
 
-def _end_last_line(path: Path) -> None:
-    """Finish a line a crash cut short, so the next record starts on a line of its own (not glued to it)."""
-    if path.is_file() and path.stat().st_size:
-        with path.open("rb+") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
-
-
 def summarise(records: Iterable[dict[str, Any]], settings: GenIREvalSettings) -> dict[str, Any]:
     """Hits@K per round (cumulative), per-round hits and mean best rank over the finished dialogues."""
     ranks = [[r["target_rank"] for r in record["rounds"]] for record in records]
@@ -164,7 +156,7 @@ def evaluate_targets(
     finished = len(targets) - len(pending)
     if on_target is not None:
         on_target(finished, len(targets))
-    _end_last_line(dialogues)
+    end_last_line(dialogues)
     with dialogues.open("a", encoding="utf-8") as out, ThreadPoolExecutor(concurrency) as pool:
         for record in pool.map(search, pending):
             out.write(json.dumps(record) + "\n")
