@@ -62,7 +62,7 @@ TRIPLET_SYSTEM = (
 )
 
 TRIPLET_PROMPT = """\
-Write one example about {object_article} "{object}" with a "{edit}" edit: {edit_guidance}
+Write one example about {object_article} "{object}", of the edit type "{edit}": {edit_guidance}
 
 - "reference": a caption of a realistic photo showing the {object}: one sentence, concrete and visual \
 (appearance, setting, how many, the viewpoint).
