@@ -159,11 +159,12 @@ def _add_train_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
     )
     cir.add_argument("--triplets", type=Path, required=True, metavar="DIR", help="synthetic triplets (pre-training)")
     cir.add_argument("--real", type=Path, metavar="FILE", help="real triplets (JSONL) to fine-tune on")
-    cir.add_argument("--steps", type=int, help="pre-training steps (default 1000)")
+    # dest train_steps: `steps` is the settings' denoising steps, which a training run must not set.
+    cir.add_argument("--steps", type=int, dest="train_steps", help="pre-training steps (default 1000)")
     cir.add_argument("--finetune-steps", type=int, help="fine-tuning steps with --real (default 200)")
     cir_lora = models.add_parser("cir-lora", parents=[roles], help="an in-context LoRA on FLUX for diptychs")
     cir_lora.add_argument("--triplets", type=Path, required=True, metavar="DIR", help="real triplets (folder or JSONL)")
-    cir_lora.add_argument("--steps", type=int, help="training steps (default 1000)")
+    cir_lora.add_argument("--steps", type=int, dest="train_steps", help="training steps (default 1000)")
     cir_lora.add_argument("--experts", type=int, help="LoRA experts mixed by a router (default 1: one LoRA)")
     cir_lora.add_argument("--rank", type=int, help="LoRA rank (default 16)")
     cir_lora.add_argument("--resolution", type=int, help="each panel's side in pixels (default 512)")
@@ -525,12 +526,12 @@ def _train(args: argparse.Namespace, app: App) -> int:
     try:
         if args.model == "cir":
             summary = app.train_cir(
-                args.triplets, args.out, real=args.real, steps=args.steps, finetune_steps=args.finetune_steps,
+                args.triplets, args.out, real=args.real, steps=args.train_steps, finetune_steps=args.finetune_steps,
                 batch_size=args.batch_size, progress=progress,
             )  # fmt: skip
         else:
             summary = app.train_cir_lora(
-                args.triplets, args.out, steps=args.steps, experts=args.experts, rank=args.rank,
+                args.triplets, args.out, steps=args.train_steps, experts=args.experts, rank=args.rank,
                 resolution=args.resolution, batch_size=args.batch_size, base_model=args.base_model, progress=progress,
             )  # fmt: skip
     finally:
