@@ -145,7 +145,8 @@ def query_latency(n: int, queries: int, generator_spec: str, work: Path) -> dict
     for name in variants:  # warm-up: models loaded, caches filled
         variants[name](0)
     times = interleaved(variants, queries)
-    engine = retriever.index.store.get_meta().get("ann") or "exact"
+    ann = retriever.index.store.get_meta().get("ann") or {}
+    engine = f"{ann['engine']}, recall@10 {ann['recall_at_10']}" if ann.get("engine") else "exact search"
     retriever.index.close()
     p50 = {name: 1000 * statistics.median(values) for name, values in times.items()}
     print(f"\n{n:,} vectors ({engine}), {queries} queries, median ms per query:", file=sys.stderr)

@@ -17,8 +17,6 @@ files instead of recalls. A re-run skips the queries already in `queries.jsonl`.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,7 +37,7 @@ from imageloop.eval.cir_data import (
     load_fashioniq,
 )
 from imageloop.eval.cir_metrics import CIRR_RECALL_AT, cirr_metrics, cirr_test_submission, fashioniq_metrics
-from imageloop.files import end_last_line, write_json_atomic
+from imageloop.files import append_json_lines, read_json_lines, write_json_atomic
 from imageloop.graphs.cir import CIRContext, CIRGraph
 from imageloop.protocols import Embedder, RetrievedImage, Vector
 from imageloop.tools.images import content_id
@@ -196,16 +194,8 @@ class MemoCaptioner:
 
 
 def finished(queries_file: Path) -> dict[tuple[str, str], dict[str, Any]]:
-    """The records already in `queries.jsonl`, keyed by (benchmark, query id); a line cut by a crash is ignored."""
-    done: dict[tuple[str, str], dict[str, Any]] = {}
-    if queries_file.is_file():
-        for line in queries_file.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done[record["benchmark"], record["id"]] = record
-    return done
+    """The records already in `queries.jsonl`, keyed by (benchmark, query id)."""
+    return {(record["benchmark"], record["id"]): record for record in read_json_lines(queries_file)}
 
 
 def _query_record(
@@ -262,12 +252,8 @@ def evaluate_queries(
     count = total - len(pending)
     if on_query is not None:
         on_query(count, total)
-    end_last_line(queries_file)
-    with queries_file.open("a", encoding="utf-8") as out, ThreadPoolExecutor(concurrency) as pool:
-        for record in pool.map(run, pending):
-            out.write(json.dumps(record) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
+    with ThreadPoolExecutor(concurrency) as pool:
+        for record in append_json_lines(queries_file, pool.map(run, pending)):
             done[record["benchmark"], record["id"]] = record
             count += 1
             if on_query is not None:
