@@ -162,6 +162,7 @@ def _add_train_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
     # dest train_steps: `steps` is the settings' denoising steps, which a training run must not set.
     cir.add_argument("--steps", type=int, dest="train_steps", help="pre-training steps (default 1000)")
     cir.add_argument("--finetune-steps", type=int, help="fine-tuning steps with --real (default 200)")
+    cir.add_argument("--learning-rate", type=float, help="pre-training learning rate (default 1e-4)")
     cir_lora = models.add_parser("cir-lora", parents=[roles], help="an in-context LoRA on FLUX for diptychs")
     cir_lora.add_argument("--triplets", type=Path, required=True, metavar="DIR", help="real triplets (folder or JSONL)")
     cir_lora.add_argument("--steps", type=int, dest="train_steps", help="training steps (default 1000)")
@@ -527,7 +528,7 @@ def _train(args: argparse.Namespace, app: App) -> int:
         if args.model == "cir":
             summary = app.train_cir(
                 args.triplets, args.out, real=args.real, steps=args.train_steps, finetune_steps=args.finetune_steps,
-                batch_size=args.batch_size, progress=progress,
+                batch_size=args.batch_size, learning_rate=args.learning_rate, progress=progress,
             )  # fmt: skip
         else:
             summary = app.train_cir_lora(

@@ -243,18 +243,16 @@ def test_an_annotation_file_that_does_not_fit_is_refused(
 
 @pytest.fixture(scope="module")
 def toy_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A model trained on 120 pattern-colour changes, and a CIRR-format folder of the 30 held out."""
+    """A model `imageloop train cir` trained on 120 pattern-colour changes; a CIRR folder of the 30 held out."""
     pytest.importorskip("open_clip")
-    from imageloop.tools.embedders.local import tiny_clip_embedder
-    from imageloop.training.cir import CIRTrainingOptions, train_cir
     from tests.triplet_folders import COLOURS, all_combos, picture, write_dataset
 
     combos = all_combos()
     random.Random(0).shuffle(combos)
     root = tmp_path_factory.mktemp("toy")
-    fast = CIRTrainingOptions(batch_size=32, learning_rate=3e-3, dropout=0.0, temperature=0.05, checkpoint_every=1000)
-    train_cir(write_dataset(root / "train", combos[:120]), root / "model", embedder=tiny_clip_embedder(), steps=300,
-              options=fast)  # fmt: skip
+    synthetic = write_dataset(root / "train", combos[:120])
+    assert main(["train", "cir", "--embedder", "tiny:clip", "--triplets", str(synthetic), "--out", str(root / "model"),
+                 "--steps", "300", "--learning-rate", "3e-3"]) == 0  # fmt: skip
     dev = root / "CIRR" / "img_raw" / "dev"
     dev.mkdir(parents=True)
     patterns = sorted({p for p, _, _ in combos})

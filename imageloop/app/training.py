@@ -50,6 +50,7 @@ def train_cir(
     steps: int | None = None,
     finetune_steps: int | None = None,
     batch_size: int | None = None,
+    learning_rate: float | None = None,
     progress: OnProgress | None = None,
 ) -> dict[str, Any]:
     """Pre-train a composed-query model on synthetic triplets (DRSP), then fine-tune on `real` ones (FRA)."""
@@ -64,6 +65,8 @@ def train_cir(
     options = CIRTrainingOptions(device=app.settings.device)
     if batch_size is not None:
         options = replace(options, batch_size=batch_size)
+    if learning_rate is not None:
+        options = replace(options, learning_rate=learning_rate)
     embedder = app.embedder()
     result = train(
         app.path(triplets, "triplets"),
