@@ -88,6 +88,96 @@ def _genir_options() -> argparse.ArgumentParser:
     return parent
 
 
+def _cir_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("composed retrieval")
+    group.add_argument("--proxy", action="store_true", help="draw the edited scene and fuse its scores (slower)")
+    group.add_argument(
+        "--fusion-lambda",
+        type=float,
+        help=f"λ in λ·S_text + (1−λ)·S_text·S_proxy (default {_default('fusion_lambda')})",
+    )
+    group.add_argument("--verify", type=int, metavar="N", help="let a VLM check the top hit and rewrite, N times")
+    group.add_argument("--cir-model", type=Path, metavar="DIR", help="a composed-query model `train cir` wrote")
+
+
+def _add_cir_parser(commands: Any, roles: argparse.ArgumentParser, drawing: argparse.ArgumentParser) -> None:
+    cir = commands.add_parser(
+        "cir", parents=[roles, drawing], help="find images showing a reference image changed as a text says"
+    )
+    cir.add_argument("--index", type=Path, required=True, help="an indexed image folder")
+    cir.add_argument("--reference", type=Path, required=True, metavar="IMAGE", help="the reference image")
+    cir.add_argument("--change", required=True, metavar="TEXT", help="what differs, e.g. 'the same dress but red'")
+    cir.add_argument("--k", type=int, help=f"how many results (default {_default('k')})")
+    _cir_options(cir)
+    cir.add_argument("--json", action="store_true", help='print {"edited_description", "results": [...]} last')
+
+
+def _add_cir_eval_parser(loops: Any, roles: argparse.ArgumentParser, drawing: argparse.ArgumentParser) -> None:
+    cir_eval = loops.add_parser(
+        "cir", parents=[roles, drawing], help="CIRR or FashionIQ through the CIR loop: Recall@K (resumable)"
+    )
+    cir_eval.add_argument("--index", type=Path, required=True, help="an index holding the benchmark's images")
+    cir_eval.add_argument(
+        "--annotations", type=Path, required=True, metavar="FILE",
+        help="CIRR captions/cap.rc2.SPLIT.json, FashionIQ captions/cap.CATEGORY.SPLIT.json, or the dataset folder",
+    )  # fmt: skip
+    cir_eval.add_argument("--format", required=True, choices=["cirr", "fashioniq"], help="the benchmark")
+    cir_eval.add_argument("--split", help="val (default), or test1 for CIRR's server files")
+    cir_eval.add_argument(
+        "--images", type=Path, metavar="DIR", help="the benchmark's images (default ROOT/img_raw or ROOT/images)"
+    )
+    cir_eval.add_argument("--concurrency", type=int, default=1, help="queries run at once (default 1)")
+    cir_eval.add_argument("--out", type=Path, default=Path("runs/eval-cir"), help="results folder (resumable)")
+    _cir_options(cir_eval)
+    cir_eval.add_argument("--json", action="store_true", help="print the recalls as JSON last")
+
+
+def _add_triplets_parser(commands: Any, roles: argparse.ArgumentParser, drawing: argparse.ArgumentParser) -> None:
+    triplets = commands.add_parser(
+        "triplets", parents=[roles, drawing], help="synthesise CIR training triplets as DAIG does (resumable)"
+    )
+    triplets.add_argument("--objects", type=Path, required=True, metavar="FILE", help="objects, one a line")
+    triplets.add_argument(
+        "--edits", required=True, metavar="LIST", help="edit types, comma-separated: add,delete,replace,viewpoint,count"
+    )
+    triplets.add_argument("--n", type=int, required=True, help="triplets the folder should hold")
+    triplets.add_argument("--out", type=Path, required=True, metavar="DIR", help="dataset folder (triplets.jsonl)")
+    triplets.add_argument("--examples", type=Path, metavar="FILE", help="real triplets (JSONL) as few-shot examples")
+    triplets.add_argument("--lora", type=Path, metavar="PATH", help="a CIR-LoRA `train cir-lora` wrote (FLUX)")
+    triplets.add_argument("--check", action="store_true", help="have the VLM check each drawing (DAIG does not)")
+    triplets.add_argument(
+        "--concurrency", type=int, help=f"triplets in flight at once (default {_default('triplet_concurrency')})"
+    )
+    triplets.add_argument("--json", action="store_true", help='print {"written", "total", "out"} last')
+
+
+def _add_train_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
+    train = commands.add_parser("train", help="train DAIG's models: a composed-query model or a CIR-LoRA")
+    models = train.add_subparsers(dest="model", required=True, metavar="MODEL")
+    cir = models.add_parser(
+        "cir", parents=[roles], help="a composed-query model on --embedder's features (DRSP, then FRA)"
+    )
+    cir.add_argument("--triplets", type=Path, required=True, metavar="DIR", help="synthetic triplets (pre-training)")
+    cir.add_argument("--real", type=Path, metavar="FILE", help="real triplets (JSONL) to fine-tune on")
+    # dest train_steps: `steps` is the settings' denoising steps, which a training run must not set.
+    cir.add_argument("--steps", type=int, dest="train_steps", help="pre-training steps (default 1000)")
+    cir.add_argument("--finetune-steps", type=int, help="fine-tuning steps with --real (default 200)")
+    cir.add_argument("--learning-rate", type=float, help="pre-training learning rate (default 1e-4)")
+    cir_lora = models.add_parser("cir-lora", parents=[roles], help="an in-context LoRA on FLUX for diptychs")
+    cir_lora.add_argument("--triplets", type=Path, required=True, metavar="DIR", help="real triplets (folder or JSONL)")
+    cir_lora.add_argument("--steps", type=int, dest="train_steps", help="training steps (default 1000)")
+    cir_lora.add_argument("--experts", type=int, help="LoRA experts mixed by a router (default 1: one LoRA)")
+    cir_lora.add_argument("--rank", type=int, help="LoRA rank (default 16)")
+    cir_lora.add_argument("--resolution", type=int, help="each panel's side in pixels (default 512)")
+    cir_lora.add_argument(
+        "--base-model", metavar="SPEC", help="FLUX checkpoint (default --generator if FLUX, else FLUX.1-dev)"
+    )
+    for parser in (cir, cir_lora):
+        parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the model goes (resumable)")
+        parser.add_argument("--batch-size", type=int, help="examples per step")
+        parser.add_argument("--json", action="store_true", help="print the run's summary as JSON last")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (exposed for docs and tests)."""
     roles, drawing, genir = _role_options(), _drawing_options(), _genir_options()
@@ -165,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     genir_eval.add_argument("--concurrency", type=int, default=1, help="targets searched at once (default 1)")
     genir_eval.add_argument("--out", type=Path, default=Path("runs/eval-genir"), help="results folder (resumable)")
     genir_eval.add_argument("--json", action="store_true", help='print {"rounds": [{"round", "hits_at_k"}], ...} last')
+    _add_cir_eval_parser(loops, roles, drawing)
+
+    _add_cir_parser(commands, roles, drawing)
+    _add_triplets_parser(commands, roles, drawing)
+    _add_train_parser(commands, roles)
 
     report = commands.add_parser("report", help="(re)write a run directory's report.html from its run.json")
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a directory `imageloop generate --out` wrote")
@@ -297,22 +392,16 @@ def _print_round(shown: dict[str, Any]) -> None:
 
 
 def _eval(args: argparse.Namespace, app: App) -> int:
-    from tqdm import tqdm
-
-    bar = tqdm(desc="targets", unit="target", file=sys.stderr, disable=None)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
+    if args.loop == "cir":
+        return _eval_cir(args, app)
+    progress, close = _progress_bar("targets")
     knobs = {"feedback": args.feedback, "rounds": args.rounds, "k": args.k, "rank_depth": args.rank_depth}
     try:
         summary = app.eval_genir(
             args.index, args.targets, args.out, knobs=knobs, concurrency=args.concurrency, on_target=progress
         )
     finally:
-        bar.close()
+        close()
     for entry in summary["rounds"]:
         _err(f"round {entry['round']}: Hits@{summary['k']} = {entry['hits_at_k']:.3f}")
     _err(f"{summary['n_targets']} targets; dialogues in {args.out / 'dialogues.jsonl'}")
@@ -349,6 +438,111 @@ def _mcp_app(args: argparse.Namespace) -> App:
     return _app(args, roots=roots, runs_dir=runs)
 
 
+def _cir(args: argparse.Namespace, app: App) -> int:
+    found = app.compose_retrieve(
+        args.index, args.reference, args.change, k=args.k, proxy=args.proxy, verify=args.verify,
+        fusion_lambda=args.fusion_lambda, cir_model=args.cir_model, on_step=_show_step,
+    )  # fmt: skip
+    if found["edited_description"]:
+        _err(f"edited description: {found['edited_description']}")
+    for rank, r in enumerate(found["results"]):
+        _err(f"{rank}. {r['path']}  ({r['score']:.3f})")
+    if not found["results"]:
+        _err("no indexed image matched")
+    if args.json:
+        print(json.dumps({"edited_description": found["edited_description"], "results": found["results"]}))
+    return 0
+
+
+def _progress_bar(what: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    from tqdm import tqdm
+
+    bar = tqdm(desc=what, unit=what.rstrip("s"), file=sys.stderr, disable=None)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return progress, bar.close
+
+
+def _eval_cir(args: argparse.Namespace, app: App) -> int:
+    progress, close = _progress_bar("queries")
+    try:
+        summary = app.eval_cir(
+            args.index, args.annotations, args.format, args.out, split=args.split, images=args.images,
+            proxy=args.proxy, verify=args.verify, fusion_lambda=args.fusion_lambda, cir_model=args.cir_model,
+            concurrency=args.concurrency, on_query=progress,
+        )  # fmt: skip
+    finally:
+        close()
+    keys: tuple[str, ...]
+    if "submission" in summary:
+        keys = ("n", "submission")
+        _err(f"{summary['n']} queries; CIRR server files: {', '.join(summary['submission'].values())}")
+    elif args.format == "cirr":
+        keys = ("n", "recall_at", "recall_subset_at", "avg")
+        recalls = ", ".join(f"R@{k} {v:.2f}" for k, v in summary["recall_at"].items())
+        subset = ", ".join(f"Rs@{k} {v:.2f}" for k, v in summary["recall_subset_at"].items())
+        _err(f"{summary['n']} queries: {recalls}; {subset}; Avg {summary['avg']:.2f}")
+    else:
+        keys = ("n", "categories", "avg_at_10")
+        for name, c in summary["categories"].items():
+            _err(f"{name}: R@10 {c['recall_at_10']:.2f}, R@50 {c['recall_at_50']:.2f}")
+        _err(f"{summary['n']} queries: average R@10 {summary['avg_at_10']:.2f}, R@50 {summary['avg_at_50']:.2f}")
+    _err(f"per-query records in {args.out / 'queries.jsonl'}")
+    if args.json:
+        print(json.dumps({key: summary[key] for key in keys}))
+    return 0
+
+
+def _triplets(args: argparse.Namespace, app: App) -> int:
+    def show(step: dict[str, Any]) -> None:
+        if step["node"] in ("synthesize", "finish", "prepare"):
+            _show_step(step)
+
+    made = app.synthesize_triplets(
+        args.objects, args.edits, args.n, args.out, examples=args.examples, lora=args.lora, check=args.check,
+        concurrency=args.concurrency, on_step=show,
+    )  # fmt: skip
+    counts = f"wrote {made['written']} (failed {made['failed']}, rejected {made['rejected']})"
+    _err(f"{counts}; {made['total']} triplets in {made['out']}")
+    if args.json:
+        print(json.dumps({key: made[key] for key in ("written", "total", "out")}))
+    return 0
+
+
+def _train(args: argparse.Namespace, app: App) -> int:
+    from tqdm import tqdm
+
+    bar = tqdm(desc=f"train {args.model}", unit="step", file=sys.stderr, disable=None)
+
+    def progress(event: Any) -> None:
+        bar.total = event.total_steps
+        bar.n = event.step
+        bar.set_postfix(stage=event.stage, loss=f"{event.loss:.4f}", refresh=False)
+        bar.refresh()
+
+    try:
+        if args.model == "cir":
+            summary = app.train_cir(
+                args.triplets, args.out, real=args.real, steps=args.train_steps, finetune_steps=args.finetune_steps,
+                batch_size=args.batch_size, learning_rate=args.learning_rate, progress=progress,
+            )  # fmt: skip
+        else:
+            summary = app.train_cir_lora(
+                args.triplets, args.out, steps=args.train_steps, experts=args.experts, rank=args.rank,
+                resolution=args.resolution, batch_size=args.batch_size, base_model=args.base_model, progress=progress,
+            )  # fmt: skip
+    finally:
+        bar.close()
+    _err(f"{summary['steps']} steps, final loss {summary['final_loss']:.4f}; loss curve {summary['loss_curve_svg']}")
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, App], int]] = {
     "index": _index,
     "index-info": _index_info,
@@ -357,6 +551,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, App], int]] = {
     "search": _search,
     "eval": _eval,
     "report": _report,
+    "cir": _cir,
+    "triplets": _triplets,
+    "train": _train,
     "mcp": _mcp,
 }
 
@@ -372,6 +569,10 @@ def _interrupted(args: argparse.Namespace, error: KeyboardInterrupt) -> str:
         return "search paused; continue it with --resume and the session id printed above"
     if args.command == "eval":
         return f"finished targets are in {args.out}; run the same command again to evaluate the rest"
+    if args.command == "triplets":
+        return f"finished triplets are in {args.out}; run the same command again to make the rest"
+    if args.command == "train" and args.model == "cir":
+        return f"checkpoints are in {args.out}; run the same command again to resume"
     return "stopped"
 
 

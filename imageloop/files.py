@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
+
+R = TypeVar("R", bound=Mapping[str, Any])
 
 
 @contextmanager
@@ -45,6 +47,39 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     """Write `data` as indented UTF-8 JSON, atomically."""
     write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    """The records of an append-only JSONL file (none if it does not exist); a line a crash cut is skipped."""
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # cut short by a crash: its work is done again
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def append_json_lines(path: Path, records: Iterable[R]) -> Iterator[R]:
+    """Append each record to a JSONL file as one line, flushed and fsynced before it is handed back.
+
+    A line a crash cut short is ended first, so the next record starts a line of its own; whatever
+    this yields is on disk, so a run killed afterwards keeps it.
+    """
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+    with path.open("a", encoding="utf-8") as out:
+        for record in records:
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+            yield record
 
 
 def fsync_folder(folder: Path) -> None:

@@ -1,8 +1,9 @@
 """LangChain tools over the application layer, so a LangChain or LangGraph agent can run an image loop as a tool.
 
 The tools are the MCP server's operations on the same `App`: `index_images`, `retrieve_images`,
-`generate_with_references` (ImageRAG), `genir_round` / `genir_feedback` (a GenIR search across calls,
-keyed by a session id, shared with every other face) and `get_run`. Each answers with
+`generate_with_references` (ImageRAG), `compose_retrieve` (composed image retrieval), `genir_round` /
+`genir_feedback` (a GenIR search across calls, keyed by a session id, shared with every other face)
+and `get_run`. Each answers with
 `response_format="content_and_artifact"`: a short text for the model, and an artifact (paths, scores,
 run and session ids) that the application reads from the `ToolMessage` without the model paying
 tokens for it. Arguments are bounded by `imageloop.limits`, as on every face.
@@ -81,6 +82,17 @@ class GenerateArgs(BaseModel):
     max_iterations: int | None = bounded("max_iterations", unset=True)
     top_k: int | None = bounded("top_k", unset=True)
     similarity_threshold: float | None = bounded("similarity_threshold", unset=True)
+
+
+class ComposeRetrieveArgs(BaseModel):
+    """Arguments of `compose_retrieve`: a reference image and how the wanted image differs from it."""
+
+    index: str = _path("an indexed image folder to search")
+    reference: str = _path("the reference image")
+    change: str = _text("how the wanted image differs from the reference, e.g. 'the same dress but red'")
+    k: int | None = bounded("k", unset=True, description="how many images to return")
+    proxy: bool = Field(False, description="also draw the edited scene and fuse its scores (slower)")
+    verify: int | None = bounded("verify", unset=True)
 
 
 class GenIRRoundArgs(BaseModel):
@@ -193,6 +205,28 @@ class _Toolbox:
         )
         return text, self._run_artifact(record)
 
+    def compose_retrieve(
+        self,
+        index: str,
+        reference: str,
+        change: str,
+        k: int | None = None,
+        proxy: bool = False,
+        verify: int | None = None,
+    ) -> Answer:
+        found = self.app.compose_retrieve(index, reference, change, k=k, proxy=proxy, verify=verify)
+        results = found["results"]
+        described = (
+            f"Searched for {_short(str(found['edited_description']), 200)!r}" if found["edited_description"] else ""
+        )
+        if not results:
+            return f"{described or 'Searched'}: no indexed image matched.", found
+        listing = "\n".join(
+            f"{i}. {Path(r['path']).name} (score {r['score']:.3f})" for i, r in enumerate(results[:LISTED])
+        )
+        more = f"\n… and {len(results) - LISTED} more" if len(results) > LISTED else ""
+        return f"{described}, best first:\n{listing}{more}", found
+
     def genir_round(
         self,
         index: str,
@@ -262,7 +296,7 @@ def imageloop_tools(
     sessions_db: Path | None = None,
     app: App | None = None,
 ) -> list[StructuredTool]:
-    """The six imageloop tools over `app` (or one built from `settings`, confined to `roots`, writing to `runs_dir`).
+    """The imageloop tools over `app` (or one built from `settings`, confined to `roots`, writing to `runs_dir`).
 
     Pass your own `app` to share its backends and indexes with the rest of your program, and close it
     when done (`app.close()`).
@@ -289,6 +323,12 @@ def imageloop_tools(
             GenerateArgs,
             "Draw an image for a prompt with ImageRAG: a critic names what a draft misses, reference images "
             "of those concepts are retrieved from the index, and the image is regenerated with them. Slow.",
+        ),
+        (
+            box.compose_retrieve,
+            ComposeRetrieveArgs,
+            "Composed image retrieval: find indexed images that show a reference image changed as a text says "
+            "(e.g. 'the same dress but red and sleeveless'). Returns the edited description and ranked images.",
         ),
         (
             box.genir_round,

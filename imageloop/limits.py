@@ -58,6 +58,17 @@ BOUNDS: dict[str, Bound] = {
     "rounds": Bound(1, 20, 10, "GenIR rounds at most"),
     "rank_depth": Bound(1, 100_000, 1000, "GenIR evaluation: ranks deeper than this count as misses"),
     "hybrid_threshold": Bound(-1.0, 1.0, 0.9, "GenIR hybrid feedback: show the top hit from this similarity"),
+    # Composed image retrieval (CIR) and DAIG's triplet synthesis
+    "fusion_lambda": Bound(
+        0.0,
+        1.0,
+        0.65,
+        "CIR proxy fusion: S = λ·S_text + (1−λ)·S_text·S_proxy (Imagine-and-Seek: 0.65 ViT-L, 0.3 ViT-g)",
+    ),
+    "verify": Bound(0, 5, 0, "CIR: times a VLM may check the top hit and rewrite the description (0: off)"),
+    "rerank_depth": Bound(1, 1000, 100, "CIR proxy fusion: re-rank the union of this many text and proxy hits"),
+    "triplets": Bound(1, 1_000_000, None, "DAIG: triplets the dataset folder should hold"),
+    "triplet_concurrency": Bound(1, 16, 2, "DAIG: triplets scripted and drawn at once (drawing takes turns)"),
     # Jobs
     "batch_size": Bound(1, 256, 32, "images embedded per batch while indexing"),
     "concurrency": Bound(1, 64, 1, "evaluation targets searched at once"),

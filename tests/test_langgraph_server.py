@@ -78,7 +78,7 @@ def configured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Fake
 def test_langgraph_json_names_a_python_factory_per_loop() -> None:
     config = server_config()
     assert config["dependencies"] == ["."]
-    assert set(config["graphs"]) == {"imagerag", "genir"}
+    assert set(config["graphs"]) == {"imagerag", "genir", "cir"}
     for spec in config["graphs"].values():
         path, _, attribute = spec.partition(":")
         assert path.startswith("./") and (ROOT / path).is_file() and attribute.isidentifier()

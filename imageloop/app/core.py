@@ -240,6 +240,42 @@ class App:
 
         return run_genir_eval(self, index, targets, out_dir, **options)
 
+    # Composed image retrieval and DAIG (`app/cir.py`, `app/triplets.py`, `app/training.py`).
+
+    def compose_retrieve(self, index: str | Path, reference: str | Path, change: str, **options: Any) -> dict[str, Any]:
+        """The images of `index` that show `reference` changed as `change` says; see `imageloop.app.cir`."""
+        from imageloop.app.cir import compose_retrieve
+
+        return compose_retrieve(self, index, reference, change, **options)
+
+    def eval_cir(
+        self, index: str | Path, annotations: str | Path, fmt: str, out_dir: str | Path, **options: Any
+    ) -> dict[str, Any]:
+        """CIRR or FashionIQ through the CIR graph; see `imageloop.app.cir.run_cir_eval`."""
+        from imageloop.app.cir import run_cir_eval
+
+        return run_cir_eval(self, index, annotations, fmt, out_dir, **options)
+
+    def synthesize_triplets(
+        self, objects: str | Path, edits: Any, n: int, out_dir: str | Path, **options: Any
+    ) -> dict[str, Any]:
+        """DAIG's triplet synthesis into a dataset folder; see `imageloop.app.triplets`."""
+        from imageloop.app.triplets import synthesize_triplets
+
+        return synthesize_triplets(self, objects, edits, n, out_dir, **options)
+
+    def train_cir(self, triplets: str | Path, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+        """Train a composed-query model (DRSP, then FRA); see `imageloop.app.training`."""
+        from imageloop.app.training import train_cir
+
+        return train_cir(self, triplets, out_dir, **options)
+
+    def train_cir_lora(self, triplets: str | Path, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+        """Train a CIR-LoRA on FLUX; see `imageloop.app.training`."""
+        from imageloop.app.training import train_cir_lora
+
+        return train_cir_lora(self, triplets, out_dir, **options)
+
     # Background runs.
 
     @property

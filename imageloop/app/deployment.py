@@ -4,8 +4,8 @@ A server builds a graph to run it, and also to draw it or read its schemas, so n
 configured at build time: the process-wide `App` (settings from `IMAGELOOP_*`, paths confined to
 `IMAGELOOP_ROOTS`, default the working directory) is created when a node first needs a model or an
 index. The run context names the index and where images go (`DeployedImageRAGContext`,
-`DeployedGenIRContext`), and knobs a run leaves unset take the deployment's settings. Every finished
-ImageRAG run writes its record under `<runs>/server/<run id>/run.json`, as the CLI does.
+`DeployedGenIRContext`, `DeployedCIRContext`), and knobs a run leaves unset take the deployment's
+settings. Every finished ImageRAG run writes its record under `<runs>/server/<run id>/run.json`, as the CLI does.
 """
 
 from __future__ import annotations
@@ -24,15 +24,18 @@ from imageloop.app.core import App
 from imageloop.app.runs import imagerag_record, new_run_id
 from imageloop.errors import ConfigError
 from imageloop.files import write_json_atomic
+from imageloop.graphs.cir import CIRContext, ComposedQueryModel
 from imageloop.graphs.genir import GenIRContext
 from imageloop.graphs.imagerag import ImageRAGContext
 from imageloop.protocols import (
     GREEDY,
     Decoding,
+    Embedder,
     GenerationRequest,
     GenerationResult,
     Message,
     RetrievedImage,
+    Vector,
 )
 from imageloop.report import write_report
 from imageloop.tools.artifacts import ArtifactStore
@@ -68,6 +71,14 @@ class DeployedImageRAGContext(ImageRAGContext):
 
     index: str | None = field(default=None, metadata={"description": f"an indexed image folder (${INDEX_ENV})"})
     artifacts_dir: str | None = field(default=None, metadata={"description": "where drawn images are stored"})
+
+
+@dataclass(kw_only=True)
+class DeployedCIRContext(CIRContext):
+    """CIR's knobs plus where a server run searches and draws its proxy."""
+
+    index: str | None = field(default=None, metadata={"description": f"an indexed image folder (${INDEX_ENV})"})
+    artifacts_dir: str | None = field(default=None, metadata={"description": "where proxy images are stored"})
 
 
 @dataclass(kw_only=True)
@@ -130,6 +141,30 @@ class ContextRetriever:
 
     def search_image(self, image: Path, k: int, similarity_threshold: float | None = None) -> list[RetrievedImage]:
         return deployed_app().retriever(_index()).search_image(image, k, similarity_threshold)
+
+    @property
+    def embedder(self) -> Embedder:
+        return deployed_app().retriever(_index()).embedder
+
+    def search_vector(self, vector: Vector, k: int) -> list[RetrievedImage]:
+        return deployed_app().retriever(_index()).search_vector(vector, k)
+
+    def stored_vectors(self, ids: Sequence[str]) -> dict[str, Vector]:
+        return deployed_app().retriever(_index()).stored_vectors(ids)
+
+
+def deployed_caption(image: Path) -> str:
+    """The deployment's captioner (the captioner role, else the VLM) describing `image`."""
+    from imageloop.agents.captioner import VLMCaptioner
+
+    return VLMCaptioner(deployed_app().vlm(role="captioner"))(image)
+
+
+def deployed_query_model(folder: str) -> ComposedQueryModel:
+    """A run's composed-query model, its folder confined to the deployment's roots."""
+    from imageloop.app.cir import load_query_model
+
+    return load_query_model(str(deployed_app().path(folder, "cir_model", kind="dir")))
 
 
 class ContextArtifacts(ArtifactStore):

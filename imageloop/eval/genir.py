@@ -8,8 +8,6 @@ targets already in `dialogues.jsonl`, so an interrupted evaluation loses at most
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -19,6 +17,7 @@ from typing import Any
 from imageloop.config import FeedbackKind
 from imageloop.errors import ImageloopError
 from imageloop.eval.metrics import cumulative_hits_at_k, mean_best_rank, per_round_hits_at_k
+from imageloop.files import append_json_lines, read_json_lines
 from imageloop.graphs.genir import GenIRContext, GenIRGraph
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tools.images import IMAGE_SUFFIXES, content_id
@@ -76,18 +75,6 @@ def load_targets(spec: Path, index: ImageIndex) -> list[Target]:
     return targets
 
 
-def _finished(dialogues: Path) -> dict[str, dict[str, Any]]:
-    done: dict[str, dict[str, Any]] = {}
-    if dialogues.exists():
-        for line in dialogues.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash: that target runs again
-            done[record["target_id"]] = record
-    return done
-
-
 def _dialogue_record(target: Target, state: Mapping[str, Any], artifacts: ArtifactStore) -> dict[str, Any]:
     return {
         "target_id": target.id,
@@ -107,15 +94,6 @@ def _dialogue_record(target: Target, state: Mapping[str, Any], artifacts: Artifa
             for r in state.get("rounds", [])
         ],
     }
-
-
-def _end_last_line(path: Path) -> None:
-    """Finish a line a crash cut short, so the next record starts on a line of its own (not glued to it)."""
-    if path.is_file() and path.stat().st_size:
-        with path.open("rb+") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
 
 
 def summarise(records: Iterable[dict[str, Any]], settings: GenIREvalSettings) -> dict[str, Any]:
@@ -150,7 +128,7 @@ def evaluate_targets(
     """
     artifacts = ArtifactStore(out_dir / "artifacts")
     dialogues = out_dir / DIALOGUES
-    done = _finished(dialogues)
+    done = {record["target_id"]: record for record in read_json_lines(dialogues)}
     pending = [t for t in targets if t.id not in done]
 
     def search(target: Target) -> dict[str, Any]:
@@ -164,12 +142,8 @@ def evaluate_targets(
     finished = len(targets) - len(pending)
     if on_target is not None:
         on_target(finished, len(targets))
-    _end_last_line(dialogues)
-    with dialogues.open("a", encoding="utf-8") as out, ThreadPoolExecutor(concurrency) as pool:
-        for record in pool.map(search, pending):
-            out.write(json.dumps(record) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
+    with ThreadPoolExecutor(concurrency) as pool:
+        for record in append_json_lines(dialogues, pool.map(search, pending)):
             done[record["target_id"]] = record
             finished += 1
             if on_target is not None:

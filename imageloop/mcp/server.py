@@ -146,6 +146,16 @@ class ImageloopMCP:
 
         return self.app.jobs.submit("generate", work, run_root=self.app.runs_dir)
 
+    def start_compose_retrieve(self, index: str, reference: str, change: str, knobs: dict[str, Any]) -> Job:
+        """Composed retrieval in the background (composing asks the LLM; a proxy is drawn)."""
+        self.app.retriever(index)  # a missing or mismatched index fails this call, not the run
+        self.app.path(reference, "reference", kind="file")  # so does a reference outside the roots
+
+        def work(job: Job) -> dict[str, Any]:
+            return self.app.compose_retrieve(index, reference, change, **knobs, on_step=_reporter(job))
+
+        return self.app.jobs.submit("cir", work)
+
     def start_genir(self, index: str, query: str, knobs: dict[str, Any]) -> Job:
         """A new person-in-the-loop GenIR session, played up to its first question."""
         self.app.retriever(index)
@@ -234,6 +244,12 @@ class ImageloopMCP:
         if view.kind == "generate":
             shown += [
                 (f"{key}: {result[key]}", result[key]) for key in ("final_image", "draft_image") if result.get(key)
+            ]
+        elif view.kind == "cir" and result:
+            if result.get("proxy_image"):
+                shown.append((f"proxy image: {result['proxy_image']}", result["proxy_image"]))
+            shown += [
+                (f"#{rank} {hit['path']}", hit["path"]) for rank, hit in enumerate(result["results"][:MAX_THUMBNAILS])
             ]
         elif view.kind == "genir" and result.get("state") == "awaiting_feedback":
             if result.get("synthetic_image"):
@@ -363,8 +379,9 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
     server = _Server(
         "imageloop",
         instructions=(
-            "Retrieval over indexed image folders, retrieval-augmented generation (ImageRAG) and "
-            "interactive generative retrieval (GenIR). Paths must lie inside the server's roots. Long "
+            "Retrieval over indexed image folders, retrieval-augmented generation (ImageRAG), "
+            "interactive generative retrieval (GenIR) and composed image retrieval (a reference image "
+            "plus a change, compose_retrieve). Paths must lie inside the server's roots. Long "
             "calls return a run_id: poll get_run until status is done."
         ),
         log_level="WARNING",
@@ -430,6 +447,27 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
         job = await anyio.to_thread.run_sync(ops.start_generate, prompt, index, knobs)
         return await run_result(job, wait_seconds, ctx)
 
+    async def compose_retrieve(
+        index: Annotated[str, Field(min_length=1, max_length=PATH_CHARS, description="an indexed image folder")],
+        reference: Annotated[str, Field(min_length=1, max_length=PATH_CHARS, description="the reference image")],
+        change: Annotated[
+            str, Field(min_length=1, max_length=PROMPT_CHARS, description="how the wanted image differs from it")
+        ],
+        ctx: McpContext,
+        k: Annotated[int | None, bounded("k", unset=True, description="how many results")] = None,
+        proxy: Annotated[bool, Field(description="also draw the edited scene and fuse its scores (slower)")] = False,
+        verify: Annotated[int | None, bounded("verify", unset=True)] = None,
+        cir_model: Annotated[
+            str | None, Field(max_length=PATH_CHARS, description="a composed-query model folder (train cir)")
+        ] = None,
+        wait_seconds: WaitSeconds = 40,
+    ) -> Annotated[CallToolResult, RunView]:
+        """Composed image retrieval: find indexed images that show the reference image changed as the text
+        says ("the same dress but red"). Returns the edited description and the ranked results, or a run_id."""
+        knobs = {"k": k, "proxy": proxy, "verify": verify, "cir_model": cir_model}
+        job = await anyio.to_thread.run_sync(ops.start_compose_retrieve, index, reference, change, knobs)
+        return await run_result(job, wait_seconds, ctx)
+
     async def genir_round(
         ctx: McpContext,
         index: Annotated[str | None, Field(max_length=PATH_CHARS, description="folder to search (new)")] = None,
@@ -488,6 +526,7 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
     server.tool_of(retrieve_images, reads)
     server.tool_of(index_images, ToolAnnotations(idempotentHint=True, openWorldHint=False))
     server.tool_of(generate_with_references, ToolAnnotations(openWorldHint=True))
+    server.tool_of(compose_retrieve, ToolAnnotations(openWorldHint=True))
     server.tool_of(genir_round, ToolAnnotations(openWorldHint=True))
     server.tool_of(genir_feedback, ToolAnnotations(openWorldHint=True))
     server.tool_of(get_run, reads)

@@ -326,14 +326,22 @@ def _embedded(pending: list[_New], index: ImageIndex, embedder: Embedder) -> lis
     ]
 
 
+def sidecar_caption(path: Path) -> str | None:
+    """The caption a person wrote for `path` in the sidecar `NAME.txt` beside it, else None."""
+    sidecar = path.with_suffix(".txt")
+    if not sidecar.is_file():
+        return None
+    try:
+        return sidecar.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ImageloopError(f"{sidecar}: cannot read caption ({e})") from e
+
+
 def _caption(path: Path, relative: Path, route: Route, captioner: Captioner | None) -> str:
     """The sidecar `NAME.txt` if present, else the captioner's; the caption route needs one of them."""
-    sidecar = path.with_suffix(".txt")
-    if sidecar.is_file():
-        try:
-            return sidecar.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ImageloopError(f"{sidecar}: cannot read caption ({e})") from e
+    sidecar = sidecar_caption(path)
+    if sidecar is not None:
+        return sidecar
     if captioner is not None:
         return captioner(path)
     if route == "caption":
