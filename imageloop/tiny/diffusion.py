@@ -303,6 +303,55 @@ def build_flux(directory: Path) -> None:
     pipe.save_pretrained(directory)
 
 
+def build_sd3(directory: Path) -> None:
+    """Save a tiny Stable Diffusion 3 pipeline: one joint block, two projecting CLIP encoders, T5, a 1-block VAE."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tokenizer = _clip_tokenizer()
+    tokenizer_3 = _t5_tokenizer()
+    with seeded():
+        transformer = SD3Transformer2DModel(
+            sample_size=32,
+            patch_size=1,
+            in_channels=4,
+            num_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            caption_projection_dim=32,
+            joint_attention_dim=_FLUX_TEXT_WIDTH,  # the T5 width; the CLIP states are cut to it, as SD3 does
+            pooled_projection_dim=64,  # the two CLIP projections, concatenated
+            out_channels=4,
+        )
+        text_encoder = CLIPTextModelWithProjection(_clip_text_config(len(tokenizer)))
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(len(tokenizer)))
+        text_encoder_3 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_3),
+                d_model=_FLUX_TEXT_WIDTH,
+                d_kv=8,
+                d_ff=37,
+                num_layers=2,
+                num_heads=4,
+                pad_token_id=0,
+                eos_token_id=1,
+            )
+        )
+        vae = _vae(blocks=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609)
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(directory)
+
+
 def build_flux_redux(directory: Path) -> None:
     """Save a tiny FLUX.1 Redux prior (SigLIP image encoder + Redux embedder) for the tiny FLUX."""
     from diffusers import FluxPriorReduxPipeline
@@ -335,6 +384,7 @@ TINY_GENERATOR_MODELS: dict[str, Callable[[Path], None]] = {
     "ip-adapter": build_ip_adapter,
     "flux": build_flux,
     "flux-redux": build_flux_redux,
+    "sd3": build_sd3,
 }
 
 

@@ -349,3 +349,61 @@ class TransformersEmbedder(_TorchEmbedder):
             return model.text_proj(hidden[:, 0, :])  # type: ignore[no-any-return]
         masks = {"attention_mask": inputs["attention_mask"]} if "attention_mask" in inputs else {}
         return model.get_text_features(input_ids=inputs["input_ids"], **masks).pooler_output  # type: ignore[no-any-return]
+
+
+# --- image features (DINO) --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _VisionBackbone:
+    """What one vision-backbone load yields: the model, its image processor and feature width."""
+
+    model: Any
+    processor: Any
+    dim: int
+
+
+def _load_vision_backbone(model_name: str, device: str, dtype: torch.dtype) -> _VisionBackbone:
+    import transformers
+
+    try:
+        model = transformers.AutoModel.from_pretrained(model_name, dtype=dtype).to(device)
+        processor = transformers.AutoImageProcessor.from_pretrained(model_name)  # type: ignore[no-untyped-call]
+    except Exception as e:
+        raise explain_load_failure(model_name, e) from e
+    model.eval()
+    return _VisionBackbone(model, processor, int(model.config.hidden_size))
+
+
+class ImageFeatureEncoder(_TorchEmbedder):
+    """A transformers vision backbone (DINOv2, DINO ViT) as unit image features: its class token, as the
+    DINO image-image similarity of text-to-image papers uses it. It embeds images only."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> None:
+        resolved_device = pick_device(device)
+        resolved_dtype = pick_dtype(resolved_device, dtype)
+        self._loaded = load_cached(
+            ("vision-backbone", model, resolved_device, str(resolved_dtype)),
+            lambda: _load_vision_backbone(model, resolved_device, resolved_dtype),
+        )
+        super().__init__(f"transformers:{model}", self._loaded.dim, resolved_device, resolved_dtype, batch_size)
+
+    def _pixels(self, image: Image.Image) -> torch.Tensor:
+        processed = self._loaded.processor(images=image.convert("RGB"), return_tensors="pt")
+        return processed["pixel_values"][0]  # type: ignore[no-any-return]
+
+    def _tokens(self, texts: list[str]) -> Any:
+        raise ConfigError(f"{self.model_id} is an image backbone: it embeds images, not text")
+
+    def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        output = self._loaded.model(pixel_values=pixels.to(self.device, self.dtype))
+        # DINOv2's pooler output is its layer-normed class token; a ViT without a pooler gives the raw one.
+        pooled = getattr(output, "pooler_output", None)
+        return pooled if pooled is not None else output.last_hidden_state[:, 0]  # type: ignore[no-any-return]
