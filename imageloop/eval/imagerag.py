@@ -102,7 +102,7 @@ def load_prompts(spec: Path, real_images: Path | None = None) -> list[PromptCase
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
-            label, tab, prompt = line.partition("\t")
+            label, tab, prompt = raw.partition("\t")
             if tab and not (label.strip() and prompt.strip()):
                 raise ImageloopError(f"{spec}, line {number}: expected PROMPT or CLASS<TAB>PROMPT")
             label_or_none = label.strip() if tab else None
