@@ -142,9 +142,9 @@ def _diffusers_generator(
 def _preset_generator(
     model: str, endpoint: Endpoint, placement: Placement, options: GeneratorOptions
 ) -> ImageGenerator:
-    from imageloop.tools.generators.presets import PresetGenerator
+    from imageloop.tools.generators.presets import preset_generator
 
-    return PresetGenerator(
+    return preset_generator(
         model,
         device=placement.device,
         dtype=placement.dtype,

@@ -22,18 +22,18 @@ paper's check that its dialogues carry the information, not only its drawings).
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from imageloop.config import FeedbackKind, HybridFallback, HybridRule
 from imageloop.errors import ConfigError, ImageloopError
+from imageloop.eval import journaled
 from imageloop.eval.genir_data import BenchmarkTarget
 from imageloop.eval.metrics import cumulative_hits_at_k, mean_best_rank, per_round_hits_at_k
+from imageloop.files import read_jsonl
 from imageloop.graphs.genir import GenIRContext, GenIRGraph
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tools.images import IMAGE_SUFFIXES, content_id
@@ -131,15 +131,7 @@ def benchmark_targets(targets: Sequence[BenchmarkTarget], index: ImageIndex) -> 
 
 
 def _finished(dialogues: Path) -> dict[str, dict[str, Any]]:
-    done: dict[str, dict[str, Any]] = {}
-    if dialogues.exists():
-        for line in dialogues.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash: that target runs again
-            done[record["target_id"]] = record
-    return done
+    return {record["target_id"]: record for record in read_jsonl(dialogues)}
 
 
 def _round_seconds(steps: Sequence[Mapping[str, Any]]) -> dict[int, float]:
@@ -171,15 +163,6 @@ def _dialogue_record(target: Target, state: Mapping[str, Any], artifacts: Artifa
             for r in state.get("rounds", [])
         ],
     }
-
-
-def _end_last_line(path: Path) -> None:
-    """Finish a line a crash cut short, so the next record starts on a line of its own (not glued to it)."""
-    if path.is_file() and path.stat().st_size:
-        with path.open("rb+") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
 
 
 def _first_hit(ranks: Sequence[int | None], k: int) -> float:
@@ -285,19 +268,9 @@ def evaluate_targets(
             hybrid["arms"] = {arm: [r["target_rank"] for r in record["rounds"]] for arm, record in arms.items()}
         return {**arms[chosen], "hybrid": hybrid}
 
-    finished = len(targets) - len(pending)
-    if on_target is not None:
-        on_target(finished, len(targets))
-    _end_last_line(dialogues)
-    with dialogues.open("a", encoding="utf-8") as out, ThreadPoolExecutor(concurrency) as pool:
-        for record in pool.map(search, pending):
-            out.write(json.dumps(record) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-            done[record["target_id"]] = record
-            finished += 1
-            if on_target is not None:
-                on_target(finished, len(targets))
+    searched = journaled(pending, search, dialogues, total=len(targets), concurrency=concurrency, on_progress=on_target)
+    for record in searched:
+        done[record["target_id"]] = record
     return done
 
 

@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import hashlib
 import html
-import json
 import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from imageloop.errors import ImageloopError
-from imageloop.files import write_atomic
+from imageloop.eval import journaled
+from imageloop.files import read_jsonl, write_atomic
 from imageloop.tools.images import image_files
 
 RESULTS = "results.jsonl"
@@ -157,16 +156,7 @@ def _reasons(records: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def read_results(out_dir: Path) -> dict[str, dict[str, Any]]:
     """The recorded prompts by key (the last line per key wins; a line cut by a crash is skipped)."""
-    results: dict[str, dict[str, Any]] = {}
-    path = out_dir / RESULTS
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            results[record["key"]] = record
-    return results
+    return {record["key"]: record for record in read_jsonl(out_dir / RESULTS)}
 
 
 def score_run(case: PromptCase, run_dir: Path, record: Mapping[str, Any], scorers: Sequence[Scorer]) -> dict[str, Any]:
@@ -220,18 +210,9 @@ def evaluate_prompts(
                     "scores": {}, "stop_reason": "error", "error": record["error"]}  # fmt: skip
         return score_run(case, run_dir, record, scorers)
 
-    finished = len(cases) - len(pending)
-    if on_prompt is not None:
-        on_prompt(finished, len(cases))
-    with (out_dir / RESULTS).open("a", encoding="utf-8") as out, ThreadPoolExecutor(concurrency) as pool:
-        for line in pool.map(evaluate, pending):
-            out.write(json.dumps(line) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-            done[line["key"]] = line
-            finished += 1
-            if on_prompt is not None:
-                on_prompt(finished, len(cases))
+    for line in journaled(pending, evaluate, out_dir / RESULTS, total=len(cases), concurrency=concurrency,
+                          on_progress=on_prompt):  # fmt: skip
+        done[line["key"]] = line
     return done
 
 

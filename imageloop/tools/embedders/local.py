@@ -1,4 +1,5 @@
-"""Local image-text embedders: open_clip (CLIP, SigLIP) and transformers (CLIP, SigLIP, BLIP).
+"""Local image-text embedders: open_clip (CLIP, SigLIP) and transformers (CLIP, SigLIP, BLIP); and image
+features from a transformers vision backbone (DINO), which the ImageRAG evaluation compares images with.
 
 Both load once per process through `load_cached`, run forward passes under `device_lock` in
 `torch.inference_mode()`, and return L2-normalised float32 rows. Captions longer than the text
@@ -15,7 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_BATCH_SIZE = 32
+T = TypeVar("T")
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -114,6 +116,16 @@ class _TorchEmbedder:
 
     def _encode_text(self, inputs: Any) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _placed_load(
+    key: tuple[object, ...], device: str | None, dtype: str | None, load: Callable[[str, torch.dtype], T]
+) -> tuple[T, str, torch.dtype]:
+    """`load(device, dtype)` on the resolved placement, once per process per `key` and placement."""
+    resolved_device = pick_device(device)
+    resolved_dtype = pick_dtype(resolved_device, dtype)
+    loaded = load_cached((*key, resolved_device, str(resolved_dtype)), lambda: load(resolved_device, resolved_dtype))
+    return loaded, resolved_device, resolved_dtype
 
 
 def _stacked(futures: list[Future[torch.Tensor]]) -> torch.Tensor:
@@ -215,13 +227,10 @@ class OpenClipEmbedder(_TorchEmbedder):
         dtype: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
-        resolved_device = pick_device(device)
-        resolved_dtype = pick_dtype(resolved_device, dtype)
-        self._loaded = load_cached(
-            ("open_clip", name, pretrained, resolved_device, str(resolved_dtype)),
-            lambda: _load_open_clip(name, pretrained, resolved_device, resolved_dtype),
+        self._loaded, placed_device, placed_dtype = _placed_load(
+            ("open_clip", name, pretrained), device, dtype, lambda d, t: _load_open_clip(name, pretrained, d, t)
         )
-        super().__init__(model_id, self._loaded.dim, resolved_device, resolved_dtype, batch_size)
+        super().__init__(model_id, self._loaded.dim, placed_device, placed_dtype, batch_size)
 
     def _pixels(self, image: Image.Image) -> torch.Tensor:
         return self._loaded.preprocess(image.convert("RGB"))
@@ -302,8 +311,18 @@ def _load_transformers(model_name: str, device: str, dtype: torch.dtype) -> _Tra
     )
 
 
-class TransformersEmbedder(_TorchEmbedder):
-    """A transformers CLIP, SigLIP or BLIP checkpoint (hub id or local directory) as an embedder."""
+class _Loaded(Protocol):
+    @property
+    def dim(self) -> int: ...
+
+
+LoadedT = TypeVar("LoadedT", bound=_Loaded)
+
+
+class _TransformersCheckpoint(_TorchEmbedder, Generic[LoadedT]):
+    """A transformers checkpoint (hub id or local directory), loaded by `_load` once per process and placement."""
+
+    _cache_kind = "transformers"
 
     def __init__(
         self,
@@ -313,13 +332,23 @@ class TransformersEmbedder(_TorchEmbedder):
         dtype: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
-        resolved_device = pick_device(device)
-        resolved_dtype = pick_dtype(resolved_device, dtype)
-        self._loaded = load_cached(
-            ("transformers-embedder", model, resolved_device, str(resolved_dtype)),
-            lambda: _load_transformers(model, resolved_device, resolved_dtype),
+        self._loaded: LoadedT
+        self._loaded, placed_device, placed_dtype = _placed_load(
+            (self._cache_kind, model), device, dtype, lambda d, t: self._load(model, d, t)
         )
-        super().__init__(f"transformers:{model}", self._loaded.dim, resolved_device, resolved_dtype, batch_size)
+        super().__init__(f"transformers:{model}", self._loaded.dim, placed_device, placed_dtype, batch_size)
+
+    def _load(self, model: str, device: str, dtype: torch.dtype) -> LoadedT:
+        raise NotImplementedError
+
+
+class TransformersEmbedder(_TransformersCheckpoint[_TransformersModel]):
+    """A transformers CLIP, SigLIP or BLIP checkpoint (hub id or local directory) as an embedder."""
+
+    _cache_kind = "transformers-embedder"
+
+    def _load(self, model: str, device: str, dtype: torch.dtype) -> _TransformersModel:
+        return _load_transformers(model, device, dtype)
 
     def _pixels(self, image: Image.Image) -> torch.Tensor:
         processed = self._loaded.processor.image_processor(images=image.convert("RGB"), return_tensors="pt")
@@ -375,25 +404,14 @@ def _load_vision_backbone(model_name: str, device: str, dtype: torch.dtype) -> _
     return _VisionBackbone(model, processor, int(model.config.hidden_size))
 
 
-class ImageFeatureEncoder(_TorchEmbedder):
+class ImageFeatureEncoder(_TransformersCheckpoint[_VisionBackbone]):
     """A transformers vision backbone (DINOv2, DINO ViT) as unit image features: its class token, as the
     DINO image-image similarity of text-to-image papers uses it. It embeds images only."""
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        device: str | None = None,
-        dtype: str | None = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-    ) -> None:
-        resolved_device = pick_device(device)
-        resolved_dtype = pick_dtype(resolved_device, dtype)
-        self._loaded = load_cached(
-            ("vision-backbone", model, resolved_device, str(resolved_dtype)),
-            lambda: _load_vision_backbone(model, resolved_device, resolved_dtype),
-        )
-        super().__init__(f"transformers:{model}", self._loaded.dim, resolved_device, resolved_dtype, batch_size)
+    _cache_kind = "vision-backbone"
+
+    def _load(self, model: str, device: str, dtype: torch.dtype) -> _VisionBackbone:
+        return _load_vision_backbone(model, device, dtype)
 
     def _pixels(self, image: Image.Image) -> torch.Tensor:
         processed = self._loaded.processor(images=image.convert("RGB"), return_tensors="pt")

@@ -1,9 +1,10 @@
 """Text-to-image generators at the settings a paper ran them with: `--generator preset:NAME[:MODEL]`.
 
-GenIR draws every round's feedback image from the query alone (no references), so these backends
-take none. Each preset names its diffusers pipeline class, checkpoint, steps, guidance, size and any
-extra call options; `MODEL` (a hub id or local directory) replaces the checkpoint, keeping the settings.
-A diffusers without the pipeline class is refused in one line before anything is downloaded.
+GenIR draws every round's feedback image from the query alone (no references), so these are
+`Text2ImageGenerator`s, which take none. Each preset names its diffusers pipeline class, checkpoint,
+steps, guidance, size and any extra call options; `MODEL` (a hub id or local directory) replaces the
+checkpoint, keeping the settings. A diffusers without the pipeline class is refused in one line
+before anything is downloaded.
 
 - `sd3.5-large`: GenIR's default (genIR_CaptionImageRefinement.py l.237-246, l.492-496): 28 steps,
   guidance 3.5, the pipeline's own 1024 px.
@@ -19,19 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imageloop.errors import ConfigError
-from imageloop.protocols import GenerationRequest, GenerationResult
-from imageloop.runtime import load_cached
-from imageloop.tools.generators._diffusers_common import (
-    from_hub,
-    place,
-    resolve_placement,
-    run_pipeline,
-    seeded_generator,
-)
-from imageloop.tools.generators.references import keep_references
+from imageloop.tools.generators._diffusers_common import from_hub
+from imageloop.tools.generators.text2image import Components, Text2ImageGenerator
+
+if TYPE_CHECKING:
+    import torch
 
 HIDREAM_LLAMA = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 
@@ -88,62 +84,46 @@ def resolve_preset(spec: str) -> tuple[str, GeneratorPreset]:
     return model.strip() or preset.model, preset
 
 
-class PresetGenerator:
-    """A diffusers text-to-image pipeline drawn at a preset's settings; references are left out with a note."""
+def _llama_text_encoder(model: str) -> Components:
+    """The fourth text encoder HiDream's pipeline needs and its checkpoint does not ship."""
 
-    max_references = 0
+    def load(dtype: torch.dtype) -> dict[str, Any]:
+        from transformers import AutoTokenizer, LlamaForCausalLM
 
-    def __init__(
-        self,
-        spec: str,
-        *,
-        device: str | None = None,
-        dtype: str | None = None,
-        offload: bool = False,
-        guidance_scale: float | None = None,
-    ) -> None:
-        import diffusers
-
-        model, self.preset = resolve_preset(spec)
-        self.model_id = f"preset:{spec}"
-        self.guidance_scale = self.preset.guidance_scale if guidance_scale is None else guidance_scale
-        self.device, torch_dtype = resolve_placement(device, dtype, offload)
-        pipeline_class = getattr(diffusers, self.preset.pipeline)
-        llama = self.preset.llama_text_encoder
-
-        def load() -> Any:
-            components: dict[str, Any] = {}
-            if llama is not None:
-                from transformers import AutoTokenizer, LlamaForCausalLM
-
-                components["tokenizer_4"] = from_hub(llama, lambda: AutoTokenizer.from_pretrained(llama))
-                components["text_encoder_4"] = from_hub(
-                    llama,
-                    lambda: LlamaForCausalLM.from_pretrained(
-                        llama, output_hidden_states=True, output_attentions=True, dtype=torch_dtype
-                    ),
-                )
-            pipe = from_hub(model, lambda: pipeline_class.from_pretrained(model, dtype=torch_dtype, **components))
-            place(pipe, self.device, offload)
-            return pipe
-
-        self._pipe = load_cached(("preset", self.preset.pipeline, model, self.device, str(torch_dtype), offload), load)
-
-    def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Draw `request.prompt` at the preset's steps, guidance and size (the request's own win)."""
-        _, notes = keep_references(request, self.max_references, self.model_id)
-        width, height = request.size or self.preset.size or (None, None)
-        options: dict[str, Any] = dict(self.preset.call_options)
-        steps = request.steps or self.preset.steps
-        if steps is not None:
-            options["num_inference_steps"] = steps
-        if self.guidance_scale is not None:
-            options["guidance_scale"] = self.guidance_scale
-        size_text = f"{width}x{height}" if width else "the default size"
-        output = run_pipeline(
-            f"generating {size_text} with {self.model_id}",
-            lambda: self._pipe(
-                prompt=request.prompt, width=width, height=height, generator=seeded_generator(request.seed), **options
+        return {
+            "tokenizer_4": from_hub(model, lambda: AutoTokenizer.from_pretrained(model)),
+            "text_encoder_4": from_hub(
+                model,
+                lambda: LlamaForCausalLM.from_pretrained(
+                    model, output_hidden_states=True, output_attentions=True, dtype=dtype
+                ),
             ),
-        )
-        return GenerationResult(output.images[0], request.prompt, notes)
+        }
+
+    return load
+
+
+def preset_generator(
+    spec: str,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    offload: bool = False,
+    guidance_scale: float | None = None,
+) -> Text2ImageGenerator:
+    """The generator `preset:SPEC` names, drawing at its preset's settings (`guidance_scale` overrides)."""
+    model, preset = resolve_preset(spec)
+    llama = preset.llama_text_encoder
+    return Text2ImageGenerator(
+        model,
+        device=device,
+        dtype=dtype,
+        offload=offload,
+        steps=preset.steps,
+        guidance_scale=preset.guidance_scale if guidance_scale is None else guidance_scale,
+        size=preset.size,
+        pipeline=preset.pipeline,
+        call_options=preset.call_options,
+        components=_llama_text_encoder(llama) if llama is not None else None,
+        model_id=f"preset:{spec}",
+    )
