@@ -75,7 +75,7 @@ class Endpoint:
 
 
 class Settings(BaseModel):
-    """Every knob of a run, with the paper's defaults."""
+    """Every knob of a run, with our defaults; the paper presets (`imageloop.presets`) set the papers' values."""
 
     vlm: str | None = Field(None, description="critic and query rewriter, PROVIDER:MODEL")
     generator: str | None = Field(None, description="image generator, PROVIDER:MODEL")

@@ -324,3 +324,27 @@ def test_the_command_line_prints_draft_and_final_means_last(
     assert printed["n"] == 2 and set(printed["metrics"]) == {"clip", "vlmscore"}
     assert printed["metrics"]["vlmscore"] == {"draft": 0.4, "final": 0.4}
     assert isinstance(printed["metrics"]["clip"]["final"], float)
+
+
+def test_the_paper_preset_on_openai_models_evaluates_on_a_local_openai_compatible_server(
+    openai_server: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    monkeypatch.setenv("OPENAI_BASE_URL", openai_server.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    folder = captioned_folder(tmp_path / "photos")
+    assert main(["index", str(folder), "--profile", "openai"]) == 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a blue jay on a snowy branch\n")
+    for answer in ("yes", "70"):  # the paper critic's decision, then the judge (the draft is returned: once)
+        openai_server.push("/v1/chat/completions", 200, chat_completion(answer))
+    args = ["eval", "imagerag", "--prompts", str(prompts), "--index", str(folder), "--out", str(tmp_path / "eval"),
+            "--profile", "openai,imagerag-paper", "--metrics", "vlmscore", "--json"]  # fmt: skip
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == {"n": 1, "metrics": {"vlmscore": {"draft": 0.7, "final": 0.7}}}
+    decision, judged = openai_server.requests_to("/v1/chat/completions")
+    assert "only answer yes or no" in json.dumps(decision.json["messages"])  # the paper's critic
+    assert "How well does this image match" in json.dumps(judged.json["messages"])
+    settings = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert settings["knobs"]["critic"] == "paper" and settings["metrics"] == {"vlmscore": "openai:gpt-4.1-mini"}

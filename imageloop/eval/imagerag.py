@@ -15,6 +15,7 @@ again by the next run of the same command.
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import html
 import os
@@ -161,11 +162,14 @@ def read_results(out_dir: Path) -> dict[str, dict[str, Any]]:
 
 def score_run(case: PromptCase, run_dir: Path, record: Mapping[str, Any], scorers: Sequence[Scorer]) -> dict[str, Any]:
     """The prompt's line in results.jsonl: the run's outcome and each metric for its draft and final image."""
-    images = {"draft": record.get("draft_image"), "final": record.get("final_image")}
-    scores = {
-        scorer.name: {which: scorer.score(case, Path(path)) if path else None for which, path in images.items()}
-        for scorer in scorers
-    }
+    draft, final = record.get("draft_image"), record.get("final_image")
+    # A run that kept its draft returns the draft: score the picture once (a judge call is not free).
+    same = bool(draft and final) and filecmp.cmp(str(draft), str(final), shallow=False)
+    scores: dict[str, dict[str, float | None]] = {}
+    for scorer in scorers:
+        draft_score = scorer.score(case, Path(draft)) if draft else None
+        final_score = draft_score if same else (scorer.score(case, Path(final)) if final else None)
+        scores[scorer.name] = {"draft": draft_score, "final": final_score}
     return {
         "key": case.key,
         "prompt": case.prompt,
@@ -174,8 +178,8 @@ def score_run(case: PromptCase, run_dir: Path, record: Mapping[str, Any], scorer
         "stop_reason": record.get("stop_reason"),
         "aligned": record.get("aligned"),
         "iterations": record.get("iterations"),
-        "draft_image": images["draft"],
-        "final_image": images["final"],
+        "draft_image": draft,
+        "final_image": final,
         "scores": scores,
         "seconds": record.get("seconds"),
         "error": record.get("error"),
