@@ -663,3 +663,41 @@ def test_a_symlink_leading_out_of_the_folder_is_not_indexed(tmp_path: Path) -> N
     (folder / "link_in.png").symlink_to(folder / "inside.png")
     summary = index_folder(folder, FakeHashEmbedder(embeds_images=True), None, progress=False)
     assert (summary.indexed, summary.skipped, summary.total) == (1, 1, 2)  # the inner link is a duplicate
+
+
+def test_a_file_deleted_from_the_folder_is_pruned_on_reindex(tmp_path: Path) -> None:
+    folder = captioned_folder(tmp_path / "images")
+    index_folder(folder, FakeHashEmbedder(), None, progress=False)
+    (folder / "car.png").unlink()
+
+    summary = index_folder(folder, FakeHashEmbedder(), None, progress=False)
+
+    assert (summary.removed, summary.total, count(folder)) == (1, 2, 2)
+    assert "car.png" not in stored_captions(folder)
+
+
+def test_a_file_edited_in_place_keeps_one_record_under_its_path(tmp_path: Path) -> None:
+    folder = captioned_folder(tmp_path / "images")
+    index_folder(folder, FakeHashEmbedder(), None, progress=False)
+    write_image(folder / "bird.png", 250)  # new bytes under the same name: a new id
+
+    summary = index_folder(folder, FakeHashEmbedder(), None, progress=False)
+
+    assert (summary.indexed, summary.removed, count(folder)) == (1, 1, 3)
+    assert [path for path in stored_captions(folder)].count("bird.png") == 1
+
+
+def test_a_file_that_cannot_be_read_this_time_keeps_its_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = captioned_folder(tmp_path / "images")
+    index_folder(folder, FakeHashEmbedder(), None, progress=False)
+    real_content_id = indexer.content_id
+
+    def unreadable_car(path: Path) -> str:
+        if path.name == "car.png":
+            raise PermissionError("permission denied")
+        return real_content_id(path)
+
+    monkeypatch.setattr(indexer, "content_id", unreadable_car)
+    summary = index_folder(folder, FakeHashEmbedder(), None, progress=False)
+
+    assert (summary.failed, summary.removed, count(folder)) == (1, 0, 3)

@@ -23,9 +23,9 @@ from __future__ import annotations
 import operator
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol, cast
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
@@ -38,6 +38,7 @@ from imageloop.agents.query_refiner import QueryRefiner
 from imageloop.agents.simulated_user import ShownKind, SimulatedUser, user_decoding
 from imageloop.config import FEEDBACK_KINDS, FeedbackKind, SimulatedUserStyle
 from imageloop.errors import ConfigError, ImageloopError, MalformedOutputError
+from imageloop.graphs.knobs import resolve_knobs as resolve_context
 from imageloop.graphs.steps import Step, step
 from imageloop.protocols import GenerationRequest, ImageGenerator, RetrievedImage, VisionLanguageModel
 from imageloop.tools.artifacts import ArtifactStore
@@ -198,29 +199,16 @@ FRESH_RUN: dict[str, Any] = {
 }
 
 
+CHOICES: dict[str, tuple[object, ...]] = {
+    "feedback": FEEDBACK_KINDS,
+    "user": ("person", "simulated"),
+    "simulated_user": ("ours", "paper"),
+}
+
+
 def resolve_knobs(defaults: GenIRKnobs, context: GenIRContext | None) -> GenIRKnobs:
     """The run's knobs: the context's where given, else `defaults`; each checked against `imageloop.limits`."""
-    knobs = GenIRKnobs(**defaults)
-    for f in fields(GenIRContext) if context else ():
-        value = getattr(context, f.name)
-        if value is None:
-            continue
-        if f.name == "size":
-            knobs["size"] = limits.check_size((int(value[0]), int(value[1])))
-        elif f.name == "steps":
-            limits.check("steps", value)
-            knobs["steps_per_image"] = int(value)
-        elif f.name == "feedback" and value not in FEEDBACK_KINDS:
-            raise ConfigError(f"feedback {value!r}: expected one of {', '.join(FEEDBACK_KINDS)}")
-        elif f.name == "user" and value not in ("person", "simulated"):
-            raise ConfigError(f"user {value!r}: expected person or simulated")
-        elif f.name == "simulated_user" and value not in ("ours", "paper"):
-            raise ConfigError(f"simulated_user {value!r}: expected ours or paper")
-        else:
-            if f.name in limits.BOUNDS or f.name == "max_rounds":
-                limits.check("rounds" if f.name == "max_rounds" else f.name, value)
-            knobs[f.name] = value  # type: ignore[literal-required]
-    return knobs
+    return cast(GenIRKnobs, resolve_context(defaults, context, CHOICES))
 
 
 class FoundError(ImageloopError):
