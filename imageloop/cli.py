@@ -9,17 +9,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imageloop import __version__, limits
-from imageloop.config import FEEDBACK_KINDS, MODES, STORE_KINDS, Settings, load_settings
+from imageloop.config import FEEDBACK_KINDS, HYBRID_RULES, MODES, STORE_KINDS, Settings, load_settings
 from imageloop.errors import ConfigError, ImageloopError
 
 if TYPE_CHECKING:
     from imageloop.app import App
 
+IMAGERAG_KNOBS = (
+    "mode", "max_iterations", "similarity_threshold", "top_k", "max_concepts", "critic", "plan_scope",
+    "retrieval_query", "rephrase_only", "references_policy", "final_image_policy",
+)  # fmt: skip
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -39,7 +44,13 @@ def _default(name: str) -> str:
 def _role_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("models (PROVIDER:MODEL; see README for providers)")
-    group.add_argument("--profile", help="defaults for every role: openai, local or tiny")
+    group.add_argument(
+        "--profile",
+        action="append",
+        metavar="NAME[,NAME]",
+        help="models (openai, local, tiny) and/or a paper preset (imagerag-paper, genir-paper), applied left to "
+        "right: --profile openai,imagerag-paper",
+    )
     for role, example in [
         ("vlm", "openai:gpt-4.1-mini"),
         ("generator", "openai:gpt-image-1"),
@@ -65,7 +76,34 @@ def _role_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--flux-redux", metavar="REPO_OR_DIR", help="flux: Redux prior for references, or none (FLUX.1-Redux-dev)"
     )
+    group.add_argument(
+        "--sdxl-max-references", type=int, metavar="N", help="sdxl-ip-adapter: references per image (1-3; paper: 1)"
+    )
     return parent
+
+
+def _add_imagerag_knobs(parser: argparse.ArgumentParser) -> None:
+    """The ImageRAG loop's knobs: the paper's choices and the ablations of its Table 3 (default: settings')."""
+    group = parser.add_argument_group("ImageRAG loop (the imagerag-paper preset sets the paper's values)")
+    group.add_argument("--mode", choices=MODES, help="default draft_first")
+    group.add_argument("--max-iterations", type=int, help=f"regenerations (default {_default('max_iterations')})")
+    group.add_argument("--similarity-threshold", type=float, help="drop references below this cosine")
+    group.add_argument("--top-k", type=int, help=f"references per missing concept (default {_default('top_k')})")
+    group.add_argument("--max-concepts", type=int, help=f"concepts per critique (default {_default('max_concepts')})")
+    group.add_argument(
+        "--critic", choices=["single_call", "paper"], help="one JSON call (default) or the paper's conversation"
+    )
+    group.add_argument(
+        "--plan-scope", choices=["rare", "every"], help="generation mode plans rare concepts (default) or every"
+    )
+    group.add_argument(
+        "--retrieval-query", choices=["caption", "concept", "prompt"], help="search with (default caption)"
+    )
+    group.add_argument(
+        "--rephrase-only", action="store_true", default=None, help="ablation: captions into the prompt, no images"
+    )
+    group.add_argument("--references-policy", choices=["replace", "accumulate"], help="per iteration (default replace)")
+    group.add_argument("--final-image-policy", choices=["best", "last"], help="returned image (default best)")
 
 
 def _drawing_options() -> argparse.ArgumentParser:
@@ -82,7 +120,9 @@ def _drawing_options() -> argparse.ArgumentParser:
 def _genir_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("search")
-    group.add_argument("--rounds", type=int, help=f"rounds at most (default {_default('rounds')})")
+    group.add_argument(
+        "--rounds", type=int, help=f"refinement rounds after round 0 (default {_default('rounds')}: rounds 0..10)"
+    )
     group.add_argument("--k", type=int, help=f"results per round (default {_default('k')})")
     group.add_argument("--feedback", choices=FEEDBACK_KINDS, help="what each round shows (default visual)")
     return parent
@@ -178,6 +218,60 @@ def _add_train_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
         parser.add_argument("--json", action="store_true", help="print the run's summary as JSON last")
 
 
+def _add_genir_eval_options(parser: argparse.ArgumentParser) -> None:
+    """GenIR as published: benchmarks, several K from one run, the paper's simulated user and hybrid rules."""
+    from imageloop.eval.genir_data import GENIR_BENCHMARKS
+
+    data = parser.add_argument_group("benchmark (instead of --targets)")
+    data.add_argument("--benchmark", choices=GENIR_BENCHMARKS, help="read the targets from the dataset's own files")
+    data.add_argument("--images", type=Path, metavar="DIR", help="the benchmark's images folder")
+    data.add_argument("--annotations", type=Path, metavar="FILE", help="its dialogues, captions or query list")
+    data.add_argument("--sample", type=int, metavar="N", help="N targets drawn with GenIR's seed 42 (default all)")
+    paper = parser.add_argument_group("as published (the genir-paper preset sets the paper's values)")
+    paper.add_argument("--ks", metavar="K[,K]", help="Hits@K for each K from the same dialogues, e.g. 1,5,10")
+    paper.add_argument("--simulated-user", choices=["ours", "paper"], help="one structured call, or the paper's")
+    paper.add_argument("--user-temperature", type=float, help="simulated user's temperature (paper 0.7)")
+    paper.add_argument("--user-top-p", type=float, help="simulated user's top_p (paper 0.9)")
+    paper.add_argument("--user-repetition-penalty", type=float, help="local models, vLLM (paper 1.1)")
+    paper.add_argument(
+        "--hybrid-rule", choices=HYBRID_RULES, help="hybrid: confidence (ours, per round), oracle or random (per query)"
+    )
+    paper.add_argument("--hybrid-visual-fraction", type=float, help="random hybrid: share shown drawings (paper 0.223)")
+    paper.add_argument(
+        "--hybrid-fallback", choices=["prediction", "verbal"], help="per-query hybrid without a drawing (prediction)"
+    )
+    paper.add_argument(
+        "--rescore-text", action="store_true", help="re-score the queries saved in --out by text-only retrieval"
+    )
+
+
+def _add_eval_imagerag_parser(loops: Any, roles: argparse.ArgumentParser) -> None:
+    """`imageloop eval imagerag`: draft vs final image of every prompt, on CLIP, SigLIP, DINO and a VLM judge."""
+    from imageloop.eval.imagerag import METRICS
+
+    parser = loops.add_parser(
+        "imagerag", parents=[roles, _drawing_options()], help="ImageRAG: draft vs final on CLIP, SigLIP, DINO, a judge"
+    )
+    parser.add_argument(
+        "--prompts", type=Path, required=True, metavar="FILE_OR_CLASS_FOLDER",
+        help='a file of prompts (CLASS<TAB>PROMPT names a class) or a folder of classes ("a photo of a <class>")',
+    )  # fmt: skip
+    parser.add_argument("--index", type=Path, required=True, help="the indexed image folder ImageRAG retrieves from")
+    parser.add_argument("--out", type=Path, required=True, help="results folder (resumable)")
+    parser.add_argument("--real-images", type=Path, metavar="DIR", help="a folder per class of real images (DINO)")
+    parser.add_argument("--metrics", metavar="NAME[,NAME]", help=f"some of {','.join(METRICS)} (default all)")
+    parser.add_argument("--concurrency", type=int, default=1, help="prompts run at once (default 1)")
+    parser.add_argument("--json", action="store_true", help='print {"n", "metrics": {NAME: {"draft", "final"}}} last')
+    models = parser.add_argument_group("scoring models")
+    models.add_argument("--eval-clip", metavar="PROVIDER:MODEL", help="CLIP (open_clip:ViT-L-14/openai)")
+    models.add_argument(
+        "--eval-siglip", metavar="PROVIDER:MODEL", help="SigLIP (open_clip:ViT-SO400M-14-SigLIP-384/webli)"
+    )
+    models.add_argument("--eval-dino", metavar="transformers:MODEL", help="DINO (transformers:facebook/dinov2-base)")
+    models.add_argument("--judge", metavar="PROVIDER:MODEL", help="the VLM judge (default: the --vlm)")
+    _add_imagerag_knobs(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (exposed for docs and tests)."""
     roles, drawing, genir = _role_options(), _drawing_options(), _genir_options()
@@ -221,13 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint"
     )
-    generate.add_argument("--mode", choices=MODES, help="default draft_first")
-    generate.add_argument("--max-iterations", type=int, help=f"regenerations (default {_default('max_iterations')})")
-    generate.add_argument("--similarity-threshold", type=float, help="drop references below this cosine")
-    generate.add_argument("--top-k", type=int, help=f"references per missing concept (default {_default('top_k')})")
-    generate.add_argument(
-        "--max-concepts", type=int, help=f"concepts per critique (default {_default('max_concepts')})"
-    )
+    _add_imagerag_knobs(generate)
     generate.add_argument(
         "--where", action="append", default=[], metavar="KEY=VALUE", help="retrieve only matching images"
     )
@@ -249,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     genir_eval = loops.add_parser(
         "genir", parents=[roles, drawing, genir], help="simulated-user GenIR: cumulative Hits@K per round"
     )
-    genir_eval.add_argument("--index", type=Path, required=True, help="an indexed image folder")
-    genir_eval.add_argument("--targets", type=Path, required=True, help="a folder of target images or a file of paths")
+    genir_eval.add_argument("--index", type=Path, help="an indexed image folder (the corpus searched)")
+    genir_eval.add_argument("--targets", type=Path, help="a folder of target images or a file of paths")
     genir_eval.add_argument("--rank-depth", type=int, help=f"ranks deeper count as misses ({_default('rank_depth')})")
     genir_eval.add_argument("--concurrency", type=int, default=1, help="targets searched at once (default 1)")
     genir_eval.add_argument("--out", type=Path, default=Path("runs/eval-genir"), help="results folder (resumable)")
@@ -260,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cir_parser(commands, roles, drawing)
     _add_triplets_parser(commands, roles, drawing)
     _add_train_parser(commands, roles)
+    _add_genir_eval_options(genir_eval)
+    _add_eval_imagerag_parser(loops, roles)
 
     report = commands.add_parser("report", help="(re)write a run directory's report.html from its run.json")
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a directory `imageloop generate --out` wrote")
@@ -347,9 +437,9 @@ def _generate(args: argparse.Namespace, app: App) -> int:
 
     if args.resume is None and (args.prompt is None or args.index is None or args.out is None):
         raise ConfigError("generate needs PROMPT, --index and --out (or --resume RUN_DIR)")
-    knobs = {name: getattr(args, name) for name in ("mode", "max_iterations", "similarity_threshold", "top_k")}
+    knobs = {name: getattr(args, name) for name in IMAGERAG_KNOBS}
     record = app.generate(
-        args.prompt, args.index, out_dir=args.resume or args.out, knobs={**knobs, "max_concepts": args.max_concepts},
+        args.prompt, args.index, out_dir=args.resume or args.out, knobs=knobs,
         where=parse_where(args.where), on_step=_show_step, resume=args.resume is not None,
     )  # fmt: skip
     _err(f"{record['stop_reason']}: final image {record['final_image']}; record {args.resume or args.out}/run.json")
@@ -391,22 +481,77 @@ def _print_round(shown: dict[str, Any]) -> None:
     print(f"  page: {shown['page']}")
 
 
+@contextmanager
+def _counter(things: str, unit: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr, fed `(done, total)`."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=things, unit=unit, file=sys.stderr, disable=None)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        yield progress
+    finally:
+        bar.close()
+
+
 def _eval(args: argparse.Namespace, app: App) -> int:
+    if args.loop == "imagerag":
+        return _eval_imagerag(args, app)
     if args.loop == "cir":
         return _eval_cir(args, app)
-    progress, close = _progress_bar("targets")
-    knobs = {"feedback": args.feedback, "rounds": args.rounds, "k": args.k, "rank_depth": args.rank_depth}
-    try:
-        summary = app.eval_genir(
-            args.index, args.targets, args.out, knobs=knobs, concurrency=args.concurrency, on_target=progress
-        )
-    finally:
-        close()
-    for entry in summary["rounds"]:
-        _err(f"round {entry['round']}: Hits@{summary['k']} = {entry['hits_at_k']:.3f}")
-    _err(f"{summary['n_targets']} targets; dialogues in {args.out / 'dialogues.jsonl'}")
+    if args.rescore_text:
+        summary = app.rescore_genir(args.out, args.index)
+        _show_hits(summary)
+        where = args.out / "text_rescore.json"
+        _err(f"{summary['n_targets']} dialogues re-scored by text with {summary['embedder']}; summary in {where}")
+    else:
+        if args.index is None:
+            raise ConfigError("eval genir needs --index (the indexed corpus to search)")
+        knobs = {"feedback": args.feedback, "rounds": args.rounds, "k": args.k, "rank_depth": args.rank_depth}
+        with _counter("targets", "target") as progress:
+            summary = app.eval_genir(
+                args.index, args.targets, args.out, benchmark=args.benchmark, images=args.images,
+                annotations=args.annotations, sample=args.sample, knobs=knobs, concurrency=args.concurrency,
+                on_target=progress,
+            )  # fmt: skip
+        _show_hits(summary)
+        _err(f"{summary['n_targets']} targets; dialogues in {args.out / 'dialogues.jsonl'}")
     if args.json:
-        print(json.dumps({key: summary[key] for key in ("rounds", "k", "n_targets", "mean_rank")}))
+        keys = ("rounds", "k", "ks", "n_targets", "mean_rank", "hybrid", "route")
+        print(json.dumps({key: summary[key] for key in keys if key in summary}))
+    return 0
+
+
+def _show_hits(summary: dict[str, Any]) -> None:
+    for entry in summary["rounds"]:
+        hits = ", ".join(f"Hits@{k} = {value:.3f}" for k, value in entry["hits_at"].items())
+        latency = f" ({entry['latency_s']:.2f} s)" if entry.get("latency_s") is not None else ""
+        _err(f"round {entry['round']}: {hits}{latency}")
+
+
+def _eval_imagerag(args: argparse.Namespace, app: App) -> int:
+    knobs = {name: getattr(args, name) for name in IMAGERAG_KNOBS}
+    with _counter("prompts", "prompt") as progress:
+        summary = app.eval_imagerag(
+            args.prompts, args.index, args.out, real_images=args.real_images, metrics=args.metrics, knobs=knobs,
+            concurrency=args.concurrency, on_prompt=progress,
+        )  # fmt: skip
+    for name, row in summary["metrics"].items():
+        draft, final = row["draft"]["mean"], row["final"]["mean"]
+        shown = " -> ".join("-" if value is None else f"{value:.4f}" for value in (draft, final))
+        _err(f"{name}: draft -> final {shown}")
+    _err(f"{summary['n']} prompts; results in {args.out / 'results.jsonl'}, report {args.out / 'report.html'}")
+    if args.json:
+        means = {
+            name: {which: row[which]["mean"] for which in ("draft", "final")}
+            for name, row in summary["metrics"].items()
+        }
+        print(json.dumps({"n": summary["n"], "metrics": means}))
     return 0
 
 
@@ -454,29 +599,13 @@ def _cir(args: argparse.Namespace, app: App) -> int:
     return 0
 
 
-def _progress_bar(what: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
-    from tqdm import tqdm
-
-    bar = tqdm(desc=what, unit=what.rstrip("s"), file=sys.stderr, disable=None)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    return progress, bar.close
-
-
 def _eval_cir(args: argparse.Namespace, app: App) -> int:
-    progress, close = _progress_bar("queries")
-    try:
+    with _counter("queries", "query") as progress:
         summary = app.eval_cir(
             args.index, args.annotations, args.format, args.out, split=args.split, images=args.images,
             proxy=args.proxy, verify=args.verify, fusion_lambda=args.fusion_lambda, cir_model=args.cir_model,
             concurrency=args.concurrency, on_query=progress,
         )  # fmt: skip
-    finally:
-        close()
     keys: tuple[str, ...]
     if "submission" in summary:
         keys = ("n", "submission")

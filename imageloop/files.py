@@ -4,6 +4,9 @@ Every file imageloop writes for others to read (run records, reports, artifacts,
 indexes) goes through `atomic_writer`: a uniquely named temporary file beside the target, flushed and
 fsynced, renamed over the target, then the folder fsynced so the rename itself survives a power cut.
 Unique names let several processes write the same target at once; the last rename wins, whole.
+
+Evaluations keep a journal instead (`jsonl_journal`, `read_jsonl`): one JSON line per finished item,
+fsynced as it is written, so a crash loses at most the items in flight and a rerun skips the rest.
 """
 
 from __future__ import annotations
@@ -11,12 +14,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, TypeVar
-
-R = TypeVar("R", bound=Mapping[str, Any])
+from typing import IO, Any
 
 
 @contextmanager
@@ -49,25 +50,23 @@ def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def read_json_lines(path: Path) -> list[dict[str, Any]]:
-    """The records of an append-only JSONL file (none if it does not exist); a line a crash cut is skipped."""
-    records = []
-    if path.is_file():
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines journal, in order; a line a crash cut short is skipped (its item runs again)."""
+    records: list[dict[str, Any]] = []
+    if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
-                record = json.loads(line)
+                records.append(json.loads(line))
             except json.JSONDecodeError:
-                continue  # cut short by a crash: its work is done again
-            if isinstance(record, dict):
-                records.append(record)
+                continue
     return records
 
 
-def append_json_lines(path: Path, records: Iterable[R]) -> Iterator[R]:
-    """Append each record to a JSONL file as one line, flushed and fsynced before it is handed back.
+@contextmanager
+def jsonl_journal(path: Path) -> Iterator[Callable[[Mapping[str, Any]], None]]:
+    """A function appending one record to `path` as a JSON line, flushed and fsynced before it returns.
 
-    A line a crash cut short is ended first, so the next record starts a line of its own; whatever
-    this yields is on disk, so a run killed afterwards keeps it.
+    A last line a crash cut short is ended first, so the next record starts on a line of its own.
     """
     if path.is_file() and path.stat().st_size:
         with path.open("rb+") as f:
@@ -75,11 +74,13 @@ def append_json_lines(path: Path, records: Iterable[R]) -> Iterator[R]:
             if f.read(1) != b"\n":
                 f.write(b"\n")
     with path.open("a", encoding="utf-8") as out:
-        for record in records:
+
+        def append(record: Mapping[str, Any]) -> None:
             out.write(json.dumps(record) + "\n")
             out.flush()
             os.fsync(out.fileno())
-            yield record
+
+        yield append
 
 
 def fsync_folder(folder: Path) -> None:

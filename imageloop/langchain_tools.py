@@ -25,7 +25,16 @@ from langchain_core.tools import StructuredTool, ToolException
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from imageloop.app import App
-from imageloop.config import FeedbackKind, Mode, Settings, bounded
+from imageloop.config import (
+    CriticKind,
+    FeedbackKind,
+    FinalImage,
+    Mode,
+    ReferencesPolicy,
+    RetrievalQuery,
+    Settings,
+    bounded,
+)
 from imageloop.errors import ImageloopError
 from imageloop.limits import PATH_CHARS, PROMPT_CHARS
 from imageloop.report import REPORT_FILE
@@ -82,6 +91,10 @@ class GenerateArgs(BaseModel):
     max_iterations: int | None = bounded("max_iterations", unset=True)
     top_k: int | None = bounded("top_k", unset=True)
     similarity_threshold: float | None = bounded("similarity_threshold", unset=True)
+    critic: CriticKind | None = Field(None, description="single_call (one JSON call) or paper (the paper's questions)")
+    retrieval_query: RetrievalQuery | None = Field(None, description="search with the caption, concept or prompt")
+    references_policy: ReferencesPolicy | None = Field(None, description="replace or accumulate per iteration")
+    final_image_policy: FinalImage | None = Field(None, description="return the best judged image or the last")
 
 
 class ComposeRetrieveArgs(BaseModel):
@@ -192,9 +205,18 @@ class _Toolbox:
         max_iterations: int | None = None,
         top_k: int | None = None,
         similarity_threshold: float | None = None,
+        critic: CriticKind | None = None,
+        retrieval_query: RetrievalQuery | None = None,
+        references_policy: ReferencesPolicy | None = None,
+        final_image_policy: FinalImage | None = None,
     ) -> Answer:
-        knobs = {"mode": mode, "max_iterations": max_iterations, "top_k": top_k}
-        record = self.app.generate(prompt, index, knobs={**knobs, "similarity_threshold": similarity_threshold})
+        knobs = {
+            "mode": mode, "max_iterations": max_iterations, "top_k": top_k,
+            "similarity_threshold": similarity_threshold, "critic": critic, "retrieval_query": retrieval_query,
+            "references_policy": references_policy,
+            "final_image_policy": final_image_policy,
+        }  # fmt: skip
+        record = self.app.generate(prompt, index, knobs=knobs)
         concepts = sorted({str(r["concept"]) for r in record["references"]})
         text = (
             f"Run {record['run_id']}: {'aligned with the prompt' if record['aligned'] else 'not aligned'}"

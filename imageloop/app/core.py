@@ -234,7 +234,9 @@ class App:
 
         return show_search(self, session_id, **options)
 
-    def eval_genir(self, index: str | Path, targets: str | Path, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+    def eval_genir(
+        self, index: str | Path, targets: str | Path | None, out_dir: str | Path, **options: Any
+    ) -> dict[str, Any]:
         """Simulated-user GenIR evaluation; see `imageloop.app.evals.run_genir_eval`."""
         from imageloop.app.evals import run_genir_eval
 
@@ -275,6 +277,20 @@ class App:
         from imageloop.app.training import train_cir_lora
 
         return train_cir_lora(self, triplets, out_dir, **options)
+
+    def rescore_genir(self, out_dir: str | Path, index: str | Path | None = None) -> dict[str, Any]:
+        """Re-score a GenIR evaluation's saved queries by text alone; see `imageloop.app.evals.rescore_genir_text`."""
+        from imageloop.app.evals import rescore_genir_text
+
+        return rescore_genir_text(self, out_dir, index)
+
+    def eval_imagerag(
+        self, prompts: str | Path, index: str | Path, out_dir: str | Path, **options: Any
+    ) -> dict[str, Any]:
+        """ImageRAG evaluation, draft vs final; see `imageloop.app.evals.run_imagerag_eval`."""
+        from imageloop.app.evals import run_imagerag_eval
+
+        return run_imagerag_eval(self, prompts, index, out_dir, **options)
 
     # Background runs.
 

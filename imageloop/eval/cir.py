@@ -20,7 +20,6 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from imageloop.errors import ImageloopError
+from imageloop.eval import journaled
 from imageloop.eval.cir_data import (
     CIRR_SPLITS,
     FASHIONIQ_CATEGORIES,
@@ -37,7 +37,7 @@ from imageloop.eval.cir_data import (
     load_fashioniq,
 )
 from imageloop.eval.cir_metrics import CIRR_RECALL_AT, cirr_metrics, cirr_test_submission, fashioniq_metrics
-from imageloop.files import append_json_lines, read_json_lines, write_json_atomic
+from imageloop.files import read_jsonl, write_json_atomic
 from imageloop.graphs.cir import CIRContext, CIRGraph
 from imageloop.protocols import Embedder, RetrievedImage, Vector
 from imageloop.tools.images import content_id
@@ -195,7 +195,7 @@ class MemoCaptioner:
 
 def finished(queries_file: Path) -> dict[tuple[str, str], dict[str, Any]]:
     """The records already in `queries.jsonl`, keyed by (benchmark, query id)."""
-    return {(record["benchmark"], record["id"]): record for record in read_json_lines(queries_file)}
+    return {(record["benchmark"], record["id"]): record for record in read_jsonl(queries_file)}
 
 
 def _query_record(
@@ -249,15 +249,8 @@ def evaluate_queries(
         ).value
         return _query_record(benchmark, gallery, query, state)
 
-    count = total - len(pending)
-    if on_query is not None:
-        on_query(count, total)
-    with ThreadPoolExecutor(concurrency) as pool:
-        for record in append_json_lines(queries_file, pool.map(run, pending)):
-            done[record["benchmark"], record["id"]] = record
-            count += 1
-            if on_query is not None:
-                on_query(count, total)
+    for record in journaled(pending, run, queries_file, total=total, concurrency=concurrency, on_progress=on_query):
+        done[record["benchmark"], record["id"]] = record
     return done
 
 

@@ -35,8 +35,8 @@ from typing_extensions import TypedDict
 
 from imageloop import limits
 from imageloop.agents.query_refiner import QueryRefiner
-from imageloop.agents.simulated_user import ShownKind, SimulatedUser
-from imageloop.config import FEEDBACK_KINDS, FeedbackKind
+from imageloop.agents.simulated_user import ShownKind, SimulatedUser, user_decoding
+from imageloop.config import FEEDBACK_KINDS, FeedbackKind, SimulatedUserStyle
 from imageloop.errors import ConfigError, ImageloopError, MalformedOutputError
 from imageloop.graphs.knobs import resolve_knobs as resolve_context
 from imageloop.graphs.steps import Step, step
@@ -91,6 +91,10 @@ class GenIRKnobs(TypedDict):
     k: int
     rank_depth: int
     hybrid_threshold: float
+    simulated_user: SimulatedUserStyle
+    user_temperature: float | None
+    user_top_p: float | None
+    user_repetition_penalty: float | None
     seed: int | None
     size: tuple[int, int] | None
     steps_per_image: int | None
@@ -101,10 +105,14 @@ KNOB_DEFAULTS = GenIRKnobs(
     target_id=None,
     target_path=None,
     feedback="visual",
-    max_rounds=int(limits.BOUNDS["rounds"].default or 10),
+    max_rounds=int(limits.default("rounds") or 0),
     k=int(limits.BOUNDS["k"].default or 10),
     rank_depth=int(limits.BOUNDS["rank_depth"].default or 1000),
     hybrid_threshold=float(limits.BOUNDS["hybrid_threshold"].default or 0.9),
+    simulated_user="ours",
+    user_temperature=None,
+    user_top_p=None,
+    user_repetition_penalty=None,
     seed=0,
     size=None,
     steps_per_image=None,
@@ -124,10 +132,20 @@ class GenIRContext:
     feedback: FeedbackKind | None = field(
         default=None, metadata={"description": "visual, verbal, prediction or hybrid"}
     )
-    max_rounds: int | None = field(default=None, metadata={"description": "rounds at most"})
+    max_rounds: int | None = field(
+        default=None, metadata={"description": "refinement rounds after round 0 (10: rounds 0..10)"}
+    )
     k: int | None = field(default=None, metadata={"description": "results per round (Hits@K cut-off)"})
     rank_depth: int | None = field(default=None, metadata={"description": "ranks deeper than this are misses"})
     hybrid_threshold: float | None = field(default=None, metadata={"description": "hybrid: predict from here"})
+    simulated_user: SimulatedUserStyle | None = field(
+        default=None, metadata={"description": "simulated user: ours (one call) or paper (the released prompts)"}
+    )
+    user_temperature: float | None = field(default=None, metadata={"description": "simulated user's temperature"})
+    user_top_p: float | None = field(default=None, metadata={"description": "simulated user's top_p"})
+    user_repetition_penalty: float | None = field(
+        default=None, metadata={"description": "simulated user's repetition penalty (local models, vLLM)"}
+    )
     seed: int | None = field(default=None, metadata={"description": "generator seed"})
     size: tuple[int, int] | None = field(default=None, metadata={"description": "[width, height] of drawings"})
     steps: int | None = field(default=None, metadata={"description": "denoising steps (diffusion backends)"})
@@ -181,7 +199,11 @@ FRESH_RUN: dict[str, Any] = {
 }
 
 
-CHOICES: dict[str, tuple[object, ...]] = {"feedback": FEEDBACK_KINDS, "user": ("person", "simulated")}
+CHOICES: dict[str, tuple[object, ...]] = {
+    "feedback": FEEDBACK_KINDS,
+    "user": ("person", "simulated"),
+    "simulated_user": ("ours", "paper"),
+}
 
 
 def resolve_knobs(defaults: GenIRKnobs, context: GenIRContext | None) -> GenIRKnobs:
@@ -236,8 +258,8 @@ def route_after_choice(state: GenIRState) -> Literal["generate_synthetic", "retr
 
 
 def route_after_present(state: GenIRState) -> Literal["feedback", "finish"]:
-    """Stop when found or out of rounds; otherwise ask for feedback."""
-    if state.get("found") or state["round"] + 1 >= state["max_rounds"]:
+    """Stop when found or after the last refinement round (round 0 plus `max_rounds`, as the paper counts)."""
+    if state.get("found") or state["round"] >= state["max_rounds"]:
         return "finish"
     return "feedback"
 
@@ -270,7 +292,7 @@ class _Nodes:
         defaults: GenIRKnobs | Callable[[], GenIRKnobs],
     ) -> None:
         self._defaults = defaults
-        self.user = SimulatedUser(vlm)
+        self.vlm = vlm
         self.refiner = QueryRefiner(vlm)
         self.generator = generator
         self.retriever = retriever
@@ -294,12 +316,19 @@ class _Nodes:
         record = step("prepare", 0, decision, started, **shown)
         return {"query": query, **knobs, **FRESH_RUN, "steps": Overwrite([record])}
 
+    def _user(self, state: GenIRState) -> SimulatedUser:
+        """The simulated user this run asked for: its style and decoding."""
+        decoding = user_decoding(
+            state["simulated_user"], state["user_temperature"], state["user_top_p"], state["user_repetition_penalty"]
+        )
+        return SimulatedUser(self.vlm, style=state["simulated_user"], decoding=decoding)
+
     def describe_target(self, state: GenIRState) -> dict[str, Any]:
-        """The simulated user's first, from-memory query."""
+        """The simulated user's first query, written for the feedback its first round will show."""
         started = time.perf_counter()
         target = Path(str(state["target_path"]))
         try:
-            query = self.user.describe(target)
+            query = self._user(state).describe(target, kind=pick_shown_kind(state))
             decision = "described the target"
         except MalformedOutputError as e:
             query = ""
@@ -417,7 +446,8 @@ class _Nodes:
                 "steps": [step("feedback", state["round"], decision, started, feedback=answer)],
             }
         try:
-            turn = self.user.respond(Path(str(state["target_path"])), state["query"], state["shown_kind"], shown)
+            target = Path(str(state["target_path"]))
+            turn = self._user(state).respond(target, state["query"], state["shown_kind"], shown)
             next_query, differences = turn.query or None, turn.differences
             decision = "simulated user compared and rewrote" if next_query else "simulated user gave no query"
         except MalformedOutputError as e:

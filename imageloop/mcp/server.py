@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field, ValidationError
 from imageloop.app import App
 from imageloop.app.jobs import FINISHED, STATUS_FILE, Job, JobKind, JobStatus, ServerBusyError
 from imageloop.app.runs import RUN_ID, RUN_RECORD
-from imageloop.config import FeedbackKind, Mode, bounded
+from imageloop.config import CriticKind, FeedbackKind, FinalImage, Mode, ReferencesPolicy, RetrievalQuery, bounded
 from imageloop.errors import ImageloopError
 from imageloop.graphs.steps import Step
 from imageloop.limits import MAX_SIDE, MIN_SIDE, PATH_CHARS, PROMPT_CHARS
@@ -435,6 +435,16 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
         width: Annotated[int | None, Field(ge=MIN_SIDE, le=MAX_SIDE, description="pixels (height if omitted)")] = None,
         height: Annotated[int | None, Field(ge=MIN_SIDE, le=MAX_SIDE, description="pixels (width if omitted)")] = None,
         steps: Annotated[int | None, bounded("steps", unset=True)] = None,
+        critic: Annotated[CriticKind | None, Field(description="single_call, or paper (the paper's questions)")] = None,
+        retrieval_query: Annotated[
+            RetrievalQuery | None, Field(description="search with the caption, the concept word or the prompt")
+        ] = None,
+        references_policy: Annotated[
+            ReferencesPolicy | None, Field(description="replace or accumulate references per iteration")
+        ] = None,
+        final_image_policy: Annotated[
+            FinalImage | None, Field(description="return the best judged image or the last")
+        ] = None,
         wait_seconds: WaitSeconds = 40,
     ) -> Annotated[CallToolResult, RunView]:
         """Generate an image for a prompt, retrieving reference images from an index for concepts the
@@ -443,6 +453,8 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
         knobs = {
             "mode": mode, "max_iterations": max_iterations, "top_k": top_k,
             "similarity_threshold": similarity_threshold, "seed": seed, "size": size, "steps": steps,
+            "critic": critic, "retrieval_query": retrieval_query, "references_policy": references_policy,
+            "final_image_policy": final_image_policy,
         }  # fmt: skip
         job = await anyio.to_thread.run_sync(ops.start_generate, prompt, index, knobs)
         return await run_result(job, wait_seconds, ctx)
