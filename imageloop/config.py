@@ -29,6 +29,8 @@ RetrievalQuery = Literal["caption", "concept", "prompt"]
 ReferencesPolicy = Literal["replace", "accumulate"]
 FinalImage = Literal["best", "last"]
 SimulatedUserStyle = Literal["ours", "paper"]
+ReviewKind = Literal["none", "person", "critic"]
+REVIEW_KINDS: tuple[ReviewKind, ...] = ("none", "person", "critic")
 StoreKind = Literal["embedded", "chroma", "weaviate"]
 STORE_KINDS: tuple[StoreKind, ...] = ("embedded", "chroma", "weaviate")
 
@@ -107,6 +109,8 @@ class Settings(BaseModel):
     k: int = bounded("k")
     rank_depth: int = bounded("rank_depth")
     hybrid_threshold: float = bounded("hybrid_threshold")
+    review: ReviewKind = Field("none", description="RAGE: who checks each image: none, person or critic (a VLM)")
+    max_generations: int = bounded("max_generations")
     device: str | None = Field(None, description="local models: cuda, cuda:1, mps or cpu; best available if None")
     dtype: str | None = Field(None, description="local models: float32, float16 or bfloat16; per device if None")
     offload: bool = Field(False, description="diffusers: enable model CPU offload to save GPU memory")

@@ -58,6 +58,9 @@ BOUNDS: dict[str, Bound] = {
     "rounds": Bound(1, 20, 10, "GenIR rounds at most"),
     "rank_depth": Bound(1, 100_000, 1000, "GenIR evaluation: ranks deeper than this count as misses"),
     "hybrid_threshold": Bound(-1.0, 1.0, 0.9, "GenIR hybrid feedback: show the top hit from this similarity"),
+    # RAGE
+    "max_generations": Bound(1, 10, 3, "RAGE: images drawn at most while a review asks for another"),
+    "auto_select": Bound(0, MAX_REFERENCES, 0, "RAGE: pick the top N candidates without a person (0: a person picks)"),
     # Jobs
     "batch_size": Bound(1, 256, 32, "images embedded per batch while indexing"),
     "concurrency": Bound(1, 64, 1, "evaluation targets searched at once"),
