@@ -16,15 +16,19 @@ from imageloop.app.deployment import (
     ContextRetriever,
     DeployedGenIRContext,
     DeployedImageRAGContext,
+    DeployedRAGEContext,
     LazyGenerator,
     LazyVLM,
     deployed_app,
+    record_rage_run,
     record_run,
 )
+from imageloop.app.rage import rage_knobs
 from imageloop.app.runs import imagerag_knobs
 from imageloop.app.sessions import genir_knobs
 from imageloop.graphs.genir import GenIRGraph, build_genir_graph
 from imageloop.graphs.imagerag import ImageRAGGraph, build_imagerag_graph
+from imageloop.graphs.rage import RAGEGraph, build_rage_graph
 
 
 def imagerag(config: RunnableConfig | None = None) -> ImageRAGGraph:
@@ -49,4 +53,17 @@ def genir(config: RunnableConfig | None = None) -> GenIRGraph:
         ContextArtifacts(),
         defaults=lambda: genir_knobs(deployed_app().settings),
         context_schema=DeployedGenIRContext,
+    )
+
+
+def rage(config: RunnableConfig | None = None) -> RAGEGraph:
+    """The RAGE graph for LangGraph Server; a person's picks and reviews are interrupts Studio shows natively."""
+    return build_rage_graph(
+        LazyVLM(),  # type: ignore[arg-type]  # asked only by a critic review
+        LazyGenerator(),  # type: ignore[arg-type]
+        ContextRetriever(),
+        ContextArtifacts(),
+        defaults=lambda: rage_knobs(deployed_app().settings),
+        context_schema=DeployedRAGEContext,
+        on_finish=record_rage_run,
     )
