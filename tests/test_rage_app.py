@@ -20,6 +20,7 @@ from imageloop.tools.images import open_image
 from tests.fake_openai_server import FakeOpenAIServer
 from tests.fake_providers import FakeBackends, fake_backends
 from tests.image_folders import product_catalogue
+from tests.test_report import parse
 
 PROMPT = "the red canvas sneaker and the canvas backpack on a beach at sunset"
 
@@ -89,6 +90,19 @@ def test_the_picks_finish_the_run_folder_with_final_png_run_json_and_report(
     assert "Picked, in order" in page and "Generations" in page and "pick 1" in page
     [request] = fakes.generator.requests
     assert (request.prompt, request.template) == (PROMPT, "verbatim")
+
+
+def test_the_report_links_every_image_inside_the_run_folder_and_escapes_the_prompt(app: App, catalogue: Path) -> None:
+    started = app.start_rage("a <b>bold</b> sneaker", catalogue, knobs={"review": "person"})
+    app.continue_rage(started["session_id"], ["2", "1"])
+    out = Path(started["out_dir"])
+
+    page = parse(out / "report.html")
+
+    assert "a <b>bold</b> sneaker" in page.text and "<b>bold</b>" not in (out / "report.html").read_text()
+    assert "awaiting review" in page.text and "pick 2" in page.text
+    assert len(page.images) == len(started["candidates"]) + 2 + 1  # candidates, picks, the generation
+    assert all(not src.startswith(("/", "file:", "http")) and (out / src).is_file() for src in page.images)
 
 
 def test_a_pick_that_names_nothing_is_refused_before_any_generation(
