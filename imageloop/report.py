@@ -108,7 +108,8 @@ class _Page:
         if found is not None and (inside := self._inside(found)) is not None:
             return inside
         thumbnail = self.run_dir / FILES_DIR / f"{hashlib.sha256(recorded.encode()).hexdigest()[:20]}.png"
-        if found is not None:
+        # A thumbnail newer than its source is kept: a session's page is rendered again at every call.
+        if found is not None and not (thumbnail.is_file() and thumbnail.stat().st_mtime >= found.stat().st_mtime):
             try:
                 image = open_image(found)
             except ImageDecodeError:
