@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imageloop import __version__, limits
-from imageloop.config import FEEDBACK_KINDS, HYBRID_RULES, MODES, STORE_KINDS, Settings, load_settings
+from imageloop.config import FEEDBACK_KINDS, HYBRID_RULES, MODES, REVIEW_KINDS, STORE_KINDS, Settings, load_settings
 from imageloop.errors import ConfigError, ImageloopError
 
 if TYPE_CHECKING:
@@ -351,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_genir_eval_options(genir_eval)
     _add_eval_imagerag_parser(loops, roles)
 
+    _add_rage_parser(commands, roles, drawing)
+
     report = commands.add_parser("report", help="(re)write a run directory's report.html from its run.json")
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a directory `imageloop generate --out` wrote")
 
@@ -368,6 +370,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="a host name HTTP clients may use besides localhost and the bound address (repeatable)",
     )  # fmt: skip
     return parser
+
+
+def _add_rage_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    roles: argparse.ArgumentParser,
+    drawing: argparse.ArgumentParser,
+) -> None:
+    rage = commands.add_parser(
+        "rage", parents=[roles, drawing], help="retrieve from your catalogue, pick images, generate with them (RAGE)"
+    )
+    rage.add_argument("prompt", nargs="?", help="what to generate; also what to retrieve (not needed with --resume)")
+    rage.add_argument("--index", type=Path, help="an indexed image folder (your catalogue)")
+    rage.add_argument("--out", type=Path, help="run directory for final.png, run.json and report.html")
+    rage.add_argument("--k", type=int, help=f"candidates shown (default {_default('k')})")
+    rage.add_argument("--similarity-threshold", type=float, help="drop candidates below this cosine")
+    rage.add_argument(
+        "--where", action="append", default=[], metavar="KEY=VALUE", help="metadata filter, e.g. tags=sneaker"
+    )
+    picks = rage.add_mutually_exclusive_group()
+    picks.add_argument(
+        "--select", metavar="ITEMS", help="picks, comma-separated: positions as shown (1,3), ids or file names"
+    )
+    picks.add_argument("--auto", type=int, metavar="N", help="pick the top N candidates without asking")
+    rage.add_argument("--review", choices=REVIEW_KINDS, help="who checks each image (default none)")
+    rage.add_argument(
+        "--max-generations", type=int, help=f"images drawn at most (default {_default('max_generations')})"
+    )
+    rage.add_argument("--resume", metavar="SESSION_ID", help="continue a RAGE session (started in any face)")
+    rage.add_argument("--sessions", type=Path, help="session database (default $IMAGELOOP_SESSIONS or ~/.local/state)")
+    rage.add_argument("--json", action="store_true", help='print {"final_image", "selected", "stop_reason"} last')
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -479,6 +511,83 @@ def _print_round(shown: dict[str, Any]) -> None:
     for i, r in enumerate(shown["retrieved"]):
         print(f"  {i}. {r['path']}  ({r['score']:.3f})  id {r['id'][:12]}")
     print(f"  page: {shown['page']}")
+
+
+RAGE_KNOBS = ("k", "similarity_threshold", "review", "max_generations", "seed", "size", "steps")
+
+
+def _rage(args: argparse.Namespace, app: App) -> int:
+    from imageloop.app import parse_where
+
+    if args.resume is not None:
+        given = [f"--{name.replace('_', '-')}" for name in (*RAGE_KNOBS, "auto", "index", "out", "prompt")
+                 if getattr(args, name) is not None] + (["--where"] if args.where else [])  # fmt: skip
+        if given:
+            raise ConfigError(f"--resume continues a session with its own settings: drop {', '.join(given)}")
+        shown = app.continue_rage(args.resume, None, on_step=_show_step)
+    else:
+        if args.prompt is None or args.index is None or args.out is None:
+            raise ConfigError("rage needs PROMPT, --index and --out (or --resume SESSION_ID)")
+        knobs = {name: getattr(args, name) for name in RAGE_KNOBS} | {"auto_select": args.auto}
+        shown = app.start_rage(
+            args.prompt, args.index, knobs=knobs, where=parse_where(args.where), out_dir=args.out, on_step=_show_step
+        )
+        _err(f"session {shown['session_id']} (continue it with: imageloop rage --resume {shown['session_id']})")
+    scripted = args.select
+    while shown["status"] in ("awaiting_selection", "awaiting_review"):
+        _show_question(shown)
+        if scripted is not None:  # --select answers the first question; a later one is asked
+            answer: Any = {"selected": scripted}
+            scripted = None
+            shown = app.continue_rage(shown["session_id"], answer, on_step=_show_step)
+            continue
+        answer = _ask_selection() if shown["status"] == "awaiting_selection" else _ask_review()
+        try:
+            shown = app.continue_rage(shown["session_id"], answer, on_step=_show_step)
+        except ImageloopError as e:  # a pick or an answer that names nothing: say why and ask again
+            _err(f"  {e}")
+    final = shown["final_image"] or "no image"
+    _err(f"{shown['stop_reason']}: {final}; report {shown['report']}")
+    if args.json:
+        selected = [{"id": c["id"], "path": c["path"]} for c in shown["selected"]]
+        print(
+            json.dumps({"final_image": shown["final_image"], "selected": selected, "stop_reason": shown["stop_reason"]})
+        )
+    return 0
+
+
+def _show_question(shown: dict[str, Any]) -> None:
+    question = shown["question"]
+    if question["kind"] == "select":
+        _err(f"\ncandidates for: {question['prompt']}")
+        for c in question["candidates"]:
+            _err(f"  {c['position']}. {c['path']}  ({c['score']:.3f})  id {c['id'][:12]}  {c['caption'][:60]}")
+        if not question["candidates"]:
+            _err("  nothing matched")
+        _err(f"  thumbnails: {shown['report']}\n{question['ask']}")
+    else:
+        _err(f"\ngeneration {question['generation']}: {question['image']}  (page: {shown['report']})")
+        _err(f"{question['ask']} ({question['generations_left']} more allowed)")
+
+
+def _ask(question: str) -> str:
+    """A line read after `question` on stderr, so `--json` keeps stdout for the result."""
+    print(question, end="", file=sys.stderr, flush=True)
+    return input().strip()
+
+
+def _ask_selection() -> dict[str, Any]:
+    picks = _ask("picks> ")
+    if picks:
+        return {"selected": picks}
+    return {"selected": [], "prompt": _ask("nothing picked; a new prompt to search again (empty to stop)> ") or None}
+
+
+def _ask_review() -> dict[str, Any]:
+    action = _ask("accept, regenerate or reselect> ") or "accept"
+    if action.lower() != "regenerate":
+        return {"action": action}
+    return {"action": action, "prompt": _ask("a new prompt (empty keeps it)> ") or None}
 
 
 @contextmanager
@@ -678,6 +787,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, App], int]] = {
     "query": _query,
     "generate": _generate,
     "search": _search,
+    "rage": _rage,
     "eval": _eval,
     "report": _report,
     "cir": _cir,
@@ -696,6 +806,8 @@ def _interrupted(args: argparse.Namespace, error: KeyboardInterrupt) -> str:
         return f"the run so far is in {run_dir}/run.json; continue it with: imageloop generate --resume {run_dir}"
     if args.command == "search":
         return "search paused; continue it with --resume and the session id printed above"
+    if args.command == "rage":
+        return "the session is kept; continue it with: imageloop rage --resume SESSION_ID (printed above)"
     if args.command == "eval":
         return f"finished targets are in {args.out}; run the same command again to evaluate the rest"
     if args.command == "triplets":

@@ -32,6 +32,8 @@ SimulatedUserStyle = Literal["ours", "paper"]
 HybridRule = Literal["confidence", "oracle", "random"]
 HYBRID_RULES: tuple[HybridRule, ...] = ("confidence", "oracle", "random")
 HybridFallback = Literal["prediction", "verbal"]
+ReviewKind = Literal["none", "person", "critic"]
+REVIEW_KINDS: tuple[ReviewKind, ...] = ("none", "person", "critic")
 StoreKind = Literal["embedded", "chroma", "weaviate"]
 STORE_KINDS: tuple[StoreKind, ...] = ("embedded", "chroma", "weaviate")
 
@@ -130,6 +132,8 @@ class Settings(BaseModel):
     )
     eval_dino: str = Field("transformers:facebook/dinov2-base", description="eval imagerag: DINO image-image scorer")
     judge: str | None = Field(None, description="eval imagerag: the VLM judge, PROVIDER:MODEL (default: the --vlm)")
+    review: ReviewKind = Field("none", description="RAGE: who checks each image: none, person or critic (a VLM)")
+    max_generations: int = bounded("max_generations")
     device: str | None = Field(None, description="local models: cuda, cuda:1, mps or cpu; best available if None")
     dtype: str | None = Field(None, description="local models: float32, float16 or bfloat16; per device if None")
     offload: bool = Field(False, description="diffusers: enable model CPU offload to save GPU memory")

@@ -18,18 +18,22 @@ from imageloop.app.deployment import (
     DeployedCIRContext,
     DeployedGenIRContext,
     DeployedImageRAGContext,
+    DeployedRAGEContext,
     LazyGenerator,
     LazyVLM,
     deployed_app,
     deployed_caption,
     deployed_query_model,
+    record_rage_run,
     record_run,
 )
+from imageloop.app.rage import rage_knobs
 from imageloop.app.runs import imagerag_knobs
 from imageloop.app.sessions import genir_knobs
 from imageloop.graphs.cir import CIRGraph, build_cir_graph
 from imageloop.graphs.genir import GenIRGraph, build_genir_graph
 from imageloop.graphs.imagerag import ImageRAGGraph, build_imagerag_graph
+from imageloop.graphs.rage import RAGEGraph, build_rage_graph
 
 
 def imagerag(config: RunnableConfig | None = None) -> ImageRAGGraph:
@@ -68,4 +72,17 @@ def cir(config: RunnableConfig | None = None) -> CIRGraph:
         query_models=deployed_query_model,
         defaults=lambda: cir_knobs(deployed_app().settings),
         context_schema=DeployedCIRContext,
+    )
+
+
+def rage(config: RunnableConfig | None = None) -> RAGEGraph:
+    """The RAGE graph for LangGraph Server; a person's picks and reviews are interrupts Studio shows natively."""
+    return build_rage_graph(
+        LazyVLM(),  # type: ignore[arg-type]  # asked only by a critic review
+        LazyGenerator(),  # type: ignore[arg-type]
+        ContextRetriever(),
+        ContextArtifacts(),
+        defaults=lambda: rage_knobs(deployed_app().settings),
+        context_schema=DeployedRAGEContext,
+        on_finish=record_rage_run,
     )

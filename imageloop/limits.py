@@ -74,6 +74,9 @@ BOUNDS: dict[str, Bound] = {
     "user_top_p": Bound(0.0, 1.0, None, "simulated user's nucleus sampling top_p (default per style)"),
     "user_repetition_penalty": Bound(0.5, 2.0, None, "simulated user's repetition penalty (default per style)"),
     "sample": Bound(1, 1_000_000, None, "benchmark targets drawn (seeded); all if unset"),
+    # RAGE
+    "max_generations": Bound(1, 10, 3, "RAGE: images drawn at most while a review asks for another"),
+    "auto_select": Bound(0, MAX_REFERENCES, 0, "RAGE: pick the top N candidates without a person (0: a person picks)"),
     # Jobs
     "batch_size": Bound(1, 256, 32, "images embedded per batch while indexing"),
     "concurrency": Bound(1, 64, 1, "evaluation targets searched at once"),

@@ -25,6 +25,7 @@ import anyio
 import anyio.from_thread
 import pytest
 from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.types import Command
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.types import CallToolResult, TextContent
@@ -416,3 +417,51 @@ def test_closing_a_face_releases_every_index(
     assert open_stores[0] >= 1
     face.close()
     assert open_stores[0] == 0
+
+
+# RAGE: the same picks refused, or generated with in pick order, on every face.
+
+RAGE_PROMPT = "a blue jay on a snowy branch"
+
+
+def rage(face: Any, library: Path, picks: list[str], out: Path) -> list[str]:
+    """A RAGE run on `face` picking `picks`; the file names it generated with, in order (a refusal raises)."""
+    index = str(library / "photos")
+    if face.name == "cli":
+        args = ["rage", RAGE_PROMPT, "--index", index, "--out", str(out), "--select", ",".join(picks), "--json"]
+        result: dict[str, Any] = json.loads(face.checked(*args).splitlines()[-1])
+    elif face.name == "mcp":
+        started = face.portal.call(face.session.call_tool, "rage_retrieve", {"prompt": RAGE_PROMPT, "index": index})
+        result = face.call("rage_generate", {"session_id": started.structuredContent["session_id"], "selected": picks})
+        result = result["result"]
+    elif face.name == "langchain":
+        session = face.call("rage_retrieve", {"prompt": RAGE_PROMPT, "index": index})["session_id"]
+        result = face.call("rage_generate", {"session_id": session, "selected": picks})
+    else:
+        from imageloop import langgraph_server
+
+        graph = langgraph_server.rage().copy(update={"checkpointer": InMemorySaver()})
+        thread, context = {"configurable": {"thread_id": "rage"}}, {"index": index}  # images: the server's runs
+        graph.invoke({"prompt": RAGE_PROMPT}, thread, version="v2", context=context)
+        answered = graph.invoke(Command(resume={"selected": picks}), thread, version="v2", context=context)
+        if answered.interrupts:  # the graph asks again, saying why
+            raise Refused(answered.interrupts[0].value["ask"])
+        result = answered.value
+    assert result["final_image"]
+    return [Path(c["path"]).name for c in result["selected"]]
+
+
+@faces("cli", "mcp", "langchain", "server")
+def test_rage_refuses_a_pick_naming_no_candidate_before_anything_is_drawn(
+    face: Any, library: Path, tmp_path: Path
+) -> None:
+    _index_in_process(library)
+    with pytest.raises(Refused, match=r"'boots\.png' is not a candidate shown: pick by position"):
+        rage(face, library, ["jay.png", "boots.png"], tmp_path / "rage")
+    assert list(tmp_path.rglob("artifacts/*.png")) == []
+
+
+@faces("cli", "mcp", "langchain", "server")
+def test_rage_takes_the_same_picks_in_pick_order_on_every_face(face: Any, library: Path, tmp_path: Path) -> None:
+    _index_in_process(library)
+    assert rage(face, library, ["snow.png", "jay"], tmp_path / "rage") == ["snow.png", "jay.png"]

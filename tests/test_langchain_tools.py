@@ -91,7 +91,7 @@ def converse(fakes: FakeBackends, tmp_path: Path, turns: list[Turn], request: st
     assert model.turns == [], "the agent stopped before the script ended"
     assert model.bound == [
         "index_images", "retrieve_images", "generate_with_references", "compose_retrieve", "genir_round",
-        "genir_feedback", "get_run",
+        "genir_feedback", "get_run", "rage_retrieve", "rage_generate",
     ]  # fmt: skip
     return list(state["messages"])
 

@@ -48,7 +48,7 @@ from tests.fakes import FakeHashEmbedder, ScriptedGenerator, ScriptedVLM
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = {
     "index_images", "retrieve_images", "generate_with_references", "genir_round", "genir_feedback", "get_run",
-    "compose_retrieve",
+    "compose_retrieve", "rage_retrieve", "rage_generate",
 }  # fmt: skip
 CAPTIONS = {
     "jay": "a blue jay with a blue crest on a branch",

@@ -202,7 +202,7 @@ class App:
             return retriever.search_image(self.path(image, "image", kind="file"), k, similarity_threshold, where)
         return retriever.search(limits.check_text("query", str(query)), k, similarity_threshold, where)
 
-    # Loops: ImageRAG runs, GenIR sessions, evaluations (each in its own module of this package).
+    # Loops: ImageRAG runs, GenIR and RAGE sessions, evaluations (each in its own module of this package).
 
     def generate(self, prompt: str | None, index: str | Path | None, **options: Any) -> dict[str, Any]:
         """Run ImageRAG and write its run directory; see `imageloop.app.runs.run_imagerag`."""
@@ -233,6 +233,30 @@ class App:
         from imageloop.app.sessions import show_search
 
         return show_search(self, session_id, **options)
+
+    def start_rage(self, prompt: str, index: str | Path, **options: Any) -> dict[str, Any]:
+        """Start a RAGE session: retrieve candidates to pick from; see `imageloop.app.rage.start_rage`."""
+        from imageloop.app.rage import start_rage
+
+        return start_rage(self, prompt, index, **options)
+
+    def continue_rage(self, session_id: str, answer: Any, **options: Any) -> dict[str, Any]:
+        """Answer a RAGE session's picks or review and play on; see `imageloop.app.rage.continue_rage`."""
+        from imageloop.app.rage import continue_rage
+
+        return continue_rage(self, session_id, answer, **options)
+
+    def check_rage_answer(self, session_id: str, answer: Any) -> dict[str, Any]:
+        """Refuse a RAGE answer that its pending question cannot take; see `imageloop.app.rage.check_rage_answer`."""
+        from imageloop.app.rage import check_rage_answer
+
+        return check_rage_answer(self, session_id, answer)
+
+    def show_rage(self, session_id: str) -> dict[str, Any]:
+        """A RAGE session as it stands; see `imageloop.app.rage.show_rage`."""
+        from imageloop.app.rage import show_rage
+
+        return show_rage(self, session_id)
 
     def eval_genir(
         self, index: str | Path, targets: str | Path | None, out_dir: str | Path, **options: Any

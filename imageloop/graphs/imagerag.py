@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import operator
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, cast
@@ -281,7 +281,7 @@ def route_after_compose(state: ImageRAGState) -> Literal["finish", "generate_wit
     return "finish"
 
 
-def best_image(images: list[GeneratedImage]) -> GeneratedImage | None:
+def best_image(images: Sequence[GeneratedImage]) -> GeneratedImage | None:
     """An aligned image if any, else the one with fewest missing concepts; ties go to the latest."""
     if not images:
         return None

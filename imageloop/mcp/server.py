@@ -18,7 +18,7 @@ import inspect
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import anyio.to_thread
@@ -34,7 +34,7 @@ from imageloop.app.runs import RUN_ID, RUN_RECORD
 from imageloop.config import CriticKind, FeedbackKind, FinalImage, Mode, ReferencesPolicy, RetrievalQuery, bounded
 from imageloop.errors import ImageloopError
 from imageloop.graphs.steps import Step
-from imageloop.limits import MAX_SIDE, MIN_SIDE, PATH_CHARS, PROMPT_CHARS
+from imageloop.limits import MAX_REFERENCES, MAX_SIDE, MIN_SIDE, PATH_CHARS, PROMPT_CHARS
 from imageloop.mcp.thumbnails import RESULT_IMAGE_BUDGET, encode_png_under, image_budgets
 
 HEARTBEAT_S = 10.0
@@ -187,6 +187,28 @@ class ImageloopMCP:
         resolve_found(feedback, shown["retrieved"])  # a "found:" naming no shown result is refused now
         return self._genir_job(session_id, feedback)
 
+    def rage_retrieve(
+        self, prompt: str, index: str, knobs: dict[str, Any], where: dict[str, Any] | None, max_images: int
+    ) -> CallToolResult:
+        """Start a RAGE session: the candidates to pick from as JSON, then their thumbnails, labelled by position."""
+        view = _rage_view(self.app.start_rage(prompt, index, knobs=knobs, where=where))
+        shown = [(f"#{c['position']} {c['path']}", c["path"]) for c in view["candidates"][:max_images]]
+        content, count = self._image_blocks(shown)
+        return _result({**view, "images_shown": count}, content)
+
+    def start_rage_generate(self, session_id: str, selected: list[int | str], prompt: str | None) -> Job:
+        """Generate with a session's picks in the background, once the picks are checked against its candidates."""
+        self._refuse_busy(session_id)
+        answer = {"selected": selected, "prompt": prompt}
+        self.app.check_rage_answer(session_id, answer)  # a pick naming no candidate fails this call, before generating
+
+        def work(job: Job) -> dict[str, Any]:
+            return _rage_view(self.app.continue_rage(session_id, answer, on_step=_reporter(job)))
+
+        job = self.app.jobs.submit("rage", work)
+        self._session_runs[session_id] = job.id
+        return job
+
     def _genir_job(self, session_id: str, answer: str | None) -> Job:
         def work(job: Job) -> dict[str, Any]:
             return _genir_view(self.app.continue_search(session_id, answer, on_step=_reporter(job)))
@@ -255,6 +277,8 @@ class ImageloopMCP:
             if result.get("synthetic_image"):
                 shown.append((f"synthetic image: {result['synthetic_image']}", result["synthetic_image"]))
             shown += [(f"#{hit['rank']} {hit['path']}", hit["path"]) for hit in result["retrieved"][:MAX_THUMBNAILS]]
+        elif view.kind == "rage" and result.get("final_image"):
+            shown.append((f"final_image: {result['final_image']}", result["final_image"]))
         content, _ = self._image_blocks(shown)
         return _result(view.model_dump(mode="json"), content, is_error=view.status == "error")
 
@@ -287,6 +311,24 @@ def _genir_view(session: dict[str, Any]) -> dict[str, Any]:
             "retrieved": [{"rank": rank, **hit} for rank, hit in enumerate(session["retrieved"])],
             "ask": session["ask"] + " (genir_feedback; 'found: <rank>' also works)",
         }
+    return view
+
+
+def _rage_view(session: dict[str, Any]) -> dict[str, Any]:
+    """A RAGE session as rage_retrieve/rage_generate show it: candidates by position, picks, the images drawn."""
+    view = {
+        "session_id": session["session_id"],
+        "state": session["status"],
+        "prompt": session["prompt"],
+        "candidates": session["candidates"],
+        "selected": [{"position": c["position"], "id": c["id"], "path": c["path"]} for c in session["selected"]],
+        "final_image": session["final_image"],
+        "stop_reason": session["stop_reason"],
+        "images": [{"generation": i["iteration"], "path": i["path"], "notes": i["notes"]} for i in session["images"]],
+        "report": session["report"],
+    }
+    if session["status"] == "awaiting_selection":
+        view["ask"] = "Show the candidates; call rage_generate with the session_id and the picks (positions as listed)."
     return view
 
 
@@ -347,6 +389,12 @@ PathArg = Annotated[str, Field(min_length=1, max_length=PATH_CHARS)]
 Text = Annotated[str, Field(min_length=1, max_length=PROMPT_CHARS)]
 RunId = Annotated[str, Field(pattern=RUN_ID, description="the run_id a previous call returned")]
 SessionId = Annotated[str, Field(pattern=RUN_ID, description="the session_id genir_round returned")]
+RageSessionId = Annotated[str, Field(pattern=RUN_ID, description="the session_id rage_retrieve returned")]
+Scalar = str | int | float | bool
+Where = Annotated[
+    dict[str, Scalar | list[Scalar]] | None,
+    Field(description='metadata filter, e.g. {"tags": "sneaker"} or {"brand": ["acme", "zenith"]}'),
+]
 McpContext = Context[Any, Any, Any]
 
 
@@ -380,8 +428,9 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
         "imageloop",
         instructions=(
             "Retrieval over indexed image folders, retrieval-augmented generation (ImageRAG), "
-            "interactive generative retrieval (GenIR) and composed image retrieval (a reference image "
-            "plus a change, compose_retrieve). Paths must lie inside the server's roots. Long "
+            "interactive generative retrieval (GenIR), composed image retrieval (a reference image plus a "
+            "change, compose_retrieve) and generation from images a user picks in their own catalogue "
+            "(RAGE: rage_retrieve, then rage_generate). Paths must lie inside the server's roots. Long "
             "calls return a run_id: poll get_run until status is done."
         ),
         log_level="WARNING",
@@ -522,6 +571,55 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
         job = await anyio.to_thread.run_sync(ops.genir_feedback, session_id, feedback)
         return await run_result(job, wait_seconds, ctx)
 
+    async def rage_retrieve(
+        prompt: Text,
+        index: PathArg,
+        k: Annotated[int | None, bounded("k", unset=True, description="candidates to show")] = None,
+        where: Where = None,
+        similarity_threshold: Annotated[float | None, bounded("similarity_threshold", unset=True)] = None,
+        review: Annotated[
+            Literal["none", "critic"] | None, Field(description="critic: a VLM checks each image and asks again")
+        ] = None,
+        max_generations: Annotated[int | None, bounded("max_generations", unset=True)] = None,
+        max_images: Annotated[int, bounded("max_images")] = 10,
+    ) -> CallToolResult:
+        """RAGE, step 1: retrieve the catalogue images that best match a prompt, for the user to pick from.
+
+        Returns JSON {session_id, prompt, candidates: [{position, id, path, caption, score}], ask}, then
+        a label and a thumbnail per candidate. Show them to the user and call rage_generate with their picks."""
+        knobs = {
+            "k": k,
+            "similarity_threshold": similarity_threshold,
+            "review": review,
+            "max_generations": max_generations,
+        }
+        return await anyio.to_thread.run_sync(
+            functools.partial(ops.rage_retrieve, prompt, index, knobs, where, max_images)
+        )
+
+    async def rage_generate(
+        session_id: RageSessionId,
+        selected: Annotated[
+            list[int | str],
+            Field(
+                min_length=1,
+                max_length=MAX_REFERENCES,
+                description="the picks in the order to use them: positions as listed (1 first), ids or file names",
+            ),
+        ],
+        ctx: McpContext,
+        prompt: Annotated[
+            str | None, Field(max_length=PROMPT_CHARS, description="a new prompt (default: the session's)")
+        ] = None,
+        wait_seconds: WaitSeconds = 40,
+    ) -> Annotated[CallToolResult, RunView]:
+        """RAGE, step 2: generate with the picked images, in pick order, and the prompt as written.
+
+        A pick that names no candidate is refused before anything is generated. Returns the image and
+        {session_id, final_image, selected, stop_reason, images, report}, or a run_id to poll."""
+        job = await anyio.to_thread.run_sync(ops.start_rage_generate, session_id, selected, prompt or None)
+        return await run_result(job, wait_seconds, ctx)
+
     async def get_run(
         run_id: RunId,
         ctx: McpContext,
@@ -541,5 +639,7 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
     server.tool_of(compose_retrieve, ToolAnnotations(openWorldHint=True))
     server.tool_of(genir_round, ToolAnnotations(openWorldHint=True))
     server.tool_of(genir_feedback, ToolAnnotations(openWorldHint=True))
+    server.tool_of(rage_retrieve, ToolAnnotations(openWorldHint=False))
+    server.tool_of(rage_generate, ToolAnnotations(openWorldHint=True))
     server.tool_of(get_run, reads)
     return server
