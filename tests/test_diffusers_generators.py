@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline, FluxPriorReduxPipeline, OmniGenPipeline, StableDiffusionXLPipeline
+from diffusers import AutoencoderKL, FluxPipeline, FluxPriorReduxPipeline, OmniGenPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
 import imageloop.tiny
@@ -154,21 +154,21 @@ def test_omnigen_gets_the_references_in_order_with_one_numbered_token_each(
     model_dirs: dict[str, Path], references: list[ReferenceImage], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = spy(monkeypatch, OmniGenPipeline)
-    encoded = spy(monkeypatch, OmniGenPipeline, "encode_input_images")
+    encoded = spy(monkeypatch, AutoencoderKL, "encode")
     chosen = [references[0], references[2], references[3]]
     result = build("omnigen", model_dirs).generate(request(chosen))
 
     (call,) = calls
-    assert same_pictures(call["input_images"], chosen)
-    assert call["prompt"] == result.prompt_used
+    (pictures,) = call["input_images"]  # a batch of one request
+    assert same_pictures(pictures, chosen)
+    assert call["prompt"] == [result.prompt_used]
     assert re.findall(r"<img><\|image_(\d+)\|></img>", result.prompt_used) == ["1", "2", "3"]
     assert result.prompt_used == (
         "According to these examples of concept 1, concept 3, concept 4: <img><|image_1|></img>, "
         f"<img><|image_2|></img>, <img><|image_3|></img>, generate {PROMPT}"
     )
     # The pictures reach the VAE: the conditional branch and the image-guidance branch encode all three.
-    (encoding,) = encoded
-    assert len(encoding["args"][0]) == 2 * len(chosen)
+    assert len(encoded) == 2 * len(chosen)
     assert result.notes == ()
 
 
@@ -180,7 +180,7 @@ def test_omnigen_takes_three_of_four_references_by_score_and_says_which_it_dropp
     result = generator.generate(request(references))
 
     assert generator.max_references == 3
-    assert same_pictures(calls[0]["input_images"], [references[0], references[2], references[3]])
+    assert same_pictures(calls[0]["input_images"][0], [references[0], references[2], references[3]])
     assert result.prompt_used.count("<img><|image_") == 3
     (note,) = result.notes
     assert "at most 3 references" in note and "ref2.png (0.100)" in note
@@ -212,19 +212,22 @@ def test_sdxl_ip_adapter_gets_every_reference_for_one_adapter_at_the_set_scale(
     result = generator.generate(request(chosen))
 
     (call,) = calls
-    (adapter_images,) = call["ip_adapter_image"]  # one adapter ...
+    # The backend encodes the request's references; the pipeline then takes those embeddings as given.
+    (encoding,) = [e for e in embeds if e["args"][0] is not None]
+    (adapter_images,) = encoding["args"][0]  # one adapter ...
     assert same_pictures(adapter_images, chosen)  # ... given all three pictures, in order
     assert ip_adapter_scales(call["self"]) == {0.7}
     concepts = "concept 1, concept 2, concept 3"
-    assert call["prompt"] == result.prompt_used
+    assert call["prompt"] == [result.prompt_used]
     assert (
         result.prompt_used == f"According to these examples of {concepts}: image 1, image 2, image 3, generate {PROMPT}"
     )
     assert call["negative_prompt"] == sdxl_ip_adapter.PAPER_NEGATIVE_PROMPT
     # The image encoder turned them into one adapter's embeddings: (guidance batch, 3 pictures, tokens, width).
-    (embedding,) = embeds
-    (adapter_embeds,) = embedding["returned"]
+    (adapter_embeds,) = encoding["returned"]
     assert adapter_embeds.shape[:2] == (2, 3)
+    (passed,) = call["ip_adapter_image_embeds"]
+    assert torch.equal(passed, adapter_embeds)
 
 
 def test_sdxl_ip_adapter_scale_steers_the_picture(

@@ -1,21 +1,30 @@
-"""What every diffusers generator shares: placement, loading errors, seeded noise, reference trimming, OOM.
+"""What every diffusers generator shares: placement, loading errors, seeded noise, reference trimming, batching.
 
 Only logic that must change together for all backends lives here; each backend's pipeline calls stay
-in its own module.
+in its own module. Every backend draws a list of requests in one pipeline call (`generate_batch`) and
+a single request as a list of one, so a picture drawn in a batch is the picture drawn alone: each
+request brings its own CPU noise generator, and compatible requests share a `BatchKind`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from PIL import Image
 
 from imageloop.errors import ConfigError
-from imageloop.protocols import ReferenceImage
-from imageloop.runtime import device_lock, explain_load_failure, explain_out_of_memory, pick_device, pick_dtype
+from imageloop.protocols import GenerationRequest, GenerationResult, ReferenceImage
+from imageloop.runtime import (
+    BatchMemory,
+    device_lock,
+    explain_load_failure,
+    pick_device,
+    pick_dtype,
+    translated_out_of_memory,
+)
 from imageloop.tools.images import open_image
 
 if TYPE_CHECKING:
@@ -51,37 +60,32 @@ def place(pipe: Any, device: str, offload: bool) -> None:
             pipe.enable_model_cpu_offload(device=device)
         else:
             pipe.to(device)
+    # The VAE decodes a batch one picture at a time: batched convolutions can round differently from
+    # single ones, and decoding is where a batch's memory peaks. A single picture is unaffected.
+    vae = getattr(pipe, "vae", None)
+    if vae is not None and hasattr(vae, "enable_slicing"):
+        vae.enable_slicing()
     # tqdm turns itself off when stderr is no terminal (servers, logs); a person at a terminal sees steps.
     pipe.set_progress_bar_config(disable=None)
 
 
-@contextmanager
-def translated_out_of_memory(what: str) -> Iterator[None]:
-    """Turn a CUDA/MPS out-of-memory error inside the block into the one-line error naming the knobs."""
+def noise_generators(requests: Sequence[GenerationRequest]) -> list[torch.Generator]:
+    """One CPU generator per request, from its seed (else a random one): one seed, one picture, alone or batched.
+
+    diffusers draws each picture's noise from its own generator when given a list, on the CPU whatever
+    the device, so the picture does not depend on the device or on the other requests in the batch.
+    """
     import torch
 
-    try:
-        yield
-    except RuntimeError as e:
-        if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower():
-            raise
-        # Free what the failed step cached, so a smaller request can still run in this process.
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        raise explain_out_of_memory(what) from e
-
-
-def run_pipeline(what: str, call: Callable[[], T]) -> T:
-    """Run one pipeline call alone on the device (GPU work is serialised), with out-of-memory translated."""
-    with device_lock, translated_out_of_memory(what):
-        return call()
-
-
-def seeded_generator(seed: int | None) -> torch.Generator | None:
-    """CPU noise from `seed` (diffusers moves it to the device): one seed gives one picture on any device."""
-    import torch
-
-    return None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
+    generators = []
+    for request in requests:
+        generator = torch.Generator(device="cpu")
+        if request.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(request.seed)
+        generators.append(generator)
+    return generators
 
 
 def trim_references(
@@ -106,3 +110,53 @@ def trim_references(
 def open_references(references: Sequence[ReferenceImage]) -> list[Image.Image]:
     """Decode the reference images, in order, as RGB."""
     return [open_image(r.path) for r in references]
+
+
+class BatchKind(NamedTuple):
+    """What requests must share to be drawn in one pipeline call; size and references also set its memory."""
+
+    width: int | None
+    height: int | None
+    steps: int | None
+    references: int
+    layout: Hashable = None
+    """Anything else a backend needs equal across a batch (OmniGen: its rows' token positions)."""
+
+    @property
+    def memory_kind(self) -> Hashable:
+        """What one request's device memory depends on."""
+        return (self.width, self.height, self.references)
+
+
+class DiffusersGenerator(ABC):
+    """The batching half every diffusers backend shares: one request is a batch of one; memory is learned per kind.
+
+    A backend sets `model_id`, `device` and `_memory`, and implements `batch_key` and `generate_batch`.
+    """
+
+    model_id: str
+    device: str
+    _memory: BatchMemory
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Draw `request` as a batch of one, so it is the picture the same request gets in any batch."""
+        return self.generate_batch([request])[0]
+
+    @abstractmethod
+    def batch_key(self, request: GenerationRequest) -> BatchKind:
+        """What `request` must share with others to be drawn in the same pipeline call."""
+
+    @abstractmethod
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Draw requests of one `BatchKind` in one pipeline call, each from its own seed."""
+
+    def batch_capacity(self, kind: BatchKind) -> int | None:
+        """How many requests of `kind` fit on the device at once (None: no estimate yet, or not a GPU)."""
+        return self._memory.capacity(kind.memory_kind)
+
+    def run_pipeline(self, kind: BatchKind, size: int, call: Callable[[], T]) -> T:
+        """Run one pipeline call alone on the device, learning its memory per request; out of memory is translated."""
+        width, height = (kind.width, kind.height)
+        what = f"generating {f'{width}x{height}' if width else 'the default size'} with {self.model_id}"
+        with device_lock, translated_out_of_memory(what), self._memory.measure(kind.memory_kind, size):
+            return call()

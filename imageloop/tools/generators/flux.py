@@ -7,22 +7,29 @@ equally (1/n), so the text keeps its full weight and the references share theirs
 takes one input image in diffusers (several only through a community pipeline the model was not
 trained for), and the FLUX IP-Adapter takes one image per adapter. The prompt is the paper's
 template naming the images in order ("image 1", ...): the pictures travel as tokens beside it.
+
+Batching: requests with references share a call as prompt embeddings, one Redux prior run each;
+text-only requests share a call as prompts. Size and steps must agree.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from PIL import Image
 
 from imageloop.prompts import compose_reference_prompt
 from imageloop.protocols import GenerationRequest, GenerationResult
-from imageloop.runtime import load_cached
+from imageloop.runtime import BatchMemory, load_cached
 from imageloop.tools.generators._diffusers_common import (
+    BatchKind,
+    DiffusersGenerator,
     from_hub,
+    noise_generators,
     open_references,
     place,
     resolve_placement,
-    run_pipeline,
-    seeded_generator,
     trim_references,
 )
 
@@ -35,7 +42,13 @@ MAX_REFERENCES = 3
 """Redux has no hard limit; averaged references blur into each other, so we keep the paper's 3."""
 
 
-class FluxGenerator:
+class _Rendered(NamedTuple):
+    prompt: str
+    images: list[Image.Image]
+    notes: tuple[str, ...]
+
+
+class FluxGenerator(DiffusersGenerator):
     """FLUX.1 text-to-image; with references, FLUX.1 Redux adds their image tokens to the prompt's."""
 
     def __init__(
@@ -92,38 +105,53 @@ class FluxGenerator:
                 return prior
 
             self._prior = load_cached(("flux-redux", redux, model, *where), load_prior)
+        self._memory = BatchMemory(self.device)
 
-    def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Draw `request`; references are weighted equally through Redux after the paper's prompt."""
+    def _render(self, request: GenerationRequest) -> _Rendered:
+        """The paper's prompt naming the references as image 1, image 2, ..., and their pictures (none: text only)."""
         references, notes = trim_references(request.references, self.max_references, self.model_id)
-        width, height = request.size or self.size
-        options = {
-            "width": width,
-            "height": height,
-            "num_inference_steps": request.steps or self.steps,
-            "guidance_scale": self.guidance_scale,
-        }
-        what = f"generating {width}x{height} with {self.model_id}"
         if not references:
-            output = run_pipeline(
-                what, lambda: self._pipe(prompt=request.prompt, generator=seeded_generator(request.seed), **options)
-            )
-            return GenerationResult(output.images[0], request.prompt, notes)
+            return _Rendered(request.prompt, [], notes)
         names = [f"image {i}" for i in range(1, len(references) + 1)]
-        prompt_used = compose_reference_prompt(request.prompt, [r.concept for r in references], names)
-        images = open_references(references)
-        weights = [1.0 / len(images)] * len(images)
+        prompt = compose_reference_prompt(request.prompt, [r.concept for r in references], names)
+        return _Rendered(prompt, open_references(references), notes)
+
+    def batch_key(self, request: GenerationRequest) -> BatchKind:
+        """Size, steps, and whether references come (Redux merges any number into prompt tokens of one shape)."""
+        width, height = request.size or self.size
+        references = 1 if request.references and self.max_references else 0
+        return BatchKind(width, height, request.steps or self.steps, references)
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Draw requests of one kind in one call; each request's references are weighted equally through Redux."""
+        import torch
+
+        rendered = [self._render(r) for r in requests]
+        kind = self.batch_key(requests[0])
+        options = {
+            "width": kind.width,
+            "height": kind.height,
+            "num_inference_steps": kind.steps,
+            "guidance_scale": self.guidance_scale,
+            "generator": noise_generators(requests),
+        }
 
         def call() -> Any:
-            prior = self._prior(
-                image=images, prompt=prompt_used, prompt_embeds_scale=weights, pooled_prompt_embeds_scale=weights
-            )
+            if not kind.references:
+                return self._pipe(prompt=[r.prompt for r in rendered], **options)
+            priors = []
+            for r in rendered:
+                weights = [1.0 / len(r.images)] * len(r.images)
+                priors.append(
+                    self._prior(
+                        image=r.images, prompt=r.prompt, prompt_embeds_scale=weights, pooled_prompt_embeds_scale=weights
+                    )
+                )
             return self._pipe(
-                prompt_embeds=prior.prompt_embeds,
-                pooled_prompt_embeds=prior.pooled_prompt_embeds,
-                generator=seeded_generator(request.seed),
+                prompt_embeds=torch.cat([p.prompt_embeds for p in priors]),
+                pooled_prompt_embeds=torch.cat([p.pooled_prompt_embeds for p in priors]),
                 **options,
             )
 
-        output = run_pipeline(what, call)
-        return GenerationResult(output.images[0], prompt_used, notes)
+        output = self.run_pipeline(kind, len(requests), call)
+        return [GenerationResult(image, r.prompt, r.notes) for image, r in zip(output.images, rendered, strict=True)]

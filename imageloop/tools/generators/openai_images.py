@@ -11,7 +11,7 @@ from PIL import Image
 
 from imageloop.config import Endpoint
 from imageloop.errors import BackendError
-from imageloop.openai_client import DEFAULT_ENDPOINT, make_client, translated_errors
+from imageloop.openai_client import DEFAULT_ENDPOINT, make_client, request_slots, translated_errors
 from imageloop.prompts import compose_reference_prompt
 from imageloop.protocols import GenerationRequest, GenerationResult
 from imageloop.tools.images import open_image, png_bytes
@@ -41,6 +41,7 @@ class OpenAIImageGenerator:
         self.size = size
         self.quality = quality
         self._client = client if client is not None else make_client(endpoint)
+        self._slots = request_slots(str(self._client.base_url), endpoint.max_concurrent_requests)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Draw `request`; references go in order as image 1, image 2, ... named in the paper's prompt."""
@@ -54,7 +55,7 @@ class OpenAIImageGenerator:
         # The server validates quality; the client's Literal sets differ between generate and edit.
         quality_option: Any = self.quality if self.quality is not None else openai.omit
         notes = () if request.seed is None else (f"seed ignored by {self.model_id}",)
-        with translated_errors(f"image generation with {self.model_id}", str(self._client.base_url)):
+        with self._slots, translated_errors(f"image generation with {self.model_id}", str(self._client.base_url)):
             if not references:
                 prompt_used = request.prompt
                 response = self._client.images.generate(

@@ -7,24 +7,30 @@ order ("image 1", ...), as the pictures themselves travel beside it. ImageRAG's 
 script used SDXL base 1.0 + `ip-adapter-plus_sdxl_vit-h` at scale 0.5, 50 steps, its own negative
 prompt, and a second pipeline without the adapter for drafts; we keep one pipeline and run drafts
 with the adapter at scale 0, where diffusers skips its attention (the same picture, half the memory).
+
+Batching: the adapter's `ip_adapter_image` gives every picture of a call the same references, so a
+batch encodes each request's references itself and passes them as per-picture image embeddings.
+Requests share a call when size, steps and the number of references agree (0: drafts, at scale 0).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 from PIL import Image
 
 from imageloop.prompts import compose_reference_prompt
 from imageloop.protocols import GenerationRequest, GenerationResult
-from imageloop.runtime import load_cached
+from imageloop.runtime import BatchMemory, load_cached
 from imageloop.tools.generators._diffusers_common import (
+    BatchKind,
+    DiffusersGenerator,
     from_hub,
+    noise_generators,
     open_references,
     place,
     resolve_placement,
-    run_pipeline,
-    seeded_generator,
     trim_references,
 )
 
@@ -34,11 +40,19 @@ DEFAULT_IP_ADAPTER_IMAGE_ENCODER = "models/image_encoder"
 DEFAULT_IP_ADAPTER_SCALE = 0.5
 # The released ImageRAG SDXL script's settings; guidance and size are SDXL's own defaults (5.0, 1024 px).
 DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE_SCALE = 5.0
 PAPER_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 MAX_REFERENCES = 3
 
 
-class SDXLIPAdapterGenerator:
+class _Rendered(NamedTuple):
+    prompt: str
+    images: list[Image.Image]
+    references: int
+    notes: tuple[str, ...]
+
+
+class SDXLIPAdapterGenerator(DiffusersGenerator):
     """SDXL text-to-image; with references, an IP-Adapter conditions on all of them at `ip_adapter_scale`."""
 
     def __init__(
@@ -65,7 +79,7 @@ class SDXLIPAdapterGenerator:
         self.max_references = max_references
         self.ip_adapter_scale = ip_adapter_scale
         self.steps = steps
-        self.guidance_scale = guidance_scale
+        self.guidance_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
         self.size = size
         self.negative_prompt = negative_prompt
         self.device, torch_dtype = resolve_placement(device, dtype, offload)
@@ -98,35 +112,53 @@ class SDXLIPAdapterGenerator:
 
         key = ("sdxl-ip-adapter", model, ip_adapter, ip_adapter_weight, ip_adapter_image_encoder)
         self._pipe = load_cached((*key, self.device, str(torch_dtype), offload), load)
+        self._memory = BatchMemory(self.device)
 
-    def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Draw `request`; references go to the IP-Adapter together, and the prompt names their concepts."""
+    def _render(self, request: GenerationRequest) -> _Rendered:
+        """The paper's prompt naming the references as image 1, image 2, ..., and the pictures for the adapter."""
         references, notes = trim_references(request.references, self.max_references, self.model_id)
-        if references:
-            names = [f"image {i}" for i in range(1, len(references) + 1)]
-            prompt_used = compose_reference_prompt(request.prompt, [r.concept for r in references], names)
-            images, scale = open_references(references), self.ip_adapter_scale
-        else:
+        if not references:
             # A loaded adapter needs an image; at scale 0 diffusers skips the adapter's attention entirely.
-            prompt_used, images, scale = request.prompt, [Image.new("RGB", (224, 224))], 0.0
+            return _Rendered(request.prompt, [Image.new("RGB", (224, 224))], 0, notes)
+        names = [f"image {i}" for i in range(1, len(references) + 1)]
+        prompt = compose_reference_prompt(request.prompt, [r.concept for r in references], names)
+        return _Rendered(prompt, open_references(references), len(references), notes)
+
+    def batch_key(self, request: GenerationRequest) -> BatchKind:
+        """Size, steps and the number of references (the adapter's embeddings stack only when it agrees)."""
         width, height = request.size or self.size or (None, None)
-        options: dict[str, Any] = {"num_inference_steps": request.steps or self.steps}
-        if self.guidance_scale is not None:
-            options["guidance_scale"] = self.guidance_scale
-        size_text = f"{width}x{height}" if width else "the default size"
+        references = min(len(request.references), self.max_references)
+        return BatchKind(width, height, request.steps or self.steps, references)
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Draw requests of one kind in one call; each request's references condition its own picture."""
+        import torch
+
+        rendered = [self._render(r) for r in requests]
+        kind = self.batch_key(requests[0])
+        generators = noise_generators(requests)
+        scale = self.ip_adapter_scale if kind.references else 0.0
+        pipe = self._pipe
+        # Whether the pipeline guides, as StableDiffusionXLPipeline.do_classifier_free_guidance decides it.
+        guided = self.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
 
         def call() -> Any:
             # The pipeline is shared by every backend built on it: set the scale under the device lock.
-            self._pipe.set_ip_adapter_scale(scale)
-            return self._pipe(
-                prompt=prompt_used,
+            pipe.set_ip_adapter_scale(scale)
+            device = pipe._execution_device
+            embeds = [pipe.prepare_ip_adapter_image_embeds([r.images], None, device, 1, guided)[0] for r in rendered]
+            # Guided, each request's embeddings are (negative, positive); the batch wants all negatives first.
+            stacked = torch.cat([e[:1] for e in embeds] + [e[1:] for e in embeds]) if guided else torch.cat(embeds)
+            return pipe(
+                prompt=[r.prompt for r in rendered],
                 negative_prompt=self.negative_prompt,
-                ip_adapter_image=[images],
-                width=width,
-                height=height,
-                generator=seeded_generator(request.seed),
-                **options,
+                ip_adapter_image_embeds=[stacked],
+                width=kind.width,
+                height=kind.height,
+                num_inference_steps=kind.steps,
+                guidance_scale=self.guidance_scale,
+                generator=generators,
             )
 
-        output = run_pipeline(f"generating {size_text} with {self.model_id}", call)
-        return GenerationResult(output.images[0], prompt_used, notes)
+        output = self.run_pipeline(kind, len(requests), call)
+        return [GenerationResult(image, r.prompt, r.notes) for image, r in zip(output.images, rendered, strict=True)]

@@ -3,26 +3,28 @@
 `AutoPipelineForText2Image` reads the checkpoint's `model_index.json` and picks its pipeline class
 (Stable Diffusion 1.x/2.x/3, SDXL, FLUX, PixArt, ...). It takes no references: given some, it
 draws from the text alone and records that it did. Steps, guidance and size default to the
-pipeline's own values.
+pipeline's own values. Requests of one size and step count share a pipeline call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from imageloop.protocols import GenerationRequest, GenerationResult
-from imageloop.runtime import load_cached
+from imageloop.runtime import BatchMemory, load_cached
 from imageloop.tools.generators._diffusers_common import (
+    BatchKind,
+    DiffusersGenerator,
     from_hub,
+    noise_generators,
     place,
     resolve_placement,
-    run_pipeline,
-    seeded_generator,
     trim_references,
 )
 
 
-class Text2ImageGenerator:
+class Text2ImageGenerator(DiffusersGenerator):
     """Text-to-image with whatever pipeline class the checkpoint names; no reference images."""
 
     max_references = 0
@@ -52,21 +54,33 @@ class Text2ImageGenerator:
             return pipe
 
         self._pipe = load_cached(("text2image", model, self.device, str(torch_dtype), offload), load)
+        self._memory = BatchMemory(self.device)
 
-    def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Draw `request.prompt`; references, if any, are left out with a note."""
-        _, notes = trim_references(request.references, self.max_references, self.model_id)
+    def batch_key(self, request: GenerationRequest) -> BatchKind:
+        """Size and steps: all a text-to-image call needs equal across its pictures."""
         width, height = request.size or self.size or (None, None)
+        return BatchKind(width, height, request.steps or self.steps, 0)
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Draw the prompts of requests of one kind in one call; references, if any, are left out with a note."""
+        kind = self.batch_key(requests[0])
         options: dict[str, Any] = {}
-        if request.steps or self.steps:
-            options["num_inference_steps"] = request.steps or self.steps
+        if kind.steps:
+            options["num_inference_steps"] = kind.steps
         if self.guidance_scale is not None:
             options["guidance_scale"] = self.guidance_scale
-        size_text = f"{width}x{height}" if width else "the default size"
-        output = run_pipeline(
-            f"generating {size_text} with {self.model_id}",
+        output = self.run_pipeline(
+            kind,
+            len(requests),
             lambda: self._pipe(
-                prompt=request.prompt, width=width, height=height, generator=seeded_generator(request.seed), **options
+                prompt=[r.prompt for r in requests],
+                width=kind.width,
+                height=kind.height,
+                generator=noise_generators(requests),
+                **options,
             ),
         )
-        return GenerationResult(output.images[0], request.prompt, notes)
+        return [
+            GenerationResult(image, r.prompt, trim_references(r.references, self.max_references, self.model_id)[1])
+            for image, r in zip(output.images, requests, strict=True)
+        ]
