@@ -144,8 +144,27 @@ def test_sampling_uses_the_papers_knobs_and_a_seed_repeats_the_answer(
     first = vlm.chat([Message("user", "Hello")], decoding=paper)
     again = vlm.chat([Message("user", "Hello")], decoding=paper)
     call = spy.calls[0]
-    assert (call["do_sample"], call["temperature"], call["top_p"], call["repetition_penalty"]) == (True, 0.7, 0.9, 1.1)
+    # generate picks greedily what each row's own decoding drew: the knobs live in RowDecoding.
+    assert (call["do_sample"], call["repetition_penalty"]) == (False, 1.0)
+    (rows,) = call["logits_processor"]
+    ((pad, steps, generator),) = rows.rows
+    assert [type(s).__name__ for s in steps] == [
+        "RepetitionPenaltyLogitsProcessor",
+        "TemperatureLogitsWarper",
+        "TopKLogitsWarper",
+        "TopPLogitsWarper",
+    ]
+    assert (steps[0].penalty, steps[1].temperature, steps[2].top_k, steps[3].top_p) == (1.1, 0.7, 50, 0.9)
+    assert pad == 0 and generator is not None
     assert first == again
+
+
+def test_sampling_draws_from_the_seed(vlm: TransformersVisionLanguageModel) -> None:
+    vlm.max_new_tokens = 24
+    hello = [Message("user", "Hello")]
+    answers = {vlm.chat(hello, decoding=Decoding(temperature=1.0, seed=seed)) for seed in range(3)}
+    assert len(answers) == 3
+    assert vlm.chat(hello) not in answers
 
 
 def test_greedy_answers_repeat_across_calls_and_after_a_reload(qwen2_vl_dir: Path, tmp_path: Path) -> None:

@@ -2,10 +2,16 @@
 
 The checkpoint is loaded once per process through `AutoProcessor` and `AutoModelForImageTextToText`,
 and every conversation is rendered by the checkpoint's own chat template, so any family whose
-processor ships one works unchanged. Decoding is greedy. With a JSON schema the schema is added to
-the system turn and the answer is forced to open with `{` (the generation prompt ends with it), which
-rules out preambles and code fences but not invalid JSON: `imageloop.agents.structured` validates
-and repairs, as for every backend.
+processor ships one works unchanged. Decoding is greedy unless a call asks to sample. With a JSON
+schema the schema is added to the system turn and the answer is forced to open with `{` (the
+generation prompt ends with it), which rules out preambles and code fences but not invalid JSON:
+`imageloop.agents.structured` validates and repairs, as for every backend.
+
+Several calls run as one left-padded batch (`chat_batch`; one call is a batch of one). transformers'
+sampling draws every row's token from one generator, so one row's answer would depend on the
+others'; here each row decodes itself (`RowDecoding`): its repetition penalty over its own tokens,
+and for sampling rows temperature, top-k, top-p and a draw from the row's own generator seeded by
+its `Decoding.seed`. `generate` itself runs greedy over the result.
 """
 
 from __future__ import annotations
@@ -19,14 +25,14 @@ from PIL import Image
 
 from imageloop.errors import ConfigError
 from imageloop.prompts import JSON_SCHEMA_NOTE
-from imageloop.protocols import GREEDY, Decoding, Message
+from imageloop.protocols import GREEDY, ChatCall, Decoding, Message
 from imageloop.runtime import (
     device_lock,
     explain_load_failure,
-    explain_out_of_memory,
     load_cached,
     pick_device,
     pick_dtype,
+    translated_out_of_memory,
 )
 from imageloop.tools.images import open_image
 
@@ -36,6 +42,8 @@ if TYPE_CHECKING:
 VLM_MEMORY_KNOBS = "use --dtype bfloat16 or float16, a smaller checkpoint, or --device cpu"
 JSON_PREFIX = "{"
 """What a structured answer is forced to start with."""
+TRANSFORMERS_DEFAULT_TOP_K = 50
+"""What `generate` samples with when the checkpoint's generation config sets no top-k."""
 
 
 def _load(model: str, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -54,12 +62,8 @@ def _load(model: str, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
         ) from None
     if getattr(processor, "chat_template", None) is None:
         raise ConfigError(f"{model} has no chat template: use an instruction-tuned checkpoint whose processor has one")
-    try:
+    with translated_out_of_memory(f"loading {model}", VLM_MEMORY_KNOBS):
         network = network.to(device)
-    except RuntimeError as e:
-        if "out of memory" in str(e).lower():
-            raise explain_out_of_memory(f"loading {model}", VLM_MEMORY_KNOBS) from None
-        raise
     return processor, network.eval()
 
 
@@ -115,42 +119,106 @@ class TransformersVisionLanguageModel:
             images += [self._image(path) for path in message.images]
         return conversation, images
 
+    def batch_key(self, call: ChatCall) -> int:
+        """The number of images: some processors (SmolVLM, Idefics3) stack a batch's images per conversation."""
+        return sum(len(message.images) for message in call.messages)
+
     def chat(
         self, messages: Sequence[Message], json_schema: Mapping[str, Any] | None = None, decoding: Decoding = GREEDY
     ) -> str:
         """Render `messages` with the checkpoint's chat template and return the answer (greedy by default)."""
+        return self.chat_batch([ChatCall(messages, json_schema, decoding)])[0]
+
+    def chat_batch(self, calls: Sequence[ChatCall]) -> list[str]:
+        """Answer calls of one `batch_key` in one left-padded `generate`; each answer is the answer alone."""
         import torch
 
-        if json_schema is not None:
-            messages = _with_schema_note(messages, json_schema)
-        conversation, images = self._conversation(messages)
-        prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        prefix = JSON_PREFIX if json_schema is not None else ""
-        inputs = self.processor(text=[prompt + prefix], images=images or None, return_tensors="pt")
-        prompt_length = inputs["input_ids"].shape[1]
-        try:
-            with device_lock, torch.inference_mode():
-                if not decoding.greedy and decoding.seed is not None:
-                    torch.manual_seed(decoding.seed)  # under the device lock: no other call draws in between
-                output = self.network.generate(
-                    **inputs.to(self.device, dtype=self.dtype),
-                    max_new_tokens=self.max_new_tokens,
-                    **sampling_kwargs(decoding),
-                )
-        except RuntimeError as e:
-            if "out of memory" in str(e).lower():
-                raise explain_out_of_memory(f"running {self.model_id}", VLM_MEMORY_KNOBS) from None
-            raise
-        answer: str = self.processor.batch_decode(output[:, prompt_length:], skip_special_tokens=True)[0]
-        return prefix + answer.strip()
+        prompts, images, prefixes = [], [], []
+        for call in calls:
+            messages = call.messages if call.json_schema is None else _with_schema_note(call.messages, call.json_schema)
+            conversation, pictures = self._conversation(messages)
+            prefix = JSON_PREFIX if call.json_schema is not None else ""
+            prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            prompts.append(prompt + prefix)
+            images.append(pictures)
+            prefixes.append(prefix)
+        # Left padding: every prompt ends where its answer starts, so each step extends all rows at once.
+        inputs = self.processor(
+            text=prompts, images=images if any(images) else None, return_tensors="pt", padding=True, padding_side="left"
+        )
+        padded_length = inputs["input_ids"].shape[1]
+        pads = (padded_length - inputs["attention_mask"].sum(dim=1)).tolist()
+        top_k = self.network.generation_config.top_k
+        rows = RowDecoding([c.decoding for c in calls], pads, TRANSFORMERS_DEFAULT_TOP_K if top_k is None else top_k)
+        with (
+            device_lock,
+            torch.inference_mode(),
+            translated_out_of_memory(f"running {self.model_id}", VLM_MEMORY_KNOBS),
+        ):
+            output = self.network.generate(
+                **inputs.to(self.device, dtype=self.dtype),
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                repetition_penalty=1.0,
+                logits_processor=[rows],
+            )
+        answers = self.processor.batch_decode(output[:, padded_length:], skip_special_tokens=True)
+        return [prefix + answer.strip() for prefix, answer in zip(prefixes, answers, strict=True)]
 
 
-def sampling_kwargs(decoding: Decoding) -> dict[str, Any]:
-    """`generate` keywords for `decoding`: greedy, or sampling with temperature, top_p and repetition penalty."""
-    kwargs: dict[str, Any] = {"repetition_penalty": decoding.repetition_penalty}
-    if decoding.greedy:
-        return {**kwargs, "do_sample": False}
-    return {**kwargs, "do_sample": True, "temperature": decoding.temperature, "top_p": decoding.top_p}
+class RowDecoding:
+    """A logits processor that decodes each row of a batched `generate` as that row's call would alone.
+
+    Per row: the repetition penalty over the row's own tokens (its left padding left out); then, for
+    a sampling row, temperature, top-k and top-p as transformers applies them, and one token drawn
+    from the row's own CPU generator, returned as the only finite score so `generate`'s greedy pick
+    takes it. Greedy rows keep their scores. A row's draws never depend on the other rows.
+    """
+
+    def __init__(self, decodings: Sequence[Decoding], pads: Sequence[int], top_k: int) -> None:
+        import torch
+        from transformers import (
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        self.rows: list[tuple[int, list[Any], torch.Generator | None]] = []
+        for decoding, pad in zip(decodings, pads, strict=True):
+            steps: list[Any] = []
+            if decoding.repetition_penalty != 1.0:
+                steps.append(RepetitionPenaltyLogitsProcessor(float(decoding.repetition_penalty)))
+            generator = None
+            if not decoding.greedy:
+                steps.append(TemperatureLogitsWarper(decoding.temperature))
+                if top_k:
+                    steps.append(TopKLogitsWarper(top_k))
+                if decoding.top_p < 1.0:
+                    steps.append(TopPLogitsWarper(decoding.top_p))
+                generator = torch.Generator(device="cpu")
+                if decoding.seed is None:
+                    generator.seed()
+                else:
+                    generator.manual_seed(decoding.seed)
+            self.rows.append((pad, steps, generator))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Each row's scores after its own decoding; a sampling row's drawn token is its only finite score."""
+        import torch
+
+        scores = scores.clone()
+        for i, (pad, steps, generator) in enumerate(self.rows):
+            row = scores[i : i + 1]
+            for step in steps:
+                row = step(input_ids[i : i + 1, pad:], row)
+            if generator is not None:
+                probabilities = row.softmax(dim=-1)[0].cpu()
+                token = torch.multinomial(probabilities, 1, generator=generator)
+                row = torch.full_like(row, float("-inf"))
+                row[0, token.to(row.device)] = 0.0
+            scores[i] = row[0]
+        return scores
 
 
 def tiny_transformers_vlm(
