@@ -9,7 +9,9 @@ classes to see what reaches them; nothing about the models is faked.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,17 @@ from imageloop.backends import GENERATOR_PROVIDERS, GeneratorOptions, Placement,
 from imageloop.cli import _settings, build_parser
 from imageloop.config import Endpoint, Settings, load_settings
 from imageloop.errors import ConfigError, ImageloopError
-from imageloop.protocols import GenerationRequest, GenerationResult, ImageGenerator, ReferenceImage
+from imageloop.protocols import (
+    BatchImageGenerator,
+    GenerationRequest,
+    GenerationResult,
+    ImageGenerator,
+    ReferenceImage,
+)
 from imageloop.tiny.diffusion import IP_ADAPTER_IMAGE_ENCODER, IP_ADAPTER_WEIGHT, tiny_generator_dir
 from imageloop.tools.generators import flux, omnigen, sdxl_ip_adapter
+from imageloop.tools.generators.batching import BatchingGenerator
+from tests.fakes import ScriptedGenerator
 
 SIZE = (64, 64)
 PROMPT = "a Cyanocitta cristata on a snowy branch"
@@ -440,3 +450,111 @@ def test_generator_options_come_from_the_command_line() -> None:
     assert GeneratorOptions.of(_settings(args)) == GeneratorOptions(
         4.0, "./adapters/ip", "ip.safetensors", "encoder", 0.8, None
     )
+
+
+# --- batches: concurrent requests drawn in one pipeline call ------------------------------------------
+
+# Prompts of one length: OmniGen batches only requests whose rows line up token for token.
+BATCH_PROMPTS = [f"a {colour} jay on a snowy branch" for colour in ("blue", "grey", "pink", "gold", "teal")]
+BATCH_CASES = [("omnigen", 0), ("omnigen", 2), ("sdxl-ip-adapter", 0), ("sdxl-ip-adapter", 2), ("flux", 0),
+               ("flux", 2), ("diffusers", 0)]  # fmt: skip
+ROUNDING_LEVELS = 1
+"""How far (of 255) a batched picture may be from the lone one: kernels pick their summation order by batch size."""
+
+
+def batch_requests(references: list[ReferenceImage], count: int) -> list[GenerationRequest]:
+    """One request per batch prompt, each with its own seed and the first `count` references."""
+    return [
+        GenerationRequest(p, tuple(references[:count]), seed=i, size=SIZE, steps=2) for i, p in enumerate(BATCH_PROMPTS)
+    ]
+
+
+def batched(generator: ImageGenerator) -> BatchImageGenerator:
+    assert isinstance(generator, BatchImageGenerator)
+    return generator
+
+
+def submit_while_the_device_is_busy(wrapper: BatchingGenerator, requests: list[GenerationRequest]) -> list[Any]:
+    """Submit every request from its own thread while another model holds the device: all queue for one batch."""
+    with ThreadPoolExecutor(len(requests)) as pool:
+        with runtime.device_lock:
+            futures = [pool.submit(wrapper.generate, r) for r in requests]
+            time.sleep(0.2)
+        return [f.result() for f in futures]
+
+
+@pytest.mark.parametrize(("provider", "count"), BATCH_CASES)
+def test_a_picture_does_not_depend_on_the_requests_it_is_batched_with(
+    provider: str, count: int, model_dirs: dict[str, Path], references: list[ReferenceImage]
+) -> None:
+    generator = batched(build(provider, model_dirs))
+    r = batch_requests(references, count)
+    assert len({generator.batch_key(request) for request in r}) == 1
+    first = generator.generate_batch([r[0], r[1], r[2], r[3]])
+    second = generator.generate_batch([r[4], r[2], r[0], r[1]])
+    assert np.array_equal(pixels(first[0].image), pixels(second[2].image))
+    assert np.array_equal(pixels(first[2].image), pixels(second[1].image))
+    assert not np.array_equal(pixels(first[0].image), pixels(first[1].image))
+    assert [x.prompt_used for x in first] == [generator.generate(request).prompt_used for request in r[:4]]
+
+
+@pytest.mark.parametrize(("provider", "count"), BATCH_CASES)
+def test_a_batched_picture_is_the_picture_drawn_alone_up_to_rounding(
+    provider: str, count: int, model_dirs: dict[str, Path], references: list[ReferenceImage]
+) -> None:
+    generator = batched(build(provider, model_dirs))
+    r = batch_requests(references, count)[:4]
+    for alone, together in zip([generator.generate(x) for x in r], generator.generate_batch(r), strict=True):
+        difference = np.abs(pixels(alone.image).astype(int) - pixels(together.image).astype(int))
+        assert difference.max() <= ROUNDING_LEVELS
+
+
+def test_concurrent_requests_share_calls_only_with_requests_of_their_kind(
+    model_dirs: dict[str, Path], references: list[ReferenceImage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = spy(monkeypatch, OmniGenPipeline)
+    generator = batched(build("omnigen", model_dirs))
+    same = batch_requests(references, 0)[:3]
+    longer = GenerationRequest(PROMPT, seed=3, size=SIZE, steps=2)  # another prompt length: its rows do not line up
+    with_references = batch_requests(references, 2)[:2]
+    bigger = GenerationRequest(BATCH_PROMPTS[0], seed=4, size=(128, 128), steps=2)
+    requests = [*same, longer, *with_references, bigger]
+    results = submit_while_the_device_is_busy(BatchingGenerator(generator, max_batch=8), requests)
+
+    assert sorted(len(call["prompt"]) for call in calls) == [1, 1, 2, 3]
+    assert len({generator.batch_key(r) for r in requests}) == 4
+    # Each caller gets its own picture: the one its request gets in a batch of its kind.
+    expected = generator.generate_batch(same)
+    assert all(np.array_equal(pixels(a.image), pixels(b.image)) for a, b in zip(results[:3], expected, strict=True))
+    assert [r.prompt_used for r in results[4:6]] == [x.prompt_used for x in generator.generate_batch(with_references)]
+    assert results[-1].image.size == (128, 128)
+
+
+def test_a_batch_that_runs_out_of_gpu_memory_is_split_in_halves_and_every_picture_drawn(
+    model_dirs: dict[str, Path], references: list[ReferenceImage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generator = batched(build("sdxl-ip-adapter", model_dirs))
+    original = StableDiffusionXLPipeline.__call__
+    sizes: list[int] = []
+
+    def fits_two(self: Any, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(len(kwargs["prompt"]))
+        if len(kwargs["prompt"]) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", fits_two)
+    r = batch_requests(references, 2)[:4]
+    results = submit_while_the_device_is_busy(BatchingGenerator(generator), r)
+
+    assert sizes == [4, 2, 2]
+    halves = generator.generate_batch(r[:2]) + generator.generate_batch(r[2:])
+    assert all(np.array_equal(pixels(a.image), pixels(b.image)) for a, b in zip(results, halves, strict=True))
+
+
+def test_a_generator_that_cannot_batch_is_called_directly() -> None:
+    inner = ScriptedGenerator()
+    wrapper = BatchingGenerator(inner)
+    result = wrapper.generate(GenerationRequest(PROMPT, seed=1))
+    assert inner.requests == [GenerationRequest(PROMPT, seed=1)] and result.prompt_used == PROMPT
+    assert (wrapper.model_id, wrapper.max_references) == (inner.model_id, inner.max_references)
