@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from imageloop.config import Endpoint
 from imageloop.errors import ConfigError, ImageloopError, MalformedOutputError
 from imageloop.graphs.imagerag import build_imagerag_graph
 from imageloop.prompts import REPAIR_PROMPT
-from imageloop.protocols import ChatCall, Decoding, Message
+from imageloop.protocols import GREEDY, ChatCall, Decoding, Message
 from imageloop.tiny.vlm import build_qwen2_vl, build_smolvlm
 from imageloop.tools.artifacts import ArtifactStore
 from tests.fakes import ScriptedGenerator, ScriptedRetriever, ScriptedVLM
@@ -239,11 +239,20 @@ MIXED_DECODINGS = [Decoding(), Decoding(repetition_penalty=1.3), PAPER, Decoding
 
 def mixed_calls(tmp_path: Path) -> list[ChatCall]:
     """Four one-picture calls: prompts and pictures of different sizes (so rows pad differently), each decoding."""
-    texts = ["Describe it.", "What is in this picture, in detail please?", "Hi.", "Is it a bird or a very large cat?"]
+    texts = ["Describe it.", "What is in this picture, in detail?", "Hi.", "Is it a bird or a very large cat?"]
     calls = []
     for i, (text, decoding) in enumerate(zip(texts, MIXED_DECODINGS, strict=True)):
         image = picture(tmp_path, f"p{i}.png", (28 + 14 * i, 28 + 28 * i), (60 * i, 90, 9))
         calls.append(ChatCall([Message("user", text, (image,))], None, decoding))
+    return calls
+
+
+def same_length_calls(tmp_path: Path) -> list[ChatCall]:
+    """Four one-picture calls whose prompts and pictures have one size (a CPU batches only those), each decoding."""
+    calls = []
+    for i, decoding in enumerate(MIXED_DECODINGS):
+        image = picture(tmp_path, f"s{i}.png", (56, 56), (60 * i, 90, 9))
+        calls.append(ChatCall([Message("user", f"Describe picture number {i}.", (image,))], None, decoding))
     return calls
 
 
@@ -276,7 +285,7 @@ def test_sampled_answers_in_a_batch_come_from_each_calls_own_seed(
 def test_concurrent_chat_calls_share_one_generate_and_each_caller_gets_its_answer(
     vlm: TransformersVisionLanguageModel, spy: GenerateSpy, tmp_path: Path
 ) -> None:
-    calls = mixed_calls(tmp_path)
+    calls = same_length_calls(tmp_path)
     expected = vlm.chat_batch(calls)
     spy.calls.clear()
     batching = BatchingVisionLanguageModel(vlm)
@@ -288,21 +297,37 @@ def test_concurrent_chat_calls_share_one_generate_and_each_caller_gets_its_answe
     assert len(spy.calls) == 1
 
 
-def test_calls_with_different_numbers_of_images_never_share_a_pass(
+def key(
+    vlm: TransformersVisionLanguageModel, text: str, images: tuple[Path, ...], decoding: Decoding = GREEDY
+) -> Hashable:
+    return vlm.batch_key(ChatCall([Message("user", text, images)], None, decoding))
+
+
+def test_on_a_gpu_calls_with_as_many_images_and_prompts_of_similar_length_share_a_pass(
+    vlm: TransformersVisionLanguageModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(vlm, "device", "cuda")
+    one, big = picture(tmp_path, "one.png", (28, 28), (1, 2, 3)), picture(tmp_path, "big.png", (56, 84), (1, 2, 3))
+    assert len({key(vlm, "Describe it.", images) for images in [(), (one,), (one, one)]}) == 3
+    assert key(vlm, "Describe the picture " + "a" * 90, (one,)) == key(vlm, "Say " + "b" * 110, (big,), PAPER)
+    assert key(vlm, "Describe it. " * 10, (one,)) != key(vlm, "Describe it. " * 20, (one,))  # padding would double it
+
+
+def test_on_a_cpu_only_calls_of_one_prompt_length_and_picture_size_share_a_pass(
     vlm: TransformersVisionLanguageModel, tmp_path: Path
 ) -> None:
-    one = picture(tmp_path, "one.png", (28, 28), (1, 2, 3))
-    keys = {vlm.batch_key(ChatCall([Message("user", "Hi.", images)])) for images in [(), (one,), (one, one)]}
-    assert len(keys) == 3
-    assert vlm.batch_key(ChatCall([Message("user", "Hi.", (one,))])) == vlm.batch_key(
-        ChatCall([Message("system", "Be brief."), Message("user", "Hello there.", (one,))], {"schema": {}}, PAPER)
-    )
+    one, other = picture(tmp_path, "one.png", (28, 28), (1, 2, 3)), picture(tmp_path, "other.png", (28, 28), (9, 9, 9))
+    big = picture(tmp_path, "big.png", (56, 84), (1, 2, 3))
+    assert key(vlm, "Describe picture 1.", (one,)) == key(vlm, "Describe picture 2.", (other,), PAPER)
+    assert key(vlm, "Describe picture 1.", (one,)) != key(vlm, "Describe picture 10.", (one,))
+    assert key(vlm, "Describe picture 1.", (one,)) != key(vlm, "Describe picture 1.", (big,))
+    assert len({key(vlm, "Describe it.", images) for images in [(), (one,), (one, one)]}) == 3
 
 
 def test_a_batch_that_runs_out_of_memory_is_split_and_every_call_answered(
     vlm: TransformersVisionLanguageModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = mixed_calls(tmp_path)
+    calls = same_length_calls(tmp_path)
     expected = vlm.chat_batch(calls)
     generate, rows = vlm.network.generate, []
 

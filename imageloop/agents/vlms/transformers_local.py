@@ -17,7 +17,9 @@ its `Decoding.seed`. `generate` itself runs greedy over the result.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import math
+import threading
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +36,7 @@ from imageloop.runtime import (
     pick_dtype,
     translated_out_of_memory,
 )
-from imageloop.tools.images import open_image
+from imageloop.tools.images import image_size, open_image
 
 if TYPE_CHECKING:
     import torch
@@ -42,12 +44,15 @@ if TYPE_CHECKING:
 VLM_MEMORY_KNOBS = "use --dtype bfloat16 or float16, a smaller checkpoint, or --device cpu"
 JSON_PREFIX = "{"
 """What a structured answer is forced to start with."""
+PROMPT_LENGTH_CLASS = 1.25
+"""Prompts whose lengths differ by less than this factor may share a batch (see `batch_key`)."""
 TRANSFORMERS_DEFAULT_TOP_K = 50
 """What `generate` samples with when the checkpoint's generation config sets no top-k."""
 
 
-def _load(model: str, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
-    """The processor and the model of checkpoint `model` (hub id or local directory), placed on `device`."""
+def _load(model: str, device: str, dtype: torch.dtype) -> tuple[Any, Any, threading.Lock]:
+    """The processor and the model of checkpoint `model` (hub id or local directory), placed on `device`, and the
+    lock its tokenizer is used under (a fast tokenizer that changes its padding must not be in use elsewhere)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:
@@ -64,7 +69,7 @@ def _load(model: str, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
         raise ConfigError(f"{model} has no chat template: use an instruction-tuned checkpoint whose processor has one")
     with translated_out_of_memory(f"loading {model}", VLM_MEMORY_KNOBS):
         network = network.to(device)
-    return processor, network.eval()
+    return processor, network.eval(), threading.Lock()
 
 
 def _with_schema_note(messages: Sequence[Message], json_schema: Mapping[str, Any]) -> list[Message]:
@@ -97,7 +102,7 @@ class TransformersVisionLanguageModel:
         self.max_image_side = max_image_side
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
-        self.processor, self.network = load_cached(
+        self.processor, self.network, self._tokenizer_lock = load_cached(
             ("transformers-vlm", model, self.device, str(self.dtype)),
             lambda: _load(model, self.device, self.dtype),
         )
@@ -107,21 +112,36 @@ class TransformersVisionLanguageModel:
         image.thumbnail((self.max_image_side, self.max_image_side), Image.Resampling.LANCZOS)
         return image
 
-    def _conversation(self, messages: Sequence[Message]) -> tuple[list[dict[str, Any]], list[Image.Image]]:
-        """Messages in the chat-template shape (text, then one image slot per image) and their images in order."""
+    def _prompt(self, call: ChatCall) -> tuple[str, str]:
+        """The prompt as the model reads it (chat template, an image slot per image, JSON prefix) and the prefix."""
+        messages = call.messages if call.json_schema is None else _with_schema_note(call.messages, call.json_schema)
         conversation: list[dict[str, Any]] = []
-        images: list[Image.Image] = []
         for message in messages:
             # Content is always a list: several families' templates iterate over it even for plain text.
             content: list[dict[str, Any]] = [{"type": "text", "text": message.text}]
             content += [{"type": "image"} for _ in message.images]
             conversation.append({"role": message.role, "content": content})
-            images += [self._image(path) for path in message.images]
-        return conversation, images
+        prefix = JSON_PREFIX if call.json_schema is not None else ""
+        prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        return prompt + prefix, prefix
 
-    def batch_key(self, call: ChatCall) -> int:
-        """The number of images: some processors (SmolVLM, Idefics3) stack a batch's images per conversation."""
-        return sum(len(message.images) for message in call.messages)
+    def batch_key(self, call: ChatCall) -> Hashable:
+        """The number of images and the prompt's length: calls that share a pass pad to its longest prompt.
+
+        Some processors (SmolVLM, Idefics3) stack a batch's images per conversation, so the image count
+        must agree. On a GPU, prompts whose lengths differ by less than `PROMPT_LENGTH_CLASS` share a
+        pass. On a CPU, which has no compute to spare, only prompts of exactly one length do: a padded
+        batch needs an attention mask, and masked attention costs about twice the causal kind there.
+        """
+        paths = [path for message in call.messages for path in message.images]
+        if self.device != "cpu":
+            characters = sum(len(message.text) for message in call.messages)
+            if call.json_schema is not None:
+                characters += len(json.dumps(call.json_schema))
+            return len(paths), int(math.log(max(characters, 1), PROMPT_LENGTH_CLASS))
+        with self._tokenizer_lock:
+            tokens = len(self.processor.tokenizer(self._prompt(call)[0])["input_ids"])
+        return len(paths), tokens, tuple(image_size(path) for path in paths)
 
     def chat(
         self, messages: Sequence[Message], json_schema: Mapping[str, Any] | None = None, decoding: Decoding = GREEDY
@@ -133,19 +153,17 @@ class TransformersVisionLanguageModel:
         """Answer calls of one `batch_key` in one left-padded `generate`; each answer is the answer alone."""
         import torch
 
-        prompts, images, prefixes = [], [], []
-        for call in calls:
-            messages = call.messages if call.json_schema is None else _with_schema_note(call.messages, call.json_schema)
-            conversation, pictures = self._conversation(messages)
-            prefix = JSON_PREFIX if call.json_schema is not None else ""
-            prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-            prompts.append(prompt + prefix)
-            images.append(pictures)
-            prefixes.append(prefix)
+        rendered = [self._prompt(call) for call in calls]
+        images = [[self._image(path) for message in call.messages for path in message.images] for call in calls]
         # Left padding: every prompt ends where its answer starts, so each step extends all rows at once.
-        inputs = self.processor(
-            text=prompts, images=images if any(images) else None, return_tensors="pt", padding=True, padding_side="left"
-        )
+        with self._tokenizer_lock:
+            inputs = self.processor(
+                text=[prompt for prompt, _ in rendered],
+                images=images if any(images) else None,
+                return_tensors="pt",
+                padding=True,
+                padding_side="left",
+            )
         padded_length = inputs["input_ids"].shape[1]
         pads = (padded_length - inputs["attention_mask"].sum(dim=1)).tolist()
         top_k = self.network.generation_config.top_k
@@ -163,7 +181,7 @@ class TransformersVisionLanguageModel:
                 logits_processor=[rows],
             )
         answers = self.processor.batch_decode(output[:, padded_length:], skip_special_tokens=True)
-        return [prefix + answer.strip() for prefix, answer in zip(prefixes, answers, strict=True)]
+        return [prefix + answer.strip() for (_, prefix), answer in zip(rendered, answers, strict=True)]
 
 
 class RowDecoding:
