@@ -157,17 +157,23 @@ QWEN2_VL_2B_VISION = {
 }  # fmt: skip
 
 
+OMNIGEN_V1: dict[str, Any] = {}
+"""OmniGen-v1's transformer sizes: diffusers' defaults are the released model's."""
+
+
 def omnigen_v1_components(device: str, dtype: Any) -> dict[str, Any]:
-    """OmniGen-v1's transformer (3.8B, diffusers' defaults are its sizes) and SDXL's VAE, random; the tiny tokenizer."""
+    """OmniGen-v1's transformer (3.8B) and SDXL's VAE, random; the tiny tokenizer."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, OmniGenTransformer2DModel
     from transformers import AutoTokenizer
 
     from imageloop.tiny.diffusion import tiny_generator_dir
 
-    head_dim = 3072 // 32
+    sizes = {"hidden_size": 3072, "num_attention_heads": 32, **OMNIGEN_V1}
+    head_dim = sizes["hidden_size"] // sizes["num_attention_heads"]
+    # Phi-3's rotary scaling has one factor per rotary frequency; random weights make their values moot.
     rope_scaling = {"short_factor": [1.0] * (head_dim // 2), "long_factor": [1.0] * (head_dim // 2)}
     with building_on(device, dtype):
-        transformer = OmniGenTransformer2DModel(rope_scaling=rope_scaling)
+        transformer = OmniGenTransformer2DModel(rope_scaling=rope_scaling, **sizes)
         vae = AutoencoderKL(**SDXL_VAE)
     tokenizer = AutoTokenizer.from_pretrained(tiny_generator_dir("omnigen") / "tokenizer")
     return {
@@ -187,7 +193,13 @@ def sdxl_components(device: str, dtype: Any) -> dict[str, Any]:
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_generator_dir("sdxl") / "tokenizer", model_max_length=77)
     # The tiny byte-level tokenizer's ids: end-of-text is 1, so pooling reads the first 1.
-    ids = {"vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    ids: dict[str, Any] = {
+        "vocab_size": 49408,
+        "max_position_embeddings": 77,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+    }
     clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                             hidden_act="quick_gelu", **ids)  # fmt: skip
     clip_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
@@ -209,7 +221,7 @@ def qwen2_vl_2b(device: str, dtype: Any) -> tuple[Any, Any]:
 
     from imageloop.tiny.vlm import tiny_vlm_dir
 
-    processor = AutoProcessor.from_pretrained(tiny_vlm_dir("qwen2-vl"))
+    processor = AutoProcessor.from_pretrained(tiny_vlm_dir("qwen2-vl"))  # type: ignore[no-untyped-call]
     processor.image_processor = Qwen2VLImageProcessor()
     token = processor.tokenizer.convert_tokens_to_ids
     text = {**QWEN2_VL_2B_TEXT, "eos_token_id": token("<|im_end|>"), "pad_token_id": token("<|endoftext|>")}
@@ -230,7 +242,8 @@ def qwen2_vl_2b(device: str, dtype: Any) -> tuple[Any, Any]:
 
 def parameters(*modules: Any) -> float:
     """Billions of parameters in `modules` (those that have any)."""
-    return sum(p.numel() for m in modules if hasattr(m, "parameters") for p in m.parameters()) / 1e9
+    count: int = sum(p.numel() for m in modules if hasattr(m, "parameters") for p in m.parameters())
+    return count / 1e9
 
 
 def dry_run() -> None:
@@ -298,7 +311,8 @@ def memory_profile(models: Models, picture: Path, batch_sizes: Sequence[int] = (
     generator, vlm = models.generator, models.vlm
     assert isinstance(generator, BatchImageGenerator) and isinstance(vlm, BatchVisionLanguageModel)
     for size in batch_sizes:
-        requests = [GenerationRequest(prompt_for(i), seed=i) for i in range(size)]
+        # One prompt, many seeds: requests of one kind (OmniGen batches only prompts of one token length).
+        requests = [GenerationRequest(prompt_for(0), seed=i) for i in range(size)]
         calls = [ChatCall([Message("user", f"Describe picture {i}.", (picture,))]) for i in range(size)]
         runs: list[tuple[str, Callable[[], Any]]] = [
             ("generator", partial(generator.generate_batch, requests)),
