@@ -18,6 +18,8 @@ from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Generic, TypeVar
 
+from imageloop.runtime import device_lock, is_out_of_memory
+
 RequestT = TypeVar("RequestT")
 ResultT = TypeVar("ResultT")
 
@@ -144,3 +146,23 @@ class MicroBatcher(Generic[RequestT, ResultT]):
             return
         for (_, future, *_), result in zip(batch, results, strict=True):
             future.set_result(result)
+
+
+def device_batcher(
+    run: Callable[[list[RequestT]], Sequence[ResultT]],
+    *,
+    key: Callable[[RequestT], Hashable],
+    capacity: Callable[[Hashable], int | None] = _no_capacity_limit,
+    max_batch: int,
+    max_wait_s: float,
+) -> MicroBatcher[RequestT, ResultT]:
+    """A MicroBatcher for a local model: batches are collected once the device is free, halved when out of memory."""
+    return MicroBatcher(
+        run,
+        max_batch=max_batch,
+        max_wait_s=max_wait_s,
+        key=key,
+        capacity=capacity,
+        splits_on=is_out_of_memory,
+        gate=device_lock,
+    )

@@ -13,9 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from imageloop.batching import MicroBatcher
+from imageloop.batching import MicroBatcher, device_batcher
 from imageloop.protocols import GREEDY, BatchVisionLanguageModel, ChatCall, Decoding, Message, VisionLanguageModel
-from imageloop.runtime import device_lock, is_out_of_memory
 
 
 class BatchingVisionLanguageModel:
@@ -26,13 +25,8 @@ class BatchingVisionLanguageModel:
         self.model_id = inner.model_id
         self._batcher: MicroBatcher[ChatCall, str] | None = None
         if isinstance(inner, BatchVisionLanguageModel):
-            self._batcher = MicroBatcher(
-                inner.chat_batch,
-                max_batch=max_batch,
-                max_wait_s=max_wait_s,
-                key=inner.batch_key,
-                splits_on=is_out_of_memory,
-                gate=device_lock,
+            self._batcher = device_batcher(
+                inner.chat_batch, key=inner.batch_key, max_batch=max_batch, max_wait_s=max_wait_s
             )
 
     def chat(

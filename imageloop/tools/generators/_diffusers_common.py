@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from PIL import Image
 
 from imageloop.errors import ConfigError
+from imageloop.prompts import compose_reference_prompt
 from imageloop.protocols import GenerationRequest, GenerationResult, ReferenceImage
 from imageloop.runtime import (
     BatchMemory,
@@ -107,9 +108,24 @@ def trim_references(
     return tuple(references[i] for i in kept), (note,)
 
 
-def open_references(references: Sequence[ReferenceImage]) -> list[Image.Image]:
-    """Decode the reference images, in order, as RGB."""
-    return [open_image(r.path) for r in references]
+class Rendered(NamedTuple):
+    """One request as a pipeline takes it: the prompt sent, the reference pictures (none: text only), notes."""
+
+    prompt: str
+    images: list[Image.Image]
+    notes: tuple[str, ...]
+
+
+def render(
+    request: GenerationRequest, max_references: int, model_id: str, placeholder: Callable[[int], str]
+) -> Rendered:
+    """The paper's prompt naming each kept reference by `placeholder(i)` (from 1), in order, and their pictures."""
+    references, notes = trim_references(request.references, max_references, model_id)
+    if not references:
+        return Rendered(request.prompt, [], notes)
+    names = [placeholder(i) for i in range(1, len(references) + 1)]
+    prompt = compose_reference_prompt(request.prompt, [r.concept for r in references], names)
+    return Rendered(prompt, [open_image(r.path) for r in references], notes)
 
 
 class BatchKind(NamedTuple):
@@ -154,9 +170,10 @@ class DiffusersGenerator(ABC):
         """How many requests of `kind` fit on the device at once (None: no estimate yet, or not a GPU)."""
         return self._memory.capacity(kind.memory_kind)
 
-    def run_pipeline(self, kind: BatchKind, size: int, call: Callable[[], T]) -> T:
-        """Run one pipeline call alone on the device, learning its memory per request; out of memory is translated."""
-        width, height = (kind.width, kind.height)
-        what = f"generating {f'{width}x{height}' if width else 'the default size'} with {self.model_id}"
-        with device_lock, translated_out_of_memory(what), self._memory.measure(kind.memory_kind, size):
-            return call()
+    def draw(self, kind: BatchKind, rendered: Sequence[Rendered], call: Callable[[], Any]) -> list[GenerationResult]:
+        """Run `call`, one pipeline call drawing `rendered`, alone on the device (learning its memory per request,
+        out of memory translated); each picture comes back with its request's prompt and notes."""
+        what = f"generating {f'{kind.width}x{kind.height}' if kind.width else 'the default size'} with {self.model_id}"
+        with device_lock, translated_out_of_memory(what), self._memory.measure(kind.memory_kind, len(rendered)):
+            output = call()
+        return [GenerationResult(image, r.prompt, r.notes) for image, r in zip(output.images, rendered, strict=True)]

@@ -9,9 +9,8 @@ that cannot batch (remote APIs) are called directly.
 
 from __future__ import annotations
 
-from imageloop.batching import MicroBatcher
+from imageloop.batching import MicroBatcher, device_batcher
 from imageloop.protocols import BatchImageGenerator, GenerationRequest, GenerationResult, ImageGenerator
-from imageloop.runtime import device_lock, is_out_of_memory
 
 
 class BatchingGenerator:
@@ -23,14 +22,12 @@ class BatchingGenerator:
         self.max_references = inner.max_references
         self._batcher: MicroBatcher[GenerationRequest, GenerationResult] | None = None
         if isinstance(inner, BatchImageGenerator):
-            self._batcher = MicroBatcher(
+            self._batcher = device_batcher(
                 inner.generate_batch,
-                max_batch=max_batch,
-                max_wait_s=max_wait_s,
                 key=inner.batch_key,
                 capacity=inner.batch_capacity,
-                splits_on=is_out_of_memory,
-                gate=device_lock,
+                max_batch=max_batch,
+                max_wait_s=max_wait_s,
             )
 
     def generate(self, request: GenerationRequest) -> GenerationResult:

@@ -15,11 +15,8 @@ text-only requests share a call as prompts. Size and steps must agree.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
-from PIL import Image
-
-from imageloop.prompts import compose_reference_prompt
 from imageloop.protocols import GenerationRequest, GenerationResult
 from imageloop.runtime import BatchMemory, load_cached
 from imageloop.tools.generators._diffusers_common import (
@@ -27,10 +24,9 @@ from imageloop.tools.generators._diffusers_common import (
     DiffusersGenerator,
     from_hub,
     noise_generators,
-    open_references,
     place,
+    render,
     resolve_placement,
-    trim_references,
 )
 
 DEFAULT_REDUX = "black-forest-labs/FLUX.1-Redux-dev"
@@ -40,12 +36,6 @@ DEFAULT_GUIDANCE_SCALE = 3.5
 DEFAULT_SIZE = (1024, 1024)
 MAX_REFERENCES = 3
 """Redux has no hard limit; averaged references blur into each other, so we keep the paper's 3."""
-
-
-class _Rendered(NamedTuple):
-    prompt: str
-    images: list[Image.Image]
-    notes: tuple[str, ...]
 
 
 class FluxGenerator(DiffusersGenerator):
@@ -107,15 +97,6 @@ class FluxGenerator(DiffusersGenerator):
             self._prior = load_cached(("flux-redux", redux, model, *where), load_prior)
         self._memory = BatchMemory(self.device)
 
-    def _render(self, request: GenerationRequest) -> _Rendered:
-        """The paper's prompt naming the references as image 1, image 2, ..., and their pictures (none: text only)."""
-        references, notes = trim_references(request.references, self.max_references, self.model_id)
-        if not references:
-            return _Rendered(request.prompt, [], notes)
-        names = [f"image {i}" for i in range(1, len(references) + 1)]
-        prompt = compose_reference_prompt(request.prompt, [r.concept for r in references], names)
-        return _Rendered(prompt, open_references(references), notes)
-
     def batch_key(self, request: GenerationRequest) -> BatchKind:
         """Size, steps, and whether references come (Redux merges any number into prompt tokens of one shape)."""
         width, height = request.size or self.size
@@ -126,7 +107,7 @@ class FluxGenerator(DiffusersGenerator):
         """Draw requests of one kind in one call; each request's references are weighted equally through Redux."""
         import torch
 
-        rendered = [self._render(r) for r in requests]
+        rendered = [render(r, self.max_references, self.model_id, "image {}".format) for r in requests]
         kind = self.batch_key(requests[0])
         options = {
             "width": kind.width,
@@ -153,5 +134,4 @@ class FluxGenerator(DiffusersGenerator):
                 **options,
             )
 
-        output = self.run_pipeline(kind, len(requests), call)
-        return [GenerationResult(image, r.prompt, r.notes) for image, r in zip(output.images, rendered, strict=True)]
+        return self.draw(kind, rendered, call)

@@ -15,12 +15,9 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any, NamedTuple
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
-from PIL import Image
-
-from imageloop.prompts import compose_reference_prompt
 from imageloop.protocols import GenerationRequest, GenerationResult
 from imageloop.runtime import BatchMemory, load_cached
 from imageloop.tools.generators._diffusers_common import (
@@ -28,10 +25,9 @@ from imageloop.tools.generators._diffusers_common import (
     DiffusersGenerator,
     from_hub,
     noise_generators,
-    open_references,
     place,
+    render,
     resolve_placement,
-    trim_references,
 )
 
 if TYPE_CHECKING:
@@ -82,12 +78,6 @@ def reference_noise(pipe: Any, generators: Sequence[torch.Generator], counts: Se
         del pipe.encode_input_images
 
 
-class _Rendered(NamedTuple):
-    prompt: str
-    images: list[Image.Image] | None
-    notes: tuple[str, ...]
-
-
 class OmniGenGenerator(DiffusersGenerator):
     """Text-to-image and in-context generation with OmniGen; up to 3 references as image tokens."""
 
@@ -130,52 +120,42 @@ class OmniGenGenerator(DiffusersGenerator):
         self._layout_processor.reset_max_image_size(max_input_image_size)
         self._layout_lock = threading.Lock()
 
-    def _render(self, request: GenerationRequest) -> _Rendered:
-        """The prompt with one `<img><|image_i|></img>` per reference, in the paper's template, and the pictures."""
-        references, notes = trim_references(request.references, self.max_references, self.model_id)
-        if not references:
-            return _Rendered(request.prompt, None, notes)
-        tokens = [image_token(i) for i in range(1, len(references) + 1)]
-        prompt = compose_reference_prompt(request.prompt, [r.concept for r in references], tokens)
-        return _Rendered(prompt, open_references(references), notes)
-
     def batch_key(self, request: GenerationRequest) -> BatchKind:
         """Size, steps, whether references are given, and the token positions of the request's rows."""
-        rendered = self._render(request)
+        rendered = render(request, self.max_references, self.model_id, image_token)
         width, height = request.size or self.size
         with self._layout_lock:
             rows = self._layout_processor(
                 [rendered.prompt],
-                None if rendered.images is None else [rendered.images],
+                [rendered.images] if rendered.images else None,
                 height=height,
                 width=width,
-                use_img_cfg=rendered.images is not None,
+                use_img_cfg=bool(rendered.images),
             )
         positions = tuple(rows["position_ids"][0].tolist())
-        return BatchKind(width, height, request.steps or self.steps, len(rendered.images or ()), positions)
+        return BatchKind(width, height, request.steps or self.steps, len(rendered.images), positions)
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Draw requests of one kind in one call; each reference becomes `<img><|image_i|></img>` in its prompt."""
-        rendered = [self._render(r) for r in requests]
+        rendered = [render(r, self.max_references, self.model_id, image_token) for r in requests]
         width, height = requests[0].size or self.size
-        kind = BatchKind(width, height, requests[0].steps or self.steps, max(len(r.images or ()) for r in rendered))
+        kind = BatchKind(width, height, requests[0].steps or self.steps, max(len(r.images) for r in rendered))
         generators = noise_generators(requests)
-        with_references = rendered[0].images is not None
+        prompts = [r.prompt for r in rendered]
+        options = {
+            "width": width,
+            "height": height,
+            "num_inference_steps": kind.steps,
+            "guidance_scale": self.guidance_scale,
+            "img_guidance_scale": self.image_guidance_scale,
+            "max_input_image_size": self.max_input_image_size,
+            "generator": generators,
+        }
 
         def call() -> Any:
-            counts = [len(r.images or ()) for r in rendered]
-            with reference_noise(self._pipe, generators, counts) if with_references else nullcontext():
-                return self._pipe(
-                    prompt=[r.prompt for r in rendered],
-                    input_images=[r.images for r in rendered] if with_references else None,
-                    width=width,
-                    height=height,
-                    num_inference_steps=kind.steps,
-                    guidance_scale=self.guidance_scale,
-                    img_guidance_scale=self.image_guidance_scale,
-                    max_input_image_size=self.max_input_image_size,
-                    generator=generators,
-                )
+            if not kind.references:
+                return self._pipe(prompt=prompts, **options)
+            with reference_noise(self._pipe, generators, [len(r.images) for r in rendered]):
+                return self._pipe(prompt=prompts, input_images=[r.images for r in rendered], **options)
 
-        output = self.run_pipeline(kind, len(requests), call)
-        return [GenerationResult(image, r.prompt, r.notes) for image, r in zip(output.images, rendered, strict=True)]
+        return self.draw(kind, rendered, call)

@@ -16,11 +16,10 @@ Requests share a call when size, steps and the number of references agree (0: dr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 from PIL import Image
 
-from imageloop.prompts import compose_reference_prompt
 from imageloop.protocols import GenerationRequest, GenerationResult
 from imageloop.runtime import BatchMemory, load_cached
 from imageloop.tools.generators._diffusers_common import (
@@ -28,10 +27,9 @@ from imageloop.tools.generators._diffusers_common import (
     DiffusersGenerator,
     from_hub,
     noise_generators,
-    open_references,
     place,
+    render,
     resolve_placement,
-    trim_references,
 )
 
 DEFAULT_IP_ADAPTER = "h94/IP-Adapter"
@@ -43,13 +41,6 @@ DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE_SCALE = 5.0
 PAPER_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 MAX_REFERENCES = 3
-
-
-class _Rendered(NamedTuple):
-    prompt: str
-    images: list[Image.Image]
-    references: int
-    notes: tuple[str, ...]
 
 
 class SDXLIPAdapterGenerator(DiffusersGenerator):
@@ -114,16 +105,6 @@ class SDXLIPAdapterGenerator(DiffusersGenerator):
         self._pipe = load_cached((*key, self.device, str(torch_dtype), offload), load)
         self._memory = BatchMemory(self.device)
 
-    def _render(self, request: GenerationRequest) -> _Rendered:
-        """The paper's prompt naming the references as image 1, image 2, ..., and the pictures for the adapter."""
-        references, notes = trim_references(request.references, self.max_references, self.model_id)
-        if not references:
-            # A loaded adapter needs an image; at scale 0 diffusers skips the adapter's attention entirely.
-            return _Rendered(request.prompt, [Image.new("RGB", (224, 224))], 0, notes)
-        names = [f"image {i}" for i in range(1, len(references) + 1)]
-        prompt = compose_reference_prompt(request.prompt, [r.concept for r in references], names)
-        return _Rendered(prompt, open_references(references), len(references), notes)
-
     def batch_key(self, request: GenerationRequest) -> BatchKind:
         """Size, steps and the number of references (the adapter's embeddings stack only when it agrees)."""
         width, height = request.size or self.size or (None, None)
@@ -134,7 +115,9 @@ class SDXLIPAdapterGenerator(DiffusersGenerator):
         """Draw requests of one kind in one call; each request's references condition its own picture."""
         import torch
 
-        rendered = [self._render(r) for r in requests]
+        rendered = [render(r, self.max_references, self.model_id, "image {}".format) for r in requests]
+        # A loaded adapter needs an image: drafts get a blank one, at scale 0, where diffusers skips the adapter.
+        pictures = [r.images or [Image.new("RGB", (224, 224))] for r in rendered]
         kind = self.batch_key(requests[0])
         generators = noise_generators(requests)
         scale = self.ip_adapter_scale if kind.references else 0.0
@@ -146,7 +129,7 @@ class SDXLIPAdapterGenerator(DiffusersGenerator):
             # The pipeline is shared by every backend built on it: set the scale under the device lock.
             pipe.set_ip_adapter_scale(scale)
             device = pipe._execution_device
-            embeds = [pipe.prepare_ip_adapter_image_embeds([r.images], None, device, 1, guided)[0] for r in rendered]
+            embeds = [pipe.prepare_ip_adapter_image_embeds([p], None, device, 1, guided)[0] for p in pictures]
             # Guided, each request's embeddings are (negative, positive); the batch wants all negatives first.
             stacked = torch.cat([e[:1] for e in embeds] + [e[1:] for e in embeds]) if guided else torch.cat(embeds)
             return pipe(
@@ -160,5 +143,4 @@ class SDXLIPAdapterGenerator(DiffusersGenerator):
                 generator=generators,
             )
 
-        output = self.run_pipeline(kind, len(requests), call)
-        return [GenerationResult(image, r.prompt, r.notes) for image, r in zip(output.images, rendered, strict=True)]
+        return self.draw(kind, rendered, call)

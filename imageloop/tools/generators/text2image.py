@@ -19,8 +19,8 @@ from imageloop.tools.generators._diffusers_common import (
     from_hub,
     noise_generators,
     place,
+    render,
     resolve_placement,
-    trim_references,
 )
 
 
@@ -69,18 +69,11 @@ class Text2ImageGenerator(DiffusersGenerator):
             options["num_inference_steps"] = kind.steps
         if self.guidance_scale is not None:
             options["guidance_scale"] = self.guidance_scale
-        output = self.run_pipeline(
+        rendered = [render(r, self.max_references, self.model_id, "image {}".format) for r in requests]
+        prompts = [r.prompt for r in rendered]
+        generators = noise_generators(requests)
+        return self.draw(
             kind,
-            len(requests),
-            lambda: self._pipe(
-                prompt=[r.prompt for r in requests],
-                width=kind.width,
-                height=kind.height,
-                generator=noise_generators(requests),
-                **options,
-            ),
+            rendered,
+            lambda: self._pipe(prompt=prompts, width=kind.width, height=kind.height, generator=generators, **options),
         )
-        return [
-            GenerationResult(image, r.prompt, trim_references(r.references, self.max_references, self.model_id)[1])
-            for image, r in zip(output.images, requests, strict=True)
-        ]
