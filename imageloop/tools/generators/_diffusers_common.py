@@ -2,8 +2,9 @@
 
 Only logic that must change together for all backends lives here; each backend's pipeline calls stay
 in its own module. Every backend draws a list of requests in one pipeline call (`generate_batch`) and
-a single request as a list of one, so a picture drawn in a batch is the picture drawn alone: each
-request brings its own CPU noise generator, and compatible requests share a `BatchKind`.
+a single request as a list of one. Only requests of one `BatchKind` share a call, and each brings its
+own CPU noise generator, so a request gets the same noise and conditioning in any batch as alone:
+the same picture, up to the rounding of kernels that sum in another order for another batch size.
 """
 
 from __future__ import annotations
