@@ -68,12 +68,19 @@ class RoleSpec:
         return f"{self.provider}:{self.model}"
 
 
+DEFAULT_MAX_CONCURRENT_REQUESTS = 8
+
+
 @dataclass(frozen=True)
 class Endpoint:
-    """Where an OpenAI-compatible role sends its requests; None means the client's own default."""
+    """Where an OpenAI-compatible role sends its requests; None means the client's own default.
+
+    `max_concurrent_requests` bounds the requests in flight to one endpoint from this process.
+    """
 
     base_url: str | None = None
     api_key: str | None = None
+    max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
 
 
 class Settings(BaseModel):
@@ -91,6 +98,12 @@ class Settings(BaseModel):
     generator_api_key: str | None = None
     embedder_api_key: str | None = None
     captioner_api_key: str | None = None
+    max_concurrent_requests: int = Field(
+        DEFAULT_MAX_CONCURRENT_REQUESTS,
+        ge=1,
+        le=1024,
+        description="OpenAI-compatible endpoints: requests in flight at once per endpoint (a vLLM server batches them)",
+    )
     mode: Mode = Field("draft_first", description="draft_first: critique a draft; generation: skip it")
     max_iterations: int = bounded("max_iterations")
     similarity_threshold: float | None = bounded("similarity_threshold")
@@ -212,6 +225,7 @@ class Settings(BaseModel):
         return Endpoint(
             base_url=base_url or os.environ.get("OPENAI_BASE_URL") or None,
             api_key=api_key or os.environ.get("OPENAI_API_KEY") or None,
+            max_concurrent_requests=self.max_concurrent_requests,
         )
 
 
