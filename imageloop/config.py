@@ -68,9 +68,6 @@ class RoleSpec:
         return f"{self.provider}:{self.model}"
 
 
-DEFAULT_MAX_CONCURRENT_REQUESTS = 8
-
-
 @dataclass(frozen=True)
 class Endpoint:
     """Where an OpenAI-compatible role sends its requests; None means the client's own default.
@@ -80,7 +77,7 @@ class Endpoint:
 
     base_url: str | None = None
     api_key: str | None = None
-    max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
+    max_concurrent_requests: int = limits.MAX_CONCURRENT_REQUESTS
 
 
 class Settings(BaseModel):
@@ -98,12 +95,7 @@ class Settings(BaseModel):
     generator_api_key: str | None = None
     embedder_api_key: str | None = None
     captioner_api_key: str | None = None
-    max_concurrent_requests: int = Field(
-        DEFAULT_MAX_CONCURRENT_REQUESTS,
-        ge=1,
-        le=1024,
-        description="OpenAI-compatible endpoints: requests in flight at once per endpoint (a vLLM server batches them)",
-    )
+    max_concurrent_requests: int = bounded("max_concurrent_requests")
     mode: Mode = Field("draft_first", description="draft_first: critique a draft; generation: skip it")
     max_iterations: int = bounded("max_iterations")
     similarity_threshold: float | None = bounded("similarity_threshold")
