@@ -1,11 +1,13 @@
 """Evaluation throughput: the same evaluation at concurrency 1 and at concurrency N, side by side in one run.
 
-At concurrency N the evaluation runs N targets (GenIR) or prompts (ImageRAG) at once, and wraps its
-generator, VLM and embedder in the micro-batchers (`BatchingGenerator`, `BatchingVisionLanguageModel`,
-`BatchingEmbedder`), so concurrent model calls share batched calls on the device. Printed: targets/s
-at 1 and at N, their ratio, the device busy fraction (time inside the device lock / wall time), and
-how many model calls the batchers made. Goal: concurrency N no slower than 1 on a CPU, and a busy
-device with a ratio well above 1 on a GPU.
+Both run through the application layer, as the command line and the servers do: GenIR is
+`App.eval_genir(..., concurrency=N)` (N targets searched at once), ImageRAG is N `App.generate` runs at
+once (as N jobs of the MCP server). The application hands out its backends as process-wide
+micro-batchers (`BatchingGenerator`, `BatchingVisionLanguageModel`, `BatchingEmbedder`), so concurrent
+model calls share batched calls on the device. Printed: targets/s at 1 and at N, their ratio, the
+device busy fraction (time inside the device lock / wall time), and how many model calls the batchers
+made. Goal: concurrency N no slower than 1 on a CPU, and a busy device with a ratio well above 1 on a
+GPU.
 
 - `--size small`: the tiny random models (Qwen2-VL, OmniGen or SDXL + IP-Adapter, CLIP), on the CPU
   unless `--device` says otherwise. Their answers are noise, so every GenIR target ends after its
@@ -44,18 +46,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imageloop.agents.vlms.batching import BatchingVisionLanguageModel
-from imageloop.eval.genir import evaluate_targets, load_targets
-from imageloop.graphs.genir import build_genir_graph
-from imageloop.graphs.imagerag import build_imagerag_graph
+import imageloop.backends as backends
+from imageloop.app import App
+from imageloop.config import Settings
 from imageloop.protocols import ChatCall, Embedder, GenerationRequest, ImageGenerator, VisionLanguageModel
 from imageloop.runtime import device_lock, pick_device
-from imageloop.tools.artifacts import ArtifactStore
-from imageloop.tools.embedders.batching import BatchingEmbedder
-from imageloop.tools.generators.batching import BatchingGenerator
-from imageloop.tools.indexing.image_index import ImageIndex, open_index
-from imageloop.tools.indexing.indexer import index_folder
-from imageloop.tools.indexing.retriever import Retriever
 
 SUBJECTS = ["blue jay", "red fox", "old lighthouse", "bowl of ramen", "vintage bicycle", "snow leopard", "glass teapot",
             "sailing boat", "paper lantern", "wooden chair", "hot-air balloon", "sunflower field"]  # fmt: skip
@@ -350,36 +345,37 @@ def write_pictures(folder: Path, count: int, side: int) -> None:
         Image.fromarray(pixels).save(folder / f"picture{i:04d}.png")
 
 
-def wrapped(models: Models, concurrency: int) -> tuple[VisionLanguageModel, ImageGenerator, Embedder]:
-    """The backends as an evaluation at `concurrency` uses them: micro-batched when several targets run at once."""
-    if concurrency == 1:
-        return models.vlm, models.generator, models.embedder
-    return (
-        BatchingVisionLanguageModel(models.vlm),
-        BatchingGenerator(models.generator),
-        BatchingEmbedder(models.embedder),
+def bench_app(models: Models) -> App:
+    """An application whose models are these (a `bench:` provider for each role), as a face would build it."""
+    backends.VLM_PROVIDERS["bench"] = lambda *_: models.vlm
+    backends.GENERATOR_PROVIDERS["bench"] = lambda *_: models.generator
+    backends.EMBEDDER_PROVIDERS["bench"] = lambda *_: models.embedder
+    backends.clear_backends()
+    return App(
+        Settings.model_validate({"vlm": "bench:vlm", "generator": "bench:generator", "embedder": "bench:embedder"})
     )
 
 
-def genir(models: Models, index: ImageIndex, count: int, concurrency: int, out: Path) -> float:
+def genir(app: App, pictures: Path, count: int, concurrency: int, out: Path) -> float:
     """Seconds for a GenIR evaluation (visual feedback, 3 rounds) of `count` targets at `concurrency`."""
-    vlm, generator, embedder = wrapped(models, concurrency)
     out.mkdir()
-    graph = build_genir_graph(vlm, generator, Retriever(index, embedder), ArtifactStore(out / "artifacts"))
-    targets = load_targets(index.root, index)[:count]
+    targets = out / "targets.txt"
+    targets.write_text("".join(f"{p}\n" for p in sorted(pictures.glob("*.png"))[:count]))
+    knobs = {"feedback": "visual", "rounds": 3, "k": 10, "rank_depth": 100}
     started = time.perf_counter()
-    evaluate_targets(graph, targets, out, rounds=3, k=10, feedback="visual", rank_depth=100, drawing={"seed": 0},
-                     concurrency=concurrency)  # fmt: skip
+    app.eval_genir(pictures, targets, out / "eval", knobs=knobs, concurrency=concurrency)
     return time.perf_counter() - started
 
 
-def imagerag(models: Models, index: ImageIndex, count: int, concurrency: int, out: Path) -> float:
-    """Seconds for ImageRAG over `count` prompts, `concurrency` at a time."""
-    vlm, generator, embedder = wrapped(models, concurrency)
-    graph = build_imagerag_graph(vlm, generator, Retriever(index, embedder), ArtifactStore(out / "artifacts"))
+def imagerag(app: App, pictures: Path, count: int, concurrency: int, out: Path) -> float:
+    """Seconds for ImageRAG over `count` prompts, `concurrency` runs at a time (as the MCP server's jobs)."""
+
+    def run(i: int) -> None:
+        app.generate(prompt_for(i), pictures, out_dir=out / f"run{i}", knobs={"seed": i})
+
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(lambda i: graph.invoke({"prompt": prompt_for(i), "seed": i}, version="v2"), range(count)))
+        list(pool.map(run, range(count)))
     return time.perf_counter() - started
 
 
@@ -416,17 +412,18 @@ def main() -> None:
     models.generator.generate_batch = counters["generator"]  # type: ignore[attr-defined]
     models.vlm.chat_batch = counters["vlm"]  # type: ignore[attr-defined]
 
+    app = bench_app(models)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "pictures").mkdir()
-        write_pictures(root / "pictures", args.targets, 64 if args.size == "small" else 256)
-        index_folder(root / "pictures", models.embedder, None, progress=False)
-        index = open_index(root / "pictures")
+        pictures = root / "pictures"
+        pictures.mkdir()
+        write_pictures(pictures, args.targets, 64 if args.size == "small" else 256)
+        app.index_folder(pictures)
         if device.startswith("cuda"):
-            memory_profile(models, next((root / "pictures").glob("*.png")))
+            memory_profile(models, next(pictures.glob("*.png")))
         # Warm-up: first calls pay for kernel selection and caches, on both paths.
-        workload(models, index, 2, 1, root / "warm-1")
-        workload(models, index, 2, 2, root / "warm-2")
+        workload(app, pictures, 2, 1, root / "warm-1")
+        workload(app, pictures, 2, 2, root / "warm-2")
         for counter in counters.values():
             counter.take()
         # Interleaved repeats, medians kept: a machine whose load drifts slows both sides alike.
@@ -435,12 +432,13 @@ def main() -> None:
         for repeat in range(args.repeats):
             for concurrency in (1, args.concurrency):
                 before = device_lock.busy_s()
-                seconds = workload(models, index, args.targets, concurrency, root / f"r{repeat}-c{concurrency}")
+                seconds = workload(app, pictures, args.targets, concurrency, root / f"r{repeat}-c{concurrency}")
                 rates[concurrency].append(args.targets / seconds)
                 busy[concurrency].append((device_lock.busy_s() - before) / seconds)
                 calls = ", ".join(f"{name} {counter.take()}" for name, counter in counters.items())
                 print(f"concurrency {concurrency:3d}: {rates[concurrency][-1]:7.2f} targets/s, device busy "
                       f"{busy[concurrency][-1]:.0%} ({calls})")  # fmt: skip
+        app.close()
     rate_1, rate_n = statistics.median(rates[1]), statistics.median(rates[args.concurrency])
     busy_n = statistics.median(busy[args.concurrency])
     ratio = rate_n / rate_1
