@@ -256,20 +256,49 @@ def _embedder(spec: RoleSpec, endpoint: Endpoint, placement: Placement) -> Embed
     return _build(EMBEDDER_PROVIDERS, "embedder", spec, endpoint, placement)
 
 
+# Micro-batching wrappers, one per backend and process: every caller of a backend shares its batcher, so
+# concurrent runs (an evaluation's targets, a server's jobs) have their model calls merged into batched calls.
+
+
+@functools.cache
+def _batching_vlm(spec: RoleSpec, endpoint: Endpoint, placement: Placement, role: Role) -> VisionLanguageModel:
+    from imageloop.agents.vlms.batching import BatchingVisionLanguageModel
+
+    return BatchingVisionLanguageModel(_vlm(spec, endpoint, placement, role))
+
+
+@functools.cache
+def _batching_generator(
+    spec: RoleSpec, endpoint: Endpoint, placement: Placement, options: GeneratorOptions
+) -> ImageGenerator:
+    from imageloop.tools.generators.batching import BatchingGenerator
+
+    return BatchingGenerator(_generator(spec, endpoint, placement, options))
+
+
+@functools.cache
+def _batching_embedder(spec: RoleSpec, endpoint: Endpoint, placement: Placement) -> Embedder:
+    from imageloop.tools.embedders.batching import BatchingEmbedder
+
+    return BatchingEmbedder(_embedder(spec, endpoint, placement))
+
+
 def clear_backends() -> None:
     """Forget every built backend, so the next make_* call builds anew (tests; switching provider tables)."""
-    for cached in (_vlm, _generator, _embedder):
+    for cached in (_vlm, _generator, _embedder, _batching_vlm, _batching_generator, _batching_embedder):
         cached.cache_clear()
 
 
-def make_vlm(settings: Settings, role: Role = "vlm") -> VisionLanguageModel:
-    """The VLM serving `role` (the critic and rewriter, or the captioner)."""
-    return _vlm(settings.role_spec(role), settings.endpoint(role), Placement.of(settings), role)
+def make_vlm(settings: Settings, role: Role = "vlm", *, batched: bool = False) -> VisionLanguageModel:
+    """The VLM serving `role` (the critic and rewriter, or the captioner); `batched`: its process-wide batcher."""
+    build = _batching_vlm if batched else _vlm
+    return build(settings.role_spec(role), settings.endpoint(role), Placement.of(settings), role)
 
 
-def make_generator(settings: Settings) -> ImageGenerator:
-    """The configured image generator."""
-    return _generator(
+def make_generator(settings: Settings, *, batched: bool = False) -> ImageGenerator:
+    """The configured image generator; `batched`: its process-wide batcher."""
+    build = _batching_generator if batched else _generator
+    return build(
         settings.role_spec("generator"),
         settings.endpoint("generator"),
         Placement.of(settings),
@@ -277,6 +306,7 @@ def make_generator(settings: Settings) -> ImageGenerator:
     )
 
 
-def make_embedder(settings: Settings) -> Embedder:
-    """The configured retrieval embedder."""
-    return _embedder(settings.role_spec("embedder"), settings.endpoint("embedder"), Placement.of(settings))
+def make_embedder(settings: Settings, *, batched: bool = False) -> Embedder:
+    """The configured retrieval embedder; `batched`: its process-wide batcher."""
+    build = _batching_embedder if batched else _embedder
+    return build(settings.role_spec("embedder"), settings.endpoint("embedder"), Placement.of(settings))

@@ -59,6 +59,12 @@ def _role_options() -> argparse.ArgumentParser:
     ]:
         group.add_argument(f"--{role}", metavar="PROVIDER:MODEL", help=f"e.g. {example}")
         group.add_argument(f"--{role}-base-url", metavar="URL", help=f"OpenAI-compatible endpoint for the {role}")
+    group.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        metavar="N",
+        help=f"OpenAI-compatible endpoints: requests in flight, each (default {_default('max_concurrent_requests')})",
+    )
     group.add_argument("--device", help="local models: cuda, cuda:1, mps or cpu (default: best available)")
     group.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="local models (default per device)")
     group.add_argument("--offload", action="store_true", default=None, help="diffusers: CPU offload to save VRAM")

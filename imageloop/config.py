@@ -70,10 +70,14 @@ class RoleSpec:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where an OpenAI-compatible role sends its requests; None means the client's own default."""
+    """Where an OpenAI-compatible role sends its requests; None means the client's own default.
+
+    `max_concurrent_requests` bounds the requests in flight to one endpoint from this process.
+    """
 
     base_url: str | None = None
     api_key: str | None = None
+    max_concurrent_requests: int = limits.MAX_CONCURRENT_REQUESTS
 
 
 class Settings(BaseModel):
@@ -91,6 +95,7 @@ class Settings(BaseModel):
     generator_api_key: str | None = None
     embedder_api_key: str | None = None
     captioner_api_key: str | None = None
+    max_concurrent_requests: int = bounded("max_concurrent_requests")
     mode: Mode = Field("draft_first", description="draft_first: critique a draft; generation: skip it")
     max_iterations: int = bounded("max_iterations")
     similarity_threshold: float | None = bounded("similarity_threshold")
@@ -212,6 +217,7 @@ class Settings(BaseModel):
         return Endpoint(
             base_url=base_url or os.environ.get("OPENAI_BASE_URL") or None,
             api_key=api_key or os.environ.get("OPENAI_API_KEY") or None,
+            max_concurrent_requests=self.max_concurrent_requests,
         )
 
 

@@ -29,5 +29,9 @@ class MalformedOutputError(BackendError):
     """A model's answer could not be parsed into the expected structure, even after a repair retry."""
 
 
+class OutOfMemoryError(ImageloopError):
+    """The GPU or MPS ran out of memory: a batch failing with it is split and retried; one request reports it."""
+
+
 class ImageDecodeError(ImageloopError):
     """A file is not a readable image."""

@@ -42,6 +42,8 @@ PATH_CHARS = 4096
 MIN_SIDE, MAX_SIDE = 16, 2048
 MAX_REFERENCES = 16
 """The most reference images one generation takes (GPT-Image's `images.edit` limit)."""
+MAX_CONCURRENT_REQUESTS = 8
+"""Requests in flight at once to one OpenAI-compatible endpoint by default: enough for vLLM to batch them."""
 
 BOUNDS: dict[str, Bound] = {
     # ImageRAG
@@ -68,7 +70,7 @@ BOUNDS: dict[str, Bound] = {
     "verify": Bound(0, 5, 0, "CIR: times a VLM may check the top hit and rewrite the description (0: off)"),
     "rerank_depth": Bound(1, 1000, 100, "CIR proxy fusion: re-rank the union of this many text and proxy hits"),
     "triplets": Bound(1, 1_000_000, None, "DAIG: triplets the dataset folder should hold"),
-    "triplet_concurrency": Bound(1, 16, 2, "DAIG: triplets scripted and drawn at once (drawing takes turns)"),
+    "triplet_concurrency": Bound(1, 16, 2, "DAIG: triplets scripted and drawn at once (their model calls batched)"),
     "hybrid_visual_fraction": Bound(0.0, 1.0, 0.223, "GenIR random hybrid: share of queries shown visual feedback"),
     "user_temperature": Bound(0.0, 2.0, None, "simulated user's sampling temperature (default per style)"),
     "user_top_p": Bound(0.0, 1.0, None, "simulated user's nucleus sampling top_p (default per style)"),
@@ -80,6 +82,9 @@ BOUNDS: dict[str, Bound] = {
     # Jobs
     "batch_size": Bound(1, 256, 32, "images embedded per batch while indexing"),
     "concurrency": Bound(1, 64, 1, "evaluation targets searched at once"),
+    "max_concurrent_requests": Bound(
+        1, 1024, MAX_CONCURRENT_REQUESTS, "OpenAI-compatible endpoints: requests in flight at once, each (vLLM batches)"
+    ),
     "wait_seconds": Bound(0, 50, 40, "how long an agent's call waits for a run before returning its id to poll"),
     "max_images": Bound(0, 16, 10, "thumbnails in one tool answer"),
 }

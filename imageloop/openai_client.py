@@ -1,14 +1,17 @@
 """One place that builds OpenAI clients and turns their exceptions into one-line BackendErrors.
 
 Every OpenAI-compatible backend (chat, images, embeddings) goes through here, so local servers (vLLM,
-Ollama, LM Studio) and api.openai.com are configured and reported the same way. `openai` is imported
-inside the functions: `import imageloop` must stay fast.
+Ollama, LM Studio) and api.openai.com are configured, bounded and reported the same way. The client
+is thread-safe and calls run concurrently (no lock around them): `request_slots` only caps how many
+are in flight to one endpoint, enough for a vLLM server to batch them, not so many that it thrashes.
+`openai` is imported inside the functions: `import imageloop` must stay fast.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -43,6 +46,18 @@ def make_client(endpoint: Endpoint, *, max_retries: int = 2, timeout: float = 12
             )
         api_key = PLACEHOLDER_API_KEY
     return openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=max_retries, timeout=timeout)
+
+
+_slots: dict[tuple[str, int], threading.BoundedSemaphore] = {}
+_slots_lock = threading.Lock()
+
+
+def request_slots(base_url: str, limit: int) -> threading.BoundedSemaphore:
+    """The process-wide bound on requests in flight to `base_url`: hold it around each request; the others wait."""
+    # Every backend on one server shares it (VLM, captioner, images, embeddings), whatever its client object.
+    key = (base_url.rstrip("/"), limit)
+    with _slots_lock:
+        return _slots.setdefault(key, threading.BoundedSemaphore(limit))
 
 
 def _one_line(text: str) -> str:

@@ -6,7 +6,7 @@ live in `imageloop.agents` and `imageloop.tools` and are chosen by `imageloop.ba
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
@@ -72,6 +72,27 @@ class VisionLanguageModel(Protocol):
 
 
 @dataclass(frozen=True)
+class ChatCall:
+    """One `VisionLanguageModel.chat` call's arguments, as a batch-capable backend takes them in a list."""
+
+    messages: Sequence[Message]
+    json_schema: Mapping[str, Any] | None = None
+    decoding: Decoding = GREEDY
+
+
+@runtime_checkable
+class BatchVisionLanguageModel(VisionLanguageModel, Protocol):
+    """A VLM that answers several chat calls in one batched pass (a local transformers model).
+
+    Calls with equal `batch_key`s may share a pass; each answer equals the answer to the same call alone.
+    """
+
+    def batch_key(self, call: ChatCall) -> Hashable: ...
+
+    def chat_batch(self, calls: Sequence[ChatCall]) -> list[str]: ...
+
+
+@dataclass(frozen=True)
 class ReferenceImage:
     """A retrieved image passed to a generator as an in-context example of `concept`.
 
@@ -132,6 +153,21 @@ class ImageGenerator(Protocol):
     max_references: int
 
     def generate(self, request: GenerationRequest) -> GenerationResult: ...
+
+
+@runtime_checkable
+class BatchImageGenerator(ImageGenerator, Protocol):
+    """An ImageGenerator that draws several requests in one pipeline call (the local diffusers backends).
+
+    Requests with equal `batch_key`s may share a call, each picture drawn from its own seed;
+    `batch_capacity(key)` is how many such requests fit on the device now (None: no estimate).
+    """
+
+    def batch_key(self, request: GenerationRequest) -> Hashable: ...
+
+    def batch_capacity(self, key: Any) -> int | None: ...
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]: ...
 
 
 @runtime_checkable

@@ -5,17 +5,21 @@ with fp16 (bf16 where supported), Apple MPS with fp16, else CPU with fp32; both 
 Every local backend loads through `load_cached`, keyed by what it loads and where, so repeated
 iterations, runs and server sessions in one process share one copy. GPU work is serialised through
 `device_lock`, because LangGraph runs sync nodes in a thread pool and two pipelines on one GPU at
-once only thrash memory.
+once only thrash memory; concurrent callers share the device by batching instead
+(`imageloop.batching`), and `BatchMemory` says how large a batch still fits.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Hashable
+import time
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from imageloop.errors import ConfigError, ImageloopError
+from imageloop.errors import ConfigError, ImageloopError, OutOfMemoryError
 
 if TYPE_CHECKING:
     import torch
@@ -25,7 +29,43 @@ T = TypeVar("T")
 _cache: dict[Hashable, Any] = {}
 _cache_lock = threading.Lock()
 _key_locks: dict[Hashable, threading.Lock] = {}
-device_lock = threading.RLock()
+
+
+class DeviceLock:
+    """A re-entrant lock held around every forward pass of a local model, counting how long it was held.
+
+    The held time is the device's busy time: a benchmark divides it by wall time to see how much of a
+    run the device spent in model calls.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._depth = 0  # changed only by the thread holding the lock
+        self._since = 0.0
+        self._busy_s = 0.0
+
+    def __enter__(self) -> DeviceLock:
+        self._lock.acquire()
+        self._depth += 1
+        if self._depth == 1:
+            self._since = time.perf_counter()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._busy_s += time.perf_counter() - self._since
+        self._lock.release()
+
+    def busy_s(self) -> float:
+        """Seconds the lock has been held so far, the current hold included."""
+        ongoing = time.perf_counter() - self._since if self._depth else 0.0
+        return self._busy_s + ongoing
+
+
+device_lock = DeviceLock()
 """Held around every forward pass of a local model."""
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -112,10 +152,86 @@ def explain_load_failure(model: str, error: Exception) -> ImageloopError:
     return ConfigError(f"model {model!r} is not available: {how}")
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is a device out-of-memory error (torch's own, or a backend's RuntimeError saying so)."""
+    if isinstance(error, OutOfMemoryError):
+        return True
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    )
+
+
+class BatchMemory:
+    """How many requests of one kind fit on a CUDA device at once, learned from the batches that ran.
+
+    Each measured batch records the device memory one request of its kind added at peak (the batch's
+    peak over what was allocated before, divided by its size); the capacity is what is free now, with
+    a margin, over that. A batch that ran out of memory caps its kind below its size. Nothing is
+    estimated off CUDA (CPU memory is not the limit there) or before a kind's first batch.
+    """
+
+    def __init__(self, device: str, headroom: float = 0.85) -> None:
+        self.device = device
+        self.headroom = headroom
+        self.per_request: dict[Hashable, float] = {}
+        self.ceiling: dict[Hashable, int] = {}
+
+    def capacity(self, kind: Hashable) -> int | None:
+        """At most this many requests of `kind` in one batch now; None when nothing is known."""
+        if not self.device.startswith("cuda"):
+            return None
+        import torch
+
+        limits = [self.ceiling[kind]] if kind in self.ceiling else []
+        if self.per_request.get(kind):
+            free, _ = torch.cuda.mem_get_info(self.device)
+            # Memory the caching allocator holds but no tensor uses is free for the next batch too.
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            limits.append(int((free + cached) * self.headroom / self.per_request[kind]))
+        return max(1, min(limits)) if limits else None
+
+    @contextmanager
+    def measure(self, kind: Hashable, size: int) -> Iterator[None]:
+        """Run one batch of `size` requests of `kind`, learning its memory per request (or its ceiling)."""
+        if not self.device.startswith("cuda"):
+            yield
+            return
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        try:
+            yield
+        except BaseException as e:
+            if is_out_of_memory(e):
+                self.ceiling[kind] = min(self.ceiling.get(kind, size), max(1, size - 1))
+            raise
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        self.per_request[kind] = max(self.per_request.get(kind, 0.0), peak / size)
+
+
 # Steps cost time, not memory; a 16-bit dtype halves float32's weights and activations.
 DIFFUSION_MEMORY_KNOBS = "lower --size, use --dtype bfloat16 or float16 (not float32), or CPU offload (--offload)"
 
 
-def explain_out_of_memory(what: str, knobs: str = DIFFUSION_MEMORY_KNOBS) -> ImageloopError:
-    """The one-line message for a CUDA/MPS out-of-memory error, naming the knobs that help `what`."""
-    return ImageloopError(f"out of GPU memory while {what}: {knobs}")
+def explain_out_of_memory(what: str, knobs: str = DIFFUSION_MEMORY_KNOBS) -> OutOfMemoryError:
+    """The one-line error for a CUDA/MPS out-of-memory error, naming the knobs that help `what`."""
+    return OutOfMemoryError(f"out of GPU memory while {what}: {knobs}")
+
+
+@contextmanager
+def translated_out_of_memory(what: str, knobs: str = DIFFUSION_MEMORY_KNOBS) -> Iterator[None]:
+    """Turn a CUDA/MPS out-of-memory error inside the block into the one-line error naming the knobs."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        import torch
+
+        # Free what the failed step cached, so a smaller batch or request can still run in this process.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise explain_out_of_memory(what, knobs) from e

@@ -131,6 +131,11 @@ class FakeOpenAIServer:
 
     def __init__(self) -> None:
         self.requests: list[RecordedRequest] = []
+        self.latency_s = 0.0
+        """How long every answer takes (requests overlap in the server's threads)."""
+        self.in_flight = 0
+        self.max_in_flight = 0
+        """The most requests the server was answering at one time."""
         self._scripted: defaultdict[str, deque[tuple[int, Any]]] = defaultdict(deque)
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -195,7 +200,13 @@ class FakeOpenAIServer:
                     json=json.loads(raw) if content_type.startswith("application/json") and raw else None,
                     parts=_parse_multipart(content_type, raw) if content_type.startswith("multipart/") else [],
                 )
+                with server._lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                time.sleep(server.latency_s)
                 status, body = server._answer(recorded)
+                with server._lock:
+                    server.in_flight -= 1
                 payload = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

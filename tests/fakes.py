@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from imageloop.protocols import GREEDY, Decoding, GenerationRequest, GenerationResult, Message, RetrievedImage, Vector
+from imageloop.protocols import (
+    GREEDY,
+    ChatCall,
+    Decoding,
+    GenerationRequest,
+    GenerationResult,
+    Message,
+    RetrievedImage,
+    Vector,
+)
 
 
 def _unit(vectors: np.ndarray) -> Vector:
@@ -93,6 +103,64 @@ class ScriptedGenerator:
         tokens = [f"<image {i}>" for i in range(1, len(request.references) + 1)]
         prompt_used = request.prompt if not tokens else f"{request.prompt} | refs: {' '.join(tokens)}"
         return GenerationResult(Image.new("RGB", (16, 16), (shade, 255 - shade, 128)), prompt_used)
+
+
+class Rendezvous:
+    """The first `parties` callers wait for each other (at most `timeout_s`), so they reach a batcher together;
+    later callers pass straight through. Concurrent work then meets in one batch whatever the thread timing."""
+
+    def __init__(self, parties: int, timeout_s: float = 5.0) -> None:
+        self.parties = parties
+        self.timeout_s = timeout_s
+        self.arrived = 0
+        self.condition = threading.Condition()
+
+    def meet(self) -> None:
+        """Arrive, then wait for the others."""
+        with self.condition:
+            self.arrived += 1
+            self.condition.notify_all()
+        self.wait()
+
+    def wait(self) -> bool:
+        """Wait (without arriving) until every party has arrived; False if they did not in time."""
+        with self.condition:
+            return self.condition.wait_for(lambda: self.arrived >= self.parties, self.timeout_s)
+
+
+@dataclass
+class ScriptedBatchVLM(ScriptedVLM):
+    """A ScriptedVLM that also answers a list of calls in one pass (as a local model does); records pass sizes."""
+
+    passes: list[int] = field(default_factory=list)
+    rendezvous: Rendezvous = field(default_factory=lambda: Rendezvous(0))
+
+    def batch_key(self, call: ChatCall) -> Hashable:
+        self.rendezvous.meet()
+        return None
+
+    def chat_batch(self, calls: Sequence[ChatCall]) -> list[str]:
+        self.passes.append(len(calls))
+        return [self.chat(c.messages, c.json_schema, c.decoding) for c in calls]
+
+
+@dataclass
+class ScriptedBatchGenerator(ScriptedGenerator):
+    """A ScriptedGenerator that also draws a list of requests in one call (as a diffusers backend does)."""
+
+    calls: list[int] = field(default_factory=list)
+    rendezvous: Rendezvous = field(default_factory=lambda: Rendezvous(0))
+
+    def batch_key(self, request: GenerationRequest) -> Hashable:
+        self.rendezvous.meet()
+        return (request.size, request.steps, len(request.references))
+
+    def batch_capacity(self, key: Any) -> int | None:
+        return None
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        self.calls.append(len(requests))
+        return [self.generate(r) for r in requests]
 
 
 @dataclass

@@ -39,7 +39,8 @@ class SlowEmbedder(FakeHashEmbedder):
         return super().embed_images(images)
 
 
-def slow_embedder(settings: Settings) -> SlowEmbedder:
+def slow_embedder(settings: Settings, *, batched: bool = False) -> SlowEmbedder:
+    """The slow embedder in place of the configured one (unbatched either way: indexing is one caller)."""
     return SlowEmbedder(float(os.environ.get("SLOW_EMBED_DELAY_S", "0.05")))
 
 

@@ -9,7 +9,9 @@ classes to see what reaches them; nothing about the models is faked.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
+    AutoencoderKL,
     FluxPipeline,
     FluxPriorReduxPipeline,
     OmniGenPipeline,
@@ -32,9 +35,18 @@ from imageloop.backends import GENERATOR_PROVIDERS, GeneratorOptions, Placement,
 from imageloop.cli import _settings, build_parser
 from imageloop.config import Endpoint, Settings, load_settings
 from imageloop.errors import ConfigError, ImageloopError
-from imageloop.protocols import GenerationRequest, GenerationResult, ImageGenerator, PromptTemplate, ReferenceImage
+from imageloop.protocols import (
+    BatchImageGenerator,
+    GenerationRequest,
+    GenerationResult,
+    ImageGenerator,
+    PromptTemplate,
+    ReferenceImage,
+)
 from imageloop.tiny.diffusion import IP_ADAPTER_IMAGE_ENCODER, IP_ADAPTER_WEIGHT, tiny_generator_dir
 from imageloop.tools.generators import flux, omnigen, sdxl_ip_adapter
+from imageloop.tools.generators.batching import BatchingGenerator
+from tests.fakes import ScriptedGenerator
 
 SIZE = (64, 64)
 PROMPT = "a Cyanocitta cristata on a snowy branch"
@@ -165,13 +177,14 @@ def test_omnigen_gets_the_references_in_order_with_one_numbered_token_each(
     model_dirs: dict[str, Path], references: list[ReferenceImage], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = spy(monkeypatch, OmniGenPipeline)
-    encoded = spy(monkeypatch, OmniGenPipeline, "encode_input_images")
+    encoded = spy(monkeypatch, AutoencoderKL, "encode")
     chosen = [references[0], references[2], references[3]]
     result = build("omnigen", model_dirs).generate(request(chosen))
 
     (call,) = calls
-    assert same_pictures(call["input_images"], chosen)
-    assert call["prompt"] == result.prompt_used
+    (pictures,) = call["input_images"]  # a batch of one request
+    assert same_pictures(pictures, chosen)
+    assert call["prompt"] == [result.prompt_used]
     assert re.findall(r"<img><\|image_(\d+)\|></img>", result.prompt_used) == ["1", "2", "3"]
     # Each image follows the retrieval caption that found it, as the released imageRAG_OmniGen.py words it.
     assert result.prompt_used == (
@@ -180,8 +193,7 @@ def test_omnigen_gets_the_references_in_order_with_one_numbered_token_each(
         f"generate {PROMPT}"
     )
     # The pictures reach the VAE: the conditional branch and the image-guidance branch encode all three.
-    (encoding,) = encoded
-    assert len(encoding["args"][0]) == 2 * len(chosen)
+    assert len(encoded) == 2 * len(chosen)
     assert result.notes == ()
 
 
@@ -193,7 +205,7 @@ def test_omnigen_takes_three_of_four_references_by_score_and_says_which_it_dropp
     result = generator.generate(request(references))
 
     assert generator.max_references == 3
-    assert same_pictures(calls[0]["input_images"], [references[0], references[2], references[3]])
+    assert same_pictures(calls[0]["input_images"][0], [references[0], references[2], references[3]])
     assert result.prompt_used.count("<img><|image_") == 3
     (note,) = result.notes
     assert "at most 3 references" in note and "ref2.png (0.100)" in note
@@ -207,7 +219,7 @@ def test_omnigen_verbatim_keeps_the_prompt_and_the_first_three_picks_in_order(
     picked = [references[3], references[1], references[0], references[2]]
     result = generator.generate(request(picked, template="verbatim"))
 
-    assert same_pictures(calls[0]["input_images"], picked[:3])
+    assert same_pictures(calls[0]["input_images"][0], picked[:3])
     # The prompt is the user's; OmniGen sees no image its text does not point at, so the tokens follow it.
     tokens = "<img><|image_1|></img> <img><|image_2|></img> <img><|image_3|></img>"
     assert result.prompt_used == f"{PROMPT} {tokens}"
@@ -231,6 +243,17 @@ def ip_adapter_scales(pipe: Any) -> set[float]:
     return {s[0] for s in scales}
 
 
+def adapter_encoding(embeds: list[dict[str, Any]]) -> tuple[list[Image.Image], torch.Tensor]:
+    """The pictures the SDXL backend gave its one adapter to encode, and the embeddings that came back.
+
+    The backend encodes each request's references itself; the pipeline then takes those embeddings as given.
+    """
+    (encoding,) = [e for e in embeds if e["args"][0] is not None]
+    (adapter_images,) = encoding["args"][0]  # one adapter
+    (adapter_embeds,) = encoding["returned"]
+    return list(adapter_images), adapter_embeds
+
+
 def sdxl_with(model_dirs: dict[str, Path], **kwargs: Any) -> sdxl_ip_adapter.SDXLIPAdapterGenerator:
     """The SDXL backend on the tiny checkpoint and adapter, with constructor options the settings do not reach."""
     return sdxl_ip_adapter.SDXLIPAdapterGenerator(
@@ -246,16 +269,17 @@ def test_sdxl_takes_one_reference_as_in_the_paper_and_names_it_by_its_caption(
     model_dirs: dict[str, Path], references: list[ReferenceImage], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = spy(monkeypatch, StableDiffusionXLPipeline)
+    embeds = spy(monkeypatch, StableDiffusionXLPipeline, "prepare_ip_adapter_image_embeds")
     generator = build("sdxl-ip-adapter", model_dirs, ip_adapter_scale=0.7)
     result = generator.generate(request(references[:3]))
 
     assert generator.max_references == 1
     (call,) = calls
-    assert same_pictures(call["ip_adapter_image"][0], references[:1])  # the best-scoring of the three
+    assert same_pictures(adapter_encoding(embeds)[0], references[:1])  # the best-scoring of the three
     assert ip_adapter_scales(call["self"]) == {0.7}
     # The released imageRAG_SDXL.py's wording: no "image 1", which SDXL's text encoders cannot resolve.
     assert result.prompt_used == f"According to this image of a photo of concept 1, generate {PROMPT}"
-    assert call["prompt"] == result.prompt_used
+    assert call["prompt"] == [result.prompt_used]
     assert call["negative_prompt"] == sdxl_ip_adapter.PAPER_NEGATIVE_PROMPT
     (note,) = result.notes
     assert "at most 1 references" in note and "ref2.png (0.100)" in note and "ref3.png (0.800)" in note
@@ -270,26 +294,29 @@ def test_sdxl_with_several_references_gives_them_all_to_one_adapter_without_numb
     result = sdxl_with(model_dirs, max_references=3).generate(request(chosen))
 
     (call,) = calls
-    (adapter_images,) = call["ip_adapter_image"]  # one adapter ...
-    assert same_pictures(adapter_images, chosen)  # ... given all three pictures, in order
+    adapter_images, adapter_embeds = adapter_encoding(embeds)
+    assert same_pictures(adapter_images, chosen)  # one adapter given all three pictures, in order
     captions = "a photo of concept 1, a photo of concept 2, a photo of concept 3"
+    assert call["prompt"] == [result.prompt_used]
     assert result.prompt_used == f"According to these images of {captions}, generate {PROMPT}"
     assert "image 1" not in result.prompt_used
+    assert call["negative_prompt"] == sdxl_ip_adapter.PAPER_NEGATIVE_PROMPT
     # The image encoder turned them into one adapter's embeddings: (guidance batch, 3 pictures, tokens, width).
-    (embedding,) = embeds
-    (adapter_embeds,) = embedding["returned"]
     assert adapter_embeds.shape[:2] == (2, 3)
+    (passed,) = call["ip_adapter_image_embeds"]
+    assert torch.equal(passed, adapter_embeds)
 
 
 def test_sdxl_verbatim_sends_the_prompt_unchanged_with_the_first_pick(
     model_dirs: dict[str, Path], references: list[ReferenceImage], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = spy(monkeypatch, StableDiffusionXLPipeline)
+    embeds = spy(monkeypatch, StableDiffusionXLPipeline, "prepare_ip_adapter_image_embeds")
     picked = [references[1], references[0]]
     result = build("sdxl-ip-adapter", model_dirs).generate(request(picked, template="verbatim"))
 
-    assert result.prompt_used == PROMPT == calls[0]["prompt"]
-    assert same_pictures(calls[0]["ip_adapter_image"][0], picked[:1])  # the weaker pick, because it came first
+    assert [result.prompt_used] == [PROMPT] == calls[0]["prompt"]
+    assert same_pictures(adapter_encoding(embeds)[0], picked[:1])  # the weaker pick, because it came first
     (note,) = result.notes
     assert "kept the first 1 as given, dropped ref1.png (0.900)" in note
 
@@ -579,3 +606,113 @@ def test_a_preset_whose_pipeline_diffusers_lacks_is_refused_in_one_line(monkeypa
         make_generator(load_settings(overrides={"generator": "preset:future-model"}))
     with pytest.raises(ConfigError, match=r"unknown generator preset; known: sd3\.5-large, flux\.1-dev"):
         make_generator(load_settings(overrides={"generator": "preset:sd4"}))
+
+
+# --- batches: concurrent requests drawn in one pipeline call ------------------------------------------
+
+# Prompts of one length: OmniGen batches only requests whose rows line up token for token.
+BATCH_PROMPTS = [f"a {colour} jay on a snowy branch" for colour in ("blue", "grey", "pink", "gold", "teal")]
+BATCH_CASES = [("omnigen", 0), ("omnigen", 2), ("sdxl-ip-adapter", 0), ("sdxl-ip-adapter", 2), ("flux", 0),
+               ("flux", 2), ("diffusers", 0)]  # fmt: skip
+ROUNDING_LEVELS = 1
+"""How far (of 255) a batched picture may be from the lone one: kernels pick their summation order by batch size."""
+
+
+def batch_requests(references: list[ReferenceImage], count: int) -> list[GenerationRequest]:
+    """One request per batch prompt, each with its own seed and the first `count` references."""
+    return [
+        GenerationRequest(p, tuple(references[:count]), seed=i, size=SIZE, steps=2) for i, p in enumerate(BATCH_PROMPTS)
+    ]
+
+
+def batched(provider: str, model_dirs: dict[str, Path]) -> BatchImageGenerator:
+    """The backend for `provider`, taking up to 3 references (SDXL too, so several are batched per picture)."""
+    generator = build(provider, model_dirs, sdxl_max_references=3)
+    assert isinstance(generator, BatchImageGenerator)
+    return generator
+
+
+def submit_while_the_device_is_busy(wrapper: BatchingGenerator, requests: list[GenerationRequest]) -> list[Any]:
+    """Submit every request from its own thread while another model holds the device: all queue for one batch."""
+    with ThreadPoolExecutor(len(requests)) as pool:
+        with runtime.device_lock:
+            futures = [pool.submit(wrapper.generate, r) for r in requests]
+            time.sleep(0.2)
+        return [f.result() for f in futures]
+
+
+@pytest.mark.parametrize(("provider", "count"), BATCH_CASES)
+def test_a_picture_does_not_depend_on_the_requests_it_is_batched_with(
+    provider: str, count: int, model_dirs: dict[str, Path], references: list[ReferenceImage]
+) -> None:
+    generator = batched(provider, model_dirs)
+    r = batch_requests(references, count)
+    assert len({generator.batch_key(request) for request in r}) == 1
+    first = generator.generate_batch([r[0], r[1], r[2], r[3]])
+    second = generator.generate_batch([r[4], r[2], r[0], r[1]])
+    assert np.array_equal(pixels(first[0].image), pixels(second[2].image))
+    assert np.array_equal(pixels(first[2].image), pixels(second[1].image))
+    assert not np.array_equal(pixels(first[0].image), pixels(first[1].image))
+    assert [x.prompt_used for x in first] == [generator.generate(request).prompt_used for request in r[:4]]
+
+
+@pytest.mark.parametrize(("provider", "count"), BATCH_CASES)
+def test_a_batched_picture_is_the_picture_drawn_alone_up_to_rounding(
+    provider: str, count: int, model_dirs: dict[str, Path], references: list[ReferenceImage]
+) -> None:
+    generator = batched(provider, model_dirs)
+    r = batch_requests(references, count)[:4]
+    for alone, together in zip([generator.generate(x) for x in r], generator.generate_batch(r), strict=True):
+        difference = np.abs(pixels(alone.image).astype(int) - pixels(together.image).astype(int))
+        assert difference.max() <= ROUNDING_LEVELS
+
+
+def test_concurrent_requests_share_calls_only_with_requests_of_their_kind(
+    model_dirs: dict[str, Path], references: list[ReferenceImage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = spy(monkeypatch, OmniGenPipeline)
+    generator = batched("omnigen", model_dirs)
+    same = batch_requests(references, 0)[:3]
+    longer = GenerationRequest(PROMPT, seed=3, size=SIZE, steps=2)  # another prompt length: its rows do not line up
+    with_references = batch_requests(references, 2)[:2]
+    bigger = GenerationRequest(BATCH_PROMPTS[0], seed=4, size=(128, 128), steps=2)
+    requests = [*same, longer, *with_references, bigger]
+    results = submit_while_the_device_is_busy(BatchingGenerator(generator, max_batch=8), requests)
+
+    assert sorted(len(call["prompt"]) for call in calls) == [1, 1, 2, 3]
+    assert len({generator.batch_key(r) for r in requests}) == 4
+    # Each caller gets its own picture: the one its request gets in a batch of its kind.
+    expected = generator.generate_batch(same)
+    assert all(np.array_equal(pixels(a.image), pixels(b.image)) for a, b in zip(results[:3], expected, strict=True))
+    assert [r.prompt_used for r in results[4:6]] == [x.prompt_used for x in generator.generate_batch(with_references)]
+    assert results[-1].image.size == (128, 128)
+
+
+def test_a_batch_that_runs_out_of_gpu_memory_is_split_in_halves_and_every_picture_drawn(
+    model_dirs: dict[str, Path], references: list[ReferenceImage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generator = batched("sdxl-ip-adapter", model_dirs)
+    original = StableDiffusionXLPipeline.__call__
+    sizes: list[int] = []
+
+    def fits_two(self: Any, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(len(kwargs["prompt"]))
+        if len(kwargs["prompt"]) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", fits_two)
+    r = batch_requests(references, 2)[:4]
+    results = submit_while_the_device_is_busy(BatchingGenerator(generator), r)
+
+    assert sizes == [4, 2, 2]
+    halves = generator.generate_batch(r[:2]) + generator.generate_batch(r[2:])
+    assert all(np.array_equal(pixels(a.image), pixels(b.image)) for a, b in zip(results, halves, strict=True))
+
+
+def test_a_generator_that_cannot_batch_is_called_directly() -> None:
+    inner = ScriptedGenerator()
+    wrapper = BatchingGenerator(inner)
+    result = wrapper.generate(GenerationRequest(PROMPT, seed=1))
+    assert inner.requests == [GenerationRequest(PROMPT, seed=1)] and result.prompt_used == PROMPT
+    assert (wrapper.model_id, wrapper.max_references) == (inner.model_id, inner.max_references)

@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from pydantic import BaseModel
 
 from imageloop.agents.structured import ask_structured, json_schema_for
 from imageloop.agents.vlms.openai_compatible import OpenAIVisionLanguageModel
-from imageloop.config import Endpoint
+from imageloop.config import Endpoint, Settings, load_settings
 from imageloop.errors import BackendError, ConfigError, MalformedOutputError
 from imageloop.openai_client import make_client
 from imageloop.protocols import Decoding, GenerationRequest, Message, PromptTemplate, ReferenceImage
@@ -420,3 +421,36 @@ def test_the_backend_modules_import_openai_lazily() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
 
     assert json.loads(out) is False
+
+
+# --- concurrency: requests overlap, at most max_concurrent_requests per endpoint -------------------------------
+
+
+def test_concurrent_calls_overlap_up_to_the_endpoints_bound(openai_server: FakeOpenAIServer) -> None:
+    openai_server.latency_s = 0.2
+    endpoint = Endpoint(base_url=openai_server.base_url, max_concurrent_requests=3)
+    vlm = OpenAIVisionLanguageModel("gpt-test", endpoint)
+    with ThreadPoolExecutor(9) as pool:
+        answers = list(pool.map(lambda i: vlm.chat([Message("user", f"hello {i}")]), range(9)))
+    assert len(answers) == 9 and len(openai_server.requests_to(CHAT)) == 9
+    assert openai_server.max_in_flight == 3
+
+
+def test_every_backend_on_one_endpoint_shares_its_bound(openai_server: FakeOpenAIServer) -> None:
+    openai_server.latency_s = 0.2
+    endpoint = Endpoint(base_url=openai_server.base_url, max_concurrent_requests=2)
+    vlm = OpenAIVisionLanguageModel("gpt-test", endpoint)
+    captioner = OpenAIVisionLanguageModel("another-model", endpoint)
+    embedder = OpenAITextEmbedder("local-embed", endpoint)
+    calls = [lambda: vlm.chat([Message("user", "hi")]), lambda: captioner.chat([Message("user", "hi")]),
+             lambda: embedder.embed_texts(["hi"])] * 2  # fmt: skip
+    with ThreadPoolExecutor(6) as pool:
+        for future in [pool.submit(call) for call in calls]:
+            future.result()
+    assert openai_server.max_in_flight == 2
+
+
+def test_the_bound_is_a_setting_that_reaches_each_roles_endpoint() -> None:
+    assert Settings().endpoint("vlm").max_concurrent_requests == 8
+    settings = load_settings(environ={"IMAGELOOP_MAX_CONCURRENT_REQUESTS": "32"})
+    assert {settings.endpoint(role).max_concurrent_requests for role in ("vlm", "generator", "embedder")} == {32}

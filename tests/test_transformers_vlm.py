@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +16,17 @@ from PIL import Image
 from imageloop import runtime, tiny
 from imageloop.agents.critic import CriticVerdict
 from imageloop.agents.structured import ask_structured, json_schema_for
+from imageloop.agents.vlms.batching import BatchingVisionLanguageModel
 from imageloop.agents.vlms.transformers_local import TransformersVisionLanguageModel
 from imageloop.backends import VLM_PROVIDERS, Placement
 from imageloop.config import Endpoint
 from imageloop.errors import ConfigError, ImageloopError, MalformedOutputError
 from imageloop.graphs.imagerag import build_imagerag_graph
 from imageloop.prompts import REPAIR_PROMPT
-from imageloop.protocols import Decoding, Message
+from imageloop.protocols import GREEDY, ChatCall, Decoding, Message
 from imageloop.tiny.vlm import build_qwen2_vl, build_smolvlm
 from imageloop.tools.artifacts import ArtifactStore
-from tests.fakes import ScriptedGenerator, ScriptedRetriever
+from tests.fakes import ScriptedGenerator, ScriptedRetriever, ScriptedVLM
 
 
 @pytest.fixture(scope="session")
@@ -144,8 +146,27 @@ def test_sampling_uses_the_papers_knobs_and_a_seed_repeats_the_answer(
     first = vlm.chat([Message("user", "Hello")], decoding=paper)
     again = vlm.chat([Message("user", "Hello")], decoding=paper)
     call = spy.calls[0]
-    assert (call["do_sample"], call["temperature"], call["top_p"], call["repetition_penalty"]) == (True, 0.7, 0.9, 1.1)
+    # generate picks greedily what each row's own decoding drew: the knobs live in RowDecoding.
+    assert (call["do_sample"], call["repetition_penalty"]) == (False, 1.0)
+    (rows,) = call["logits_processor"]
+    ((pad, steps, generator),) = rows.rows
+    assert [type(s).__name__ for s in steps] == [
+        "RepetitionPenaltyLogitsProcessor",
+        "TemperatureLogitsWarper",
+        "TopKLogitsWarper",
+        "TopPLogitsWarper",
+    ]
+    assert (steps[0].penalty, steps[1].temperature, steps[2].top_k, steps[3].top_p) == (1.1, 0.7, 50, 0.9)
+    assert pad == 0 and generator is not None
     assert first == again
+
+
+def test_sampling_draws_from_the_seed(vlm: TransformersVisionLanguageModel) -> None:
+    vlm.max_new_tokens = 24
+    hello = [Message("user", "Hello")]
+    answers = {vlm.chat(hello, decoding=Decoding(temperature=1.0, seed=seed)) for seed in range(3)}
+    assert len(answers) == 3
+    assert vlm.chat(hello) not in answers
 
 
 def test_greedy_answers_repeat_across_calls_and_after_a_reload(qwen2_vl_dir: Path, tmp_path: Path) -> None:
@@ -208,6 +229,129 @@ def test_smolvlm_sees_each_image_as_its_image_sequence(
     image_token_id = vlm.processor.tokenizer.convert_tokens_to_ids("<image>")
     assert int((call["input_ids"] == image_token_id).sum()) == 2 * vlm.processor.image_seq_len
     assert rendered(vlm, call).startswith("<|im_start|>System: Be brief.<end_of_utterance>\nUser: Compare.")
+
+
+# --- batches: concurrent calls answered in one left-padded generate -------------------------------------
+
+PAPER = Decoding(temperature=0.7, top_p=0.9, repetition_penalty=1.1, seed=5)
+MIXED_DECODINGS = [Decoding(), Decoding(repetition_penalty=1.3), PAPER, Decoding(temperature=1.2, seed=9)]
+
+
+def mixed_calls(tmp_path: Path) -> list[ChatCall]:
+    """Four one-picture calls: prompts and pictures of different sizes (so rows pad differently), each decoding."""
+    texts = ["Describe it.", "What is in this picture, in detail?", "Hi.", "Is it a bird or a very large cat?"]
+    calls = []
+    for i, (text, decoding) in enumerate(zip(texts, MIXED_DECODINGS, strict=True)):
+        image = picture(tmp_path, f"p{i}.png", (28 + 14 * i, 28 + 28 * i), (60 * i, 90, 9))
+        calls.append(ChatCall([Message("user", text, (image,))], None, decoding))
+    return calls
+
+
+def same_length_calls(tmp_path: Path) -> list[ChatCall]:
+    """Four one-picture calls whose prompts and pictures have one size (a CPU batches only those), each decoding."""
+    calls = []
+    for i, decoding in enumerate(MIXED_DECODINGS):
+        image = picture(tmp_path, f"s{i}.png", (56, 56), (60 * i, 90, 9))
+        calls.append(ChatCall([Message("user", f"Describe picture number {i}.", (image,))], None, decoding))
+    return calls
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "smolvlm"])
+def test_a_batch_answers_each_call_as_it_is_answered_alone(
+    family: str, qwen2_vl_dir: Path, smolvlm_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = qwen2_vl_dir if family == "qwen2-vl" else smolvlm_dir
+    vlm = TransformersVisionLanguageModel(str(directory), device="cpu", max_new_tokens=16)
+    calls = mixed_calls(tmp_path)
+    alone = [vlm.chat(c.messages, c.json_schema, c.decoding) for c in calls]
+    spy = GenerateSpy(vlm.network.generate)
+    monkeypatch.setattr(vlm.network, "generate", spy)
+    assert vlm.chat_batch(calls) == alone
+    (call,) = spy.calls
+    mask = call["attention_mask"]
+    assert mask.shape[0] == 4 and not mask[:, 0].all() and mask[:, -1].all()  # left-padded rows
+
+
+def test_sampled_answers_in_a_batch_come_from_each_calls_own_seed(
+    vlm: TransformersVisionLanguageModel, tmp_path: Path
+) -> None:
+    calls = mixed_calls(tmp_path)
+    reseeded = [ChatCall(c.messages, None, Decoding(temperature=1.2, seed=10)) for c in calls]
+    first, second = vlm.chat_batch(calls), vlm.chat_batch([calls[0], calls[1], calls[2], reseeded[3]])
+    assert first[:3] == second[:3]  # the other rows' draws never touch these
+    assert first[3] != second[3]
+
+
+def test_concurrent_chat_calls_share_one_generate_and_each_caller_gets_its_answer(
+    vlm: TransformersVisionLanguageModel, spy: GenerateSpy, tmp_path: Path
+) -> None:
+    calls = same_length_calls(tmp_path)
+    expected = vlm.chat_batch(calls)
+    spy.calls.clear()
+    batching = BatchingVisionLanguageModel(vlm)
+    with ThreadPoolExecutor(4) as pool:
+        with runtime.device_lock:  # another model is running: all four calls queue for one pass
+            futures = [pool.submit(batching.chat, c.messages, c.json_schema, c.decoding) for c in calls]
+            time.sleep(0.2)
+        assert [f.result() for f in futures] == expected
+    assert len(spy.calls) == 1
+
+
+def key(
+    vlm: TransformersVisionLanguageModel, text: str, images: tuple[Path, ...], decoding: Decoding = GREEDY
+) -> Hashable:
+    return vlm.batch_key(ChatCall([Message("user", text, images)], None, decoding))
+
+
+def test_on_a_gpu_calls_with_as_many_images_and_prompts_of_similar_length_share_a_pass(
+    vlm: TransformersVisionLanguageModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(vlm, "device", "cuda")
+    one, big = picture(tmp_path, "one.png", (28, 28), (1, 2, 3)), picture(tmp_path, "big.png", (56, 84), (1, 2, 3))
+    assert len({key(vlm, "Describe it.", images) for images in [(), (one,), (one, one)]}) == 3
+    assert key(vlm, "Describe the picture " + "a" * 90, (one,)) == key(vlm, "Say " + "b" * 110, (big,), PAPER)
+    assert key(vlm, "Describe it. " * 10, (one,)) != key(vlm, "Describe it. " * 20, (one,))  # padding would double it
+
+
+def test_on_a_cpu_only_calls_of_one_prompt_length_and_picture_size_share_a_pass(
+    vlm: TransformersVisionLanguageModel, tmp_path: Path
+) -> None:
+    one, other = picture(tmp_path, "one.png", (28, 28), (1, 2, 3)), picture(tmp_path, "other.png", (28, 28), (9, 9, 9))
+    big = picture(tmp_path, "big.png", (56, 84), (1, 2, 3))
+    assert key(vlm, "Describe picture 1.", (one,)) == key(vlm, "Describe picture 2.", (other,), PAPER)
+    assert key(vlm, "Describe picture 1.", (one,)) != key(vlm, "Describe picture 10.", (one,))
+    assert key(vlm, "Describe picture 1.", (one,)) != key(vlm, "Describe picture 1.", (big,))
+    assert len({key(vlm, "Describe it.", images) for images in [(), (one,), (one, one)]}) == 3
+
+
+def test_a_batch_that_runs_out_of_memory_is_split_and_every_call_answered(
+    vlm: TransformersVisionLanguageModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = same_length_calls(tmp_path)
+    expected = vlm.chat_batch(calls)
+    generate, rows = vlm.network.generate, []
+
+    def fits_two(**kwargs: Any) -> Any:
+        rows.append(kwargs["input_ids"].shape[0])
+        if rows[-1] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return generate(**kwargs)
+
+    monkeypatch.setattr(vlm.network, "generate", fits_two)
+    batching = BatchingVisionLanguageModel(vlm)
+    with ThreadPoolExecutor(4) as pool:
+        with runtime.device_lock:
+            futures = [pool.submit(batching.chat, c.messages, c.json_schema, c.decoding) for c in calls]
+            time.sleep(0.2)
+        assert [f.result() for f in futures] == expected
+    assert rows == [4, 2, 2]
+
+
+def test_a_vlm_that_cannot_batch_is_called_directly() -> None:
+    inner = ScriptedVLM(["an answer"])
+    wrapper = BatchingVisionLanguageModel(inner)
+    assert wrapper.chat([Message("user", "hi")], decoding=PAPER) == "an answer"
+    assert inner.decodings == [PAPER] and wrapper.model_id == inner.model_id
 
 
 def test_tiny_builds_are_identical_across_builds(qwen2_vl_dir: Path, tmp_path: Path) -> None:

@@ -1,10 +1,11 @@
 """The application layer: one object every face (CLI, MCP, LangChain tools, LangGraph Server, UI) calls.
 
 It owns what the faces used to wire themselves, and so used to disagree on: settings → backends (built
-once per process by `imageloop.backends`), root confinement, indexes (opened once, cached, closed on
-`close`), the indexing rules (which store, when a captioner is asked), runs and their folders, GenIR
-sessions (one store for every face), evaluations, and the limits every argument is checked against
-(`imageloop.limits`). A face parses its protocol, calls one method, and renders the answer.
+once per process by `imageloop.backends`, micro-batched across the process's concurrent runs), root
+confinement, indexes (opened once, cached, closed on `close`), the indexing rules (which store, when a
+captioner is asked), runs and their folders, GenIR sessions (one store for every face), evaluations,
+and the limits every argument is checked against (`imageloop.limits`). A face parses its protocol,
+calls one method, and renders the answer.
 """
 
 from __future__ import annotations
@@ -76,17 +77,22 @@ class App:
         """The settings with a run's knobs (None: keep the setting), validated against the limits."""
         return self.settings.with_overrides(overrides)
 
+    # Every backend the application hands out is its process-wide micro-batcher: calls made at the same
+    # time by any run, job or evaluation target of this process are merged into batched model calls (one
+    # diffusers pipeline call, one left-padded VLM generate, one embedding call), each caller getting the
+    # answer its call gets alone. A lone call is a batch of one; remote models are called directly.
+
     def vlm(self, settings: Settings | None = None, role: Role = "vlm") -> VisionLanguageModel:
-        """The configured VLM for `role` (critic and rewriter, or the captioner)."""
-        return make_vlm(settings or self.settings, role)
+        """The configured VLM for `role` (critic and rewriter, or the captioner), micro-batched process-wide."""
+        return make_vlm(settings or self.settings, role, batched=True)
 
     def generator(self, settings: Settings | None = None) -> ImageGenerator:
-        """The configured image generator."""
-        return make_generator(settings or self.settings)
+        """The configured image generator, micro-batched process-wide."""
+        return make_generator(settings or self.settings, batched=True)
 
     def embedder(self, settings: Settings | None = None) -> Embedder:
-        """The configured retrieval embedder."""
-        return make_embedder(settings or self.settings)
+        """The configured retrieval embedder, micro-batched process-wide."""
+        return make_embedder(settings or self.settings, batched=True)
 
     # Paths.
 

@@ -44,9 +44,7 @@ from imageloop.files import write_json_atomic
 from imageloop.graphs.genir import build_genir_graph
 from imageloop.report import read_record
 from imageloop.tools.artifacts import ArtifactStore
-from imageloop.tools.embedders.batching import BatchingEmbedder
 from imageloop.tools.indexing.image_index import ImageIndex
-from imageloop.tools.indexing.retriever import Retriever
 
 if TYPE_CHECKING:
     from imageloop.app.core import App
@@ -131,11 +129,11 @@ def run_genir_eval(
     """
     settings = app.with_knobs(**(knobs or {}))
     limits.check("concurrency", concurrency)
-    folder = app.index(index).root
-    embedder = app.embedder(settings)
-    # Concurrent searches share embedding calls: one batch costs about what one item does on a GPU.
-    retriever = Retriever(app.index(folder), BatchingEmbedder(embedder) if concurrency > 1 else embedder)
-    eval_settings = _eval_settings(settings, embedder.model_id, folder)
+    # Concurrent searches share the application's micro-batched models: one batch of model calls costs
+    # about what one call does on a GPU.
+    retriever = app.retriever(index, settings)
+    folder = retriever.index.root
+    eval_settings = _eval_settings(settings, retriever.embedder.model_id, folder)
     target_list = _targets(app, retriever.index, targets, benchmark, images, annotations, sample)
     out = app.path(out_dir, "out", kind="out")
     out.mkdir(parents=True, exist_ok=True)

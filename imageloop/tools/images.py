@@ -29,8 +29,8 @@ MAX_FILE_BYTES = 512 * 2**20
 _HEADER_LOCK = threading.Lock()
 
 
-def open_image(path: Path) -> Image.Image:
-    """Decode `path` fully into an RGB image, or raise ImageDecodeError saying why."""
+def _open_checked(path: Path) -> Image.Image:
+    """Open `path`'s header (no pixels decoded yet) after the size checks, or raise ImageDecodeError saying why."""
     try:
         size = path.stat().st_size
     except OSError as e:
@@ -46,16 +46,26 @@ def open_image(path: Path) -> Image.Image:
         raise ImageDecodeError(f"{path}: exceeds the {MAX_PIXELS:,}-pixel limit; not decoded ({e})") from e
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageDecodeError(f"{path}: not a readable image ({e})") from e
-    with img:
-        if img.width * img.height > MAX_PIXELS:
-            raise ImageDecodeError(
-                f"{path}: {img.width}x{img.height} exceeds the {MAX_PIXELS:,}-pixel limit; not decoded"
-            )
+    if img.width * img.height > MAX_PIXELS:
+        img.close()
+        raise ImageDecodeError(f"{path}: {img.width}x{img.height} exceeds the {MAX_PIXELS:,}-pixel limit; not decoded")
+    return img
+
+
+def open_image(path: Path) -> Image.Image:
+    """Decode `path` fully into an RGB image, or raise ImageDecodeError saying why."""
+    with _open_checked(path) as img:
         try:
             img.load()
             return img.convert("RGB")
         except (OSError, ValueError, SyntaxError) as e:
             raise ImageDecodeError(f"{path}: not a readable image ({e})") from e
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """`path`'s (width, height) from its header alone, with open_image's checks."""
+    with _open_checked(path) as img:
+        return img.size
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from imageloop.config import Endpoint
 from imageloop.errors import BackendError, MalformedOutputError
-from imageloop.openai_client import DEFAULT_ENDPOINT, make_client, server_message, translated_errors
+from imageloop.openai_client import DEFAULT_ENDPOINT, make_client, request_slots, server_message, translated_errors
 from imageloop.protocols import GREEDY, Decoding, Message
 from imageloop.tools.images import open_image, png_bytes
 
@@ -52,6 +52,7 @@ class OpenAIVisionLanguageModel:
         self.max_tokens = max_tokens
         self.max_image_side = max_image_side
         self._client = client if client is not None else make_client(endpoint)
+        self._slots = request_slots(str(self._client.base_url), endpoint.max_concurrent_requests)
         # Many local servers reject `response_format`; after one refusal we stop sending it, and
         # imageloop.agents.structured still validates and repairs the plain answers.
         self.supports_response_format = True
@@ -107,7 +108,7 @@ class OpenAIVisionLanguageModel:
     ) -> str:
         """Send `messages` (images as PNG data URIs after each text) and return the answer text."""
         params = [self._message_param(m) for m in messages]
-        with translated_errors(f"chat with {self.model_id}", str(self._client.base_url)):
+        with self._slots, translated_errors(f"chat with {self.model_id}", str(self._client.base_url)):
             completion = self._complete(params, json_schema, decoding)
         if not completion.choices:
             raise BackendError(f"{self.model_id} returned no choices")

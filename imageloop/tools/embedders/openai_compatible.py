@@ -10,7 +10,7 @@ from PIL import Image
 
 from imageloop.config import Endpoint
 from imageloop.errors import BackendError, ConfigError
-from imageloop.openai_client import DEFAULT_ENDPOINT, make_client, translated_errors
+from imageloop.openai_client import DEFAULT_ENDPOINT, make_client, request_slots, translated_errors
 from imageloop.protocols import Vector
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ class OpenAITextEmbedder:
         self.model_id = f"openai:{model}" if dimensions is None else f"openai:{model}@{dimensions}"
         self._dim = dimensions or KNOWN_DIMS.get(model)
         self._client = client if client is not None else make_client(endpoint)
+        self._slots = request_slots(str(self._client.base_url), endpoint.max_concurrent_requests)
 
     @property
     def dim(self) -> int:
@@ -58,7 +59,7 @@ class OpenAITextEmbedder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         rows: list[list[float]] = []
-        with translated_errors(f"embeddings with {self.model_id}", str(self._client.base_url)):
+        with self._slots, translated_errors(f"embeddings with {self.model_id}", str(self._client.base_url)):
             for start in range(0, len(texts), self.batch_size):
                 batch = list(texts[start : start + self.batch_size])
                 response = self._client.embeddings.create(

@@ -14,6 +14,9 @@ Every pipeline loads once per process through `imageloop.runtime.load_cached` (k
 where), runs under the device lock, takes its noise from a CPU generator seeded by the request, and
 turns "not found" and "out of memory" into one-line errors that say what to do. Importing this
 package imports neither torch nor diffusers.
+
+Each draws a list of compatible requests in one pipeline call (`generate_batch`, see
+`_diffusers_common`); `batching.BatchingGenerator` merges concurrent callers' requests into such calls.
 """
 
 from __future__ import annotations

@@ -1,22 +1,31 @@
-"""What every diffusers generator shares: placement, loading errors, seeded noise, opening references, OOM.
+"""What every diffusers generator shares: placement, loading errors, seeded noise, batching.
 
 Only logic that must change together for all backends lives here; each backend's pipeline calls stay
-in its own module.
+in its own module, and how a request's references become a prompt is `references.render`. Every
+backend draws a list of requests in one pipeline call (`generate_batch`) and a single request as a
+list of one. Only requests of one `BatchKind` share a call, and each brings its own CPU noise
+generator, so a request gets the same noise and conditioning in any batch as alone: the same
+picture, up to the rounding of kernels that sum in another order for another batch size.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
-
-from PIL import Image
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from imageloop.errors import ConfigError
-from imageloop.protocols import ReferenceImage
-from imageloop.runtime import device_lock, explain_load_failure, explain_out_of_memory, pick_device, pick_dtype
-from imageloop.tools.images import open_image
+from imageloop.protocols import GenerationRequest, GenerationResult
+from imageloop.runtime import (
+    BatchMemory,
+    device_lock,
+    explain_load_failure,
+    pick_device,
+    pick_dtype,
+    translated_out_of_memory,
+)
+from imageloop.tools.generators.references import Rendered
 
 if TYPE_CHECKING:
     import torch
@@ -51,39 +60,85 @@ def place(pipe: Any, device: str, offload: bool) -> None:
             pipe.enable_model_cpu_offload(device=device)
         else:
             pipe.to(device)
+    # The VAE decodes a batch one picture at a time: batched convolutions can round differently from
+    # single ones, and decoding is where a batch's memory peaks. A single picture is unaffected.
+    vae = getattr(pipe, "vae", None)
+    if vae is not None and hasattr(vae, "enable_slicing"):
+        vae.enable_slicing()
     # tqdm turns itself off when stderr is no terminal (servers, logs); a person at a terminal sees steps.
     pipe.set_progress_bar_config(disable=None)
 
 
-@contextmanager
-def translated_out_of_memory(what: str) -> Iterator[None]:
-    """Turn a CUDA/MPS out-of-memory error inside the block into the one-line error naming the knobs."""
+def noise_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator from `seed` (else a random one): diffusers moves its draws to the device, so one seed
+    gives one picture on any device."""
     import torch
 
-    try:
-        yield
-    except RuntimeError as e:
-        if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower():
-            raise
-        # Free what the failed step cached, so a smaller request can still run in this process.
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        raise explain_out_of_memory(what) from e
+    generator = torch.Generator(device="cpu")
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
 
 
-def run_pipeline(what: str, call: Callable[[], T]) -> T:
-    """Run one pipeline call alone on the device (GPU work is serialised), with out-of-memory translated."""
-    with device_lock, translated_out_of_memory(what):
-        return call()
+def noise_generators(requests: Sequence[GenerationRequest]) -> list[torch.Generator]:
+    """One CPU generator per request, from its seed: one seed, one picture, alone or batched.
+
+    diffusers draws each picture's noise from its own generator when given a list, so the picture does
+    not depend on the other requests in the batch.
+    """
+    return [noise_generator(request.seed) for request in requests]
 
 
-def seeded_generator(seed: int | None) -> torch.Generator | None:
-    """CPU noise from `seed` (diffusers moves it to the device): one seed gives one picture on any device."""
-    import torch
+class BatchKind(NamedTuple):
+    """What requests must share to be drawn in one pipeline call; size and references also set its memory."""
 
-    return None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
+    width: int | None
+    height: int | None
+    steps: int | None
+    references: int
+    layout: Hashable = None
+    """Anything else a backend needs equal across a batch (OmniGen: its rows' token positions)."""
+
+    @property
+    def memory_kind(self) -> Hashable:
+        """What one request's device memory depends on."""
+        return (self.width, self.height, self.references)
 
 
-def open_references(references: Sequence[ReferenceImage]) -> list[Image.Image]:
-    """Decode the reference images, in order, as RGB."""
-    return [open_image(r.path) for r in references]
+class DiffusersGenerator(ABC):
+    """The batching half every diffusers backend shares: one request is a batch of one; memory is learned per kind.
+
+    A backend sets `model_id`, `max_references`, `device` and `_memory`, and implements `batch_key` and
+    `generate_batch`.
+    """
+
+    model_id: str
+    max_references: int
+    device: str
+    _memory: BatchMemory
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Draw `request` as a batch of one, so it is the picture the same request gets in any batch."""
+        return self.generate_batch([request])[0]
+
+    @abstractmethod
+    def batch_key(self, request: GenerationRequest) -> BatchKind:
+        """What `request` must share with others to be drawn in the same pipeline call."""
+
+    @abstractmethod
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Draw requests of one `BatchKind` in one pipeline call, each from its own seed."""
+
+    def batch_capacity(self, kind: BatchKind) -> int | None:
+        """How many requests of `kind` fit on the device at once (None: no estimate yet, or not a GPU)."""
+        return self._memory.capacity(kind.memory_kind)
+
+    def draw(self, kind: BatchKind, rendered: Sequence[Rendered], call: Callable[[], Any]) -> list[GenerationResult]:
+        """Run `call`, one pipeline call drawing `rendered`, alone on the device (learning its memory per request,
+        out of memory translated); each picture comes back with its request's prompt and notes."""
+        what = f"generating {f'{kind.width}x{kind.height}' if kind.width else 'the default size'} with {self.model_id}"
+        with device_lock, translated_out_of_memory(what), self._memory.measure(kind.memory_kind, len(rendered)):
+            output = call()
+        return [GenerationResult(image, r.prompt, r.notes) for image, r in zip(output.images, rendered, strict=True)]

@@ -17,14 +17,8 @@ from PIL import Image
 
 from imageloop.errors import ConfigError
 from imageloop.protocols import GenerationRequest, ImageGenerator
-from imageloop.runtime import device_lock, load_cached
-from imageloop.tools.generators._diffusers_common import (
-    from_hub,
-    place,
-    resolve_placement,
-    seeded_generator,
-    translated_out_of_memory,
-)
+from imageloop.runtime import device_lock, load_cached, translated_out_of_memory
+from imageloop.tools.generators._diffusers_common import from_hub, noise_generator, place, resolve_placement
 
 DEFAULT_DIPTYCH_SIZE = (1024, 512)
 """Two 512-pixel panels, CIR-LoRA's default training resolution."""
@@ -122,7 +116,7 @@ class FluxLoRADiptychs:
                 num_inference_steps=steps or self.steps,
                 guidance_scale=self.guidance_scale,
                 max_sequence_length=self.max_sequence_length,
-                generator=seeded_generator(seed),
+                generator=noise_generator(seed),
             )
         image: Image.Image = output.images[0]
         return image

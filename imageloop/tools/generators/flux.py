@@ -8,23 +8,27 @@ takes one input image in diffusers (several only through a community pipeline th
 trained for), and the FLUX IP-Adapter takes one image per adapter. The images enter beside the text,
 so the prompt is ImageRAG's adapter wording ("According to this image of <c>, generate <p>", or
 "these images of <c_1>, <c_2>"): T5 cannot resolve "image 1", so the text never numbers them.
+
+Batching: requests with references share a call as prompt embeddings, one Redux prior run each;
+text-only requests share a call as prompts. Size and steps must agree.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from imageloop.protocols import GenerationRequest, GenerationResult
-from imageloop.runtime import load_cached
+from imageloop.runtime import BatchMemory, load_cached
 from imageloop.tools.generators._diffusers_common import (
+    BatchKind,
+    DiffusersGenerator,
     from_hub,
-    open_references,
+    noise_generators,
     place,
     resolve_placement,
-    run_pipeline,
-    seeded_generator,
 )
-from imageloop.tools.generators.references import adapter_prompt, keep_references
+from imageloop.tools.generators.references import adapter_prompt, render
 
 DEFAULT_REDUX = "black-forest-labs/FLUX.1-Redux-dev"
 # diffusers' FluxPipeline defaults, tuned for FLUX.1 [dev]; [schnell] wants 4 steps and guidance 0.
@@ -35,7 +39,7 @@ MAX_REFERENCES = 3
 """Redux has no hard limit; averaged references blur into each other, so we keep the paper's 3."""
 
 
-class FluxGenerator:
+class FluxGenerator(DiffusersGenerator):
     """FLUX.1 text-to-image; with references, FLUX.1 Redux adds their image tokens to the prompt's."""
 
     def __init__(
@@ -92,37 +96,44 @@ class FluxGenerator:
                 return prior
 
             self._prior = load_cached(("flux-redux", redux, model, *where), load_prior)
+        self._memory = BatchMemory(self.device)
 
-    def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Draw `request`; references are weighted equally through Redux beside ImageRAG's adapter prompt."""
-        references, notes = keep_references(request, self.max_references, self.model_id)
+    def batch_key(self, request: GenerationRequest) -> BatchKind:
+        """Size, steps, and whether references come (Redux merges any number into prompt tokens of one shape)."""
         width, height = request.size or self.size
+        references = 1 if request.references and self.max_references else 0
+        return BatchKind(width, height, request.steps or self.steps, references)
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Draw requests of one kind in one call; each request's references are weighted equally through Redux,
+        beside ImageRAG's adapter prompt."""
+        import torch
+
+        rendered = [render(r, self.max_references, self.model_id, adapter_prompt) for r in requests]
+        kind = self.batch_key(requests[0])
         options = {
-            "width": width,
-            "height": height,
-            "num_inference_steps": request.steps or self.steps,
+            "width": kind.width,
+            "height": kind.height,
+            "num_inference_steps": kind.steps,
             "guidance_scale": self.guidance_scale,
+            "generator": noise_generators(requests),
         }
-        what = f"generating {width}x{height} with {self.model_id}"
-        if not references:
-            output = run_pipeline(
-                what, lambda: self._pipe(prompt=request.prompt, generator=seeded_generator(request.seed), **options)
-            )
-            return GenerationResult(output.images[0], request.prompt, notes)
-        prompt_used = adapter_prompt(request, references)
-        images = open_references(references)
-        weights = [1.0 / len(images)] * len(images)
 
         def call() -> Any:
-            prior = self._prior(
-                image=images, prompt=prompt_used, prompt_embeds_scale=weights, pooled_prompt_embeds_scale=weights
-            )
+            if not kind.references:
+                return self._pipe(prompt=[r.prompt for r in rendered], **options)
+            priors = []
+            for r in rendered:
+                weights = [1.0 / len(r.images)] * len(r.images)
+                priors.append(
+                    self._prior(
+                        image=r.images, prompt=r.prompt, prompt_embeds_scale=weights, pooled_prompt_embeds_scale=weights
+                    )
+                )
             return self._pipe(
-                prompt_embeds=prior.prompt_embeds,
-                pooled_prompt_embeds=prior.pooled_prompt_embeds,
-                generator=seeded_generator(request.seed),
+                prompt_embeds=torch.cat([p.prompt_embeds for p in priors]),
+                pooled_prompt_embeds=torch.cat([p.pooled_prompt_embeds for p in priors]),
                 **options,
             )
 
-        output = run_pipeline(what, call)
-        return GenerationResult(output.images[0], prompt_used, notes)
+        return self.draw(kind, rendered, call)

@@ -9,20 +9,26 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from imageloop.config import Endpoint
 from imageloop.errors import BackendError
-from imageloop.openai_client import DEFAULT_ENDPOINT, make_client, translated_errors
-from imageloop.protocols import GenerationRequest, GenerationResult
-from imageloop.tools.generators.references import in_context_prompt, keep_references
-from imageloop.tools.images import open_image, png_bytes
+from imageloop.openai_client import DEFAULT_ENDPOINT, make_client, request_slots, translated_errors
+from imageloop.protocols import GenerationRequest, GenerationResult, ReferenceImage
+from imageloop.tools.generators.references import in_context_prompt, render
+from imageloop.tools.images import png_bytes
 
 if TYPE_CHECKING:
     import openai
     from openai.types import ImagesResponse
+
+
+def numbered_prompt(request: GenerationRequest, references: Sequence[ReferenceImage]) -> str:
+    """ImageRAG's in-context prompt pointing at the edit's images as "image 1", "image 2", ... in order."""
+    return in_context_prompt(request, references, [f"image {i}" for i in range(1, len(references) + 1)])
 
 
 class OpenAIImageGenerator:
@@ -45,40 +51,40 @@ class OpenAIImageGenerator:
         self.size = size
         self.quality = quality
         self._client = client if client is not None else make_client(endpoint)
+        self._slots = request_slots(str(self._client.base_url), endpoint.max_concurrent_requests)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Draw `request`; references go in order as image 1, image 2, ... named in the prompt."""
         import openai
 
-        references, notes = keep_references(request, self.max_references, self.model_id)
+        rendered = render(request, self.max_references, self.model_id, numbered_prompt)
         size = f"{request.size[0]}x{request.size[1]}" if request.size else self.size
         size_option = size if size is not None else openai.omit
         # The server validates quality; the client's Literal sets differ between generate and edit.
         quality_option: Any = self.quality if self.quality is not None else openai.omit
+        notes = rendered.notes
         if request.seed is not None:
             notes += (f"seed ignored by {self.model_id}",)
-        names = [f"image {i}" for i in range(1, len(references) + 1)]
-        prompt_used = in_context_prompt(request, references, names)
-        with translated_errors(f"image generation with {self.model_id}", str(self._client.base_url)):
-            if not references:
+        with self._slots, translated_errors(f"image generation with {self.model_id}", str(self._client.base_url)):
+            if not rendered.images:
                 response = self._client.images.generate(
-                    model=self.model, prompt=prompt_used, n=1, size=size_option, quality=quality_option
+                    model=self.model, prompt=rendered.prompt, n=1, size=size_option, quality=quality_option
                 )
             else:
                 # Always PNG, whatever the file's format: the API takes PNG, WebP and JPEG only.
                 images = [
-                    (f"image_{i}.png", png_bytes(open_image(r.path)), "image/png")
-                    for i, r in enumerate(references, start=1)
+                    (f"image_{i}.png", png_bytes(image), "image/png")
+                    for i, image in enumerate(rendered.images, start=1)
                 ]
                 response = self._client.images.edit(
                     model=self.model,
                     image=images,
-                    prompt=prompt_used,
+                    prompt=rendered.prompt,
                     n=1,
                     size=size_option,
                     quality=quality_option,
                 )
-        return GenerationResult(self._decode(response), prompt_used, notes)
+        return GenerationResult(self._decode(response), rendered.prompt, notes)
 
     def _decode(self, response: ImagesResponse) -> Image.Image:
         """The one image in `response`, decoded to RGB, or a BackendError saying what came back instead."""

@@ -7,13 +7,18 @@ Two families of backends word the prompt differently (the template texts are in 
 - adapter: the images enter beside the text (SDXL's IP-Adapter, FLUX Redux), whose encoders cannot
   resolve "image 1", so the prompt only says what the images show.
 
-A request's `template` picks ImageRAG's wording or the user's prompt verbatim (RAGE). Shared by the
-diffusers and OpenAI backends; imports nothing heavy.
+A request's `template` picks ImageRAG's wording or the user's prompt verbatim (RAGE). `render` is the
+one path every backend (diffusers and OpenAI) takes from a request to what its model is given: the
+references it keeps, the prompt in its family's wording, their pictures, notes on the rest. Imports
+nothing heavy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+from PIL import Image
 
 from imageloop.prompts import (
     ADAPTER_TEMPLATE_MANY,
@@ -23,6 +28,10 @@ from imageloop.prompts import (
     VERBATIM_WITH_PLACEHOLDERS,
 )
 from imageloop.protocols import GenerationRequest, ReferenceImage
+from imageloop.tools.images import open_image
+
+Wording = Callable[[GenerationRequest, Sequence[ReferenceImage]], str]
+"""A backend family's prompt for a request and the references it kept (`adapter_prompt`, or an in-context one)."""
 
 
 def keep_references(
@@ -84,3 +93,17 @@ def adapter_prompt(request: GenerationRequest, references: Sequence[ReferenceIma
         return ADAPTER_TEMPLATE_ONE.format(label=references[0].label, prompt=request.prompt)
     labels = ", ".join(dict.fromkeys(r.label for r in references))
     return ADAPTER_TEMPLATE_MANY.format(labels=labels, prompt=request.prompt)
+
+
+class Rendered(NamedTuple):
+    """One request as a model takes it: the prompt sent, the kept references' pictures (none: text only), notes."""
+
+    prompt: str
+    images: list[Image.Image]
+    notes: tuple[str, ...]
+
+
+def render(request: GenerationRequest, max_references: int, model_id: str, wording: Wording) -> Rendered:
+    """Keep what a backend taking `max_references` keeps, word the prompt with `wording`, open the kept pictures."""
+    references, notes = keep_references(request, max_references, model_id)
+    return Rendered(wording(request, references), [open_image(r.path) for r in references], notes)

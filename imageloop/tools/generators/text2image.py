@@ -3,24 +3,26 @@
 `AutoPipelineForText2Image` reads the checkpoint's `model_index.json` and picks its pipeline class
 (Stable Diffusion 1.x/2.x/3, SDXL, FLUX, PixArt, ...), unless a pipeline class is named (the
 `preset:` generators do). It takes no references: given some, it draws from the text alone and
-records that it did. Steps, guidance and size default to the pipeline's own values.
+records that it did. Steps, guidance and size default to the pipeline's own values. Requests of one
+size and step count share a pipeline call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from imageloop.protocols import GenerationRequest, GenerationResult
-from imageloop.runtime import load_cached
+from imageloop.runtime import BatchMemory, load_cached
 from imageloop.tools.generators._diffusers_common import (
+    BatchKind,
+    DiffusersGenerator,
     from_hub,
+    noise_generators,
     place,
     resolve_placement,
-    run_pipeline,
-    seeded_generator,
 )
-from imageloop.tools.generators.references import keep_references
+from imageloop.tools.generators.references import adapter_prompt, render
 
 if TYPE_CHECKING:
     import torch
@@ -29,7 +31,7 @@ Components = Callable[["torch.dtype"], dict[str, Any]]
 """Extra pipeline components a checkpoint does not ship, loaded in the pipeline's dtype (HiDream's Llama)."""
 
 
-class Text2ImageGenerator:
+class Text2ImageGenerator(DiffusersGenerator):
     """Text-to-image with whatever pipeline class the checkpoint names; no reference images."""
 
     max_references = 0
@@ -68,21 +70,27 @@ class Text2ImageGenerator:
 
         key = ("text2image", pipeline or "auto", model, self.device, str(torch_dtype), offload)
         self._pipe = load_cached(key, load)
+        self._memory = BatchMemory(self.device)
 
-    def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Draw `request.prompt`; references, if any, are left out with a note."""
-        _, notes = keep_references(request, self.max_references, self.model_id)
+    def batch_key(self, request: GenerationRequest) -> BatchKind:
+        """Size and steps: all a text-to-image call needs equal across its pictures."""
         width, height = request.size or self.size or (None, None)
+        return BatchKind(width, height, request.steps or self.steps, 0)
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Draw the prompts of requests of one kind in one call; references, if any, are left out with a note."""
+        kind = self.batch_key(requests[0])
         options: dict[str, Any] = dict(self.call_options)
-        if request.steps or self.steps:
-            options["num_inference_steps"] = request.steps or self.steps
+        if kind.steps:
+            options["num_inference_steps"] = kind.steps
         if self.guidance_scale is not None:
             options["guidance_scale"] = self.guidance_scale
-        size_text = f"{width}x{height}" if width else "the default size"
-        output = run_pipeline(
-            f"generating {size_text} with {self.model_id}",
-            lambda: self._pipe(
-                prompt=request.prompt, width=width, height=height, generator=seeded_generator(request.seed), **options
-            ),
+        # No reference is kept, so every family's wording is the prompt itself.
+        rendered = [render(r, self.max_references, self.model_id, adapter_prompt) for r in requests]
+        prompts = [r.prompt for r in rendered]
+        generators = noise_generators(requests)
+        return self.draw(
+            kind,
+            rendered,
+            lambda: self._pipe(prompt=prompts, width=kind.width, height=kind.height, generator=generators, **options),
         )
-        return GenerationResult(output.images[0], request.prompt, notes)
