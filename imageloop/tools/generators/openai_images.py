@@ -59,7 +59,7 @@ class OpenAIImageGenerator:
             notes += (f"seed ignored by {self.model_id}",)
         names = [f"image {i}" for i in range(1, len(references) + 1)]
         prompt_used = in_context_prompt(request, references, names)
-        with translated_errors(f"image generation with {self.model_id}", str(self._client.base_url)):
+        with translated_errors(f"image generation with {self.model_id}", self._client):
             if not references:
                 response = self._client.images.generate(
                     model=self.model, prompt=prompt_used, n=1, size=size_option, quality=quality_option
@@ -78,7 +78,8 @@ class OpenAIImageGenerator:
                     size=size_option,
                     quality=quality_option,
                 )
-        return GenerationResult(self._decode(response), prompt_used, notes)
+            image = self._decode(response)
+        return GenerationResult(image, prompt_used, notes)
 
     def _decode(self, response: ImagesResponse) -> Image.Image:
         """The one image in `response`, decoded to RGB, or a BackendError saying what came back instead."""
