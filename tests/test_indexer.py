@@ -13,6 +13,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ import imageloop.tools.indexing.indexer as indexer
 from imageloop.cli import main
 from imageloop.errors import EmbedderMismatchError, ImageloopError, IndexNotFoundError
 from imageloop.protocols import Vector
-from imageloop.tools.images import open_image
+from imageloop.tools.images import decode_image, open_image
 from imageloop.tools.indexing.image_index import open_index
 from imageloop.tools.indexing.indexer import IndexingInterrupted, index_folder
 from tests.fakes import FakeHashEmbedder
@@ -63,11 +64,11 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Every path the indexer decodes (from any worker thread)."""
     seen: list[Path] = []
 
-    def counting_open_image(path: Path) -> Image.Image:
+    def counting_decode(f: BinaryIO, path: Path, *, shortest_side: int | None = None) -> Image.Image:
         seen.append(path)
-        return open_image(path)
+        return decode_image(f, path, shortest_side=shortest_side)
 
-    monkeypatch.setattr(indexer, "open_image", counting_open_image)
+    monkeypatch.setattr(indexer, "decode_image", counting_decode)
     return seen
 
 
@@ -366,8 +367,8 @@ def test_workers_decode_the_next_batch_while_the_embedder_works(
     decoded: list[Path] = []
     next_batch_decoded = threading.Event()
 
-    def counting_open_image(path: Path) -> Image.Image:
-        image = open_image(path)
+    def counting_decode(f: BinaryIO, path: Path, *, shortest_side: int | None = None) -> Image.Image:
+        image = decode_image(f, path, shortest_side=shortest_side)
         decoded.append(path)
         if len(decoded) >= 8:
             next_batch_decoded.set()
@@ -383,7 +384,7 @@ def test_workers_decode_the_next_batch_while_the_embedder_works(
                 waited.append(next_batch_decoded.wait(timeout=5))
             return super().embed_images(batch)
 
-    monkeypatch.setattr(indexer, "open_image", counting_open_image)
+    monkeypatch.setattr(indexer, "decode_image", counting_decode)
     embedder = FirstCallWaits(embeds_images=True)
 
     summary = index_folder(folder, embedder, None, batch_size=4, workers=2, progress=False)
@@ -398,9 +399,9 @@ def test_workers_run_at_most_a_batch_and_two_files_each_ahead(tmp_path: Path, mo
     decoded: list[Path] = []
     ahead: list[int] = []
 
-    def counting_open_image(path: Path) -> Image.Image:
+    def counting_decode(f: BinaryIO, path: Path, *, shortest_side: int | None = None) -> Image.Image:
         decoded.append(path)
-        return open_image(path)
+        return decode_image(f, path, shortest_side=shortest_side)
 
     class SlowFirstCall(FakeHashEmbedder):
         def embed_images(self, batch: Sequence[Image.Image]) -> Vector:
@@ -409,7 +410,7 @@ def test_workers_run_at_most_a_batch_and_two_files_each_ahead(tmp_path: Path, mo
                 ahead.append(len(decoded))
             return super().embed_images(batch)
 
-    monkeypatch.setattr(indexer, "open_image", counting_open_image)
+    monkeypatch.setattr(indexer, "decode_image", counting_decode)
 
     index_folder(folder, SlowFirstCall(embeds_images=True), None, batch_size=4, workers=2, progress=False)
 
@@ -428,11 +429,11 @@ def test_results_follow_the_file_order_whatever_the_decode_timing(
     (folder / "img09b.png").write_bytes(b"corrupt too")
     delays = iter(np.random.default_rng(0).uniform(0, 0.02, 100))
 
-    def jittered_open_image(path: Path) -> Image.Image:
+    def jittered_decode(f: BinaryIO, path: Path, *, shortest_side: int | None = None) -> Image.Image:
         time.sleep(next(delays))  # later files often finish first
-        return open_image(path)
+        return decode_image(f, path, shortest_side=shortest_side)
 
-    monkeypatch.setattr(indexer, "open_image", jittered_open_image)
+    monkeypatch.setattr(indexer, "decode_image", jittered_decode)
     embedder = RecordingEmbedder()
 
     summary = index_folder(folder, embedder, FakeCaptioner(), batch_size=3, workers=4, progress=False)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imageloop import limits
+from imageloop.app.paths import make_out_dir
 from imageloop.app.sessions import genir_knobs
 from imageloop.errors import ImageloopError
 from imageloop.eval.genir import EVAL_SETTINGS, SUMMARY, GenIREvalSettings, evaluate_targets, load_targets, summarise
@@ -57,8 +58,7 @@ def run_genir_eval(
         index=str(folder),
     )
     target_list = load_targets(app.path(targets, "targets"), retriever.index)
-    out = app.path(out_dir, "out", kind="out")
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_out_dir(app.path(out_dir, "out", kind="out"), "results folder")
     settings_file = out / EVAL_SETTINGS
     if settings_file.exists() and json.loads(settings_file.read_text()) != asdict(eval_settings):
         raise ImageloopError(f"{out} holds an evaluation with other settings: use another --out")

@@ -27,6 +27,7 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.types import Command, StateSnapshot
 
 from imageloop import limits
+from imageloop.app.paths import make_out_dir
 from imageloop.config import FEEDBACK_KINDS, FeedbackKind, Settings
 from imageloop.errors import ConfigError, ImageloopError
 from imageloop.files import write_json_atomic
@@ -97,6 +98,7 @@ def start_search(
     thread_id = uuid.uuid4().hex[:12]
     folder = app.path(out_dir, "out", kind="out") if out_dir is not None else app.runs_dir / f"search-{thread_id}"
     session = SearchSession(thread_id, app.index(index).root, folder, settings.feedback, settings.rounds, settings.k)
+    make_out_dir(folder, "search folder")  # before the session is recorded: a session needs its folder
     _register(app.sessions_db, session)
     with _session_graph(app, session) as graph:
         return _play(graph, session, {"query": query}, on_step)
@@ -217,7 +219,7 @@ def _session_graph(app: App, session: SearchSession) -> Iterator[GenIRGraph]:
     settings = app.settings
     retriever = app.retriever(session.index, settings)
     generator = app.generator(settings) if session.feedback in ("visual", "hybrid") else None
-    session.out_dir.mkdir(parents=True, exist_ok=True)
+    make_out_dir(session.out_dir, "search folder")
     artifacts = ArtifactStore(session.out_dir / "artifacts")
     app.sessions_db.parent.mkdir(parents=True, exist_ok=True)
     # A generous busy timeout: a server plays several sessions at once against one database.

@@ -51,11 +51,15 @@ class _TorchEmbedder:
 
     embeds_images = True
 
-    def __init__(self, model_id: str, dim: int, device: str, dtype: torch.dtype, batch_size: int) -> None:
+    def __init__(
+        self, model_id: str, dim: int, image_side: int | None, device: str, dtype: torch.dtype, batch_size: int
+    ) -> None:
         if batch_size < 1:
             raise ConfigError(f"embedding batch_size must be at least 1, got {batch_size}")
         self.model_id = model_id
         self._dim = dim
+        # The side of the square the image tower sees: callers may hand over pictures reduced towards it.
+        self.image_side = image_side
         self.device = device
         self.dtype = dtype
         self.batch_size = batch_size
@@ -133,6 +137,7 @@ class _OpenClipModel:
     preprocess: Callable[[Image.Image], torch.Tensor]
     tokenizer: Callable[[list[str]], torch.Tensor]
     dim: int
+    image_side: int | None
 
 
 _OPEN_CLIP_PRECISION = {"float32": "fp32", "float16": "pure_fp16", "bfloat16": "pure_bf16"}
@@ -199,7 +204,9 @@ def _load_open_clip(name: str, pretrained: str | None, device: str, dtype: torch
     except Exception as e:
         raise explain_load_failure(_open_clip_source(name, pretrained), e) from e
     model.eval()
-    return _OpenClipModel(model, preprocess, tokenizer, int(config["embed_dim"]))
+    side = getattr(model.visual, "image_size", None)
+    image_side = max(side) if isinstance(side, (tuple, list)) else side
+    return _OpenClipModel(model, preprocess, tokenizer, int(config["embed_dim"]), image_side)
 
 
 class OpenClipEmbedder(_TorchEmbedder):
@@ -221,7 +228,8 @@ class OpenClipEmbedder(_TorchEmbedder):
             ("open_clip", name, pretrained, resolved_device, str(resolved_dtype)),
             lambda: _load_open_clip(name, pretrained, resolved_device, resolved_dtype),
         )
-        super().__init__(model_id, self._loaded.dim, resolved_device, resolved_dtype, batch_size)
+        loaded = self._loaded
+        super().__init__(model_id, loaded.dim, loaded.image_side, resolved_device, resolved_dtype, batch_size)
 
     def _pixels(self, image: Image.Image) -> torch.Tensor:
         return self._loaded.preprocess(image.convert("RGB"))
@@ -319,7 +327,9 @@ class TransformersEmbedder(_TorchEmbedder):
             ("transformers-embedder", model, resolved_device, str(resolved_dtype)),
             lambda: _load_transformers(model, resolved_device, resolved_dtype),
         )
-        super().__init__(f"transformers:{model}", self._loaded.dim, resolved_device, resolved_dtype, batch_size)
+        side = getattr(getattr(self._loaded.model.config, "vision_config", None), "image_size", None)
+        model_id = f"transformers:{model}"
+        super().__init__(model_id, self._loaded.dim, side, resolved_device, resolved_dtype, batch_size)
 
     def _pixels(self, image: Image.Image) -> torch.Tensor:
         processed = self._loaded.processor.image_processor(images=image.convert("RGB"), return_tensors="pt")
