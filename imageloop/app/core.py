@@ -262,16 +262,19 @@ class App:
                 self._jobs = JobRegistry()
             return self._jobs
 
-    def close(self, grace_s: float = 1.0) -> None:
-        """Finish (or cancel at a step boundary) background runs, then close every index this app opened."""
-        if self._jobs is not None:
-            self._jobs.shutdown(grace_s)
+    def close(self, grace_s: float = 1.0) -> int:
+        """Finish (or cancel at a step boundary) background runs, then close every index this app opened.
+
+        Returns how many runs were still inside a step: recorded as interrupted, their threads running on.
+        """
+        stuck = self._jobs.shutdown(grace_s) if self._jobs is not None else 0
         with self._lock:
             for index in [*self._indexes.values(), *self._retired]:
                 index.close()
             self._indexes.clear()
             self._retired.clear()
             self._retrievers.clear()
+        return stuck
 
     def open_indexes(self) -> int:
         """How many index handles are open (the face contract checks `close` leaves none)."""

@@ -179,10 +179,11 @@ class JobRegistry:
                 job.persist()
                 job.done.set()
 
-    def shutdown(self, grace_s: float) -> None:
+    def shutdown(self, grace_s: float) -> int:
         """Let running work finish for `grace_s`, then cancel the rest at their next step boundary.
 
-        Runs still inside a step after a second `grace_s` are recorded as interrupted (`Job.abandon`).
+        Runs still inside a step after a second `grace_s` are recorded as interrupted (`Job.abandon`);
+        returns how many, whose threads are still running.
         """
         with self._lock:
             self._closed = True
@@ -197,6 +198,8 @@ class JobRegistry:
         deadline = time.monotonic() + grace_s
         for job in pending:
             job.done.wait(max(0.0, deadline - time.monotonic()))
-        for job in pending:
+        stuck = [job for job in pending if not job.done.is_set()]
+        for job in stuck:
             job.abandon("interrupted: the service stopped during a step of this run; its record holds the steps before")
         self._executor.shutdown(wait=False, cancel_futures=True)
+        return len(stuck)

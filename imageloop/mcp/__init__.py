@@ -9,8 +9,10 @@ every index.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
+import sys
 from collections.abc import Sequence
 from types import FrameType
 
@@ -81,6 +83,11 @@ def serve(
     finally:
         if sock is not None:
             sock.close()
-        # A stdio client allows ~2 s between closing stdin and SIGTERM: runs get one second to finish;
-        # a run still inside a step after that is recorded as interrupted.
-        app.close(grace_s=1.0)
+        # A stdio client allows ~2 s between closing stdin and SIGTERM, Docker 10 s between SIGTERM and
+        # SIGKILL: runs get one second to finish, one more to reach a step boundary; a run still inside a
+        # step after that (a model call) is recorded as interrupted, and the process leaves without it.
+        stuck = app.close(grace_s=1.0)
+        if stuck:
+            print(f"imageloop mcp: {stuck} run(s) stopped inside a step, recorded as interrupted", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(0)  # not waiting for their threads: each record already says where its run stopped

@@ -37,7 +37,7 @@ MAX_FILE_BYTES = 512 * 2**20
 _HEADER_LOCK = threading.Lock()
 
 
-def open_regular(path: Path) -> BinaryIO:
+def open_regular(path: Path) -> io.BufferedReader:
     """`path` opened for binary reading, or ImageDecodeError when it is no regular file or cannot be opened.
 
     O_NONBLOCK makes opening a FIFO return at once (for a regular file it changes nothing); the kind is
@@ -132,7 +132,7 @@ def content_id(path: Path) -> str:
         return file_digest(f)
 
 
-def file_digest(f: BinaryIO) -> str:
+def file_digest(f: io.BufferedReader) -> str:
     """The sha256 of an open file's bytes from where it stands (see `content_id`)."""
     return hashlib.file_digest(f, "sha256").hexdigest()
 

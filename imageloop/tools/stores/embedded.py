@@ -120,8 +120,7 @@ def _translated(
 ) -> Callable[Concatenate[EmbeddedVectorStore, P], R]:
     """Turn SQLite's and the disk's errors inside a store method into one-line StorageErrors."""
 
-    @functools.wraps(method)
-    def wrapper(self: EmbeddedVectorStore, *args: P.args, **kwargs: P.kwargs) -> R:
+    def wrapper(self: EmbeddedVectorStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return method(self, *args, **kwargs)
         except sqlite3.Error as e:
@@ -129,7 +128,7 @@ def _translated(
         except OSError as e:  # the HNSW file beside the store
             raise StorageError(os_error_message(e, f"writing the search index beside {self.path}")) from e
 
-    return wrapper
+    return functools.wraps(method)(wrapper)
 
 
 def store_error(error: sqlite3.Error, path: Path) -> StorageError:
