@@ -58,7 +58,7 @@ def run_genir_eval(
         index=str(folder),
     )
     target_list = load_targets(app.path(targets, "targets"), retriever.index)
-    out = make_out_dir(app.path(out_dir, "out", kind="out"), "results folder")
+    out = make_out_dir(app.path(out_dir, "results folder", kind="out"), "results folder")
     settings_file = out / EVAL_SETTINGS
     if settings_file.exists() and json.loads(settings_file.read_text()) != asdict(eval_settings):
         raise ImageloopError(f"{out} holds an evaluation with other settings: use another --out")

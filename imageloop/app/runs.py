@@ -178,7 +178,7 @@ def run_imagerag(
             raise ImageloopError(f"{run_dir} has no checkpoints to resume from: start a new run")
     else:
         prompt = limits.check_text("prompt", prompt or "")
-        run_dir = app.path(out_dir, "out", kind="out") if out_dir is not None else app.runs_dir / new_run_id()
+        run_dir = app.path(out_dir, "run folder", kind="out") if out_dir is not None else app.runs_dir / new_run_id()
     settings = app.with_knobs(**(knobs or {}))
     retriever = app.retriever(str(index), settings)
     searched: ImageRetriever = FilteredRetriever(retriever, where) if where else retriever

@@ -96,7 +96,9 @@ def start_search(
     settings = app.with_knobs(**(knobs or {}))
     app.retriever(index, settings)  # refuses a missing, empty or mismatched index before anything is stored
     thread_id = uuid.uuid4().hex[:12]
-    folder = app.path(out_dir, "out", kind="out") if out_dir is not None else app.runs_dir / f"search-{thread_id}"
+    folder = (
+        app.path(out_dir, "search folder", kind="out") if out_dir is not None else app.runs_dir / f"search-{thread_id}"
+    )
     session = SearchSession(thread_id, app.index(index).root, folder, settings.feedback, settings.rounds, settings.k)
     make_out_dir(folder, "search folder")  # before the session is recorded: a session needs its folder
     _register(app.sessions_db, session)
