@@ -302,6 +302,8 @@ def main() -> None:
     print(f"lost results: {len(tally.lost)}")
     for text in tally.lost[:10]:
         print(f"  {text}")
+    by_minute = {int(t // 60): rss for t, rss in tally.rss}  # the last sample of each minute
+    print("server RSS by minute (MiB): " + " ".join(f"{rss / 2**20:.0f}" for _, rss in sorted(by_minute.items())))
     print(f"server RSS after warm-up ({warmup_s:.0f} s) {rss_start / 2**20:.0f} MiB, at the end "
           f"{rss_end / 2**20:.0f} MiB: growth {100 * growth:+.1f}% (goal < 5%)")  # fmt: skip
     summary = {
