@@ -45,8 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import anyio
 import numpy as np
-import psutil
-from mcp import ClientSession
+from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult, TextContent
 from PIL import Image
@@ -225,11 +224,16 @@ async def worker(url: str, folder: Path, runs: Path, tally: Tally, seed: int, un
             await operations[rng.choices(kinds, weights)[0]]()
 
 
+def rss_bytes(pid: int) -> int:
+    """The resident set size of process `pid` (Linux: /proc/PID/statm counts pages)."""
+    resident_pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
 async def sample_rss(pid: int, tally: Tally, until: float) -> None:
-    process = psutil.Process(pid)
     started = time.monotonic()
     while time.monotonic() < until:
-        tally.rss.append((time.monotonic() - started, process.memory_info().rss))
+        tally.rss.append((time.monotonic() - started, rss_bytes(pid)))
         await anyio.sleep(RSS_EVERY_S)
 
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from PIL import Image
 
 from imageloop.cli import main
-from imageloop.eval.genir import DIALOGUES, Target, evaluate_targets
+from imageloop.files import jsonl_journal, read_jsonl
 from imageloop.protocols import GenerationRequest, GenerationResult, Vector
 from imageloop.tools.indexing.indexer import FALLBACK_SIDE, SIDE_MARGIN, index_folder
 from tests.fake_providers import FAKE_SETTINGS, FakeBackends, captioned_folder, fake_backends
@@ -136,31 +135,16 @@ def interrupt_method(*args: object, **kwargs: object) -> Any:
     raise KeyboardInterrupt
 
 
-class FinishedGraph:
-    """Stands for the GenIR graph in an evaluation: every search ends at once, found in round 0."""
-
-    def __init__(self) -> None:
-        self.searched: list[str] = []
-
-    def invoke(self, _: object, *, version: str, context: Any) -> SimpleNamespace:
-        self.searched.append(context.target_id)
-        return SimpleNamespace(value={"stop_reason": "found", "rounds": []})
-
-
 def test_a_half_line_left_by_a_crash_does_not_swallow_the_next_record(tmp_path: Path) -> None:
-    targets = [Target("a" * 64, tmp_path / "a.png"), Target("b" * 64, tmp_path / "b.png")]
-    finished = json.dumps({"target_id": targets[0].id, "target_path": "a.png", "stop_reason": "found", "rounds": []})
-    cut = json.dumps({"target_id": targets[1].id, "target_path": "b.png", "rounds": [{"round": 0}]})[:40]
-    (tmp_path / DIALOGUES).write_text(finished + "\n" + cut)  # killed half-way through writing b
-    knobs: dict[str, Any] = {"rounds": 2, "k": 5, "feedback": "verbal", "rank_depth": 100}
+    journal = tmp_path / "dialogues.jsonl"  # every evaluation's journal is written this way
+    finished = json.dumps({"target_id": "a", "rounds": []})
+    cut = json.dumps({"target_id": "b", "rounds": [{"round": 0}]})[:20]
+    journal.write_text(finished + "\n" + cut)  # killed half-way through writing b
 
-    first = FinishedGraph()
-    evaluate_targets(first, targets, tmp_path, **knobs)  # type: ignore[arg-type]
-    second = FinishedGraph()
-    done = evaluate_targets(second, targets, tmp_path, **knobs)  # type: ignore[arg-type]
+    with jsonl_journal(journal) as append:
+        append({"target_id": "b", "rounds": []})  # b made again, on a line of its own
 
-    assert first.searched == [targets[1].id]  # b ran again, once
-    assert second.searched == [] and set(done) == {t.id for t in targets}  # and its record reads back
+    assert [record["target_id"] for record in read_jsonl(journal)] == ["a", "b"]
 
 
 class SideRecordingEmbedder(FakeHashEmbedder):

@@ -718,7 +718,17 @@ def _open_read_only(path: Path) -> sqlite3.Connection:
 
 
 def _layout_action(conn: sqlite3.Connection, path: Path) -> str:
-    """What opening needs: "open" a store, "create" one in an empty database, "migrate" the first layout."""
+    """What opening needs: "open" a store, "create" one in an empty database, "migrate" the first layout.
+
+    Read in one transaction: another process creating the store commits its tables and its application
+    id together, and two separate reads could see one without the other.
+    """
+    if not conn.in_transaction:
+        conn.execute("BEGIN")
+        try:
+            return _layout_action(conn, path)
+        finally:
+            conn.execute("COMMIT")
     (application_id,) = conn.execute("PRAGMA application_id").fetchone()
     (layout,) = conn.execute("PRAGMA user_version").fetchone()
     tables = {
