@@ -65,6 +65,16 @@ def _role_options() -> argparse.ArgumentParser:
         metavar="N",
         help=f"OpenAI-compatible endpoints: requests in flight, each (default {_default('max_concurrent_requests')})",
     )
+    group.add_argument(
+        "--request-timeout", type=float, metavar="SECONDS",
+        help=f"remote calls: seconds one try may take (default {limits.REQUEST_TIMEOUT_S:g}; image generation "
+        f"{limits.GENERATION_TIMEOUT_S:g}; $IMAGELOOP_REQUEST_TIMEOUT)",
+    )  # fmt: skip
+    group.add_argument(
+        "--max-retries", type=int, metavar="N",
+        help=f"remote calls: retries after a timeout, 429 or 5xx (default {_default('max_retries')}; "
+        "$IMAGELOOP_MAX_RETRIES)",
+    )  # fmt: skip
     group.add_argument("--device", help="local models: cuda, cuda:1, mps or cpu (default: best available)")
     group.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="local models (default per device)")
     group.add_argument("--offload", action="store_true", default=None, help="diffusers: CPU offload to save VRAM")
@@ -375,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-host", action="append", default=[], metavar="NAME",
         help="a host name HTTP clients may use besides localhost and the bound address (repeatable)",
     )  # fmt: skip
+    mcp.add_argument(
+        "--allow-origin", action="append", default=[], metavar="ORIGIN",
+        help="a web origin (https://app.example.com) whose pages may call the HTTP server besides its own (repeatable)",
+    )  # fmt: skip
     return parser
 
 
@@ -497,6 +511,7 @@ def _search(args: argparse.Namespace, app: App) -> int:
             raise ConfigError("search needs --index (or --resume SESSION_ID)")
         query = args.query or input("What are you looking for? ").strip()
         shown = app.start_search(args.index, query, knobs=given, out_dir=args.out, on_step=_show_step)
+        args.session_id = shown["thread_id"]  # what a Ctrl-C from here on may point back to
         print(f"session {shown['thread_id']} (continue it with --resume {shown['thread_id']})")
     while shown["status"] == "awaiting_feedback":
         _print_round(shown)
@@ -686,7 +701,7 @@ def _mcp(args: argparse.Namespace, app: App) -> int:
     from imageloop.mcp import serve
 
     token = args.token or os.environ.get("IMAGELOOP_MCP_TOKEN") or None
-    serve(app, http=args.http, token=token, allow_hosts=args.allow_host)
+    serve(app, http=args.http, token=token, allow_hosts=args.allow_host, allow_origins=args.allow_origin)
     return 0
 
 
@@ -803,15 +818,25 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, App], int]] = {
 }
 
 
-def _interrupted(args: argparse.Namespace, error: KeyboardInterrupt) -> str:
-    """What Ctrl-C kept, and the command that continues from there."""
+def _interrupted(args: argparse.Namespace, error: BaseException) -> str:
+    """What Ctrl-C kept, and the command that continues from there: only what is true at that moment."""
+    from imageloop.app.runs import can_resume
+    from imageloop.tools.indexing.indexer import IndexingInterrupted
+
     if args.command == "index":
-        return f"{str(error) or 'finished batches are saved'}; run the same command again to add the rest"
+        if isinstance(error, IndexingInterrupted):
+            return f"{error}; run the same command again to add the rest"
+        return "stopped before indexing began; nothing was changed"
     if args.command == "generate":
         run_dir = args.resume or args.out
-        return f"the run so far is in {run_dir}/run.json; continue it with: imageloop generate --resume {run_dir}"
+        if run_dir is not None and can_resume(run_dir):
+            return f"the run so far is in {run_dir}/run.json; continue it with: imageloop generate --resume {run_dir}"
+        return "stopped before the run began; nothing was saved: run the same command again"
     if args.command == "search":
-        return "search paused; continue it with --resume and the session id printed above"
+        session = getattr(args, "session_id", None) or args.resume
+        if session:
+            return f"search paused; continue it with: imageloop search --resume {session}"
+        return "stopped before the search showed its first round: run the same command again"
     if args.command == "rage":
         return "the session is kept; continue it with: imageloop rage --resume SESSION_ID (printed above)"
     if args.command == "eval":
@@ -834,7 +859,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err(f"imageloop: error: {e}")
         return EXIT_USER_ERROR
     except (KeyboardInterrupt, EOFError) as e:
-        _err(f"\nimageloop: interrupted; {_interrupted(args, KeyboardInterrupt(str(e)))}")
+        _err(f"\nimageloop: interrupted; {_interrupted(args, e)}")
         return EXIT_INTERRUPTED
     finally:
         if app is not None:

@@ -70,14 +70,18 @@ class RoleSpec:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where an OpenAI-compatible role sends its requests; None means the client's own default.
+    """Where an OpenAI-compatible role sends its requests, and how long it waits; None: the defaults.
 
-    `max_concurrent_requests` bounds the requests in flight to one endpoint from this process.
+    `timeout` is the seconds one try may take, `max_retries` how often a timed-out, 429 or 5xx call is
+    tried again, `max_concurrent_requests` how many requests this process keeps in flight to the
+    endpoint (defaults in `imageloop.limits`).
     """
 
     base_url: str | None = None
     api_key: str | None = None
     max_concurrent_requests: int = limits.MAX_CONCURRENT_REQUESTS
+    timeout: float | None = None
+    max_retries: int | None = None
 
 
 class Settings(BaseModel):
@@ -163,6 +167,8 @@ class Settings(BaseModel):
     weaviate_url: str | None = Field(None, description="Weaviate server for --store weaviate (http://HOST:8080)")
     weaviate_api_key: str | None = Field(None, description="Weaviate API key (else WEAVIATE_API_KEY); never written")
     weaviate_grpc_port: int | None = Field(None, ge=1, le=65535, description="Weaviate's gRPC port (default 50051)")
+    request_timeout: float | None = bounded("request_timeout")
+    max_retries: int = bounded("max_retries")
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:
         """These settings with `overrides` (None values ignored), validated as every other source is."""
@@ -218,7 +224,18 @@ class Settings(BaseModel):
             base_url=base_url or os.environ.get("OPENAI_BASE_URL") or None,
             api_key=api_key or os.environ.get("OPENAI_API_KEY") or None,
             max_concurrent_requests=self.max_concurrent_requests,
+            timeout=self.timeout_for(role),
+            max_retries=self.max_retries,
         )
+
+    def timeout_for(self, role: Role | Literal["store"]) -> float:
+        """Seconds one remote call of `role` (or the Weaviate store) may take: `request_timeout`, else the default.
+
+        Image generation waits longer by default: a busy gpt-image-1 may take two minutes to answer at all.
+        """
+        if self.request_timeout is not None:
+            return self.request_timeout
+        return limits.GENERATION_TIMEOUT_S if role == "generator" else limits.REQUEST_TIMEOUT_S
 
 
 MODEL_PROFILES: dict[str, dict[str, Any]] = {
@@ -283,4 +300,7 @@ def _validated(values: Mapping[str, Any]) -> Settings:
     except ValidationError as e:
         first = e.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
+        if field in limits.BOUNDS and first["type"] in ("greater_than_equal", "less_than_equal"):
+            # A value past a bound is refused in the table's own words, naming the range, on every face.
+            limits.check(field, float(first["input"]))
         raise ConfigError(f"invalid setting {field}: {first['msg']}") from None

@@ -35,3 +35,11 @@ class OutOfMemoryError(ImageloopError):
 
 class ImageDecodeError(ImageloopError):
     """A file is not a readable image."""
+
+
+class StorageError(ImageloopError):
+    """The disk or a store failed under us: full, read-only, busy or damaged; the message says what to do."""
+
+
+class IndexDamagedError(StorageError):
+    """An index's files are corrupt: deleting its `.imageloop` folder and indexing again rebuilds it."""

@@ -11,13 +11,20 @@ fsynced as it is written, so a crash loses at most the items in flight and a rer
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from imageloop.errors import StorageError
+
+# What the disk (not the program) did: full, read-only, refused, failing.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
 
 
 @contextmanager
@@ -95,6 +102,36 @@ def fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def os_error_message(error: OSError, doing: str) -> str:
+    """One line for an OSError met while `doing` (e.g. "writing the index at X"): what happened, what to do."""
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full while {doing} ({reason}): free some space and run the same command again"
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write while {doing} ({reason}): the folder is read-only for imageloop; choose a writable one"
+    if error.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        where = f": {error.filename}" if error.filename else ""
+        return f"a file stands where a folder is needed while {doing} ({reason}{where}): move it or choose another path"
+    return f"{doing} failed: {reason}" + (f" ({error.filename})" if error.filename else "")
+
+
+def disk_error(error: BaseException, doing: str) -> StorageError | None:
+    """A one-line StorageError when `error` is the disk's doing (full, read-only, failing), else None.
+
+    Covers OSErrors with a disk errno and SQLite's errors about its files (a checkpoint or session
+    database on a full or read-only disk).
+    """
+    if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
+        return StorageError(os_error_message(error, doing))
+    if isinstance(error, sqlite3.OperationalError):
+        name = getattr(error, "sqlite_errorname", "") or ""
+        if name.startswith("SQLITE_FULL"):
+            return StorageError(os_error_message(OSError(errno.ENOSPC, str(error)), doing))
+        if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_IOERR")):
+            return StorageError(os_error_message(OSError(errno.EROFS, str(error)), doing))
+    return None
 
 
 def _umask() -> int:

@@ -9,6 +9,7 @@ into a one-line `ConfigError` naming the bound.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from imageloop.errors import ConfigError
@@ -26,7 +27,7 @@ class Bound:
     def check(self, name: str, value: float | None) -> None:
         """Refuse `value` outside the range, in one line naming the bound."""
         if value is not None and not self.low <= value <= self.high:
-            raise ConfigError(f"{name} {value} is out of range: {_number(self.low)}..{_number(self.high)}")
+            raise ConfigError(f"{name} {_number(value)} is out of range: {_number(self.low)}..{_number(self.high)}")
 
 
 def _number(value: float) -> str:
@@ -45,6 +46,12 @@ MAX_REFERENCES = 16
 MAX_CONCURRENT_REQUESTS = 8
 """Requests in flight at once to one OpenAI-compatible endpoint by default: enough for vLLM to batch them."""
 
+# Remote calls (OpenAI-compatible endpoints, Weaviate): how long one try may take when `request_timeout`
+# is not set. A hung chat or embeddings endpoint then fails in 2 x 20 s; image generation gets longer,
+# since gpt-image-1 itself may take up to two minutes before it sends a byte.
+REQUEST_TIMEOUT_S = 20.0
+GENERATION_TIMEOUT_S = 120.0
+
 BOUNDS: dict[str, Bound] = {
     # ImageRAG
     "max_iterations": Bound(1, 10, 1, "regenerations with references before stopping (the paper: one pass)"),
@@ -60,6 +67,14 @@ BOUNDS: dict[str, Bound] = {
     "rounds": Bound(0, 20, 10, "GenIR refinement rounds after round 0 (the paper: 10, reported as rounds 0..10)"),
     "rank_depth": Bound(1, 100_000, 1000, "GenIR evaluation: ranks deeper than this count as misses"),
     "hybrid_threshold": Bound(-1.0, 1.0, 0.9, "GenIR hybrid feedback: show the top hit from this similarity"),
+    # Remote calls
+    "request_timeout": Bound(
+        1,
+        600,
+        None,
+        f"seconds one remote call may take (default {REQUEST_TIMEOUT_S:g}; image generation {GENERATION_TIMEOUT_S:g})",
+    ),
+    "max_retries": Bound(0, 10, 1, "retries of a remote call that timed out or got a 429 or 5xx"),
     # Composed image retrieval (CIR) and DAIG's triplet synthesis
     "fusion_lambda": Bound(
         0.0,
@@ -115,12 +130,17 @@ def check_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
     return None if size is None else _bounded_size(*size)
 
 
+# ASCII digits only (str.isdigit accepts "²", which int() refuses), and few enough of them that int()
+# never meets Python's digit limit; anything longer is past MAX_SIDE anyway.
+_SIZE = re.compile(r"\s*([0-9]{1,9})\s*[xX]\s*([0-9]{1,9})\s*", re.ASCII)
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """`WIDTHxHEIGHT` (e.g. 1024x1024), bounded as `check_size` bounds it."""
-    width, sep, height = text.strip().lower().partition("x")
-    if not sep or not width.isdigit() or not height.isdigit():
-        raise ConfigError(f"size {text!r}: expected WIDTHxHEIGHT such as 1024x1024")
-    return _bounded_size(int(width), int(height))
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise ConfigError(f"size {text[:40]!r}: expected WIDTHxHEIGHT such as 1024x1024")
+    return _bounded_size(int(match[1]), int(match[2]))
 
 
 def _bounded_size(width: int, height: int) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from imageloop import limits
 from imageloop.config import Endpoint
 from imageloop.errors import BackendError, ConfigError
 
@@ -32,8 +33,13 @@ PLACEHOLDER_API_KEY = "not-needed"
 _MAX_MESSAGE_CHARS = 300
 
 
-def make_client(endpoint: Endpoint, *, max_retries: int = 2, timeout: float = 120.0) -> openai.OpenAI:
-    """An OpenAI client for `endpoint`, falling back to OPENAI_BASE_URL / OPENAI_API_KEY."""
+def make_client(endpoint: Endpoint) -> openai.OpenAI:
+    """An OpenAI client for `endpoint`, falling back to OPENAI_BASE_URL / OPENAI_API_KEY.
+
+    Each try waits `endpoint.timeout` seconds at most, and a timed-out, 429 or 5xx call is tried
+    `endpoint.max_retries` more times (429s after the server's Retry-After): a hung endpoint fails in
+    (1 + max_retries) x timeout, not the client's default of 3 x 10 minutes.
+    """
     import openai
 
     base_url = endpoint.base_url or os.environ.get("OPENAI_BASE_URL") or None
@@ -45,7 +51,9 @@ def make_client(endpoint: Endpoint, *, max_retries: int = 2, timeout: float = 12
                 "OpenAI-compatible server (which needs no key)"
             )
         api_key = PLACEHOLDER_API_KEY
-    return openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=max_retries, timeout=timeout)
+    timeout = endpoint.timeout if endpoint.timeout is not None else limits.REQUEST_TIMEOUT_S
+    retries = endpoint.max_retries if endpoint.max_retries is not None else int(limits.default("max_retries") or 0)
+    return openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=retries, timeout=timeout)
 
 
 _slots: dict[tuple[str, int], threading.BoundedSemaphore] = {}
@@ -79,17 +87,41 @@ def server_message(error: openai.APIStatusError) -> str:
 
 
 @contextmanager
-def translated_errors(what: str, base_url: str) -> Iterator[None]:
-    """Re-raise the client's connection and HTTP errors as one-line BackendErrors naming `base_url`."""
+def translated_errors(what: str, client: openai.OpenAI) -> Iterator[None]:
+    """Re-raise the client's connection, timeout and HTTP errors, and answers that are not API responses,
+    as one-line BackendErrors naming the endpoint.
+
+    Read the answer inside the block: an endpoint that sends an HTML page with status 200 (a login wall,
+    a proxy) makes the client return a plain string, whose missing fields surface as AttributeErrors.
+    """
     import openai
 
     # The client normalises base URLs with a trailing slash; users typed them without.
-    base_url = base_url.rstrip("/")
+    base_url = str(client.base_url).rstrip("/")
     try:
         yield
+    except openai.APITimeoutError as e:
+        tries = client.max_retries + 1
+        raise BackendError(
+            f"{base_url} did not answer {what} within {_seconds(client.timeout)} s ({tries} tries): "
+            "check the server, or allow more with --request-timeout / IMAGELOOP_REQUEST_TIMEOUT"
+        ) from e
     except openai.APIConnectionError as e:
         # The client's own message is a bare "Connection error."; the cause says refused, DNS, TLS...
         cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ else ""
         raise BackendError(_one_line(f"cannot reach {base_url} for {what} (after retries): {e.message}{cause}")) from e
     except openai.APIStatusError as e:
         raise BackendError(_one_line(f"{base_url} rejected {what}: HTTP {e.status_code}: {server_message(e)}")) from e
+    except (openai.APIResponseValidationError, AttributeError, TypeError, KeyError, IndexError, ValueError) as e:
+        raise BackendError(
+            _one_line(
+                f"{base_url} answered {what} with something that is not an OpenAI API response "
+                f"({type(e).__name__}: {e}); is it the API's /v1 address, not a web page or a proxy?"
+            )
+        ) from e
+
+
+def _seconds(timeout: object) -> str:
+    """The client's timeout (a number or an httpx Timeout) as seconds for a message."""
+    value = getattr(timeout, "read", timeout)
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)

@@ -2,11 +2,17 @@
 
 openai 3.x sends through httpx2, which respx cannot intercept; a real socket exercises the client's own
 serialisation (JSON bodies, multipart uploads), retries and error handling exactly as production does.
+
+Besides scripted JSON answers it plays the faults a real endpoint shows (`Fault`): an HTML page with
+status 200 (a proxy's login or error page), 500, 429 with Retry-After, a hang, a truncated image, an
+answer with extra keys, a refusal. A fault is queued for one request (`push_fault`) or kept for every
+request to a route until cleared (`always`).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import email.parser
 import email.policy
 import hashlib
@@ -83,6 +89,66 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
     return {"error": {"message": message, "type": type_, "param": param, "code": None}}
 
 
+@dataclass(frozen=True)
+class Fault:
+    """An answer sent as is, after `delay_s`: any status, content type, headers and bytes.
+
+    A delay longer than the client waits is a hung endpoint: the client gives up, the server thread
+    sleeps on until the delay ends or the server closes.
+    """
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+    delay_s: float = 0.0
+
+
+def _json_fault(status: int, body: Any, headers: tuple[tuple[str, str], ...] = ()) -> Fault:
+    return Fault(status, json.dumps(body).encode(), headers=headers)
+
+
+def html_page(status: int = 200) -> Fault:
+    """What a captive portal, a login wall or a misrouted proxy sends: HTML, often with status 200."""
+    page = b"<!doctype html><html><head><title>Sign in</title></head><body>Please sign in</body></html>"
+    return Fault(status, page, content_type="text/html; charset=utf-8")
+
+
+def server_error(message: str = "upstream model crashed") -> Fault:
+    """HTTP 500 with the OpenAI error envelope."""
+    return _json_fault(500, error_body(message, "server_error"))
+
+
+def rate_limited(retry_after_s: float) -> Fault:
+    """HTTP 429 asking the client to come back after `retry_after_s` seconds."""
+    return _json_fault(
+        429, error_body("Rate limit reached", "rate_limit_exceeded"), (("Retry-After", f"{retry_after_s:g}"),)
+    )
+
+
+def hung(seconds: float = 3600.0) -> Fault:
+    """No answer for `seconds` (then an empty 200 nobody waits for any more)."""
+    return Fault(200, b"{}", delay_s=seconds)
+
+
+def truncated_image() -> Fault:
+    """An Images API answer whose PNG stops half-way."""
+    data = base64.b64decode(png_b64(size=64))
+    return _json_fault(
+        200, {"created": int(time.time()), "data": [{"b64_json": base64.b64encode(data[: len(data) // 2]).decode()}]}
+    )
+
+
+def with_extra_keys(answer: dict[str, Any]) -> Fault:
+    """A chat answer holding the JSON asked for plus keys nobody asked for."""
+    return _json_fault(200, chat_completion(json.dumps({**answer, "confidence": 0.9, "notes": {"why": "extra"}})))
+
+
+def refusal(text: str = "I can't help with that.") -> Fault:
+    """A chat answer that refuses (no content, `refusal` set), as OpenAI sends for unsafe requests."""
+    return _json_fault(200, chat_completion(None, refusal=text))
+
+
 def _embeddings(body: dict[str, Any]) -> dict[str, Any]:
     inputs = body.get("input", [])
     texts = [inputs] if isinstance(inputs, str) else list(inputs)
@@ -136,8 +202,10 @@ class FakeOpenAIServer:
         self.in_flight = 0
         self.max_in_flight = 0
         """The most requests the server was answering at one time."""
-        self._scripted: defaultdict[str, deque[tuple[int, Any]]] = defaultdict(deque)
+        self._scripted: defaultdict[str, deque[Fault]] = defaultdict(deque)
+        self._always: dict[str, Fault] = {}
         self._lock = threading.Lock()
+        self._closing = threading.Event()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         # A short poll interval: shutdown() waits for the loop to notice, which is 0.5 s per test by default.
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.01,), daemon=True)
@@ -148,9 +216,21 @@ class FakeOpenAIServer:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
 
     def push(self, path: str, status: int, body: Any) -> None:
-        """Queue one answer for `path` (e.g. "/v1/chat/completions"); queued answers go first, in order."""
+        """Queue one JSON answer for `path` (e.g. "/v1/chat/completions"); queued answers go first, in order."""
+        self.push_fault(path, _json_fault(status, body))
+
+    def push_fault(self, path: str, fault: Fault) -> None:
+        """Queue one answer sent as is (see `Fault` and the fault makers above)."""
         with self._lock:
-            self._scripted[path].append((status, body))
+            self._scripted[path].append(fault)
+
+    def always(self, path: str, fault: Fault | None) -> None:
+        """Answer every request to `path` with `fault` once the queue is empty (None: back to the defaults)."""
+        with self._lock:
+            if fault is None:
+                self._always.pop(path, None)
+            else:
+                self._always[path] = fault
 
     def requests_to(self, path: str) -> list[RecordedRequest]:
         """The recorded requests for `path`, in arrival order."""
@@ -163,7 +243,8 @@ class FakeOpenAIServer:
         return self
 
     def close(self) -> None:
-        """Stop serving and release the port."""
+        """Stop serving and release the port (hung answers end now)."""
+        self._closing.set()
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -175,15 +256,17 @@ class FakeOpenAIServer:
     ) -> None:
         self.close()
 
-    def _answer(self, request: RecordedRequest) -> tuple[int, Any]:
+    def _answer(self, request: RecordedRequest) -> Fault:
         with self._lock:
             self.requests.append(request)
             if self._scripted[request.path]:
                 return self._scripted[request.path].popleft()
+            if request.path in self._always:
+                return self._always[request.path]
         default = _DEFAULTS.get(request.path)
         if default is None:
-            return 404, error_body(f"fake server has no route {request.method} {request.path}")
-        return 200, default(request.json)
+            return _json_fault(404, error_body(f"fake server has no route {request.method} {request.path}"))
+        return _json_fault(200, default(request.json))
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -203,16 +286,24 @@ class FakeOpenAIServer:
                 with server._lock:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
-                time.sleep(server.latency_s)
-                status, body = server._answer(recorded)
-                with server._lock:
-                    server.in_flight -= 1
-                payload = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                try:
+                    if server.latency_s and server._closing.wait(server.latency_s):
+                        return
+                    answer = server._answer(recorded)
+                    if answer.delay_s and server._closing.wait(answer.delay_s):
+                        return  # the server closed while this answer hung
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
+                # The client may have given up waiting (a hang it timed out on): nobody reads this.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.send_response(answer.status)
+                    self.send_header("Content-Type", answer.content_type)
+                    self.send_header("Content-Length", str(len(answer.body)))
+                    for name, value in answer.headers:
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(answer.body)
 
             def log_message(self, format: str, *args: Any) -> None:
                 """Keep test output clean."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pytest
@@ -23,7 +25,7 @@ import imageloop.tools.indexing.indexer as indexer
 from imageloop.cli import main
 from imageloop.errors import EmbedderMismatchError, ImageloopError, IndexNotFoundError
 from imageloop.protocols import Vector
-from imageloop.tools.images import open_image
+from imageloop.tools.images import decode_image, open_image
 from imageloop.tools.indexing.image_index import open_index
 from imageloop.tools.indexing.indexer import IndexingInterrupted, index_folder
 from tests.fakes import FakeHashEmbedder
@@ -71,11 +73,11 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Every path the indexer decodes (from any worker thread)."""
     seen: list[Path] = []
 
-    def counting_open_image(path: Path) -> Image.Image:
+    def counting_decode(f: BinaryIO, path: Path, *, shortest_side: int | None = None) -> Image.Image:
         seen.append(path)
-        return open_image(path)
+        return decode_image(f, path, shortest_side=shortest_side)
 
-    monkeypatch.setattr(indexer, "open_image", counting_open_image)
+    monkeypatch.setattr(indexer, "decode_image", counting_decode)
     return seen
 
 
@@ -429,8 +431,8 @@ def test_workers_decode_the_next_batch_while_the_embedder_works(
     decoded: list[Path] = []
     next_batch_decoded = threading.Event()
 
-    def counting_open_image(path: Path) -> Image.Image:
-        image = open_image(path)
+    def counting_decode(f: BinaryIO, path: Path, *, shortest_side: int | None = None) -> Image.Image:
+        image = decode_image(f, path, shortest_side=shortest_side)
         decoded.append(path)
         if len(decoded) >= 8:
             next_batch_decoded.set()
@@ -446,7 +448,7 @@ def test_workers_decode_the_next_batch_while_the_embedder_works(
                 waited.append(next_batch_decoded.wait(timeout=5))
             return super().embed_images(batch)
 
-    monkeypatch.setattr(indexer, "open_image", counting_open_image)
+    monkeypatch.setattr(indexer, "decode_image", counting_decode)
     embedder = FirstCallWaits(embeds_images=True)
 
     summary = index_folder(folder, embedder, None, batch_size=4, workers=2, progress=False)
@@ -461,9 +463,9 @@ def test_workers_run_at_most_a_batch_and_two_files_each_ahead(tmp_path: Path, mo
     decoded: list[Path] = []
     ahead: list[int] = []
 
-    def counting_open_image(path: Path) -> Image.Image:
+    def counting_decode(f: BinaryIO, path: Path, *, shortest_side: int | None = None) -> Image.Image:
         decoded.append(path)
-        return open_image(path)
+        return decode_image(f, path, shortest_side=shortest_side)
 
     class SlowFirstCall(FakeHashEmbedder):
         def embed_images(self, batch: Sequence[Image.Image]) -> Vector:
@@ -472,7 +474,7 @@ def test_workers_run_at_most_a_batch_and_two_files_each_ahead(tmp_path: Path, mo
                 ahead.append(len(decoded))
             return super().embed_images(batch)
 
-    monkeypatch.setattr(indexer, "open_image", counting_open_image)
+    monkeypatch.setattr(indexer, "decode_image", counting_decode)
 
     index_folder(folder, SlowFirstCall(embeds_images=True), None, batch_size=4, workers=2, progress=False)
 
@@ -491,11 +493,11 @@ def test_results_follow_the_file_order_whatever_the_decode_timing(
     (folder / "img09b.png").write_bytes(b"corrupt too")
     delays = iter(np.random.default_rng(0).uniform(0, 0.02, 100))
 
-    def jittered_open_image(path: Path) -> Image.Image:
+    def jittered_decode(f: BinaryIO, path: Path, *, shortest_side: int | None = None) -> Image.Image:
         time.sleep(next(delays))  # later files often finish first
-        return open_image(path)
+        return decode_image(f, path, shortest_side=shortest_side)
 
-    monkeypatch.setattr(indexer, "open_image", jittered_open_image)
+    monkeypatch.setattr(indexer, "decode_image", jittered_decode)
     embedder = RecordingEmbedder()
 
     summary = index_folder(folder, embedder, FakeCaptioner(), batch_size=3, workers=4, progress=False)
@@ -753,14 +755,14 @@ def test_a_file_edited_in_place_keeps_one_record_under_its_path(tmp_path: Path) 
 def test_a_file_that_cannot_be_read_this_time_keeps_its_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = captioned_folder(tmp_path / "images")
     index_folder(folder, FakeHashEmbedder(), None, progress=False)
-    real_content_id = indexer.content_id
+    real_open = indexer.open_regular
 
-    def unreadable_car(path: Path) -> str:
+    def unreadable_car(path: Path) -> io.BufferedReader:
         if path.name == "car.png":
             raise PermissionError("permission denied")
-        return real_content_id(path)
+        return real_open(path)
 
-    monkeypatch.setattr(indexer, "content_id", unreadable_car)
+    monkeypatch.setattr(indexer, "open_regular", unreadable_car)
     summary = index_folder(folder, FakeHashEmbedder(), None, progress=False)
 
     assert (summary.failed, summary.removed, count(folder)) == (1, 0, 3)

@@ -42,7 +42,7 @@ from imageloop.config import Settings
 from imageloop.mcp import build_server
 from imageloop.mcp.server import ImageloopMCP
 from imageloop.mcp.thumbnails import RESULT_IMAGE_BUDGET
-from tests.fake_openai_server import FakeOpenAIServer, RecordedRequest, chat_completion
+from tests.fake_openai_server import FakeOpenAIServer, Fault, RecordedRequest, chat_completion
 from tests.fakes import FakeHashEmbedder, ScriptedGenerator, ScriptedVLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -344,7 +344,7 @@ def slow_images(server: FakeOpenAIServer, seconds: float) -> None:
     """Make the fake Images API take `seconds` per picture."""
     answer = server._answer
 
-    def slowly(request: RecordedRequest) -> tuple[int, Any]:
+    def slowly(request: RecordedRequest) -> Fault:
         if request.path.startswith("/v1/images"):
             time.sleep(seconds)
         return answer(request)
@@ -430,9 +430,11 @@ def test_http_on_localhost_serves_the_tools_and_checks_host_and_origin(
 
         foreign_origin = httpx.post(url, json=INITIALIZE, headers={**MCP_HEADERS, "Origin": "http://evil.example"})
         foreign_host = httpx.post(url, json=INITIALIZE, headers={**MCP_HEADERS, "Host": "evil.example"})
-        local_origin = httpx.post(url, json=INITIALIZE, headers={**MCP_HEADERS, "Origin": "http://localhost:3000"})
+        other_local_site = httpx.post(url, json=INITIALIZE, headers={**MCP_HEADERS, "Origin": "http://localhost:3000"})
+        own_origin = httpx.post(url, json=INITIALIZE, headers={**MCP_HEADERS, "Origin": url.removesuffix("/mcp")})
     assert foreign_origin.status_code == 403 and foreign_host.status_code == 421
-    assert local_origin.status_code == 200
+    assert other_local_site.status_code == 403  # a page on another localhost port is another site
+    assert own_origin.status_code == 200
 
 
 def test_http_beyond_localhost_requires_a_bearer_token(

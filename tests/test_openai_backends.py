@@ -356,7 +356,7 @@ def test_embed_images_points_to_the_caption_route() -> None:
 
 def test_an_unreachable_endpoint_raises_a_one_line_backend_error_naming_the_url() -> None:
     url = closed_port_url()
-    vlm = OpenAIVisionLanguageModel("gpt-test", client=make_client(Endpoint(base_url=url), max_retries=1))
+    vlm = OpenAIVisionLanguageModel("gpt-test", client=make_client(Endpoint(base_url=url, max_retries=1)))
 
     with pytest.raises(BackendError) as raised:
         vlm.chat([Message("user", "hello")])

@@ -437,9 +437,12 @@ def test_the_cli_reports_an_unreachable_weaviate_in_one_line(
     folder = captioned_folder(tmp_path / "images")
     url = f"http://127.0.0.1:{free_port()}"
     with fake_backends(monkeypatch):
-        code = main(["index", str(folder), "--embedder", "fake:hash", "--store", "weaviate", "--weaviate-url", url])
+        code = main([
+            "index", str(folder), "--embedder", "fake:hash", "--store", "weaviate", "--weaviate-url", url,
+            "--max-retries", "2",
+        ])  # fmt: skip
 
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith(f"imageloop: error: cannot reach Weaviate at {url} (3 attempts)")
+    assert err.startswith(f"imageloop: error: cannot reach Weaviate at {url} (3 attempts)")  # --max-retries 2
     assert len(err.strip().splitlines()) == 1

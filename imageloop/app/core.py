@@ -21,7 +21,8 @@ from imageloop.app.jobs import JobRegistry
 from imageloop.app.paths import Kind, Roots, default_sessions_db, resolve_path
 from imageloop.backends import make_embedder, make_generator, make_vlm
 from imageloop.config import Role, Settings, load_settings
-from imageloop.errors import ConfigError, ImageloopError
+from imageloop.errors import ConfigError, ImageloopError, StorageError
+from imageloop.files import os_error_message
 from imageloop.protocols import Embedder, ImageGenerator, RetrievedImage, VisionLanguageModel
 
 if TYPE_CHECKING:
@@ -116,9 +117,13 @@ class App:
         from imageloop.tools.indexing.image_index import open_index
 
         root = self.path(folder, "index")  # open_index says what to do when there is no index there
+        settings = self.settings
         with self._lock:
             if root not in self._indexes:
-                self._indexes[root] = open_index(root, weaviate_api_key=self.settings.weaviate_api_key)
+                self._indexes[root] = open_index(
+                    root, weaviate_api_key=settings.weaviate_api_key,
+                    request_timeout=settings.timeout_for("store"), max_retries=settings.max_retries,
+                )  # fmt: skip
             return self._indexes[root]
 
     def retriever(self, folder: str | Path, settings: Settings | None = None) -> Retriever:
@@ -168,7 +173,10 @@ class App:
                 batch_size=batch_size or int(limits.default("batch_size") or 32), progress=progress,
                 store=settings.store, weaviate_url=settings.weaviate_url,
                 weaviate_api_key=settings.weaviate_api_key, weaviate_grpc_port=settings.weaviate_grpc_port,
+                request_timeout=settings.timeout_for("store"), max_retries=settings.max_retries,
             )  # fmt: skip
+        except OSError as e:  # the folder or the disk under the index: full, read-only, a file in the way
+            raise StorageError(os_error_message(e, f"writing the index of {root}")) from e
         finally:
             self.retire_index(root)
 
@@ -182,8 +190,12 @@ class App:
                 del self._retrievers[key]
 
     def index_info(self, folder: str | Path) -> dict[str, Any]:
-        """What an index holds and what built it: `{count, embedder, dim, store, route, root}` (+ url, collection)."""
+        """What an index holds and what built it: `{count, embedder, dim, store, route, root}` (+ url, collection).
+
+        The store is checked first, so a damaged index is reported as damaged, never by a stale count.
+        """
         index = self.index(folder)
+        index.check()
         info = {"count": index.count(), "embedder": index.embedder_id, "dim": index.dim, **index.location.to_json()}
         return {**info, "route": index.route, "root": str(index.root)}
 
@@ -332,16 +344,19 @@ class App:
                 self._jobs = JobRegistry()
             return self._jobs
 
-    def close(self, grace_s: float = 1.0) -> None:
-        """Finish (or cancel at a step boundary) background runs, then close every index this app opened."""
-        if self._jobs is not None:
-            self._jobs.shutdown(grace_s)
+    def close(self, grace_s: float = 1.0) -> int:
+        """Finish (or cancel at a step boundary) background runs, then close every index this app opened.
+
+        Returns how many runs were still inside a step: recorded as interrupted, their threads running on.
+        """
+        stuck = self._jobs.shutdown(grace_s) if self._jobs is not None else 0
         with self._lock:
             for index in [*self._indexes.values(), *self._retired]:
                 index.close()
             self._indexes.clear()
             self._retired.clear()
             self._retrievers.clear()
+        return stuck
 
     def open_indexes(self) -> int:
         """How many index handles are open (the face contract checks `close` leaves none)."""

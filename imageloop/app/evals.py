@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from imageloop import limits
 from imageloop.agents.simulated_user import user_decoding
+from imageloop.app.paths import make_out_dir
 from imageloop.app.runs import RUN_RECORD, imagerag_knobs, run_imagerag
 from imageloop.app.sessions import genir_knobs
 from imageloop.config import Settings
@@ -135,8 +136,7 @@ def run_genir_eval(
     folder = retriever.index.root
     eval_settings = _eval_settings(settings, retriever.embedder.model_id, folder)
     target_list = _targets(app, retriever.index, targets, benchmark, images, annotations, sample)
-    out = app.path(out_dir, "out", kind="out")
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_out_dir(app.path(out_dir, "results folder", kind="out"), "results folder")
     settings_file = out / EVAL_SETTINGS
     if settings_file.exists() and json.loads(settings_file.read_text()) != eval_settings.to_json():
         raise ImageloopError(f"{out} holds an evaluation with other settings: use another --out")
@@ -236,8 +236,7 @@ def run_imagerag_eval(
             }
         )
     )
-    out = app.path(out_dir, "out", kind="out")
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_out_dir(app.path(out_dir, "results folder", kind="out"), "results folder")
     settings_file = out / IMAGERAG_EVAL_SETTINGS
     if settings_file.exists() and json.loads(settings_file.read_text()) != eval_settings:
         raise ImageloopError(f"{out} holds an evaluation with other settings: use another --out")

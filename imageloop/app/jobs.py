@@ -3,8 +3,11 @@
 An agent's tool call cannot wait minutes (MCP clients time out near 60 s), so a face submits the work
 here, waits a while, and hands back the run id; the run goes on in a small thread pool, reports its
 progress as it goes, writes its status next to its record (so a later process can still answer for
-it), and stops at its next step boundary when the application closes. The registry is bounded:
-too many active runs is a one-line "busy" error, never a silent queue of unbounded length.
+it), and stops at its next step boundary when the application closes. A run still inside a step when
+the grace period ends (a model call that hangs) is recorded as "interrupted" there and then, with
+the record its work registered (`Job.record_with`), so a service stopped by SIGTERM (and killed soon
+after) leaves no run that claims to be running. The registry is bounded: too many active runs is a
+one-line "busy" error, never a silent queue of unbounded length.
 """
 
 from __future__ import annotations
@@ -60,6 +63,24 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     future: Future[None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    write_record: Callable[[str | None], object] | None = None
+
+    def record_with(self, write_record: Callable[[str | None], object]) -> None:
+        """Register how to write this run's record with an error, for when the service cannot wait for it."""
+        self.write_record = write_record
+
+    def abandon(self, reason: str) -> None:
+        """Record the run as interrupted now (status and, when registered, its record), though its thread runs on."""
+        with self.lock:
+            if self.done.is_set():
+                return
+            self.status, self.error = "interrupted", reason
+        try:
+            self.persist()
+            if self.write_record is not None:
+                self.write_record(reason)
+        except Exception:
+            logger.exception("run %s: could not record its interruption", self.id)
 
     def report(self, message: str) -> None:
         """Add a progress message (what the waiting call forwards to the client)."""
@@ -158,8 +179,12 @@ class JobRegistry:
                 job.persist()
                 job.done.set()
 
-    def shutdown(self, grace_s: float) -> None:
-        """Let running work finish for `grace_s`, then cancel the rest at their next step boundary."""
+    def shutdown(self, grace_s: float) -> int:
+        """Let running work finish for `grace_s`, then cancel the rest at their next step boundary.
+
+        Runs still inside a step after a second `grace_s` are recorded as interrupted (`Job.abandon`);
+        returns how many, whose threads are still running.
+        """
         with self._lock:
             self._closed = True
             pending = [job for job in self._jobs.values() if not job.done.is_set()]
@@ -173,4 +198,8 @@ class JobRegistry:
         deadline = time.monotonic() + grace_s
         for job in pending:
             job.done.wait(max(0.0, deadline - time.monotonic()))
+        stuck = [job for job in pending if not job.done.is_set()]
+        for job in stuck:
+            job.abandon("interrupted: the service stopped during a step of this run; its record holds the steps before")
         self._executor.shutdown(wait=False, cancel_futures=True)
+        return len(stuck)

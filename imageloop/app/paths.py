@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from imageloop.errors import ConfigError, ImageloopError
+from imageloop.errors import ConfigError, ImageloopError, StorageError
+from imageloop.files import os_error_message
 from imageloop.limits import PATH_CHARS
 
 Kind = Literal["file", "dir", "out"]
@@ -96,3 +97,15 @@ def resolve_path(
     if kind == "out" and resolved.exists() and not resolved.is_dir():
         raise ImageloopError(f"{what} {given!r} is a file, not a folder")
     return resolved
+
+
+def make_out_dir(folder: Path, what: str) -> Path:
+    """Create the output folder `folder` (parents too), or say in one line why it cannot be: a file
+    in the way (at it or above it), a read-only disk, a full one."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ImageloopError(f"{what} {folder} is a file, not a folder: choose another path") from None
+    except OSError as e:
+        raise StorageError(os_error_message(e, f"creating the {what} {folder}")) from None
+    return folder

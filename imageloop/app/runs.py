@@ -22,9 +22,10 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.sqlite import SqliteSaver
 
 from imageloop import __version__, limits
+from imageloop.app.paths import make_out_dir
 from imageloop.config import Settings
 from imageloop.errors import ImageloopError
-from imageloop.files import write_json_atomic
+from imageloop.files import disk_error, write_json_atomic
 from imageloop.graphs.imagerag import ImageRAGGraph, ImageRAGKnobs, build_imagerag_graph
 from imageloop.graphs.steps import Step, node_steps
 from imageloop.protocols import ImageRetriever
@@ -44,6 +45,7 @@ CHECKPOINTS = "checkpoints.sqlite"
 THREAD: RunnableConfig = {"configurable": {"thread_id": "run"}}
 RUN_ID = r"^[0-9a-f]{12}$"
 OnStep = Callable[[Step], None]
+RecordWriter = Callable[[str | None], dict[str, Any]]
 
 
 def new_run_id() -> str:
@@ -156,12 +158,15 @@ def run_imagerag(
     where: Where | None = None,
     on_step: OnStep | None = None,
     resume: bool = False,
+    on_started: Callable[[RecordWriter], None] | None = None,
 ) -> dict[str, Any]:
     """Run ImageRAG for `prompt` against `index`; returns the record written to `run.json`.
 
     `out_dir` defaults to a new folder under the app's runs; `where` restricts retrieval to images whose
     metadata matches (e.g. `{"folder": "birds"}`). With `resume`, `out_dir` is an interrupted run's
-    folder: the run continues from its last checkpoint, reusing every finished node.
+    folder: the run continues from its last checkpoint, reusing every finished node. `on_started`
+    receives, once the run folder exists, a function that writes the record as the run stands with a
+    given error: a server that stops before the run does records it with that (see `app.jobs`).
     """
     if resume:
         if out_dir is None:
@@ -174,11 +179,11 @@ def run_imagerag(
             raise ImageloopError(f"{run_dir} has no checkpoints to resume from: start a new run")
     else:
         prompt = limits.check_text("prompt", prompt or "")
-        run_dir = app.path(out_dir, "out", kind="out") if out_dir is not None else app.runs_dir / new_run_id()
+        run_dir = app.path(out_dir, "run folder", kind="out") if out_dir is not None else app.runs_dir / new_run_id()
     settings = app.with_knobs(**(knobs or {}))
     retriever = app.retriever(str(index), settings)
     searched: ImageRetriever = FilteredRetriever(retriever, where) if where else retriever
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_out_dir(run_dir, "run folder")
     artifacts = ArtifactStore(run_dir / "artifacts")
     started = time.perf_counter()
     with _checkpointed(run_dir) as checkpointer:
@@ -190,12 +195,8 @@ def run_imagerag(
         if not resume and graph.get_state(THREAD).values:
             raise ImageloopError(f"{run_dir} already holds a run: use another --out, or --resume {run_dir}")
         error: str | None = None
-        try:
-            _play(graph, None if resume else {"prompt": prompt}, on_step)
-        except BaseException as e:
-            error = error_text(e)
-            raise
-        finally:
+
+        def write_record(error: str | None) -> dict[str, Any]:
             state = graph.get_state(THREAD).values
             record = imagerag_record(
                 state, settings, run_dir, artifacts, retriever.index.root, time.perf_counter() - started, error
@@ -204,6 +205,26 @@ def run_imagerag(
                 record["resumed"] = {"reused_steps": reused}
             write_json_atomic(run_dir / RUN_RECORD, record)
             write_report(run_dir, record)
+            return record
+
+        if on_started is not None:
+            on_started(write_record)
+        try:
+            _play(graph, None if resume else {"prompt": prompt}, on_step)
+        except BaseException as e:
+            error = error_text(e)
+            disk = disk_error(e, f"writing the run in {run_dir}")
+            if disk is not None:
+                raise disk from e
+            raise
+        finally:
+            try:
+                record = write_record(error)
+            except (OSError, sqlite3.Error) as e:
+                disk = disk_error(e, f"writing the record of the run in {run_dir}")
+                if disk is None:
+                    raise
+                raise disk from e
     return record
 
 
@@ -214,6 +235,11 @@ def _play(graph: ImageRAGGraph, inputs: Mapping[str, Any] | None, on_step: OnSte
             if on_step is not None and isinstance(update, dict):
                 for step in node_steps(update):
                     on_step(step)
+
+
+def can_resume(run_dir: Path) -> bool:
+    """Whether `run_dir` holds an interrupted run that `--resume` continues (its checkpoints and record)."""
+    return (run_dir / CHECKPOINTS).is_file() and (run_dir / RUN_RECORD).is_file()
 
 
 def read_run(app: App, run: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from langgraph.types import Command, StateSnapshot
 
 from imageloop import limits
+from imageloop.app.paths import make_out_dir
 from imageloop.app.threads import OnStep, checkpointed_thread, pending_interrupt, play, thread_config
 from imageloop.config import FEEDBACK_KINDS, FeedbackKind, Settings
 from imageloop.errors import ConfigError, ImageloopError
@@ -93,8 +94,11 @@ def start_search(
     settings = app.with_knobs(**(knobs or {}))
     app.retriever(index, settings)  # refuses a missing, empty or mismatched index before anything is stored
     thread_id = uuid.uuid4().hex[:12]
-    folder = app.path(out_dir, "out", kind="out") if out_dir is not None else app.runs_dir / f"search-{thread_id}"
+    folder = (
+        app.path(out_dir, "search folder", kind="out") if out_dir is not None else app.runs_dir / f"search-{thread_id}"
+    )
     session = SearchSession(thread_id, app.index(index).root, folder, settings.feedback, settings.rounds, settings.k)
+    make_out_dir(folder, "search folder")  # before the session is recorded: a session needs its folder
     _register(app.sessions_db, session)
     with _session_graph(app, session) as graph:
         return _play(graph, session, {"query": query}, on_step)
@@ -209,7 +213,7 @@ def _session_graph(app: App, session: SearchSession) -> Iterator[GenIRGraph]:
     settings = app.settings
     retriever = app.retriever(session.index, settings)
     generator = app.generator(settings) if session.feedback in ("visual", "hybrid") else None
-    session.out_dir.mkdir(parents=True, exist_ok=True)
+    make_out_dir(session.out_dir, "search folder")
     artifacts = ArtifactStore(session.out_dir / "artifacts")
     with checkpointed_thread(app.sessions_db, session.thread_id) as checkpointer:
         yield build_genir_graph(

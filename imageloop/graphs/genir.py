@@ -234,14 +234,16 @@ def resolve_found(answer: str, shown: Sequence[Mapping[str, Any]]) -> str | None
     if named is None:
         return None
     ids = [str(result["id"]) for result in shown]
-    if named.isdigit() and int(named) < len(ids):
+    # ASCII digits only: "²".isdigit() holds, but int() refuses it; and few enough for int() to take.
+    if named.isascii() and named.isdigit() and len(named) <= 6 and int(named) < len(ids):
         return ids[int(named)]
     matches = [i for i in ids if named and i.startswith(named)]
     if len(set(matches)) == 1:
         return matches[0]
     choice = f"a position 0..{len(ids) - 1} or an id of a result shown" if ids else "nothing (no result was shown)"
     reason = "matches several results" if len(set(matches)) > 1 else "is not one of the results shown"
-    raise FoundError(f"'{FOUND_PREFIX} {named}' {reason}: answer with {choice}, or say what differs")
+    quoted = " ".join(named.split())[:60]  # the answer as typed, on one line and short
+    raise FoundError(f"'{FOUND_PREFIX} {quoted}' {reason}: answer with {choice}, or say what differs")
 
 
 # Routing: pure functions of state.

@@ -142,7 +142,9 @@ class ImageloopMCP:
 
         def work(job: Job) -> dict[str, Any]:
             assert job.run_dir is not None
-            return self.app.generate(prompt, index, out_dir=job.run_dir, knobs=knobs, on_step=_reporter(job))
+            return self.app.generate(
+                prompt, index, out_dir=job.run_dir, knobs=knobs, on_step=_reporter(job), on_started=job.record_with
+            )
 
         return self.app.jobs.submit("generate", work, run_root=self.app.runs_dir)
 

@@ -1,8 +1,12 @@
 """How the MCP server is reached: stdio (desktop clients) or streamable HTTP, with its safety checks.
 
 HTTP binds to localhost unless told otherwise and checks Host and Origin headers (the SDK's
-DNS-rebinding protection); any other address needs a bearer token. Over stdio nothing but the protocol
-may reach stdout, so the protocol gets a private copy of it and stray output goes to stderr.
+DNS-rebinding protection): a browser page may call the server only from the server's own origin or
+one named with --allow-origin (a page on another localhost port is another site); requests without
+an Origin header (every non-browser client) pass. Any address beyond localhost needs a bearer token.
+SIGTERM and Ctrl-C stop uvicorn gracefully and, at the same moment, ask running jobs to stop at their
+next step. Over stdio nothing but the protocol may reach stdout, so the protocol gets a private copy
+of it and stray output goes to stderr.
 """
 
 from __future__ import annotations
@@ -10,9 +14,11 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
+import re
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import FrameType
 from typing import Any, BinaryIO
 
 from mcp.server.fastmcp import FastMCP
@@ -22,6 +28,10 @@ from imageloop.errors import ConfigError
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 SCHEMES = ("http", "https")
+# How long a stopping server lets open requests (a call waiting on a run, an idle event stream) finish
+# before it cancels them: service managers send SIGKILL some seconds after SIGTERM (Docker: 10 s).
+GRACEFUL_SHUTDOWN_S = 3
+_ORIGIN = re.compile(r"https?://[^/\s?#]+", re.ASCII)
 
 
 def parse_http(text: str) -> tuple[str, int]:
@@ -47,8 +57,14 @@ def _host_pattern(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def transport_security(host: str, allow_hosts: Sequence[str] = ()) -> TransportSecuritySettings:
-    """Host/Origin checks (the SDK's DNS-rebinding protection): loopback names, the bound host, and extras."""
+def transport_security(
+    host: str, port: int, allow_hosts: Sequence[str] = (), allow_origins: Sequence[str] = ()
+) -> TransportSecuritySettings:
+    """Host/Origin checks (the SDK's DNS-rebinding protection) for a server bound at `host`:`port`.
+
+    Hosts: loopback names, the bound host and `allow_hosts`. Origins: the server's own (those names at
+    `port`) and `allow_origins` (`scheme://host[:port]`), nothing else.
+    """
     names = list(LOOPBACK_HOSTS)
     if not is_loopback(host):
         if host in ("0.0.0.0", "::"):
@@ -57,11 +73,24 @@ def transport_security(host: str, allow_hosts: Sequence[str] = ()) -> TransportS
             names.append(_host_pattern(host))
     names += [_host_pattern(name) for name in allow_hosts]
     names = list(dict.fromkeys(names))
+    origins = [f"{scheme}://{name}:{port}" for name in names for scheme in SCHEMES]
+    # Browsers leave a scheme's default port out of the Origin header.
+    origins += [
+        f"{scheme}://{name}" for name in names for scheme, default in (("http", 80), ("https", 443)) if port == default
+    ]
     return TransportSecuritySettings(
         enable_dns_rebinding_protection=True,
         allowed_hosts=[*names, *(f"{name}:*" for name in names)],
-        allowed_origins=[f"{scheme}://{name}{port}" for name in names for scheme in SCHEMES for port in ("", ":*")],
+        allowed_origins=list(dict.fromkeys([*origins, *map(check_origin, allow_origins)])),
     )
+
+
+def check_origin(text: str) -> str:
+    """An --allow-origin value as browsers send it (`scheme://host[:port]`, no path), or a ConfigError."""
+    origin = text.strip().rstrip("/")
+    if not _ORIGIN.fullmatch(origin):
+        raise ConfigError(f"--allow-origin {text!r}: expected an origin such as https://app.example.com:8443")
+    return origin
 
 
 class BearerTokenMiddleware:
@@ -115,23 +144,39 @@ def protect_stdout() -> None:
     sys.stdout = _ProtocolStdout(protocol)
 
 
-async def serve_http(server: FastMCP[Any], host: str, port: int, token: str | None) -> None:
-    """Serve streamable HTTP at HOST:PORT/mcp until interrupted (the socket is bound before it is announced)."""
-    import uvicorn
+def bind_http(host: str, port: int) -> socket.socket:
+    """A listening socket at HOST:PORT (port 0: any free one), or a one-line ConfigError saying why not.
 
-    app: Any = server.streamable_http_app()
-    if token:
-        app = BearerTokenMiddleware(app, token)
+    Bound before the server is built, so its own origin (the port actually bound) is known, and before
+    the address is announced: early clients wait in the backlog rather than being refused.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)
     except OSError as e:
         sock.close()
         raise ConfigError(f"--http {host}:{port}: cannot listen there ({e.strerror}); choose another port") from None
-    sock.listen(2048)  # before the address is announced: early clients wait in the backlog, not refused
-    bound_port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on")
+    return sock
+
+
+async def serve_http(server: FastMCP[Any], sock: socket.socket, token: str | None, on_stop: Callable[[], None]) -> None:
+    """Serve streamable HTTP on the bound `sock` at /mcp until SIGTERM or Ctrl-C; `on_stop` runs as either arrives."""
+    import uvicorn
+
+    class StoppingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # uvicorn owns SIGTERM and SIGINT while it serves (and raises them again once it has
+            # stopped): stopping the runs here lets calls waiting on them return within the grace period.
+            on_stop()
+            super().handle_exit(sig, frame)
+
+    app: Any = server.streamable_http_app()
+    if token:
+        app = BearerTokenMiddleware(app, token)
+    host, bound_port = sock.getsockname()[:2]
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     print(f"imageloop mcp: serving http://{_host_pattern(host)}:{bound_port}/mcp", file=sys.stderr, flush=True)
-    await uvicorn.Server(config).serve(sockets=[sock])
+    await StoppingServer(config).serve(sockets=[sock])

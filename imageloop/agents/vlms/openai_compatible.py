@@ -108,11 +108,14 @@ class OpenAIVisionLanguageModel:
     ) -> str:
         """Send `messages` (images as PNG data URIs after each text) and return the answer text."""
         params = [self._message_param(m) for m in messages]
-        with self._slots, translated_errors(f"chat with {self.model_id}", str(self._client.base_url)):
+        with self._slots, translated_errors(f"chat with {self.model_id}", self._client):
             completion = self._complete(params, json_schema, decoding)
-        if not completion.choices:
-            raise BackendError(f"{self.model_id} returned no choices")
-        answer = completion.choices[0].message
-        if answer.refusal:
-            raise MalformedOutputError(f"{self.model_id} refused to answer: {answer.refusal}")
-        return answer.content or ""
+            if not completion.choices:
+                raise BackendError(f"{self.model_id} returned no choices")
+            answer = completion.choices[0].message
+            refusal, content = answer.refusal, answer.content
+            if not isinstance(content, (str, type(None))) or not isinstance(refusal, (str, type(None))):
+                raise TypeError(f"message content is {type(content).__name__}, not text")
+        if refusal:
+            raise MalformedOutputError(f"{self.model_id} refused to answer: {refusal}")
+        return content or ""

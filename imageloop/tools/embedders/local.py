@@ -53,11 +53,15 @@ class _TorchEmbedder:
 
     embeds_images = True
 
-    def __init__(self, model_id: str, dim: int, device: str, dtype: torch.dtype, batch_size: int) -> None:
+    def __init__(
+        self, model_id: str, dim: int, image_side: int | None, device: str, dtype: torch.dtype, batch_size: int
+    ) -> None:
         if batch_size < 1:
             raise ConfigError(f"embedding batch_size must be at least 1, got {batch_size}")
         self.model_id = model_id
         self._dim = dim
+        # The side of the square the image tower sees: callers may hand over pictures reduced towards it.
+        self.image_side = image_side
         self.device = device
         self.dtype = dtype
         self.batch_size = batch_size
@@ -145,6 +149,7 @@ class _OpenClipModel:
     preprocess: Callable[[Image.Image], torch.Tensor]
     tokenizer: Callable[[list[str]], torch.Tensor]
     dim: int
+    image_side: int | None
 
 
 _OPEN_CLIP_PRECISION = {"float32": "fp32", "float16": "pure_fp16", "bfloat16": "pure_bf16"}
@@ -211,7 +216,9 @@ def _load_open_clip(name: str, pretrained: str | None, device: str, dtype: torch
     except Exception as e:
         raise explain_load_failure(_open_clip_source(name, pretrained), e) from e
     model.eval()
-    return _OpenClipModel(model, preprocess, tokenizer, int(config["embed_dim"]))
+    side = getattr(model.visual, "image_size", None)
+    image_side = max(side) if isinstance(side, (tuple, list)) else side
+    return _OpenClipModel(model, preprocess, tokenizer, int(config["embed_dim"]), image_side)
 
 
 class OpenClipEmbedder(_TorchEmbedder):
@@ -230,7 +237,8 @@ class OpenClipEmbedder(_TorchEmbedder):
         self._loaded, placed_device, placed_dtype = _placed_load(
             ("open_clip", name, pretrained), device, dtype, lambda d, t: _load_open_clip(name, pretrained, d, t)
         )
-        super().__init__(model_id, self._loaded.dim, placed_device, placed_dtype, batch_size)
+        loaded = self._loaded
+        super().__init__(model_id, loaded.dim, loaded.image_side, placed_device, placed_dtype, batch_size)
 
     def _pixels(self, image: Image.Image) -> torch.Tensor:
         return self._loaded.preprocess(image.convert("RGB"))
@@ -311,6 +319,14 @@ def _load_transformers(model_name: str, device: str, dtype: torch.dtype) -> _Tra
     )
 
 
+def _tower_side(loaded: object) -> int | None:
+    """The side of the square a transformers checkpoint's vision tower sees (its config's image_size), if said."""
+    config = getattr(getattr(loaded, "model", None), "config", None)
+    config = getattr(config, "vision_config", None) or config
+    side = getattr(config, "image_size", None)
+    return side if isinstance(side, int) else None
+
+
 class _Loaded(Protocol):
     @property
     def dim(self) -> int: ...
@@ -336,7 +352,9 @@ class _TransformersCheckpoint(_TorchEmbedder, Generic[LoadedT]):
         self._loaded, placed_device, placed_dtype = _placed_load(
             (self._cache_kind, model), device, dtype, lambda d, t: self._load(model, d, t)
         )
-        super().__init__(f"transformers:{model}", self._loaded.dim, placed_device, placed_dtype, batch_size)
+        model_id = f"transformers:{model}"
+        side = _tower_side(self._loaded)
+        super().__init__(model_id, self._loaded.dim, side, placed_device, placed_dtype, batch_size)
 
     def _load(self, model: str, device: str, dtype: torch.dtype) -> LoadedT:
         raise NotImplementedError

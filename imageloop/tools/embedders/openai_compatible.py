@@ -59,7 +59,7 @@ class OpenAITextEmbedder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         rows: list[list[float]] = []
-        with self._slots, translated_errors(f"embeddings with {self.model_id}", str(self._client.base_url)):
+        with self._slots, translated_errors(f"embeddings with {self.model_id}", self._client):
             for start in range(0, len(texts), self.batch_size):
                 batch = list(texts[start : start + self.batch_size])
                 response = self._client.embeddings.create(
@@ -73,7 +73,9 @@ class OpenAITextEmbedder:
                     )
                 # The API may answer out of order; `index` is the position in this batch.
                 rows += [item.embedding for item in sorted(response.data, key=lambda item: item.index)]
-        vectors = np.asarray(rows, dtype=np.float32)
+            vectors = np.asarray(rows, dtype=np.float32)  # a ragged or non-numeric answer fails here, translated
+            if vectors.ndim != 2:
+                raise ValueError(f"embeddings of shape {vectors.shape}")
         if self._dim is not None and vectors.shape[1] != self._dim:
             raise BackendError(f"{self.model_id} returned {vectors.shape[1]}-d vectors, expected {self._dim}")
         self._dim = vectors.shape[1]

@@ -65,7 +65,7 @@ class OpenAIImageGenerator:
         notes = rendered.notes
         if request.seed is not None:
             notes += (f"seed ignored by {self.model_id}",)
-        with self._slots, translated_errors(f"image generation with {self.model_id}", str(self._client.base_url)):
+        with self._slots, translated_errors(f"image generation with {self.model_id}", self._client):
             if not rendered.images:
                 response = self._client.images.generate(
                     model=self.model, prompt=rendered.prompt, n=1, size=size_option, quality=quality_option
@@ -84,7 +84,8 @@ class OpenAIImageGenerator:
                     size=size_option,
                     quality=quality_option,
                 )
-        return GenerationResult(self._decode(response), rendered.prompt, notes)
+            image = self._decode(response)
+        return GenerationResult(image, rendered.prompt, notes)
 
     def _decode(self, response: ImagesResponse) -> Image.Image:
         """The one image in `response`, decoded to RGB, or a BackendError saying what came back instead."""

@@ -60,6 +60,8 @@ class StoreOptions(TypedDict, total=False):
     weaviate_api_key: str | None
     weaviate_collection: str | None
     weaviate_grpc_port: int | None
+    request_timeout: float | None
+    max_retries: int | None
 
 
 @dataclass(frozen=True)
@@ -128,19 +130,47 @@ class ImageIndex:
                 f"and re-index with --embedder {model_id}"
             )
 
+    def check(self) -> None:
+        """Verify the store's own files where the store can (the embedded store reads every page).
+
+        `index-info` calls it, so a damaged index is reported as damaged rather than by a count that an
+        intact part of it still gives.
+        """
+        check = getattr(self.store, "check", None)
+        if check is not None:
+            check()
+
     def close(self) -> None:
         """Release the store's connection."""
         self.store.close()
 
 
-def open_index(path: Path, *, weaviate_api_key: str | None = None) -> ImageIndex:
-    """Open the index of an image folder (or of its `.imageloop` directory); never creates one."""
+def _refuse_a_file_in_its_place(index_dir: Path) -> None:
+    """`.imageloop` must be a folder (or absent): a file of that name is in the way, said in one line."""
+    if index_dir.exists() and not index_dir.is_dir():
+        raise ImageloopError(
+            f"{index_dir} is a file, not an imageloop index folder: move or delete it, then run `imageloop index`"
+        )
+
+
+def open_index(
+    path: Path,
+    *,
+    weaviate_api_key: str | None = None,
+    request_timeout: float | None = None,
+    max_retries: int | None = None,
+) -> ImageIndex:
+    """Open the index of an image folder (or of its `.imageloop` directory); never creates one.
+
+    `request_timeout` and `max_retries` bound each call to a remote store (Weaviate).
+    """
     given = Path(path)
     resolved = given.resolve()
-    if resolved.name == INDEX_DIRNAME:
+    if resolved.name == INDEX_DIRNAME and resolved.is_dir():
         root, index_dir = resolved.parent, resolved
     else:
         root, index_dir = resolved, resolved / INDEX_DIRNAME
+    _refuse_a_file_in_its_place(index_dir)
     missing = IndexNotFoundError(f"no imageloop index at {given}: run `imageloop index {root}` first")
     location = _recorded_location(index_dir)
     if location is None:
@@ -148,7 +178,9 @@ def open_index(path: Path, *, weaviate_api_key: str | None = None) -> ImageIndex
     if location.kind == "embedded" and not (index_dir / INDEX_FILENAME).is_file():
         raise missing
     try:
-        store = _open_store(index_dir, location, weaviate_api_key, create=False)
+        store = _open_store(
+            index_dir, location, weaviate_api_key, create=False, patience=(request_timeout, max_retries)
+        )
     except IndexNotFoundError:
         raise IndexNotFoundError(
             f"no imageloop index at {given}: {location.describe()} does not exist; run `imageloop index {root}`"
@@ -169,6 +201,8 @@ def create_or_open_index(
     weaviate_api_key: str | None = None,
     weaviate_collection: str | None = None,
     weaviate_grpc_port: int | None = None,
+    request_timeout: float | None = None,
+    max_retries: int | None = None,
 ) -> ImageIndex:
     """The index the indexer writes to: created for `embedder`, or reopened if `embedder` built it.
 
@@ -182,13 +216,14 @@ def create_or_open_index(
     if store is not None and store not in STORE_KINDS:
         raise ConfigError(f"unknown store {store!r}; known: {', '.join(STORE_KINDS)}")
     index_dir = root / INDEX_DIRNAME
+    _refuse_a_file_in_its_place(index_dir)
     recorded = _recorded_location(index_dir)
     if recorded is None:
         location = _new_location(root, store, weaviate_url, weaviate_collection, weaviate_grpc_port)
     else:
         _refuse_another_store(recorded, root, store, weaviate_url, weaviate_collection)
         location = recorded
-    vectors = _open_store(index_dir, location, weaviate_api_key, create=True)
+    vectors = _open_store(index_dir, location, weaviate_api_key, create=True, patience=(request_timeout, max_retries))
     try:
         if "embedder_id" not in vectors.get_meta():
             route: Route = "image" if embedder.embeds_images else "caption"
@@ -251,18 +286,30 @@ def _refuse_another_store(
         )
 
 
-def _open_store(index_dir: Path, location: StoreLocation, api_key: str | None, *, create: bool) -> IndexStore:
+def _open_store(
+    index_dir: Path,
+    location: StoreLocation,
+    api_key: str | None,
+    *,
+    create: bool,
+    patience: tuple[float | None, int | None] = (None, None),
+) -> IndexStore:
     if location.kind == "embedded":
         return EmbeddedVectorStore(index_dir / INDEX_FILENAME)
     if location.kind == "chroma":
         return ChromaVectorStore(index_dir / CHROMA_DIRNAME, create=create)
     assert location.url is not None and location.collection is not None
+    timeout, retries = patience
+    waits: dict[str, Any] = {"timeout_s": timeout} if timeout is not None else {}
+    if retries is not None:
+        waits["attempts"] = retries + 1
     store: IndexStore = _weaviate_store_module().WeaviateVectorStore(
         location.url,
         location.collection,
         api_key=api_key or next((os.environ[name] for name in API_KEY_VARIABLES if os.environ.get(name)), None),
         grpc_port=location.grpc_port,
         create=create,
+        **waits,
     )
     return store
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from imageloop.errors import ImageloopError
 from imageloop.protocols import Embedder, VectorRecord
-from imageloop.tools.images import content_id, image_files, open_image
+from imageloop.tools.images import decode_image, file_digest, image_files, open_regular
 from imageloop.tools.indexing.image_index import ImageIndex, Route, StoreOptions, create_or_open_index
 from imageloop.tools.stores.embedded import EmbeddedVectorStore
 
@@ -40,6 +40,18 @@ R = TypeVar("R")
 Captioner = Callable[[Path], str]
 RESERVED_KEYS = frozenset({"path", "folder", "caption"})
 """Metadata the indexer writes itself, which a sidecar `NAME.json` may not set."""
+
+# Pictures wait for the embedder reduced to this many times the side its image tower sees (224 px for
+# CLIP ViT-B): twice is plenty for its own resize and crop, and a 12 Mpx photo then holds ~1 MB, not
+# 36 MB. An embedder that does not say its side gets pictures of at most FALLBACK_SIDE on their short side.
+SIDE_MARGIN = 2
+FALLBACK_SIDE = 1024
+
+
+def prepared_side(embedder: Embedder) -> int:
+    """The shortest side pictures are reduced to before `embedder` sees them (indexing and image queries alike)."""
+    side = getattr(embedder, "image_side", None)
+    return SIDE_MARGIN * int(side) if isinstance(side, int) and side > 0 else FALLBACK_SIDE
 
 
 def default_workers() -> int:
@@ -153,8 +165,8 @@ def index_into(
 
     `captioner` is called from `workers` threads at once and must be thread-safe. At most
     `batch_size + 2 * workers` files are prepared ahead of the batch being embedded, so on the image
-    route at most `2 * batch_size + 2 * workers` decoded images are held at once (each under the
-    `images.MAX_PIXELS` guard); the caption route keeps only the captions.
+    route at most `2 * batch_size + 2 * workers` decoded images are held at once, each reduced to
+    `prepared_side(embedder)` on its shortest side as it is decoded; the caption route keeps only the captions.
     """
     _check_sizes(batch_size, workers)
     workers = workers or default_workers()
@@ -167,8 +179,10 @@ def index_into(
     pending: list[_New] = []
     moves: list[tuple[VectorRecord, bool, bool]] = []  # an updated record: moved? retagged?
 
+    side = prepared_side(embedder)
+
     def prepare(path: Path) -> _Outcome:
-        return _prepare(path, index, captioner, store_lock)
+        return _prepare(path, index, captioner, store_lock, side)
 
     def commit() -> None:
         # One upsert per batch, one transaction per upsert: an interruption loses this batch only.
@@ -277,24 +291,31 @@ def _in_order(
             future.cancel()
 
 
-def _prepare(path: Path, index: ImageIndex, captioner: Captioner | None, store_lock: threading.Lock) -> _Outcome:
-    """Runs in a worker: hash `path`, look its content up, and decode and caption it if it is new."""
+def _prepare(
+    path: Path, index: ImageIndex, captioner: Captioner | None, store_lock: threading.Lock, side: int
+) -> _Outcome:
+    """Runs in a worker: hash `path`, look its content up, and decode and caption it if it is new.
+
+    The bytes hashed and the pixels decoded come from one open file, so a file replaced meanwhile is
+    indexed as one whole version, never the id of one and the picture of another.
+    """
     relative = path.relative_to(index.root)
     try:
-        image_id = content_id(path)
-    except OSError as e:
-        return _Failed(relative, f"{path}: cannot read ({e})")
-    # Known content is not decoded: a re-run over a large folder only hashes bytes.
-    with store_lock:
-        known = index.store.get([image_id])
-    try:
-        extra = sidecar_metadata(path)
-        if known:
-            return _Known(image_id, relative, known[0], extra)
-        image = open_image(path)
+        with open_regular(path) as f:
+            image_id = file_digest(f)
+            # Known content is not decoded: a re-run over a large folder only hashes bytes.
+            with store_lock:
+                known = index.store.get([image_id])
+            extra = sidecar_metadata(path)
+            if known:
+                return _Known(image_id, relative, known[0], extra)
+            f.seek(0)
+            image = decode_image(f, path, shortest_side=side)  # on the caption route too: a broken file fails
         caption = _caption(path, relative, index.route, captioner)
     except ImageloopError as e:
         return _Failed(relative, str(e))
+    except OSError as e:
+        return _Failed(relative, f"{path}: cannot read ({e.strerror or e})")
     return _New(image_id, relative, caption, extra, image if index.route == "image" else None)
 
 

@@ -23,8 +23,9 @@ from PIL import Image
 
 from imageloop.errors import ImageloopError
 from imageloop.protocols import Embedder, RetrievedImage, SearchHit, Vector
-from imageloop.tools.images import open_image
+from imageloop.tools.images import open_image, reduce_image
 from imageloop.tools.indexing.image_index import ImageIndex, Route
+from imageloop.tools.indexing.indexer import prepared_side
 
 Where = Mapping[str, Any]
 
@@ -77,7 +78,13 @@ class Retriever:
             )
         if not self.embedder.embeds_images:
             raise ImageloopError(f"embedder {self.embedder.model_id} does not embed images: image queries need one")
-        picture = open_image(image) if isinstance(image, Path) else image.convert("RGB")
+        # Reduced as the indexer reduced the indexed pictures, so the same file embeds the same way.
+        side = prepared_side(self.embedder)
+        picture = (
+            open_image(image, shortest_side=side)
+            if isinstance(image, Path)
+            else reduce_image(image.convert("RGB"), side)
+        )
         return self._search_vectors(self.embedder.embed_images([picture]), k, similarity_threshold, where)[0]
 
     def search_vector(
@@ -119,13 +126,19 @@ class Retriever:
         return [[image for image in map(self._retrieved, hits) if image is not None] for hits in kept]
 
     def _retrieved(self, hit: SearchHit) -> RetrievedImage | None:
-        """The hit as a result, or None when its file now resolves outside the index's folder.
+        """The hit as a result, or None when its file now resolves outside the index's folder or is gone.
 
         The indexer never indexes a symlink that leaves the folder; a file (or folder) replaced by one
         afterwards is dropped here, so no caller (a confined server among them) is handed a file from elsewhere.
+        A file deleted since indexing, or replaced by something that is no regular file (a FIFO would block
+        whoever opens it), is dropped too: the next `imageloop index` prunes it.
         """
         path = self.index.root / hit.metadata["path"]
-        if not path.resolve().is_relative_to(self._real_root):
+        try:
+            real = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            return None
+        if not real.is_relative_to(self._real_root) or not real.is_file():
             return None
         return RetrievedImage(id=hit.id, path=path, caption=hit.metadata.get("caption", ""), score=hit.score)
 

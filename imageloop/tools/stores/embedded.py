@@ -9,6 +9,11 @@ picked up by reading only the rows written since, and the HNSW index is saved be
 transaction) so a reopened store does not rebuild it. A killed process therefore leaves every
 committed batch visible, no partial batch, and at worst a stale index that is caught up on open.
 
+What the disk does to it is said in one line (`StorageError`): a store on a read-only disk or folder
+opens read-only (searches work, writes say why they cannot); several processes creating one store at
+once wait for each other rather than fail; a full disk, a store left locked and page-level damage
+(`IndexDamagedError`, with "delete the index folder and re-index") are named as such.
+
 Why these engines, measured with bench/retrieval.py on 2 shared cores (d=512, k=10, p50 of one
 query): a numpy scan of 100,000 vectors takes 6-17 ms (bare FAISS IndexFlatIP 14-63 ms) and needs
 no build, no second copy of the vectors and has recall 1; at a million a scan takes 80 ms while
@@ -20,21 +25,25 @@ records' ids and metadata, not from SQLite. HNSW variants of other engines measu
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import random
 import sqlite3
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
+from urllib.parse import quote
 
 import numpy as np
 
-from imageloop.errors import ImageloopError
+from imageloop.errors import ImageloopError, IndexDamagedError, StorageError
+from imageloop.files import os_error_message
 from imageloop.protocols import SearchHit, Vector, VectorRecord
 from imageloop.tools.stores.ann_index import AnnIndexUnreadable, HnswIndex, HnswSettings, faiss_module
 from imageloop.tools.stores.checks import check_k, checked_vector, unit_vector
@@ -95,9 +104,50 @@ _FILTER_CACHE_SIZE = 32
 # A record as the JSON fragment `"id",{metadata}`: hits are read from these, kept in memory.
 _RECORD_TEXT = "json_quote(id) || ',' || metadata"
 
+# How long opening waits for other processes that hold the store (creating it, converting it to WAL):
+# SQLite answers "database is locked" there without calling its busy handler, so opening retries.
+_OPEN_PATIENCE_S = 30.0
+
 _warned_without_faiss = False
 
 SearchIndex = ExactIndex | HnswIndex
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _translated(
+    method: Callable[Concatenate[EmbeddedVectorStore, P], R],
+) -> Callable[Concatenate[EmbeddedVectorStore, P], R]:
+    """Turn SQLite's and the disk's errors inside a store method into one-line StorageErrors."""
+
+    def wrapper(self: EmbeddedVectorStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as e:
+            raise store_error(e, self.path) from e
+        except OSError as e:  # the HNSW file beside the store
+            raise StorageError(os_error_message(e, f"writing the search index beside {self.path}")) from e
+
+    return functools.wraps(method)(wrapper)
+
+
+def store_error(error: sqlite3.Error, path: Path) -> StorageError:
+    """What an SQLite error on the store at `path` means for its user, in one line."""
+    name = getattr(error, "sqlite_errorname", "") or ""
+    folder = path.parent
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return IndexDamagedError(f"the index at {folder} is damaged ({error}): delete {folder} and re-index")
+    if name.startswith("SQLITE_FULL"):
+        return StorageError(f"disk full while writing {path} ({error}): free some space and run the same command again")
+    if name.startswith("SQLITE_READONLY"):
+        return StorageError(
+            f"the index at {folder} is read-only here: searching works; adding images needs it writable"
+        )
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return StorageError(f"the index at {folder} is busy: another process holds it ({error}); try again shortly")
+    if name.startswith(("SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH")):
+        return StorageError(f"cannot open {path} ({error}): check the folder's permissions")
+    return StorageError(f"the index at {folder} failed: {error} ({name or type(error).__name__})")
 
 
 class EmbeddedVectorStore:
@@ -117,11 +167,14 @@ class EmbeddedVectorStore:
         self.path = Path(path)
         self.ann_threshold = ann_threshold
         self.hnsw = hnsw or HnswSettings()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(os_error_message(e, f"creating the index folder {self.path.parent}")) from e
         # Autocommit mode (isolation_level=None): transactions are opened explicitly, so a batch is
         # never split by the sqlite3 module's implicit commits. One connection is shared by threads
         # (LangGraph runs sync nodes in a pool) and guarded by `_lock`.
-        self._conn = _open_store(self.path)
+        self._conn, self.read_only = _open_store(self.path)
         self._lock = threading.RLock()
         self._index: SearchIndex | None = None
         self._texts = _RecordTexts()
@@ -137,12 +190,14 @@ class EmbeddedVectorStore:
             self._facets.clear()
             self._filters.clear()
 
+    @_translated
     def get_meta(self) -> dict[str, Any]:
         """All meta values (JSON-decoded), including the store's own `dim`, `generation` and `ann`."""
         with self._lock:
             rows = self._conn.execute("SELECT key, value FROM meta").fetchall()
         return {key: json.loads(value) for key, value in rows}
 
+    @_translated
     def set_meta(self, values: Mapping[str, Any]) -> None:
         """Write meta values in one transaction; `dim` may only be set while unset or unchanged."""
         for key in (_GENERATION, _ANN):
@@ -153,6 +208,7 @@ class EmbeddedVectorStore:
                 self._check_dim(conn, int(values[_DIM]))
             _put_meta(conn, values)
 
+    @_translated
     def upsert(self, records: Sequence[VectorRecord]) -> None:
         """Insert or replace `records` atomically: a failure or a killed process leaves none visible."""
         if not records:
@@ -182,6 +238,7 @@ class EmbeddedVectorStore:
             )
             _put_meta(conn, {_GENERATION: generation})
 
+    @_translated
     def search(self, vector: Vector, k: int, where: Mapping[str, Any] | None = None) -> list[SearchHit]:
         """The at most `k` records most cosine-similar to `vector` whose metadata matches `where`.
 
@@ -191,6 +248,7 @@ class EmbeddedVectorStore:
         check_k(k)
         return self._search(unit_vector(vector, "query vector")[None, :], k, where)[0]
 
+    @_translated
     def search_many(
         self, vectors: Sequence[Vector] | Matrix, k: int, where: Mapping[str, Any] | None = None
     ) -> list[list[SearchHit]]:
@@ -203,6 +261,7 @@ class EmbeddedVectorStore:
             raise ImageloopError("query vectors of one batch must share one dimension")
         return self._search(np.stack(queries), k, where)
 
+    @_translated
     def get(self, ids: Sequence[str]) -> list[VectorRecord]:
         """The stored records for `ids`, in the order asked; unknown ids are left out."""
         records = []
@@ -217,6 +276,7 @@ class EmbeddedVectorStore:
                     records.append(VectorRecord(record_id, vector, json.loads(row[1])))
         return records
 
+    @_translated
     def delete(self, ids: Sequence[str]) -> None:
         """Remove `ids` in one transaction; unknown ids are ignored."""
         if not ids:
@@ -231,17 +291,34 @@ class EmbeddedVectorStore:
                     conn.execute("INSERT INTO deletions (seq, generation) VALUES (?, ?)", (row[0], generation))
             _put_meta(conn, {_GENERATION: generation})
 
+    @_translated
     def ids(self) -> list[str]:
         """Every stored id (re-indexing prunes those whose file is gone)."""
         with self._lock:
             return [row[0] for row in self._conn.execute("SELECT id FROM records ORDER BY seq")]
 
+    @_translated
     def count(self) -> int:
         """How many records the store holds."""
         with self._lock:
             (n,) = self._conn.execute("SELECT COUNT(*) FROM records").fetchone()
         return int(n)
 
+    @_translated
+    def check(self) -> None:
+        """Read every page of the store (SQLite's quick_check, ~1 s per GB): IndexDamagedError if any is corrupt.
+
+        A count alone can come from an intact index b-tree while the rows' own pages are damaged.
+        """
+        with self._lock:
+            problems = [row[0] for row in self._conn.execute("PRAGMA quick_check(3)")]
+        if problems != ["ok"]:
+            folder = self.path.parent
+            raise IndexDamagedError(
+                f"the index at {folder} is damaged ({'; '.join(problems)[:200]}): delete {folder} and re-index"
+            )
+
+    @_translated
     def refresh(self, *, rebuild: bool = False) -> dict[str, Any]:
         """Bring the search index up to date now rather than at the next search, and save it; returns `ann_info()`.
 
@@ -256,6 +333,7 @@ class EmbeddedVectorStore:
             self._save_hnsw_if_due(force=True)
             return self._describe(index)
 
+    @_translated
     def ann_info(self) -> dict[str, Any]:
         """How searches run now: `engine` ("exact" or "faiss-hnsw"), `count`, `recall_at_10` and how it was measured.
 
@@ -395,7 +473,7 @@ class EmbeddedVectorStore:
     def _save_hnsw_if_due(self, *, force: bool = False) -> None:
         """Save the HNSW index when it was built here or grew by `_RESAVE_FRACTION` since its file."""
         index = self._index
-        if not isinstance(index, HnswIndex):
+        if not isinstance(index, HnswIndex) or self.read_only:
             return
         grown = len(index.seqs) - index.saved_positions >= _RESAVE_FRACTION * len(index.seqs)
         if index.saved_positions == 0 or grown or (force and _saved_generation(self._conn) < index.generation):
@@ -534,14 +612,45 @@ class _RecordTexts:
             self._start[seq] = self._end[seq] = 0
 
 
-def _open_store(path: Path) -> sqlite3.Connection:
-    """A connection to the store at `path`, created if new; ImageloopError for anything that is not a store."""
+def _open_store(path: Path) -> tuple[sqlite3.Connection, bool]:
+    """A connection to the store at `path` (created if new) and whether it is read-only.
+
+    ImageloopError for anything that is not a store. A store that cannot be opened for writing (a
+    read-only disk or folder) is opened read-only; "database is locked" while another process creates
+    or converts the store is waited out for up to `_OPEN_PATIENCE_S`.
+    """
     if path.is_dir():
         raise ImageloopError(f"{path} is a folder, not an imageloop vector store file")
     if path.is_file() and path.stat().st_size > 0:
         with path.open("rb") as f:
             if f.read(16) != b"SQLite format 3\x00":
                 raise ImageloopError(f"{path} is not an imageloop vector store: it is not an SQLite database")
+    deadline = time.monotonic() + _OPEN_PATIENCE_S
+    delay = 0.01
+    while True:
+        try:
+            return _open_writable(path), False
+        except sqlite3.OperationalError as e:
+            name = getattr(e, "sqlite_errorname", "") or ""
+            if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) and time.monotonic() < deadline:
+                time.sleep(delay * (1 + random.random()))  # jittered, so waiting processes do not collide again
+                delay = min(2 * delay, 0.5)
+                continue
+            if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")) and _has_data(path):
+                return _open_read_only(path), True
+            raise store_error(e, path) from e
+        except sqlite3.DatabaseError as e:
+            raise IndexDamagedError(
+                f"{path} is not a readable imageloop vector store ({e}): delete {path.parent} and re-index"
+            ) from e
+
+
+def _has_data(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
+
+
+def _open_writable(path: Path) -> sqlite3.Connection:
+    """Open (or create, or migrate) the store for reading and writing; SQLite's errors pass through."""
     conn = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
     try:
         # Checked before anything is written: a foreign database is refused untouched.
@@ -564,9 +673,44 @@ def _open_store(path: Path) -> sqlite3.Connection:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    """Open a store that may not be written (a read-only disk, folder or file) for reading only.
+
+    SQLite reads a WAL store read-only when its `-shm` and `-wal` files exist; a cleanly closed store has
+    neither, and on a read-only disk they cannot be created, so it is opened as immutable (no locks, no
+    WAL): right for a disk nobody writes. A store with unmerged writes in its `-wal` cannot be read that
+    way without losing them, and is refused with what to do.
+    """
+    uri = "file:" + quote(str(path.resolve()))
+    try:
+        conn = sqlite3.connect(uri + "?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+        try:
+            _layout_action(conn, path)
+        except BaseException:
+            conn.close()
+            raise
+    except sqlite3.OperationalError as e:
+        wal = path.with_name(path.name + "-wal")
+        if _has_data(wal):
+            raise StorageError(
+                f"the index at {path.parent} is read-only here and holds writes not yet merged into it "
+                f"({wal.name}): open it once where it is writable, or index a writable copy"
+            ) from e
+        conn = sqlite3.connect(uri + "?immutable=1", uri=True, isolation_level=None, check_same_thread=False)
+    try:
+        if _layout_action(conn, path) != "open":
+            raise ImageloopError(
+                f"{path} is read-only and not yet in this imageloop's layout: open it where it is writable"
+            )
     except sqlite3.DatabaseError as e:
         conn.close()
-        raise ImageloopError(f"{path} is not a readable imageloop vector store: {e}") from e
+        raise store_error(e, path) from e
     except BaseException:
         conn.close()
         raise
@@ -574,7 +718,17 @@ def _open_store(path: Path) -> sqlite3.Connection:
 
 
 def _layout_action(conn: sqlite3.Connection, path: Path) -> str:
-    """What opening needs: "open" a store, "create" one in an empty database, "migrate" the first layout."""
+    """What opening needs: "open" a store, "create" one in an empty database, "migrate" the first layout.
+
+    Read in one transaction: another process creating the store commits its tables and its application
+    id together, and two separate reads could see one without the other.
+    """
+    if not conn.in_transaction:
+        conn.execute("BEGIN")
+        try:
+            return _layout_action(conn, path)
+        finally:
+            conn.execute("COMMIT")
     (application_id,) = conn.execute("PRAGMA application_id").fetchone()
     (layout,) = conn.execute("PRAGMA user_version").fetchone()
     tables = {
