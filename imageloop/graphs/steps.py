@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any, TypedDict
+from typing import Any
 
 from langgraph.types import Overwrite
+from typing_extensions import TypedDict
 
 
 class Step(TypedDict):
