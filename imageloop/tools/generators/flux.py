@@ -20,6 +20,7 @@ from imageloop.tools.generators._diffusers_common import (
     from_hub,
     open_references,
     place,
+    progress_options,
     resolve_placement,
     run_pipeline,
     seeded_generator,
@@ -102,6 +103,7 @@ class FluxGenerator:
             "height": height,
             "num_inference_steps": request.steps or self.steps,
             "guidance_scale": self.guidance_scale,
+            **progress_options(self._pipe),
         }
         what = f"generating {width}x{height} with {self.model_id}"
         if not references:

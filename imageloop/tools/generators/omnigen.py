@@ -19,6 +19,7 @@ from imageloop.tools.generators._diffusers_common import (
     from_hub,
     open_references,
     place,
+    progress_options,
     resolve_placement,
     run_pipeline,
     seeded_generator,
@@ -113,6 +114,7 @@ class OmniGenGenerator:
                     img_guidance_scale=self.image_guidance_scale,
                     max_input_image_size=self.max_input_image_size,
                     generator=seeded_generator(request.seed),
+                    **progress_options(self._pipe),
                 )
 
         output = run_pipeline(f"generating {width}x{height} with {self.model_id}", call)

@@ -23,6 +23,7 @@ from imageloop.tools.generators._diffusers_common import (
     from_hub,
     open_references,
     place,
+    progress_options,
     resolve_placement,
     run_pipeline,
     seeded_generator,
@@ -111,7 +112,7 @@ class SDXLIPAdapterGenerator:
             # A loaded adapter needs an image; at scale 0 diffusers skips the adapter's attention entirely.
             images, scale = [Image.new("RGB", (224, 224))], 0.0
         width, height = request.size or self.size or (None, None)
-        options: dict[str, Any] = {"num_inference_steps": request.steps or self.steps}
+        options: dict[str, Any] = {"num_inference_steps": request.steps or self.steps, **progress_options(self._pipe)}
         if self.guidance_scale is not None:
             options["guidance_scale"] = self.guidance_scale
         size_text = f"{width}x{height}" if width else "the default size"

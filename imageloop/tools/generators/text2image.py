@@ -15,6 +15,7 @@ from imageloop.runtime import load_cached
 from imageloop.tools.generators._diffusers_common import (
     from_hub,
     place,
+    progress_options,
     resolve_placement,
     run_pipeline,
     seeded_generator,
@@ -57,7 +58,7 @@ class Text2ImageGenerator:
         """Draw `request.prompt`; references, if any, are left out with a note."""
         _, notes = keep_references(request, self.max_references, self.model_id)
         width, height = request.size or self.size or (None, None)
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = progress_options(self._pipe)
         if request.steps or self.steps:
             options["num_inference_steps"] = request.steps or self.steps
         if self.guidance_scale is not None:
