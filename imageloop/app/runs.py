@@ -12,7 +12,7 @@ import shutil
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +26,8 @@ from imageloop.config import Settings
 from imageloop.errors import ImageloopError
 from imageloop.files import write_json_atomic
 from imageloop.graphs.imagerag import ImageRAGGraph, ImageRAGKnobs, build_imagerag_graph
-from imageloop.graphs.steps import Step, node_steps
+from imageloop.graphs.steps import OnStep, follow_steps_and_progress
+from imageloop.progress import OnProgress
 from imageloop.protocols import ImageRetriever
 from imageloop.report import RECORD_FILE, read_record, write_report
 from imageloop.tools.artifacts import ArtifactStore
@@ -43,7 +44,6 @@ RECORDED_SETTINGS = {
 CHECKPOINTS = "checkpoints.sqlite"
 THREAD: RunnableConfig = {"configurable": {"thread_id": "run"}}
 RUN_ID = r"^[0-9a-f]{12}$"
-OnStep = Callable[[Step], None]
 
 
 def new_run_id() -> str:
@@ -145,6 +145,12 @@ def _checkpointed(run_dir: Path) -> Iterator[SqliteSaver]:
         yield SqliteSaver(conn)
 
 
+def can_resume(run_dir: str | Path) -> bool:
+    """Whether `run_dir` holds a run that `--resume` can continue: its record and its checkpoints."""
+    folder = Path(run_dir)
+    return (folder / RUN_RECORD).is_file() and (folder / CHECKPOINTS).is_file()
+
+
 def run_imagerag(
     app: App,
     prompt: str | None,
@@ -154,13 +160,15 @@ def run_imagerag(
     knobs: Mapping[str, Any] | None = None,
     where: Where | None = None,
     on_step: OnStep | None = None,
+    on_progress: OnProgress | None = None,
     resume: bool = False,
 ) -> dict[str, Any]:
     """Run ImageRAG for `prompt` against `index`; returns the record written to `run.json`.
 
     `out_dir` defaults to a new folder under the app's runs; `where` restricts retrieval to images whose
-    metadata matches (e.g. `{"folder": "birds"}`). With `resume`, `out_dir` is an interrupted run's
-    folder: the run continues from its last checkpoint, reusing every finished node.
+    metadata matches (e.g. `{"folder": "birds"}`). `on_step` sees each node's decisions as it finishes,
+    `on_progress` the progress inside a node (a generator's denoising steps). With `resume`, `out_dir` is
+    an interrupted run's folder: the run continues from its last checkpoint, reusing every finished node.
     """
     if resume:
         if out_dir is None:
@@ -190,7 +198,7 @@ def run_imagerag(
             raise ImageloopError(f"{run_dir} already holds a run: use another --out, or --resume {run_dir}")
         error: str | None = None
         try:
-            _play(graph, None if resume else {"prompt": prompt}, on_step)
+            _play(graph, None if resume else {"prompt": prompt}, on_step, on_progress)
         except BaseException as e:
             error = error_text(e)
             raise
@@ -206,13 +214,13 @@ def run_imagerag(
     return record
 
 
-def _play(graph: ImageRAGGraph, inputs: Mapping[str, Any] | None, on_step: OnStep | None) -> None:
-    """Run (or continue) the graph, handing each node's steps to `on_step` as the node finishes."""
-    for chunk in graph.stream(inputs, THREAD, stream_mode="updates"):  # type: ignore[arg-type]
-        for update in chunk.values():
-            if on_step is not None and isinstance(update, dict):
-                for step in node_steps(update):
-                    on_step(step)
+def _play(
+    graph: ImageRAGGraph, inputs: Mapping[str, Any] | None, on_step: OnStep | None, on_progress: OnProgress | None
+) -> None:
+    """Run (or continue) the graph, handing each node's steps to `on_step` as the node finishes, and its
+    in-node progress (denoising steps) to `on_progress` as it happens."""
+    chunks = graph.stream(inputs, THREAD, stream_mode=["updates", "custom"])  # type: ignore[arg-type]
+    follow_steps_and_progress(chunks, on_step, on_progress)
 
 
 def read_run(app: App, run: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import shutil
 import sqlite3
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +31,13 @@ from imageloop.config import FEEDBACK_KINDS, FeedbackKind, Settings
 from imageloop.errors import ConfigError, ImageloopError
 from imageloop.files import write_json_atomic
 from imageloop.graphs.genir import GenIRContext, GenIRGraph, GenIRKnobs, build_genir_graph, resolve_found
-from imageloop.graphs.steps import Step, node_steps
+from imageloop.graphs.steps import OnStep, follow_steps_and_progress
+from imageloop.progress import OnProgress
 from imageloop.tools.artifacts import ArtifactStore
 
 if TYPE_CHECKING:
     from imageloop.app.core import App
 
-OnStep = Callable[[Step], None]
 SESSIONS_TABLE = "imageloop_search_sessions"
 SESSION_FILE = "session.json"
 _THREAD_LOCKS: dict[str, threading.Lock] = {}
@@ -85,6 +85,7 @@ def start_search(
     knobs: Mapping[str, Any] | None = None,
     out_dir: str | Path | None = None,
     on_step: OnStep | None = None,
+    on_progress: OnProgress | None = None,
 ) -> dict[str, Any]:
     """Start a person's search and play its first round; returns the round to show (see `show_search`).
 
@@ -99,7 +100,7 @@ def start_search(
     session = SearchSession(thread_id, app.index(index).root, folder, settings.feedback, settings.rounds, settings.k)
     _register(app.sessions_db, session)
     with _session_graph(app, session) as graph:
-        return _play(graph, session, {"query": query}, on_step)
+        return _play(graph, session, {"query": query}, on_step, on_progress)
 
 
 def continue_search(
@@ -109,6 +110,7 @@ def continue_search(
     *,
     given: Mapping[str, Any] | None = None,
     on_step: OnStep | None = None,
+    on_progress: OnProgress | None = None,
 ) -> dict[str, Any]:
     """Answer the pending round of a session and play the next one.
 
@@ -125,11 +127,11 @@ def continue_search(
         snapshot = graph.get_state(_config(thread_id))
         pending = _pending(snapshot)
         if pending is None and snapshot.next:
-            return _play(graph, session, None, on_step)
+            return _play(graph, session, None, on_step, on_progress)
         if answer is None or pending is None:
             return _shown(session, snapshot)
         resolve_found(answer, pending["retrieved"])  # a bad "found:" is the caller's one-line error
-        return _play(graph, session, Command(resume=answer), on_step)
+        return _play(graph, session, Command(resume=answer), on_step, on_progress)
 
 
 def show_search(app: App, thread_id: str, *, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -228,19 +230,21 @@ def _session_graph(app: App, session: SearchSession) -> Iterator[GenIRGraph]:
 
 
 def _play(
-    graph: GenIRGraph, session: SearchSession, command: Mapping[str, Any] | Command[Any] | None, on_step: OnStep | None
+    graph: GenIRGraph,
+    session: SearchSession,
+    command: Mapping[str, Any] | Command[Any] | None,
+    on_step: OnStep | None,
+    on_progress: OnProgress | None = None,
 ) -> dict[str, Any]:
-    """Play to the next question or the end, handing each node's steps to `on_step` as the node finishes.
+    """Play to the next question or the end, handing each node's steps to `on_step` as the node finishes
+    and in-node progress (drawing the synthetic image) to `on_progress`.
 
     `on_step` may raise to stop the play there (a server's cancel): the checkpoint keeps every finished
     node, and the session shows as "incomplete" until `continue_search(app, thread_id, None)`.
     """
     config = _config(session.thread_id)
-    for chunk in graph.stream(command, config, stream_mode="updates", context=_context(session)):  # type: ignore[arg-type]
-        for update in chunk.values():
-            if on_step is not None and isinstance(update, dict):  # an interrupt's update is a tuple
-                for step in node_steps(update):
-                    on_step(step)
+    chunks = graph.stream(command, config, stream_mode=["updates", "custom"], context=_context(session))  # type: ignore[arg-type]
+    follow_steps_and_progress(chunks, on_step, on_progress)
     return _shown(session, graph.get_state(config))
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from langgraph.types import Overwrite
 from typing_extensions import TypedDict
+
+from imageloop.progress import OnProgress, progress_event
 
 
 class Step(TypedDict):
@@ -35,3 +37,22 @@ def node_steps(update: Mapping[str, Any]) -> list[Step]:
     """The steps a node's update adds (a `prepare` node starts the list afresh with `Overwrite`)."""
     steps = update.get("steps") or []
     return list(steps.value if isinstance(steps, Overwrite) else steps)
+
+
+OnStep = Callable[[Step], None]
+
+
+def follow_steps_and_progress(chunks: Iterable[Any], on_step: OnStep | None, on_progress: OnProgress | None) -> None:
+    """Consume a `stream_mode=["updates", "custom"]` stream: each node's steps to `on_step` as the node
+    finishes, in-node progress events to `on_progress` as they happen (either may raise to stop the run)."""
+    for item in chunks:
+        mode, chunk = item  # (stream mode, chunk) when several modes are streamed
+        if mode == "custom":
+            event = progress_event(chunk)
+            if event is not None and on_progress is not None:
+                on_progress(event)
+            continue
+        for update in chunk.values():
+            if on_step is not None and isinstance(update, dict):  # an interrupt's update is a tuple
+                for step in node_steps(update):
+                    on_step(step)

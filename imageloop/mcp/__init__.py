@@ -16,10 +16,11 @@ from types import FrameType
 import anyio
 from mcp.server.transport_security import TransportSecuritySettings
 
+from imageloop.access import MIN_TOKEN_CHARS, is_loopback
 from imageloop.app import App
 from imageloop.errors import ConfigError
 from imageloop.mcp.server import build_server
-from imageloop.mcp.transport import is_loopback, parse_http, protect_stdout, serve_http, transport_security
+from imageloop.mcp.transport import parse_http, protect_stdout, serve_http, transport_security
 
 __all__ = ["build_server", "serve"]
 
@@ -35,8 +36,8 @@ def serve(app: App, *, http: str | None = None, token: str | None = None, allow_
                 f"--http {http} is reachable from other machines: "
                 "set a bearer token with --token or IMAGELOOP_MCP_TOKEN"
             )
-        if token is not None and len(token) < 16:
-            raise ConfigError("the bearer token is too short: use at least 16 characters")
+        if token is not None and len(token) < MIN_TOKEN_CHARS:
+            raise ConfigError(f"the bearer token is too short: use at least {MIN_TOKEN_CHARS} characters")
         security = transport_security(address[0], allow_hosts)
     server = build_server(app, security)
 

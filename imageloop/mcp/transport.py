@@ -7,8 +7,6 @@ may reach stdout, so the protocol gets a private copy of it and stray output goe
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import os
 import socket
 import sys
@@ -18,6 +16,7 @@ from typing import Any, BinaryIO
 from mcp.server.fastmcp import FastMCP
 from mcp.server.transport_security import TransportSecuritySettings
 
+from imageloop.access import TokenGate, is_loopback
 from imageloop.errors import ConfigError
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
@@ -31,16 +30,6 @@ def parse_http(text: str) -> tuple[str, int]:
     if not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"--http {text!r}: expected HOST:PORT such as 127.0.0.1:8765")
     return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether binding `host` keeps the server on this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _host_pattern(host: str) -> str:
@@ -62,34 +51,6 @@ def transport_security(host: str, allow_hosts: Sequence[str] = ()) -> TransportS
         allowed_hosts=[*names, *(f"{name}:*" for name in names)],
         allowed_origins=[f"{scheme}://{name}{port}" for name in names for scheme in SCHEMES for port in ("", ":*")],
     )
-
-
-class BearerTokenMiddleware:
-    """Refuses HTTP requests without `Authorization: Bearer <token>` (compared in constant time)."""
-
-    def __init__(self, app: Any, token: str) -> None:
-        self.app = app
-        self.expected = token.encode()
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            scheme, _, credentials = given.partition(b" ")
-            # The scheme is case-insensitive (RFC 7235); the token is compared in constant time.
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(), self.expected):
-                body = b'{"error": "missing or wrong bearer token"}'
-                await send({
-                    "type": "http.response.start",
-                    "status": 401,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                        (b"www-authenticate", b'Bearer realm="imageloop"'),
-                    ],
-                })  # fmt: skip
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
 
 
 class _ProtocolStdout:
@@ -121,7 +82,7 @@ async def serve_http(server: FastMCP[Any], host: str, port: int, token: str | No
 
     app: Any = server.streamable_http_app()
     if token:
-        app = BearerTokenMiddleware(app, token)
+        app = TokenGate(app, token)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
