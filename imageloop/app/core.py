@@ -128,9 +128,16 @@ class App:
             return self._retrievers[key]
 
     def index_folder(
-        self, folder: str | Path, *, batch_size: int | None = None, progress: bool = False
+        self,
+        folder: str | Path,
+        *,
+        batch_size: int | None = None,
+        progress: bool = False,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> IndexSummary:
         """Add the new images of `folder` to its index (created in the configured store); prune vanished ones.
+
+        `progress` draws a bar on stderr; `on_progress(done, total)` hears the files handled so far.
 
         The one captioning rule: the caption route (a text embedder) needs a caption per image (a
         sidecar `NAME.txt`, else the captioner VLM); the image route asks a VLM only when a captioner is
@@ -160,6 +167,7 @@ class App:
             return index_folder(
                 root, embedder, caption if wants_captioner else None,
                 batch_size=batch_size or int(limits.default("batch_size") or 32), progress=progress,
+                on_progress=on_progress,
                 store=settings.store, weaviate_url=settings.weaviate_url,
                 weaviate_api_key=settings.weaviate_api_key, weaviate_grpc_port=settings.weaviate_grpc_port,
             )  # fmt: skip
@@ -215,6 +223,18 @@ class App:
         from imageloop.app.runs import read_run
 
         return read_run(self, run)
+
+    def run_file(self, relative: str) -> tuple[Path, str]:
+        """A file a run wrote, by its path under the runs folder, and its media type; see `app.runs.run_file`."""
+        from imageloop.app.runs import run_file
+
+        return run_file(self, relative)
+
+    def run_relative(self, path: str | Path) -> str | None:
+        """How a remote client names a run output: its path under the runs folder (None if elsewhere)."""
+        from imageloop.app.runs import run_relative
+
+        return run_relative(self, path)
 
     def start_search(self, index: str | Path, query: str, **options: Any) -> dict[str, Any]:
         """Start a GenIR session and play its first round; see `imageloop.app.sessions.start_search`."""

@@ -44,6 +44,15 @@ class RunCancelledError(ImageloopError):
     """A run stopped at a step boundary because the application is shutting down."""
 
 
+@dataclass(frozen=True)
+class Note:
+    """One progress message; `done` of `total` when the message counts something (images indexed, steps)."""
+
+    message: str
+    done: int | None = None
+    total: int | None = None
+
+
 @dataclass
 class Job:
     """One background run: its progress messages, then its result or error."""
@@ -53,6 +62,7 @@ class Job:
     run_dir: Path | None = None
     status: JobStatus = "queued"
     progress: list[str] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
     reported: int = 0
     result: dict[str, Any] | None = None
     error: str | None = None
@@ -61,24 +71,26 @@ class Job:
     future: Future[None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def report(self, message: str) -> None:
-        """Add a progress message (what the waiting call forwards to the client)."""
+    def report(self, message: str, done: int | None = None, total: int | None = None) -> None:
+        """Add a progress message (what the waiting call forwards to the client), counted when it counts."""
         with self.lock:
             self.progress.append(message)
+            self.notes.append(Note(message, done, total))
             self.reported += 1
             if len(self.progress) > PROGRESS_KEPT:
                 del self.progress[: len(self.progress) - PROGRESS_KEPT]
+                del self.notes[: len(self.notes) - PROGRESS_KEPT]
 
     def check_cancelled(self) -> None:
         """Stop here if the server is shutting down."""
         if self.cancel.is_set():
             raise RunCancelledError("cancelled: the service shut down before the run finished")
 
-    def messages_since(self, count: int) -> tuple[int, list[str]]:
-        """The total reported so far and the messages after the first `count`."""
+    def notes_since(self, count: int) -> tuple[int, list[Note]]:
+        """The total reported so far and the notes after the first `count`."""
         with self.lock:
             new = self.reported - count
-            return self.reported, self.progress[-new:] if new > 0 else []
+            return self.reported, self.notes[-new:] if new > 0 else []
 
     def persist(self) -> None:
         """Write the run's status next to its record, so get_run can answer after a restart."""

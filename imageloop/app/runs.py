@@ -223,6 +223,29 @@ def _play(
     follow_steps_and_progress(chunks, on_step, on_progress)
 
 
+RUN_FILE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+RUN_FILE_TYPES |= {".json": "application/json", ".html": "text/html"}
+
+
+def run_file(app: App, relative: str) -> tuple[Path, str]:
+    """A file a run wrote (an image, run.json, report.html) by its path under the runs folder, with its media
+    type; the one rule every face that hands run outputs to a remote client applies (LangGraph Server's route,
+    MCP resources). Anything else, or anything resolving outside the runs folder, is "no such run file"."""
+    runs = app.runs_dir.resolve()
+    path = (runs / relative).resolve()
+    media_type = RUN_FILE_TYPES.get(path.suffix.lower())
+    if media_type is None or not path.is_relative_to(runs) or not path.is_file():
+        raise ImageloopError(f"no such run file {relative!r} under the runs folder")
+    return path, media_type
+
+
+def run_relative(app: App, path: str | Path) -> str | None:
+    """`path` relative to the runs folder (how remote clients name it), or None when it lies elsewhere."""
+    resolved = Path(path).resolve()
+    runs = app.runs_dir.resolve()
+    return resolved.relative_to(runs).as_posix() if resolved.is_relative_to(runs) else None
+
+
 def read_run(app: App, run: str) -> dict[str, Any]:
     """A finished (or failed) run's record, by run id under the app's runs or by folder."""
     folder = app.runs_dir / run if len(run) == 12 and run.isalnum() else app.path(run, "run", kind="dir")

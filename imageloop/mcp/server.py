@@ -25,19 +25,21 @@ import anyio.to_thread
 from mcp.server.fastmcp import Context, FastMCP
 from mcp.server.fastmcp.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp.types import CallToolResult, ContentBlock, ImageContent, TextContent, ToolAnnotations
-from pydantic import BaseModel, Field, ValidationError
+from mcp.types import CallToolResult, ContentBlock, ImageContent, ResourceLink, TextContent, ToolAnnotations
+from pydantic import AnyUrl, BaseModel, Field, ValidationError
 
 from imageloop.app import App
-from imageloop.app.jobs import FINISHED, STATUS_FILE, Job, JobKind, JobStatus, ServerBusyError
+from imageloop.app.jobs import FINISHED, STATUS_FILE, Job, JobKind, JobStatus, Note, ServerBusyError
 from imageloop.app.runs import RUN_ID, RUN_RECORD
 from imageloop.config import FeedbackKind, Mode, bounded
 from imageloop.errors import ImageloopError
 from imageloop.graphs.steps import Step
 from imageloop.limits import MAX_SIDE, MIN_SIDE, PATH_CHARS, PROMPT_CHARS
 from imageloop.mcp.thumbnails import RESULT_IMAGE_BUDGET, encode_png_under, image_budgets
+from imageloop.progress import ProgressEvent, describe
 
 HEARTBEAT_S = 10.0
+RUN_RESOURCE = "imageloop://runs/"
 MAX_THUMBNAILS = 16
 
 
@@ -127,9 +129,13 @@ class ImageloopMCP:
         root = self.app.path(folder, "folder", kind="dir")
 
         def work(job: Job) -> dict[str, Any]:
-            job.report(f"indexing {root}")
-            summary = self.app.index_folder(root, batch_size=batch_size)
-            job.report(f"indexed {summary.indexed}, skipped {summary.skipped}, failed {summary.failed}")
+            def counted(done: int, total: int) -> None:
+                job.report(f"{done}/{total} images in {root.name} handled", done, total)
+                job.check_cancelled()
+
+            summary = self.app.index_folder(root, batch_size=batch_size, on_progress=counted)
+            done = f"indexed {summary.indexed}, skipped {summary.skipped}, failed {summary.failed}"
+            job.report(done, summary.total, summary.total)
             return {"folder": str(root), **summary.to_json()}
 
         return self.app.jobs.submit("index", work)
@@ -142,7 +148,7 @@ class ImageloopMCP:
 
         def work(job: Job) -> dict[str, Any]:
             assert job.run_dir is not None
-            return self.app.generate(prompt, index, out_dir=job.run_dir, knobs=knobs, on_step=_reporter(job))
+            return self.app.generate(prompt, index, out_dir=job.run_dir, knobs=knobs, **_reporters(job))
 
         return self.app.jobs.submit("generate", work, run_root=self.app.runs_dir)
 
@@ -151,7 +157,7 @@ class ImageloopMCP:
         self.app.retriever(index)
 
         def work(job: Job) -> dict[str, Any]:
-            return _genir_view(self.app.start_search(index, query, knobs=knobs, on_step=_reporter(job)))
+            return _genir_view(self.app.start_search(index, query, knobs=knobs, **_reporters(job)))
 
         return self.app.jobs.submit("genir", work)
 
@@ -179,7 +185,7 @@ class ImageloopMCP:
 
     def _genir_job(self, session_id: str, answer: str | None) -> Job:
         def work(job: Job) -> dict[str, Any]:
-            return _genir_view(self.app.continue_search(session_id, answer, on_step=_reporter(job)))
+            return _genir_view(self.app.continue_search(session_id, answer, **_reporters(job)))
 
         job = self.app.jobs.submit("genir", work)
         self._session_runs[session_id] = job.id
@@ -240,17 +246,33 @@ class ImageloopMCP:
                 shown.append((f"synthetic image: {result['synthetic_image']}", result["synthetic_image"]))
             shown += [(f"#{hit['rank']} {hit['path']}", hit["path"]) for hit in result["retrieved"][:MAX_THUMBNAILS]]
         content, _ = self._image_blocks(shown)
+        content += self._links([path for _, path in shown])
         return _result(view.model_dump(mode="json"), content, is_error=view.status == "error")
 
+    def _links(self, paths: Sequence[str]) -> list[ContentBlock]:
+        """A resource link per run output shown, to read it at full size (`imageloop://runs/...`)."""
+        links: list[ContentBlock] = []
+        for path in paths:
+            relative = self.app.run_relative(path)
+            if relative is not None and Path(path).suffix == ".png":
+                uri = AnyUrl(RUN_RESOURCE + relative)
+                links.append(ResourceLink(type="resource_link", uri=uri, name=Path(path).name, mimeType="image/png"))
+        return links
 
-def _reporter(job: Job) -> Callable[[Step], None]:
-    """Forward a run's steps as progress, and stop at the next step once the server shuts down."""
+
+def _reporters(job: Job) -> dict[str, Callable[[Any], None]]:
+    """Forward a run's steps and in-node progress (counted) as progress, and stop at the next step or
+    denoising step once the server shuts down."""
 
     def on_step(step: Step) -> None:
         job.report(f"[{step['node']}] {step['decision']}")
         job.check_cancelled()
 
-    return on_step
+    def on_progress(event: ProgressEvent) -> None:
+        job.report(describe(event), event["done"], event["total"])
+        job.check_cancelled()
+
+    return {"on_step": on_step, "on_progress": on_progress}
 
 
 def _genir_view(session: dict[str, Any]) -> dict[str, Any]:
@@ -296,10 +318,11 @@ class _Server(FastMCP[Any]):
         super().__init__(*args, **kwargs)
         self.parameters: dict[str, set[str]] = {}
 
-    def tool_of(self, function: Callable[..., Any], annotations: ToolAnnotations) -> None:
+    def tool_of(self, function: Callable[..., Any], title: str, annotations: ToolAnnotations) -> None:
         """Register `function` as a tool, remembering its parameters to name unknown arguments."""
         self.parameters[function.__name__] = set(inspect.signature(function).parameters) - {"ctx"}
-        self.tool(annotations=annotations)(function)
+        # The title twice: on the tool (protocol 2025-06-18) and in its annotations (where 2025-03-26 put it).
+        self.tool(title=title, annotations=annotations.model_copy(update={"title": title}))(function)
 
     async def call_tool(self, name: str, arguments: dict[str, Any]) -> Sequence[ContentBlock] | dict[str, Any]:
         known = self.parameters.get(name)
@@ -327,11 +350,43 @@ def _validation_message(error: ValidationError) -> str:
 
 
 WaitSeconds = Annotated[float, bounded("wait_seconds")]
-PathArg = Annotated[str, Field(min_length=1, max_length=PATH_CHARS)]
-Text = Annotated[str, Field(min_length=1, max_length=PROMPT_CHARS)]
+Folder = Annotated[
+    str, Field(min_length=1, max_length=PATH_CHARS, description="a folder of images inside the server's roots")
+]
+Index = Annotated[str, Field(min_length=1, max_length=PATH_CHARS, description="an indexed image folder")]
+Prompt = Annotated[str, Field(min_length=1, max_length=PROMPT_CHARS, description="what to draw")]
 RunId = Annotated[str, Field(pattern=RUN_ID, description="the run_id a previous call returned")]
 SessionId = Annotated[str, Field(pattern=RUN_ID, description="the session_id genir_round returned")]
 McpContext = Context[Any, Any, Any]
+
+
+class ProgressClock:
+    """MCP progress values for a run's notes: strictly increasing (as the protocol requires), with a total
+    while the work counts something. A counted note (done of total) moves to base + done of base + total,
+    base being where its task began (a task begins when `done` falls back: the next image's denoising; a
+    repeated count moves nothing and is not sent); any other note moves on by one, with no total."""
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.base = 0.0
+        self.last_done: int | None = None
+        self.started = False
+
+    def tick(self, note: Note) -> tuple[float, float | None] | None:
+        """The (progress, total) to send for `note`, or None when it would not move forward."""
+        if note.done is None or note.total is None:
+            self.value += 1
+            self.last_done = None
+            self.started = True
+            return self.value, None
+        if self.last_done is None or note.done < self.last_done:
+            self.base = self.value
+        self.last_done = note.done
+        value = self.base + note.done
+        if self.started and value <= self.value:
+            return None
+        self.value, self.started = value, True
+        return value, self.base + note.total
 
 
 async def _follow(job: Job, wait_s: float, ctx: McpContext) -> None:
@@ -339,15 +394,18 @@ async def _follow(job: Job, wait_s: float, ctx: McpContext) -> None:
     deadline = anyio.current_time() + wait_s
     sent, last_sent = 0, anyio.current_time()
     delay = 0.002
+    clock = ProgressClock()
     while True:
-        total, messages = job.messages_since(sent)
+        total, notes = job.notes_since(sent)
         now = anyio.current_time()
-        if not messages and now - last_sent >= HEARTBEAT_S:
-            messages = [f"still {job.status}"]  # a heartbeat, for clients that extend timeouts on progress
+        if not notes and now - last_sent >= HEARTBEAT_S:
+            notes = [Note(f"still {job.status}")]  # a heartbeat, for clients that extend timeouts on progress
         try:
-            for offset, message in enumerate(messages, start=total - len(messages) + 1):
-                await ctx.report_progress(max(offset, 1), None, message)
-                last_sent = now
+            for note in notes:
+                ticked = clock.tick(note)
+                if ticked is not None:
+                    await ctx.report_progress(ticked[0], ticked[1], note.message)
+                    last_sent = now
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             return  # the client went away: the run carries on, its result waits for get_run
         sent = total
@@ -376,7 +434,7 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
         return ops.render_run(ops.view(job))
 
     async def retrieve_images(
-        index: Annotated[str, Field(min_length=1, max_length=PATH_CHARS, description="an indexed image folder")],
+        index: Index,
         query: Annotated[str | None, Field(max_length=PROMPT_CHARS, description="text describing the images")] = None,
         image: Annotated[
             str | None, Field(max_length=PATH_CHARS, description="or: a path of an image to find similar ones")
@@ -396,7 +454,7 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
         )
 
     async def index_images(
-        folder: PathArg,
+        folder: Folder,
         ctx: McpContext,
         batch_size: Annotated[int, bounded("batch_size")] = 32,
         wait_seconds: WaitSeconds = 40,
@@ -406,8 +464,8 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
         return await run_result(job, wait_seconds, ctx)
 
     async def generate_with_references(
-        prompt: Text,
-        index: PathArg,
+        prompt: Prompt,
+        index: Index,
         ctx: McpContext,
         # Knobs left null take the server's settings (its profile, IMAGELOOP_* variables, defaults).
         mode: Annotated[Mode | None, Field(description="draft_first critiques a draft first")] = None,
@@ -484,11 +542,42 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
         view = await anyio.to_thread.run_sync(ops.run_view, run_id)
         return await anyio.to_thread.run_sync(ops.render_run, view)
 
-    reads = ToolAnnotations(readOnlyHint=True, openWorldHint=False)
-    server.tool_of(retrieve_images, reads)
-    server.tool_of(index_images, ToolAnnotations(idempotentHint=True, openWorldHint=False))
-    server.tool_of(generate_with_references, ToolAnnotations(openWorldHint=True))
-    server.tool_of(genir_round, ToolAnnotations(openWorldHint=True))
-    server.tool_of(genir_feedback, ToolAnnotations(openWorldHint=True))
-    server.tool_of(get_run, reads)
+    # Every hint said explicitly (the protocol's defaults assume the worst: destructive, open world).
+    # Nothing here deletes a person's files: indexing writes FOLDER/.imageloop (forgetting images that
+    # are gone), runs and searches write new folders under the runs folder.
+    reads = ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=True, openWorldHint=False)
+    writes_new = ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=False, openWorldHint=True)
+    indexes = ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=True, openWorldHint=False)
+    server.tool_of(retrieve_images, "Search indexed images", reads)
+    server.tool_of(index_images, "Index an image folder", indexes)
+    server.tool_of(generate_with_references, "Generate with retrieved references (ImageRAG)", writes_new)
+    server.tool_of(genir_round, "Start or show an image search (GenIR)", writes_new)
+    server.tool_of(genir_feedback, "Answer an image search round (GenIR)", writes_new)
+    server.tool_of(get_run, "Check a run", reads)
+    add_run_resources(server, app)
     return server
+
+
+def add_run_resources(server: FastMCP[Any], app: App) -> None:
+    """Run outputs as resources (`imageloop://runs/<path under the runs folder>`), full size, for clients that
+    fetch what a result links to rather than its thumbnails."""
+
+    def read(relative: str) -> bytes:
+        path, media_type = app.run_file(relative)
+        if media_type != "image/png":
+            raise ImageloopError(f"{relative!r} is no image: these resources are a run's PNG images")
+        return path.read_bytes()
+
+    @server.resource(
+        RUN_RESOURCE + "{run}/{name}", name="run_output", title="A run's output", mime_type="image/png",
+        description="An image a run wrote (final.png, draft.png, round_N.png), by run folder and file name",
+    )  # fmt: skip
+    def run_output(run: str, name: str) -> bytes:
+        return read(f"{run}/{name}")
+
+    @server.resource(
+        RUN_RESOURCE + "{run}/artifacts/{name}", name="run_artifact", title="An image of a run", mime_type="image/png",
+        description="Any image a run drew, by run folder and artifact file name (<sha256>.png)",
+    )  # fmt: skip
+    def run_artifact(run: str, name: str) -> bytes:
+        return read(f"{run}/artifacts/{name}")

@@ -7,12 +7,14 @@ may reach stdout, so the protocol gets a private copy of it and stray output goe
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
+import anyio
 from mcp.server.fastmcp import FastMCP
 from mcp.server.transport_security import TransportSecuritySettings
 
@@ -76,9 +78,26 @@ def protect_stdout() -> None:
     sys.stdout = _ProtocolStdout(protocol)
 
 
+class QuietDisconnects(logging.Filter):
+    """Drops the SDK's error log (a 40-line traceback) for a client that closed its stream: a normal end."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream))
+
+
+def quiet_disconnects() -> None:
+    """Install `QuietDisconnects` on the SDK's streamable-HTTP logger (once)."""
+    sdk = logging.getLogger("mcp.server.streamable_http")
+    if not any(isinstance(f, QuietDisconnects) for f in sdk.filters):
+        sdk.addFilter(QuietDisconnects())
+
+
 async def serve_http(server: FastMCP[Any], host: str, port: int, token: str | None) -> None:
     """Serve streamable HTTP at HOST:PORT/mcp until interrupted (the socket is bound before it is announced)."""
     import uvicorn
+
+    quiet_disconnects()
 
     app: Any = server.streamable_http_app()
     if token:
