@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imageloop import limits
-from imageloop.app.jobs import JobRegistry
+from imageloop.app.jobs import Job, JobRegistry
 from imageloop.app.paths import Kind, Roots, default_sessions_db, resolve_path
 from imageloop.backends import make_embedder, make_generator, make_vlm
 from imageloop.config import Role, Settings, load_settings
@@ -217,6 +217,19 @@ class App:
         from imageloop.app.runs import run_imagerag
 
         return run_imagerag(self, prompt, index, **options)
+
+    def start_generate(self, prompt: str, index: str | Path, knobs: Mapping[str, Any] | None = None) -> Job:
+        """ImageRAG as a background run (poll it with `run_state`); see `imageloop.app.runs.start_generate`."""
+        from imageloop.app.runs import start_generate
+
+        return start_generate(self, prompt, index, knobs)
+
+    def run_state(self, run_id: str) -> dict[str, Any]:
+        """A background run's state, live or from its folder: `{run_id, kind, status, progress, error, result}`."""
+        from imageloop.app.jobs import job_state, stored_state
+
+        job = self.jobs.get(run_id)
+        return job_state(job) if job is not None else stored_state(self.runs_dir, run_id)
 
     def read_run(self, run: str) -> dict[str, Any]:
         """A run's record, by id (under the runs folder) or folder."""

@@ -22,6 +22,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.sqlite import SqliteSaver
 
 from imageloop import __version__, limits
+from imageloop.app.jobs import Job, report_to
 from imageloop.config import Settings
 from imageloop.errors import ImageloopError
 from imageloop.files import write_json_atomic
@@ -244,6 +245,19 @@ def run_relative(app: App, path: str | Path) -> str | None:
     resolved = Path(path).resolve()
     runs = app.runs_dir.resolve()
     return resolved.relative_to(runs).as_posix() if resolved.is_relative_to(runs) else None
+
+
+def start_generate(app: App, prompt: str, index: str | Path, knobs: Mapping[str, Any] | None = None) -> Job:
+    """ImageRAG as a background run of `app.jobs`, its folder `<runs>/<run id>`; a missing or mismatched index
+    or a misconfigured model fails this call, not the run."""
+    settings = app.with_knobs(**(knobs or {}))
+    app.retriever(index, settings)
+    app.vlm(settings), app.generator(settings)
+
+    def work(job: Job) -> dict[str, Any]:
+        return run_imagerag(app, prompt, index, out_dir=job.run_dir, knobs=knobs, **report_to(job))
+
+    return app.jobs.submit("generate", work, run_root=app.runs_dir)
 
 
 def read_run(app: App, run: str) -> dict[str, Any]:

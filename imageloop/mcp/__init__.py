@@ -1,10 +1,10 @@
 """imageloop as an MCP server: the application layer's operations as tools an agent can call.
 
-Parts: `server` (the tools: arguments, calls into `imageloop.app.App`, rendering), `thumbnails`
-(images under a result's size cap), `transport` (stdio and streamable HTTP with their checks). `serve`
-runs it until stdin closes (stdio) or the process is stopped (HTTP: Ctrl-C or SIGTERM), then lets
-running jobs finish briefly, cancels the rest at a step boundary (their records stay whole) and closes
-every index.
+Parts: `server` (the tools: arguments, calls into `imageloop.app.App`, rendering; images under a
+result's size cap by `imageloop.thumbnails`, shared with the LangChain tools), `transport` (stdio and
+streamable HTTP with their checks). `serve` runs it until stdin closes (stdio) or the process is
+stopped (HTTP: Ctrl-C or SIGTERM), then lets running jobs finish briefly, cancels the rest at a step
+boundary (their records stay whole) and closes every index.
 """
 
 from __future__ import annotations

@@ -29,14 +29,12 @@ from mcp.types import CallToolResult, ContentBlock, ImageContent, ResourceLink, 
 from pydantic import AnyUrl, BaseModel, Field, ValidationError
 
 from imageloop.app import App
-from imageloop.app.jobs import FINISHED, STATUS_FILE, Job, JobKind, JobStatus, Note, ServerBusyError
-from imageloop.app.runs import RUN_ID, RUN_RECORD
+from imageloop.app.jobs import Job, JobKind, JobStatus, Note, ServerBusyError, job_state, report_to
+from imageloop.app.runs import RUN_ID
 from imageloop.config import FeedbackKind, Mode, bounded
 from imageloop.errors import ImageloopError
-from imageloop.graphs.steps import Step
 from imageloop.limits import MAX_SIDE, MIN_SIDE, PATH_CHARS, PROMPT_CHARS
-from imageloop.mcp.thumbnails import RESULT_IMAGE_BUDGET, encode_png_under, image_budgets
-from imageloop.progress import ProgressEvent, describe
+from imageloop.thumbnails import RESULT_IMAGE_BUDGET, encode_png_under, image_budgets
 
 HEARTBEAT_S = 10.0
 RUN_RESOURCE = "imageloop://runs/"
@@ -142,22 +140,14 @@ class ImageloopMCP:
 
     def start_generate(self, prompt: str, index: str, knobs: dict[str, Any]) -> Job:
         """Run ImageRAG in the background; its record and images go to RUNS/<run_id>/."""
-        settings = self.app.with_knobs(**knobs)
-        self.app.retriever(index, settings)  # a missing or mismatched index fails this call, not the run
-        self.app.vlm(settings), self.app.generator(settings)  # so does a misconfigured model
-
-        def work(job: Job) -> dict[str, Any]:
-            assert job.run_dir is not None
-            return self.app.generate(prompt, index, out_dir=job.run_dir, knobs=knobs, **_reporters(job))
-
-        return self.app.jobs.submit("generate", work, run_root=self.app.runs_dir)
+        return self.app.start_generate(prompt, index, knobs)
 
     def start_genir(self, index: str, query: str, knobs: dict[str, Any]) -> Job:
         """A new person-in-the-loop GenIR session, played up to its first question."""
         self.app.retriever(index)
 
         def work(job: Job) -> dict[str, Any]:
-            return _genir_view(self.app.start_search(index, query, knobs=knobs, **_reporters(job)))
+            return _genir_view(self.app.start_search(index, query, knobs=knobs, **report_to(job)))
 
         return self.app.jobs.submit("genir", work)
 
@@ -185,7 +175,7 @@ class ImageloopMCP:
 
     def _genir_job(self, session_id: str, answer: str | None) -> Job:
         def work(job: Job) -> dict[str, Any]:
-            return _genir_view(self.app.continue_search(session_id, answer, **_reporters(job)))
+            return _genir_view(self.app.continue_search(session_id, answer, **report_to(job)))
 
         job = self.app.jobs.submit("genir", work)
         self._session_runs[session_id] = job.id
@@ -200,38 +190,12 @@ class ImageloopMCP:
     def run_view(self, run_id: str) -> RunView:
         """A run's state from memory, or from its folder on disk after a restart."""
         job = self.app.jobs.get(run_id)
-        if job is not None:
-            return self.view(job)
-        run_dir = self.app.runs_dir / run_id
-        status_path = run_dir / STATUS_FILE
-        if not status_path.is_file():
-            raise ImageloopError(f"no run {run_id!r} (runs are kept in {self.app.runs_dir})")
-        status = json.loads(status_path.read_text(encoding="utf-8"))
-        state: JobStatus = status["status"]
-        error = status.get("error")
-        if state not in FINISHED:
-            state, error = "interrupted", "the server stopped before the run finished"
-        return RunView(
-            run_id=run_id, kind=status["kind"], status=state, progress=[], error=error, result=_read_record(run_dir)
-        )
+        return self.view(job) if job is not None else RunView(**self.app.run_state(run_id))
 
     def view(self, job: Job, last: int = 20) -> RunView:
         """A live run's state."""
-        with job.lock:
-            progress = job.progress[-last:]
-        result = job.result
-        if result is None and job.run_dir is not None and job.done.is_set():
-            result = _read_record(job.run_dir)  # a failed or cancelled run still wrote its record
         poll = None if job.done.is_set() else f"call get_run with run_id={job.id!r} (and wait_seconds) for the result"
-        return RunView(
-            run_id=job.id,
-            kind=job.kind,
-            status=job.status,
-            progress=progress,
-            error=job.error,
-            result=result,
-            poll=poll,
-        )
+        return RunView(**job_state(job, last), poll=poll)
 
     def render_run(self, view: RunView) -> CallToolResult:
         """A run's view as a tool result: JSON text, plus the images a finished run produced."""
@@ -260,21 +224,6 @@ class ImageloopMCP:
         return links
 
 
-def _reporters(job: Job) -> dict[str, Callable[[Any], None]]:
-    """Forward a run's steps and in-node progress (counted) as progress, and stop at the next step or
-    denoising step once the server shuts down."""
-
-    def on_step(step: Step) -> None:
-        job.report(f"[{step['node']}] {step['decision']}")
-        job.check_cancelled()
-
-    def on_progress(event: ProgressEvent) -> None:
-        job.report(describe(event), event["done"], event["total"])
-        job.check_cancelled()
-
-    return {"on_step": on_step, "on_progress": on_progress}
-
-
 def _genir_view(session: dict[str, Any]) -> dict[str, Any]:
     """A search session as genir_round/genir_feedback show it: ranked results, the ask naming the tool."""
     view = {
@@ -294,14 +243,6 @@ def _genir_view(session: dict[str, Any]) -> dict[str, Any]:
             "ask": session["ask"] + " (genir_feedback; 'found: <rank>' also works)",
         }
     return view
-
-
-def _read_record(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / RUN_RECORD
-    if not path.is_file():
-        return None
-    record: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    return record
 
 
 def _result(structured: dict[str, Any], images: list[ContentBlock], is_error: bool = False) -> CallToolResult:
