@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,20 +63,22 @@ def picture_b64(color: tuple[int, int, int]) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-@pytest.fixture
-def served(openai_server: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """An indexed folder and `imageloop ui` serving it (a subprocess), on the fake OpenAI server; yields the URL."""
-    monkeypatch.setenv("OPENAI_BASE_URL", openai_server.base_url)
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    photos = tmp_path / "photos"
-    photos.mkdir()
+def indexed_photos(folder: Path) -> Path:
+    """A few pictures with captions, indexed with the OpenAI embedder (the fake server answers)."""
+    folder.mkdir()
     for name, (caption, color) in PHOTOS.items():
-        picture(color).save(photos / f"{name}.png")
-        (photos / f"{name}.txt").write_text(caption)
-    assert main(["index", str(photos), *MODELS, "--quiet"]) == 0
-    command = [sys.executable, "-m", "imageloop", "ui", "--index", str(photos), "--port", "0", *MODELS]
+        picture(color).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(caption)
+    assert main(["index", str(folder), *MODELS, "--quiet"]) == 0
+    return folder
+
+
+@contextmanager
+def serving(photos: Path, cwd: Path, *options: str) -> Iterator[str]:
+    """`imageloop ui --index PHOTOS --port 0 OPTIONS` as a subprocess; yields the link it prints."""
+    command = [sys.executable, "-m", "imageloop", "ui", "--index", str(photos), "--port", "0", *MODELS, *options]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    server = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(command, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
     try:
         assert server.stderr is not None
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -89,6 +92,21 @@ def served(openai_server: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture
+def openai_env(openai_server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch) -> FakeOpenAIServer:
+    """The OpenAI backends (ours and the served UI's) talk to the local fake server."""
+    monkeypatch.setenv("OPENAI_BASE_URL", openai_server.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    return openai_server
+
+
+@pytest.fixture
+def served(openai_env: FakeOpenAIServer, tmp_path: Path) -> Iterator[str]:
+    """An indexed folder and `imageloop ui` serving it on this machine; yields the URL."""
+    with serving(indexed_photos(tmp_path / "photos"), tmp_path) as link:
+        yield link
 
 
 def test_a_person_runs_imagerag_and_a_genir_search_in_the_browser(
