@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mcp.types import BlobResourceContents, CallToolResult, ResourceLink
+from mcp.types import BlobResourceContents, CallToolResult, TextContent
 from pydantic import AnyUrl
 
 from imageloop.app.jobs import Note
@@ -129,7 +129,7 @@ def test_a_run_forwards_each_denoising_step_with_a_total_and_never_goes_back(
     assert total == last_total == last and last - first == DENOISING_STEPS - 1
 
 
-def test_a_finished_run_links_its_images_as_resources_a_client_reads_at_full_size(
+def test_a_finished_run_names_its_images_as_resources_a_client_reads_at_full_size(
     fakes: dict[str, Any], tmp_path: Path
 ) -> None:
     photo_folder(tmp_path, 3)
@@ -137,10 +137,11 @@ def test_a_finished_run_links_its_images_as_resources_a_client_reads_at_full_siz
     with in_process(tmp_path) as (app, open_session), memory_client(open_session) as client:
         client.call("index_images", {"folder": "photos"})
         result = client.call("generate_with_references", {"prompt": "a jay", "index": "photos"})
-        links = {block.name: block for block in result.content if isinstance(block, ResourceLink)}
         run_id = structured(result)["run_id"]
-        assert str(links["final.png"].uri) == f"imageloop://runs/{run_id}/final.png"
-        read = client.portal.call(client.session.read_resource, links["final.png"].uri)
+        labels = " ".join(block.text for block in result.content if isinstance(block, TextContent))
+        uri = f"imageloop://runs/{run_id}/final.png"
+        assert f"(full size: {uri})" in labels
+        read = client.portal.call(client.session.read_resource, AnyUrl(uri))
         final = (app.runs_dir / run_id / "final.png").read_bytes()
     [contents] = read.contents
     assert isinstance(contents, BlobResourceContents) and contents.mimeType == "image/png"

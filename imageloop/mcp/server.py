@@ -25,8 +25,8 @@ import anyio.to_thread
 from mcp.server.fastmcp import Context, FastMCP
 from mcp.server.fastmcp.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp.types import CallToolResult, ContentBlock, ImageContent, ResourceLink, TextContent, ToolAnnotations
-from pydantic import AnyUrl, BaseModel, Field, ValidationError
+from mcp.types import CallToolResult, ContentBlock, ImageContent, TextContent, ToolAnnotations
+from pydantic import BaseModel, Field, ValidationError
 
 from imageloop.app import App
 from imageloop.app.jobs import Job, JobKind, JobStatus, Note, ServerBusyError, job_state, report_to
@@ -209,19 +209,16 @@ class ImageloopMCP:
             if result.get("synthetic_image"):
                 shown.append((f"synthetic image: {result['synthetic_image']}", result["synthetic_image"]))
             shown += [(f"#{hit['rank']} {hit['path']}", hit["path"]) for hit in result["retrieved"][:MAX_THUMBNAILS]]
-        content, _ = self._image_blocks(shown)
-        content += self._links([path for _, path in shown])
+        content, _ = self._image_blocks([(self._full_size(label, path), path) for label, path in shown])
         return _result(view.model_dump(mode="json"), content, is_error=view.status == "error")
 
-    def _links(self, paths: Sequence[str]) -> list[ContentBlock]:
-        """A resource link per run output shown, to read it at full size (`imageloop://runs/...`)."""
-        links: list[ContentBlock] = []
-        for path in paths:
-            relative = self.app.run_relative(path)
-            if relative is not None and Path(path).suffix == ".png":
-                uri = AnyUrl(RUN_RESOURCE + relative)
-                links.append(ResourceLink(type="resource_link", uri=uri, name=Path(path).name, mimeType="image/png"))
-        return links
+    def _full_size(self, label: str, path: str) -> str:
+        """A thumbnail's label, naming the run resource that reads it at full size (`imageloop://runs/...`).
+
+        Named in the text rather than as a resource link: clients such as langchain-mcp-adapters turn an image
+        link into an image URL for the model, which a model provider cannot fetch."""
+        relative = self.app.run_relative(path)
+        return f"{label} (full size: {RUN_RESOURCE}{relative})" if relative and path.endswith(".png") else label
 
 
 def _genir_view(session: dict[str, Any]) -> dict[str, Any]:
