@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +18,15 @@ from imageloop.cli import build_parser, main
 from imageloop.completion import completion_script
 from imageloop.progress import report_progress
 from imageloop.protocols import GenerationRequest, GenerationResult
-from tests.fake_providers import FakeBackends, captioned_folder, fake_backends
+from tests.fake_providers import FakeBackends, captioned_folder
 from tests.fakes import ScriptedGenerator
+from tests.test_search_session import fakes
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_ALIGNED = {"aligned": False, "missing_concepts": ["blue jay"]}
 CAPTIONS = {"captions": [{"concept": "blue jay", "caption": "a blue jay with a blue crest on a branch"}]}
 ALIGNED = {"aligned": True, "missing_concepts": []}
+__all__ = ["fakes"]  # the scripted backends, a fixture shared with the session tests
 FAKE_MODELS = ["--vlm", "fake:vlm", "--generator", "fake:generator", "--embedder", "fake:hash"]
 
 
@@ -50,12 +51,6 @@ class InterruptedGenerator(ScriptedGenerator):
             self.interrupt_at = 0
             raise KeyboardInterrupt
         return super().generate(request)
-
-
-@pytest.fixture
-def fakes(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBackends]:
-    with fake_backends(monkeypatch) as backends:
-        yield backends
 
 
 @pytest.fixture

@@ -17,15 +17,11 @@ from PIL import Image
 from imageloop.app import App
 from imageloop.langchain_tools import imageloop_tools
 from imageloop.tools.indexing.indexer import index_folder
-from tests.fake_providers import FakeBackends, captioned_folder, fake_backends
+from tests.fake_providers import FakeBackends, captioned_folder
+from tests.test_search_session import fakes
 
 ALIGNED = {"aligned": True, "missing_concepts": []}
-
-
-@pytest.fixture
-def fakes(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBackends]:
-    with fake_backends(monkeypatch) as backends:
-        yield backends
+__all__ = ["fakes"]  # the scripted backends, a fixture shared with the session tests
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from imageloop.app import App
-from imageloop.tools.indexing.indexer import index_folder
-from tests.fake_providers import FakeBackends, captioned_folder, fake_backends
+from tests.fake_providers import FakeBackends
+from tests.test_search_session import fakes, photos
 
 pytest.importorskip("streamlit", reason="pip install 'imageloop[ui]'")
 from streamlit.testing.v1 import AppTest
@@ -26,19 +26,7 @@ NOT_ALIGNED = {"aligned": False, "missing_concepts": ["blue jay"]}
 CAPTIONS = {"captions": [{"concept": "blue jay", "caption": "a blue jay with a blue crest on a branch"}]}
 ALIGNED = {"aligned": True, "missing_concepts": []}
 TIMEOUT_S = 60
-
-
-@pytest.fixture
-def fakes(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBackends]:
-    with fake_backends(monkeypatch) as backends:
-        yield backends
-
-
-@pytest.fixture
-def photos(fakes: FakeBackends, tmp_path: Path) -> Path:
-    folder = captioned_folder(tmp_path / "photos")
-    index_folder(folder, fakes.embedder, None, progress=False)
-    return folder
+__all__ = ["fakes", "photos"]  # fixtures shared with the session tests: the scripted backends, an indexed folder
 
 
 def page(app: App, index: Path) -> AppTest:

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from imageloop.cli import main
 from tests.fake_openai_server import FakeOpenAIServer, chat_completion
+from tests.test_cli import openai_env
 from tests.test_report import chromium
 
 pytest.importorskip("streamlit", reason="pip install 'imageloop[ui]'")
@@ -45,6 +46,7 @@ PHOTOS = {
 CRITIQUE = {"aligned": False, "missing_concepts": ["blue jay"]}
 CAPTIONS = {"captions": [{"concept": "blue jay", "caption": "a blue jay with a blue crest on a branch"}]}
 ALIGNED = {"aligned": True, "missing_concepts": []}
+__all__ = ["openai_env"]  # the OpenAI backends (ours and the served UI's) on the fake server, from the CLI tests
 START_TIMEOUT_S = 90
 STEP_TIMEOUT_MS = 90_000
 
@@ -92,14 +94,6 @@ def serving(photos: Path, cwd: Path, *options: str) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=30)
-
-
-@pytest.fixture
-def openai_env(openai_server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch) -> FakeOpenAIServer:
-    """The OpenAI backends (ours and the served UI's) talk to the local fake server."""
-    monkeypatch.setenv("OPENAI_BASE_URL", openai_server.base_url)
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    return openai_server
 
 
 @pytest.fixture

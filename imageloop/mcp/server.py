@@ -496,26 +496,25 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
     return server
 
 
+RUN_RESOURCES = [
+    ("", "run_output", "A run's output", "An image a run wrote (final.png, draft.png, round_N.png), by run and name"),
+    ("artifacts/", "run_artifact", "An image of a run", "Any image a run drew, by run and artifact (<sha256>.png)"),
+]
+
+
 def add_run_resources(server: FastMCP[Any], app: App) -> None:
     """Run outputs as resources (`imageloop://runs/<path under the runs folder>`), full size, for clients that
-    fetch what a result links to rather than its thumbnails."""
+    fetch what a result names rather than its thumbnails."""
 
-    def read(relative: str) -> bytes:
-        path, media_type = app.run_file(relative)
-        if media_type != "image/png":
-            raise ImageloopError(f"{relative!r} is no image: these resources are a run's PNG images")
-        return path.read_bytes()
+    def reader(folder: str) -> Callable[[str, str], bytes]:
+        def read(run: str, name: str) -> bytes:
+            path, media_type = app.run_file(f"{run}/{folder}{name}")
+            if media_type != "image/png":
+                raise ImageloopError(f"{run}/{folder}{name} is no image: these resources are a run's PNG images")
+            return path.read_bytes()
 
-    @server.resource(
-        RUN_RESOURCE + "{run}/{name}", name="run_output", title="A run's output", mime_type="image/png",
-        description="An image a run wrote (final.png, draft.png, round_N.png), by run folder and file name",
-    )  # fmt: skip
-    def run_output(run: str, name: str) -> bytes:
-        return read(f"{run}/{name}")
+        return read
 
-    @server.resource(
-        RUN_RESOURCE + "{run}/artifacts/{name}", name="run_artifact", title="An image of a run", mime_type="image/png",
-        description="Any image a run drew, by run folder and artifact file name (<sha256>.png)",
-    )  # fmt: skip
-    def run_artifact(run: str, name: str) -> bytes:
-        return read(f"{run}/artifacts/{name}")
+    for folder, name, title, description in RUN_RESOURCES:
+        uri = f"{RUN_RESOURCE}{{run}}/{folder}{{name}}"
+        server.resource(uri, name=name, title=title, description=description, mime_type="image/png")(reader(folder))
