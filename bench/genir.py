@@ -27,7 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imageloop.agents.simulated_user import SimulatedUser
-from imageloop.eval.genir import Target, evaluate_targets
+from imageloop.eval.genir import GenIREvalSettings, Target, evaluate_targets
 from imageloop.graphs.genir import build_genir_graph
 from imageloop.protocols import GenerationRequest, Vector, VectorRecord
 from imageloop.tools.artifacts import ArtifactStore
@@ -64,8 +64,9 @@ def per_round_overhead(latency: float, rounds: int, runs: int, root: Path) -> tu
         generator = ScriptedGenerator(latency_s=latency)
         retriever = _SlowRetriever([ranking], latency)
         artifacts = ArtifactStore(root / f"p{run}")
-        user, query = SimulatedUser(vlm), "a bird"
+        user = SimulatedUser(vlm)
         started = time.perf_counter()
+        query = user.describe(root / "target.png")  # the graph's describe_target
         for t in range(rounds):
             image = artifacts.put(generator.generate(GenerationRequest(query, seed=0)).image)
             retriever.search_image(artifacts.path(image), 2)
@@ -78,10 +79,11 @@ def per_round_overhead(latency: float, rounds: int, runs: int, root: Path) -> tu
         graph = build_genir_graph(
             vlm, ScriptedGenerator(latency_s=latency), slow_retriever, ArtifactStore(root / f"g{run}")
         )
-        inputs = {"user": "simulated", "target_id": "t", "target_path": str(root / "target.png"), "query": "a bird",
-                  "max_rounds": rounds, "k": 1}  # fmt: skip
+        # `rounds` rounds played: round 0 plus rounds - 1 refinements, as GenIR counts them.
+        context = {"user": "simulated", "target_id": "t", "target_path": str(root / "target.png"),
+                   "max_rounds": rounds - 1, "k": 1}  # fmt: skip
         started = time.perf_counter()
-        graph.invoke(inputs, version="v2")
+        graph.invoke({}, version="v2", context=context)
         graph_times.append(time.perf_counter() - started)
     return statistics.median(plain), statistics.median(graph_times)
 
@@ -96,6 +98,15 @@ class _SlowRetriever(ScriptedRankingRetriever):
     def search_image(self, image: Path, k: int, similarity_threshold: float | None = None) -> list:  # type: ignore[type-arg]
         time.sleep(self.latency)
         return super().search_image(image, k)
+
+
+def eval_settings(refinements: int) -> GenIREvalSettings:
+    """Visual feedback, Hits@10, ranks to 100, the scripted models."""
+    return GenIREvalSettings(
+        rounds=refinements, ks=[10], feedback="visual", hybrid_rule="confidence", hybrid_visual_fraction=0.223,
+        hybrid_fallback="prediction", simulated_user="ours", user_decoding={}, rank_depth=100, seed=0,
+        vlm="scripted:vlm", generator="scripted:generator", embedder="bench:device-like", index="bench",
+    )  # fmt: skip
 
 
 def eval_throughput(
@@ -120,8 +131,7 @@ def eval_throughput(
         graph = build_genir_graph(ScriptedVLM([lambda _: TURN] * (n * rounds)), ScriptedGenerator(), retriever,
                                   ArtifactStore(out / "artifacts"))  # fmt: skip
         started = time.perf_counter()
-        evaluate_targets(graph, targets, out, rounds=rounds, k=10, feedback="visual", rank_depth=100,
-                         concurrency=workers)  # fmt: skip
+        evaluate_targets(graph, targets, out, eval_settings(rounds - 1), concurrency=workers)
         results[name] = n / (time.perf_counter() - started)
     return results
 

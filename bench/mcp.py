@@ -33,15 +33,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import anyio
 import numpy as np
-from mcp import ClientSession, StdioServerParameters
-from mcp.client.stdio import stdio_client
+from mcp.client.session import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import ImageContent
 from PIL import Image
 
+from imageloop.app import App
 from imageloop.cli import main as cli_main
 from imageloop.config import load_settings
-from imageloop.mcp_server import ImageloopMCP, Roots
+from imageloop.mcp.server import ImageloopMCP
 from tests.fake_openai_server import FakeOpenAIServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +129,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             {"index": "photos", "query": " ".join(rng.choice(WORDS, 4)), "k": args.k, "max_images": args.max_images}
             for _ in range(args.calls)
         ]
-        app = ImageloopMCP(load_settings("openai"), Roots([root]), root / ".imageloop-runs")
+        app = ImageloopMCP(App(load_settings("openai"), roots=[root], runs_dir=root / ".imageloop-runs"))
         params = StdioServerParameters(
             command=sys.executable,
             args=["-m", "imageloop.cli", "mcp", "--profile", "openai", "--root", str(root)],
@@ -145,7 +146,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             http.terminate()
             http.wait(timeout=10)
-            app.close()
+            app.app.close()
     base = statistics.median(timings["in_process"])
     summary: dict[str, Any] = {
         "images": args.images, "k": args.k, "max_images": args.max_images, "calls": args.calls,

@@ -37,11 +37,18 @@ def script(iterations: int) -> list[object]:
     return [NOT_ALIGNED, CAPTIONS] * iterations + [NOT_ALIGNED]
 
 
+def _library(root: Path) -> Path:
+    """A folder the scripted hits exist in (the graph skips references whose file is gone)."""
+    folder = root / "library"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def plain_loop(latency: float, iterations: int, root: Path) -> float:
     """The same calls, hand-written: draft, then critique / caption / retrieve / regenerate."""
     vlm = ScriptedVLM(script(iterations), latency_s=latency)
     generator = ScriptedGenerator(latency_s=latency)
-    retriever = ScriptedRetriever(HITS, latency_s=latency)
+    retriever = ScriptedRetriever(HITS, root=_library(root), latency_s=latency)
     artifacts = ArtifactStore(root)
     critic, rewriter = Critic(vlm), QueryRewriter(vlm)
     started = time.perf_counter()
@@ -65,11 +72,11 @@ def graph_loop(latency: float, iterations: int, root: Path) -> float:
     graph = build_imagerag_graph(
         vlm,
         ScriptedGenerator(latency_s=latency),
-        ScriptedRetriever(HITS, latency_s=latency),
+        ScriptedRetriever(HITS, root=_library(root), latency_s=latency),
         ArtifactStore(root),
     )
     started = time.perf_counter()
-    graph.invoke({"prompt": PROMPT, "max_iterations": iterations}, version="v2")
+    graph.invoke({"prompt": PROMPT}, version="v2", context={"max_iterations": iterations})
     return time.perf_counter() - started
 
 

@@ -44,6 +44,7 @@ class GeneratorOptions:
     ip_adapter_image_encoder: str
     ip_adapter_scale: float
     flux_redux: str | None
+    sdxl_max_references: int
 
     @classmethod
     def of(cls, settings: Settings) -> GeneratorOptions:
@@ -56,6 +57,7 @@ class GeneratorOptions:
             settings.ip_adapter_image_encoder,
             settings.ip_adapter_scale,
             redux,
+            settings.sdxl_max_references,
         )
 
 
@@ -106,6 +108,7 @@ def _sdxl_ip_adapter_generator(
         dtype=placement.dtype,
         offload=placement.offload,
         guidance_scale=options.guidance_scale,
+        max_references=options.sdxl_max_references,
     )
 
 
@@ -128,6 +131,20 @@ def _diffusers_generator(
     from imageloop.tools.generators.text2image import Text2ImageGenerator
 
     return Text2ImageGenerator(
+        model,
+        device=placement.device,
+        dtype=placement.dtype,
+        offload=placement.offload,
+        guidance_scale=options.guidance_scale,
+    )
+
+
+def _preset_generator(
+    model: str, endpoint: Endpoint, placement: Placement, options: GeneratorOptions
+) -> ImageGenerator:
+    from imageloop.tools.generators.presets import preset_generator
+
+    return preset_generator(
         model,
         device=placement.device,
         dtype=placement.dtype,
@@ -198,6 +215,7 @@ GENERATOR_PROVIDERS: dict[str, GeneratorFactory] = {
     "sdxl-ip-adapter": _sdxl_ip_adapter_generator,
     "flux": _flux_generator,
     "diffusers": _diffusers_generator,
+    "preset": _preset_generator,
     "tiny": _tiny_generator,
 }
 EMBEDDER_PROVIDERS: dict[str, Factory[Embedder]] = {

@@ -9,18 +9,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imageloop import __version__, limits
-from imageloop.config import FEEDBACK_KINDS, MODES, STORE_KINDS, Settings, load_settings
+from imageloop.config import FEEDBACK_KINDS, HYBRID_RULES, MODES, REVIEW_KINDS, STORE_KINDS, Settings, load_settings
 from imageloop.errors import ConfigError, ImageloopError
 from imageloop.progress import ProgressEvent, describe
 
 if TYPE_CHECKING:
     from imageloop.app import App
 
+IMAGERAG_KNOBS = (
+    "mode", "max_iterations", "similarity_threshold", "top_k", "max_concepts", "critic", "plan_scope",
+    "retrieval_query", "rephrase_only", "references_policy", "final_image_policy",
+)  # fmt: skip
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -40,7 +45,13 @@ def _default(name: str) -> str:
 def _role_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("models (PROVIDER:MODEL; see README for providers)")
-    group.add_argument("--profile", help="defaults for every role: openai, local or tiny")
+    group.add_argument(
+        "--profile",
+        action="append",
+        metavar="NAME[,NAME]",
+        help="models (openai, local, tiny) and/or a paper preset (imagerag-paper, genir-paper), applied left to "
+        "right: --profile openai,imagerag-paper",
+    )
     for role, example in [
         ("vlm", "openai:gpt-4.1-mini"),
         ("generator", "openai:gpt-image-1"),
@@ -66,7 +77,34 @@ def _role_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--flux-redux", metavar="REPO_OR_DIR", help="flux: Redux prior for references, or none (FLUX.1-Redux-dev)"
     )
+    group.add_argument(
+        "--sdxl-max-references", type=int, metavar="N", help="sdxl-ip-adapter: references per image (1-3; paper: 1)"
+    )
     return parent
+
+
+def _add_imagerag_knobs(parser: argparse.ArgumentParser) -> None:
+    """The ImageRAG loop's knobs: the paper's choices and the ablations of its Table 3 (default: settings')."""
+    group = parser.add_argument_group("ImageRAG loop (the imagerag-paper preset sets the paper's values)")
+    group.add_argument("--mode", choices=MODES, help="default draft_first")
+    group.add_argument("--max-iterations", type=int, help=f"regenerations (default {_default('max_iterations')})")
+    group.add_argument("--similarity-threshold", type=float, help="drop references below this cosine")
+    group.add_argument("--top-k", type=int, help=f"references per missing concept (default {_default('top_k')})")
+    group.add_argument("--max-concepts", type=int, help=f"concepts per critique (default {_default('max_concepts')})")
+    group.add_argument(
+        "--critic", choices=["single_call", "paper"], help="one JSON call (default) or the paper's conversation"
+    )
+    group.add_argument(
+        "--plan-scope", choices=["rare", "every"], help="generation mode plans rare concepts (default) or every"
+    )
+    group.add_argument(
+        "--retrieval-query", choices=["caption", "concept", "prompt"], help="search with (default caption)"
+    )
+    group.add_argument(
+        "--rephrase-only", action="store_true", default=None, help="ablation: captions into the prompt, no images"
+    )
+    group.add_argument("--references-policy", choices=["replace", "accumulate"], help="per iteration (default replace)")
+    group.add_argument("--final-image-policy", choices=["best", "last"], help="returned image (default best)")
 
 
 def _drawing_options() -> argparse.ArgumentParser:
@@ -83,10 +121,156 @@ def _drawing_options() -> argparse.ArgumentParser:
 def _genir_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("search")
-    group.add_argument("--rounds", type=int, help=f"rounds at most (default {_default('rounds')})")
+    group.add_argument(
+        "--rounds", type=int, help=f"refinement rounds after round 0 (default {_default('rounds')}: rounds 0..10)"
+    )
     group.add_argument("--k", type=int, help=f"results per round (default {_default('k')})")
     group.add_argument("--feedback", choices=FEEDBACK_KINDS, help="what each round shows (default visual)")
     return parent
+
+
+def _cir_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("composed retrieval")
+    group.add_argument("--proxy", action="store_true", help="draw the edited scene and fuse its scores (slower)")
+    group.add_argument(
+        "--fusion-lambda",
+        type=float,
+        help=f"λ in λ·S_text + (1−λ)·S_text·S_proxy (default {_default('fusion_lambda')})",
+    )
+    group.add_argument("--verify", type=int, metavar="N", help="let a VLM check the top hit and rewrite, N times")
+    group.add_argument("--cir-model", type=Path, metavar="DIR", help="a composed-query model `train cir` wrote")
+
+
+def _add_cir_parser(commands: Any, roles: argparse.ArgumentParser, drawing: argparse.ArgumentParser) -> None:
+    cir = commands.add_parser(
+        "cir", parents=[roles, drawing], help="find images showing a reference image changed as a text says"
+    )
+    cir.add_argument("--index", type=Path, required=True, help="an indexed image folder")
+    cir.add_argument("--reference", type=Path, required=True, metavar="IMAGE", help="the reference image")
+    cir.add_argument("--change", required=True, metavar="TEXT", help="what differs, e.g. 'the same dress but red'")
+    cir.add_argument("--k", type=int, help=f"how many results (default {_default('k')})")
+    _cir_options(cir)
+    cir.add_argument("--json", action="store_true", help='print {"edited_description", "results": [...]} last')
+
+
+def _add_cir_eval_parser(loops: Any, roles: argparse.ArgumentParser, drawing: argparse.ArgumentParser) -> None:
+    cir_eval = loops.add_parser(
+        "cir", parents=[roles, drawing], help="CIRR or FashionIQ through the CIR loop: Recall@K (resumable)"
+    )
+    cir_eval.add_argument("--index", type=Path, required=True, help="an index holding the benchmark's images")
+    cir_eval.add_argument(
+        "--annotations", type=Path, required=True, metavar="FILE",
+        help="CIRR captions/cap.rc2.SPLIT.json, FashionIQ captions/cap.CATEGORY.SPLIT.json, or the dataset folder",
+    )  # fmt: skip
+    cir_eval.add_argument("--format", required=True, choices=["cirr", "fashioniq"], help="the benchmark")
+    cir_eval.add_argument("--split", help="val (default), or test1 for CIRR's server files")
+    cir_eval.add_argument(
+        "--images", type=Path, metavar="DIR", help="the benchmark's images (default ROOT/img_raw or ROOT/images)"
+    )
+    cir_eval.add_argument("--concurrency", type=int, default=1, help="queries run at once (default 1)")
+    cir_eval.add_argument("--out", type=Path, default=Path("runs/eval-cir"), help="results folder (resumable)")
+    _cir_options(cir_eval)
+    cir_eval.add_argument("--json", action="store_true", help="print the recalls as JSON last")
+
+
+def _add_triplets_parser(commands: Any, roles: argparse.ArgumentParser, drawing: argparse.ArgumentParser) -> None:
+    triplets = commands.add_parser(
+        "triplets", parents=[roles, drawing], help="synthesise CIR training triplets as DAIG does (resumable)"
+    )
+    triplets.add_argument("--objects", type=Path, required=True, metavar="FILE", help="objects, one a line")
+    triplets.add_argument(
+        "--edits", required=True, metavar="LIST", help="edit types, comma-separated: add,delete,replace,viewpoint,count"
+    )
+    triplets.add_argument("--n", type=int, required=True, help="triplets the folder should hold")
+    triplets.add_argument("--out", type=Path, required=True, metavar="DIR", help="dataset folder (triplets.jsonl)")
+    triplets.add_argument("--examples", type=Path, metavar="FILE", help="real triplets (JSONL) as few-shot examples")
+    triplets.add_argument("--lora", type=Path, metavar="PATH", help="a CIR-LoRA `train cir-lora` wrote (FLUX)")
+    triplets.add_argument("--check", action="store_true", help="have the VLM check each drawing (DAIG does not)")
+    triplets.add_argument(
+        "--concurrency", type=int, help=f"triplets in flight at once (default {_default('triplet_concurrency')})"
+    )
+    triplets.add_argument("--json", action="store_true", help='print {"written", "total", "out"} last')
+
+
+def _add_train_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
+    train = commands.add_parser("train", help="train DAIG's models: a composed-query model or a CIR-LoRA")
+    models = train.add_subparsers(dest="model", required=True, metavar="MODEL")
+    cir = models.add_parser(
+        "cir", parents=[roles], help="a composed-query model on --embedder's features (DRSP, then FRA)"
+    )
+    cir.add_argument("--triplets", type=Path, required=True, metavar="DIR", help="synthetic triplets (pre-training)")
+    cir.add_argument("--real", type=Path, metavar="FILE", help="real triplets (JSONL) to fine-tune on")
+    # dest train_steps: `steps` is the settings' denoising steps, which a training run must not set.
+    cir.add_argument("--steps", type=int, dest="train_steps", help="pre-training steps (default 1000)")
+    cir.add_argument("--finetune-steps", type=int, help="fine-tuning steps with --real (default 200)")
+    cir.add_argument("--learning-rate", type=float, help="pre-training learning rate (default 1e-4)")
+    cir_lora = models.add_parser("cir-lora", parents=[roles], help="an in-context LoRA on FLUX for diptychs")
+    cir_lora.add_argument("--triplets", type=Path, required=True, metavar="DIR", help="real triplets (folder or JSONL)")
+    cir_lora.add_argument("--steps", type=int, dest="train_steps", help="training steps (default 1000)")
+    cir_lora.add_argument("--experts", type=int, help="LoRA experts mixed by a router (default 1: one LoRA)")
+    cir_lora.add_argument("--rank", type=int, help="LoRA rank (default 16)")
+    cir_lora.add_argument("--resolution", type=int, help="each panel's side in pixels (default 512)")
+    cir_lora.add_argument(
+        "--base-model", metavar="SPEC", help="FLUX checkpoint (default --generator if FLUX, else FLUX.1-dev)"
+    )
+    for parser in (cir, cir_lora):
+        parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the model goes (resumable)")
+        parser.add_argument("--batch-size", type=int, help="examples per step")
+        parser.add_argument("--json", action="store_true", help="print the run's summary as JSON last")
+
+
+def _add_genir_eval_options(parser: argparse.ArgumentParser) -> None:
+    """GenIR as published: benchmarks, several K from one run, the paper's simulated user and hybrid rules."""
+    from imageloop.eval.genir_data import GENIR_BENCHMARKS
+
+    data = parser.add_argument_group("benchmark (instead of --targets)")
+    data.add_argument("--benchmark", choices=GENIR_BENCHMARKS, help="read the targets from the dataset's own files")
+    data.add_argument("--images", type=Path, metavar="DIR", help="the benchmark's images folder")
+    data.add_argument("--annotations", type=Path, metavar="FILE", help="its dialogues, captions or query list")
+    data.add_argument("--sample", type=int, metavar="N", help="N targets drawn with GenIR's seed 42 (default all)")
+    paper = parser.add_argument_group("as published (the genir-paper preset sets the paper's values)")
+    paper.add_argument("--ks", metavar="K[,K]", help="Hits@K for each K from the same dialogues, e.g. 1,5,10")
+    paper.add_argument("--simulated-user", choices=["ours", "paper"], help="one structured call, or the paper's")
+    paper.add_argument("--user-temperature", type=float, help="simulated user's temperature (paper 0.7)")
+    paper.add_argument("--user-top-p", type=float, help="simulated user's top_p (paper 0.9)")
+    paper.add_argument("--user-repetition-penalty", type=float, help="local models, vLLM (paper 1.1)")
+    paper.add_argument(
+        "--hybrid-rule", choices=HYBRID_RULES, help="hybrid: confidence (ours, per round), oracle or random (per query)"
+    )
+    paper.add_argument("--hybrid-visual-fraction", type=float, help="random hybrid: share shown drawings (paper 0.223)")
+    paper.add_argument(
+        "--hybrid-fallback", choices=["prediction", "verbal"], help="per-query hybrid without a drawing (prediction)"
+    )
+    paper.add_argument(
+        "--rescore-text", action="store_true", help="re-score the queries saved in --out by text-only retrieval"
+    )
+
+
+def _add_eval_imagerag_parser(loops: Any, roles: argparse.ArgumentParser) -> None:
+    """`imageloop eval imagerag`: draft vs final image of every prompt, on CLIP, SigLIP, DINO and a VLM judge."""
+    from imageloop.eval.imagerag import METRICS
+
+    parser = loops.add_parser(
+        "imagerag", parents=[roles, _drawing_options()], help="ImageRAG: draft vs final on CLIP, SigLIP, DINO, a judge"
+    )
+    parser.add_argument(
+        "--prompts", type=Path, required=True, metavar="FILE_OR_CLASS_FOLDER",
+        help='a file of prompts (CLASS<TAB>PROMPT names a class) or a folder of classes ("a photo of a <class>")',
+    )  # fmt: skip
+    parser.add_argument("--index", type=Path, required=True, help="the indexed image folder ImageRAG retrieves from")
+    parser.add_argument("--out", type=Path, required=True, help="results folder (resumable)")
+    parser.add_argument("--real-images", type=Path, metavar="DIR", help="a folder per class of real images (DINO)")
+    parser.add_argument("--metrics", metavar="NAME[,NAME]", help=f"some of {','.join(METRICS)} (default all)")
+    parser.add_argument("--concurrency", type=int, default=1, help="prompts run at once (default 1)")
+    parser.add_argument("--json", action="store_true", help='print {"n", "metrics": {NAME: {"draft", "final"}}} last')
+    models = parser.add_argument_group("scoring models")
+    models.add_argument("--eval-clip", metavar="PROVIDER:MODEL", help="CLIP (open_clip:ViT-L-14/openai)")
+    models.add_argument(
+        "--eval-siglip", metavar="PROVIDER:MODEL", help="SigLIP (open_clip:ViT-SO400M-14-SigLIP-384/webli)"
+    )
+    models.add_argument("--eval-dino", metavar="transformers:MODEL", help="DINO (transformers:facebook/dinov2-base)")
+    models.add_argument("--judge", metavar="PROVIDER:MODEL", help="the VLM judge (default: the --vlm)")
+    _add_imagerag_knobs(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,13 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint"
     )
-    generate.add_argument("--mode", choices=MODES, help="default draft_first")
-    generate.add_argument("--max-iterations", type=int, help=f"regenerations (default {_default('max_iterations')})")
-    generate.add_argument("--similarity-threshold", type=float, help="drop references below this cosine")
-    generate.add_argument("--top-k", type=int, help=f"references per missing concept (default {_default('top_k')})")
-    generate.add_argument(
-        "--max-concepts", type=int, help=f"concepts per critique (default {_default('max_concepts')})"
-    )
+    _add_imagerag_knobs(generate)
     generate.add_argument(
         "--where", action="append", default=[], metavar="KEY=VALUE", help="retrieve only matching images"
     )
@@ -160,12 +338,21 @@ def build_parser() -> argparse.ArgumentParser:
     genir_eval = loops.add_parser(
         "genir", parents=[roles, drawing, genir], help="simulated-user GenIR: cumulative Hits@K per round"
     )
-    genir_eval.add_argument("--index", type=Path, required=True, help="an indexed image folder")
-    genir_eval.add_argument("--targets", type=Path, required=True, help="a folder of target images or a file of paths")
+    genir_eval.add_argument("--index", type=Path, help="an indexed image folder (the corpus searched)")
+    genir_eval.add_argument("--targets", type=Path, help="a folder of target images or a file of paths")
     genir_eval.add_argument("--rank-depth", type=int, help=f"ranks deeper count as misses ({_default('rank_depth')})")
     genir_eval.add_argument("--concurrency", type=int, default=1, help="targets searched at once (default 1)")
     genir_eval.add_argument("--out", type=Path, default=Path("runs/eval-genir"), help="results folder (resumable)")
     genir_eval.add_argument("--json", action="store_true", help='print {"rounds": [{"round", "hits_at_k"}], ...} last')
+    _add_cir_eval_parser(loops, roles, drawing)
+
+    _add_cir_parser(commands, roles, drawing)
+    _add_triplets_parser(commands, roles, drawing)
+    _add_train_parser(commands, roles)
+    _add_genir_eval_options(genir_eval)
+    _add_eval_imagerag_parser(loops, roles)
+
+    _add_rage_parser(commands, roles, drawing)
 
     report = commands.add_parser("report", help="(re)write a run directory's report.html from its run.json")
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a directory `imageloop generate --out` wrote")
@@ -216,6 +403,36 @@ def _add_ui_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
 def _add_completion_parser(commands: Any) -> None:
     completion = commands.add_parser("completion", help="print a shell completion script (bash or zsh)")
     completion.add_argument("shell", choices=["bash", "zsh"], help='e.g. eval "$(imageloop completion bash)"')
+
+
+def _add_rage_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    roles: argparse.ArgumentParser,
+    drawing: argparse.ArgumentParser,
+) -> None:
+    rage = commands.add_parser(
+        "rage", parents=[roles, drawing], help="retrieve from your catalogue, pick images, generate with them (RAGE)"
+    )
+    rage.add_argument("prompt", nargs="?", help="what to generate; also what to retrieve (not needed with --resume)")
+    rage.add_argument("--index", type=Path, help="an indexed image folder (your catalogue)")
+    rage.add_argument("--out", type=Path, help="run directory for final.png, run.json and report.html")
+    rage.add_argument("--k", type=int, help=f"candidates shown (default {_default('k')})")
+    rage.add_argument("--similarity-threshold", type=float, help="drop candidates below this cosine")
+    rage.add_argument(
+        "--where", action="append", default=[], metavar="KEY=VALUE", help="metadata filter, e.g. tags=sneaker"
+    )
+    picks = rage.add_mutually_exclusive_group()
+    picks.add_argument(
+        "--select", metavar="ITEMS", help="picks, comma-separated: positions as shown (1,3), ids or file names"
+    )
+    picks.add_argument("--auto", type=int, metavar="N", help="pick the top N candidates without asking")
+    rage.add_argument("--review", choices=REVIEW_KINDS, help="who checks each image (default none)")
+    rage.add_argument(
+        "--max-generations", type=int, help=f"images drawn at most (default {_default('max_generations')})"
+    )
+    rage.add_argument("--resume", metavar="SESSION_ID", help="continue a RAGE session (started in any face)")
+    rage.add_argument("--sessions", type=Path, help="session database (default $IMAGELOOP_SESSIONS or ~/.local/state)")
+    rage.add_argument("--json", action="store_true", help='print {"final_image", "selected", "stop_reason"} last')
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -317,10 +534,10 @@ def _generate(args: argparse.Namespace, app: App) -> int:
 
     if args.resume is None and (args.prompt is None or args.index is None or args.out is None):
         raise ConfigError("generate needs PROMPT, --index and --out (or --resume RUN_DIR)")
-    knobs = {name: getattr(args, name) for name in ("mode", "max_iterations", "similarity_threshold", "top_k")}
+    knobs = {name: getattr(args, name) for name in IMAGERAG_KNOBS}
     shown = _Progress(args.quiet)
     record = app.generate(
-        args.prompt, args.index, out_dir=args.resume or args.out, knobs={**knobs, "max_concepts": args.max_concepts},
+        args.prompt, args.index, out_dir=args.resume or args.out, knobs=knobs,
         where=parse_where(args.where), on_step=shown.step, on_progress=shown.progress, resume=args.resume is not None,
     )  # fmt: skip
     _err(f"{record['stop_reason']}: final image {record['final_image']}; record {args.resume or args.out}/run.json")
@@ -364,28 +581,157 @@ def _print_round(shown: dict[str, Any]) -> None:
     print(f"  page: {shown['page']}")
 
 
-def _eval(args: argparse.Namespace, app: App) -> int:
+RAGE_KNOBS = ("k", "similarity_threshold", "review", "max_generations", "seed", "size", "steps")
+
+
+def _rage(args: argparse.Namespace, app: App) -> int:
+    from imageloop.app import parse_where
+
+    progress = _Progress(args.quiet)
+    follow = {"on_step": progress.step, "on_progress": progress.progress}
+
+    if args.resume is not None:
+        given = [f"--{name.replace('_', '-')}" for name in (*RAGE_KNOBS, "auto", "index", "out", "prompt")
+                 if getattr(args, name) is not None] + (["--where"] if args.where else [])  # fmt: skip
+        if given:
+            raise ConfigError(f"--resume continues a session with its own settings: drop {', '.join(given)}")
+        shown = app.continue_rage(args.resume, None, **follow)
+    else:
+        if args.prompt is None or args.index is None or args.out is None:
+            raise ConfigError("rage needs PROMPT, --index and --out (or --resume SESSION_ID)")
+        knobs = {name: getattr(args, name) for name in RAGE_KNOBS} | {"auto_select": args.auto}
+        shown = app.start_rage(
+            args.prompt, args.index, knobs=knobs, where=parse_where(args.where), out_dir=args.out, **follow
+        )
+        _err(f"session {shown['session_id']} (continue it with: imageloop rage --resume {shown['session_id']})")
+    scripted = args.select
+    while shown["status"] in ("awaiting_selection", "awaiting_review"):
+        _show_question(shown)
+        if scripted is not None:  # --select answers the first question; a later one is asked
+            answer: Any = {"selected": scripted}
+            scripted = None
+            shown = app.continue_rage(shown["session_id"], answer, **follow)
+            continue
+        answer = _ask_selection() if shown["status"] == "awaiting_selection" else _ask_review()
+        try:
+            shown = app.continue_rage(shown["session_id"], answer, **follow)
+        except ImageloopError as e:  # a pick or an answer that names nothing: say why and ask again
+            _err(f"  {e}")
+    final = shown["final_image"] or "no image"
+    _err(f"{shown['stop_reason']}: {final}; report {shown['report']}")
+    if args.json:
+        selected = [{"id": c["id"], "path": c["path"]} for c in shown["selected"]]
+        print(
+            json.dumps({"final_image": shown["final_image"], "selected": selected, "stop_reason": shown["stop_reason"]})
+        )
+    return 0
+
+
+def _show_question(shown: dict[str, Any]) -> None:
+    question = shown["question"]
+    if question["kind"] == "select":
+        _err(f"\ncandidates for: {question['prompt']}")
+        for c in question["candidates"]:
+            _err(f"  {c['position']}. {c['path']}  ({c['score']:.3f})  id {c['id'][:12]}  {c['caption'][:60]}")
+        if not question["candidates"]:
+            _err("  nothing matched")
+        _err(f"  thumbnails: {shown['report']}\n{question['ask']}")
+    else:
+        _err(f"\ngeneration {question['generation']}: {question['image']}  (page: {shown['report']})")
+        _err(f"{question['ask']} ({question['generations_left']} more allowed)")
+
+
+def _ask(question: str) -> str:
+    """A line read after `question` on stderr, so `--json` keeps stdout for the result."""
+    print(question, end="", file=sys.stderr, flush=True)
+    return input().strip()
+
+
+def _ask_selection() -> dict[str, Any]:
+    picks = _ask("picks> ")
+    if picks:
+        return {"selected": picks}
+    return {"selected": [], "prompt": _ask("nothing picked; a new prompt to search again (empty to stop)> ") or None}
+
+
+def _ask_review() -> dict[str, Any]:
+    action = _ask("accept, regenerate or reselect> ") or "accept"
+    if action.lower() != "regenerate":
+        return {"action": action}
+    return {"action": action, "prompt": _ask("a new prompt (empty keeps it)> ") or None}
+
+
+@contextmanager
+def _counter(things: str, unit: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr (none with --quiet), fed `(done, total)`."""
     from tqdm import tqdm
 
-    bar = tqdm(desc="targets", unit="target", file=sys.stderr, disable=True if args.quiet else None)
+    bar = tqdm(desc=things, unit=unit, file=sys.stderr, disable=True if quiet else None)
 
     def progress(done: int, total: int) -> None:
         bar.total = total
         bar.n = done
         bar.refresh()
 
-    knobs = {"feedback": args.feedback, "rounds": args.rounds, "k": args.k, "rank_depth": args.rank_depth}
     try:
-        summary = app.eval_genir(
-            args.index, args.targets, args.out, knobs=knobs, concurrency=args.concurrency, on_target=progress
-        )
+        yield progress
     finally:
         bar.close()
-    for entry in summary["rounds"]:
-        _err(f"round {entry['round']}: Hits@{summary['k']} = {entry['hits_at_k']:.3f}")
-    _err(f"{summary['n_targets']} targets; dialogues in {args.out / 'dialogues.jsonl'}")
+
+
+def _eval(args: argparse.Namespace, app: App) -> int:
+    if args.loop == "imagerag":
+        return _eval_imagerag(args, app)
+    if args.loop == "cir":
+        return _eval_cir(args, app)
+    if args.rescore_text:
+        summary = app.rescore_genir(args.out, args.index)
+        _show_hits(summary)
+        where = args.out / "text_rescore.json"
+        _err(f"{summary['n_targets']} dialogues re-scored by text with {summary['embedder']}; summary in {where}")
+    else:
+        if args.index is None:
+            raise ConfigError("eval genir needs --index (the indexed corpus to search)")
+        knobs = {"feedback": args.feedback, "rounds": args.rounds, "k": args.k, "rank_depth": args.rank_depth}
+        with _counter("targets", "target", args.quiet) as progress:
+            summary = app.eval_genir(
+                args.index, args.targets, args.out, benchmark=args.benchmark, images=args.images,
+                annotations=args.annotations, sample=args.sample, knobs=knobs, concurrency=args.concurrency,
+                on_target=progress,
+            )  # fmt: skip
+        _show_hits(summary)
+        _err(f"{summary['n_targets']} targets; dialogues in {args.out / 'dialogues.jsonl'}")
     if args.json:
-        print(json.dumps({key: summary[key] for key in ("rounds", "k", "n_targets", "mean_rank")}))
+        keys = ("rounds", "k", "ks", "n_targets", "mean_rank", "hybrid", "route")
+        print(json.dumps({key: summary[key] for key in keys if key in summary}))
+    return 0
+
+
+def _show_hits(summary: dict[str, Any]) -> None:
+    for entry in summary["rounds"]:
+        hits = ", ".join(f"Hits@{k} = {value:.3f}" for k, value in entry["hits_at"].items())
+        latency = f" ({entry['latency_s']:.2f} s)" if entry.get("latency_s") is not None else ""
+        _err(f"round {entry['round']}: {hits}{latency}")
+
+
+def _eval_imagerag(args: argparse.Namespace, app: App) -> int:
+    knobs = {name: getattr(args, name) for name in IMAGERAG_KNOBS}
+    with _counter("prompts", "prompt", args.quiet) as progress:
+        summary = app.eval_imagerag(
+            args.prompts, args.index, args.out, real_images=args.real_images, metrics=args.metrics, knobs=knobs,
+            concurrency=args.concurrency, on_prompt=progress,
+        )  # fmt: skip
+    for name, row in summary["metrics"].items():
+        draft, final = row["draft"]["mean"], row["final"]["mean"]
+        shown = " -> ".join("-" if value is None else f"{value:.4f}" for value in (draft, final))
+        _err(f"{name}: draft -> final {shown}")
+    _err(f"{summary['n']} prompts; results in {args.out / 'results.jsonl'}, report {args.out / 'report.html'}")
+    if args.json:
+        means = {
+            name: {which: row[which]["mean"] for which in ("draft", "final")}
+            for name, row in summary["metrics"].items()
+        }
+        print(json.dumps({"n": summary["n"], "metrics": means}))
     return 0
 
 
@@ -441,14 +787,109 @@ def _mcp_app(args: argparse.Namespace) -> App:
     return _app(args, roots=roots, runs_dir=runs)
 
 
+def _cir(args: argparse.Namespace, app: App) -> int:
+    found = app.compose_retrieve(
+        args.index, args.reference, args.change, k=args.k, proxy=args.proxy, verify=args.verify,
+        fusion_lambda=args.fusion_lambda, cir_model=args.cir_model, on_step=_Progress(args.quiet).step,
+    )  # fmt: skip
+    if found["edited_description"]:
+        _err(f"edited description: {found['edited_description']}")
+    for rank, r in enumerate(found["results"]):
+        _err(f"{rank}. {r['path']}  ({r['score']:.3f})")
+    if not found["results"]:
+        _err("no indexed image matched")
+    if args.json:
+        print(json.dumps({"edited_description": found["edited_description"], "results": found["results"]}))
+    return 0
+
+
+def _eval_cir(args: argparse.Namespace, app: App) -> int:
+    with _counter("queries", "query", args.quiet) as progress:
+        summary = app.eval_cir(
+            args.index, args.annotations, args.format, args.out, split=args.split, images=args.images,
+            proxy=args.proxy, verify=args.verify, fusion_lambda=args.fusion_lambda, cir_model=args.cir_model,
+            concurrency=args.concurrency, on_query=progress,
+        )  # fmt: skip
+    keys: tuple[str, ...]
+    if "submission" in summary:
+        keys = ("n", "submission")
+        _err(f"{summary['n']} queries; CIRR server files: {', '.join(summary['submission'].values())}")
+    elif args.format == "cirr":
+        keys = ("n", "recall_at", "recall_subset_at", "avg")
+        recalls = ", ".join(f"R@{k} {v:.2f}" for k, v in summary["recall_at"].items())
+        subset = ", ".join(f"Rs@{k} {v:.2f}" for k, v in summary["recall_subset_at"].items())
+        _err(f"{summary['n']} queries: {recalls}; {subset}; Avg {summary['avg']:.2f}")
+    else:
+        keys = ("n", "categories", "avg_at_10")
+        for name, c in summary["categories"].items():
+            _err(f"{name}: R@10 {c['recall_at_10']:.2f}, R@50 {c['recall_at_50']:.2f}")
+        _err(f"{summary['n']} queries: average R@10 {summary['avg_at_10']:.2f}, R@50 {summary['avg_at_50']:.2f}")
+    _err(f"per-query records in {args.out / 'queries.jsonl'}")
+    if args.json:
+        print(json.dumps({key: summary[key] for key in keys}))
+    return 0
+
+
+def _triplets(args: argparse.Namespace, app: App) -> int:
+    progress = _Progress(args.quiet)
+
+    def show(step: dict[str, Any]) -> None:
+        if step["node"] in ("synthesize", "finish", "prepare"):
+            progress.step(step)
+
+    made = app.synthesize_triplets(
+        args.objects, args.edits, args.n, args.out, examples=args.examples, lora=args.lora, check=args.check,
+        concurrency=args.concurrency, on_step=show,
+    )  # fmt: skip
+    counts = f"wrote {made['written']} (failed {made['failed']}, rejected {made['rejected']})"
+    _err(f"{counts}; {made['total']} triplets in {made['out']}")
+    if args.json:
+        print(json.dumps({key: made[key] for key in ("written", "total", "out")}))
+    return 0
+
+
+def _train(args: argparse.Namespace, app: App) -> int:
+    from tqdm import tqdm
+
+    bar = tqdm(desc=f"train {args.model}", unit="step", file=sys.stderr, disable=None)
+
+    def progress(event: Any) -> None:
+        bar.total = event.total_steps
+        bar.n = event.step
+        bar.set_postfix(stage=event.stage, loss=f"{event.loss:.4f}", refresh=False)
+        bar.refresh()
+
+    try:
+        if args.model == "cir":
+            summary = app.train_cir(
+                args.triplets, args.out, real=args.real, steps=args.train_steps, finetune_steps=args.finetune_steps,
+                batch_size=args.batch_size, learning_rate=args.learning_rate, progress=progress,
+            )  # fmt: skip
+        else:
+            summary = app.train_cir_lora(
+                args.triplets, args.out, steps=args.train_steps, experts=args.experts, rank=args.rank,
+                resolution=args.resolution, batch_size=args.batch_size, base_model=args.base_model, progress=progress,
+            )  # fmt: skip
+    finally:
+        bar.close()
+    _err(f"{summary['steps']} steps, final loss {summary['final_loss']:.4f}; loss curve {summary['loss_curve_svg']}")
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, App], int]] = {
     "index": _index,
     "index-info": _index_info,
     "query": _query,
     "generate": _generate,
     "search": _search,
+    "rage": _rage,
     "eval": _eval,
     "report": _report,
+    "cir": _cir,
+    "triplets": _triplets,
+    "train": _train,
     "mcp": _mcp,
     "ui": _ui,
     "completion": _completion,
@@ -469,8 +910,14 @@ def _interrupted(args: argparse.Namespace, error: KeyboardInterrupt) -> str:
         return f"the run so far is in {run_dir}/run.json; continue it with: imageloop generate --resume {run_dir}"
     if args.command == "search":
         return "search paused; continue it with --resume and the session id printed above"
+    if args.command == "rage":
+        return "the session is kept; continue it with: imageloop rage --resume SESSION_ID (printed above)"
     if args.command == "eval":
         return f"finished targets are in {args.out}; run the same command again to evaluate the rest"
+    if args.command == "triplets":
+        return f"finished triplets are in {args.out}; run the same command again to make the rest"
+    if args.command == "train" and args.model == "cir":
+        return f"checkpoints are in {args.out}; run the same command again to resume"
     return "stopped"
 
 

@@ -8,7 +8,7 @@ arguments (CLI options). Endpoint settings fall back to the OpenAI client's own 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,6 +29,11 @@ RetrievalQuery = Literal["caption", "concept", "prompt"]
 ReferencesPolicy = Literal["replace", "accumulate"]
 FinalImage = Literal["best", "last"]
 SimulatedUserStyle = Literal["ours", "paper"]
+HybridRule = Literal["confidence", "oracle", "random"]
+HYBRID_RULES: tuple[HybridRule, ...] = ("confidence", "oracle", "random")
+HybridFallback = Literal["prediction", "verbal"]
+ReviewKind = Literal["none", "person", "critic"]
+REVIEW_KINDS: tuple[ReviewKind, ...] = ("none", "person", "critic")
 StoreKind = Literal["embedded", "chroma", "weaviate"]
 STORE_KINDS: tuple[StoreKind, ...] = ("embedded", "chroma", "weaviate")
 
@@ -72,7 +77,7 @@ class Endpoint:
 
 
 class Settings(BaseModel):
-    """Every knob of a run, with the paper's defaults."""
+    """Every knob of a run, with our defaults; the paper presets (`imageloop.presets`) set the papers' values."""
 
     vlm: str | None = Field(None, description="critic and query rewriter, PROVIDER:MODEL")
     generator: str | None = Field(None, description="image generator, PROVIDER:MODEL")
@@ -103,10 +108,32 @@ class Settings(BaseModel):
     sdxl_max_references: int = Field(1, ge=1, le=3, description="sdxl-ip-adapter: references (the paper: 1)")
     feedback: FeedbackKind = Field("visual", description="GenIR: what each round shows (visual draws the query)")
     simulated_user: SimulatedUserStyle = Field("ours", description="GenIR simulated user: ours (one call) or paper")
+    user_temperature: float | None = bounded("user_temperature")
+    user_top_p: float | None = bounded("user_top_p")
+    user_repetition_penalty: float | None = bounded("user_repetition_penalty")
     rounds: int = bounded("rounds")
     k: int = bounded("k")
+    ks: tuple[int, ...] | None = Field(None, description="GenIR evaluation: Hits@K for each K (default: k)")
     rank_depth: int = bounded("rank_depth")
     hybrid_threshold: float = bounded("hybrid_threshold")
+    fusion_lambda: float = bounded("fusion_lambda")
+    verify: int = bounded("verify")
+    rerank_depth: int = bounded("rerank_depth")
+    hybrid_rule: HybridRule = Field(
+        "confidence", description="hybrid: confidence (ours, per round), oracle or random (the paper's, per query)"
+    )
+    hybrid_visual_fraction: float = bounded("hybrid_visual_fraction")
+    hybrid_fallback: HybridFallback = Field(
+        "prediction", description="hybrid oracle/random: the feedback a query gets when it is not shown a drawing"
+    )
+    eval_clip: str = Field("open_clip:ViT-L-14/openai", description="eval imagerag: CLIP text-image scorer")
+    eval_siglip: str = Field(
+        "open_clip:ViT-SO400M-14-SigLIP-384/webli", description="eval imagerag: SigLIP text-image scorer"
+    )
+    eval_dino: str = Field("transformers:facebook/dinov2-base", description="eval imagerag: DINO image-image scorer")
+    judge: str | None = Field(None, description="eval imagerag: the VLM judge, PROVIDER:MODEL (default: the --vlm)")
+    review: ReviewKind = Field("none", description="RAGE: who checks each image: none, person or critic (a VLM)")
+    max_generations: int = bounded("max_generations")
     device: str | None = Field(None, description="local models: cuda, cuda:1, mps or cpu; best available if None")
     dtype: str | None = Field(None, description="local models: float32, float16 or bfloat16; per device if None")
     offload: bool = Field(False, description="diffusers: enable model CPU offload to save GPU memory")
@@ -135,6 +162,24 @@ class Settings(BaseModel):
     def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:
         """These settings with `overrides` (None values ignored), validated as every other source is."""
         return _validated({**self.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
+
+    @field_validator("ks", mode="before")
+    @classmethod
+    def _ks(cls, value: Any) -> Any:
+        """`1,5,10` text (options, `IMAGELOOP_KS`) or a sequence; each K within the bound of k, sorted, unique."""
+        if value is None:
+            return None
+        items = value.split(",") if isinstance(value, str) else list(value)
+        try:
+            ks = sorted({int(str(item).strip()) for item in items if str(item).strip()})
+        except ValueError:
+            raise ValueError(f"ks {value!r}: expected K values such as 1,5,10") from None
+        if not ks:
+            raise ValueError("ks is empty: expected K values such as 1,5,10")
+        bound = limits.BOUNDS["k"]
+        if not bound.low <= ks[0] <= ks[-1] <= bound.high:
+            raise ValueError(f"each K must be within {bound.low:g}..{bound.high:g}, got {value!r}")
+        return tuple(ks)
 
     @field_validator("size", mode="before")
     @classmethod
@@ -170,7 +215,7 @@ class Settings(BaseModel):
         )
 
 
-PROFILES: dict[str, dict[str, Any]] = {
+MODEL_PROFILES: dict[str, dict[str, Any]] = {
     "openai": {
         "vlm": "openai:gpt-4.1-mini",
         "generator": "openai:gpt-image-1",
@@ -185,22 +230,39 @@ PROFILES: dict[str, dict[str, Any]] = {
     "tiny": {"vlm": "tiny:qwen2-vl", "generator": "tiny:omnigen", "embedder": "tiny:clip"},
 }
 
+
+def _preset_profiles() -> dict[str, dict[str, Any]]:
+    from imageloop.presets import PRESETS
+
+    return {name: {knob: paper.value for knob, paper in preset.items()} for name, preset in PRESETS.items()}
+
+
+PROFILES: dict[str, dict[str, Any]] = {**MODEL_PROFILES, **_preset_profiles()}
+"""Model profiles choose the roles' models; presets (`imagerag-paper`, `genir-paper`) set knobs only, so the
+two combine: `--profile openai,imagerag-paper` runs the paper's loop on OpenAI's models."""
+
 ENV_PREFIX = "IMAGELOOP_"
 
 
+def profile_names(profile: str | Sequence[str] | None) -> list[str]:
+    """The profiles named by `profile`: one name, a comma-separated list, or several of either, in order."""
+    given = [profile] if isinstance(profile, str) else list(profile or [])
+    return [name.strip() for text in given for name in text.split(",") if name.strip()]
+
+
 def load_settings(
-    profile: str | None = None,
+    profile: str | Sequence[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Merge defaults, a profile, `IMAGELOOP_*` variables and explicit overrides (None values ignored)."""
+    """Merge defaults, profiles (left to right), `IMAGELOOP_*` variables and explicit overrides (None ignored)."""
     environ = os.environ if environ is None else environ
-    profile = profile or environ.get(ENV_PREFIX + "PROFILE")
+    names = profile_names(profile) or profile_names(environ.get(ENV_PREFIX + "PROFILE"))
     values: dict[str, Any] = {}
-    if profile:
-        if profile not in PROFILES:
-            raise ConfigError(f"unknown profile {profile!r}; known: {', '.join(sorted(PROFILES))}")
-        values.update(PROFILES[profile])
+    for name in names:
+        if name not in PROFILES:
+            raise ConfigError(f"unknown profile {name!r}; known: {', '.join(sorted(PROFILES))}")
+        values.update(PROFILES[name])
     for name in Settings.model_fields:
         env_value = environ.get(ENV_PREFIX + name.upper())
         if env_value is not None:

@@ -4,6 +4,9 @@ Every file imageloop writes for others to read (run records, reports, artifacts,
 indexes) goes through `atomic_writer`: a uniquely named temporary file beside the target, flushed and
 fsynced, renamed over the target, then the folder fsynced so the rename itself survives a power cut.
 Unique names let several processes write the same target at once; the last rename wins, whole.
+
+Evaluations keep a journal instead (`jsonl_journal`, `read_jsonl`): one JSON line per finished item,
+fsynced as it is written, so a crash loses at most the items in flight and a rerun skips the rest.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -45,6 +48,39 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     """Write `data` as indented UTF-8 JSON, atomically."""
     write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines journal, in order; a line a crash cut short is skipped (its item runs again)."""
+    records: list[dict[str, Any]] = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+@contextmanager
+def jsonl_journal(path: Path) -> Iterator[Callable[[Mapping[str, Any]], None]]:
+    """A function appending one record to `path` as a JSON line, flushed and fsynced before it returns.
+
+    A last line a crash cut short is ended first, so the next record starts on a line of its own.
+    """
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+    with path.open("a", encoding="utf-8") as out:
+
+        def append(record: Mapping[str, Any]) -> None:
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+
+        yield append
 
 
 def fsync_folder(folder: Path) -> None:

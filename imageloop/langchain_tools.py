@@ -1,8 +1,9 @@
 """LangChain tools over the application layer, so a LangChain or LangGraph agent can run an image loop as a tool.
 
 The tools are the MCP server's operations on the same `App`: `index_images`, `retrieve_images`,
-`generate_with_references` (ImageRAG), `genir_round` / `genir_feedback` (a GenIR search across calls,
-keyed by a session id, shared with every other face) and `get_run`. Each answers with
+`generate_with_references` (ImageRAG), `compose_retrieve` (composed image retrieval), `genir_round` /
+`genir_feedback` (a GenIR search across calls, keyed by a session id, shared with every other face),
+`rage_retrieve` / `rage_generate` (RAGE: the user picks references from their catalogue) and `get_run`.
 `response_format="content_and_artifact"`: a short text for the model, and an artifact (paths, scores,
 run and session ids) that the application reads from the `ToolMessage` without the model paying
 tokens for it. Arguments are bounded by `imageloop.limits`, as on every face.
@@ -18,16 +19,25 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 from langchain_core.tools import StructuredTool, ToolException
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from imageloop import limits
 from imageloop.app import App
-from imageloop.config import FeedbackKind, Mode, Settings, bounded
+from imageloop.config import (
+    CriticKind,
+    FeedbackKind,
+    FinalImage,
+    Mode,
+    ReferencesPolicy,
+    RetrievalQuery,
+    Settings,
+    bounded,
+)
 from imageloop.errors import ImageloopError
-from imageloop.limits import PATH_CHARS, PROMPT_CHARS
+from imageloop.limits import MAX_REFERENCES, PATH_CHARS, PROMPT_CHARS
 from imageloop.report import REPORT_FILE
 from imageloop.thumbnails import RESULT_IMAGE_BUDGET, encode_png_under, image_budgets
 
@@ -85,6 +95,21 @@ class GenerateArgs(BaseModel):
     top_k: int | None = bounded("top_k", unset=True)
     similarity_threshold: float | None = bounded("similarity_threshold", unset=True)
     wait_seconds: float = bounded("wait_seconds", description="wait this long for the run, then return its id")
+    critic: CriticKind | None = Field(None, description="single_call (one JSON call) or paper (the paper's questions)")
+    retrieval_query: RetrievalQuery | None = Field(None, description="search with the caption, concept or prompt")
+    references_policy: ReferencesPolicy | None = Field(None, description="replace or accumulate per iteration")
+    final_image_policy: FinalImage | None = Field(None, description="return the best judged image or the last")
+
+
+class ComposeRetrieveArgs(BaseModel):
+    """Arguments of `compose_retrieve`: a reference image and how the wanted image differs from it."""
+
+    index: str = _path("an indexed image folder to search")
+    reference: str = _path("the reference image")
+    change: str = _text("how the wanted image differs from the reference, e.g. 'the same dress but red'")
+    k: int | None = bounded("k", unset=True, description="how many images to return")
+    proxy: bool = Field(False, description="also draw the edited scene and fuse its scores (slower)")
+    verify: int | None = bounded("verify", unset=True)
 
 
 class GenIRRoundArgs(BaseModel):
@@ -102,6 +127,34 @@ class GenIRFeedbackArgs(BaseModel):
 
     session_id: str = Field(pattern=ID_PATTERN, description="the session id genir_round returned")
     feedback: str = _text("the user's words on what differs from the image they want, or 'found: N' (N: a position)")
+
+
+Scalar = str | int | float | bool
+
+
+class RageRetrieveArgs(BaseModel):
+    """Arguments of `rage_retrieve`, which starts a RAGE session."""
+
+    prompt: str = _text("what to generate; the catalogue is searched with it too")
+    index: str = _path("an indexed image folder: the user's catalogue")
+    k: int | None = bounded("k", unset=True, description="candidates to show")
+    where: dict[str, Scalar | list[Scalar]] | None = Field(
+        None, description='metadata filter, e.g. {"tags": "sneaker"} or {"brand": "acme"}'
+    )
+    similarity_threshold: float | None = bounded("similarity_threshold", unset=True)
+    review: Literal["none", "critic"] | None = Field(None, description="critic: a VLM checks each image")
+
+
+class RageGenerateArgs(BaseModel):
+    """Arguments of `rage_generate`."""
+
+    session_id: str = Field(pattern=ID_PATTERN, description="the session id rage_retrieve returned")
+    selected: list[int | str] = Field(
+        min_length=1,
+        max_length=MAX_REFERENCES,
+        description="the user's picks in the order to use them: positions as listed (1 first), ids or file names",
+    )
+    prompt: str | None = _text("a new prompt (default: the session's)", None)
 
 
 class GetRunArgs(BaseModel):
@@ -205,12 +258,43 @@ class _Toolbox:
         max_iterations: int | None = None,
         top_k: int | None = None,
         similarity_threshold: float | None = None,
+        critic: CriticKind | None = None,
+        retrieval_query: RetrievalQuery | None = None,
+        references_policy: ReferencesPolicy | None = None,
+        final_image_policy: FinalImage | None = None,
         wait_seconds: float | None = None,
     ) -> Answer:
-        knobs = {"mode": mode, "max_iterations": max_iterations, "top_k": top_k}
-        job = self.app.start_generate(prompt, index, {**knobs, "similarity_threshold": similarity_threshold})
+        knobs = {
+            "mode": mode, "max_iterations": max_iterations, "top_k": top_k,
+            "similarity_threshold": similarity_threshold, "critic": critic, "retrieval_query": retrieval_query,
+            "references_policy": references_policy,
+            "final_image_policy": final_image_policy,
+        }  # fmt: skip
+        job = self.app.start_generate(prompt, index, knobs)
         waited = limits.default("wait_seconds") if wait_seconds is None else wait_seconds
         return self._run(job.id, float(waited or 0))
+
+    def compose_retrieve(
+        self,
+        index: str,
+        reference: str,
+        change: str,
+        k: int | None = None,
+        proxy: bool = False,
+        verify: int | None = None,
+    ) -> Answer:
+        found = self.app.compose_retrieve(index, reference, change, k=k, proxy=proxy, verify=verify)
+        results = found["results"]
+        described = (
+            f"Searched for {_short(str(found['edited_description']), 200)!r}" if found["edited_description"] else ""
+        )
+        if not results:
+            return f"{described or 'Searched'}: no indexed image matched.", found
+        listing = "\n".join(
+            f"{i}. {Path(r['path']).name} (score {r['score']:.3f})" for i, r in enumerate(results[:LISTED])
+        )
+        more = f"\n… and {len(results) - LISTED} more" if len(results) > LISTED else ""
+        return f"{described}, best first:\n{listing}{more}", found
 
     def genir_round(
         self,
@@ -256,6 +340,44 @@ class _Toolbox:
         artifact = {**self._run_artifact(record), "status": state["status"], "record": record}
         return self._answer(text, artifact, shown)
 
+    def rage_retrieve(
+        self,
+        prompt: str,
+        index: str,
+        k: int | None = None,
+        where: dict[str, Any] | None = None,
+        similarity_threshold: float | None = None,
+        review: str | None = None,
+    ) -> Answer:
+        knobs = {"k": k, "similarity_threshold": similarity_threshold, "review": review}
+        shown = self.app.start_rage(prompt, index, knobs=knobs, where=where)
+        artifact = _rage_artifact(shown)
+        if not shown["candidates"]:
+            return f"Session {shown['session_id']}: nothing in the catalogue matched {prompt!r}.", artifact
+        listing = "\n".join(
+            f"{c['position']}. {_short(c['caption']) or Path(c['path']).name} ({Path(c['path']).name}, "
+            f"score {c['score']:.3f})"
+            for c in shown["candidates"][:LISTED]
+        )
+        more = len(shown["candidates"]) - LISTED
+        text = (
+            f"Session {shown['session_id']}: {len(shown['candidates'])} candidate(s), best first:\n{listing}"
+            + (f"\n… and {more} more" if more > 0 else "")
+            + "\nAsk the user which to use (positions), then call rage_generate."
+        )
+        return text, artifact
+
+    def rage_generate(self, session_id: str, selected: list[int | str], prompt: str | None = None) -> Answer:
+        shown = self.app.continue_rage(session_id, {"selected": selected, "prompt": prompt})
+        picked = ", ".join(Path(c["path"]).name for c in shown["selected"])
+        notes = [note for image in shown["images"] for note in image["notes"]]
+        text = (
+            f"Session {session_id}: generated with {picked} (stopped: {shown['stop_reason']})."
+            + (f" Notes: {'; '.join(notes)}." if notes else "")
+            + (" The image is saved." if shown["final_image"] else " No image was generated.")
+        )
+        return text, _rage_artifact(shown)
+
     def _run_artifact(self, record: dict[str, Any]) -> dict[str, Any]:
         run_dir = self.app.runs_dir / str(record["run_id"])
         return {
@@ -286,6 +408,22 @@ def _run_text(run_id: str, record: dict[str, Any]) -> str:
     )
 
 
+def _rage_artifact(shown: dict[str, Any]) -> dict[str, Any]:
+    keys = (
+        "session_id",
+        "status",
+        "prompt",
+        "candidates",
+        "selected",
+        "final_image",
+        "stop_reason",
+        "report",
+        "out_dir",
+    )
+    images = [{"generation": i["iteration"], "path": i["path"], "notes": i["notes"]} for i in shown["images"]]
+    return {**{key: shown[key] for key in keys}, "images": images}
+
+
 def _round_text(session: dict[str, Any]) -> str:
     sid = session["thread_id"]
     if session["status"] == "finished":
@@ -312,7 +450,7 @@ def imageloop_tools(
     app: App | None = None,
     images: bool = False,
 ) -> list[StructuredTool]:
-    """The six imageloop tools over `app` (or one built from `settings`, confined to `roots`, writing to `runs_dir`).
+    """The imageloop tools over `app` (or one built from `settings`, confined to `roots`, writing to `runs_dir`).
 
     Pass your own `app` to share its backends and indexes with the rest of your program, and close it
     when done (`app.close()`). With `images`, answers that show pictures (search results, a run's final
@@ -343,6 +481,12 @@ def imageloop_tools(
             "waits up to wait_seconds, then returns a run id to poll with get_run.",
         ),
         (
+            box.compose_retrieve,
+            ComposeRetrieveArgs,
+            "Composed image retrieval: find indexed images that show a reference image changed as a text says "
+            "(e.g. 'the same dress but red and sleeveless'). Returns the edited description and ranked images.",
+        ),
+        (
             box.genir_round,
             GenIRRoundArgs,
             "Start an interactive search for an image the user has in mind; returns the first round's "
@@ -357,6 +501,18 @@ def imageloop_tools(
             box.get_run,
             GetRunArgs,
             "Check a generate_with_references run: still running, or what it did (outcome, references, steps).",
+        ),
+        (
+            box.rage_retrieve,
+            RageRetrieveArgs,
+            "Start generating from the user's own catalogue (RAGE): retrieve the indexed images that best match "
+            "a prompt, for the user to pick from. Returns a session id and numbered candidates.",
+        ),
+        (
+            box.rage_generate,
+            RageGenerateArgs,
+            "Generate an image from the prompt and the images the user picked (in their order) in a "
+            "rage_retrieve session. Slow.",
         ),
     ]
     return [

@@ -11,20 +11,29 @@ from __future__ import annotations
 
 from langchain_core.runnables import RunnableConfig
 
+from imageloop.app.cir import cir_knobs
 from imageloop.app.deployment import (
     ContextArtifacts,
     ContextRetriever,
+    DeployedCIRContext,
     DeployedGenIRContext,
     DeployedImageRAGContext,
+    DeployedRAGEContext,
     LazyGenerator,
     LazyVLM,
     deployed_app,
+    deployed_caption,
+    deployed_query_model,
+    record_rage_run,
     record_run,
 )
+from imageloop.app.rage import rage_knobs
 from imageloop.app.runs import imagerag_knobs
 from imageloop.app.sessions import genir_knobs
+from imageloop.graphs.cir import CIRGraph, build_cir_graph
 from imageloop.graphs.genir import GenIRGraph, build_genir_graph
 from imageloop.graphs.imagerag import ImageRAGGraph, build_imagerag_graph
+from imageloop.graphs.rage import RAGEGraph, build_rage_graph
 
 
 def imagerag(config: RunnableConfig | None = None) -> ImageRAGGraph:
@@ -49,4 +58,31 @@ def genir(config: RunnableConfig | None = None) -> GenIRGraph:
         ContextArtifacts(),
         defaults=lambda: genir_knobs(deployed_app().settings),
         context_schema=DeployedGenIRContext,
+    )
+
+
+def cir(config: RunnableConfig | None = None) -> CIRGraph:
+    """The composed image retrieval graph for LangGraph Server: input a reference image path and a change."""
+    return build_cir_graph(
+        LazyVLM(),  # type: ignore[arg-type]
+        deployed_caption,
+        LazyGenerator(),  # type: ignore[arg-type]  # drawn only when a run asks for a proxy
+        ContextRetriever(),
+        ContextArtifacts(),
+        query_models=deployed_query_model,
+        defaults=lambda: cir_knobs(deployed_app().settings),
+        context_schema=DeployedCIRContext,
+    )
+
+
+def rage(config: RunnableConfig | None = None) -> RAGEGraph:
+    """The RAGE graph for LangGraph Server; a person's picks and reviews are interrupts Studio shows natively."""
+    return build_rage_graph(
+        LazyVLM(),  # type: ignore[arg-type]  # asked only by a critic review
+        LazyGenerator(),  # type: ignore[arg-type]
+        ContextRetriever(),
+        ContextArtifacts(),
+        defaults=lambda: rage_knobs(deployed_app().settings),
+        context_schema=DeployedRAGEContext,
+        on_finish=record_rage_run,
     )

@@ -55,9 +55,28 @@ BOUNDS: dict[str, Bound] = {
     "guidance_scale": Bound(0.0, 50.0, None, "diffusers guidance scale (default per backend)"),
     # Retrieval and GenIR
     "k": Bound(1, 50, 10, "results per query or per round"),
-    "rounds": Bound(1, 20, 10, "GenIR rounds at most"),
+    "rounds": Bound(0, 20, 10, "GenIR refinement rounds after round 0 (the paper: 10, reported as rounds 0..10)"),
     "rank_depth": Bound(1, 100_000, 1000, "GenIR evaluation: ranks deeper than this count as misses"),
     "hybrid_threshold": Bound(-1.0, 1.0, 0.9, "GenIR hybrid feedback: show the top hit from this similarity"),
+    # Composed image retrieval (CIR) and DAIG's triplet synthesis
+    "fusion_lambda": Bound(
+        0.0,
+        1.0,
+        0.65,
+        "CIR proxy fusion: S = λ·S_text + (1−λ)·S_text·S_proxy (Imagine-and-Seek: 0.65 ViT-L, 0.3 ViT-g)",
+    ),
+    "verify": Bound(0, 5, 0, "CIR: times a VLM may check the top hit and rewrite the description (0: off)"),
+    "rerank_depth": Bound(1, 1000, 100, "CIR proxy fusion: re-rank the union of this many text and proxy hits"),
+    "triplets": Bound(1, 1_000_000, None, "DAIG: triplets the dataset folder should hold"),
+    "triplet_concurrency": Bound(1, 16, 2, "DAIG: triplets scripted and drawn at once (drawing takes turns)"),
+    "hybrid_visual_fraction": Bound(0.0, 1.0, 0.223, "GenIR random hybrid: share of queries shown visual feedback"),
+    "user_temperature": Bound(0.0, 2.0, None, "simulated user's sampling temperature (default per style)"),
+    "user_top_p": Bound(0.0, 1.0, None, "simulated user's nucleus sampling top_p (default per style)"),
+    "user_repetition_penalty": Bound(0.5, 2.0, None, "simulated user's repetition penalty (default per style)"),
+    "sample": Bound(1, 1_000_000, None, "benchmark targets drawn (seeded); all if unset"),
+    # RAGE
+    "max_generations": Bound(1, 10, 3, "RAGE: images drawn at most while a review asks for another"),
+    "auto_select": Bound(0, MAX_REFERENCES, 0, "RAGE: pick the top N candidates without a person (0: a person picks)"),
     # Jobs
     "batch_size": Bound(1, 256, 32, "images embedded per batch while indexing"),
     "concurrency": Bound(1, 64, 1, "evaluation targets searched at once"),

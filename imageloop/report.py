@@ -43,6 +43,7 @@ border-bottom:1px solid #eee} td.num{text-align:right;white-space:nowrap;font-va
 .ok{color:#1a7f37;font-weight:600} .no{color:#b35900;font-weight:600}
 code,pre{font:13px ui-monospace,monospace;background:#f6f6f6;border-radius:4px}
 pre{padding:.5em;white-space:pre-wrap;overflow-wrap:anywhere} ul{margin:.3em 0}
+figure.picked img{outline:4px solid #1a7f37}
 """
 
 
@@ -63,7 +64,8 @@ def read_record(run_dir: Path) -> dict[str, Any]:
 def write_report(run_dir: Path, record: Mapping[str, Any] | None = None) -> Path:
     """Render `run_dir/report.html` from the record (read from run.json when not given); returns its path."""
     run_dir = Path(run_dir)
-    page = _Page(run_dir).render(record if record is not None else read_record(run_dir))
+    record = record if record is not None else read_record(run_dir)
+    page = (_RAGEPage if record.get("loop") == "rage" else _Page)(run_dir).render(record)
     target = run_dir / REPORT_FILE
     write_atomic(target, page)
     return target
@@ -106,7 +108,8 @@ class _Page:
         if found is not None and (inside := self._inside(found)) is not None:
             return inside
         thumbnail = self.run_dir / FILES_DIR / f"{hashlib.sha256(recorded.encode()).hexdigest()[:20]}.png"
-        if found is not None:
+        # A thumbnail newer than its source is kept: a session's page is rendered again at every call.
+        if found is not None and not (thumbnail.is_file() and thumbnail.stat().st_mtime >= found.stat().st_mtime):
             try:
                 image = open_image(found)
             except ImageDecodeError:
@@ -141,14 +144,7 @@ class _Page:
             self.timings(steps, record.get("seconds")),
             self.details(record),
         ]
-        return (
-            '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            '<link rel="icon" href="data:,">'
-            f"<title>imageloop run: {_e(prompt)}</title><style>{_STYLE}</style></head>\n<body>\n"
-            + "\n".join(s for s in sections if s)
-            + "\n</body></html>\n"
-        )
+        return _document(f"imageloop run: {prompt}", sections)
 
     def header(self, record: Mapping[str, Any]) -> str:
         aligned = record.get("aligned")
@@ -275,6 +271,97 @@ class _Page:
         rows.append(f"<tr><th>imageloop</th><td>{_e(record.get('imageloop_version'))}</td></tr>")
         settings = json.dumps(record.get("settings") or {}, indent=1, ensure_ascii=False)
         return "<h2>Run</h2>\n<table>" + "".join(rows) + f"</table>\n<p><b>Settings</b></p><pre>{_e(settings)}</pre>"
+
+
+class _RAGEPage(_Page):
+    """A RAGE run: the candidates (the page a person picks from), the picks in order, and each generation."""
+
+    def render(self, record: Mapping[str, Any]) -> str:
+        steps: list[Mapping[str, Any]] = list(record.get("steps") or [])
+        sections = [
+            self.rage_header(record),
+            self.final(record),
+            self.candidates(record),
+            self.picks(record.get("selected") or []),
+            self.generations(record.get("images") or []),
+            self.timings(steps, record.get("seconds")),
+            self.details(record),
+        ]
+        return _document(f"imageloop RAGE: {record.get('prompt') or ''}", sections)
+
+    def rage_header(self, record: Mapping[str, Any]) -> str:
+        settings: Mapping[str, Any] = record.get("settings") or {}
+        facts = [
+            f"<b>{_e(str(record.get('status') or '').replace('_', ' '))}</b>",
+            f"stopped: {_e(record.get('stop_reason'))}" if record.get("stop_reason") else "",
+            f"{len(record.get('selected') or [])} picked of {len(record.get('candidates') or [])} candidate(s)",
+            f"{len(record.get('images') or [])} generation(s)",
+            f"review {_e(settings.get('review'))}",
+            f"filter <code>{_e(json.dumps(record['where']))}</code>" if record.get("where") else "",
+            _e(record.get("created_at")),
+        ]
+        error = f'<p class="error">The run failed: {_e(record["error"])}</p>' if record.get("error") else ""
+        summary = " · ".join(fact for fact in facts if fact)
+        return f'<h1>{_e(record.get("prompt"))}</h1>\n<p class="summary">{summary}</p>{error}'
+
+    def final(self, record: Mapping[str, Any]) -> str:
+        if not record.get("final_image"):
+            return ""
+        figure = self.figure(record["final_image"], "final image", "big")
+        return f'<h2>Final image</h2>\n<div class="gallery">{figure}</div>'
+
+    def candidates(self, record: Mapping[str, Any]) -> str:
+        candidates: Sequence[Mapping[str, Any]] = record.get("candidates") or []
+        if not candidates:
+            return "<h2>Candidates</h2>\n<p>Nothing was retrieved.</p>"
+        order = {str(c.get("id")): n for n, c in enumerate(record.get("selected") or [], start=1)}
+        figures = []
+        for c in candidates:
+            picked = order.get(str(c.get("id")))
+            mark = f' · <span class="ok">pick {picked}</span>' if picked else ""
+            caption = (
+                f"<b>{_e(c.get('position'))}.</b> {_e(Path(str(c.get('path'))).name)} · score "
+                f"{_e(_score(c.get('score')))}{mark}<br><code>{_e(str(c.get('id'))[:12])}</code> {_e(c.get('caption'))}"
+            )
+            figures.append(self.figure(c.get("path"), caption, "picked" if picked else ""))
+        how = "Pick by position, id (or a unique prefix) or file name."
+        return f'<h2>Candidates</h2>\n<p>{how}</p><div class="gallery">{"".join(figures)}</div>'
+
+    def picks(self, selected: Sequence[Mapping[str, Any]]) -> str:
+        if not selected:
+            return ""
+        figures = [
+            self.figure(c.get("path"), f"<b>pick {n}</b> · {_e(Path(str(c.get('path'))).name)}")
+            for n, c in enumerate(selected, start=1)
+        ]
+        return f'<h2>Picked, in order</h2>\n<div class="gallery">{"".join(figures)}</div>'
+
+    def generations(self, images: Sequence[Mapping[str, Any]]) -> str:
+        if not images:
+            return ""
+        cards = []
+        for image in images:
+            references = ", ".join(_e(Path(str(p)).name) for p in image.get("references") or []) or "none"
+            notes = "".join(f"<li>{_e(note)}</li>" for note in image.get("notes") or [])
+            caption = (
+                f"generation {_e(image.get('iteration'))} · seed {_e(image.get('seed'))} · review: "
+                f"{_e(image.get('review') or 'none')}<br>prompt used: <i>{_e(image.get('prompt_used'))}</i>"
+                f"<br>references, in order: {references}"
+            )
+            cards.append(self.figure(image.get("path"), caption, "big") + (f"<ul>{notes}</ul>" if notes else ""))
+        return f'<h2>Generations</h2>\n<div class="gallery">{"".join(cards)}</div>'
+
+
+def _document(title: str, sections: Sequence[str]) -> str:
+    """A whole page: the title, the shared style, and the non-empty sections in order."""
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<link rel="icon" href="data:,">'
+        f"<title>{_e(title)}</title><style>{_STYLE}</style></head>\n<body>\n"
+        + "\n".join(s for s in sections if s)
+        + "\n</body></html>\n"
+    )
 
 
 def _caption_list(captions: Sequence[Mapping[str, Any]]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from PIL import Image
@@ -40,3 +41,21 @@ def numbered_images(root: Path, n: int, captions: bool = False) -> list[Path]:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+PRODUCTS = {
+    "red-sneaker": ("a red canvas sneaker with white laces", {"tags": ["sneaker", "footwear"], "brand": "acme"}),
+    "blue-sneaker": ("a blue running sneaker with a thick sole", {"tags": ["sneaker", "footwear"], "brand": "zenith"}),
+    "backpack": ("a canvas backpack with leather straps", {"tags": ["bag"], "brand": "acme"}),
+    "tote": ("a canvas tote bag with a red stripe", {"tags": ["bag"], "brand": "acme"}),
+    "mug": ("a white ceramic mug", {"tags": ["kitchen"], "brand": "zenith"}),
+}
+
+
+def product_catalogue(root: Path) -> Path:
+    """A brand catalogue: a distinct image per product, a caption sidecar and a `NAME.json` of tags and brand."""
+    for shade, (name, (caption, metadata)) in enumerate(PRODUCTS.items()):
+        write_image(root / f"{name}.png", 30 * (shade + 1), size=24)
+        (root / f"{name}.txt").write_text(caption)
+        (root / f"{name}.json").write_text(json.dumps(metadata))
+    return root

@@ -165,3 +165,10 @@ def test_unreachable_endpoint_is_a_clear_error(
     assert code == 2
     assert "cannot reach http://127.0.0.1:9/v1" in err and "Traceback" not in err
     assert open_index(image_folder).count() == 0  # nothing half-written
+
+
+def test_importing_the_cli_imports_no_model_library() -> None:
+    heavy = "{'torch', 'diffusers', 'transformers', 'open_clip', 'langgraph', 'chromadb'}"
+    probe = f"import sys, imageloop.cli; print(sorted({{m.split('.')[0] for m in sys.modules}} & {heavy}))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline, FluxPriorReduxPipeline, OmniGenPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    FluxPipeline,
+    FluxPriorReduxPipeline,
+    OmniGenPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionXLPipeline,
+)
 from PIL import Image
 
 import imageloop.tiny
@@ -478,6 +485,7 @@ def test_the_settings_default_to_the_papers_ip_adapter_and_the_backends_agree() 
         ip_adapter_image_encoder=sdxl_ip_adapter.DEFAULT_IP_ADAPTER_IMAGE_ENCODER,
         ip_adapter_scale=sdxl_ip_adapter.DEFAULT_IP_ADAPTER_SCALE,
         flux_redux=flux.DEFAULT_REDUX,
+        sdxl_max_references=sdxl_ip_adapter.MAX_REFERENCES,
     )
     assert (defaults.ip_adapter, defaults.ip_adapter_scale) == ("h94/IP-Adapter", 0.5)
     assert defaults.ip_adapter_weight == "sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors"
@@ -488,8 +496,86 @@ def test_generator_options_come_from_the_command_line() -> None:
     args = build_parser().parse_args(
         ["generate", PROMPT, "--index", "idx", "--out", "run", "--generator", "sdxl-ip-adapter:my/sdxl",
          "--ip-adapter", "./adapters/ip", "--ip-adapter-weight", "ip.safetensors", "--ip-adapter-image-encoder",
-         "encoder", "--ip-adapter-scale", "0.8", "--guidance-scale", "4", "--flux-redux", "none"]
+         "encoder", "--ip-adapter-scale", "0.8", "--guidance-scale", "4", "--flux-redux", "none",
+         "--sdxl-max-references", "2"]
     )  # fmt: skip
     assert GeneratorOptions.of(_settings(args)) == GeneratorOptions(
-        4.0, "./adapters/ip", "ip.safetensors", "encoder", 0.8, None
+        4.0, "./adapters/ip", "ip.safetensors", "encoder", 0.8, None, 2
     )
+
+
+def test_sdxl_max_references_from_the_settings_reaches_the_sdxl_backend(model_dirs: dict[str, Path]) -> None:
+    assert build("sdxl-ip-adapter", model_dirs).max_references == 1  # the paper's one reference
+    assert build("sdxl-ip-adapter", model_dirs, sdxl_max_references=3).max_references == 3
+
+
+# --- generator presets: the settings a paper drew with ---------------------------------------------------
+
+
+def recording_pipe(generator: Any) -> list[dict[str, Any]]:
+    """Replace the backend's loaded pipeline by one that records its call and answers with a blank picture."""
+    calls: list[dict[str, Any]] = []
+
+    @dataclass
+    class Output:
+        images: list[Image.Image]
+
+    def pipe(**kwargs: Any) -> Output:
+        calls.append(kwargs)
+        return Output([Image.new("RGB", SIZE)])
+
+    generator._pipe = pipe
+    return calls
+
+
+def test_the_flux_preset_loads_the_checkpoint_given_and_draws_from_text(model_dirs: dict[str, Path]) -> None:
+    generator = make_generator(load_settings(overrides={"generator": f"preset:flux.1-dev:{model_dirs['flux']}"}))
+    result = generator.generate(request())
+    assert result.image.size == SIZE and generator.model_id == f"preset:flux.1-dev:{model_dirs['flux']}"
+    assert generator.max_references == 0  # GenIR draws its feedback from the query alone, no Redux
+
+
+def test_the_flux_preset_draws_at_genir_settings(model_dirs: dict[str, Path], references: list[ReferenceImage]) -> None:
+    generator = make_generator(load_settings(overrides={"generator": f"preset:flux.1-dev:{model_dirs['flux']}"}))
+    calls = recording_pipe(generator)
+    result = generator.generate(GenerationRequest(PROMPT, tuple(references[:1]), seed=0))
+    (call,) = calls
+    assert (call["num_inference_steps"], call["guidance_scale"]) == (50, 3.5)
+    assert (call["width"], call["height"], call["max_sequence_length"]) == (1024, 1024, 512)
+    assert "draws from text alone" in result.notes[0]
+
+
+def test_the_sd35_preset_draws_with_genirs_28_steps_and_guidance_3_5_unless_asked_otherwise(
+    tiny_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = spy(monkeypatch, StableDiffusion3Pipeline)
+    generator = make_generator(
+        load_settings(overrides={"generator": f"preset:sd3.5-large:{tiny_generator_dir('sd3')}"})
+    )
+    drawn = generator.generate(GenerationRequest(PROMPT, seed=0))
+    generator.generate(GenerationRequest(PROMPT, seed=0, size=SIZE, steps=2))
+    assert [(c["num_inference_steps"], c["guidance_scale"], c["width"]) for c in calls] == [
+        (28, 3.5, None),
+        (2, 3.5, 64),
+    ]
+    assert drawn.image.mode == "RGB" and drawn.prompt_used == PROMPT
+
+
+def test_every_generator_preset_has_its_pipeline_in_the_installed_diffusers() -> None:
+    from imageloop.tools.generators.presets import GENERATOR_PRESETS, resolve_preset
+
+    assert set(GENERATOR_PRESETS) == {"sd3.5-large", "flux.1-dev", "lumina-2", "hidream-i1-fast"}
+    for name, preset in GENERATOR_PRESETS.items():
+        assert resolve_preset(name) == (preset.model, preset)
+    assert GENERATOR_PRESETS["hidream-i1-fast"].llama_text_encoder == "meta-llama/Meta-Llama-3.1-8B-Instruct"
+
+
+def test_a_preset_whose_pipeline_diffusers_lacks_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from imageloop.tools.generators import presets
+
+    missing = presets.GeneratorPreset("NoSuchPipeline", "org/model", 10, 1.0, None, "test")
+    monkeypatch.setitem(presets.GENERATOR_PRESETS, "future-model", missing)
+    with pytest.raises(ConfigError, match=r"preset:future-model needs diffusers' NoSuchPipeline, which diffusers "):
+        make_generator(load_settings(overrides={"generator": "preset:future-model"}))
+    with pytest.raises(ConfigError, match=r"unknown generator preset; known: sd3\.5-large, flux\.1-dev"):
+        make_generator(load_settings(overrides={"generator": "preset:sd4"}))

@@ -46,11 +46,16 @@ def test_simulated_user_search_stops_when_the_target_enters_the_top_k(tmp_path: 
     assert [kind for kind, _ in retriever.calls] == ["image", "image"]  # image→image with the synthetic image
 
 
-def test_search_stops_at_max_rounds_without_asking_after_the_last_round(tmp_path: Path) -> None:
-    state, vlm, _, _ = simulated(tmp_path, [turn("q1"), turn("q2")], [MISS], max_rounds=3)
+def test_max_rounds_counts_refinements_after_round_zero_as_the_paper_does(tmp_path: Path) -> None:
+    state, vlm, _, _ = simulated(tmp_path, [turn("q1"), turn("q2")], [MISS], max_rounds=2)
     assert state["stop_reason"] == "max_rounds"
-    assert len(state["rounds"]) == 3
+    assert [r["round"] for r in state["rounds"]] == [0, 1, 2]
     assert len(vlm.calls) == 3  # the description, then feedback after rounds 0 and 1 only
+
+
+def test_zero_max_rounds_plays_round_zero_alone(tmp_path: Path) -> None:
+    state, vlm, _, _ = simulated(tmp_path, [], [MISS], max_rounds=0)
+    assert [r["round"] for r in state["rounds"]] == [0] and len(vlm.calls) == 1
 
 
 def test_verbal_feedback_draws_nothing_and_retrieves_by_text(tmp_path: Path) -> None:
@@ -159,7 +164,7 @@ def test_a_second_run_on_the_same_thread_starts_clean(tmp_path: Path) -> None:
         vlm, ScriptedGenerator(), ScriptedRankingRetriever([MISS]), ArtifactStore(tmp_path / "a"), InMemorySaver()
     )
     config = {"configurable": {"thread_id": "shared"}}
-    target = {"user": "simulated", "target_id": "t", "target_path": str(tmp_path / "t.png"), "max_rounds": 2, "k": 2}
+    target = {"user": "simulated", "target_id": "t", "target_path": str(tmp_path / "t.png"), "max_rounds": 1, "k": 2}
     first = graph.invoke({}, config, version="v2", context={**target, "feedback": "verbal"}).value
     second = graph.invoke({"query": "a cat"}, config, version="v2")
 

@@ -27,7 +27,15 @@ from imageloop.tools.images import open_image
 from imageloop.tools.indexing.image_index import open_index
 from imageloop.tools.indexing.indexer import IndexingInterrupted, index_folder
 from tests.fakes import FakeHashEmbedder
-from tests.image_folders import CAPTIONS, captioned_folder, numbered_images, sha256, write_image
+from tests.image_folders import (
+    CAPTIONS,
+    PRODUCTS,
+    captioned_folder,
+    numbered_images,
+    product_catalogue,
+    sha256,
+    write_image,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,6 +116,7 @@ def test_sidecar_captions_are_stored_and_embedded(tmp_path: Path) -> None:
         "failed": 0,
         "total": 3,
         "moved": 0,
+        "retagged": 0,
         "removed": 0,
         "failures": [],
     }
@@ -125,6 +134,59 @@ def test_records_carry_the_relative_path_and_folder(tmp_path: Path) -> None:
     (record,) = open_index(folder).store.get([sha256(folder / "birds" / "sparrows" / "one.png")])
     assert record.metadata["path"] == "birds/sparrows/one.png"
     assert record.metadata["folder"] == "birds/sparrows"
+
+
+def test_a_json_sidecar_adds_its_tags_and_attributes_which_where_filters_on(tmp_path: Path) -> None:
+    folder = product_catalogue(tmp_path / "catalogue")
+    index_folder(folder, FakeHashEmbedder(), None, progress=False)
+
+    records = {str(meta["path"]): meta for meta in stored(folder).values()}
+    assert records["tote.png"]["tags"] == ["bag"] and records["tote.png"]["brand"] == "acme"
+    index = open_index(folder)
+    try:
+        query = FakeHashEmbedder().embed_texts(["canvas"])[0]
+        found = index.store.search(query, k=10, where={"tags": "bag", "brand": "acme"})
+    finally:
+        index.close()
+    assert sorted(str(hit.metadata["path"]) for hit in found) == ["backpack.png", "tote.png"]
+
+
+def test_editing_a_json_sidecar_retags_the_record_without_embedding_again(tmp_path: Path, decodes: list[Path]) -> None:
+    folder = product_catalogue(tmp_path / "catalogue")
+    index_folder(folder, FakeHashEmbedder(), None, progress=False)
+    (folder / "mug.json").write_text(json.dumps({"tags": ["kitchen", "gift"]}))
+    (folder / "tote.json").unlink()
+    decodes.clear()
+    embedder = FakeHashEmbedder()
+
+    summary = index_folder(folder, embedder, None, progress=False)
+
+    assert (summary.indexed, summary.skipped, summary.retagged, summary.moved) == (0, len(PRODUCTS), 2, 0)
+    records = {str(meta["path"]): meta for meta in stored(folder).values()}
+    assert records["mug.png"]["tags"] == ["kitchen", "gift"] and "brand" not in records["mug.png"]
+    assert set(records["tote.png"]) == {"path", "folder", "caption"}
+    assert (embedder.text_calls, decodes) == ([], [])
+    assert index_folder(folder, FakeHashEmbedder(), None, progress=False).retagged == 0
+
+
+@pytest.mark.parametrize(
+    ("sidecar", "message"),
+    [
+        ('{"path": "elsewhere.png"}', "'path' is set by the indexer"),
+        ('{"tags": [{"nested": 1}]}', "'tags' must be text, a number, a boolean or a list of them"),
+        ('["sneaker"]', "expected a JSON object"),
+        ("{not json", "cannot read metadata"),
+    ],
+)
+def test_a_bad_json_sidecar_fails_that_image_only(tmp_path: Path, sidecar: str, message: str) -> None:
+    folder = captioned_folder(tmp_path / "images")
+    (folder / "car.json").write_text(sidecar)
+
+    summary = index_folder(folder, FakeHashEmbedder(), None, progress=False)
+
+    assert (summary.indexed, summary.failed) == (2, 1)
+    [(path, reason)] = summary.failures
+    assert path == "car.png" and message in reason
 
 
 def test_the_captioner_is_called_only_for_images_without_a_sidecar(tmp_path: Path) -> None:
@@ -307,6 +369,7 @@ def test_a_moved_file_gets_its_new_path_without_being_embedded_again(tmp_path: P
         "failed": 0,
         "total": 3,
         "moved": 1,
+        "retagged": 0,
         "removed": 0,
         "failures": [],
     }
@@ -663,3 +726,41 @@ def test_a_symlink_leading_out_of_the_folder_is_not_indexed(tmp_path: Path) -> N
     (folder / "link_in.png").symlink_to(folder / "inside.png")
     summary = index_folder(folder, FakeHashEmbedder(embeds_images=True), None, progress=False)
     assert (summary.indexed, summary.skipped, summary.total) == (1, 1, 2)  # the inner link is a duplicate
+
+
+def test_a_file_deleted_from_the_folder_is_pruned_on_reindex(tmp_path: Path) -> None:
+    folder = captioned_folder(tmp_path / "images")
+    index_folder(folder, FakeHashEmbedder(), None, progress=False)
+    (folder / "car.png").unlink()
+
+    summary = index_folder(folder, FakeHashEmbedder(), None, progress=False)
+
+    assert (summary.removed, summary.total, count(folder)) == (1, 2, 2)
+    assert "car.png" not in stored_captions(folder)
+
+
+def test_a_file_edited_in_place_keeps_one_record_under_its_path(tmp_path: Path) -> None:
+    folder = captioned_folder(tmp_path / "images")
+    index_folder(folder, FakeHashEmbedder(), None, progress=False)
+    write_image(folder / "bird.png", 250)  # new bytes under the same name: a new id
+
+    summary = index_folder(folder, FakeHashEmbedder(), None, progress=False)
+
+    assert (summary.indexed, summary.removed, count(folder)) == (1, 1, 3)
+    assert [path for path in stored_captions(folder)].count("bird.png") == 1
+
+
+def test_a_file_that_cannot_be_read_this_time_keeps_its_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = captioned_folder(tmp_path / "images")
+    index_folder(folder, FakeHashEmbedder(), None, progress=False)
+    real_content_id = indexer.content_id
+
+    def unreadable_car(path: Path) -> str:
+        if path.name == "car.png":
+            raise PermissionError("permission denied")
+        return real_content_id(path)
+
+    monkeypatch.setattr(indexer, "content_id", unreadable_car)
+    summary = index_folder(folder, FakeHashEmbedder(), None, progress=False)
+
+    assert (summary.failed, summary.removed, count(folder)) == (1, 0, 3)

@@ -90,7 +90,8 @@ def converse(fakes: FakeBackends, tmp_path: Path, turns: list[Turn], request: st
     state = agent.invoke({"messages": [{"role": "user", "content": request}]})
     assert model.turns == [], "the agent stopped before the script ended"
     assert model.bound == [
-        "index_images", "retrieve_images", "generate_with_references", "genir_round", "genir_feedback", "get_run",
+        "index_images", "retrieve_images", "generate_with_references", "compose_retrieve", "genir_round",
+        "genir_feedback", "get_run", "rage_retrieve", "rage_generate",
     ]  # fmt: skip
     return list(state["messages"])
 

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPECTED_NODES = {
     "imagerag": {"prepare", "generate_draft", "critic", "rewrite", "retrieve", "compose", "generate_with_references"},
     "genir": {"prepare", "choose_feedback", "generate_synthetic", "retrieve", "present", "feedback", "rewrite"},
+    "rage": {"prepare", "retrieve", "select", "generate", "review"},
 }
 
 # Generation mode: the critic plans the concepts, the rewriter writes captions, then retrieval needs the index.
@@ -78,13 +79,13 @@ def configured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Fake
 def test_langgraph_json_names_a_python_factory_per_loop() -> None:
     config = server_config()
     assert config["dependencies"] == ["."]
-    assert set(config["graphs"]) == {"imagerag", "genir"}
+    assert set(config["graphs"]) == {"imagerag", "genir", "cir", "rage"}
     for spec in config["graphs"].values():
         path, _, attribute = spec.partition(":")
         assert path.startswith("./") and (ROOT / path).is_file() and attribute.isidentifier()
 
 
-@pytest.mark.parametrize("name", ["imagerag", "genir"])
+@pytest.mark.parametrize("name", ["imagerag", "genir", "rage"])
 @pytest.mark.usefixtures("no_configuration")
 def test_each_graph_compiles_without_a_checkpointer_and_draws_before_anything_is_configured(name: str) -> None:
     for config in (None, {"configurable": {"thread_id": "t"}}):

@@ -46,7 +46,10 @@ from tests.fake_openai_server import FakeOpenAIServer, RecordedRequest, chat_com
 from tests.fakes import FakeHashEmbedder, ScriptedGenerator, ScriptedVLM
 
 REPO = Path(__file__).resolve().parents[1]
-TOOLS = {"index_images", "retrieve_images", "generate_with_references", "genir_round", "genir_feedback", "get_run"}
+TOOLS = {
+    "index_images", "retrieve_images", "generate_with_references", "genir_round", "genir_feedback", "get_run",
+    "compose_retrieve", "rage_retrieve", "rage_generate",
+}  # fmt: skip
 CAPTIONS = {
     "jay": "a blue jay with a blue crest on a branch",
     "snow": "a snowy branch in winter",
@@ -182,7 +185,7 @@ def stdio(openai: FakeOpenAIServer, library: Path) -> Iterator[Client]:
 # stdio: the contract.
 
 
-def test_lists_the_six_tools_with_bounded_arguments(stdio: Client) -> None:
+def test_lists_the_tools_with_bounded_arguments(stdio: Client) -> None:
     tools = {tool.name: tool for tool in stdio.portal.call(stdio.session.list_tools).tools}
     assert set(tools) == TOOLS
     k = tools["retrieve_images"].inputSchema["properties"]["k"]

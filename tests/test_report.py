@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from imageloop.app import App
 from imageloop.cli import main
@@ -184,3 +186,21 @@ def test_the_report_loads_in_headless_chromium_with_every_image_and_no_console_e
     assert len(images) >= 6
     assert [src for src, width in images if width <= 0] == []  # every image decoded
     assert all(url.startswith(("file://", "data:")) for url in requested), requested
+
+
+def test_a_reference_thumbnail_is_made_once_and_again_only_when_its_source_changes(run_dir: Path) -> None:
+    def made() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in (run_dir / "report_files").glob("*.png")}
+
+    first = made()
+    source = run_dir.parent.parent / "photos" / "jay.png"
+
+    assert main(["report", str(run_dir)]) == 0
+    assert made() == first  # a page rendered again reuses them
+
+    Image.new("RGB", (24, 24), (1, 2, 3)).save(source)
+    later = max(first.values()) + 10**9
+    os.utime(source, ns=(later, later))
+    assert main(["report", str(run_dir)]) == 0
+    [remade] = [name for name, mtime in made().items() if mtime != first[name]]
+    assert Image.open(run_dir / "report_files" / remade).getpixel((0, 0)) == (1, 2, 3)

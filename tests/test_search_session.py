@@ -8,9 +8,13 @@ from pathlib import Path
 import pytest
 
 from imageloop.app import App
+from imageloop.cli import main
+from imageloop.errors import ImageloopError
 from imageloop.graphs.steps import Step
 from imageloop.tools.indexing.indexer import index_folder
-from tests.fake_providers import FakeBackends, captioned_folder, fake_backends
+from tests.fake_providers import FAKE_SETTINGS, FakeBackends, captioned_folder, fake_backends
+
+FAKE_OPTIONS = [option for role, spec in FAKE_SETTINGS.items() for option in (f"--{role}", spec)]
 
 
 class Cancelled(Exception):
@@ -75,3 +79,47 @@ def test_showing_a_session_plays_nothing_and_shows_the_same_round(
 
     assert shown == started
     assert len(fakes.generator.requests) == 1
+
+
+def test_a_found_answer_naming_no_shown_result_is_refused_in_one_line(
+    fakes: FakeBackends, photos: Path, tmp_path: Path
+) -> None:
+    app = App(fakes.settings, runs_dir=tmp_path, sessions_db=tmp_path / "sessions.sqlite")
+    started = app.start_search(photos, "a bird", knobs={"k": 2, "feedback": "verbal"})
+    for answer in ("found: 9", "found: zz"):
+        with pytest.raises(ImageloopError, match=r"is not one of the results shown: answer with a position 0\.\.1"):
+            app.continue_search(started["thread_id"], answer)
+    assert app.show_search(started["thread_id"])["status"] == "awaiting_feedback"  # still asking, nothing ended
+
+
+def test_resuming_with_other_settings_says_which_differ(fakes: FakeBackends, photos: Path, tmp_path: Path) -> None:
+    app = App(fakes.settings, runs_dir=tmp_path, sessions_db=tmp_path / "sessions.sqlite")
+    started = app.start_search(photos, "a bird", knobs={"k": 2, "feedback": "verbal"})
+    with pytest.raises(ImageloopError, match="was started with feedback 'verbal', not 'visual'"):
+        app.show_search(started["thread_id"], given={"feedback": "visual", "k": 2})
+
+
+def test_the_cli_resumes_a_round_cut_off_mid_way_without_its_out_folder(
+    fakes: FakeBackends,
+    photos: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    app = App(fakes.settings, runs_dir=tmp_path / "elsewhere", sessions_db=tmp_path / "sessions.sqlite")
+
+    def stop_after_drawing(step: Step) -> None:
+        if step["node"] == "generate_synthetic":
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        app.start_search(photos, "a bird", knobs={"k": 2}, on_step=stop_after_drawing)
+    [out_dir] = (tmp_path / "elsewhere").iterdir()
+    session = out_dir.name.removeprefix("search-")
+    monkeypatch.setattr("builtins.input", lambda prompt="": "found: 0")
+
+    code = main(["search", "--resume", session, "--sessions", str(tmp_path / "sessions.sqlite"), *FAKE_OPTIONS])
+
+    assert code == 0 and "found:" in capsys.readouterr().out
+    assert (out_dir / "round_0.html").is_file() and (out_dir / "session.json").is_file()
+    assert len(fakes.generator.requests) == 1  # the round was finished, not drawn again

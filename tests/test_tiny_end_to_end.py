@@ -76,7 +76,7 @@ def test_genir_eval_reports_cumulative_hits_and_resumes(
     targets.write_text(f"{photos / 'img02.png'}\n{photos / 'img04.png'}\n")
     # Per target: a first description, then one rewrite after round 0 (unless found at once).
     simulated_user(openai_server, ["a picture", "a greener picture", "a picture", "a redder picture"])
-    args = ["eval", "genir", "--index", str(photos), "--targets", str(targets), "--rounds", "2", "--k", "2",
+    args = ["eval", "genir", "--index", str(photos), "--targets", str(targets), "--rounds", "1", "--k", "2",
             "--feedback", "visual", "--embedder", "tiny:clip", "--generator", "tiny:sd", "--size", "64x64",
             "--vlm", "openai:scripted-vlm", "--vlm-base-url", openai_server.base_url,
             "--out", str(tmp_path / "eval"), "--json"]  # fmt: skip
@@ -84,9 +84,10 @@ def test_genir_eval_reports_cumulative_hits_and_resumes(
     summary = last_json(capsys)
     assert summary["k"] == 2 and summary["n_targets"] == 2
     rounds = summary["rounds"]
-    assert [r["round"] for r in rounds] == [0, 1]  # type: ignore[union-attr]
+    assert [r["round"] for r in rounds] == [0, 1]  # type: ignore[union-attr]  # round 0 + 1 refinement
     hits = [r["hits_at_k"] for r in rounds]  # type: ignore[union-attr]
     assert 0.0 <= hits[0] <= hits[1] <= 1.0  # cumulative
+    assert rounds[0]["latency_s"] > 0  # type: ignore[index]
     dialogues = [json.loads(line) for line in (tmp_path / "eval" / "dialogues.jsonl").read_text().splitlines()]
     assert len(dialogues) == 2
     for dialogue in dialogues:

@@ -5,7 +5,7 @@ served UI in a real Chromium.)"""
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,87 +139,75 @@ def test_a_session_started_in_another_face_opens_by_id(app: App, photos: Path) -
     started = app.start_search(photos, "a tabby cat", knobs={"feedback": "verbal", "k": 2})
     test = page(app, photos)
     test.text_input(key="search_open_id").input(started["thread_id"])
-    test.button[-1].click().run()
+    test.button(key="search_open").click().run()
     assert test.session_state["search"]["thread_id"] == started["thread_id"]
     assert "Round 1: a tabby cat" in texts(test)
 
 
-def test_pick_and_compose_say_what_they_need_when_the_loops_are_missing(app: App, photos: Path) -> None:
-    shown = texts(page(app, photos))
-    assert "needs an imageloop version with the RAGE loop" in shown
-    assert "needs an imageloop version with the CIR loop" in shown
-
-
-class FakeLoopsApp(App):
-    """An App with the RAGE and CIR methods the Pick and Compose tabs expect (the agreed interface)."""
-
-    picked: list[str]
-    composed: dict[str, Any]
-
-    def start_rage(self, index: str | Path, prompt: str, **options: Any) -> dict[str, Any]:
-        found = self.retrieve(index, query=prompt, k=3)
-        candidates = [{"id": r.id, "path": str(r.path), "caption": r.caption, "score": r.score} for r in found]
-        return {"session_id": "s1", "status": "awaiting_selection", "prompt": prompt, "candidates": candidates}
-
-    def continue_rage(self, session_id: str, selected: Sequence[str], **options: Any) -> dict[str, Any]:
-        self.picked = list(selected)
-        references = [r for r in self.retrieve(self.rage_index, query="a", k=3) if r.id in selected]
-        image = references[0].path
-        refs = [{"id": r.id, "path": str(r.path), "caption": r.caption, "score": r.score} for r in references]
-        return {"session_id": session_id, "status": "finished", "image": str(image), "references": refs}
-
-    def compose_retrieve(
-        self, index: str | Path, *, image: str | Path, text: str, k: int | None = None
-    ) -> dict[str, Any]:
-        self.composed = {"image": Path(image), "text": text, "k": k}
-        found = self.retrieve(index, query=text, k=k)
-        results = [{"id": r.id, "path": str(r.path), "caption": r.caption, "score": r.score} for r in found]
-        return {"results": results, "target_description": f"the reference, {text}"}
-
-
-@pytest.fixture
-def loops_app(fakes: FakeBackends, photos: Path, tmp_path: Path) -> Iterator[FakeLoopsApp]:
-    app = FakeLoopsApp(fakes.settings, runs_dir=tmp_path / "runs")
-    app.rage_index = photos  # type: ignore[attr-defined]
-    yield app
-    app.close()
-    set_context(None)
-
-
-def test_pick_generates_with_the_ticked_references_in_their_shown_order(loops_app: FakeLoopsApp, photos: Path) -> None:
-    test = page(loops_app, photos)
-    test.text_input(key="rage_prompt").input("a blue jay")
+def pick_candidates(test: AppTest, review: str = "none") -> list[dict[str, Any]]:
+    test.text_input(key="rage_prompt").input("a blue jay on a branch")
+    test.selectbox(key="rage_review").select(review)
+    test.number_input(key="rage_k").set_value(3)
     test.button(key="FormSubmitter:rage_start-Find references").click().run()
-    candidates = test.session_state["rage"]["candidates"]
-    for hit in (candidates[2], candidates[0]):
-        test.checkbox(key=f"rage|s1|{hit['id']}").check()
-    test.run()
+    assert not test.exception, test.exception
+    candidates: list[dict[str, Any]] = test.session_state["rage"]["candidates"]
+    return candidates
+
+
+def tick(test: AppTest, *picks: dict[str, Any]) -> None:
+    sid = test.session_state["rage"]["session_id"]
+    for hit in picks:
+        test.checkbox(key=f"rage|{sid}|{hit['id']}").check().run()
     [generate] = [b for b in test.button if b.label == "Generate with the ticked images"]
     generate.click().run()
     assert not test.exception, test.exception
-    assert loops_app.picked == [candidates[0]["id"], candidates[2]["id"]]
+
+
+def test_pick_generates_with_the_ticked_references_in_the_order_ticked(
+    app: App, photos: Path, fakes: FakeBackends
+) -> None:
+    test = page(app, photos)
+    candidates = pick_candidates(test)
+    assert len(candidates) == 3 and len([c for c in captions(test) if " · " in c]) >= 3
+    tick(test, candidates[2], candidates[0])
+    session = test.session_state["rage"]
+    assert session["status"] == "finished" and Path(session["final_image"]).is_file()
+    assert [c["id"] for c in session["selected"]] == [candidates[2]["id"], candidates[0]["id"]]
+    sent = fakes.generator.requests[-1].references
+    assert [r.path for r in sent] == [Path(candidates[2]["path"]), Path(candidates[0]["path"])]
+
+
+def test_pick_with_a_person_reviewing_asks_before_it_finishes(app: App, photos: Path) -> None:
+    test = page(app, photos)
+    candidates = pick_candidates(test, review="person")
+    tick(test, candidates[0])
+    assert test.session_state["rage"]["status"] == "awaiting_review"
+    assert "Does this image do?" in captions(test)
+    test.button(key=f"review-{test.session_state['rage']['session_id']}-accept").click().run()
     assert test.session_state["rage"]["status"] == "finished"
 
 
 def test_compose_sends_the_uploaded_image_and_the_change_and_lists_the_matches(
-    loops_app: FakeLoopsApp, photos: Path
+    app: App, photos: Path, fakes: FakeBackends
 ) -> None:
+    fakes.vlm.answers.extend(["a green square", "Edited Description: a tabby cat asleep on a sofa"])  # caption, edit
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), (10, 200, 10)).save(buffer, format="PNG")
-    test = page(loops_app, photos)
+    test = page(app, photos)
     test.file_uploader[0].set_value(("reference.png", buffer.getvalue(), "image/png"))
-    test.text_input[-1].input("in winter")
+    test.text_input[-1].input("make it a cat")
     test.button(key="FormSubmitter:compose-Retrieve").click().run()
     assert not test.exception, test.exception
-    sent = loops_app.composed["image"]
-    assert sent.parent == loops_app.runs_dir / tabs.UPLOADS and Image.open(sent).size == (32, 32)
-    assert loops_app.composed["text"] == "in winter"
-    assert "Looking for: the reference, in winter" in texts(test)
+    shown = test.session_state["compose_results"]
+    uploaded = Path(shown["reference"])
+    assert uploaded.parent == app.runs_dir / tabs.UPLOADS and Image.open(uploaded).size == (32, 32)
+    assert "Looking for: a tabby cat asleep on a sofa" in texts(test)
+    assert Path(shown["results"][0]["path"]).name == "cat.png"
     assert [c for c in captions(test) if c.startswith("#0 · ")]
 
 
-def test_an_upload_that_is_not_an_image_is_refused_in_one_line(loops_app: FakeLoopsApp, photos: Path) -> None:
-    test = page(loops_app, photos)
+def test_an_upload_that_is_not_an_image_is_refused_in_one_line(app: App, photos: Path) -> None:
+    test = page(app, photos)
     test.file_uploader[0].set_value(("reference.png", b"not a png", "image/png"))
     test.text_input[-1].input("in winter")
     test.button(key="FormSubmitter:compose-Retrieve").click().run()

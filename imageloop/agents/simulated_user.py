@@ -13,6 +13,7 @@ Two styles:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -57,6 +58,22 @@ PREDICTION_RANK = 0  # VIsualPredictionFeedBack.py l.646: the shown result is th
 CRITIC_ROLE = "Detail Critic"  # TextOnly.py l.442
 
 
+def user_decoding(
+    style: SimulatedUserStyle,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
+) -> Decoding:
+    """The style's own decoding (the paper's sampling, or greedy for "ours") with any value given replacing its own."""
+    base = PAPER_DECODING if style == "paper" else GREEDY
+    return replace(
+        base,
+        temperature=base.temperature if temperature is None else temperature,
+        top_p=base.top_p if top_p is None else top_p,
+        repetition_penalty=base.repetition_penalty if repetition_penalty is None else repetition_penalty,
+    )
+
+
 class SimulatedUserTurn(BaseModel):
     """What the simulated user says in one round."""
 
@@ -77,7 +94,7 @@ class SimulatedUser:
     ) -> None:
         self.vlm = vlm
         self.style = style
-        self.decoding = decoding if decoding is not None else (PAPER_DECODING if style == "paper" else GREEDY)
+        self.decoding = decoding if decoding is not None else user_decoding(style)
 
     def describe(self, target: Path, kind: ShownKind = "visual") -> str:
         """The first query: the paper's detailed caption of the target (a retrieval caption for prediction

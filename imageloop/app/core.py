@@ -210,7 +210,7 @@ class App:
             return retriever.search_image(self.path(image, "image", kind="file"), k, similarity_threshold, where)
         return retriever.search(limits.check_text("query", str(query)), k, similarity_threshold, where)
 
-    # Loops: ImageRAG runs, GenIR sessions, evaluations (each in its own module of this package).
+    # Loops: ImageRAG runs, GenIR and RAGE sessions, evaluations (each in its own module of this package).
 
     def generate(self, prompt: str | None, index: str | Path | None, **options: Any) -> dict[str, Any]:
         """Run ImageRAG and write its run directory; see `imageloop.app.runs.run_imagerag`."""
@@ -267,11 +267,87 @@ class App:
 
         return show_search(self, session_id, **options)
 
-    def eval_genir(self, index: str | Path, targets: str | Path, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+    def start_rage(self, prompt: str, index: str | Path, **options: Any) -> dict[str, Any]:
+        """Start a RAGE session: retrieve candidates to pick from; see `imageloop.app.rage.start_rage`."""
+        from imageloop.app.rage import start_rage
+
+        return start_rage(self, prompt, index, **options)
+
+    def continue_rage(self, session_id: str, answer: Any, **options: Any) -> dict[str, Any]:
+        """Answer a RAGE session's picks or review and play on; see `imageloop.app.rage.continue_rage`."""
+        from imageloop.app.rage import continue_rage
+
+        return continue_rage(self, session_id, answer, **options)
+
+    def check_rage_answer(self, session_id: str, answer: Any) -> dict[str, Any]:
+        """Refuse a RAGE answer that its pending question cannot take; see `imageloop.app.rage.check_rage_answer`."""
+        from imageloop.app.rage import check_rage_answer
+
+        return check_rage_answer(self, session_id, answer)
+
+    def show_rage(self, session_id: str) -> dict[str, Any]:
+        """A RAGE session as it stands; see `imageloop.app.rage.show_rage`."""
+        from imageloop.app.rage import show_rage
+
+        return show_rage(self, session_id)
+
+    def eval_genir(
+        self, index: str | Path, targets: str | Path | None, out_dir: str | Path, **options: Any
+    ) -> dict[str, Any]:
         """Simulated-user GenIR evaluation; see `imageloop.app.evals.run_genir_eval`."""
         from imageloop.app.evals import run_genir_eval
 
         return run_genir_eval(self, index, targets, out_dir, **options)
+
+    # Composed image retrieval and DAIG (`app/cir.py`, `app/triplets.py`, `app/training.py`).
+
+    def compose_retrieve(self, index: str | Path, reference: str | Path, change: str, **options: Any) -> dict[str, Any]:
+        """The images of `index` that show `reference` changed as `change` says; see `imageloop.app.cir`."""
+        from imageloop.app.cir import compose_retrieve
+
+        return compose_retrieve(self, index, reference, change, **options)
+
+    def eval_cir(
+        self, index: str | Path, annotations: str | Path, fmt: str, out_dir: str | Path, **options: Any
+    ) -> dict[str, Any]:
+        """CIRR or FashionIQ through the CIR graph; see `imageloop.app.cir.run_cir_eval`."""
+        from imageloop.app.cir import run_cir_eval
+
+        return run_cir_eval(self, index, annotations, fmt, out_dir, **options)
+
+    def synthesize_triplets(
+        self, objects: str | Path, edits: Any, n: int, out_dir: str | Path, **options: Any
+    ) -> dict[str, Any]:
+        """DAIG's triplet synthesis into a dataset folder; see `imageloop.app.triplets`."""
+        from imageloop.app.triplets import synthesize_triplets
+
+        return synthesize_triplets(self, objects, edits, n, out_dir, **options)
+
+    def train_cir(self, triplets: str | Path, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+        """Train a composed-query model (DRSP, then FRA); see `imageloop.app.training`."""
+        from imageloop.app.training import train_cir
+
+        return train_cir(self, triplets, out_dir, **options)
+
+    def train_cir_lora(self, triplets: str | Path, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+        """Train a CIR-LoRA on FLUX; see `imageloop.app.training`."""
+        from imageloop.app.training import train_cir_lora
+
+        return train_cir_lora(self, triplets, out_dir, **options)
+
+    def rescore_genir(self, out_dir: str | Path, index: str | Path | None = None) -> dict[str, Any]:
+        """Re-score a GenIR evaluation's saved queries by text alone; see `imageloop.app.evals.rescore_genir_text`."""
+        from imageloop.app.evals import rescore_genir_text
+
+        return rescore_genir_text(self, out_dir, index)
+
+    def eval_imagerag(
+        self, prompts: str | Path, index: str | Path, out_dir: str | Path, **options: Any
+    ) -> dict[str, Any]:
+        """ImageRAG evaluation, draft vs final; see `imageloop.app.evals.run_imagerag_eval`."""
+        from imageloop.app.evals import run_imagerag_eval
+
+        return run_imagerag_eval(self, prompts, index, out_dir, **options)
 
     # Background runs.
 

@@ -4,8 +4,9 @@ A server builds a graph to run it, and also to draw it or read its schemas, so n
 configured at build time: the process-wide `App` (settings from `IMAGELOOP_*`, paths confined to
 `IMAGELOOP_ROOTS`, default the working directory) is created when a node first needs a model or an
 index. The run context names the index and where images go (`DeployedImageRAGContext`,
-`DeployedGenIRContext`), and knobs a run leaves unset take the deployment's settings. Every finished
-ImageRAG run writes its record under `<runs>/server/<run id>/run.json`, as the CLI does.
+`DeployedGenIRContext`, `DeployedCIRContext`, `DeployedRAGEContext`), and knobs a run leaves unset take
+the deployment's settings. Every finished ImageRAG or RAGE run writes its record under
+`<runs>/server/<run id>/run.json`, as the CLI does.
 """
 
 from __future__ import annotations
@@ -21,18 +22,23 @@ from typing import Any, Literal
 from langgraph.runtime import get_runtime
 
 from imageloop.app.core import App
+from imageloop.app.rage import rage_record
 from imageloop.app.runs import imagerag_record, new_run_id
 from imageloop.errors import ConfigError
 from imageloop.files import write_json_atomic
+from imageloop.graphs.cir import CIRContext, ComposedQueryModel
 from imageloop.graphs.genir import GenIRContext
 from imageloop.graphs.imagerag import ImageRAGContext
+from imageloop.graphs.rage import RAGEContext
 from imageloop.protocols import (
     GREEDY,
     Decoding,
+    Embedder,
     GenerationRequest,
     GenerationResult,
     Message,
     RetrievedImage,
+    Vector,
 )
 from imageloop.report import write_report
 from imageloop.tools.artifacts import ArtifactStore
@@ -71,8 +77,24 @@ class DeployedImageRAGContext(ImageRAGContext):
 
 
 @dataclass(kw_only=True)
+class DeployedCIRContext(CIRContext):
+    """CIR's knobs plus where a server run searches and draws its proxy."""
+
+    index: str | None = field(default=None, metadata={"description": f"an indexed image folder (${INDEX_ENV})"})
+    artifacts_dir: str | None = field(default=None, metadata={"description": "where proxy images are stored"})
+
+
+@dataclass(kw_only=True)
 class DeployedGenIRContext(GenIRContext):
     """GenIR's knobs plus where a server run searches and draws."""
+
+    index: str | None = field(default=None, metadata={"description": f"an indexed image folder (${INDEX_ENV})"})
+    artifacts_dir: str | None = field(default=None, metadata={"description": "where drawn images are stored"})
+
+
+@dataclass(kw_only=True)
+class DeployedRAGEContext(RAGEContext):
+    """RAGE's knobs plus the catalogue a server run searches and where it draws."""
 
     index: str | None = field(default=None, metadata={"description": f"an indexed image folder (${INDEX_ENV})"})
     artifacts_dir: str | None = field(default=None, metadata={"description": "where drawn images are stored"})
@@ -125,11 +147,37 @@ class ContextRetriever:
     def route(self) -> Literal["image", "caption"]:
         return deployed_app().retriever(_index()).route
 
-    def search(self, text: str, k: int, similarity_threshold: float | None = None) -> list[RetrievedImage]:
-        return deployed_app().retriever(_index()).search(text, k, similarity_threshold)
+    def search(
+        self, text: str, k: int, similarity_threshold: float | None = None, where: Mapping[str, Any] | None = None
+    ) -> list[RetrievedImage]:
+        return deployed_app().retriever(_index()).search(text, k, similarity_threshold, where)
 
     def search_image(self, image: Path, k: int, similarity_threshold: float | None = None) -> list[RetrievedImage]:
         return deployed_app().retriever(_index()).search_image(image, k, similarity_threshold)
+
+    @property
+    def embedder(self) -> Embedder:
+        return deployed_app().retriever(_index()).embedder
+
+    def search_vector(self, vector: Vector, k: int) -> list[RetrievedImage]:
+        return deployed_app().retriever(_index()).search_vector(vector, k)
+
+    def stored_vectors(self, ids: Sequence[str]) -> dict[str, Vector]:
+        return deployed_app().retriever(_index()).stored_vectors(ids)
+
+
+def deployed_caption(image: Path) -> str:
+    """The deployment's captioner (the captioner role, else the VLM) describing `image`."""
+    from imageloop.agents.captioner import VLMCaptioner
+
+    return VLMCaptioner(deployed_app().vlm(role="captioner"))(image)
+
+
+def deployed_query_model(folder: str) -> ComposedQueryModel:
+    """A run's composed-query model, its folder confined to the deployment's roots."""
+    from imageloop.app.cir import load_query_model
+
+    return load_query_model(str(deployed_app().path(folder, "cir_model", kind="dir")))
 
 
 class ContextArtifacts(ArtifactStore):
@@ -153,5 +201,18 @@ def record_run(state: Mapping[str, Any]) -> None:
     seconds = sum(float(step["seconds"]) for step in state.get("steps", []))
     index = app.index(_index()).root
     record = imagerag_record(state, app.settings, run_dir, ContextArtifacts(), index, seconds)
+    write_json_atomic(run_dir / "run.json", {**record, "finished_at": time.time()})
+    write_report(run_dir, record)
+
+
+def record_rage_run(state: Mapping[str, Any]) -> None:
+    """Write a finished server RAGE run's record and report (with its final.png), as the CLI does."""
+    app = deployed_app()
+    run_dir = app.runs_dir / "server" / new_run_id()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = rage_record(
+        state, run_id=run_dir.name, out_dir=run_dir, artifacts=ContextArtifacts(), index=app.index(_index()).root,
+        settings=app.settings, status="finished",
+    )  # fmt: skip
     write_json_atomic(run_dir / "run.json", {**record, "finished_at": time.time()})
     write_report(run_dir, record)

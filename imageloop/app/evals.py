@@ -3,40 +3,131 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
-from dataclasses import asdict
+import shutil
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imageloop import limits
+from imageloop.agents.simulated_user import user_decoding
+from imageloop.app.runs import RUN_RECORD, imagerag_knobs, run_imagerag
 from imageloop.app.sessions import genir_knobs
-from imageloop.errors import ImageloopError
-from imageloop.eval.genir import EVAL_SETTINGS, SUMMARY, GenIREvalSettings, evaluate_targets, load_targets, summarise
+from imageloop.config import Settings
+from imageloop.errors import ConfigError, ImageloopError
+from imageloop.eval.genir import (
+    EVAL_SETTINGS,
+    SUMMARY,
+    TEXT_RESCORE,
+    GenIREvalSettings,
+    Target,
+    benchmark_targets,
+    evaluate_targets,
+    load_targets,
+    read_dialogues,
+    rescore_text,
+    summarise,
+)
+from imageloop.eval.genir_data import GENIR_SAMPLE_SEED, load_genir_benchmark, sample
+from imageloop.eval.imagerag import EVAL_SETTINGS as IMAGERAG_EVAL_SETTINGS
+from imageloop.eval.imagerag import (
+    METRICS,
+    PromptCase,
+    Scorer,
+    evaluate_prompts,
+    load_prompts,
+    real_image_files,
+    write_eval_report,
+)
+from imageloop.eval.imagerag import SUMMARY as IMAGERAG_SUMMARY
+from imageloop.eval.imagerag import summarise as summarise_imagerag
 from imageloop.files import write_json_atomic
 from imageloop.graphs.genir import build_genir_graph
+from imageloop.report import read_record
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tools.embedders.batching import BatchingEmbedder
+from imageloop.tools.indexing.image_index import ImageIndex
 from imageloop.tools.indexing.retriever import Retriever
 
 if TYPE_CHECKING:
     from imageloop.app.core import App
 
 OnTarget = Callable[[int, int], None]
+OnPrompt = Callable[[int, int], None]
+
+
+def _eval_settings(settings: Settings, embedder_id: str, index: Path) -> GenIREvalSettings:
+    decoding = user_decoding(
+        settings.simulated_user, settings.user_temperature, settings.user_top_p, settings.user_repetition_penalty
+    )
+    draws = settings.feedback in ("visual", "hybrid")
+    return GenIREvalSettings(
+        rounds=settings.rounds,
+        ks=list(settings.ks or (settings.k,)),
+        feedback=settings.feedback,
+        hybrid_rule=settings.hybrid_rule,
+        hybrid_visual_fraction=settings.hybrid_visual_fraction,
+        hybrid_fallback=settings.hybrid_fallback,
+        simulated_user=settings.simulated_user,
+        user_decoding={
+            "temperature": decoding.temperature,
+            "top_p": decoding.top_p,
+            "repetition_penalty": decoding.repetition_penalty,
+        },
+        rank_depth=settings.rank_depth,
+        seed=settings.seed,
+        vlm=str(settings.role_spec("vlm")),
+        generator=str(settings.role_spec("generator")) if draws else "-",
+        embedder=embedder_id,
+        index=str(index),
+    )
+
+
+def _targets(
+    app: App,
+    index: ImageIndex,
+    targets: str | Path | None,
+    benchmark: str | None,
+    images: str | Path | None,
+    annotations: str | Path | None,
+    sample_size: int | None,
+) -> list[Target]:
+    """The targets: a folder or list of images, or a benchmark read from the user's disk (optionally sampled)."""
+    if (targets is None) == (benchmark is None):
+        raise ConfigError("give the targets (--targets) or a benchmark (--benchmark with --images), not both")
+    if targets is not None:
+        if sample_size is not None or images is not None or annotations is not None:
+            raise ConfigError("--sample, --images and --annotations go with --benchmark")
+        return load_targets(app.path(targets, "targets"), index)
+    if images is None:
+        raise ConfigError(f"--benchmark {benchmark} needs --images: the folder the benchmark's images are in")
+    limits.check("sample", sample_size)
+    listed = load_genir_benchmark(
+        str(benchmark),
+        app.path(images, "images", kind="dir"),
+        app.path(annotations, "annotations", kind="file") if annotations is not None else None,
+    )
+    return benchmark_targets(sample(listed, sample_size, GENIR_SAMPLE_SEED), index)
 
 
 def run_genir_eval(
     app: App,
     index: str | Path,
-    targets: str | Path,
+    targets: str | Path | None,
     out_dir: str | Path,
     *,
+    benchmark: str | None = None,
+    images: str | Path | None = None,
+    annotations: str | Path | None = None,
+    sample: int | None = None,
     knobs: Mapping[str, Any] | None = None,
     concurrency: int = 1,
     on_target: OnTarget | None = None,
 ) -> dict[str, Any]:
     """Run the simulated-user loop for every target not yet done in `out_dir`; write and return the summary.
 
-    `knobs` may set feedback, rounds, k, rank_depth and the drawing knobs (else the settings').
+    Targets are a folder or list of images (`targets`), or a benchmark (`benchmark`, `images`,
+    `annotations`; `sample` draws that many with GenIR's seed 42). `knobs` may set any GenIR or drawing
+    setting (feedback, rounds, k, ks, the hybrid rule, the simulated user and its decoding, ...).
     """
     settings = app.with_knobs(**(knobs or {}))
     limits.check("concurrency", concurrency)
@@ -44,37 +135,130 @@ def run_genir_eval(
     embedder = app.embedder(settings)
     # Concurrent searches share embedding calls: one batch costs about what one item does on a GPU.
     retriever = Retriever(app.index(folder), BatchingEmbedder(embedder) if concurrency > 1 else embedder)
-    uses_generator = settings.feedback in ("visual", "hybrid")
-    eval_settings = GenIREvalSettings(
-        rounds=settings.rounds,
-        k=settings.k,
-        feedback=settings.feedback,
-        rank_depth=settings.rank_depth,
-        seed=settings.seed,
-        vlm=str(settings.role_spec("vlm")),
-        generator=str(settings.role_spec("generator")) if uses_generator else "-",
-        embedder=embedder.model_id,
-        index=str(folder),
-    )
-    target_list = load_targets(app.path(targets, "targets"), retriever.index)
+    eval_settings = _eval_settings(settings, embedder.model_id, folder)
+    target_list = _targets(app, retriever.index, targets, benchmark, images, annotations, sample)
     out = app.path(out_dir, "out", kind="out")
     out.mkdir(parents=True, exist_ok=True)
     settings_file = out / EVAL_SETTINGS
-    if settings_file.exists() and json.loads(settings_file.read_text()) != asdict(eval_settings):
+    if settings_file.exists() and json.loads(settings_file.read_text()) != eval_settings.to_json():
         raise ImageloopError(f"{out} holds an evaluation with other settings: use another --out")
-    write_json_atomic(settings_file, asdict(eval_settings))
+    write_json_atomic(settings_file, eval_settings.to_json())
     graph = build_genir_graph(
         app.vlm(settings),
-        app.generator(settings) if uses_generator else None,
+        app.generator(settings) if eval_settings.generator != "-" else None,
         retriever,
         ArtifactStore(out / "artifacts"),
         defaults=genir_knobs(settings),
     )
-    done = evaluate_targets(
-        graph, target_list, out, rounds=settings.rounds, k=settings.k, feedback=settings.feedback,
-        rank_depth=settings.rank_depth, concurrency=concurrency, on_target=on_target,
-    )  # fmt: skip
+    done = evaluate_targets(graph, target_list, out, eval_settings, concurrency=concurrency, on_target=on_target)
     wanted = {t.id for t in target_list}
     summary = summarise((r for target_id, r in done.items() if target_id in wanted), eval_settings)
     write_json_atomic(out / SUMMARY, summary)
+    return summary
+
+
+def rescore_genir_text(app: App, out_dir: str | Path, index: str | Path | None = None) -> dict[str, Any]:
+    """Re-score an evaluation's saved queries with text-only retrieval; writes and returns `text_rescore.json`.
+
+    The index defaults to the one the evaluation searched; the configured embedder must be the one that
+    built it (its text tower embeds the queries).
+    """
+    out = app.path(out_dir, "evaluation folder", kind="dir")
+    settings_file = out / EVAL_SETTINGS
+    if not settings_file.is_file():
+        raise ImageloopError(f"{out} is not a GenIR evaluation folder (no {EVAL_SETTINGS})")
+    recorded = GenIREvalSettings(**json.loads(settings_file.read_text()))
+    retriever = app.retriever(index if index is not None else recorded.index)
+    summary = rescore_text(read_dialogues(out).values(), retriever, recorded)
+    summary["embedder"] = retriever.embedder.model_id
+    write_json_atomic(out / TEXT_RESCORE, summary)
+    return summary
+
+
+def _metric_names(metrics: str | Sequence[str] | None, cases: Sequence[PromptCase]) -> list[str]:
+    """The metrics asked for (`clip,siglip,...`), or all of them (dino only where there are real images)."""
+    has_real = any(real_image_files(case) for case in cases)
+    if metrics is None:
+        return [name for name in METRICS if name != "dino" or has_real]
+    items = metrics.split(",") if isinstance(metrics, str) else list(metrics)
+    names = list(dict.fromkeys(item.strip().lower() for item in items if item.strip()))
+    unknown = [name for name in names if name not in METRICS]
+    if unknown or not names:
+        raise ConfigError(f"--metrics {metrics!r}: expected some of {','.join(METRICS)}")
+    if "dino" in names and not has_real:
+        raise ConfigError("dino compares with real images: pass --real-images DIR, or a folder of classes as --prompts")
+    return names
+
+
+def _scorer(app: App, settings: Settings, name: str) -> Scorer:
+    """The scorer of metric `name`, its model built once per process like every backend."""
+    from imageloop.eval.scorers import DinoScorer, TextImageScorer, VLMJudge, dino_encoder
+
+    if name in ("clip", "siglip"):
+        spec = settings.eval_clip if name == "clip" else settings.eval_siglip
+        return TextImageScorer(name, app.embedder(settings.with_overrides({"embedder": spec})))
+    if name == "dino":
+        return DinoScorer(dino_encoder(settings.eval_dino, settings))
+    return VLMJudge(app.vlm(settings.with_overrides({"vlm": settings.judge})))
+
+
+def run_imagerag_eval(
+    app: App,
+    prompts: str | Path,
+    index: str | Path,
+    out_dir: str | Path,
+    *,
+    real_images: str | Path | None = None,
+    metrics: str | Sequence[str] | None = None,
+    knobs: Mapping[str, Any] | None = None,
+    concurrency: int = 1,
+    on_prompt: OnPrompt | None = None,
+) -> dict[str, Any]:
+    """Run ImageRAG for every prompt not yet scored in `out_dir`, score draft and final; write and return the summary.
+
+    `prompts` is a text file or a folder of classes (`imageloop.eval.imagerag`); `knobs` are the loop's
+    (a preset profile sets them all). The summary is `{"n", "metrics": {NAME: {"draft", "final", "delta"}},
+    "stop_reasons", "settings"}`, each entry a mean with its 95% interval.
+    """
+    settings = app.with_knobs(**(knobs or {}))
+    limits.check("concurrency", concurrency)
+    real_root = app.path(real_images, "real images", kind="dir") if real_images is not None else None
+    cases = load_prompts(app.path(prompts, "prompts"), real_root)
+    names = _metric_names(metrics, cases)
+    folder = app.retriever(index, settings).index.root  # refuses a missing, empty or mismatched index first
+    specs = {"clip": settings.eval_clip, "siglip": settings.eval_siglip, "dino": settings.eval_dino,
+             "vlmscore": settings.judge or str(settings.role_spec("vlm"))}  # fmt: skip
+    eval_settings: dict[str, Any] = json.loads(
+        json.dumps(
+            {
+                "metrics": {name: specs[name] for name in names},
+                "models": {role: str(settings.role_spec(role)) for role in ("vlm", "generator", "embedder")},
+                "index": str(folder),
+                "knobs": imagerag_knobs(settings),
+            }
+        )
+    )
+    out = app.path(out_dir, "out", kind="out")
+    out.mkdir(parents=True, exist_ok=True)
+    settings_file = out / IMAGERAG_EVAL_SETTINGS
+    if settings_file.exists() and json.loads(settings_file.read_text()) != eval_settings:
+        raise ImageloopError(f"{out} holds an evaluation with other settings: use another --out")
+    write_json_atomic(settings_file, eval_settings)
+    scorers = [_scorer(app, settings, name) for name in names]
+
+    def run_case(case: PromptCase, run_dir: Path) -> Mapping[str, Any]:
+        if (run_dir / RUN_RECORD).is_file():
+            previous = read_record(run_dir)
+            if previous.get("stop_reason") != "error":
+                return previous  # ran to its end before: score it as it is
+            return run_imagerag(app, None, None, out_dir=run_dir, knobs=knobs, resume=True)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # a run killed before it wrote any record: start it again
+        return run_imagerag(app, case.prompt, folder, out_dir=run_dir, knobs=knobs)
+
+    done = evaluate_prompts(cases, out, run_case, scorers, concurrency=concurrency, on_prompt=on_prompt)
+    records = [done[case.key] for case in cases if case.key in done]
+    summary = {**summarise_imagerag(records, names), "settings": eval_settings}
+    write_json_atomic(out / IMAGERAG_SUMMARY, summary)
+    write_eval_report(out, summary, records)
     return summary

@@ -72,7 +72,8 @@ def imagerag_knobs(settings: Settings) -> ImageRAGKnobs:
     )
 
 
-def _export_image(artifacts: ArtifactStore, artifact_id: str | None, target: Path) -> str | None:
+def export_image(artifacts: ArtifactStore, artifact_id: str | None, target: Path) -> str | None:
+    """Copy an artifact to `target` (e.g. the run's final.png); returns the copy's path, None for no image."""
     if artifact_id is None:
         return None
     shutil.copyfile(artifacts.path(artifact_id), target)
@@ -89,9 +90,9 @@ def imagerag_record(
     error: str | None = None,
 ) -> dict[str, Any]:
     """run.json from the final (or last known) state, exporting final.png and draft.png."""
-    draft = _export_image(artifacts, state.get("draft_image"), run_dir / "draft.png")
+    draft = export_image(artifacts, state.get("draft_image"), run_dir / "draft.png")
     final_id = state.get("final_image") or state.get("current_image")
-    final = _export_image(artifacts, final_id, run_dir / "final.png")
+    final = export_image(artifacts, final_id, run_dir / "final.png")
     # The references of the image returned (which may be an earlier one than the last generated).
     returned = next((image for image in reversed(state.get("images", [])) if image["artifact"] == final_id), None)
     used = set(returned.get("references", [])) if returned else set()

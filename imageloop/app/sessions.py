@@ -14,7 +14,6 @@ import html
 import json
 import shutil
 import sqlite3
-import threading
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager
@@ -22,16 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from langchain_core.runnables import RunnableConfig
-from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.types import Command, StateSnapshot
 
 from imageloop import limits
+from imageloop.app.threads import OnStep, checkpointed_thread, pending_interrupt, play, thread_config
 from imageloop.config import FEEDBACK_KINDS, FeedbackKind, Settings
 from imageloop.errors import ConfigError, ImageloopError
 from imageloop.files import write_json_atomic
 from imageloop.graphs.genir import GenIRContext, GenIRGraph, GenIRKnobs, build_genir_graph, resolve_found
-from imageloop.graphs.steps import OnStep, follow_steps_and_progress
 from imageloop.progress import OnProgress
 from imageloop.tools.artifacts import ArtifactStore
 
@@ -40,8 +37,6 @@ if TYPE_CHECKING:
 
 SESSIONS_TABLE = "imageloop_search_sessions"
 SESSION_FILE = "session.json"
-_THREAD_LOCKS: dict[str, threading.Lock] = {}
-_THREAD_LOCKS_GUARD = threading.Lock()
 
 
 def genir_knobs(settings: Settings) -> GenIRKnobs:
@@ -55,6 +50,10 @@ def genir_knobs(settings: Settings) -> GenIRKnobs:
         k=settings.k,
         rank_depth=settings.rank_depth,
         hybrid_threshold=settings.hybrid_threshold,
+        simulated_user=settings.simulated_user,
+        user_temperature=settings.user_temperature,
+        user_top_p=settings.user_top_p,
+        user_repetition_penalty=settings.user_repetition_penalty,
         seed=settings.seed,
         size=settings.size,
         steps_per_image=settings.steps,
@@ -124,8 +123,8 @@ def continue_search(
     session = load_search_session(app, thread_id)
     _refuse_other_settings(session, given or {})
     with _session_graph(app, session) as graph:
-        snapshot = graph.get_state(_config(thread_id))
-        pending = _pending(snapshot)
+        snapshot = graph.get_state(thread_config(thread_id))
+        pending = pending_interrupt(snapshot)
         if pending is None and snapshot.next:
             return _play(graph, session, None, on_step, on_progress)
         if answer is None or pending is None:
@@ -145,7 +144,7 @@ def show_search(app: App, thread_id: str, *, given: Mapping[str, Any] | None = N
     session = load_search_session(app, thread_id)
     _refuse_other_settings(session, given or {})
     with _session_graph(app, session) as graph:
-        return _shown(session, graph.get_state(_config(thread_id)))
+        return _shown(session, graph.get_state(thread_config(thread_id)))
 
 
 def load_search_session(app: App, thread_id: str) -> SearchSession:
@@ -203,10 +202,6 @@ def _create_sessions_table(conn: sqlite3.Connection) -> None:
         conn.execute(f"ALTER TABLE {SESSIONS_TABLE} ADD COLUMN knobs TEXT")
 
 
-def _config(thread_id: str) -> RunnableConfig:
-    return {"configurable": {"thread_id": thread_id}}
-
-
 def _context(session: SearchSession) -> GenIRContext:
     return GenIRContext(user="person", feedback=session.feedback, max_rounds=session.rounds, k=session.k)
 
@@ -214,18 +209,14 @@ def _context(session: SearchSession) -> GenIRContext:
 @contextmanager
 def _session_graph(app: App, session: SearchSession) -> Iterator[GenIRGraph]:
     """The session's graph over its index, checkpointed in the sessions database; one call per session at a time."""
-    with _THREAD_LOCKS_GUARD:
-        lock = _THREAD_LOCKS.setdefault(session.thread_id, threading.Lock())
     settings = app.settings
     retriever = app.retriever(session.index, settings)
     generator = app.generator(settings) if session.feedback in ("visual", "hybrid") else None
     session.out_dir.mkdir(parents=True, exist_ok=True)
     artifacts = ArtifactStore(session.out_dir / "artifacts")
-    app.sessions_db.parent.mkdir(parents=True, exist_ok=True)
-    # A generous busy timeout: a server plays several sessions at once against one database.
-    with lock, closing(sqlite3.connect(app.sessions_db, timeout=30.0, check_same_thread=False)) as conn:
+    with checkpointed_thread(app.sessions_db, session.thread_id) as checkpointer:
         yield build_genir_graph(
-            app.vlm(settings), generator, retriever, artifacts, SqliteSaver(conn), defaults=genir_knobs(settings)
+            app.vlm(settings), generator, retriever, artifacts, checkpointer, defaults=genir_knobs(settings)
         )
 
 
@@ -236,22 +227,9 @@ def _play(
     on_step: OnStep | None,
     on_progress: OnProgress | None = None,
 ) -> dict[str, Any]:
-    """Play to the next question or the end, handing each node's steps to `on_step` as the node finishes
-    and in-node progress (drawing the synthetic image) to `on_progress`.
-
-    `on_step` may raise to stop the play there (a server's cancel): the checkpoint keeps every finished
-    node, and the session shows as "incomplete" until `continue_search(app, thread_id, None)`.
-    """
-    config = _config(session.thread_id)
-    chunks = graph.stream(command, config, stream_mode=["updates", "custom"], context=_context(session))  # type: ignore[arg-type]
-    follow_steps_and_progress(chunks, on_step, on_progress)
-    return _shown(session, graph.get_state(config))
-
-
-def _pending(snapshot: StateSnapshot) -> dict[str, Any] | None:
-    """The question the session waits on (the feedback node's interrupt payload), if any."""
-    pending: list[dict[str, Any]] = [i.value for task in snapshot.tasks for i in task.interrupts]
-    return pending[0] if pending else None
+    """Play to the next question or the end (see `imageloop.app.threads.play`), in-node progress (drawing the
+    synthetic image) to `on_progress`; a stopped round shows "incomplete"."""
+    return _shown(session, play(graph, command, session.thread_id, _context(session), on_step, on_progress))
 
 
 def _summary(thread_id: str, state: Mapping[str, Any]) -> dict[str, Any]:
@@ -267,7 +245,7 @@ def _summary(thread_id: str, state: Mapping[str, Any]) -> dict[str, Any]:
 def _shown(session: SearchSession, snapshot: StateSnapshot) -> dict[str, Any]:
     state = dict(snapshot.values)
     base = {**_summary(session.thread_id, state), "out_dir": str(session.out_dir), "settings": session.knobs()}
-    payload = _pending(snapshot)
+    payload = pending_interrupt(snapshot)
     if payload is not None:
         synthetic, page = publish_round(payload, session.out_dir)
         return {

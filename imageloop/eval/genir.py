@@ -1,31 +1,48 @@
-"""GenIR evaluation: a simulated user searches for each target; cumulative Hits@K per round.
+"""GenIR evaluation: a simulated user searches for each target; cumulative Hits@K per round, as the paper counts.
+
+Rounds are counted as GenIR counts them: `rounds=10` is round 0 (the first description) plus 10
+refinement rounds, reported as rounds 0..10. A dialogue runs until its target ranks below the
+smallest K or the rounds run out, so Hits@K for every K in `ks` comes from the same dialogues (a
+cumulative hit at the smallest K is a hit at every larger one).
+
+Hybrid feedback comes in two kinds. Ours (`hybrid_rule="confidence"`) decides per round inside the
+graph: draw first, show the top hit once retrieval looks confident. The paper's decides per query:
+`random` shows a drawing to a seeded share (`hybrid_visual_fraction`, 0.223 in the paper) of the
+targets and the fallback feedback to the rest; `oracle` plays both and keeps the dialogue that found
+its target first (an upper bound that needs the target, so it exists only here).
 
 The run directory holds `dialogues.jsonl` (one line per finished target: every round's query,
-synthetic image, retrieved ids with scores and the target's rank), `summary.json`, the synthetic
-images under `artifacts/`, and `eval.json` (the settings). A re-run with the same settings skips the
-targets already in `dialogues.jsonl`, so an interrupted evaluation loses at most the targets in flight.
+synthetic image, retrieved ids with scores, the target's rank and the round's seconds),
+`summary.json`, the synthetic images under `artifacts/`, and `eval.json` (the settings). A re-run with
+the same settings skips the targets already in `dialogues.jsonl`, so an interrupted evaluation loses at
+most the targets in flight. `rescore_text` re-scores the saved queries with text-only retrieval (the
+paper's check that its dialogues carry the information, not only its drawings).
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from imageloop.config import FeedbackKind
-from imageloop.errors import ImageloopError
+from imageloop.config import FeedbackKind, HybridFallback, HybridRule
+from imageloop.errors import ConfigError, ImageloopError
+from imageloop.eval import journaled
+from imageloop.eval.genir_data import BenchmarkTarget
 from imageloop.eval.metrics import cumulative_hits_at_k, mean_best_rank, per_round_hits_at_k
+from imageloop.files import read_jsonl
 from imageloop.graphs.genir import GenIRContext, GenIRGraph
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tools.images import IMAGE_SUFFIXES, content_id
 from imageloop.tools.indexing.image_index import ImageIndex
+from imageloop.tools.indexing.retriever import Retriever
 
 DIALOGUES = "dialogues.jsonl"
 SUMMARY = "summary.json"
+TEXT_RESCORE = "text_rescore.json"
 EVAL_SETTINGS = "eval.json"
 
 
@@ -39,11 +56,20 @@ class Target:
 
 @dataclass(frozen=True)
 class GenIREvalSettings:
-    """What makes two evaluation runs comparable; a resume must match it exactly."""
+    """What makes two evaluation runs comparable; a resume must match it exactly.
+
+    `rounds` are refinement rounds after round 0; a dialogue stops at the smallest of `ks`. The hybrid
+    fields matter only for hybrid feedback; the user's decoding is the effective one.
+    """
 
     rounds: int
-    k: int
+    ks: list[int]
     feedback: FeedbackKind
+    hybrid_rule: HybridRule
+    hybrid_visual_fraction: float
+    hybrid_fallback: HybridFallback
+    simulated_user: str
+    user_decoding: dict[str, float]
     rank_depth: int
     seed: int | None
     vlm: str
@@ -51,44 +77,73 @@ class GenIREvalSettings:
     embedder: str
     index: str
 
+    @property
+    def stop_k(self) -> int:
+        """The K a dialogue stops at: the smallest."""
+        return min(self.ks)
+
+    @property
+    def per_query_hybrid(self) -> bool:
+        """Whether hybrid feedback is chosen per query (the paper's) rather than per round (ours)."""
+        return self.feedback == "hybrid" and self.hybrid_rule != "confidence"
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as `eval.json` holds them (JSON types only, so a reread compares equal)."""
+        loaded: dict[str, Any] = json.loads(json.dumps(asdict(self)))
+        return loaded
+
 
 def _target_files(spec: Path) -> list[Path]:
     if spec.is_dir():
         return sorted(p for p in spec.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if spec.is_file() and spec.suffix.lower() in IMAGE_SUFFIXES:
+        return [spec]
     if spec.is_file():
         lines = [line.strip() for line in spec.read_text(encoding="utf-8").splitlines()]
         return [(spec.parent / line) for line in lines if line and not line.startswith("#")]
     raise ImageloopError(f"--targets {spec}: no such file or folder")
 
 
-def load_targets(spec: Path, index: ImageIndex) -> list[Target]:
-    """Targets from a folder of images or a file listing paths; each must be in the index."""
+def indexed_targets(paths: Iterable[Path], index: ImageIndex) -> list[Target]:
+    """Each image as a target under its index id (the sha256 of its bytes); one missing from the index is refused."""
     targets: list[Target] = []
-    for path in _target_files(spec):
+    for path in paths:
         if not path.is_file():
             raise ImageloopError(f"target {path} does not exist")
         target_id = content_id(path)
         if not index.store.get([target_id]):
             raise ImageloopError(f"target {path} is not in the index at {index.root}: index it first")
         targets.append(Target(target_id, path.resolve()))
+    return targets
+
+
+def load_targets(spec: Path, index: ImageIndex) -> list[Target]:
+    """Targets from a folder of images, one image, or a file listing paths; each must be in the index."""
+    targets = indexed_targets(_target_files(spec), index)
     if not targets:
         raise ImageloopError(f"--targets {spec}: no target images found")
     return targets
 
 
+def benchmark_targets(targets: Sequence[BenchmarkTarget], index: ImageIndex) -> list[Target]:
+    """A benchmark's targets (see `imageloop.eval.genir_data`) as index targets; index the corpus first."""
+    return indexed_targets((t.path for t in targets), index)
+
+
 def _finished(dialogues: Path) -> dict[str, dict[str, Any]]:
-    done: dict[str, dict[str, Any]] = {}
-    if dialogues.exists():
-        for line in dialogues.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash: that target runs again
-            done[record["target_id"]] = record
-    return done
+    return {record["target_id"]: record for record in read_jsonl(dialogues)}
+
+
+def _round_seconds(steps: Sequence[Mapping[str, Any]]) -> dict[int, float]:
+    """Seconds spent per round: every step of the round (drawing, retrieval, the user's answer, the rewrite)."""
+    seconds: dict[int, float] = {}
+    for step in steps:
+        seconds[step["iteration"]] = seconds.get(step["iteration"], 0.0) + float(step["seconds"])
+    return seconds
 
 
 def _dialogue_record(target: Target, state: Mapping[str, Any], artifacts: ArtifactStore) -> dict[str, Any]:
+    seconds = _round_seconds(state.get("steps", []))
     return {
         "target_id": target.id,
         "target_path": str(target.path),
@@ -103,75 +158,148 @@ def _dialogue_record(target: Target, state: Mapping[str, Any], artifacts: Artifa
                 "target_rank": r["target_rank"],
                 "differences": r["differences"],
                 "next_query": r["feedback"],
+                "seconds": round(seconds.get(r["round"], 0.0), 4),
             }
             for r in state.get("rounds", [])
         ],
     }
 
 
-def _end_last_line(path: Path) -> None:
-    """Finish a line a crash cut short, so the next record starts on a line of its own (not glued to it)."""
-    if path.is_file() and path.stat().st_size:
-        with path.open("rb+") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
+def _first_hit(ranks: Sequence[int | None], k: int) -> float:
+    return next((float(t) for t, rank in enumerate(ranks) if rank is not None and rank < k), float("inf"))
 
 
-def summarise(records: Iterable[dict[str, Any]], settings: GenIREvalSettings) -> dict[str, Any]:
-    """Hits@K per round (cumulative), per-round hits and mean best rank over the finished dialogues."""
+def summarise(records: Iterable[Mapping[str, Any]], settings: GenIREvalSettings) -> dict[str, Any]:
+    """Per round 0..rounds: cumulative and per-round Hits@K for every K, mean seconds, mean best rank.
+
+    `hits_at_k` and `k` are those of the smallest K; `latency_s` averages the dialogues that played the round.
+    """
+    records = list(records)
+    played = settings.rounds + 1
     ranks = [[r["target_rank"] for r in record["rounds"]] for record in records]
-    cumulative = cumulative_hits_at_k(ranks, settings.k, settings.rounds)
-    return {
-        "rounds": [{"round": t, "hits_at_k": round(h, 4)} for t, h in enumerate(cumulative)],
-        "k": settings.k,
+    cumulative = {k: cumulative_hits_at_k(ranks, k, played) for k in settings.ks}
+    per_round = {k: per_round_hits_at_k(ranks, k, played) for k in settings.ks}
+    latency = []
+    for t in range(played):
+        times = [r["seconds"] for record in records for r in record["rounds"] if r["round"] == t and "seconds" in r]
+        latency.append(round(sum(times) / len(times), 4) if times else None)
+    summary: dict[str, Any] = {
+        "rounds": [
+            {
+                "round": t,
+                "hits_at_k": round(cumulative[settings.stop_k][t], 4),
+                "hits_at": {str(k): round(cumulative[k][t], 4) for k in settings.ks},
+                "per_round_hits_at": {str(k): round(per_round[k][t], 4) for k in settings.ks},
+                "latency_s": latency[t],
+            }
+            for t in range(played)
+        ],
+        "k": settings.stop_k,
+        "ks": list(settings.ks),
         "n_targets": len(ranks),
-        "per_round_hits_at_k": [round(h, 4) for h in per_round_hits_at_k(ranks, settings.k, settings.rounds)],
-        "mean_rank": [round(r, 2) for r in mean_best_rank(ranks, settings.rounds, settings.rank_depth)],
-        "settings": asdict(settings),
+        "per_round_hits_at_k": [round(h, 4) for h in per_round[settings.stop_k]],
+        "mean_rank": [round(r, 2) for r in mean_best_rank(ranks, played, settings.rank_depth)],
+        "settings": settings.to_json(),
     }
+    if settings.per_query_hybrid and records:
+        visual = sum(1 for record in records if record.get("hybrid", {}).get("chosen") == "visual")
+        summary["hybrid"] = {"rule": settings.hybrid_rule, "visual_share": round(visual / len(records), 4)}
+    return summary
+
+
+def hybrid_arms(settings: GenIREvalSettings, target_id: str) -> list[FeedbackKind]:
+    """The feedback each of a target's dialogues plays: one arm, or both for the oracle (visual first)."""
+    if not settings.per_query_hybrid:
+        return [settings.feedback]
+    if settings.hybrid_rule == "oracle":
+        return ["visual", settings.hybrid_fallback]
+    # Seeded by the run's seed and the target, so a resumed or repeated run makes the same choices.
+    draw = random.Random(f"{settings.seed}:{target_id}").random()
+    return ["visual" if draw < settings.hybrid_visual_fraction else settings.hybrid_fallback]
+
+
+def _oracle_pick(arms: Mapping[FeedbackKind, dict[str, Any]], settings: GenIREvalSettings) -> FeedbackKind:
+    """The arm that found its target first at the smallest K; ties go to the better best rank, then visual."""
+
+    def cost(arm: FeedbackKind) -> tuple[float, int]:
+        ranks = [r["target_rank"] for r in arms[arm]["rounds"]]
+        best = min((rank for rank in ranks if rank is not None), default=settings.rank_depth)
+        return _first_hit(ranks, settings.stop_k), best
+
+    return min(arms, key=cost)
 
 
 def evaluate_targets(
     graph: GenIRGraph,
     targets: list[Target],
     out_dir: Path,
+    settings: GenIREvalSettings,
     *,
-    rounds: int,
-    k: int,
-    feedback: FeedbackKind,
-    rank_depth: int,
     concurrency: int = 1,
     on_target: Callable[[int, int], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Search for every target not already in `dialogues.jsonl`, appending (fsynced) as each finishes.
 
-    The graph's own defaults (the drawing knobs among them) apply except for the knobs given here.
+    The graph's own defaults (the drawing knobs and the simulated user among them) apply except for the
+    knobs `settings` fix here.
     """
+    if settings.rank_depth < max(settings.ks):
+        raise ConfigError(f"rank_depth {settings.rank_depth} is below the largest K {max(settings.ks)}: raise it")
     artifacts = ArtifactStore(out_dir / "artifacts")
     dialogues = out_dir / DIALOGUES
     done = _finished(dialogues)
     pending = [t for t in targets if t.id not in done]
 
-    def search(target: Target) -> dict[str, Any]:
+    def play(target: Target, feedback: FeedbackKind) -> dict[str, Any]:
         context = GenIRContext(
             user="simulated", target_id=target.id, target_path=str(target.path), feedback=feedback,
-            max_rounds=rounds, k=k, rank_depth=rank_depth,
+            max_rounds=settings.rounds, k=settings.stop_k, rank_depth=settings.rank_depth,
         )  # fmt: skip
         state = graph.invoke({}, version="v2", context=context).value
         return _dialogue_record(target, state, artifacts)
 
-    finished = len(targets) - len(pending)
-    if on_target is not None:
-        on_target(finished, len(targets))
-    _end_last_line(dialogues)
-    with dialogues.open("a", encoding="utf-8") as out, ThreadPoolExecutor(concurrency) as pool:
-        for record in pool.map(search, pending):
-            out.write(json.dumps(record) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-            done[record["target_id"]] = record
-            finished += 1
-            if on_target is not None:
-                on_target(finished, len(targets))
+    def search(target: Target) -> dict[str, Any]:
+        arms = {arm: play(target, arm) for arm in hybrid_arms(settings, target.id)}
+        if not settings.per_query_hybrid:
+            return next(iter(arms.values()))
+        chosen = _oracle_pick(arms, settings) if settings.hybrid_rule == "oracle" else next(iter(arms))
+        hybrid: dict[str, Any] = {"rule": settings.hybrid_rule, "chosen": chosen}
+        if len(arms) > 1:
+            hybrid["arms"] = {arm: [r["target_rank"] for r in record["rounds"]] for arm, record in arms.items()}
+        return {**arms[chosen], "hybrid": hybrid}
+
+    searched = journaled(pending, search, dialogues, total=len(targets), concurrency=concurrency, on_progress=on_target)
+    for record in searched:
+        done[record["target_id"]] = record
     return done
+
+
+def read_dialogues(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """The finished dialogues of an evaluation folder, by target id; none is an error saying what to run."""
+    done = _finished(out_dir / DIALOGUES)
+    if not done:
+        raise ImageloopError(f"{out_dir} holds no finished dialogues ({DIALOGUES}): run `imageloop eval genir` first")
+    return done
+
+
+def rescore_text(
+    records: Iterable[Mapping[str, Any]], retriever: Retriever, settings: GenIREvalSettings
+) -> dict[str, Any]:
+    """Hits@K of the saved queries searched as text alone (no drawing): the paper's dataset check.
+
+    Each round's query is searched text→image; a dialogue that stopped early keeps its last rank for the
+    rounds it did not play, as the image-query summary does.
+    """
+    depth = max(settings.rank_depth, max(settings.ks))
+    rescored = []
+    for record in records:
+        queries = [r["query"] for r in record["rounds"]]
+        rankings = retriever.search_many(queries, depth) if queries else []
+        ids = [[hit.id for hit in ranking] for ranking in rankings]
+        target = record["target_id"]
+        rounds = [
+            {"round": r["round"], "target_rank": found.index(target) if target in found else None}
+            for r, found in zip(record["rounds"], ids, strict=True)
+        ]
+        rescored.append({**record, "rounds": rounds})
+    return {**summarise(rescored, settings), "route": "text"}

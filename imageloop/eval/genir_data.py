@@ -43,6 +43,8 @@ from imageloop.tools.images import image_files
 T = TypeVar("T")
 
 GENIR_BENCHMARKS = ("mscoco", "flickr30k", "ffhq", "clothing-adc")
+GENIR_SAMPLE_SEED = 42
+"""The seed GenIR's create_*_json.py scripts draw their 2,000 queries with; `--sample N` draws with it too."""
 # Karpathy's split names in dataset_flickr30k.json.
 FLICKR30K_SPLITS = ("train", "val", "test")
 

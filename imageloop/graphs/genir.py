@@ -23,9 +23,9 @@ from __future__ import annotations
 import operator
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol, cast
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
@@ -35,9 +35,10 @@ from typing_extensions import TypedDict
 
 from imageloop import limits
 from imageloop.agents.query_refiner import QueryRefiner
-from imageloop.agents.simulated_user import ShownKind, SimulatedUser
-from imageloop.config import FEEDBACK_KINDS, FeedbackKind
+from imageloop.agents.simulated_user import ShownKind, SimulatedUser, user_decoding
+from imageloop.config import FEEDBACK_KINDS, FeedbackKind, SimulatedUserStyle
 from imageloop.errors import ConfigError, ImageloopError, MalformedOutputError
+from imageloop.graphs.knobs import resolve_knobs as resolve_context
 from imageloop.graphs.steps import Step, step
 from imageloop.protocols import GenerationRequest, ImageGenerator, RetrievedImage, VisionLanguageModel
 from imageloop.tools.artifacts import ArtifactStore
@@ -91,6 +92,10 @@ class GenIRKnobs(TypedDict):
     k: int
     rank_depth: int
     hybrid_threshold: float
+    simulated_user: SimulatedUserStyle
+    user_temperature: float | None
+    user_top_p: float | None
+    user_repetition_penalty: float | None
     seed: int | None
     size: tuple[int, int] | None
     steps_per_image: int | None
@@ -101,10 +106,14 @@ KNOB_DEFAULTS = GenIRKnobs(
     target_id=None,
     target_path=None,
     feedback="visual",
-    max_rounds=int(limits.BOUNDS["rounds"].default or 10),
+    max_rounds=int(limits.default("rounds") or 0),
     k=int(limits.BOUNDS["k"].default or 10),
     rank_depth=int(limits.BOUNDS["rank_depth"].default or 1000),
     hybrid_threshold=float(limits.BOUNDS["hybrid_threshold"].default or 0.9),
+    simulated_user="ours",
+    user_temperature=None,
+    user_top_p=None,
+    user_repetition_penalty=None,
     seed=0,
     size=None,
     steps_per_image=None,
@@ -124,10 +133,20 @@ class GenIRContext:
     feedback: FeedbackKind | None = field(
         default=None, metadata={"description": "visual, verbal, prediction or hybrid"}
     )
-    max_rounds: int | None = field(default=None, metadata={"description": "rounds at most"})
+    max_rounds: int | None = field(
+        default=None, metadata={"description": "refinement rounds after round 0 (10: rounds 0..10)"}
+    )
     k: int | None = field(default=None, metadata={"description": "results per round (Hits@K cut-off)"})
     rank_depth: int | None = field(default=None, metadata={"description": "ranks deeper than this are misses"})
     hybrid_threshold: float | None = field(default=None, metadata={"description": "hybrid: predict from here"})
+    simulated_user: SimulatedUserStyle | None = field(
+        default=None, metadata={"description": "simulated user: ours (one call) or paper (the released prompts)"}
+    )
+    user_temperature: float | None = field(default=None, metadata={"description": "simulated user's temperature"})
+    user_top_p: float | None = field(default=None, metadata={"description": "simulated user's top_p"})
+    user_repetition_penalty: float | None = field(
+        default=None, metadata={"description": "simulated user's repetition penalty (local models, vLLM)"}
+    )
     seed: int | None = field(default=None, metadata={"description": "generator seed"})
     size: tuple[int, int] | None = field(default=None, metadata={"description": "[width, height] of drawings"})
     steps: int | None = field(default=None, metadata={"description": "denoising steps (diffusion backends)"})
@@ -181,27 +200,16 @@ FRESH_RUN: dict[str, Any] = {
 }
 
 
+CHOICES: dict[str, tuple[object, ...]] = {
+    "feedback": FEEDBACK_KINDS,
+    "user": ("person", "simulated"),
+    "simulated_user": ("ours", "paper"),
+}
+
+
 def resolve_knobs(defaults: GenIRKnobs, context: GenIRContext | None) -> GenIRKnobs:
     """The run's knobs: the context's where given, else `defaults`; each checked against `imageloop.limits`."""
-    knobs = GenIRKnobs(**defaults)
-    for f in fields(GenIRContext) if context else ():
-        value = getattr(context, f.name)
-        if value is None:
-            continue
-        if f.name == "size":
-            knobs["size"] = limits.check_size((int(value[0]), int(value[1])))
-        elif f.name == "steps":
-            limits.check("steps", value)
-            knobs["steps_per_image"] = int(value)
-        elif f.name == "feedback" and value not in FEEDBACK_KINDS:
-            raise ConfigError(f"feedback {value!r}: expected one of {', '.join(FEEDBACK_KINDS)}")
-        elif f.name == "user" and value not in ("person", "simulated"):
-            raise ConfigError(f"user {value!r}: expected person or simulated")
-        else:
-            if f.name in limits.BOUNDS or f.name == "max_rounds":
-                limits.check("rounds" if f.name == "max_rounds" else f.name, value)
-            knobs[f.name] = value  # type: ignore[literal-required]
-    return knobs
+    return cast(GenIRKnobs, resolve_context(defaults, context, CHOICES))
 
 
 class FoundError(ImageloopError):
@@ -251,8 +259,8 @@ def route_after_choice(state: GenIRState) -> Literal["generate_synthetic", "retr
 
 
 def route_after_present(state: GenIRState) -> Literal["feedback", "finish"]:
-    """Stop when found or out of rounds; otherwise ask for feedback."""
-    if state.get("found") or state["round"] + 1 >= state["max_rounds"]:
+    """Stop when found or after the last refinement round (round 0 plus `max_rounds`, as the paper counts)."""
+    if state.get("found") or state["round"] >= state["max_rounds"]:
         return "finish"
     return "feedback"
 
@@ -287,7 +295,7 @@ class _Nodes:
         self._defaults = defaults
         # Every model call and search becomes a run in the graph's trace (LangSmith, callback handlers).
         vlm = traced_vlm(vlm)
-        self.user = SimulatedUser(vlm)
+        self.vlm = vlm
         self.refiner = QueryRefiner(vlm)
         self.generator = traced_generator(generator) if generator is not None else None
         self.retriever = traced_retriever(retriever)
@@ -311,12 +319,19 @@ class _Nodes:
         record = step("prepare", 0, decision, started, **shown)
         return {"query": query, **knobs, **FRESH_RUN, "steps": Overwrite([record])}
 
+    def _user(self, state: GenIRState) -> SimulatedUser:
+        """The simulated user this run asked for: its style and decoding."""
+        decoding = user_decoding(
+            state["simulated_user"], state["user_temperature"], state["user_top_p"], state["user_repetition_penalty"]
+        )
+        return SimulatedUser(self.vlm, style=state["simulated_user"], decoding=decoding)
+
     def describe_target(self, state: GenIRState) -> dict[str, Any]:
-        """The simulated user's first, from-memory query."""
+        """The simulated user's first query, written for the feedback its first round will show."""
         started = time.perf_counter()
         target = Path(str(state["target_path"]))
         try:
-            query = self.user.describe(target)
+            query = self._user(state).describe(target, kind=pick_shown_kind(state))
             decision = "described the target"
         except MalformedOutputError as e:
             query = ""
@@ -434,7 +449,8 @@ class _Nodes:
                 "steps": [step("feedback", state["round"], decision, started, feedback=answer)],
             }
         try:
-            turn = self.user.respond(Path(str(state["target_path"])), state["query"], state["shown_kind"], shown)
+            target = Path(str(state["target_path"]))
+            turn = self._user(state).respond(target, state["query"], state["shown_kind"], shown)
             next_query, differences = turn.query or None, turn.differences
             decision = "simulated user compared and rewrote" if next_query else "simulated user gave no query"
         except MalformedOutputError as e:

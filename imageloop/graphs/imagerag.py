@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import operator
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
@@ -33,7 +33,8 @@ from imageloop import limits
 from imageloop.agents.critic import Critic, Critique, ImageCritic, PaperCritic
 from imageloop.agents.rewriter import QueryRewriter
 from imageloop.config import CriticKind, FinalImage, Mode, PlanScope, ReferencesPolicy, RetrievalQuery
-from imageloop.errors import ConfigError, MalformedOutputError
+from imageloop.errors import MalformedOutputError
+from imageloop.graphs.knobs import resolve_knobs as resolve_context
 from imageloop.graphs.steps import Step, step
 from imageloop.protocols import (
     GenerationRequest,
@@ -233,24 +234,7 @@ CHOICES: dict[str, tuple[object, ...]] = {
 
 def resolve_knobs(defaults: ImageRAGKnobs, context: ImageRAGContext | None) -> ImageRAGKnobs:
     """The run's knobs: the context's where given, else `defaults`; each checked against `imageloop.limits`."""
-    given = {f.name: getattr(context, f.name) for f in fields(ImageRAGContext)} if context else {}
-    knobs = ImageRAGKnobs(**defaults)
-    for name, value in given.items():
-        if value is None:
-            continue
-        if name == "size":
-            knobs["size"] = limits.check_size((int(value[0]), int(value[1])))
-        elif name == "steps":
-            limits.check("steps", value)
-            knobs["steps_per_image"] = int(value)
-        elif name in CHOICES:
-            if value not in CHOICES[name]:
-                raise ConfigError(f"{name} {value!r}: expected one of {', '.join(map(str, CHOICES[name]))}")
-            knobs[name] = value  # type: ignore[literal-required]
-        else:
-            limits.check(name, value)
-            knobs[name] = value  # type: ignore[literal-required]
-    return knobs
+    return cast(ImageRAGKnobs, resolve_context(defaults, context, CHOICES))
 
 
 # Routing: pure functions of state.
@@ -298,7 +282,7 @@ def route_after_compose(state: ImageRAGState) -> Literal["finish", "generate_wit
     return "finish"
 
 
-def best_image(images: list[GeneratedImage]) -> GeneratedImage | None:
+def best_image(images: Sequence[GeneratedImage]) -> GeneratedImage | None:
     """An aligned image if any, else the one with fewest missing concepts; ties go to the latest."""
     if not images:
         return None

@@ -42,17 +42,39 @@ def node_steps(update: Mapping[str, Any]) -> list[Step]:
 OnStep = Callable[[Step], None]
 
 
-def follow_steps_and_progress(chunks: Iterable[Any], on_step: OnStep | None, on_progress: OnProgress | None) -> None:
-    """Consume a `stream_mode=["updates", "custom"]` stream: each node's steps to `on_step` as the node
-    finishes, in-node progress events to `on_progress` as they happen (either may raise to stop the run)."""
+def follow_steps_and_progress(
+    chunks: Iterable[Any], on_step: OnStep | None, on_progress: OnProgress | None = None
+) -> dict[str, Any]:
+    """Consume a multi-mode stream (`stream_mode=["updates", "custom"]`, with "values" if the output is
+    wanted): each node's steps to `on_step` as the node finishes, in-node progress events to `on_progress`
+    as they happen (either may raise to stop the run); returns the last "values" chunk, if streamed."""
+    final: dict[str, Any] = {}
     for item in chunks:
         mode, chunk = item  # (stream mode, chunk) when several modes are streamed
-        if mode == "custom":
+        if mode == "values":
+            final = dict(chunk)
+        elif mode == "custom":
             event = progress_event(chunk)
             if event is not None and on_progress is not None:
                 on_progress(event)
-            continue
-        for update in chunk.values():
-            if on_step is not None and isinstance(update, dict):  # an interrupt's update is a tuple
-                for step in node_steps(update):
-                    on_step(step)
+        elif on_step is not None:
+            for update in chunk.values():
+                if isinstance(update, dict):  # an interrupt's update is a tuple
+                    for recorded in node_steps(update):
+                        on_step(recorded)
+    return final
+
+
+def play(
+    graph: Any,
+    inputs: Mapping[str, Any],
+    *,
+    context: Any = None,
+    config: Mapping[str, Any] | None = None,
+    on_step: OnStep | None = None,
+    on_progress: OnProgress | None = None,
+) -> dict[str, Any]:
+    """Run a compiled graph to its end, handing each node's steps to `on_step` as it finishes (and in-node
+    progress to `on_progress`); the final output."""
+    chunks = graph.stream(inputs, config, stream_mode=["updates", "values", "custom"], context=context)
+    return follow_steps_and_progress(chunks, on_step, on_progress)

@@ -18,7 +18,7 @@ import inspect
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import anyio.to_thread
@@ -31,9 +31,9 @@ from pydantic import BaseModel, Field, ValidationError
 from imageloop.app import App
 from imageloop.app.jobs import Job, JobKind, JobStatus, Note, ServerBusyError, job_state, report_to
 from imageloop.app.runs import RUN_ID
-from imageloop.config import FeedbackKind, Mode, bounded
+from imageloop.config import CriticKind, FeedbackKind, FinalImage, Mode, ReferencesPolicy, RetrievalQuery, bounded
 from imageloop.errors import ImageloopError
-from imageloop.limits import MAX_SIDE, MIN_SIDE, PATH_CHARS, PROMPT_CHARS
+from imageloop.limits import MAX_REFERENCES, MAX_SIDE, MIN_SIDE, PATH_CHARS, PROMPT_CHARS
 from imageloop.thumbnails import RESULT_IMAGE_BUDGET, encode_png_under, image_budgets
 
 HEARTBEAT_S = 10.0
@@ -142,6 +142,16 @@ class ImageloopMCP:
         """Run ImageRAG in the background; its record and images go to RUNS/<run_id>/."""
         return self.app.start_generate(prompt, index, knobs)
 
+    def start_compose_retrieve(self, index: str, reference: str, change: str, knobs: dict[str, Any]) -> Job:
+        """Composed retrieval in the background (composing asks the LLM; a proxy is drawn)."""
+        self.app.retriever(index)  # a missing or mismatched index fails this call, not the run
+        self.app.path(reference, "reference", kind="file")  # so does a reference outside the roots
+
+        def work(job: Job) -> dict[str, Any]:
+            return self.app.compose_retrieve(index, reference, change, **knobs, **report_to(job))
+
+        return self.app.jobs.submit("cir", work)
+
     def start_genir(self, index: str, query: str, knobs: dict[str, Any]) -> Job:
         """A new person-in-the-loop GenIR session, played up to its first question."""
         self.app.retriever(index)
@@ -172,6 +182,28 @@ class ImageloopMCP:
 
         resolve_found(feedback, shown["retrieved"])  # a "found:" naming no shown result is refused now
         return self._genir_job(session_id, feedback)
+
+    def rage_retrieve(
+        self, prompt: str, index: str, knobs: dict[str, Any], where: dict[str, Any] | None, max_images: int
+    ) -> CallToolResult:
+        """Start a RAGE session: the candidates to pick from as JSON, then their thumbnails, labelled by position."""
+        view = _rage_view(self.app.start_rage(prompt, index, knobs=knobs, where=where))
+        shown = [(f"#{c['position']} {c['path']}", c["path"]) for c in view["candidates"][:max_images]]
+        content, count = self._image_blocks(shown)
+        return _result({**view, "images_shown": count}, content)
+
+    def start_rage_generate(self, session_id: str, selected: list[int | str], prompt: str | None) -> Job:
+        """Generate with a session's picks in the background, once the picks are checked against its candidates."""
+        self._refuse_busy(session_id)
+        answer = {"selected": selected, "prompt": prompt}
+        self.app.check_rage_answer(session_id, answer)  # a pick naming no candidate fails this call, before generating
+
+        def work(job: Job) -> dict[str, Any]:
+            return _rage_view(self.app.continue_rage(session_id, answer, **report_to(job)))
+
+        job = self.app.jobs.submit("rage", work)
+        self._session_runs[session_id] = job.id
+        return job
 
     def _genir_job(self, session_id: str, answer: str | None) -> Job:
         def work(job: Job) -> dict[str, Any]:
@@ -205,10 +237,18 @@ class ImageloopMCP:
             shown += [
                 (f"{key}: {result[key]}", result[key]) for key in ("final_image", "draft_image") if result.get(key)
             ]
+        elif view.kind == "cir" and result:
+            if result.get("proxy_image"):
+                shown.append((f"proxy image: {result['proxy_image']}", result["proxy_image"]))
+            shown += [
+                (f"#{rank} {hit['path']}", hit["path"]) for rank, hit in enumerate(result["results"][:MAX_THUMBNAILS])
+            ]
         elif view.kind == "genir" and result.get("state") == "awaiting_feedback":
             if result.get("synthetic_image"):
                 shown.append((f"synthetic image: {result['synthetic_image']}", result["synthetic_image"]))
             shown += [(f"#{hit['rank']} {hit['path']}", hit["path"]) for hit in result["retrieved"][:MAX_THUMBNAILS]]
+        elif view.kind == "rage" and result.get("final_image"):
+            shown.append((f"final_image: {result['final_image']}", result["final_image"]))
         content, _ = self._image_blocks([(self._full_size(label, path), path) for label, path in shown])
         return _result(view.model_dump(mode="json"), content, is_error=view.status == "error")
 
@@ -239,6 +279,24 @@ def _genir_view(session: dict[str, Any]) -> dict[str, Any]:
             "retrieved": [{"rank": rank, **hit} for rank, hit in enumerate(session["retrieved"])],
             "ask": session["ask"] + " (genir_feedback; 'found: <rank>' also works)",
         }
+    return view
+
+
+def _rage_view(session: dict[str, Any]) -> dict[str, Any]:
+    """A RAGE session as rage_retrieve/rage_generate show it: candidates by position, picks, the images drawn."""
+    view = {
+        "session_id": session["session_id"],
+        "state": session["status"],
+        "prompt": session["prompt"],
+        "candidates": session["candidates"],
+        "selected": [{"position": c["position"], "id": c["id"], "path": c["path"]} for c in session["selected"]],
+        "final_image": session["final_image"],
+        "stop_reason": session["stop_reason"],
+        "images": [{"generation": i["iteration"], "path": i["path"], "notes": i["notes"]} for i in session["images"]],
+        "report": session["report"],
+    }
+    if session["status"] == "awaiting_selection":
+        view["ask"] = "Show the candidates; call rage_generate with the session_id and the picks (positions as listed)."
     return view
 
 
@@ -295,6 +353,12 @@ Index = Annotated[str, Field(min_length=1, max_length=PATH_CHARS, description="a
 Prompt = Annotated[str, Field(min_length=1, max_length=PROMPT_CHARS, description="what to draw")]
 RunId = Annotated[str, Field(pattern=RUN_ID, description="the run_id a previous call returned")]
 SessionId = Annotated[str, Field(pattern=RUN_ID, description="the session_id genir_round returned")]
+RageSessionId = Annotated[str, Field(pattern=RUN_ID, description="the session_id rage_retrieve returned")]
+Scalar = str | int | float | bool
+Where = Annotated[
+    dict[str, Scalar | list[Scalar]] | None,
+    Field(description='metadata filter, e.g. {"tags": "sneaker"} or {"brand": ["acme", "zenith"]}'),
+]
 McpContext = Context[Any, Any, Any]
 
 
@@ -359,8 +423,10 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
     server = _Server(
         "imageloop",
         instructions=(
-            "Retrieval over indexed image folders, retrieval-augmented generation (ImageRAG) and "
-            "interactive generative retrieval (GenIR). Paths must lie inside the server's roots. Long "
+            "Retrieval over indexed image folders, retrieval-augmented generation (ImageRAG), "
+            "interactive generative retrieval (GenIR), composed image retrieval (a reference image plus a "
+            "change, compose_retrieve) and generation from images a user picks in their own catalogue "
+            "(RAGE: rage_retrieve, then rage_generate). Paths must lie inside the server's roots. Long "
             "calls return a run_id: poll get_run until status is done."
         ),
         log_level="WARNING",
@@ -414,6 +480,16 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
         width: Annotated[int | None, Field(ge=MIN_SIDE, le=MAX_SIDE, description="pixels (height if omitted)")] = None,
         height: Annotated[int | None, Field(ge=MIN_SIDE, le=MAX_SIDE, description="pixels (width if omitted)")] = None,
         steps: Annotated[int | None, bounded("steps", unset=True)] = None,
+        critic: Annotated[CriticKind | None, Field(description="single_call, or paper (the paper's questions)")] = None,
+        retrieval_query: Annotated[
+            RetrievalQuery | None, Field(description="search with the caption, the concept word or the prompt")
+        ] = None,
+        references_policy: Annotated[
+            ReferencesPolicy | None, Field(description="replace or accumulate references per iteration")
+        ] = None,
+        final_image_policy: Annotated[
+            FinalImage | None, Field(description="return the best judged image or the last")
+        ] = None,
         wait_seconds: WaitSeconds = 40,
     ) -> Annotated[CallToolResult, RunView]:
         """Generate an image for a prompt, retrieving reference images from an index for concepts the
@@ -422,8 +498,31 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
         knobs = {
             "mode": mode, "max_iterations": max_iterations, "top_k": top_k,
             "similarity_threshold": similarity_threshold, "seed": seed, "size": size, "steps": steps,
+            "critic": critic, "retrieval_query": retrieval_query, "references_policy": references_policy,
+            "final_image_policy": final_image_policy,
         }  # fmt: skip
         job = await anyio.to_thread.run_sync(ops.start_generate, prompt, index, knobs)
+        return await run_result(job, wait_seconds, ctx)
+
+    async def compose_retrieve(
+        index: Index,
+        reference: Annotated[str, Field(min_length=1, max_length=PATH_CHARS, description="the reference image")],
+        change: Annotated[
+            str, Field(min_length=1, max_length=PROMPT_CHARS, description="how the wanted image differs from it")
+        ],
+        ctx: McpContext,
+        k: Annotated[int | None, bounded("k", unset=True, description="how many results")] = None,
+        proxy: Annotated[bool, Field(description="also draw the edited scene and fuse its scores (slower)")] = False,
+        verify: Annotated[int | None, bounded("verify", unset=True)] = None,
+        cir_model: Annotated[
+            str | None, Field(max_length=PATH_CHARS, description="a composed-query model folder (train cir)")
+        ] = None,
+        wait_seconds: WaitSeconds = 40,
+    ) -> Annotated[CallToolResult, RunView]:
+        """Composed image retrieval: find indexed images that show the reference image changed as the text
+        says ("the same dress but red"). Returns the edited description and the ranked results, or a run_id."""
+        knobs = {"k": k, "proxy": proxy, "verify": verify, "cir_model": cir_model}
+        job = await anyio.to_thread.run_sync(ops.start_compose_retrieve, index, reference, change, knobs)
         return await run_result(job, wait_seconds, ctx)
 
     async def genir_round(
@@ -468,6 +567,55 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
         job = await anyio.to_thread.run_sync(ops.genir_feedback, session_id, feedback)
         return await run_result(job, wait_seconds, ctx)
 
+    async def rage_retrieve(
+        prompt: Prompt,
+        index: Index,
+        k: Annotated[int | None, bounded("k", unset=True, description="candidates to show")] = None,
+        where: Where = None,
+        similarity_threshold: Annotated[float | None, bounded("similarity_threshold", unset=True)] = None,
+        review: Annotated[
+            Literal["none", "critic"] | None, Field(description="critic: a VLM checks each image and asks again")
+        ] = None,
+        max_generations: Annotated[int | None, bounded("max_generations", unset=True)] = None,
+        max_images: Annotated[int, bounded("max_images")] = 10,
+    ) -> CallToolResult:
+        """RAGE, step 1: retrieve the catalogue images that best match a prompt, for the user to pick from.
+
+        Returns JSON {session_id, prompt, candidates: [{position, id, path, caption, score}], ask}, then
+        a label and a thumbnail per candidate. Show them to the user and call rage_generate with their picks."""
+        knobs = {
+            "k": k,
+            "similarity_threshold": similarity_threshold,
+            "review": review,
+            "max_generations": max_generations,
+        }
+        return await anyio.to_thread.run_sync(
+            functools.partial(ops.rage_retrieve, prompt, index, knobs, where, max_images)
+        )
+
+    async def rage_generate(
+        session_id: RageSessionId,
+        selected: Annotated[
+            list[int | str],
+            Field(
+                min_length=1,
+                max_length=MAX_REFERENCES,
+                description="the picks in the order to use them: positions as listed (1 first), ids or file names",
+            ),
+        ],
+        ctx: McpContext,
+        prompt: Annotated[
+            str | None, Field(max_length=PROMPT_CHARS, description="a new prompt (default: the session's)")
+        ] = None,
+        wait_seconds: WaitSeconds = 40,
+    ) -> Annotated[CallToolResult, RunView]:
+        """RAGE, step 2: generate with the picked images, in pick order, and the prompt as written.
+
+        A pick that names no candidate is refused before anything is generated. Returns the image and
+        {session_id, final_image, selected, stop_reason, images, report}, or a run_id to poll."""
+        job = await anyio.to_thread.run_sync(ops.start_rage_generate, session_id, selected, prompt or None)
+        return await run_result(job, wait_seconds, ctx)
+
     async def get_run(
         run_id: RunId,
         ctx: McpContext,
@@ -482,15 +630,18 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
 
     # Every hint said explicitly (the protocol's defaults assume the worst: destructive, open world).
     # Nothing here deletes a person's files: indexing writes FOLDER/.imageloop (forgetting images that
-    # are gone), runs and searches write new folders under the runs folder.
+    # are gone), runs and sessions write new folders under the runs folder.
     reads = ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=True, openWorldHint=False)
     writes_new = ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=False, openWorldHint=True)
     indexes = ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=True, openWorldHint=False)
     server.tool_of(retrieve_images, "Search indexed images", reads)
     server.tool_of(index_images, "Index an image folder", indexes)
     server.tool_of(generate_with_references, "Generate with retrieved references (ImageRAG)", writes_new)
+    server.tool_of(compose_retrieve, "Find an image like a reference, changed (CIR)", writes_new)
     server.tool_of(genir_round, "Start or show an image search (GenIR)", writes_new)
     server.tool_of(genir_feedback, "Answer an image search round (GenIR)", writes_new)
+    server.tool_of(rage_retrieve, "Find references to pick for a prompt (RAGE)", writes_new)
+    server.tool_of(rage_generate, "Generate with the picked references (RAGE)", writes_new)
     server.tool_of(get_run, "Check a run", reads)
     add_run_resources(server, app)
     return server

@@ -301,3 +301,13 @@ QUERY_REFINER_SHOWN = "The image attached is what the system drew from that sear
 
 JSON_SCHEMA_NOTE = "Answer with only a JSON object that follows this JSON schema: {schema}"
 """Added to the system turn by backends that cannot constrain decoding to a schema (local transformers VLMs)."""
+
+# ImageRAG evaluation: the VLM judge (`imageloop eval imagerag --metrics vlmscore`).
+
+JUDGE_PROMPT = (
+    'How well does this image match the prompt "{prompt}"? Consider both content and style: every object, '
+    "species, landmark or style the prompt names must be shown correctly. Rate the match from 0 (unrelated) "
+    "to 100 (a perfect match). Answer with the number only."
+)
+"""A 0-100 alignment rating read as a fraction, as GPTScore-style judges are asked. The wording is ours:
+ImageRAG's evaluation prompt was not available to check it against."""

@@ -90,6 +90,17 @@ def _llama_tokenizer() -> Any:
     return LlamaTokenizer(vocab=vocab, merges=[])
 
 
+def _t5_encoder(vocab_size: int) -> Any:
+    """A 2-layer T5 encoder as wide as the tiny FLUX and SD3 transformers' text input."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size, d_model=_FLUX_TEXT_WIDTH, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    return T5EncoderModel(config)
+
+
 def _vae(blocks: int, latent_channels: int = 4, **kwargs: Any) -> Any:
     from diffusers import AutoencoderKL
 
@@ -260,7 +271,7 @@ def build_ip_adapter(directory: Path) -> None:
 def build_flux(directory: Path) -> None:
     """Save a tiny FLUX.1 pipeline: one double and one single block, CLIP + T5 text encoders, a 1-block VAE."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     tokenizer = _clip_tokenizer()
     tokenizer_2 = _t5_tokenizer()
@@ -278,18 +289,7 @@ def build_flux(directory: Path) -> None:
             guidance_embeds=True,
         )
         text_encoder = CLIPTextModel(_clip_text_config(len(tokenizer)))
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_2),
-                d_model=_FLUX_TEXT_WIDTH,
-                d_kv=8,
-                d_ff=37,
-                num_layers=2,
-                num_heads=4,
-                pad_token_id=0,
-                eos_token_id=1,
-            )
-        )
+        text_encoder_2 = _t5_encoder(len(tokenizer_2))
         vae = _vae(blocks=1, latent_channels=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
@@ -298,6 +298,44 @@ def build_flux(directory: Path) -> None:
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(directory)
+
+
+def build_sd3(directory: Path) -> None:
+    """Save a tiny Stable Diffusion 3 pipeline: one joint block, two projecting CLIP encoders, T5, a 1-block VAE."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer = _clip_tokenizer()
+    tokenizer_3 = _t5_tokenizer()
+    with seeded():
+        transformer = SD3Transformer2DModel(
+            sample_size=32,
+            patch_size=1,
+            in_channels=4,
+            num_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            caption_projection_dim=32,
+            joint_attention_dim=_FLUX_TEXT_WIDTH,  # the T5 width; the CLIP states are cut to it, as SD3 does
+            pooled_projection_dim=64,  # the two CLIP projections, concatenated
+            out_channels=4,
+        )
+        text_encoder = CLIPTextModelWithProjection(_clip_text_config(len(tokenizer)))
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(len(tokenizer)))
+        text_encoder_3 = _t5_encoder(len(tokenizer_3))
+        vae = _vae(blocks=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609)
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
         transformer=transformer,
     )
     pipe.save_pretrained(directory)
@@ -335,6 +373,7 @@ TINY_GENERATOR_MODELS: dict[str, Callable[[Path], None]] = {
     "ip-adapter": build_ip_adapter,
     "flux": build_flux,
     "flux-redux": build_flux_redux,
+    "sd3": build_sd3,
 }
 
 

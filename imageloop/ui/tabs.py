@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any
 
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 
 from imageloop import limits
 from imageloop.app import App
-from imageloop.config import FEEDBACK_KINDS, MODES
+from imageloop.config import FEEDBACK_KINDS, MODES, REVIEW_KINDS
 from imageloop.errors import ImageloopError
 from imageloop.graphs.steps import Step
 from imageloop.progress import ProgressEvent, describe
@@ -28,40 +28,6 @@ from imageloop.ui.context import current
 COLUMNS = 5
 UPLOADS = "ui-uploads"
 Action = tuple[str, ...]
-
-
-class RageLoop(Protocol):
-    """What the Pick tab needs from the application layer (RAGE: a person picks the references)."""
-
-    def start_rage(self, index: str | Path, prompt: str, **options: Any) -> dict[str, Any]:
-        """Retrieve candidates for `prompt` (options: knobs, on_step, on_progress):
-        `{session_id, status: "awaiting_selection", prompt, candidates: [{id, path, caption, score}]}`."""
-        ...
-
-    def continue_rage(self, session_id: str, selected: Sequence[str], **options: Any) -> dict[str, Any]:
-        """Generate with the picked candidate ids: `{session_id, status: "finished", image, references, run_dir}`."""
-        ...
-
-
-class ComposeLoop(Protocol):
-    """What the Compose tab needs from the application layer (CIR: reference image + modification text)."""
-
-    def compose_retrieve(
-        self, index: str | Path, *, image: str | Path, text: str, k: int | None = None
-    ) -> dict[str, Any]:
-        """Ranked matches: `{results: [{id, path, caption, score}], target_description}`."""
-        ...
-
-
-def rage_loop(app: App) -> RageLoop | None:
-    """The application's RAGE loop, if this version has one."""
-    has = all(callable(getattr(app, name, None)) for name in ("start_rage", "continue_rage"))
-    return cast(RageLoop, app) if has else None
-
-
-def compose_loop(app: App) -> ComposeLoop | None:
-    """The application's composed retrieval, if this version has it."""
-    return cast(ComposeLoop, app) if callable(getattr(app, "compose_retrieve", None)) else None
 
 
 # Drawing helpers.
@@ -225,7 +191,11 @@ def start_search_form(app: App) -> None:
         st.form_submit_button("Start search", type="primary", on_click=_queue_search_start)
     with st.expander("Continue a session started elsewhere (terminal, MCP, LangChain)"):
         st.text_input("Session id", key="search_open_id")
-        st.button("Open", on_click=lambda: _queue("search_action", "open", st.session_state["search_open_id"]))
+        st.button("Open", key="search_open", on_click=_queue_open)
+
+
+def _queue_open() -> None:
+    _queue("search_action", "open", str(st.session_state["search_open_id"]))
 
 
 def _queue_search_start() -> None:
@@ -275,55 +245,75 @@ def show_finished_search(session: Mapping[str, Any]) -> None:
 
 
 def pick_tab(app: App, index: Path) -> None:
-    """RAGE: retrieve candidates for a prompt, tick the ones to use, generate with them."""
-    loop = rage_loop(app)
-    if loop is None:
-        st.info("Picking references (RAGE) needs an imageloop version with the RAGE loop.")
-        return
+    """RAGE: retrieve candidates for a prompt, tick the ones to use (in order), generate with them as written."""
     action = st.session_state.pop("rage_action", None)
     if action is not None:
-        _run_rage_action(loop, index, action)
+        _run_rage_action(app, index, action)
     with st.form("rage_start"):
-        st.text_input("Prompt", key="rage_prompt")
-        st.form_submit_button(
-            "Find references", on_click=lambda: _queue("rage_action", "start", st.session_state["rage_prompt"])
-        )
+        st.text_input("Prompt (also what is retrieved)", key="rage_prompt")
+        review_col, k_col = st.columns(2)
+        review_col.selectbox("Who checks each image", REVIEW_KINDS, key="rage_review")
+        _number(k_col, "Candidates", "k", app.settings.k, key="rage_k")
+        st.form_submit_button("Find references", type="primary", on_click=_queue_rage_start)
     session = st.session_state.get("rage")
     if session is None:
         return
     sid = session["session_id"]
+    st.caption(f"Session {sid} · continue it anywhere with `imageloop rage --resume {sid}`")
     if session["status"] == "awaiting_selection":
-        st.markdown("**Tick the references to generate with**")
+        st.markdown("**Tick the references to generate with** (ticking order is the order used)")
         candidates = session["candidates"]
-        cells = _grid([(hit["path"], f"{_score(hit)} · {hit['caption'][:60]}") for hit in candidates])
+        labels = [f"{hit['position']} · {_score(hit)} · {hit['caption'][:60]}" for hit in candidates]
+        cells = _grid([(hit["path"], label) for hit, label in zip(candidates, labels, strict=True)])
         for hit, cell in zip(candidates, cells, strict=True):
-            cell.checkbox("Use", key=f"rage|{sid}|{hit['id']}")
+            cell.checkbox("Use", key=f"rage|{sid}|{hit['id']}", on_change=_tick, args=(sid, hit["id"]))
         st.button("Generate with the ticked images", type="primary", on_click=_queue, args=("rage_action", "pick", sid))
+    elif session["status"] == "awaiting_review":
+        image, _ = st.columns([1, 2])
+        _image(image, session["question"].get("image"), "Does this image do?")
+        for choice in ("accept", "regenerate", "reselect"):
+            st.button(choice.capitalize(), key=f"review-{sid}-{choice}", on_click=_queue,
+                      args=("rage_action", "review", sid, choice))  # fmt: skip
     elif session["status"] == "finished":
         image, _ = st.columns([1, 2])
-        _image(image, session.get("image"), session.get("prompt") or "Generated")
-        _grid([(hit["path"], f"{_score(hit)} · {hit['caption'][:60]}") for hit in session.get("references") or []])
+        _image(image, session.get("final_image"), session.get("prompt") or "Generated")
+        picked = session.get("selected") or []
+        if picked:
+            st.markdown("**Generated with**")
+            _grid([(hit["path"], f"{hit['position']} · {hit['caption'][:60]}") for hit in picked])
 
 
-def _run_rage_action(loop: RageLoop, index: Path, action: Action) -> None:
+def _queue_rage_start() -> None:
+    state = st.session_state
+    _queue("rage_action", "start", str(state["rage_prompt"]), str(state["rage_review"]), str(state["rage_k"]))
+
+
+def _tick(session_id: str, candidate_id: str) -> None:
+    """Keep the ticking order: the references go to the generator in the order the person picked them."""
+    order = st.session_state.setdefault(f"rage-order|{session_id}", [])
+    if candidate_id in order:
+        order.remove(candidate_id)
+    if st.session_state.get(f"rage|{session_id}|{candidate_id}"):
+        order.append(candidate_id)
+
+
+def _run_rage_action(app: App, index: Path, action: Action) -> None:
+    kind, *rest = action
     with st.status("Working…", expanded=True) as status:
         try:
-            if action[0] == "start":
-                shown = loop.start_rage(index, action[1], **_follow(status))
+            if kind == "start":
+                prompt, review, k = rest
+                shown = app.start_rage(prompt, index, knobs={"review": review, "k": int(k)}, **_follow(status))
+            elif kind == "pick":
+                picked = list(st.session_state.get(f"rage-order|{rest[0]}", []))
+                shown = app.continue_rage(rest[0], {"selected": picked}, **_follow(status))
             else:
-                shown = loop.continue_rage(action[1], _ticked(action[1]), **_follow(status))
+                shown = app.continue_rage(rest[0], rest[1], **_follow(status))
         except ImageloopError as e:
             status.update(label=f"Not done: {e}", state="error")
             return
-        status.update(label=str(shown["status"]), state="complete", expanded=False)
+        status.update(label=f"Session {shown['session_id']}: {shown['status']}", state="complete", expanded=False)
     st.session_state["rage"] = shown
-
-
-def _ticked(session_id: str) -> list[str]:
-    """The candidate ids whose box is ticked, in the order they were shown."""
-    session = st.session_state.get("rage") or {}
-    candidates = session.get("candidates") or [] if session.get("session_id") == session_id else []
-    return [hit["id"] for hit in candidates if st.session_state.get(f"rage|{session_id}|{hit['id']}")]
 
 
 # Compose: CIR.
@@ -331,30 +321,28 @@ def _ticked(session_id: str) -> list[str]:
 
 def compose_tab(app: App, index: Path) -> None:
     """CIR: a reference image and what to change in it; the indexed images that match, best first."""
-    loop = compose_loop(app)
-    if loop is None:
-        st.info("Composed retrieval (CIR) needs an imageloop version with the CIR loop.")
-        return
     with st.form("compose"):
         upload = st.file_uploader("Reference image", type=["png", "jpg", "jpeg", "webp"])
-        text = st.text_input("What should be different?")
+        change = st.text_input("What should be different?")
         k = _number(st.container(), "Results", "k", app.settings.k)
         submitted = st.form_submit_button("Retrieve", type="primary")
     if submitted:
         if upload is None:
             st.error("Choose a reference image first.")
             return
-        try:
-            reference = save_upload(app, upload.getvalue())
-            found = loop.compose_retrieve(index, image=reference, text=text, k=int(k))
-        except ImageloopError as e:
-            st.error(str(e))
-            return
+        with st.status("Composing…", expanded=True) as status:
+            try:
+                reference = save_upload(app, upload.getvalue())
+                found = app.compose_retrieve(index, reference, change, k=int(k), **_follow(status))
+            except ImageloopError as e:
+                status.update(label=f"Not done: {e}", state="error")
+                return
+            status.update(label=f"{len(found['results'])} results", state="complete", expanded=False)
         st.session_state["compose_results"] = {"reference": str(reference), **found}
     shown = st.session_state.get("compose_results")
     if shown:
-        if shown.get("target_description"):
-            st.caption(f"Looking for: {shown['target_description']}")
+        if shown.get("edited_description"):
+            st.caption(f"Looking for: {shown['edited_description']}")
         _grid([(hit["path"], f"#{rank} · {_score(hit)}") for rank, hit in enumerate(shown["results"])])
 
 

@@ -1,4 +1,5 @@
-"""Local image-text embedders: open_clip (CLIP, SigLIP) and transformers (CLIP, SigLIP, BLIP).
+"""Local image-text embedders: open_clip (CLIP, SigLIP) and transformers (CLIP, SigLIP, BLIP); and image
+features from a transformers vision backbone (DINO), which the ImageRAG evaluation compares images with.
 
 Both load once per process through `load_cached`, run forward passes under `device_lock` in
 `torch.inference_mode()`, and return L2-normalised float32 rows. Captions longer than the text
@@ -15,7 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_BATCH_SIZE = 32
+T = TypeVar("T")
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -114,6 +116,16 @@ class _TorchEmbedder:
 
     def _encode_text(self, inputs: Any) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _placed_load(
+    key: tuple[object, ...], device: str | None, dtype: str | None, load: Callable[[str, torch.dtype], T]
+) -> tuple[T, str, torch.dtype]:
+    """`load(device, dtype)` on the resolved placement, once per process per `key` and placement."""
+    resolved_device = pick_device(device)
+    resolved_dtype = pick_dtype(resolved_device, dtype)
+    loaded = load_cached((*key, resolved_device, str(resolved_dtype)), lambda: load(resolved_device, resolved_dtype))
+    return loaded, resolved_device, resolved_dtype
 
 
 def _stacked(futures: list[Future[torch.Tensor]]) -> torch.Tensor:
@@ -215,13 +227,10 @@ class OpenClipEmbedder(_TorchEmbedder):
         dtype: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
-        resolved_device = pick_device(device)
-        resolved_dtype = pick_dtype(resolved_device, dtype)
-        self._loaded = load_cached(
-            ("open_clip", name, pretrained, resolved_device, str(resolved_dtype)),
-            lambda: _load_open_clip(name, pretrained, resolved_device, resolved_dtype),
+        self._loaded, placed_device, placed_dtype = _placed_load(
+            ("open_clip", name, pretrained), device, dtype, lambda d, t: _load_open_clip(name, pretrained, d, t)
         )
-        super().__init__(model_id, self._loaded.dim, resolved_device, resolved_dtype, batch_size)
+        super().__init__(model_id, self._loaded.dim, placed_device, placed_dtype, batch_size)
 
     def _pixels(self, image: Image.Image) -> torch.Tensor:
         return self._loaded.preprocess(image.convert("RGB"))
@@ -302,8 +311,18 @@ def _load_transformers(model_name: str, device: str, dtype: torch.dtype) -> _Tra
     )
 
 
-class TransformersEmbedder(_TorchEmbedder):
-    """A transformers CLIP, SigLIP or BLIP checkpoint (hub id or local directory) as an embedder."""
+class _Loaded(Protocol):
+    @property
+    def dim(self) -> int: ...
+
+
+LoadedT = TypeVar("LoadedT", bound=_Loaded)
+
+
+class _TransformersCheckpoint(_TorchEmbedder, Generic[LoadedT]):
+    """A transformers checkpoint (hub id or local directory), loaded by `_load` once per process and placement."""
+
+    _cache_kind = "transformers"
 
     def __init__(
         self,
@@ -313,13 +332,23 @@ class TransformersEmbedder(_TorchEmbedder):
         dtype: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
-        resolved_device = pick_device(device)
-        resolved_dtype = pick_dtype(resolved_device, dtype)
-        self._loaded = load_cached(
-            ("transformers-embedder", model, resolved_device, str(resolved_dtype)),
-            lambda: _load_transformers(model, resolved_device, resolved_dtype),
+        self._loaded: LoadedT
+        self._loaded, placed_device, placed_dtype = _placed_load(
+            (self._cache_kind, model), device, dtype, lambda d, t: self._load(model, d, t)
         )
-        super().__init__(f"transformers:{model}", self._loaded.dim, resolved_device, resolved_dtype, batch_size)
+        super().__init__(f"transformers:{model}", self._loaded.dim, placed_device, placed_dtype, batch_size)
+
+    def _load(self, model: str, device: str, dtype: torch.dtype) -> LoadedT:
+        raise NotImplementedError
+
+
+class TransformersEmbedder(_TransformersCheckpoint[_TransformersModel]):
+    """A transformers CLIP, SigLIP or BLIP checkpoint (hub id or local directory) as an embedder."""
+
+    _cache_kind = "transformers-embedder"
+
+    def _load(self, model: str, device: str, dtype: torch.dtype) -> _TransformersModel:
+        return _load_transformers(model, device, dtype)
 
     def _pixels(self, image: Image.Image) -> torch.Tensor:
         processed = self._loaded.processor.image_processor(images=image.convert("RGB"), return_tensors="pt")
@@ -349,3 +378,50 @@ class TransformersEmbedder(_TorchEmbedder):
             return model.text_proj(hidden[:, 0, :])  # type: ignore[no-any-return]
         masks = {"attention_mask": inputs["attention_mask"]} if "attention_mask" in inputs else {}
         return model.get_text_features(input_ids=inputs["input_ids"], **masks).pooler_output  # type: ignore[no-any-return]
+
+
+# --- image features (DINO) --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _VisionBackbone:
+    """What one vision-backbone load yields: the model, its image processor and feature width."""
+
+    model: Any
+    processor: Any
+    dim: int
+
+
+def _load_vision_backbone(model_name: str, device: str, dtype: torch.dtype) -> _VisionBackbone:
+    import transformers
+
+    try:
+        model = transformers.AutoModel.from_pretrained(model_name, dtype=dtype).to(device)
+        processor = transformers.AutoImageProcessor.from_pretrained(model_name)  # type: ignore[no-untyped-call]
+    except Exception as e:
+        raise explain_load_failure(model_name, e) from e
+    model.eval()
+    return _VisionBackbone(model, processor, int(model.config.hidden_size))
+
+
+class ImageFeatureEncoder(_TransformersCheckpoint[_VisionBackbone]):
+    """A transformers vision backbone (DINOv2, DINO ViT) as unit image features: its class token, as the
+    DINO image-image similarity of text-to-image papers uses it. It embeds images only."""
+
+    _cache_kind = "vision-backbone"
+
+    def _load(self, model: str, device: str, dtype: torch.dtype) -> _VisionBackbone:
+        return _load_vision_backbone(model, device, dtype)
+
+    def _pixels(self, image: Image.Image) -> torch.Tensor:
+        processed = self._loaded.processor(images=image.convert("RGB"), return_tensors="pt")
+        return processed["pixel_values"][0]  # type: ignore[no-any-return]
+
+    def _tokens(self, texts: list[str]) -> Any:
+        raise ConfigError(f"{self.model_id} is an image backbone: it embeds images, not text")
+
+    def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        output = self._loaded.model(pixel_values=pixels.to(self.device, self.dtype))
+        # DINOv2's pooler output is its layer-normed class token; a ViT without a pooler gives the raw one.
+        pooled = getattr(output, "pooler_output", None)
+        return pooled if pooled is not None else output.last_hidden_state[:, 0]  # type: ignore[no-any-return]

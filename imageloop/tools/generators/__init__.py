@@ -5,6 +5,7 @@
   as an option.
 - `flux`: FLUX.1 from text; references through FLUX.1 Redux.
 - `text2image`: any diffusers text-to-image checkpoint (`AutoPipelineForText2Image`), text only.
+- `presets`: text-to-image pipelines at the settings a paper drew with (`preset:sd3.5-large`, ...), text only.
 
 `references` (no heavy imports) decides which references a backend keeps and words the prompt that
 names them, one function per family (in-context placeholders, or adapters beside the text).

@@ -2,17 +2,23 @@
 
 Each image is stored once under the sha256 of its bytes, so re-running over a folder only embeds
 files it has not seen, and a file that moved inside the folder keeps its vector and gets its new
-path. Worker threads hash, decode and caption files ahead of the embedder, which sees one batch at
-a time; each batch is committed in one transaction, so a run that is killed (Ctrl-C or kill -9)
-loses at most the batches it had not committed yet, and a re-run completes it without duplicates.
+path. Besides its path, folder and caption (a sidecar `NAME.txt`, else the captioner's), a record
+carries the keys of a sidecar `NAME.json`, e.g. `{"tags": ["sneaker", "red"], "brand": "acme"}`, which
+`where` filters match (a list matches when one element does); editing a sidecar and re-running
+updates the record without embedding again.
+
+Worker threads hash, decode and caption files ahead of the embedder, which sees one batch at a time;
+each batch is committed in one transaction, so a run that is killed (Ctrl-C or kill -9) loses at most
+the batches it had not committed yet, and a re-run completes it without duplicates.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -32,6 +38,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 Captioner = Callable[[Path], str]
+RESERVED_KEYS = frozenset({"path", "folder", "caption"})
+"""Metadata the indexer writes itself, which a sidecar `NAME.json` may not set."""
 
 
 def default_workers() -> int:
@@ -44,8 +52,9 @@ class IndexSummary:
     """What one indexing run did; `indexed + skipped + failed == total` image files seen.
 
     `moved` counts the skipped files whose content was already indexed under a path that no longer
-    exists: their record now carries the new path, without re-embedding. `removed` counts records
-    pruned because their file is gone from the folder (or was edited in place: new bytes, new id).
+    exists: their record now carries the new path, without re-embedding; `retagged` those whose
+    sidecar `NAME.json` changed: their record now carries its keys. `removed` counts records pruned
+    because their file is gone from the folder (or was edited in place: new bytes, new id).
     """
 
     indexed: int = 0
@@ -53,6 +62,7 @@ class IndexSummary:
     failed: int = 0
     total: int = 0
     moved: int = 0
+    retagged: int = 0
     removed: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
 
@@ -64,6 +74,7 @@ class IndexSummary:
             "failed": self.failed,
             "total": self.total,
             "moved": self.moved,
+            "retagged": self.retagged,
             "removed": self.removed,
             "failures": [{"path": path, "reason": reason} for path, reason in self.failures],
         }
@@ -84,16 +95,18 @@ class _New:
     id: str
     relative: Path
     caption: str
+    extra: dict[str, Any]
     image: Image.Image | None
 
 
 @dataclass(frozen=True)
 class _Known:
-    """Content the index already holds, with its stored record (the path it was indexed under)."""
+    """Content the index already holds, with its stored record (the path it was indexed under) and its sidecar keys."""
 
     id: str
     relative: Path
     record: VectorRecord
+    extra: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -158,18 +171,19 @@ def index_into(
     store_lock = threading.Lock()
     seen: set[str] = set()
     pending: list[_New] = []
-    moves: list[VectorRecord] = []
+    moves: list[tuple[VectorRecord, bool, bool]] = []  # an updated record: moved? retagged?
 
     def prepare(path: Path) -> _Outcome:
         return _prepare(path, index, captioner, store_lock)
 
     def commit() -> None:
         # One upsert per batch, one transaction per upsert: an interruption loses this batch only.
-        records = [*_embedded(pending, index, embedder), *moves]
+        records = [*_embedded(pending, index, embedder), *(record for record, _, _ in moves)]
         with store_lock:
             index.store.upsert(records)
         summary.indexed += len(pending)
-        summary.moved += len(moves)
+        summary.moved += sum(moved for _, moved, _ in moves)
+        summary.retagged += sum(retagged for _, _, retagged in moves)
         pending.clear()
         moves.clear()
 
@@ -193,9 +207,9 @@ def index_into(
                 elif isinstance(outcome, _Known):
                     seen.add(outcome.id)
                     summary.skipped += 1
-                    moved = _moved(outcome, index.root)
-                    if moved is not None:
-                        moves.append(moved)
+                    updated = _updated(outcome, index.root)
+                    if updated is not None:
+                        moves.append(updated)
                 else:
                     seen.add(outcome.id)
                     pending.append(outcome)
@@ -287,30 +301,39 @@ def _prepare(path: Path, index: ImageIndex, captioner: Captioner | None, store_l
     # Known content is not decoded: a re-run over a large folder only hashes bytes.
     with store_lock:
         known = index.store.get([image_id])
-    if known:
-        return _Known(image_id, relative, known[0])
     try:
+        extra = sidecar_metadata(path)
+        if known:
+            return _Known(image_id, relative, known[0], extra)
         image = open_image(path)
         caption = _caption(path, relative, index.route, captioner)
     except ImageloopError as e:
         return _Failed(relative, str(e))
-    return _New(image_id, relative, caption, image if index.route == "image" else None)
+    return _New(image_id, relative, caption, extra, image if index.route == "image" else None)
 
 
-def _moved(known: _Known, root: Path) -> VectorRecord | None:
-    """The record with its new path when the path it was indexed under no longer exists, else None.
+def _updated(known: _Known, root: Path) -> tuple[VectorRecord, bool, bool] | None:
+    """The record with its new path (when the path it was indexed under no longer exists) and its sidecar's
+    keys (when they changed), and which of the two changed; None when neither did.
 
-    A second copy of content whose recorded file is still there is a duplicate, not a move.
+    A second copy of content whose recorded file is still there is a duplicate, not a move: its own
+    sidecar is not read into the record either.
     """
-    recorded = known.record.metadata.get("path")
+    metadata = dict(known.record.metadata)
+    recorded = metadata.get("path")
     if isinstance(recorded, str) and (recorded == known.relative.as_posix() or (root / recorded).is_file()):
+        if recorded != known.relative.as_posix():
+            return None
+        moved = False
+    else:
+        metadata |= {"path": known.relative.as_posix(), "folder": known.relative.parent.as_posix()}
+        moved = True
+    before = {key: value for key, value in metadata.items() if key not in RESERVED_KEYS}
+    retagged = before != known.extra
+    if not (moved or retagged):
         return None
-    metadata: Mapping[str, Any] = {
-        **known.record.metadata,
-        "path": known.relative.as_posix(),
-        "folder": known.relative.parent.as_posix(),
-    }
-    return VectorRecord(id=known.id, vector=known.record.vector, metadata=metadata)
+    metadata = {**{key: metadata[key] for key in RESERVED_KEYS if key in metadata}, **known.extra}
+    return VectorRecord(id=known.id, vector=known.record.vector, metadata=metadata), moved, retagged
 
 
 def _embedded(pending: list[_New], index: ImageIndex, embedder: Embedder) -> list[VectorRecord]:
@@ -331,6 +354,7 @@ def _embedded(pending: list[_New], index: ImageIndex, embedder: Embedder) -> lis
             id=item.id,
             vector=vector,
             metadata={
+                **item.extra,
                 "path": item.relative.as_posix(),
                 "caption": item.caption,
                 "folder": item.relative.parent.as_posix(),
@@ -340,14 +364,47 @@ def _embedded(pending: list[_New], index: ImageIndex, embedder: Embedder) -> lis
     ]
 
 
+def sidecar_caption(path: Path) -> str | None:
+    """The caption a person wrote for `path` in the sidecar `NAME.txt` beside it, else None."""
+    sidecar = path.with_suffix(".txt")
+    if not sidecar.is_file():
+        return None
+    try:
+        return sidecar.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ImageloopError(f"{sidecar}: cannot read caption ({e})") from e
+
+
+def sidecar_metadata(path: Path) -> dict[str, Any]:
+    """The keys of the image's sidecar `NAME.json` (none without one): text, numbers, booleans or lists of them.
+
+    A catalogue's tags and attributes, e.g. `{"tags": ["sneaker", "red"], "brand": "acme"}`, stored
+    with the record so `where` can filter on them. A sidecar that is not such an object fails that
+    image (reported, never fatal), like an unreadable caption.
+    """
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        return {}
+    try:
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ImageloopError(f"{sidecar}: cannot read metadata ({e})") from e
+    if not isinstance(data, dict):
+        raise ImageloopError(f'{sidecar}: expected a JSON object such as {{"tags": ["sneaker"]}}')
+    for key, value in data.items():
+        if key in RESERVED_KEYS:
+            raise ImageloopError(f"{sidecar}: {key!r} is set by the indexer; use another key")
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(item, str | int | float | bool) for item in values):
+            raise ImageloopError(f"{sidecar}: {key!r} must be text, a number, a boolean or a list of them")
+    return data
+
+
 def _caption(path: Path, relative: Path, route: Route, captioner: Captioner | None) -> str:
     """The sidecar `NAME.txt` if present, else the captioner's; the caption route needs one of them."""
-    sidecar = path.with_suffix(".txt")
-    if sidecar.is_file():
-        try:
-            return sidecar.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ImageloopError(f"{sidecar}: cannot read caption ({e})") from e
+    sidecar = sidecar_caption(path)
+    if sidecar is not None:
+        return sidecar
     if captioner is not None:
         return captioner(path)
     if route == "caption":

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from imageloop.errors import ImageloopError
@@ -78,6 +79,18 @@ class Retriever:
             raise ImageloopError(f"embedder {self.embedder.model_id} does not embed images: image queries need one")
         picture = open_image(image) if isinstance(image, Path) else image.convert("RGB")
         return self._search_vectors(self.embedder.embed_images([picture]), k, similarity_threshold, where)[0]
+
+    def search_vector(
+        self, vector: Vector, k: int, similarity_threshold: float | None = None, where: Where | None = None
+    ) -> list[RetrievedImage]:
+        """The top-`k` images for a query vector already in the index's space (a composed or fused query)."""
+        return self._search_vectors(
+            np.asarray(vector, dtype=np.float32).reshape(1, -1), k, similarity_threshold, where
+        )[0]
+
+    def stored_vectors(self, ids: Sequence[str]) -> dict[str, Vector]:
+        """The indexed vectors of those `ids` the index holds (an image's id is the sha256 of its file)."""
+        return {record.id: record.vector for record in self.index.store.get(list(ids))}
 
     def _search_vectors(
         self, vectors: Vector, k: int, similarity_threshold: float | None, where: Where | None

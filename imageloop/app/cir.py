@@ -1,0 +1,229 @@
+"""Composed image retrieval over the application's backends: one query (`compose_retrieve`) and the benchmarks.
+
+Both run the CIR graph (`imageloop.graphs.cir`). A query searches the index's own retriever; an
+evaluation searches each benchmark gallery exactly (`imageloop.eval.cir`). A composed-query model
+(`cir_model`, a folder `imageloop train cir` wrote) loads once per process and must have been trained
+on the index's embedder. Proxy images are kept under `<runs>/cir/artifacts` (or the evaluation's
+folder), by content.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from imageloop import limits
+from imageloop.config import Settings
+from imageloop.errors import ImageloopError
+from imageloop.eval.cir import (
+    EVAL_SETTINGS,
+    QUERIES,
+    SUMMARY,
+    CIREvalSettings,
+    GalleryRetriever,
+    MemoCaptioner,
+    evaluate_queries,
+    finished,
+    known_descriptions,
+    load_benchmarks,
+    locate,
+    summarise,
+)
+from imageloop.files import write_json_atomic
+from imageloop.graphs.cir import CIRContext, CIRKnobs, ComposedQueryModel, build_cir_graph
+from imageloop.graphs.steps import Step, play
+from imageloop.progress import OnProgress
+from imageloop.protocols import GREEDY, Decoding, Message, VisionLanguageModel
+from imageloop.tools.artifacts import ArtifactStore
+
+if TYPE_CHECKING:
+    from imageloop.app.core import App
+
+OnStep = Callable[[Step], None]
+OnQuery = Callable[[int, int], None]
+
+
+def cir_knobs(settings: Settings) -> CIRKnobs:
+    """The CIR graph's knobs from the settings (profile, environment, options)."""
+    return CIRKnobs(
+        k=settings.k,
+        proxy=False,
+        fusion_lambda=settings.fusion_lambda,
+        rerank_depth=settings.rerank_depth,
+        max_verifications=settings.verify,
+        exclude_reference=True,
+        cir_model=None,
+        rank_depth=None,
+        seed=settings.seed,
+        size=settings.size,
+        steps_per_image=settings.steps,
+    )
+
+
+def load_query_model(folder: str) -> ComposedQueryModel:
+    """The composed-query model in `folder`, loaded once per process (again if its weights change)."""
+    from imageloop.runtime import load_cached
+    from imageloop.training.combiner import MODEL_WEIGHTS, CIRModel
+
+    path = Path(folder).resolve()
+    weights = path / MODEL_WEIGHTS
+    stamp = weights.stat().st_mtime_ns if weights.is_file() else None
+    model: ComposedQueryModel = load_cached(("cir-model", str(path), stamp), lambda: CIRModel.load(path))
+    return model
+
+
+class OnFirstUse:
+    """A VLM built on its first call, so a run that never asks one (a composed-query model) needs none configured."""
+
+    def __init__(self, build: Callable[[], VisionLanguageModel]) -> None:
+        self._build = build
+
+    @property
+    def model_id(self) -> str:
+        """The built model's id."""
+        return self._build().model_id
+
+    def chat(
+        self, messages: Sequence[Message], json_schema: Mapping[str, Any] | None = None, decoding: Decoding = GREEDY
+    ) -> str:
+        """Build the model (once: backends are cached) and ask it."""
+        return self._build().chat(messages, json_schema, decoding)
+
+
+def captioner_for(app: App, settings: Settings) -> Callable[[Path], str]:
+    """The one captioning rule's captioner (the captioner role, else the VLM), built on first use."""
+    from imageloop.agents.captioner import VLMCaptioner
+
+    def caption(path: Path) -> str:
+        return VLMCaptioner(app.vlm(settings, role="captioner"))(path)
+
+    return caption
+
+
+def _model_folder(app: App, cir_model: str | Path | None) -> str | None:
+    return str(app.path(cir_model, "cir model", kind="dir")) if cir_model is not None else None
+
+
+def compose_retrieve(
+    app: App,
+    index: str | Path,
+    reference: str | Path,
+    change: str,
+    *,
+    k: int | None = None,
+    proxy: bool = False,
+    verify: int | None = None,
+    fusion_lambda: float | None = None,
+    cir_model: str | Path | None = None,
+    on_step: OnStep | None = None,
+    on_progress: OnProgress | None = None,
+) -> dict[str, Any]:
+    """Find the images of `index` that show `reference` changed as `change` says; the graph's answer, paths as text.
+
+    Returns `{"edited_description", "results": [{"id", "path", "score"}], "reference_description",
+    "proxy_image", "stop_reason", "verifications", "attempts", "steps"}`.
+    """
+    settings = app.with_knobs(k=k, verify=verify, fusion_lambda=fusion_lambda)
+    reference_path = app.path(reference, "reference", kind="file")
+    change = limits.check_text("change", change)
+    model = _model_folder(app, cir_model)
+    retriever = app.retriever(index, settings)
+    artifacts = ArtifactStore(app.runs_dir / "cir" / "artifacts")
+    graph = build_cir_graph(
+        OnFirstUse(lambda: app.vlm(settings)),  # type: ignore[arg-type]  # model_id is a property here
+        captioner_for(app, settings),
+        app.generator(settings) if proxy else None,
+        retriever,
+        artifacts,
+        query_models=load_query_model,
+        defaults=cir_knobs(settings),
+    )
+    inputs = {"reference": str(reference_path), "change": change}
+    context = CIRContext(proxy=proxy, cir_model=model)
+    state = play(graph, inputs, context=context, on_step=on_step, on_progress=on_progress)
+    proxy_image = state.get("proxy_image")
+    return {
+        "reference": str(reference_path),
+        "change": change,
+        "reference_description": state.get("reference_description"),
+        "edited_description": state.get("edited_description"),
+        "results": state.get("results", []),
+        "proxy_image": str(artifacts.path(proxy_image)) if proxy_image else None,
+        "stop_reason": state.get("stop_reason"),
+        "verifications": state.get("verification", 0),
+        "attempts": state.get("attempts", []),
+        "steps": state.get("steps", []),
+    }
+
+
+def run_cir_eval(
+    app: App,
+    index: str | Path,
+    annotations: str | Path,
+    fmt: str,
+    out_dir: str | Path,
+    *,
+    split: str | None = None,
+    images: str | Path | None = None,
+    proxy: bool = False,
+    verify: int | None = None,
+    fusion_lambda: float | None = None,
+    cir_model: str | Path | None = None,
+    concurrency: int = 1,
+    on_query: OnQuery | None = None,
+) -> dict[str, Any]:
+    """Run every benchmark query not yet in `out_dir` through the CIR graph; write and return the summary.
+
+    CIRR: `{"n", "recall_at", "recall_subset_at", "avg", "settings"}` (test1: `{"n", "submission"}`);
+    FashionIQ: `{"n", "categories", "avg_at_10", "avg_at_50", "avg", "settings"}`; recalls in percent.
+    """
+    limits.check("concurrency", concurrency)
+    settings = app.with_knobs(verify=verify, fusion_lambda=fusion_lambda)
+    spec = locate(app.path(annotations, "annotations"), fmt, split)
+    benchmarks = load_benchmarks(spec, app.path(images, "images", kind="dir") if images is not None else None)
+    model = _model_folder(app, cir_model)
+    image_index = app.index(index)
+    embedder = app.embedder(settings)
+    galleries = [GalleryRetriever(image_index, embedder, b.gallery) for b in benchmarks]
+    out = app.path(out_dir, "out", kind="out")
+    out.mkdir(parents=True, exist_ok=True)
+    eval_settings = CIREvalSettings(
+        format=spec.format,
+        split=spec.split,
+        benchmarks=[b.name for b in benchmarks],
+        index=str(image_index.root),
+        embedder=embedder.model_id,
+        vlm="-" if model else str(settings.role_spec("vlm")),
+        generator=str(settings.role_spec("generator")) if proxy else "-",
+        cir_model=model,
+        proxy=proxy,
+        fusion_lambda=settings.fusion_lambda,
+        rerank_depth=settings.rerank_depth,
+        verify=settings.verify,
+    )
+    settings_file = out / EVAL_SETTINGS
+    if settings_file.exists() and json.loads(settings_file.read_text(encoding="utf-8")) != asdict(eval_settings):
+        raise ImageloopError(f"{out} holds an evaluation with other settings: use another --out")
+    write_json_atomic(settings_file, asdict(eval_settings))
+    captioner = MemoCaptioner(
+        captioner_for(app, settings), known_descriptions(finished(out / QUERIES).values(), benchmarks)
+    )
+    generator = app.generator(settings) if proxy else None
+    defaults = CIRKnobs(**{**cir_knobs(settings), "proxy": proxy, "cir_model": model})
+    llm: Any = OnFirstUse(lambda: app.vlm(settings))  # a VisionLanguageModel whose model_id is a property
+    artifacts = ArtifactStore(out / "artifacts")
+    runs = [
+        (
+            b,
+            g,
+            build_cir_graph(llm, captioner, generator, g, artifacts, query_models=load_query_model, defaults=defaults),
+        )
+        for b, g in zip(benchmarks, galleries, strict=True)
+    ]
+    done = evaluate_queries(runs, out, concurrency=concurrency, on_query=on_query)
+    summary = summarise(benchmarks, done, eval_settings, out)
+    write_json_atomic(out / SUMMARY, summary)
+    return summary
