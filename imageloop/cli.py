@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from imageloop import __version__, limits
 from imageloop.config import FEEDBACK_KINDS, HYBRID_RULES, MODES, REVIEW_KINDS, STORE_KINDS, Settings, load_settings
 from imageloop.errors import ConfigError, ImageloopError
+from imageloop.progress import ProgressEvent, describe
 
 if TYPE_CHECKING:
     from imageloop.app import App
@@ -389,7 +390,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-origin", action="append", default=[], metavar="ORIGIN",
         help="a web origin (https://app.example.com) whose pages may call the HTTP server besides its own (repeatable)",
     )  # fmt: skip
+    _add_ui_parser(commands, roles)
+    _add_completion_parser(commands)
+    _add_quiet(parser)
     return parser
+
+
+def _add_quiet(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """`-q/--quiet` before or after the command (a subcommand's flag must not reset the top level's)."""
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", default=False if top else argparse.SUPPRESS,
+        help="no progress output (steps, bars); results, errors and --json output still print",
+    )  # fmt: skip
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                _add_quiet(sub, top=False)
+
+
+def _add_ui_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
+    ui = commands.add_parser("ui", parents=[roles], help="open the browser UI (generate, search, pick, compose)")
+    ui.add_argument("--index", type=Path, required=True, help="the indexed image folder the UI searches")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
+    ui.add_argument(
+        "--token", help="access token required beyond localhost ($IMAGELOOP_UI_TOKEN; default: a random one)"
+    )
+    ui.add_argument("--runs", type=Path, metavar="DIR", help="where runs and searches are written (default runs/)")
+    ui.add_argument("--sessions", type=Path, help="GenIR session database (default shared with the other faces)")
+
+
+def _add_completion_parser(commands: Any) -> None:
+    completion = commands.add_parser("completion", help="print a shell completion script (bash or zsh)")
+    completion.add_argument("shell", choices=["bash", "zsh"], help='e.g. eval "$(imageloop completion bash)"')
 
 
 def _add_rage_parser(
@@ -437,12 +470,44 @@ def _err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _show_step(step: dict[str, Any]) -> None:
-    _err(f"[{step['node']}] {step['decision']} ({step['seconds']:.2f} s)")
+class _Progress:
+    """Steps and in-node progress (denoising) on stderr: a bar at a terminal, one line per finished task in a
+    log; nothing with --quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar: Any = None
+
+    def step(self, step: dict[str, Any]) -> None:
+        """A node finished: say what it decided."""
+        if not self.quiet:
+            self._close_bar()
+            _err(f"[{step['node']}] {step['decision']} ({step['seconds']:.2f} s)")
+
+    def progress(self, event: ProgressEvent) -> None:
+        """How far a long call inside a node got."""
+        if self.quiet:
+            return
+        if not sys.stderr.isatty():
+            if event["total"] is not None and event["done"] >= event["total"]:
+                _err(describe(event))
+            return
+        from tqdm import tqdm
+
+        if self.bar is None or event["done"] <= self.bar.n:
+            self._close_bar()
+            desc = f"[{event['node']}] {event['what']}" if event["node"] else event["what"]
+            self.bar = tqdm(total=event["total"], desc=desc, leave=False, file=sys.stderr)
+        self.bar.update(event["done"] - self.bar.n)
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _index(args: argparse.Namespace, app: App) -> int:
-    summary = app.index_folder(args.folder, batch_size=args.batch_size, progress=True)
+    summary = app.index_folder(args.folder, batch_size=args.batch_size, progress=not args.quiet)
     for path, reason in summary.failures:
         _err(f"skipped {path}: {reason}")
     removed = f", removed {summary.removed}" if summary.removed else ""
@@ -490,9 +555,10 @@ def _generate(args: argparse.Namespace, app: App) -> int:
     if args.resume is None and (args.prompt is None or args.index is None or args.out is None):
         raise ConfigError("generate needs PROMPT, --index and --out (or --resume RUN_DIR)")
     knobs = {name: getattr(args, name) for name in IMAGERAG_KNOBS}
+    shown = _Progress(args.quiet)
     record = app.generate(
         args.prompt, args.index, out_dir=args.resume or args.out, knobs=knobs,
-        where=parse_where(args.where), on_step=_show_step, resume=args.resume is not None,
+        where=parse_where(args.where), on_step=shown.step, on_progress=shown.progress, resume=args.resume is not None,
     )  # fmt: skip
     _err(f"{record['stop_reason']}: final image {record['final_image']}; record {args.resume or args.out}/run.json")
     if args.json:
@@ -502,22 +568,24 @@ def _generate(args: argparse.Namespace, app: App) -> int:
 
 def _search(args: argparse.Namespace, app: App) -> int:
     given = {"feedback": args.feedback, "rounds": args.rounds, "k": args.k}
+    progress = _Progress(args.quiet)
+    follow = {"on_step": progress.step, "on_progress": progress.progress}
     if args.resume is not None:
         shown = app.show_search(args.resume, given=given)
         if shown["status"] == "incomplete":
-            shown = app.continue_search(args.resume, None, on_step=_show_step)
+            shown = app.continue_search(args.resume, None, **follow)
     else:
         if args.index is None:
             raise ConfigError("search needs --index (or --resume SESSION_ID)")
         query = args.query or input("What are you looking for? ").strip()
-        shown = app.start_search(args.index, query, knobs=given, out_dir=args.out, on_step=_show_step)
+        shown = app.start_search(args.index, query, knobs=given, out_dir=args.out, **follow)
         args.session_id = shown["thread_id"]  # what a Ctrl-C from here on may point back to
         print(f"session {shown['thread_id']} (continue it with --resume {shown['thread_id']})")
     while shown["status"] == "awaiting_feedback":
         _print_round(shown)
         answer = input(f"{shown['ask']}\n> ")
         try:
-            shown = app.continue_search(shown["thread_id"], answer, on_step=_show_step)
+            shown = app.continue_search(shown["thread_id"], answer, **follow)
         except ImageloopError as e:  # an empty or unknown answer: say why and ask again
             print(f"  {e}")
     found = shown["found_id"] or "not found"
@@ -540,18 +608,21 @@ RAGE_KNOBS = ("k", "similarity_threshold", "review", "max_generations", "seed", 
 def _rage(args: argparse.Namespace, app: App) -> int:
     from imageloop.app import parse_where
 
+    progress = _Progress(args.quiet)
+    follow = {"on_step": progress.step, "on_progress": progress.progress}
+
     if args.resume is not None:
         given = [f"--{name.replace('_', '-')}" for name in (*RAGE_KNOBS, "auto", "index", "out", "prompt")
                  if getattr(args, name) is not None] + (["--where"] if args.where else [])  # fmt: skip
         if given:
             raise ConfigError(f"--resume continues a session with its own settings: drop {', '.join(given)}")
-        shown = app.continue_rage(args.resume, None, on_step=_show_step)
+        shown = app.continue_rage(args.resume, None, **follow)
     else:
         if args.prompt is None or args.index is None or args.out is None:
             raise ConfigError("rage needs PROMPT, --index and --out (or --resume SESSION_ID)")
         knobs = {name: getattr(args, name) for name in RAGE_KNOBS} | {"auto_select": args.auto}
         shown = app.start_rage(
-            args.prompt, args.index, knobs=knobs, where=parse_where(args.where), out_dir=args.out, on_step=_show_step
+            args.prompt, args.index, knobs=knobs, where=parse_where(args.where), out_dir=args.out, **follow
         )
         _err(f"session {shown['session_id']} (continue it with: imageloop rage --resume {shown['session_id']})")
     scripted = args.select
@@ -560,11 +631,11 @@ def _rage(args: argparse.Namespace, app: App) -> int:
         if scripted is not None:  # --select answers the first question; a later one is asked
             answer: Any = {"selected": scripted}
             scripted = None
-            shown = app.continue_rage(shown["session_id"], answer, on_step=_show_step)
+            shown = app.continue_rage(shown["session_id"], answer, **follow)
             continue
         answer = _ask_selection() if shown["status"] == "awaiting_selection" else _ask_review()
         try:
-            shown = app.continue_rage(shown["session_id"], answer, on_step=_show_step)
+            shown = app.continue_rage(shown["session_id"], answer, **follow)
         except ImageloopError as e:  # a pick or an answer that names nothing: say why and ask again
             _err(f"  {e}")
     final = shown["final_image"] or "no image"
@@ -612,11 +683,11 @@ def _ask_review() -> dict[str, Any]:
 
 
 @contextmanager
-def _counter(things: str, unit: str) -> Iterator[Callable[[int, int], None]]:
-    """A progress bar on stderr, fed `(done, total)`."""
+def _counter(things: str, unit: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr (none with --quiet), fed `(done, total)`."""
     from tqdm import tqdm
 
-    bar = tqdm(desc=things, unit=unit, file=sys.stderr, disable=None)
+    bar = tqdm(desc=things, unit=unit, file=sys.stderr, disable=True if quiet else None)
 
     def progress(done: int, total: int) -> None:
         bar.total = total
@@ -643,7 +714,7 @@ def _eval(args: argparse.Namespace, app: App) -> int:
         if args.index is None:
             raise ConfigError("eval genir needs --index (the indexed corpus to search)")
         knobs = {"feedback": args.feedback, "rounds": args.rounds, "k": args.k, "rank_depth": args.rank_depth}
-        with _counter("targets", "target") as progress:
+        with _counter("targets", "target", args.quiet) as progress:
             summary = app.eval_genir(
                 args.index, args.targets, args.out, benchmark=args.benchmark, images=args.images,
                 annotations=args.annotations, sample=args.sample, knobs=knobs, concurrency=args.concurrency,
@@ -666,7 +737,7 @@ def _show_hits(summary: dict[str, Any]) -> None:
 
 def _eval_imagerag(args: argparse.Namespace, app: App) -> int:
     knobs = {name: getattr(args, name) for name in IMAGERAG_KNOBS}
-    with _counter("prompts", "prompt") as progress:
+    with _counter("prompts", "prompt", args.quiet) as progress:
         summary = app.eval_imagerag(
             args.prompts, args.index, args.out, real_images=args.real_images, metrics=args.metrics, knobs=knobs,
             concurrency=args.concurrency, on_prompt=progress,
@@ -705,6 +776,30 @@ def _mcp(args: argparse.Namespace, app: App) -> int:
     return 0
 
 
+def _ui(args: argparse.Namespace, app: App) -> int:
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("streamlit") is None:
+        raise ConfigError("the browser UI needs the ui extra: pip install 'imageloop[ui]'")
+    from imageloop.ui import serve
+
+    token = args.token or os.environ.get("IMAGELOOP_UI_TOKEN") or None
+    serve(app, index=args.index, host=args.host, port=args.port, token=token)
+    return 0
+
+
+def _ui_app(args: argparse.Namespace) -> App:
+    return _app(args, runs_dir=args.runs)
+
+
+def _completion(args: argparse.Namespace, app: App) -> int:
+    from imageloop.completion import completion_script
+
+    print(completion_script(build_parser(), args.shell))
+    return 0
+
+
 def _mcp_app(args: argparse.Namespace) -> App:
     roots = args.root or [Path.cwd()]
     if not args.root and Path.cwd() == Path(Path.cwd().anchor):
@@ -716,7 +811,7 @@ def _mcp_app(args: argparse.Namespace) -> App:
 def _cir(args: argparse.Namespace, app: App) -> int:
     found = app.compose_retrieve(
         args.index, args.reference, args.change, k=args.k, proxy=args.proxy, verify=args.verify,
-        fusion_lambda=args.fusion_lambda, cir_model=args.cir_model, on_step=_show_step,
+        fusion_lambda=args.fusion_lambda, cir_model=args.cir_model, on_step=_Progress(args.quiet).step,
     )  # fmt: skip
     if found["edited_description"]:
         _err(f"edited description: {found['edited_description']}")
@@ -730,7 +825,7 @@ def _cir(args: argparse.Namespace, app: App) -> int:
 
 
 def _eval_cir(args: argparse.Namespace, app: App) -> int:
-    with _counter("queries", "query") as progress:
+    with _counter("queries", "query", args.quiet) as progress:
         summary = app.eval_cir(
             args.index, args.annotations, args.format, args.out, split=args.split, images=args.images,
             proxy=args.proxy, verify=args.verify, fusion_lambda=args.fusion_lambda, cir_model=args.cir_model,
@@ -757,9 +852,11 @@ def _eval_cir(args: argparse.Namespace, app: App) -> int:
 
 
 def _triplets(args: argparse.Namespace, app: App) -> int:
+    progress = _Progress(args.quiet)
+
     def show(step: dict[str, Any]) -> None:
         if step["node"] in ("synthesize", "finish", "prepare"):
-            _show_step(step)
+            progress.step(step)
 
     made = app.synthesize_triplets(
         args.objects, args.edits, args.n, args.out, examples=args.examples, lora=args.lora, check=args.check,
@@ -815,7 +912,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, App], int]] = {
     "triplets": _triplets,
     "train": _train,
     "mcp": _mcp,
+    "ui": _ui,
+    "completion": _completion,
 }
+APPS: dict[str, Callable[[argparse.Namespace], App]] = {"mcp": _mcp_app, "ui": _ui_app}
 
 
 def _interrupted(args: argparse.Namespace, error: BaseException) -> str:
@@ -853,7 +953,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     app: App | None = None
     try:
-        app = _mcp_app(args) if args.command == "mcp" else _app(args)
+        app = APPS.get(args.command, _app)(args)
         return COMMANDS[args.command](args, app)
     except ImageloopError as e:
         _err(f"imageloop: error: {e}")

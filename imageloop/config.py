@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from imageloop import limits
-from imageloop.errors import ConfigError
+from imageloop.errors import ConfigError, ImageloopError
 
 Role = Literal["vlm", "generator", "embedder", "captioner"]
 ROLES: tuple[Role, ...] = ("vlm", "generator", "embedder", "captioner")
@@ -299,6 +299,9 @@ def _validated(values: Mapping[str, Any]) -> Settings:
         return Settings.model_validate(values)
     except ValidationError as e:
         first = e.errors()[0]
+        cause = first.get("ctx", {}).get("error")
+        if isinstance(cause, ImageloopError):  # a validator's own one-line error (pydantic wraps ValueErrors)
+            raise cause from None
         field = ".".join(str(p) for p in first["loc"])
         if field in limits.BOUNDS and first["type"] in ("greater_than_equal", "less_than_equal"):
             # A value past a bound is refused in the table's own words, naming the range, on every face.

@@ -2,10 +2,14 @@
 
 Every `ImageloopError` carries a one-line message that the CLI prints as is (no traceback); anything
 else that escapes is a bug and keeps its traceback.
+
+`ImageloopError` is a `ValueError`: LangGraph Server shows a run's error message to its clients only
+for ValueError-like types (others read "An internal error occurred"), and LangGraph's default retry
+policy does not retry ValueErrors, which is right for a user error.
 """
 
 
-class ImageloopError(Exception):
+class ImageloopError(ValueError):
     """A problem with the user's input, configuration or environment, explained in one line."""
 
 

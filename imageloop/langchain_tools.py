@@ -24,6 +24,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 from langchain_core.tools import StructuredTool, ToolException
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from imageloop import limits
 from imageloop.app import App
 from imageloop.config import (
     CriticKind,
@@ -38,14 +39,16 @@ from imageloop.config import (
 from imageloop.errors import ImageloopError
 from imageloop.limits import MAX_REFERENCES, PATH_CHARS, PROMPT_CHARS
 from imageloop.report import REPORT_FILE
+from imageloop.thumbnails import RESULT_IMAGE_BUDGET, encode_png_under, image_budgets
 
 P = ParamSpec("P")
 R = TypeVar("R")
-Answer = tuple[str, dict[str, Any]]
+Answer = tuple[str | list[dict[str, Any]], dict[str, Any]]
 
 ID_PATTERN = r"^[0-9a-f]{12}$"
 LISTED = 8  # results named in a tool's text; the artifact always has all of them
 CAPTION_CHARS = 90
+MAX_IMAGES = 8  # pictures in one answer (each a thumbnail under the shared size cap)
 PATH_HINT = " (absolute, or relative to the first allowed folder)"
 
 
@@ -91,6 +94,7 @@ class GenerateArgs(BaseModel):
     max_iterations: int | None = bounded("max_iterations", unset=True)
     top_k: int | None = bounded("top_k", unset=True)
     similarity_threshold: float | None = bounded("similarity_threshold", unset=True)
+    wait_seconds: float = bounded("wait_seconds", description="wait this long for the run, then return its id")
     critic: CriticKind | None = Field(None, description="single_call (one JSON call) or paper (the paper's questions)")
     retrieval_query: RetrievalQuery | None = Field(None, description="search with the caption, concept or prompt")
     references_policy: ReferencesPolicy | None = Field(None, description="replace or accumulate per iteration")
@@ -157,6 +161,7 @@ class GetRunArgs(BaseModel):
     """Arguments of `get_run`."""
 
     run_id: str = Field(pattern=ID_PATTERN, description="the run id generate_with_references returned")
+    wait_seconds: float = Field(0, ge=0, le=limits.BOUNDS["wait_seconds"].high, description="wait this long for it")
 
 
 def _user_errors(function: Callable[P, R]) -> Callable[P, R]:
@@ -191,11 +196,32 @@ def _listing(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _image_blocks(shown: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    """LangChain's standard content blocks for labelled images: a text label, then a PNG within the size cap."""
+    blocks: list[dict[str, Any]] = []
+    each = image_budgets(len(shown), RESULT_IMAGE_BUDGET)
+    for label, path in shown:
+        try:
+            data = encode_png_under(Path(path), each)
+        except (ImageloopError, OSError):
+            data = None
+        if data is not None:
+            blocks += [{"type": "text", "text": label}, {"type": "image", "base64": data, "mime_type": "image/png"}]
+    return blocks
+
+
 class _Toolbox:
     """The tools' operations: argument handling and rendering over one `App`."""
 
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: App, images: bool = False) -> None:
         self.app = app
+        self.images = images
+
+    def _answer(self, text: str, artifact: dict[str, Any], shown: Sequence[tuple[str, str]] = ()) -> Answer:
+        """The text alone, or (for vision models) the text then labelled images as content blocks."""
+        if not self.images or not shown:
+            return text, artifact
+        return [{"type": "text", "text": text}, *_image_blocks(shown[:MAX_IMAGES])], artifact
 
     def index_images(self, folder: str, batch_size: int | None = None) -> Answer:
         summary = self.app.index_folder(folder, batch_size=batch_size)
@@ -220,10 +246,9 @@ class _Toolbox:
         results = [{"id": r.id, "path": str(r.path), "caption": r.caption, "score": round(r.score, 6)} for r in found]
         if not results:
             return f"No indexed image matched {asked}.", {"results": [], "index": root}
-        return f"{len(results)} image(s) for {asked}, best first:\n{_listing(results)}", {
-            "results": results,
-            "index": root,
-        }
+        text = f"{len(results)} image(s) for {asked}, best first:\n{_listing(results)}"
+        shown = [(f"#{i}", str(r.path)) for i, r in enumerate(found)]
+        return self._answer(text, {"results": results, "index": root}, shown)
 
     def generate_with_references(
         self,
@@ -237,6 +262,7 @@ class _Toolbox:
         retrieval_query: RetrievalQuery | None = None,
         references_policy: ReferencesPolicy | None = None,
         final_image_policy: FinalImage | None = None,
+        wait_seconds: float | None = None,
     ) -> Answer:
         knobs = {
             "mode": mode, "max_iterations": max_iterations, "top_k": top_k,
@@ -244,16 +270,9 @@ class _Toolbox:
             "references_policy": references_policy,
             "final_image_policy": final_image_policy,
         }  # fmt: skip
-        record = self.app.generate(prompt, index, knobs=knobs)
-        concepts = sorted({str(r["concept"]) for r in record["references"]})
-        text = (
-            f"Run {record['run_id']}: {'aligned with the prompt' if record['aligned'] else 'not aligned'}"
-            f" (stopped: {record['stop_reason']}) after {record['iterations']} regeneration(s)"
-            f" with {len(record['references'])} reference image(s)"
-            + (f" for {', '.join(concepts)}" if concepts else "")
-            + ". The final image is saved; get_run gives the details."
-        )
-        return text, self._run_artifact(record)
+        job = self.app.start_generate(prompt, index, knobs)
+        waited = limits.default("wait_seconds") if wait_seconds is None else wait_seconds
+        return self._run(job.id, float(waited or 0))
 
     def compose_retrieve(
         self,
@@ -286,11 +305,40 @@ class _Toolbox:
         k: int | None = None,
     ) -> Answer:
         session = self.app.start_search(index, query, knobs={"feedback": feedback, "rounds": rounds, "k": k})
-        return _round_text(session), {**session, "session_id": session["thread_id"]}
+        return self._round(session)
 
     def genir_feedback(self, session_id: str, feedback: str) -> Answer:
-        session = self.app.continue_search(session_id, feedback)
-        return _round_text(session), {**session, "session_id": session["thread_id"]}
+        return self._round(self.app.continue_search(session_id, feedback))
+
+    def _round(self, session: dict[str, Any]) -> Answer:
+        shown = [("what the system understood", session["synthetic_image"])] if session.get("synthetic_image") else []
+        shown += [(f"#{i}", r["path"]) for i, r in enumerate(session.get("retrieved") or [])]
+        return self._answer(_round_text(session), {**session, "session_id": session["thread_id"]}, shown)
+
+    def get_run(self, run_id: str, wait_seconds: float = 0) -> Answer:
+        return self._run(run_id, wait_seconds)
+
+    def _run(self, run_id: str, wait_seconds: float) -> Answer:
+        """A run's answer: still going (its id to poll and its latest step), or what it did."""
+        job = self.app.jobs.get(run_id)
+        if job is not None:
+            job.done.wait(wait_seconds)
+        try:
+            state = self.app.run_state(run_id)
+        except ImageloopError:  # a run this process never held as a background run (the CLI's, say)
+            state = {"run_id": run_id, "status": "done", "progress": [], "error": None}
+            state["result"] = self.app.read_run(run_id)
+        if state["status"] in ("queued", "running"):
+            latest = f" Latest: {state['progress'][-1]}." if state["progress"] else ""
+            text = f"Run {run_id} is {state['status']}.{latest} Call get_run with run_id {run_id!r} to check again."
+            return text, {"run_id": run_id, "status": state["status"], "progress": state["progress"]}
+        record = state["result"] or {}
+        if not record:
+            return f"Run {run_id} {state['status']}: {state['error']}", {"run_id": run_id, **state}
+        text = _run_text(run_id, record) + (f" ({state['status']})" if state["status"] != "done" else "")
+        shown = [(key, record[key]) for key in ("final_image", "draft_image") if record.get(key)]
+        artifact = {**self._run_artifact(record), "status": state["status"], "record": record}
+        return self._answer(text, artifact, shown)
 
     def rage_retrieve(
         self,
@@ -330,19 +378,6 @@ class _Toolbox:
         )
         return text, _rage_artifact(shown)
 
-    def get_run(self, run_id: str) -> Answer:
-        record = self.app.read_run(run_id)
-        steps = record.get("steps") or []
-        text = (
-            f"Run {run_id} for {_short(str(record.get('prompt')), 200)!r}:"
-            f" {'aligned' if record.get('aligned') else 'not aligned'}, stopped: {record.get('stop_reason')},"
-            f" {record.get('iterations')} regeneration(s), {len(record.get('references') or [])} reference(s),"
-            f" {len(steps)} steps in {record.get('seconds')} s."
-            + (f" Missing concepts: {', '.join(record['missing_concepts'])}." if record.get("missing_concepts") else "")
-            + (f" Error: {record['error']}" if record.get("error") else "")
-        )
-        return text, {**self._run_artifact(record), "record": record}
-
     def _run_artifact(self, record: dict[str, Any]) -> dict[str, Any]:
         run_dir = self.app.runs_dir / str(record["run_id"])
         return {
@@ -357,6 +392,20 @@ class _Toolbox:
             "references": record.get("references"),
             "images": [{"iteration": i["iteration"], "path": i["path"]} for i in record.get("images") or []],
         }
+
+
+def _run_text(run_id: str, record: dict[str, Any]) -> str:
+    steps = record.get("steps") or []
+    concepts = sorted({str(r["concept"]) for r in record.get("references") or []})
+    return (
+        f"Run {run_id}: {'aligned with the prompt' if record.get('aligned') else 'not aligned'}"
+        f" (stopped: {record.get('stop_reason')}) after {record.get('iterations')} regeneration(s)"
+        f" with {len(record.get('references') or [])} reference image(s)"
+        + (f" for {', '.join(concepts)}" if concepts else "")
+        + f", {len(steps)} steps in {record.get('seconds')} s."
+        + (f" Missing concepts: {', '.join(record['missing_concepts'])}." if record.get("missing_concepts") else "")
+        + (f" Error: {record['error']}" if record.get("error") else "")
+    )
 
 
 def _rage_artifact(shown: dict[str, Any]) -> dict[str, Any]:
@@ -399,17 +448,19 @@ def imageloop_tools(
     runs_dir: Path | None = None,
     sessions_db: Path | None = None,
     app: App | None = None,
+    images: bool = False,
 ) -> list[StructuredTool]:
     """The imageloop tools over `app` (or one built from `settings`, confined to `roots`, writing to `runs_dir`).
 
     Pass your own `app` to share its backends and indexes with the rest of your program, and close it
-    when done (`app.close()`).
+    when done (`app.close()`). With `images`, answers that show pictures (search results, a run's final
+    image and draft, a search round) carry them as image content blocks, for vision models.
     """
     if app is None:
         if not roots:
             raise ImageloopError("give the tools at least one folder they may index and search")
         app = App(settings, roots=roots, runs_dir=runs_dir, sessions_db=sessions_db)
-    box = _Toolbox(app)
+    box = _Toolbox(app, images)
     specs: list[tuple[Callable[..., Answer], type[BaseModel], str]] = [
         (
             box.index_images,
@@ -426,7 +477,8 @@ def imageloop_tools(
             box.generate_with_references,
             GenerateArgs,
             "Draw an image for a prompt with ImageRAG: a critic names what a draft misses, reference images "
-            "of those concepts are retrieved from the index, and the image is regenerated with them. Slow.",
+            "of those concepts are retrieved from the index, and the image is regenerated with them. Slow: "
+            "waits up to wait_seconds, then returns a run id to poll with get_run.",
         ),
         (
             box.compose_retrieve,
@@ -445,7 +497,11 @@ def imageloop_tools(
             GenIRFeedbackArgs,
             "Give the user's feedback on the current round of a search session and get the next round.",
         ),
-        (box.get_run, GetRunArgs, "Read what a generate_with_references run did: outcome, references, steps."),
+        (
+            box.get_run,
+            GetRunArgs,
+            "Check a generate_with_references run: still running, or what it did (outcome, references, steps).",
+        ),
         (
             box.rage_retrieve,
             RageRetrieveArgs,

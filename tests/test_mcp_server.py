@@ -41,7 +41,7 @@ from imageloop.cli import main
 from imageloop.config import Settings
 from imageloop.mcp import build_server
 from imageloop.mcp.server import ImageloopMCP
-from imageloop.mcp.thumbnails import RESULT_IMAGE_BUDGET
+from imageloop.thumbnails import RESULT_IMAGE_BUDGET
 from tests.fake_openai_server import FakeOpenAIServer, Fault, RecordedRequest, chat_completion
 from tests.fakes import FakeHashEmbedder, ScriptedGenerator, ScriptedVLM
 

@@ -35,6 +35,7 @@ from imageloop.eval.cir import (
 from imageloop.files import write_json_atomic
 from imageloop.graphs.cir import CIRContext, CIRKnobs, ComposedQueryModel, build_cir_graph
 from imageloop.graphs.steps import Step, play
+from imageloop.progress import OnProgress
 from imageloop.protocols import GREEDY, Decoding, Message, VisionLanguageModel
 from imageloop.tools.artifacts import ArtifactStore
 
@@ -118,6 +119,7 @@ def compose_retrieve(
     fusion_lambda: float | None = None,
     cir_model: str | Path | None = None,
     on_step: OnStep | None = None,
+    on_progress: OnProgress | None = None,
 ) -> dict[str, Any]:
     """Find the images of `index` that show `reference` changed as `change` says; the graph's answer, paths as text.
 
@@ -140,7 +142,8 @@ def compose_retrieve(
         defaults=cir_knobs(settings),
     )
     inputs = {"reference": str(reference_path), "change": change}
-    state = play(graph, inputs, context=CIRContext(proxy=proxy, cir_model=model), on_step=on_step)
+    context = CIRContext(proxy=proxy, cir_model=model)
+    state = play(graph, inputs, context=context, on_step=on_step, on_progress=on_progress)
     proxy_image = state.get("proxy_image")
     return {
         "reference": str(reference_path),

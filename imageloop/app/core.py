@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imageloop import limits
-from imageloop.app.jobs import JobRegistry
+from imageloop.app.jobs import Job, JobRegistry
 from imageloop.app.paths import Kind, Roots, default_sessions_db, resolve_path
 from imageloop.backends import make_embedder, make_generator, make_vlm
 from imageloop.config import Role, Settings, load_settings
@@ -139,9 +139,16 @@ class App:
             return self._retrievers[key]
 
     def index_folder(
-        self, folder: str | Path, *, batch_size: int | None = None, progress: bool = False
+        self,
+        folder: str | Path,
+        *,
+        batch_size: int | None = None,
+        progress: bool = False,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> IndexSummary:
         """Add the new images of `folder` to its index (created in the configured store); prune vanished ones.
+
+        `progress` draws a bar on stderr; `on_progress(done, total)` hears the files handled so far.
 
         The one captioning rule: the caption route (a text embedder) needs a caption per image (a
         sidecar `NAME.txt`, else the captioner VLM); the image route asks a VLM only when a captioner is
@@ -171,6 +178,7 @@ class App:
             return index_folder(
                 root, embedder, caption if wants_captioner else None,
                 batch_size=batch_size or int(limits.default("batch_size") or 32), progress=progress,
+                on_progress=on_progress,
                 store=settings.store, weaviate_url=settings.weaviate_url,
                 weaviate_api_key=settings.weaviate_api_key, weaviate_grpc_port=settings.weaviate_grpc_port,
                 request_timeout=settings.timeout_for("store"), max_retries=settings.max_retries,
@@ -228,11 +236,36 @@ class App:
 
         return run_imagerag(self, prompt, index, **options)
 
+    def start_generate(self, prompt: str, index: str | Path, knobs: Mapping[str, Any] | None = None) -> Job:
+        """ImageRAG as a background run (poll it with `run_state`); see `imageloop.app.runs.start_generate`."""
+        from imageloop.app.runs import start_generate
+
+        return start_generate(self, prompt, index, knobs)
+
+    def run_state(self, run_id: str) -> dict[str, Any]:
+        """A background run's state, live or from its folder: `{run_id, kind, status, progress, error, result}`."""
+        from imageloop.app.jobs import job_state, stored_state
+
+        job = self.jobs.get(run_id)
+        return job_state(job) if job is not None else stored_state(self.runs_dir, run_id)
+
     def read_run(self, run: str) -> dict[str, Any]:
         """A run's record, by id (under the runs folder) or folder."""
         from imageloop.app.runs import read_run
 
         return read_run(self, run)
+
+    def run_file(self, relative: str) -> tuple[Path, str]:
+        """A file a run wrote, by its path under the runs folder, and its media type; see `app.runs.run_file`."""
+        from imageloop.app.runs import run_file
+
+        return run_file(self, relative)
+
+    def run_relative(self, path: str | Path) -> str | None:
+        """How a remote client names a run output: its path under the runs folder (None if elsewhere)."""
+        from imageloop.app.runs import run_relative
+
+        return run_relative(self, path)
 
     def start_search(self, index: str | Path, query: str, **options: Any) -> dict[str, Any]:
         """Start a GenIR session and play its first round; see `imageloop.app.sessions.start_search`."""

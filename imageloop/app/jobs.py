@@ -12,6 +12,7 @@ one-line "busy" error, never a silent queue of unbounded length.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -21,10 +22,16 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+from typing_extensions import TypedDict
 
 from imageloop.errors import ImageloopError
 from imageloop.files import write_json_atomic
+
+if TYPE_CHECKING:
+    from imageloop.graphs.steps import Step
+    from imageloop.progress import ProgressEvent
 
 logger = logging.getLogger("imageloop.jobs")
 
@@ -47,6 +54,15 @@ class RunCancelledError(ImageloopError):
     """A run stopped at a step boundary because the application is shutting down."""
 
 
+@dataclass(frozen=True)
+class Note:
+    """One progress message; `done` of `total` when the message counts something (images indexed, steps)."""
+
+    message: str
+    done: int | None = None
+    total: int | None = None
+
+
 @dataclass
 class Job:
     """One background run: its progress messages, then its result or error."""
@@ -56,6 +72,7 @@ class Job:
     run_dir: Path | None = None
     status: JobStatus = "queued"
     progress: list[str] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
     reported: int = 0
     result: dict[str, Any] | None = None
     error: str | None = None
@@ -82,24 +99,26 @@ class Job:
         except Exception:
             logger.exception("run %s: could not record its interruption", self.id)
 
-    def report(self, message: str) -> None:
-        """Add a progress message (what the waiting call forwards to the client)."""
+    def report(self, message: str, done: int | None = None, total: int | None = None) -> None:
+        """Add a progress message (what the waiting call forwards to the client), counted when it counts."""
         with self.lock:
             self.progress.append(message)
+            self.notes.append(Note(message, done, total))
             self.reported += 1
             if len(self.progress) > PROGRESS_KEPT:
                 del self.progress[: len(self.progress) - PROGRESS_KEPT]
+                del self.notes[: len(self.notes) - PROGRESS_KEPT]
 
     def check_cancelled(self) -> None:
         """Stop here if the server is shutting down."""
         if self.cancel.is_set():
             raise RunCancelledError("cancelled: the service shut down before the run finished")
 
-    def messages_since(self, count: int) -> tuple[int, list[str]]:
-        """The total reported so far and the messages after the first `count`."""
+    def notes_since(self, count: int) -> tuple[int, list[Note]]:
+        """The total reported so far and the notes after the first `count`."""
         with self.lock:
             new = self.reported - count
-            return self.reported, self.progress[-new:] if new > 0 else []
+            return self.reported, self.notes[-new:] if new > 0 else []
 
     def persist(self) -> None:
         """Write the run's status next to its record, so get_run can answer after a restart."""
@@ -203,3 +222,59 @@ class JobRegistry:
             job.abandon("interrupted: the service stopped during a step of this run; its record holds the steps before")
         self._executor.shutdown(wait=False, cancel_futures=True)
         return len(stuck)
+
+
+class Followers(TypedDict):
+    """The callbacks a loop run takes to be followed (`run_imagerag`, `start_search`, ... accept both)."""
+
+    on_step: Callable[[Step], None]
+    on_progress: Callable[[ProgressEvent], None]
+
+
+def report_to(job: Job) -> Followers:
+    """`on_step` and `on_progress` for a loop run as `job`: each step and in-node progress (counted) becomes a
+    progress note, and the run stops at its next step (or denoising step) once the application shuts down."""
+    from imageloop.progress import describe
+
+    def on_step(step: Step) -> None:
+        job.report(f"[{step['node']}] {step['decision']}")
+        job.check_cancelled()
+
+    def on_progress(event: ProgressEvent) -> None:
+        job.report(describe(event), event["done"], event["total"])
+        job.check_cancelled()
+
+    return Followers(on_step=on_step, on_progress=on_progress)
+
+
+def _record(run_dir: Path) -> dict[str, Any] | None:
+    from imageloop.report import RECORD_FILE, read_record
+
+    return read_record(run_dir) if (run_dir / RECORD_FILE).is_file() else None
+
+
+def job_state(job: Job, last: int = 20) -> dict[str, Any]:
+    """A live run's state: `{run_id, kind, status, progress (the latest messages), error, result}`; a failed or
+    cancelled run's result is the record it wrote."""
+    with job.lock:
+        progress = job.progress[-last:]
+    result = job.result
+    if result is None and job.run_dir is not None and job.done.is_set():
+        result = _record(job.run_dir)
+    return {"run_id": job.id, "kind": job.kind, "status": job.status, "progress": progress, "error": job.error,
+            "result": result}  # fmt: skip
+
+
+def stored_state(runs_dir: Path, run_id: str) -> dict[str, Any]:
+    """A run's state from its folder, for a process that no longer (or never) held it in memory; a run that
+    was still going when its server stopped reads "interrupted"."""
+    run_dir = runs_dir / run_id
+    status_path = run_dir / STATUS_FILE
+    if not status_path.is_file():
+        raise ImageloopError(f"no run {run_id!r} (runs are kept in {runs_dir})")
+    status = json.loads(status_path.read_text(encoding="utf-8"))
+    state, error = status["status"], status.get("error")
+    if state not in FINISHED:
+        state, error = "interrupted", "the server stopped before the run finished"
+    return {"run_id": run_id, "kind": status["kind"], "status": state, "progress": [], "error": error,
+            "result": _record(run_dir)}  # fmt: skip

@@ -43,6 +43,7 @@ from imageloop.graphs.rage import (
     resolve_review,
     resolve_selection,
 )
+from imageloop.progress import OnProgress
 from imageloop.report import RECORD_FILE, REPORT_FILE, write_report
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tools.indexing.retriever import Where
@@ -89,6 +90,7 @@ def start_rage(
     where: Where | None = None,
     out_dir: str | Path | None = None,
     on_step: OnStep | None = None,
+    on_progress: OnProgress | None = None,
 ) -> dict[str, Any]:
     """Start a session: retrieve the candidates for `prompt` and stop at the selection (see `show_rage`).
 
@@ -111,10 +113,12 @@ def start_rage(
     session = RAGESession(thread_id, app.index(index).root, folder, resolved)
     _register(app.sessions_db, session)
     with _session_graph(app, session) as graph:
-        return _play(app, graph, session, {"prompt": prompt}, on_step)
+        return _play(app, graph, session, {"prompt": prompt}, on_step, on_progress)
 
 
-def continue_rage(app: App, thread_id: str, answer: Any, *, on_step: OnStep | None = None) -> dict[str, Any]:
+def continue_rage(
+    app: App, thread_id: str, answer: Any, *, on_step: OnStep | None = None, on_progress: OnProgress | None = None
+) -> dict[str, Any]:
     """Answer the session's pending question and play to the next one or the end.
 
     To "which images?": `{"selected": ITEMS, "prompt": optional new prompt}` or ITEMS alone (positions
@@ -128,14 +132,14 @@ def continue_rage(app: App, thread_id: str, answer: Any, *, on_step: OnStep | No
         snapshot = graph.get_state(thread_config(thread_id))
         pending = pending_interrupt(snapshot)
         if pending is None and snapshot.next:
-            return _play(app, graph, session, None, on_step)
+            return _play(app, graph, session, None, on_step, on_progress)
         if answer is None:
             return _publish(app, session, snapshot)
         if pending is None:
             raise ImageloopError(
                 f"session {thread_id} has finished ({snapshot.values.get('stop_reason')}): start another"
             )
-        return _play(app, graph, session, Command(resume=resume_value(pending, answer)), on_step)
+        return _play(app, graph, session, Command(resume=resume_value(pending, answer)), on_step, on_progress)
 
 
 def check_rage_answer(app: App, thread_id: str, answer: Any) -> dict[str, Any]:
@@ -264,10 +268,12 @@ def _play(
     session: RAGESession,
     command: Mapping[str, Any] | Command[Any] | None,
     on_step: OnStep | None,
+    on_progress: OnProgress | None = None,
 ) -> dict[str, Any]:
-    """Play to the next question or the end; the record is written whatever happens."""
+    """Play to the next question or the end (in-node progress to `on_progress`); the record is written
+    whatever happens."""
     try:
-        snapshot = play(graph, command, session.thread_id, None, on_step)
+        snapshot = play(graph, command, session.thread_id, None, on_step, on_progress)
     except BaseException as e:
         _publish(app, session, graph.get_state(thread_config(session.thread_id)), error_text(e))
         raise

@@ -22,12 +22,14 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.sqlite import SqliteSaver
 
 from imageloop import __version__, limits
+from imageloop.app.jobs import Job, report_to
 from imageloop.app.paths import make_out_dir
 from imageloop.config import Settings
 from imageloop.errors import ImageloopError
 from imageloop.files import disk_error, write_json_atomic
 from imageloop.graphs.imagerag import ImageRAGGraph, ImageRAGKnobs, build_imagerag_graph
-from imageloop.graphs.steps import Step, node_steps
+from imageloop.graphs.steps import OnStep, follow_steps_and_progress
+from imageloop.progress import OnProgress
 from imageloop.protocols import ImageRetriever
 from imageloop.report import RECORD_FILE, read_record, write_report
 from imageloop.tools.artifacts import ArtifactStore
@@ -44,7 +46,6 @@ RECORDED_SETTINGS = {
 CHECKPOINTS = "checkpoints.sqlite"
 THREAD: RunnableConfig = {"configurable": {"thread_id": "run"}}
 RUN_ID = r"^[0-9a-f]{12}$"
-OnStep = Callable[[Step], None]
 RecordWriter = Callable[[str | None], dict[str, Any]]
 
 
@@ -148,6 +149,12 @@ def _checkpointed(run_dir: Path) -> Iterator[SqliteSaver]:
         yield SqliteSaver(conn)
 
 
+def can_resume(run_dir: str | Path) -> bool:
+    """Whether `run_dir` holds a run that `--resume` can continue: its record and its checkpoints."""
+    folder = Path(run_dir)
+    return (folder / RUN_RECORD).is_file() and (folder / CHECKPOINTS).is_file()
+
+
 def run_imagerag(
     app: App,
     prompt: str | None,
@@ -157,16 +164,18 @@ def run_imagerag(
     knobs: Mapping[str, Any] | None = None,
     where: Where | None = None,
     on_step: OnStep | None = None,
+    on_progress: OnProgress | None = None,
     resume: bool = False,
     on_started: Callable[[RecordWriter], None] | None = None,
 ) -> dict[str, Any]:
     """Run ImageRAG for `prompt` against `index`; returns the record written to `run.json`.
 
     `out_dir` defaults to a new folder under the app's runs; `where` restricts retrieval to images whose
-    metadata matches (e.g. `{"folder": "birds"}`). With `resume`, `out_dir` is an interrupted run's
-    folder: the run continues from its last checkpoint, reusing every finished node. `on_started`
-    receives, once the run folder exists, a function that writes the record as the run stands with a
-    given error: a server that stops before the run does records it with that (see `app.jobs`).
+    metadata matches (e.g. `{"folder": "birds"}`). `on_step` sees each node's decisions as it finishes,
+    `on_progress` the progress inside a node (a generator's denoising steps). With `resume`, `out_dir` is
+    an interrupted run's folder: the run continues from its last checkpoint, reusing every finished node.
+    `on_started` receives, once the run folder exists, a function that writes the record as the run
+    stands with a given error: a server that stops before the run does records it with that (see `app.jobs`).
     """
     if resume:
         if out_dir is None:
@@ -210,7 +219,7 @@ def run_imagerag(
         if on_started is not None:
             on_started(write_record)
         try:
-            _play(graph, None if resume else {"prompt": prompt}, on_step)
+            _play(graph, None if resume else {"prompt": prompt}, on_step, on_progress)
         except BaseException as e:
             error = error_text(e)
             disk = disk_error(e, f"writing the run in {run_dir}")
@@ -228,18 +237,51 @@ def run_imagerag(
     return record
 
 
-def _play(graph: ImageRAGGraph, inputs: Mapping[str, Any] | None, on_step: OnStep | None) -> None:
-    """Run (or continue) the graph, handing each node's steps to `on_step` as the node finishes."""
-    for chunk in graph.stream(inputs, THREAD, stream_mode="updates"):  # type: ignore[arg-type]
-        for update in chunk.values():
-            if on_step is not None and isinstance(update, dict):
-                for step in node_steps(update):
-                    on_step(step)
+def _play(
+    graph: ImageRAGGraph, inputs: Mapping[str, Any] | None, on_step: OnStep | None, on_progress: OnProgress | None
+) -> None:
+    """Run (or continue) the graph, handing each node's steps to `on_step` as the node finishes, and its
+    in-node progress (denoising steps) to `on_progress` as it happens."""
+    chunks = graph.stream(inputs, THREAD, stream_mode=["updates", "custom"])  # type: ignore[arg-type]
+    follow_steps_and_progress(chunks, on_step, on_progress)
 
 
-def can_resume(run_dir: Path) -> bool:
-    """Whether `run_dir` holds an interrupted run that `--resume` continues (its checkpoints and record)."""
-    return (run_dir / CHECKPOINTS).is_file() and (run_dir / RUN_RECORD).is_file()
+RUN_FILE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+RUN_FILE_TYPES |= {".json": "application/json", ".html": "text/html"}
+
+
+def run_file(app: App, relative: str) -> tuple[Path, str]:
+    """A file a run wrote (an image, run.json, report.html) by its path under the runs folder, with its media
+    type; the one rule every face that hands run outputs to a remote client applies (LangGraph Server's route,
+    MCP resources). Anything else, or anything resolving outside the runs folder, is "no such run file"."""
+    runs = app.runs_dir.resolve()
+    path = (runs / relative).resolve()
+    media_type = RUN_FILE_TYPES.get(path.suffix.lower())
+    if media_type is None or not path.is_relative_to(runs) or not path.is_file():
+        raise ImageloopError(f"no such run file {relative!r} under the runs folder")
+    return path, media_type
+
+
+def run_relative(app: App, path: str | Path) -> str | None:
+    """`path` relative to the runs folder (how remote clients name it), or None when it lies elsewhere."""
+    resolved = Path(path).resolve()
+    runs = app.runs_dir.resolve()
+    return resolved.relative_to(runs).as_posix() if resolved.is_relative_to(runs) else None
+
+
+def start_generate(app: App, prompt: str, index: str | Path, knobs: Mapping[str, Any] | None = None) -> Job:
+    """ImageRAG as a background run of `app.jobs`, its folder `<runs>/<run id>`; a missing or mismatched index
+    or a misconfigured model fails this call, not the run."""
+    settings = app.with_knobs(**(knobs or {}))
+    app.retriever(index, settings)
+    app.vlm(settings), app.generator(settings)
+
+    def work(job: Job) -> dict[str, Any]:
+        return run_imagerag(
+            app, prompt, index, out_dir=job.run_dir, knobs=knobs, on_started=job.record_with, **report_to(job)
+        )
+
+    return app.jobs.submit("generate", work, run_root=app.runs_dir)
 
 
 def read_run(app: App, run: str) -> dict[str, Any]:

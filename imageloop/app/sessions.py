@@ -30,6 +30,7 @@ from imageloop.config import FEEDBACK_KINDS, FeedbackKind, Settings
 from imageloop.errors import ConfigError, ImageloopError
 from imageloop.files import write_json_atomic
 from imageloop.graphs.genir import GenIRContext, GenIRGraph, GenIRKnobs, build_genir_graph, resolve_found
+from imageloop.progress import OnProgress
 from imageloop.tools.artifacts import ArtifactStore
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ def start_search(
     knobs: Mapping[str, Any] | None = None,
     out_dir: str | Path | None = None,
     on_step: OnStep | None = None,
+    on_progress: OnProgress | None = None,
 ) -> dict[str, Any]:
     """Start a person's search and play its first round; returns the round to show (see `show_search`).
 
@@ -101,7 +103,7 @@ def start_search(
     make_out_dir(folder, "search folder")  # before the session is recorded: a session needs its folder
     _register(app.sessions_db, session)
     with _session_graph(app, session) as graph:
-        return _play(graph, session, {"query": query}, on_step)
+        return _play(graph, session, {"query": query}, on_step, on_progress)
 
 
 def continue_search(
@@ -111,6 +113,7 @@ def continue_search(
     *,
     given: Mapping[str, Any] | None = None,
     on_step: OnStep | None = None,
+    on_progress: OnProgress | None = None,
 ) -> dict[str, Any]:
     """Answer the pending round of a session and play the next one.
 
@@ -127,11 +130,11 @@ def continue_search(
         snapshot = graph.get_state(thread_config(thread_id))
         pending = pending_interrupt(snapshot)
         if pending is None and snapshot.next:
-            return _play(graph, session, None, on_step)
+            return _play(graph, session, None, on_step, on_progress)
         if answer is None or pending is None:
             return _shown(session, snapshot)
         resolve_found(answer, pending["retrieved"])  # a bad "found:" is the caller's one-line error
-        return _play(graph, session, Command(resume=answer), on_step)
+        return _play(graph, session, Command(resume=answer), on_step, on_progress)
 
 
 def show_search(app: App, thread_id: str, *, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -222,10 +225,15 @@ def _session_graph(app: App, session: SearchSession) -> Iterator[GenIRGraph]:
 
 
 def _play(
-    graph: GenIRGraph, session: SearchSession, command: Mapping[str, Any] | Command[Any] | None, on_step: OnStep | None
+    graph: GenIRGraph,
+    session: SearchSession,
+    command: Mapping[str, Any] | Command[Any] | None,
+    on_step: OnStep | None,
+    on_progress: OnProgress | None = None,
 ) -> dict[str, Any]:
-    """Play to the next question or the end (see `imageloop.app.threads.play`); a stopped round shows "incomplete"."""
-    return _shown(session, play(graph, command, session.thread_id, _context(session), on_step))
+    """Play to the next question or the end (see `imageloop.app.threads.play`), in-node progress (drawing the
+    synthetic image) to `on_progress`; a stopped round shows "incomplete"."""
+    return _shown(session, play(graph, command, session.thread_id, _context(session), on_step, on_progress))
 
 
 def _summary(thread_id: str, state: Mapping[str, Any]) -> dict[str, Any]:

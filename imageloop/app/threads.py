@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,9 +19,11 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, StateSnapshot
 
-from imageloop.graphs.steps import Step, node_steps
+from imageloop.graphs.steps import OnStep, follow_steps_and_progress
+from imageloop.progress import OnProgress
 
-OnStep = Callable[[Step], None]
+__all__ = ["OnStep", "checkpointed_thread", "pending_interrupt", "play", "thread_config"]
+
 _THREAD_LOCKS: dict[str, threading.Lock] = {}
 _THREAD_LOCKS_GUARD = threading.Lock()
 
@@ -48,18 +50,17 @@ def play(
     thread_id: str,
     context: Any,
     on_step: OnStep | None,
+    on_progress: OnProgress | None = None,
 ) -> StateSnapshot:
-    """Play to the next question or the end, handing each node's steps to `on_step` as the node finishes.
+    """Play to the next question or the end, handing each node's steps to `on_step` as the node finishes and
+    in-node progress (a drawing's denoising steps) to `on_progress` as it happens.
 
-    `on_step` may raise to stop the play there (a server's cancel): the checkpoint keeps every finished
+    Either may raise to stop the play there (a server's cancel): the checkpoint keeps every finished
     node, and the session shows as incomplete until it is played on with no command.
     """
     config = thread_config(thread_id)
-    for chunk in graph.stream(command, config, stream_mode="updates", context=context):
-        for update in chunk.values():
-            if on_step is not None and isinstance(update, dict):  # an interrupt's update is a tuple
-                for step in node_steps(update):
-                    on_step(step)
+    chunks = graph.stream(command, config, stream_mode=["updates", "custom"], context=context)
+    follow_steps_and_progress(chunks, on_step, on_progress)
     return graph.get_state(config)
 
 

@@ -42,6 +42,7 @@ from imageloop.graphs.knobs import resolve_knobs as resolve_context
 from imageloop.graphs.steps import Step, step
 from imageloop.protocols import GenerationRequest, ImageGenerator, RetrievedImage, VisionLanguageModel
 from imageloop.tools.artifacts import ArtifactStore
+from imageloop.tracing import traced_generator, traced_retriever, traced_vlm
 
 User = Literal["person", "simulated"]
 FOUND_PREFIX = "found:"
@@ -294,10 +295,12 @@ class _Nodes:
         defaults: GenIRKnobs | Callable[[], GenIRKnobs],
     ) -> None:
         self._defaults = defaults
+        # Every model call and search becomes a run in the graph's trace (LangSmith, callback handlers).
+        vlm = traced_vlm(vlm)
         self.vlm = vlm
         self.refiner = QueryRefiner(vlm)
-        self.generator = generator
-        self.retriever = retriever
+        self.generator = traced_generator(generator) if generator is not None else None
+        self.retriever = traced_retriever(retriever)
         self.artifacts = artifacts
 
     def prepare(self, state: GenIRState, runtime: Runtime[GenIRContext]) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from imageloop.protocols import (
     VisionLanguageModel,
 )
 from imageloop.tools.artifacts import ArtifactStore
+from imageloop.tracing import traced_generator, traced_retriever, traced_vlm
 
 
 class CaptionQuery(TypedDict):
@@ -325,10 +326,11 @@ class _Nodes:
     ) -> None:
         self._defaults = defaults
         self.on_finish = on_finish
-        self.vlm = vlm
-        self.rewriter = QueryRewriter(vlm)
-        self.generator = generator
-        self.retriever = retriever
+        # Every model call and search becomes a run in the graph's trace (LangSmith, callback handlers).
+        self.vlm = traced_vlm(vlm)
+        self.rewriter = QueryRewriter(self.vlm)
+        self.generator = traced_generator(generator)
+        self.retriever = traced_retriever(retriever)
         self.artifacts = artifacts
 
     def prepare(self, state: ImageRAGState, runtime: Runtime[ImageRAGContext]) -> dict[str, Any]:

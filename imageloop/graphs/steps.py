@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, TypedDict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from langgraph.types import Overwrite
+from typing_extensions import TypedDict
+
+from imageloop.progress import OnProgress, progress_event
 
 
 class Step(TypedDict):
@@ -36,22 +39,42 @@ def node_steps(update: Mapping[str, Any]) -> list[Step]:
     return list(steps.value if isinstance(steps, Overwrite) else steps)
 
 
+OnStep = Callable[[Step], None]
+
+
+def follow_steps_and_progress(
+    chunks: Iterable[Any], on_step: OnStep | None, on_progress: OnProgress | None = None
+) -> dict[str, Any]:
+    """Consume a multi-mode stream (`stream_mode=["updates", "custom"]`, with "values" if the output is
+    wanted): each node's steps to `on_step` as the node finishes, in-node progress events to `on_progress`
+    as they happen (either may raise to stop the run); returns the last "values" chunk, if streamed."""
+    final: dict[str, Any] = {}
+    for item in chunks:
+        mode, chunk = item  # (stream mode, chunk) when several modes are streamed
+        if mode == "values":
+            final = dict(chunk)
+        elif mode == "custom":
+            event = progress_event(chunk)
+            if event is not None and on_progress is not None:
+                on_progress(event)
+        elif on_step is not None:
+            for update in chunk.values():
+                if isinstance(update, dict):  # an interrupt's update is a tuple
+                    for recorded in node_steps(update):
+                        on_step(recorded)
+    return final
+
+
 def play(
     graph: Any,
     inputs: Mapping[str, Any],
     *,
     context: Any = None,
     config: Mapping[str, Any] | None = None,
-    on_step: Callable[[Step], None] | None = None,
+    on_step: OnStep | None = None,
+    on_progress: OnProgress | None = None,
 ) -> dict[str, Any]:
-    """Run a compiled graph to its end, handing each node's steps to `on_step` as it finishes; the final output."""
-    final: dict[str, Any] = {}
-    for mode, payload in graph.stream(inputs, config, stream_mode=["updates", "values"], context=context):
-        if mode == "values":
-            final = dict(payload)
-        elif on_step is not None:
-            for update in payload.values():
-                if isinstance(update, dict):
-                    for recorded in node_steps(update):
-                        on_step(recorded)
-    return final
+    """Run a compiled graph to its end, handing each node's steps to `on_step` as it finishes (and in-node
+    progress to `on_progress`); the final output."""
+    chunks = graph.stream(inputs, config, stream_mode=["updates", "values", "custom"], context=context)
+    return follow_steps_and_progress(chunks, on_step, on_progress)

@@ -1,10 +1,10 @@
 """imageloop as an MCP server: the application layer's operations as tools an agent can call.
 
-Parts: `server` (the tools: arguments, calls into `imageloop.app.App`, rendering), `thumbnails`
-(images under a result's size cap), `transport` (stdio and streamable HTTP with their checks). `serve`
-runs it until stdin closes (stdio) or the process is stopped (HTTP: Ctrl-C or SIGTERM), then lets
-running jobs finish briefly, cancels the rest at a step boundary (their records stay whole) and closes
-every index.
+Parts: `server` (the tools: arguments, calls into `imageloop.app.App`, rendering; images under a
+result's size cap by `imageloop.thumbnails`, shared with the LangChain tools), `transport` (stdio and
+streamable HTTP with their checks). `serve` runs it until stdin closes (stdio) or the process is
+stopped (HTTP: Ctrl-C or SIGTERM), then lets running jobs finish briefly, cancels the rest at a step
+boundary (their records stay whole) and closes every index.
 """
 
 from __future__ import annotations
@@ -19,18 +19,11 @@ from types import FrameType
 import anyio
 from mcp.server.transport_security import TransportSecuritySettings
 
+from imageloop.access import MIN_TOKEN_CHARS, is_loopback
 from imageloop.app import App
 from imageloop.errors import ConfigError
 from imageloop.mcp.server import build_server
-from imageloop.mcp.transport import (
-    bind_http,
-    check_origin,
-    is_loopback,
-    parse_http,
-    protect_stdout,
-    serve_http,
-    transport_security,
-)
+from imageloop.mcp.transport import bind_http, check_origin, parse_http, protect_stdout, serve_http, transport_security
 
 __all__ = ["build_server", "serve"]
 
@@ -56,8 +49,8 @@ def serve(
                 f"--http {http} is reachable from other machines: "
                 "set a bearer token with --token or IMAGELOOP_MCP_TOKEN"
             )
-        if token is not None and len(token) < 16:
-            raise ConfigError("the bearer token is too short: use at least 16 characters")
+        if token is not None and len(token) < MIN_TOKEN_CHARS:
+            raise ConfigError(f"the bearer token is too short: use at least {MIN_TOKEN_CHARS} characters")
         origins = [check_origin(origin) for origin in allow_origins]  # refused before the port is taken
         sock = bind_http(host, port)
         security = transport_security(host, sock.getsockname()[1], allow_hosts, origins)

@@ -29,15 +29,15 @@ from mcp.types import CallToolResult, ContentBlock, ImageContent, TextContent, T
 from pydantic import BaseModel, Field, ValidationError
 
 from imageloop.app import App
-from imageloop.app.jobs import FINISHED, STATUS_FILE, Job, JobKind, JobStatus, ServerBusyError
-from imageloop.app.runs import RUN_ID, RUN_RECORD
+from imageloop.app.jobs import Job, JobKind, JobStatus, Note, ServerBusyError, job_state, report_to
+from imageloop.app.runs import RUN_ID
 from imageloop.config import CriticKind, FeedbackKind, FinalImage, Mode, ReferencesPolicy, RetrievalQuery, bounded
 from imageloop.errors import ImageloopError
-from imageloop.graphs.steps import Step
 from imageloop.limits import MAX_REFERENCES, MAX_SIDE, MIN_SIDE, PATH_CHARS, PROMPT_CHARS
-from imageloop.mcp.thumbnails import RESULT_IMAGE_BUDGET, encode_png_under, image_budgets
+from imageloop.thumbnails import RESULT_IMAGE_BUDGET, encode_png_under, image_budgets
 
 HEARTBEAT_S = 10.0
+RUN_RESOURCE = "imageloop://runs/"
 MAX_THUMBNAILS = 16
 
 
@@ -127,26 +127,20 @@ class ImageloopMCP:
         root = self.app.path(folder, "folder", kind="dir")
 
         def work(job: Job) -> dict[str, Any]:
-            job.report(f"indexing {root}")
-            summary = self.app.index_folder(root, batch_size=batch_size)
-            job.report(f"indexed {summary.indexed}, skipped {summary.skipped}, failed {summary.failed}")
+            def counted(done: int, total: int) -> None:
+                job.report(f"{done}/{total} images in {root.name} handled", done, total)
+                job.check_cancelled()
+
+            summary = self.app.index_folder(root, batch_size=batch_size, on_progress=counted)
+            done = f"indexed {summary.indexed}, skipped {summary.skipped}, failed {summary.failed}"
+            job.report(done, summary.total, summary.total)
             return {"folder": str(root), **summary.to_json()}
 
         return self.app.jobs.submit("index", work)
 
     def start_generate(self, prompt: str, index: str, knobs: dict[str, Any]) -> Job:
         """Run ImageRAG in the background; its record and images go to RUNS/<run_id>/."""
-        settings = self.app.with_knobs(**knobs)
-        self.app.retriever(index, settings)  # a missing or mismatched index fails this call, not the run
-        self.app.vlm(settings), self.app.generator(settings)  # so does a misconfigured model
-
-        def work(job: Job) -> dict[str, Any]:
-            assert job.run_dir is not None
-            return self.app.generate(
-                prompt, index, out_dir=job.run_dir, knobs=knobs, on_step=_reporter(job), on_started=job.record_with
-            )
-
-        return self.app.jobs.submit("generate", work, run_root=self.app.runs_dir)
+        return self.app.start_generate(prompt, index, knobs)
 
     def start_compose_retrieve(self, index: str, reference: str, change: str, knobs: dict[str, Any]) -> Job:
         """Composed retrieval in the background (composing asks the LLM; a proxy is drawn)."""
@@ -154,7 +148,7 @@ class ImageloopMCP:
         self.app.path(reference, "reference", kind="file")  # so does a reference outside the roots
 
         def work(job: Job) -> dict[str, Any]:
-            return self.app.compose_retrieve(index, reference, change, **knobs, on_step=_reporter(job))
+            return self.app.compose_retrieve(index, reference, change, **knobs, **report_to(job))
 
         return self.app.jobs.submit("cir", work)
 
@@ -163,7 +157,7 @@ class ImageloopMCP:
         self.app.retriever(index)
 
         def work(job: Job) -> dict[str, Any]:
-            return _genir_view(self.app.start_search(index, query, knobs=knobs, on_step=_reporter(job)))
+            return _genir_view(self.app.start_search(index, query, knobs=knobs, **report_to(job)))
 
         return self.app.jobs.submit("genir", work)
 
@@ -205,7 +199,7 @@ class ImageloopMCP:
         self.app.check_rage_answer(session_id, answer)  # a pick naming no candidate fails this call, before generating
 
         def work(job: Job) -> dict[str, Any]:
-            return _rage_view(self.app.continue_rage(session_id, answer, on_step=_reporter(job)))
+            return _rage_view(self.app.continue_rage(session_id, answer, **report_to(job)))
 
         job = self.app.jobs.submit("rage", work)
         self._session_runs[session_id] = job.id
@@ -213,7 +207,7 @@ class ImageloopMCP:
 
     def _genir_job(self, session_id: str, answer: str | None) -> Job:
         def work(job: Job) -> dict[str, Any]:
-            return _genir_view(self.app.continue_search(session_id, answer, on_step=_reporter(job)))
+            return _genir_view(self.app.continue_search(session_id, answer, **report_to(job)))
 
         job = self.app.jobs.submit("genir", work)
         self._session_runs[session_id] = job.id
@@ -228,38 +222,12 @@ class ImageloopMCP:
     def run_view(self, run_id: str) -> RunView:
         """A run's state from memory, or from its folder on disk after a restart."""
         job = self.app.jobs.get(run_id)
-        if job is not None:
-            return self.view(job)
-        run_dir = self.app.runs_dir / run_id
-        status_path = run_dir / STATUS_FILE
-        if not status_path.is_file():
-            raise ImageloopError(f"no run {run_id!r} (runs are kept in {self.app.runs_dir})")
-        status = json.loads(status_path.read_text(encoding="utf-8"))
-        state: JobStatus = status["status"]
-        error = status.get("error")
-        if state not in FINISHED:
-            state, error = "interrupted", "the server stopped before the run finished"
-        return RunView(
-            run_id=run_id, kind=status["kind"], status=state, progress=[], error=error, result=_read_record(run_dir)
-        )
+        return self.view(job) if job is not None else RunView(**self.app.run_state(run_id))
 
     def view(self, job: Job, last: int = 20) -> RunView:
         """A live run's state."""
-        with job.lock:
-            progress = job.progress[-last:]
-        result = job.result
-        if result is None and job.run_dir is not None and job.done.is_set():
-            result = _read_record(job.run_dir)  # a failed or cancelled run still wrote its record
         poll = None if job.done.is_set() else f"call get_run with run_id={job.id!r} (and wait_seconds) for the result"
-        return RunView(
-            run_id=job.id,
-            kind=job.kind,
-            status=job.status,
-            progress=progress,
-            error=job.error,
-            result=result,
-            poll=poll,
-        )
+        return RunView(**job_state(job, last), poll=poll)
 
     def render_run(self, view: RunView) -> CallToolResult:
         """A run's view as a tool result: JSON text, plus the images a finished run produced."""
@@ -281,18 +249,16 @@ class ImageloopMCP:
             shown += [(f"#{hit['rank']} {hit['path']}", hit["path"]) for hit in result["retrieved"][:MAX_THUMBNAILS]]
         elif view.kind == "rage" and result.get("final_image"):
             shown.append((f"final_image: {result['final_image']}", result["final_image"]))
-        content, _ = self._image_blocks(shown)
+        content, _ = self._image_blocks([(self._full_size(label, path), path) for label, path in shown])
         return _result(view.model_dump(mode="json"), content, is_error=view.status == "error")
 
+    def _full_size(self, label: str, path: str) -> str:
+        """A thumbnail's label, naming the run resource that reads it at full size (`imageloop://runs/...`).
 
-def _reporter(job: Job) -> Callable[[Step], None]:
-    """Forward a run's steps as progress, and stop at the next step once the server shuts down."""
-
-    def on_step(step: Step) -> None:
-        job.report(f"[{step['node']}] {step['decision']}")
-        job.check_cancelled()
-
-    return on_step
+        Named in the text rather than as a resource link: clients such as langchain-mcp-adapters turn an image
+        link into an image URL for the model, which a model provider cannot fetch."""
+        relative = self.app.run_relative(path)
+        return f"{label} (full size: {RUN_RESOURCE}{relative})" if relative and path.endswith(".png") else label
 
 
 def _genir_view(session: dict[str, Any]) -> dict[str, Any]:
@@ -334,14 +300,6 @@ def _rage_view(session: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
-def _read_record(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / RUN_RECORD
-    if not path.is_file():
-        return None
-    record: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    return record
-
-
 def _result(structured: dict[str, Any], images: list[ContentBlock], is_error: bool = False) -> CallToolResult:
     """JSON text first (for clients that ignore structured output), then labelled images."""
     text = TextContent(type="text", text=json.dumps(structured, ensure_ascii=False))
@@ -356,10 +314,11 @@ class _Server(FastMCP[Any]):
         super().__init__(*args, **kwargs)
         self.parameters: dict[str, set[str]] = {}
 
-    def tool_of(self, function: Callable[..., Any], annotations: ToolAnnotations) -> None:
+    def tool_of(self, function: Callable[..., Any], title: str, annotations: ToolAnnotations) -> None:
         """Register `function` as a tool, remembering its parameters to name unknown arguments."""
         self.parameters[function.__name__] = set(inspect.signature(function).parameters) - {"ctx"}
-        self.tool(annotations=annotations)(function)
+        # The title twice: on the tool (protocol 2025-06-18) and in its annotations (where 2025-03-26 put it).
+        self.tool(title=title, annotations=annotations.model_copy(update={"title": title}))(function)
 
     async def call_tool(self, name: str, arguments: dict[str, Any]) -> Sequence[ContentBlock] | dict[str, Any]:
         known = self.parameters.get(name)
@@ -387,8 +346,11 @@ def _validation_message(error: ValidationError) -> str:
 
 
 WaitSeconds = Annotated[float, bounded("wait_seconds")]
-PathArg = Annotated[str, Field(min_length=1, max_length=PATH_CHARS)]
-Text = Annotated[str, Field(min_length=1, max_length=PROMPT_CHARS)]
+Folder = Annotated[
+    str, Field(min_length=1, max_length=PATH_CHARS, description="a folder of images inside the server's roots")
+]
+Index = Annotated[str, Field(min_length=1, max_length=PATH_CHARS, description="an indexed image folder")]
+Prompt = Annotated[str, Field(min_length=1, max_length=PROMPT_CHARS, description="what to draw")]
 RunId = Annotated[str, Field(pattern=RUN_ID, description="the run_id a previous call returned")]
 SessionId = Annotated[str, Field(pattern=RUN_ID, description="the session_id genir_round returned")]
 RageSessionId = Annotated[str, Field(pattern=RUN_ID, description="the session_id rage_retrieve returned")]
@@ -400,20 +362,52 @@ Where = Annotated[
 McpContext = Context[Any, Any, Any]
 
 
+class ProgressClock:
+    """MCP progress values for a run's notes: strictly increasing (as the protocol requires), with a total
+    while the work counts something. A counted note (done of total) moves to base + done of base + total,
+    base being where its task began (a task begins when `done` falls back: the next image's denoising; a
+    repeated count moves nothing and is not sent); any other note moves on by one, with no total."""
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.base = 0.0
+        self.last_done: int | None = None
+        self.started = False
+
+    def tick(self, note: Note) -> tuple[float, float | None] | None:
+        """The (progress, total) to send for `note`, or None when it would not move forward."""
+        if note.done is None or note.total is None:
+            self.value += 1
+            self.last_done = None
+            self.started = True
+            return self.value, None
+        if self.last_done is None or note.done < self.last_done:
+            self.base = self.value
+        self.last_done = note.done
+        value = self.base + note.done
+        if self.started and value <= self.value:
+            return None
+        self.value, self.started = value, True
+        return value, self.base + note.total
+
+
 async def _follow(job: Job, wait_s: float, ctx: McpContext) -> None:
     """Wait up to `wait_s` for `job`, forwarding its progress (and a heartbeat) to the client."""
     deadline = anyio.current_time() + wait_s
     sent, last_sent = 0, anyio.current_time()
     delay = 0.002
+    clock = ProgressClock()
     while True:
-        total, messages = job.messages_since(sent)
+        total, notes = job.notes_since(sent)
         now = anyio.current_time()
-        if not messages and now - last_sent >= HEARTBEAT_S:
-            messages = [f"still {job.status}"]  # a heartbeat, for clients that extend timeouts on progress
+        if not notes and now - last_sent >= HEARTBEAT_S:
+            notes = [Note(f"still {job.status}")]  # a heartbeat, for clients that extend timeouts on progress
         try:
-            for offset, message in enumerate(messages, start=total - len(messages) + 1):
-                await ctx.report_progress(max(offset, 1), None, message)
-                last_sent = now
+            for note in notes:
+                ticked = clock.tick(note)
+                if ticked is not None:
+                    await ctx.report_progress(ticked[0], ticked[1], note.message)
+                    last_sent = now
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             return  # the client went away: the run carries on, its result waits for get_run
         sent = total
@@ -444,7 +438,7 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
         return ops.render_run(ops.view(job))
 
     async def retrieve_images(
-        index: Annotated[str, Field(min_length=1, max_length=PATH_CHARS, description="an indexed image folder")],
+        index: Index,
         query: Annotated[str | None, Field(max_length=PROMPT_CHARS, description="text describing the images")] = None,
         image: Annotated[
             str | None, Field(max_length=PATH_CHARS, description="or: a path of an image to find similar ones")
@@ -464,7 +458,7 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
         )
 
     async def index_images(
-        folder: PathArg,
+        folder: Folder,
         ctx: McpContext,
         batch_size: Annotated[int, bounded("batch_size")] = 32,
         wait_seconds: WaitSeconds = 40,
@@ -474,8 +468,8 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
         return await run_result(job, wait_seconds, ctx)
 
     async def generate_with_references(
-        prompt: Text,
-        index: PathArg,
+        prompt: Prompt,
+        index: Index,
         ctx: McpContext,
         # Knobs left null take the server's settings (its profile, IMAGELOOP_* variables, defaults).
         mode: Annotated[Mode | None, Field(description="draft_first critiques a draft first")] = None,
@@ -511,7 +505,7 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
         return await run_result(job, wait_seconds, ctx)
 
     async def compose_retrieve(
-        index: Annotated[str, Field(min_length=1, max_length=PATH_CHARS, description="an indexed image folder")],
+        index: Index,
         reference: Annotated[str, Field(min_length=1, max_length=PATH_CHARS, description="the reference image")],
         change: Annotated[
             str, Field(min_length=1, max_length=PROMPT_CHARS, description="how the wanted image differs from it")
@@ -574,8 +568,8 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
         return await run_result(job, wait_seconds, ctx)
 
     async def rage_retrieve(
-        prompt: Text,
-        index: PathArg,
+        prompt: Prompt,
+        index: Index,
         k: Annotated[int | None, bounded("k", unset=True, description="candidates to show")] = None,
         where: Where = None,
         similarity_threshold: Annotated[float | None, bounded("similarity_threshold", unset=True)] = None,
@@ -634,14 +628,44 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
         view = await anyio.to_thread.run_sync(ops.run_view, run_id)
         return await anyio.to_thread.run_sync(ops.render_run, view)
 
-    reads = ToolAnnotations(readOnlyHint=True, openWorldHint=False)
-    server.tool_of(retrieve_images, reads)
-    server.tool_of(index_images, ToolAnnotations(idempotentHint=True, openWorldHint=False))
-    server.tool_of(generate_with_references, ToolAnnotations(openWorldHint=True))
-    server.tool_of(compose_retrieve, ToolAnnotations(openWorldHint=True))
-    server.tool_of(genir_round, ToolAnnotations(openWorldHint=True))
-    server.tool_of(genir_feedback, ToolAnnotations(openWorldHint=True))
-    server.tool_of(rage_retrieve, ToolAnnotations(openWorldHint=False))
-    server.tool_of(rage_generate, ToolAnnotations(openWorldHint=True))
-    server.tool_of(get_run, reads)
+    # Every hint said explicitly (the protocol's defaults assume the worst: destructive, open world).
+    # Nothing here deletes a person's files: indexing writes FOLDER/.imageloop (forgetting images that
+    # are gone), runs and sessions write new folders under the runs folder.
+    reads = ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=True, openWorldHint=False)
+    writes_new = ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=False, openWorldHint=True)
+    indexes = ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=True, openWorldHint=False)
+    server.tool_of(retrieve_images, "Search indexed images", reads)
+    server.tool_of(index_images, "Index an image folder", indexes)
+    server.tool_of(generate_with_references, "Generate with retrieved references (ImageRAG)", writes_new)
+    server.tool_of(compose_retrieve, "Find an image like a reference, changed (CIR)", writes_new)
+    server.tool_of(genir_round, "Start or show an image search (GenIR)", writes_new)
+    server.tool_of(genir_feedback, "Answer an image search round (GenIR)", writes_new)
+    server.tool_of(rage_retrieve, "Find references to pick for a prompt (RAGE)", writes_new)
+    server.tool_of(rage_generate, "Generate with the picked references (RAGE)", writes_new)
+    server.tool_of(get_run, "Check a run", reads)
+    add_run_resources(server, app)
     return server
+
+
+RUN_RESOURCES = [
+    ("", "run_output", "A run's output", "An image a run wrote (final.png, draft.png, round_N.png), by run and name"),
+    ("artifacts/", "run_artifact", "An image of a run", "Any image a run drew, by run and artifact (<sha256>.png)"),
+]
+
+
+def add_run_resources(server: FastMCP[Any], app: App) -> None:
+    """Run outputs as resources (`imageloop://runs/<path under the runs folder>`), full size, for clients that
+    fetch what a result names rather than its thumbnails."""
+
+    def reader(folder: str) -> Callable[[str, str], bytes]:
+        def read(run: str, name: str) -> bytes:
+            path, media_type = app.run_file(f"{run}/{folder}{name}")
+            if media_type != "image/png":
+                raise ImageloopError(f"{run}/{folder}{name} is no image: these resources are a run's PNG images")
+            return path.read_bytes()
+
+        return read
+
+    for folder, name, title, description in RUN_RESOURCES:
+        uri = f"{RUN_RESOURCE}{{run}}/{folder}{{name}}"
+        server.resource(uri, name=name, title=title, description=description, mime_type="image/png")(reader(folder))

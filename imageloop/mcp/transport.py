@@ -11,8 +11,7 @@ of it and stray output goes to stderr.
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
+import logging
 import os
 import re
 import socket
@@ -21,9 +20,11 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any, BinaryIO
 
+import anyio
 from mcp.server.fastmcp import FastMCP
 from mcp.server.transport_security import TransportSecuritySettings
 
+from imageloop.access import TokenGate, is_loopback
 from imageloop.errors import ConfigError
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
@@ -41,16 +42,6 @@ def parse_http(text: str) -> tuple[str, int]:
     if not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"--http {text!r}: expected HOST:PORT such as 127.0.0.1:8765")
     return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether binding `host` keeps the server on this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _host_pattern(host: str) -> str:
@@ -93,34 +84,6 @@ def check_origin(text: str) -> str:
     return origin
 
 
-class BearerTokenMiddleware:
-    """Refuses HTTP requests without `Authorization: Bearer <token>` (compared in constant time)."""
-
-    def __init__(self, app: Any, token: str) -> None:
-        self.app = app
-        self.expected = token.encode()
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            scheme, _, credentials = given.partition(b" ")
-            # The scheme is case-insensitive (RFC 7235); the token is compared in constant time.
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(), self.expected):
-                body = b'{"error": "missing or wrong bearer token"}'
-                await send({
-                    "type": "http.response.start",
-                    "status": 401,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                        (b"www-authenticate", b'Bearer realm="imageloop"'),
-                    ],
-                })  # fmt: skip
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
-
-
 class _ProtocolStdout:
     """`sys.stdout` while serving stdio: the SDK's transport takes `.buffer` (the protocol's private copy of
     fd 1); anything printed goes to stderr instead of corrupting the JSON-RPC stream."""
@@ -142,6 +105,21 @@ def protect_stdout() -> None:
     protocol = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = _ProtocolStdout(protocol)
+
+
+class QuietDisconnects(logging.Filter):
+    """Drops the SDK's error log (a 40-line traceback) for a client that closed its stream: a normal end."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream))
+
+
+def quiet_disconnects() -> None:
+    """Install `QuietDisconnects` on the SDK's streamable-HTTP logger (once)."""
+    sdk = logging.getLogger("mcp.server.streamable_http")
+    if not any(isinstance(f, QuietDisconnects) for f in sdk.filters):
+        sdk.addFilter(QuietDisconnects())
 
 
 def bind_http(host: str, port: int) -> socket.socket:
@@ -166,6 +144,8 @@ async def serve_http(server: FastMCP[Any], sock: socket.socket, token: str | Non
     """Serve streamable HTTP on the bound `sock` at /mcp until SIGTERM or Ctrl-C; `on_stop` runs as either arrives."""
     import uvicorn
 
+    quiet_disconnects()
+
     class StoppingServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             # uvicorn owns SIGTERM and SIGINT while it serves (and raises them again once it has
@@ -175,7 +155,7 @@ async def serve_http(server: FastMCP[Any], sock: socket.socket, token: str | Non
 
     app: Any = server.streamable_http_app()
     if token:
-        app = BearerTokenMiddleware(app, token)
+        app = TokenGate(app, token)
     host, bound_port = sock.getsockname()[:2]
     config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     print(f"imageloop mcp: serving http://{_host_pattern(host)}:{bound_port}/mcp", file=sys.stderr, flush=True)

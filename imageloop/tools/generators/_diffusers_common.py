@@ -16,6 +16,7 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from imageloop.errors import ConfigError
+from imageloop.progress import report_progress
 from imageloop.protocols import GenerationRequest, GenerationResult
 from imageloop.runtime import (
     BatchMemory,
@@ -65,8 +66,23 @@ def place(pipe: Any, device: str, offload: bool) -> None:
     vae = getattr(pipe, "vae", None)
     if vae is not None and hasattr(vae, "enable_slicing"):
         vae.enable_slicing()
-    # tqdm turns itself off when stderr is no terminal (servers, logs); a person at a terminal sees steps.
-    pipe.set_progress_bar_config(disable=None)
+    # Denoising progress goes out once, through `progress_options` (LangGraph's custom stream), and each face
+    # shows it its own way; diffusers' own bars would print it a second time, to stderr.
+    pipe.set_progress_bar_config(disable=True)
+
+
+def progress_options(pipe: Any) -> dict[str, Any]:
+    """The pipeline-call option that reports each denoising step (`imageloop.progress`), if the pipeline takes it."""
+    import inspect
+
+    if "callback_on_step_end" not in inspect.signature(pipe.__call__).parameters:
+        return {}
+
+    def on_step_end(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        report_progress("denoising", step + 1, getattr(pipeline, "num_timesteps", None))
+        return callback_kwargs
+
+    return {"callback_on_step_end": on_step_end}
 
 
 def noise_generator(seed: int | None) -> torch.Generator:

@@ -26,6 +26,7 @@ from imageloop.tools.generators._diffusers_common import (
     from_hub,
     noise_generators,
     place,
+    progress_options,
     resolve_placement,
 )
 from imageloop.tools.generators.references import adapter_prompt, render
@@ -117,6 +118,7 @@ class FluxGenerator(DiffusersGenerator):
             "num_inference_steps": kind.steps,
             "guidance_scale": self.guidance_scale,
             "generator": noise_generators(requests),
+            **progress_options(self._pipe),
         }
 
         def call() -> Any:

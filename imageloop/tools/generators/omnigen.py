@@ -27,6 +27,7 @@ from imageloop.tools.generators._diffusers_common import (
     from_hub,
     noise_generators,
     place,
+    progress_options,
     resolve_placement,
 )
 from imageloop.tools.generators.references import Rendered, in_context_prompt, render
@@ -161,6 +162,7 @@ class OmniGenGenerator(DiffusersGenerator):
             "img_guidance_scale": self.image_guidance_scale,
             "max_input_image_size": self.max_input_image_size,
             "generator": generators,
+            **progress_options(self._pipe),
         }
 
         def call() -> Any:

@@ -30,6 +30,7 @@ from imageloop.tools.generators._diffusers_common import (
     from_hub,
     noise_generators,
     place,
+    progress_options,
     resolve_placement,
 )
 from imageloop.tools.generators.references import adapter_prompt, render
@@ -145,6 +146,7 @@ class SDXLIPAdapterGenerator(DiffusersGenerator):
                 num_inference_steps=kind.steps,
                 guidance_scale=self.guidance_scale,
                 generator=generators,
+                **progress_options(pipe),
             )
 
         return self.draw(kind, rendered, call)

@@ -20,6 +20,7 @@ from imageloop.tools.generators._diffusers_common import (
     from_hub,
     noise_generators,
     place,
+    progress_options,
     resolve_placement,
 )
 from imageloop.tools.generators.references import adapter_prompt, render
@@ -80,7 +81,7 @@ class Text2ImageGenerator(DiffusersGenerator):
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Draw the prompts of requests of one kind in one call; references, if any, are left out with a note."""
         kind = self.batch_key(requests[0])
-        options: dict[str, Any] = dict(self.call_options)
+        options: dict[str, Any] = {**progress_options(self._pipe), **self.call_options}
         if kind.steps:
             options["num_inference_steps"] = kind.steps
         if self.guidance_scale is not None:

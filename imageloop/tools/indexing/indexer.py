@@ -138,16 +138,21 @@ def index_folder(
     batch_size: int = 32,
     workers: int | None = None,
     progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
     **store_options: Unpack[StoreOptions],
 ) -> IndexSummary:
     """Add every new image under `folder` to its index; unreadable files are reported, never fatal.
 
     `store_options` choose the store of a new index (see `create_or_open_index`); default embedded.
+    `on_progress(done, total)` hears how many files were handled, at the start, per batch and at the end.
     """
     _check_sizes(batch_size, workers)
     index = create_or_open_index(folder, embedder, **store_options)
     try:
-        return index_into(index, embedder, captioner, batch_size=batch_size, workers=workers, progress=progress)
+        return index_into(
+            index, embedder, captioner, batch_size=batch_size, workers=workers, progress=progress,
+            on_progress=on_progress,
+        )  # fmt: skip
     finally:
         index.close()
 
@@ -160,6 +165,7 @@ def index_into(
     batch_size: int = 32,
     workers: int | None = None,
     progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> IndexSummary:
     """Index the images under `index.root` into an open index (whatever its store); see `index_folder`.
 
@@ -196,6 +202,9 @@ def index_into(
         moves.clear()
 
     bar = tqdm(total=len(files), unit="img", desc="indexing", disable=None if progress else True)
+    handled = 0
+    if on_progress is not None:
+        on_progress(0, len(files))
     try:
         # On the way out, `closing` cancels the files not started yet before the pool waits for the
         # few in progress, so Ctrl-C returns after at most one file per worker.
@@ -222,9 +231,14 @@ def index_into(
                     commit()
                 bar.set_postfix(_counts(summary, len(moves)), refresh=False)
                 bar.update()
+                handled += 1  # counted here: a disabled bar counts nothing
+                if on_progress is not None and handled % batch_size == 0 and handled < len(files):
+                    on_progress(handled, len(files))
             if pending or moves:
                 commit()
                 bar.set_postfix(_counts(summary, 0))
+            if on_progress is not None:
+                on_progress(handled, len(files))
         with store_lock:
             summary.removed = _prune(index, seen, {path for path, _ in summary.failures})
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""Thumbnails for tool results: images downscaled so one result stays under a client's size cap.
+"""Thumbnails for tool results (MCP, LangChain): images downscaled so one result stays under a client's size cap.
 
 Claude Desktop caps a whole tool result near 1 MiB; a result's images share `RESULT_IMAGE_BUDGET`
 base64 characters, each encoded as PNG and shrunk until it fits. Repeat queries skip the encoder

@@ -1,0 +1,194 @@
+"""The MCP server's manners: titled tools with described parameters and explicit hints, progress that counts
+toward a total, run outputs as resources, and no traceback when a client simply goes away."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp.types import BlobResourceContents, CallToolResult, TextContent
+from pydantic import AnyUrl
+
+from imageloop.app.jobs import Note
+from imageloop.mcp.server import ProgressClock
+from imageloop.progress import report_progress
+from imageloop.protocols import GenerationRequest, GenerationResult
+from tests.fake_openai_server import FakeOpenAIServer
+from tests.fakes import ScriptedGenerator
+from tests.test_mcp_server import (
+    ALIGNED,
+    REPO,
+    Client,
+    connect,
+    fakes,
+    in_process,
+    library,
+    memory_client,
+    photo_folder,
+    streamable_http_client,
+    structured,
+)
+
+__all__ = ["fakes", "library"]  # fixtures shared with the server's own tests
+
+DENOISING_STEPS = 3
+
+
+@dataclass
+class FakeDenoisingGenerator(ScriptedGenerator):
+    """A scripted generator that reports its denoising steps, as the diffusers backends do."""
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        for step in range(1, DENOISING_STEPS + 1):
+            report_progress("denoising", step, DENOISING_STEPS)
+        return super().generate(request)
+
+
+@dataclass
+class Tracked:
+    """The progress notifications one call received."""
+
+    values: list[tuple[float, float | None, str]]
+
+
+def call_tracking(client: Client, name: str, arguments: dict[str, Any]) -> tuple[CallToolResult, Tracked]:
+    tracked = Tracked([])
+
+    async def on_progress(done: float, total: float | None, message: str | None) -> None:
+        tracked.values.append((done, total, message or ""))
+
+    async def call() -> CallToolResult:
+        return await client.session.call_tool(name, arguments, progress_callback=on_progress)
+
+    return client.portal.call(call), tracked
+
+
+@pytest.fixture
+def client(fakes: dict[str, Any], tmp_path: Path) -> Iterator[Client]:
+    with in_process(tmp_path) as (_, open_session), memory_client(open_session) as connected:
+        yield connected
+
+
+def tools(client: Client) -> list[Any]:
+    return list(client.portal.call(client.session.list_tools).tools)
+
+
+def test_every_tool_has_a_title_and_every_parameter_a_description(client: Client) -> None:
+    for tool in tools(client):
+        assert tool.title and tool.annotations is not None and tool.annotations.title == tool.title
+        undescribed = [name for name, schema in tool.inputSchema["properties"].items() if not schema.get("description")]
+        assert undescribed == [], tool.name
+
+
+def test_every_tool_states_each_hint_and_none_destroys_anything(client: Client) -> None:
+    for tool in tools(client):
+        hints = tool.annotations
+        assert hints is not None
+        assert None not in (hints.readOnlyHint, hints.destructiveHint, hints.idempotentHint, hints.openWorldHint)
+        assert hints.destructiveHint is False
+    by_name = {tool.name: tool.annotations for tool in tools(client)}
+    assert by_name["retrieve_images"].readOnlyHint and by_name["get_run"].readOnlyHint
+    assert not by_name["generate_with_references"].readOnlyHint and by_name["index_images"].idempotentHint
+
+
+def test_indexing_reports_images_handled_out_of_the_folders_total(client: Client, tmp_path: Path) -> None:
+    photo_folder(tmp_path, 20)
+    result, tracked = call_tracking(client, "index_images", {"folder": "photos", "batch_size": 8})
+    assert structured(result)["result"]["indexed"] == 20
+    values = [value for value, _, _ in tracked.values]
+    assert values == sorted(set(values)) and values[-1] == 20
+    assert {total for _, total, _ in tracked.values} == {20}
+    assert "8/20 images in photos handled" in [message for _, _, message in tracked.values]
+
+
+def test_a_run_forwards_each_denoising_step_with_a_total_and_never_goes_back(
+    fakes: dict[str, Any], tmp_path: Path
+) -> None:
+    photo_folder(tmp_path, 3)
+    fakes["generator"] = FakeDenoisingGenerator()
+    fakes["vlm"].answers.append(ALIGNED)
+    with in_process(tmp_path) as (_, open_session), memory_client(open_session) as client:
+        client.call("index_images", {"folder": "photos"})
+        result, tracked = call_tracking(client, "generate_with_references", {"prompt": "a jay", "index": "photos"})
+    assert structured(result)["status"] == "done"
+    values = [value for value, _, _ in tracked.values]
+    assert all(later > earlier for earlier, later in itertools.pairwise(values))
+    denoising = [(value, total, message) for value, total, message in tracked.values if "denoising" in message]
+    assert [message for _, _, message in denoising] == [f"[generate_draft] denoising {i}/3" for i in (1, 2, 3)]
+    [(first, total, _), *_, (last, last_total, _)] = denoising
+    assert total == last_total == last and last - first == DENOISING_STEPS - 1
+
+
+def test_a_finished_run_names_its_images_as_resources_a_client_reads_at_full_size(
+    fakes: dict[str, Any], tmp_path: Path
+) -> None:
+    photo_folder(tmp_path, 3)
+    fakes["vlm"].answers.append(ALIGNED)
+    with in_process(tmp_path) as (app, open_session), memory_client(open_session) as client:
+        client.call("index_images", {"folder": "photos"})
+        result = client.call("generate_with_references", {"prompt": "a jay", "index": "photos"})
+        run_id = structured(result)["run_id"]
+        labels = " ".join(block.text for block in result.content if isinstance(block, TextContent))
+        uri = f"imageloop://runs/{run_id}/final.png"
+        assert f"(full size: {uri})" in labels
+        read = client.portal.call(client.session.read_resource, AnyUrl(uri))
+        final = (app.runs_dir / run_id / "final.png").read_bytes()
+    [contents] = read.contents
+    assert isinstance(contents, BlobResourceContents) and contents.mimeType == "image/png"
+    assert base64.b64decode(contents.blob) == final
+
+
+@pytest.mark.parametrize(
+    "uri", ["imageloop://runs/../photos/p00.png", "imageloop://runs/abc/run.json", "imageloop://runs/abc/none.png"]
+)
+def test_resources_serve_only_run_images_under_the_runs_folder(client: Client, tmp_path: Path, uri: str) -> None:
+    photo_folder(tmp_path, 1)
+    (tmp_path / ".runs" / "abc").mkdir(parents=True)
+    (tmp_path / ".runs" / "abc" / "run.json").write_text("{}")
+    with pytest.raises(Exception, match=r"no such run file|is no image"):
+        client.portal.call(client.session.read_resource, AnyUrl(uri))
+
+
+def test_progress_values_only_grow_and_count_toward_the_current_tasks_total() -> None:
+    clock = ProgressClock()
+    notes = [Note("a step"), Note("d", 1, 2), Note("d", 2, 2), Note("next step"), Note("d", 1, 2), Note("d", 2, 2)]
+    assert [clock.tick(note) for note in notes] == [(1, None), (2, 3), (3, 3), (4, None), (5, 6), (6, 6)]
+    counted = ProgressClock()
+    assert [counted.tick(Note("i", done, 20)) for done in (0, 8, 16, 20, 20)] == [
+        (0, 20), (8, 20), (16, 20), (20, 20), None,
+    ]  # fmt: skip
+
+
+def test_the_http_server_logs_nothing_when_clients_come_and_go(library: Path) -> None:
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "IMAGELOOP_SESSIONS": os.environ["IMAGELOOP_SESSIONS"]}
+    with FakeOpenAIServer() as openai:
+        env |= {"OPENAI_BASE_URL": openai.base_url, "OPENAI_API_KEY": "sk-test"}
+        command = ["-m", "imageloop", "mcp", "--profile", "openai", "--root", str(library), "--http", "127.0.0.1:0"]
+        process = subprocess.Popen(
+            [sys.executable, *command], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert process.stderr is not None
+        try:
+            announced = process.stderr.readline()
+            match = re.search(r"serving (http://\S+/mcp)", announced)
+            assert match, announced
+            for _ in range(2):  # each client opens its session, calls, and closes it: a normal end
+                with connect(lambda: streamable_http_client(match.group(1))) as client:
+                    assert structured(client.call("index_images", {"folder": "photos"}))["status"] == "done"
+            time.sleep(1.0)  # what a disconnect would log is logged by now
+        finally:
+            process.terminate()
+            process.wait(timeout=20)
+        logged = process.stderr.read()
+    assert "Traceback" not in logged and "ERROR" not in logged, logged
