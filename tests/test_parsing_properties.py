@@ -1,6 +1,6 @@
-"""Property tests for the parsers of outside input not covered elsewhere: a person's or client's `found:`
-answer, image sizes (`--size`, `IMAGELOOP_SIZE`), and `--where` filters. Whatever the text, each either
-gives a well-formed value or refuses with a one-line ImageloopError; nothing else escapes."""
+"""Property tests for the parsers of outside input not covered elsewhere: a person's or client's `found:` answer and
+RAGE picks, `--http` addresses, image sizes (`--size`, `IMAGELOOP_SIZE`), and `--where` filters. Whatever the text,
+each either gives a well-formed value or refuses with a one-line ImageloopError; nothing else escapes."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from imageloop import limits
 from imageloop.app import parse_where
 from imageloop.errors import ConfigError, ImageloopError
 from imageloop.graphs.genir import FOUND_PREFIX, FoundError, resolve_found
+from imageloop.graphs.rage import Candidate, SelectionError, resolve_picks
+from imageloop.mcp.transport import parse_http
 from tests.strategies import loads_or_refuses
 
 IDS = st.text(alphabet="0123456789abcdef", min_size=12, max_size=64)
@@ -107,3 +109,47 @@ def test_where_without_an_equals_sign_names_the_item() -> None:
         assert "--where 'folder': expected KEY=VALUE" in str(e)
     else:
         raise AssertionError("accepted")
+
+
+CANDIDATES = st.lists(IDS, max_size=10, unique=True).map(
+    lambda ids: [
+        {"position": n, "id": i, "path": f"/photos/{i[:6]}-{n}.png", "caption": "", "score": 0.0}
+        for n, i in enumerate(ids, start=1)
+    ]
+)
+PICKS = st.text(max_size=30) | NUMBERS | IDS | st.sampled_from(["²", "١", "1,2", "1 1", "0", "-1", " , "])
+
+
+@given(items=PICKS | st.lists(PICKS | st.integers(-3, 20), max_size=6), candidates=CANDIDATES)
+@example(items="²", candidates=[{"position": 1, "id": "a" * 12, "path": "/p/a.png", "caption": "", "score": 0.0}])
+def test_rage_picks_name_shown_candidates_or_are_refused_in_one_line(
+    items: str | list[str | int], candidates: list[Candidate]
+) -> None:
+    try:
+        picked = resolve_picks(items, candidates)
+    except SelectionError as e:
+        assert "\n" not in str(e)
+        return
+    ids = [c["id"] for c in picked]
+    assert len(ids) == len(set(ids)) <= limits.MAX_REFERENCES  # each named once, never past the bound
+    assert all(c in candidates for c in picked)  # never an image that was not shown
+
+
+@given(candidates=CANDIDATES.filter(bool), data=st.data())
+def test_rage_picks_by_position_keep_the_order_named(candidates: list[Candidate], data: st.DataObject) -> None:
+    positions = data.draw(st.lists(st.integers(1, len(candidates)), max_size=limits.MAX_REFERENCES, unique=True))
+    picked = resolve_picks(" ".join(map(str, positions)), candidates)
+    assert [c["position"] for c in picked] == positions
+
+
+@given(
+    text=st.text(max_size=30) | st.builds(lambda h, p: f"{h}:{p}", st.sampled_from(["", "127.0.0.1", "[::1]"]), NUMBERS)
+)
+@example(text="127.0.0.1:²")
+def test_an_http_address_parses_to_a_port_or_is_refused_in_one_line(text: str) -> None:
+    try:
+        _, port = parse_http(text)
+    except ConfigError as e:
+        assert "\n" not in str(e)
+        return
+    assert 0 <= port <= 65535

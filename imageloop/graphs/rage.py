@@ -262,7 +262,7 @@ def resolve_picks(items: Any, candidates: Sequence[Candidate]) -> list[Candidate
 def _resolve_pick(item: str, candidates: Sequence[Candidate]) -> Candidate:
     if not candidates:
         raise SelectionError("nothing was retrieved, so there is nothing to pick: give a new prompt to search again")
-    if item.isdigit():
+    if item.isascii() and item.isdigit():  # str.isdigit also holds for '²', which int() refuses
         if 1 <= int(item) <= len(candidates):
             return candidates[int(item) - 1]
         reason = f"is not a position shown (1..{len(candidates)})"

@@ -39,7 +39,7 @@ def parse_http(text: str) -> tuple[str, int]:
     """`HOST:PORT` (IPv6 as `[::1]:PORT`) for --http; a bare `PORT` or `:PORT` binds 127.0.0.1."""
     host, _, port = text.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or int(port) > 65535:
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ConfigError(f"--http {text!r}: expected HOST:PORT such as 127.0.0.1:8765")
     return host, int(port)
 

@@ -821,7 +821,12 @@ def _remove_stale_hnsw_files(store_path: Path, *, keep: str, keep_generation: in
         if candidate.name == keep:
             continue
         generation = candidate.name.lstrip(".")[len(prefix) :].split("-")[0]
-        superseded = not candidate.name.endswith(".tmp") and generation.isdigit() and int(generation) <= keep_generation
+        superseded = (
+            not candidate.name.endswith(".tmp")
+            and generation.isascii()
+            and generation.isdigit()
+            and int(generation) <= keep_generation
+        )
         try:
             if superseded or now - candidate.stat().st_mtime > _STALE_SECONDS:
                 candidate.unlink()
