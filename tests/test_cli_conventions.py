@@ -104,7 +104,7 @@ def test_bash_completes_commands_options_and_choices_from_the_parser() -> None:
         "prediction",
         "hybrid",
     ]
-    assert complete(script, "imageloop", "eval", "") == ["genir"]
+    assert complete(script, "imageloop", "eval", "") == ["cir", "genir", "imagerag"]
     assert complete(script, "imageloop", "completion", "") == ["bash", "zsh"]
 
 
