@@ -261,26 +261,28 @@ def _embedder(spec: RoleSpec, endpoint: Endpoint, placement: Placement) -> Embed
 
 
 @functools.cache
-def _batching_vlm(spec: RoleSpec, endpoint: Endpoint, placement: Placement, role: Role) -> VisionLanguageModel:
+def _batching_vlm(
+    spec: RoleSpec, endpoint: Endpoint, placement: Placement, role: Role, max_batch: int | None
+) -> VisionLanguageModel:
     from imageloop.agents.vlms.batching import BatchingVisionLanguageModel
 
-    return BatchingVisionLanguageModel(_vlm(spec, endpoint, placement, role))
+    return BatchingVisionLanguageModel(_vlm(spec, endpoint, placement, role), max_batch=max_batch)
 
 
 @functools.cache
 def _batching_generator(
-    spec: RoleSpec, endpoint: Endpoint, placement: Placement, options: GeneratorOptions
+    spec: RoleSpec, endpoint: Endpoint, placement: Placement, options: GeneratorOptions, max_batch: int | None
 ) -> ImageGenerator:
     from imageloop.tools.generators.batching import BatchingGenerator
 
-    return BatchingGenerator(_generator(spec, endpoint, placement, options))
+    return BatchingGenerator(_generator(spec, endpoint, placement, options), max_batch=max_batch)
 
 
 @functools.cache
-def _batching_embedder(spec: RoleSpec, endpoint: Endpoint, placement: Placement) -> Embedder:
+def _batching_embedder(spec: RoleSpec, endpoint: Endpoint, placement: Placement, max_batch: int | None) -> Embedder:
     from imageloop.tools.embedders.batching import BatchingEmbedder
 
-    return BatchingEmbedder(_embedder(spec, endpoint, placement))
+    return BatchingEmbedder(_embedder(spec, endpoint, placement), max_batch=max_batch)
 
 
 def clear_backends() -> None:
@@ -291,22 +293,22 @@ def clear_backends() -> None:
 
 def make_vlm(settings: Settings, role: Role = "vlm", *, batched: bool = False) -> VisionLanguageModel:
     """The VLM serving `role` (the critic and rewriter, or the captioner); `batched`: its process-wide batcher."""
-    build = _batching_vlm if batched else _vlm
-    return build(settings.role_spec(role), settings.endpoint(role), Placement.of(settings), role)
+    vlm = settings.role_spec(role), settings.endpoint(role), Placement.of(settings), role
+    return _batching_vlm(*vlm, settings.max_batch) if batched else _vlm(*vlm)
 
 
 def make_generator(settings: Settings, *, batched: bool = False) -> ImageGenerator:
     """The configured image generator; `batched`: its process-wide batcher."""
-    build = _batching_generator if batched else _generator
-    return build(
+    generator = (
         settings.role_spec("generator"),
         settings.endpoint("generator"),
         Placement.of(settings),
         GeneratorOptions.of(settings),
     )
+    return _batching_generator(*generator, settings.max_batch) if batched else _generator(*generator)
 
 
 def make_embedder(settings: Settings, *, batched: bool = False) -> Embedder:
     """The configured retrieval embedder; `batched`: its process-wide batcher."""
-    build = _batching_embedder if batched else _embedder
-    return build(settings.role_spec("embedder"), settings.endpoint("embedder"), Placement.of(settings))
+    embedder = settings.role_spec("embedder"), settings.endpoint("embedder"), Placement.of(settings)
+    return _batching_embedder(*embedder, settings.max_batch) if batched else _embedder(*embedder)

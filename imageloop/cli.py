@@ -67,6 +67,11 @@ def _role_options() -> argparse.ArgumentParser:
         help=f"OpenAI-compatible endpoints: requests in flight, each (default {_default('max_concurrent_requests')})",
     )
     group.add_argument(
+        "--max-batch", type=int, metavar="N",
+        help="local models: requests merged into one batched call at most (default 8 pictures, 16 VLM turns, "
+        "64 embedded items; fewer when a GPU's memory says so; $IMAGELOOP_MAX_BATCH)",
+    )  # fmt: skip
+    group.add_argument(
         "--request-timeout", type=float, metavar="SECONDS",
         help=f"remote calls: seconds one try may take (default {limits.REQUEST_TIMEOUT_S:g}; image generation "
         f"{limits.GENERATION_TIMEOUT_S:g}; $IMAGELOOP_REQUEST_TIMEOUT)",

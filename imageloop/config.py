@@ -100,6 +100,7 @@ class Settings(BaseModel):
     embedder_api_key: str | None = None
     captioner_api_key: str | None = None
     max_concurrent_requests: int = bounded("max_concurrent_requests")
+    max_batch: int | None = bounded("max_batch")
     mode: Mode = Field("draft_first", description="draft_first: critique a draft; generation: skip it")
     max_iterations: int = bounded("max_iterations")
     similarity_threshold: float | None = bounded("similarity_threshold")

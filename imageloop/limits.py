@@ -97,6 +97,9 @@ BOUNDS: dict[str, Bound] = {
     # Jobs
     "batch_size": Bound(1, 256, 32, "images embedded per batch while indexing"),
     "concurrency": Bound(1, 64, 1, "evaluation targets searched at once"),
+    "max_batch": Bound(
+        1, 256, None, "local models: requests in one batched call at most (default 8 pictures, 16 VLM turns, 64 items)"
+    ),
     "max_concurrent_requests": Bound(
         1, 1024, MAX_CONCURRENT_REQUESTS, "OpenAI-compatible endpoints: requests in flight at once, each (vLLM batches)"
     ),

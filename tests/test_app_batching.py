@@ -122,3 +122,26 @@ def test_the_command_line_sets_the_requests_in_flight_per_endpoint() -> None:
     settings = _settings(args)
     assert settings.max_concurrent_requests == 32
     assert {settings.endpoint(role).max_concurrent_requests for role in ("vlm", "generator", "embedder")} == {32}
+
+
+def test_max_batch_caps_the_requests_merged_into_one_pipeline_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = captioned_folder(tmp_path / "photos")
+    index_folder(images, FakeHashEmbedder(), None, progress=False)
+    aligned = {"aligned": True, "missing_concepts": []}
+    vlm = ScriptedBatchVLM([aligned] * 4)
+    generator = ScriptedBatchGenerator(rendezvous=Rendezvous(4))
+    with batch_capable(monkeypatch, vlm, generator) as settings:
+        app = App(settings.with_overrides({"max_batch": 2}))
+        jobs = [lambda n=n: app.generate(f"prompt {n}", images, out_dir=tmp_path / f"run{n}") for n in range(4)]
+        while_the_device_is_busy(jobs, generator.rendezvous)
+
+    assert sorted(generator.calls) == [2, 2]  # four drafts queued together, drawn two by two
+
+
+def test_the_command_line_sets_the_largest_batch() -> None:
+    args = build_parser().parse_args(
+        ["eval", "genir", "--index", "i", "--targets", "t", "--out", "o", "--max-batch", "4"]
+    )
+    assert _settings(args).max_batch == 4

@@ -16,17 +16,20 @@ from typing import Any
 from imageloop.batching import MicroBatcher, device_batcher
 from imageloop.protocols import GREEDY, BatchVisionLanguageModel, ChatCall, Decoding, Message, VisionLanguageModel
 
+MAX_TURNS = 16
+"""Turns answered in one pass at most, unless `--max-batch` says otherwise."""
+
 
 class BatchingVisionLanguageModel:
     """Wraps a VLM so concurrent callers share batched passes; the same answers, fewer passes."""
 
-    def __init__(self, inner: VisionLanguageModel, *, max_batch: int = 16, max_wait_s: float = 0.005) -> None:
+    def __init__(self, inner: VisionLanguageModel, *, max_batch: int | None = None, max_wait_s: float = 0.005) -> None:
         self.inner = inner
         self.model_id = inner.model_id
         self._batcher: MicroBatcher[ChatCall, str] | None = None
         if isinstance(inner, BatchVisionLanguageModel):
             self._batcher = device_batcher(
-                inner.chat_batch, key=inner.batch_key, max_batch=max_batch, max_wait_s=max_wait_s
+                inner.chat_batch, key=inner.batch_key, max_batch=max_batch or MAX_TURNS, max_wait_s=max_wait_s
             )
 
     def chat(

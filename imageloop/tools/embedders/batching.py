@@ -28,10 +28,15 @@ def _rows_per_request(embed: Callable[[list[Any]], Vector]) -> Callable[[list[li
     return run
 
 
+MAX_ITEMS = 64
+"""Texts or images embedded in one call at most, unless `--max-batch` says otherwise."""
+
+
 class BatchingEmbedder:
     """Wraps an embedder so concurrent callers share batched calls; same vectors, fewer calls."""
 
-    def __init__(self, inner: Embedder, *, max_batch: int = 64, max_wait_s: float = 0.005) -> None:
+    def __init__(self, inner: Embedder, *, max_batch: int | None = None, max_wait_s: float = 0.005) -> None:
+        max_batch = max_batch or MAX_ITEMS
         self.inner = inner
         self.model_id = inner.model_id
         self.embeds_images = inner.embeds_images

@@ -12,11 +12,14 @@ from __future__ import annotations
 from imageloop.batching import MicroBatcher, device_batcher
 from imageloop.protocols import BatchImageGenerator, GenerationRequest, GenerationResult, ImageGenerator
 
+MAX_PICTURES = 8
+"""Pictures drawn in one pipeline call at most, unless `--max-batch` says otherwise (or memory says fewer)."""
+
 
 class BatchingGenerator:
     """Wraps an image generator so concurrent callers share pipeline calls; the same pictures, fewer calls."""
 
-    def __init__(self, inner: ImageGenerator, *, max_batch: int = 8, max_wait_s: float = 0.005) -> None:
+    def __init__(self, inner: ImageGenerator, *, max_batch: int | None = None, max_wait_s: float = 0.005) -> None:
         self.inner = inner
         self.model_id = inner.model_id
         self.max_references = inner.max_references
@@ -26,7 +29,7 @@ class BatchingGenerator:
                 inner.generate_batch,
                 key=inner.batch_key,
                 capacity=inner.batch_capacity,
-                max_batch=max_batch,
+                max_batch=max_batch or MAX_PICTURES,
                 max_wait_s=max_wait_s,
             )
 
