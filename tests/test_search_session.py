@@ -65,7 +65,8 @@ def test_a_round_stopped_by_its_step_callback_shows_incomplete_and_continues_wit
     resumed = app.continue_search(thread_id, None, on_step=played.append)
 
     assert resumed["status"] == "awaiting_feedback" and resumed["round"] == 0
-    assert [s["node"] for s in played] == ["retrieve", "present"]
+    # The drawing node's saved writes are applied (and its step reported again from them); it is not run again.
+    assert [s["node"] for s in played] == ["generate_synthetic", "retrieve", "present"]
     assert len(fakes.generator.requests) == 1
 
 

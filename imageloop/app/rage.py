@@ -30,7 +30,7 @@ from langgraph.types import Command, StateSnapshot
 
 from imageloop import __version__, limits
 from imageloop.app.runs import error_text, export_image
-from imageloop.app.threads import OnStep, checkpointed_thread, pending_interrupt, play, thread_config
+from imageloop.app.threads import OnStep, checkpointed_thread, pending_interrupt, play, thread_config, unfinished
 from imageloop.config import Role, Settings
 from imageloop.errors import ImageloopError
 from imageloop.files import write_json_atomic
@@ -131,7 +131,7 @@ def continue_rage(
     with _session_graph(app, session) as graph:
         snapshot = graph.get_state(thread_config(thread_id))
         pending = pending_interrupt(snapshot)
-        if pending is None and snapshot.next:
+        if pending is None and unfinished(snapshot):
             return _play(app, graph, session, None, on_step, on_progress)
         if answer is None:
             return _publish(app, session, snapshot)
@@ -283,7 +283,7 @@ def _play(
 def _status(snapshot: StateSnapshot, question: Mapping[str, Any] | None) -> str:
     if question is not None:
         return "awaiting_selection" if question["kind"] == "select" else "awaiting_review"
-    return "incomplete" if snapshot.next else "finished"
+    return "incomplete" if unfinished(snapshot) else "finished"
 
 
 def _publish(app: App, session: RAGESession, snapshot: StateSnapshot, error: str | None = None) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from langgraph.types import Command, StateSnapshot
 
 from imageloop import limits
 from imageloop.app.paths import make_out_dir
-from imageloop.app.threads import OnStep, checkpointed_thread, pending_interrupt, play, thread_config
+from imageloop.app.threads import OnStep, checkpointed_thread, pending_interrupt, play, thread_config, unfinished
 from imageloop.config import FEEDBACK_KINDS, FeedbackKind, Settings
 from imageloop.errors import ConfigError, ImageloopError
 from imageloop.files import write_json_atomic
@@ -129,7 +129,7 @@ def continue_search(
     with _session_graph(app, session) as graph:
         snapshot = graph.get_state(thread_config(thread_id))
         pending = pending_interrupt(snapshot)
-        if pending is None and snapshot.next:
+        if pending is None and unfinished(snapshot):
             return _play(graph, session, None, on_step, on_progress)
         if answer is None or pending is None:
             return _shown(session, snapshot)
@@ -263,7 +263,7 @@ def _shown(session: SearchSession, snapshot: StateSnapshot) -> dict[str, Any]:
             "page": str(page),
             "ask": payload["ask"],
         }
-    if snapshot.next:
+    if unfinished(snapshot):
         return {**base, "status": "incomplete"}
     rounds = state.get("rounds", [])
     write_json_atomic(session.out_dir / SESSION_FILE, {**base, "index": str(session.index), "rounds": rounds})

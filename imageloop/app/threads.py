@@ -68,3 +68,13 @@ def pending_interrupt(snapshot: StateSnapshot) -> Any | None:
     """The question a paused thread waits on (its interrupt's payload), if any."""
     pending = [i.value for task in snapshot.tasks for i in task.interrupts]
     return pending[0] if pending else None
+
+
+def unfinished(snapshot: StateSnapshot) -> bool:
+    """Whether a thread stopped part-way: nodes still to run, or finished ones whose writes wait to be applied.
+
+    A run stopped right after a node (a step callback raising) leaves that node's writes pending on the
+    last checkpoint: `snapshot.next` no longer names it, but its task is there, and continuing applies
+    its writes instead of running it again.
+    """
+    return bool(snapshot.next or snapshot.tasks)

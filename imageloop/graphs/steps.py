@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from typing import Any
 
 from langgraph.types import Overwrite
@@ -47,21 +47,31 @@ def follow_steps_and_progress(
 ) -> dict[str, Any]:
     """Consume a multi-mode stream (`stream_mode=["updates", "custom"]`, with "values" if the output is
     wanted): each node's steps to `on_step` as the node finishes, in-node progress events to `on_progress`
-    as they happen (either may raise to stop the run); returns the last "values" chunk, if streamed."""
+    as they happen (either may raise to stop the run); returns the last "values" chunk, if streamed.
+
+    A stream stopped that way is closed here, before the exception leaves: closing it waits for the
+    checkpoint writes still running in LangGraph's background threads, so the caller may close the
+    checkpointer's connection next (left to the garbage collector, those writes raced that close and
+    crashed the process, and the finished node's writes could be lost).
+    """
     final: dict[str, Any] = {}
-    for item in chunks:
-        mode, chunk = item  # (stream mode, chunk) when several modes are streamed
-        if mode == "values":
-            final = dict(chunk)
-        elif mode == "custom":
-            event = progress_event(chunk)
-            if event is not None and on_progress is not None:
-                on_progress(event)
-        elif on_step is not None:
-            for update in chunk.values():
-                if isinstance(update, dict):  # an interrupt's update is a tuple
-                    for recorded in node_steps(update):
-                        on_step(recorded)
+    try:
+        for item in chunks:
+            mode, chunk = item  # (stream mode, chunk) when several modes are streamed
+            if mode == "values":
+                final = dict(chunk)
+            elif mode == "custom":
+                event = progress_event(chunk)
+                if event is not None and on_progress is not None:
+                    on_progress(event)
+            elif on_step is not None:
+                for update in chunk.values():
+                    if isinstance(update, dict):  # an interrupt's update is a tuple
+                        for recorded in node_steps(update):
+                            on_step(recorded)
+    finally:
+        if isinstance(chunks, Generator):
+            chunks.close()
     return final
 
 
