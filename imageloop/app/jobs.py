@@ -92,10 +92,11 @@ class Job:
             if self.done.is_set():
                 return
             self.status, self.error = "interrupted", reason
+        write_record = self.write_record
         try:
             self.persist()
-            if self.write_record is not None:
-                self.write_record(reason)
+            if write_record is not None:
+                write_record(reason)
         except Exception:
             logger.exception("run %s: could not record its interruption", self.id)
 
@@ -180,6 +181,9 @@ class JobRegistry:
             logger.exception("run %s failed", job.id)
             job.status, job.error = "error", f"{type(e).__name__}: {e}"
         finally:
+            # The record writer closes over the run's graph and checkpointer: a finished run keeps only its
+            # status and result (a server keeps the last KEPT_RUNS runs; their graphs would stay with them).
+            job.write_record = None
             try:
                 job.persist()
             finally:
