@@ -35,9 +35,11 @@ from imageloop.protocols import (
 _SERIALIZED: dict[str, Any] = {"lc": 1, "type": "not_implemented", "id": ["imageloop"]}
 
 
-def _callbacks() -> CallbackManager:
-    """The callback manager of the run we are inside (a graph node), else the environment's tracers."""
-    return get_callback_manager_for_config(ensure_config())
+def _callbacks() -> CallbackManager | None:
+    """The callback manager of the run we are inside (a graph node), else the environment's tracers; None when
+    nobody listens (no handler, no tracer), so an untraced call costs no run bookkeeping."""
+    manager = get_callback_manager_for_config(ensure_config())
+    return manager if manager.handlers else None
 
 
 def _as_langchain(message: Message) -> BaseMessage:
@@ -64,13 +66,16 @@ class TracedVLM:
     def chat(
         self, messages: Sequence[Message], json_schema: Mapping[str, Any] | None = None, decoding: Decoding = GREEDY
     ) -> str:
+        callbacks = _callbacks()
+        if callbacks is None:
+            return self.inner.chat(messages, json_schema, decoding)
         params = {
             "model": self.inner.model_id,
             "temperature": decoding.temperature,
             "top_p": decoding.top_p,
             "json_schema": (json_schema or {}).get("name") if json_schema else None,
         }
-        [run] = _callbacks().on_chat_model_start(
+        [run] = callbacks.on_chat_model_start(
             _SERIALIZED, [[_as_langchain(m) for m in messages]], name=self.inner.model_id, invocation_params=params
         )
         try:
@@ -97,6 +102,9 @@ class TracedGenerator:
         return self.inner.max_references
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
+        callbacks = _callbacks()
+        if callbacks is None:
+            return self.inner.generate(request)
         inputs = {
             "model": self.inner.model_id,
             "prompt": request.prompt,
@@ -105,7 +113,7 @@ class TracedGenerator:
             "size": list(request.size) if request.size else None,
             "steps": request.steps,
         }
-        run = _callbacks().on_tool_start(_SERIALIZED, request.prompt, name="generate_image", inputs=inputs)
+        run = callbacks.on_tool_start(_SERIALIZED, request.prompt, name="generate_image", inputs=inputs)
         try:
             result = self.inner.generate(request)
         except BaseException as e:
@@ -141,8 +149,12 @@ class TracedRetriever:
 @contextmanager
 def _retrieval(query: str, name: str) -> Iterator[list[RetrievedImage]]:
     """A retriever run around one search; the block fills the list with what it found."""
-    run = _callbacks().on_retriever_start(_SERIALIZED, query, name=name)
     found: list[RetrievedImage] = []
+    callbacks = _callbacks()
+    if callbacks is None:
+        yield found
+        return
+    run = callbacks.on_retriever_start(_SERIALIZED, query, name=name)
     try:
         yield found
     except BaseException as e:

@@ -12,12 +12,14 @@ a "reasoning" or "confidence" key, and refusing them would fail the repair retry
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import re
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from imageloop.errors import MalformedOutputError
 from imageloop.prompts import REPAIR_PROMPT
@@ -27,7 +29,13 @@ _FENCED = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 
 
 def json_schema_for(model: type[ModelT]) -> dict[str, Any]:
-    """The response_format-ready schema: named, strict, no extra keys."""
+    """The response_format-ready schema: named, strict, no extra keys (a fresh copy: backends may adapt it)."""
+    return copy.deepcopy(_schema(model))
+
+
+@functools.cache
+def _schema(model: type[BaseModel]) -> dict[str, Any]:
+    # pydantic builds a schema anew on every call (about a millisecond); a critic asks for one per answer.
     return {"name": model.__name__, "schema": model.model_json_schema(), "strict": True}
 
 
