@@ -1,4 +1,5 @@
-"""Who may reach a served face (MCP over HTTP, the browser UI): this machine freely, anyone else with a token.
+"""Who may reach a served face (MCP over HTTP, the browser UI): this machine freely, anyone else with a token;
+and the socket it listens on (`listen`).
 
 `TokenGate` is an ASGI middleware comparing the token in constant time. API clients send it as
 `Authorization: Bearer <token>`; a browser (`browser=True`) opens the printed link `?token=<token>` once,
@@ -10,9 +11,12 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import socket
 from http.cookies import SimpleCookie
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
+
+from imageloop.errors import ConfigError
 
 MIN_TOKEN_CHARS = 16
 COOKIE = "imageloop_token"
@@ -26,6 +30,24 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def listen(host: str, port: int, option: str) -> socket.socket:
+    """A listening socket at HOST:PORT (port 0: any free one), or a one-line ConfigError naming `option`.
+
+    Bound before the server is built and before its address is printed, so the printed port is the real
+    one and an early client waits in the backlog instead of being refused.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"{option}: cannot listen there ({e.strerror}); choose another port") from None
+    return sock
 
 
 class TokenGate:

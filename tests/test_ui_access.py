@@ -4,6 +4,7 @@ which a browser presents once in the printed link and then keeps as a cookie."""
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,10 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from imageloop.access import COOKIE, TokenGate, is_loopback
+from imageloop.cli import main
 from imageloop.errors import ConfigError
 from tests.fake_openai_server import FakeOpenAIServer
-from tests.test_ui_browser import indexed_photos, openai_env, serving
+from tests.test_ui_browser import MODELS, indexed_photos, openai_env, serving
 
 __all__ = ["openai_env"]  # a fixture shared with the browser test
 
@@ -101,3 +103,16 @@ def test_bound_beyond_loopback_the_printed_link_carries_the_only_way_in(served_b
     with httpx.Client(base_url=base, follow_redirects=True) as browser:
         assert browser.get(f"/?token={match.group(2)}").status_code == 200
         assert browser.get("/_stcore/health").text == "ok"
+
+
+def test_a_taken_port_is_a_one_line_error_naming_the_options(
+    openai_env: FakeOpenAIServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photos = indexed_photos(tmp_path / "photos")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code = main(["ui", "--index", str(photos), "--port", str(port), *MODELS])
+    message = f"imageloop: error: --host 127.0.0.1 --port {port}: cannot listen there (Address already in use)"
+    assert code == 2 and message in capsys.readouterr().err

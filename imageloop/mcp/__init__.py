@@ -19,11 +19,11 @@ from types import FrameType
 import anyio
 from mcp.server.transport_security import TransportSecuritySettings
 
-from imageloop.access import MIN_TOKEN_CHARS, is_loopback
+from imageloop.access import MIN_TOKEN_CHARS, is_loopback, listen
 from imageloop.app import App
 from imageloop.errors import ConfigError
 from imageloop.mcp.server import build_server
-from imageloop.mcp.transport import bind_http, check_origin, parse_http, protect_stdout, serve_http, transport_security
+from imageloop.mcp.transport import check_origin, parse_http, protect_stdout, serve_http, transport_security
 
 __all__ = ["build_server", "serve"]
 
@@ -52,7 +52,7 @@ def serve(
         if token is not None and len(token) < MIN_TOKEN_CHARS:
             raise ConfigError(f"the bearer token is too short: use at least {MIN_TOKEN_CHARS} characters")
         origins = [check_origin(origin) for origin in allow_origins]  # refused before the port is taken
-        sock = bind_http(host, port)
+        sock = listen(host, port, f"--http {http}")
         security = transport_security(host, sock.getsockname()[1], allow_hosts, origins)
     server = build_server(app, security)
 

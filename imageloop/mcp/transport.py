@@ -122,24 +122,6 @@ def quiet_disconnects() -> None:
         sdk.addFilter(QuietDisconnects())
 
 
-def bind_http(host: str, port: int) -> socket.socket:
-    """A listening socket at HOST:PORT (port 0: any free one), or a one-line ConfigError saying why not.
-
-    Bound before the server is built, so its own origin (the port actually bound) is known, and before
-    the address is announced: early clients wait in the backlog rather than being refused.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(2048)
-    except OSError as e:
-        sock.close()
-        raise ConfigError(f"--http {host}:{port}: cannot listen there ({e.strerror}); choose another port") from None
-    return sock
-
-
 async def serve_http(server: FastMCP[Any], sock: socket.socket, token: str | None, on_stop: Callable[[], None]) -> None:
     """Serve streamable HTTP on the bound `sock` at /mcp until SIGTERM or Ctrl-C; `on_stop` runs as either arrives."""
     import uvicorn

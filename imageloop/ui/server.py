@@ -9,12 +9,11 @@ the link is printed, so `--port 0` works and the printed port is the real one.
 from __future__ import annotations
 
 import secrets
-import socket
 import sys
 from pathlib import Path
 from typing import Any
 
-from imageloop.access import MIN_TOKEN_CHARS, TokenGate, is_loopback
+from imageloop.access import MIN_TOKEN_CHARS, TokenGate, is_loopback, listen
 from imageloop.app import App
 from imageloop.errors import ConfigError
 from imageloop.ui.context import UIContext, set_context
@@ -44,19 +43,6 @@ def access_token(host: str, token: str | None) -> str | None:
     return token
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host.strip("[]"), port))
-    except OSError as e:
-        sock.close()
-        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); choose another") from None
-    sock.listen(128)  # before the link is printed: an early browser waits in the backlog, not refused
-    return sock
-
-
 def streamlit_app(token: str | None) -> Any:
     """Streamlit's ASGI app for the page, behind the token gate when there is a token."""
     import streamlit as st
@@ -77,7 +63,7 @@ def serve(app: App, *, index: str | Path, host: str = "127.0.0.1", port: int = 7
     info = app.index_info(index)  # a missing or empty index fails here, with its own message
     token = access_token(host, token)
     set_context(UIContext(app=app, index=Path(info["root"])))
-    sock = _bind(host, port)
+    sock = listen(host, port, f"--host {host} --port {port}")
     asgi = streamlit_app(token)
     shown = f"[{host}]" if ":" in host else host
     link = f"http://{shown}:{sock.getsockname()[1]}/" + (f"?token={token}" if token else "")
