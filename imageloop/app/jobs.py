@@ -71,7 +71,6 @@ class Job:
     kind: JobKind
     run_dir: Path | None = None
     status: JobStatus = "queued"
-    progress: list[str] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
     reported: int = 0
     result: dict[str, Any] | None = None
@@ -103,11 +102,9 @@ class Job:
     def report(self, message: str, done: int | None = None, total: int | None = None) -> None:
         """Add a progress message (what the waiting call forwards to the client), counted when it counts."""
         with self.lock:
-            self.progress.append(message)
             self.notes.append(Note(message, done, total))
             self.reported += 1
-            if len(self.progress) > PROGRESS_KEPT:
-                del self.progress[: len(self.progress) - PROGRESS_KEPT]
+            if len(self.notes) > PROGRESS_KEPT:
                 del self.notes[: len(self.notes) - PROGRESS_KEPT]
 
     def check_cancelled(self) -> None:
@@ -261,7 +258,7 @@ def job_state(job: Job, last: int = 20) -> dict[str, Any]:
     """A live run's state: `{run_id, kind, status, progress (the latest messages), error, result}`; a failed or
     cancelled run's result is the record it wrote."""
     with job.lock:
-        progress = job.progress[-last:]
+        progress = [note.message for note in job.notes[-last:]]
     result = job.result
     if result is None and job.run_dir is not None and job.done.is_set():
         result = _record(job.run_dir)
