@@ -190,15 +190,15 @@ class Soak:
 
     async def genir(self) -> None:
         query = f"a {' '.join(self.rng.sample(WORDS, 2))}"
-        arguments = {"index": "photos", "query": query, "max_rounds": 3, "k": 5, "feedback": "visual"}
+        arguments = {"index": "photos", "query": query, "rounds": 3, "k": 5, "feedback": "visual"}
         view = await self.finished(await self.call("genir_round", arguments))
-        while view is not None and (shown := view["result"])["state"] == "awaiting_feedback":
-            answer = "found: 0" if self.rng.random() < 0.3 else f"more {self.rng.choice(WORDS)}, less clutter"
+        while view is not None and (shown := view["result"])["status"] == "awaiting_feedback":
+            answer = "found: 1" if self.rng.random() < 0.3 else f"more {self.rng.choice(WORDS)}, less clutter"
             view = await self.finished(
                 await self.call("genir_feedback", {"session_id": shown["session_id"], "feedback": answer})
             )
-        if view is not None and view["result"]["state"] != "finished":
-            self.tally.lost.append(f"genir session {view['result']['session_id']}: ended {view['result']['state']}")
+        if view is not None and view["result"]["status"] != "finished":
+            self.tally.lost.append(f"genir session {view['result']['session_id']}: ended {view['result']['status']}")
 
     async def index(self) -> None:
         if self.rng.random() < 0.5:  # now and then a new picture arrives first

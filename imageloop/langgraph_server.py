@@ -11,29 +11,23 @@ from __future__ import annotations
 
 from langchain_core.runnables import RunnableConfig
 
-from imageloop.app.cir import cir_knobs
 from imageloop.app.deployment import (
     ContextArtifacts,
     ContextRetriever,
-    DeployedCIRContext,
-    DeployedGenIRContext,
-    DeployedImageRAGContext,
-    DeployedRAGEContext,
     LazyGenerator,
     LazyVLM,
     deployed_app,
     deployed_caption,
+    deployed_context,
     deployed_query_model,
     record_rage_run,
     record_run,
 )
-from imageloop.app.rage import rage_knobs
-from imageloop.app.runs import imagerag_knobs
-from imageloop.app.sessions import genir_knobs
-from imageloop.graphs.cir import CIRGraph, build_cir_graph
-from imageloop.graphs.genir import GenIRGraph, build_genir_graph
-from imageloop.graphs.imagerag import ImageRAGGraph, build_imagerag_graph
-from imageloop.graphs.rage import RAGEGraph, build_rage_graph
+from imageloop.graphs.cir import CIRContext, CIRGraph, build_cir_graph
+from imageloop.graphs.genir import GenIRContext, GenIRGraph, build_genir_graph
+from imageloop.graphs.imagerag import ImageRAGContext, ImageRAGGraph, build_imagerag_graph
+from imageloop.graphs.rage import RAGEContext, RAGEGraph, build_rage_graph
+from imageloop.knobs import CIRKnobs, ImageRAGKnobs, RAGEKnobs, SimulatedUserKnobs
 
 
 def imagerag(config: RunnableConfig | None = None) -> ImageRAGGraph:
@@ -43,8 +37,8 @@ def imagerag(config: RunnableConfig | None = None) -> ImageRAGGraph:
         LazyGenerator(),  # type: ignore[arg-type]
         ContextRetriever(),
         ContextArtifacts(),
-        defaults=lambda: imagerag_knobs(deployed_app().settings),
-        context_schema=DeployedImageRAGContext,
+        defaults=lambda: ImageRAGKnobs.from_settings(deployed_app().settings),
+        context_schema=deployed_context(ImageRAGContext),
         on_finish=record_run,
     )
 
@@ -56,8 +50,8 @@ def genir(config: RunnableConfig | None = None) -> GenIRGraph:
         LazyGenerator(),  # type: ignore[arg-type]
         ContextRetriever(),
         ContextArtifacts(),
-        defaults=lambda: genir_knobs(deployed_app().settings),
-        context_schema=DeployedGenIRContext,
+        defaults=lambda: SimulatedUserKnobs.from_settings(deployed_app().settings),
+        context_schema=deployed_context(GenIRContext),
     )
 
 
@@ -70,8 +64,8 @@ def cir(config: RunnableConfig | None = None) -> CIRGraph:
         ContextRetriever(),
         ContextArtifacts(),
         query_models=deployed_query_model,
-        defaults=lambda: cir_knobs(deployed_app().settings),
-        context_schema=DeployedCIRContext,
+        defaults=lambda: CIRKnobs.from_settings(deployed_app().settings),
+        context_schema=deployed_context(CIRContext),
     )
 
 
@@ -82,7 +76,7 @@ def rage(config: RunnableConfig | None = None) -> RAGEGraph:
         LazyGenerator(),  # type: ignore[arg-type]
         ContextRetriever(),
         ContextArtifacts(),
-        defaults=lambda: rage_knobs(deployed_app().settings),
-        context_schema=DeployedRAGEContext,
+        defaults=lambda: RAGEKnobs.from_settings(deployed_app().settings),
+        context_schema=deployed_context(RAGEContext),
         on_finish=record_rage_run,
     )

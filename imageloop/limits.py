@@ -86,6 +86,7 @@ BOUNDS: dict[str, Bound] = {
     "rerank_depth": Bound(1, 1000, 100, "CIR proxy fusion: re-rank the union of this many text and proxy hits"),
     "triplets": Bound(1, 1_000_000, None, "DAIG: triplets the dataset folder should hold"),
     "triplet_concurrency": Bound(1, 16, 2, "DAIG: triplets scripted and drawn at once (their model calls batched)"),
+    "max_attempts": Bound(1, 10, 3, "DAIG with check: drawings of one triplet at most before it counts as rejected"),
     "hybrid_visual_fraction": Bound(0.0, 1.0, 0.223, "GenIR random hybrid: share of queries shown visual feedback"),
     "user_temperature": Bound(0.0, 2.0, None, "simulated user's sampling temperature (default per style)"),
     "user_top_p": Bound(0.0, 1.0, None, "simulated user's nucleus sampling top_p (default per style)"),

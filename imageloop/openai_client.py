@@ -104,7 +104,7 @@ def translated_errors(what: str, client: openai.OpenAI) -> Iterator[None]:
         tries = client.max_retries + 1
         raise BackendError(
             f"{base_url} did not answer {what} within {_seconds(client.timeout)} s ({tries} tries): "
-            "check the server, or allow more with --request-timeout / IMAGELOOP_REQUEST_TIMEOUT"
+            "check the server, or allow more with `request_timeout` (IMAGELOOP_REQUEST_TIMEOUT)"
         ) from e
     except openai.APIConnectionError as e:
         # The client's own message is a bare "Connection error."; the cause says refused, DNS, TLS...

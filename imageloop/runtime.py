@@ -77,9 +77,9 @@ def pick_device(requested: str | None = None) -> str:
 
     if requested:
         if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--device {requested}: CUDA is not available in this torch build or machine")
+            raise ConfigError(f"`device` {requested}: CUDA is not available in this torch build or machine")
         if requested == "mps" and not torch.backends.mps.is_available():
-            raise ConfigError("--device mps: Apple MPS is not available on this machine")
+            raise ConfigError("`device` mps: Apple MPS is not available on this machine")
         return requested
     if torch.cuda.is_available():
         return "cuda"
@@ -94,7 +94,7 @@ def pick_dtype(device: str, requested: str | None = None) -> torch.dtype:
 
     if requested:
         if requested not in DTYPES:
-            raise ConfigError(f"--dtype {requested!r}: expected one of {', '.join(DTYPES)}")
+            raise ConfigError(f"`dtype` {requested!r}: expected one of {', '.join(DTYPES)}")
         return getattr(torch, requested)  # type: ignore[no-any-return]
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -213,7 +213,7 @@ class BatchMemory:
 
 
 # Steps cost time, not memory; a 16-bit dtype halves float32's weights and activations.
-DIFFUSION_MEMORY_KNOBS = "lower --size, use --dtype bfloat16 or float16 (not float32), or CPU offload (--offload)"
+DIFFUSION_MEMORY_KNOBS = "lower `size`, set `dtype` bfloat16 or float16 (not float32), or CPU offload (`offload`)"
 
 
 def explain_out_of_memory(what: str, knobs: str = DIFFUSION_MEMORY_KNOBS) -> OutOfMemoryError:

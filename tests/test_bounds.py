@@ -147,20 +147,21 @@ def test_mcp_and_langchain_argument_schemas_carry_the_tables_bounds(tmp_path: Pa
         ("retrieve_images", "k"): "k", ("index_images", "batch_size"): "batch_size",
         ("generate_with_references", "max_iterations"): "max_iterations",
         ("generate_with_references", "top_k"): "top_k", ("generate_with_references", "steps"): "steps",
-        ("generate_with_references", "seed"): "seed", ("genir_round", "max_rounds"): "rounds",
+        ("generate_with_references", "seed"): "seed", ("genir_round", "rounds"): "rounds",
         ("genir_round", "k"): "k", ("get_run", "wait_seconds"): "wait_seconds",
     }  # fmt: skip
     for (tool, argument), bound in mcp_names.items():
         assert (minimum(tools[tool][argument]), maximum(tools[tool][argument])) == table(bound), (tool, argument)
 
-    langchain: dict[type[BaseModel], dict[str, str]] = {
-        langchain_tools.IndexImagesArgs: {"batch_size": "batch_size"},
-        langchain_tools.RetrieveImagesArgs: {"k": "k", "similarity_threshold": "similarity_threshold"},
-        langchain_tools.GenerateArgs: {"max_iterations": "max_iterations", "top_k": "top_k"},
-        langchain_tools.GenIRRoundArgs: {"rounds": "rounds", "k": "k"},
+    langchain: dict[str, dict[str, str]] = {
+        "index_images": {"batch_size": "batch_size"},
+        "retrieve_images": {"k": "k", "similarity_threshold": "similarity_threshold"},
+        "generate_with_references": {"max_iterations": "max_iterations", "top_k": "top_k"},
+        "genir_round": {"rounds": "rounds", "k": "k"},
     }
-    for model, names in langchain.items():
-        declared = schema_bounds(model)
+    schemas = {tool.name: tool.args_schema for tool in langchain_tools.imageloop_tools(roots=[tmp_path])}
+    for name, names in langchain.items():
+        declared = schema_bounds(schemas[name])
         assert {name: declared[name] for name in names} == {name: table(bound) for name, bound in names.items()}
 
 
@@ -169,6 +170,6 @@ def test_an_mcp_call_past_a_bound_is_a_one_line_error_naming_the_argument(fakes:
 
     captioned_folder(tmp_path / "photos")
     with in_process(tmp_path) as (_, open_session), memory_client(open_session) as client:
-        result = client.call("genir_round", {"index": "photos", "query": "a jay", "max_rounds": 21})
-    assert result.isError and "max_rounds" in text_of(result) and "less than or equal to 20" in text_of(result)
+        result = client.call("genir_round", {"index": "photos", "query": "a jay", "rounds": 21})
+    assert result.isError and "rounds" in text_of(result) and "less than or equal to 20" in text_of(result)
     assert "\n" not in text_of(result)

@@ -72,7 +72,7 @@ def test_cir_prints_the_edited_description_and_ranked_results_last_on_stdout(
     answer = last_json(capsys)
     assert set(answer) == {"edited_description", "results"}
     assert answer["edited_description"] == "a red square"
-    assert [set(r) for r in answer["results"]] == [{"id", "path", "score"}] * 3
+    assert [set(r) for r in answer["results"]] == [{"position", "id", "path", "caption", "score"}] * 3
     assert Path(answer["results"][0]["path"]) == colours.paths["red"]
 
 
@@ -188,9 +188,9 @@ def test_the_langchain_tool_answers_text_for_the_model_and_the_results_as_artifa
         )  # fmt: skip
     finally:
         app.close()
-    assert "'a red square'" in message.content and "0. red.png" in message.content
-    assert Path(message.artifact["results"][0]["path"]).name == "red.png"
-    assert message.artifact["edited_description"] == "a red square"
+    assert "'a red square'" in message.content and "1. red.png" in message.content
+    assert Path(message.artifact["result"]["results"][0]["path"]).name == "red.png"
+    assert message.artifact["result"]["edited_description"] == "a red square"
 
 
 # LangGraph Server.
@@ -238,7 +238,7 @@ def test_the_reference_is_left_out_by_content_wherever_its_file_lies(colours: Co
     colours.fakes.vlm.answers.append("Edited Description: a green square")
     app = colour_app(colours)
     try:
-        found = app.compose_retrieve("gallery", "query.png", "the same", k=5)
+        found = app.compose_retrieve("gallery", "query.png", "the same", knobs={"k": 5})
     finally:
         app.close()
-    assert "green.png" not in [Path(r["path"]).name for r in found["results"]]
+    assert "green.png" not in [Path(r.path).name for r in found.results]

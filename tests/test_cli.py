@@ -148,9 +148,7 @@ def test_missing_index_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
         capture_output=True, text=True, env={"OPENAI_API_KEY": "sk-test", "PATH": "/usr/bin"},
     )  # fmt: skip
     assert result.returncode == 2
-    assert (
-        result.stderr.strip() == f"imageloop: error: no imageloop index at {empty}: run `imageloop index {empty}` first"
-    )
+    assert result.stderr.strip() == f"imageloop: error: no imageloop index at {empty}: index {empty} first"
     assert not (empty / ".imageloop").exists()
 
 

@@ -139,6 +139,28 @@ def test_the_servers_settings_are_the_runs_knobs_unless_the_run_says_otherwise(
     assert (state["iteration"], len(state["references"])) == (1, 1)
 
 
+def test_a_server_runs_record_is_the_knobs_its_context_set_not_the_deployments(
+    configured: FakeBackends, tmp_path: Path
+) -> None:
+    not_aligned = {"aligned": False, "missing_concepts": ["blue jay"]}
+    captions = {"captions": [{"concept": "blue jay", "caption": "a blue jay with a blue crest"}]}
+    configured.vlm.answers.extend([not_aligned, captions] * 3 + [not_aligned])
+    state = load_graph("imagerag").invoke({"prompt": "a blue jay"}, context={"max_iterations": 3, "top_k": 2})
+    [record] = (tmp_path / "runs" / "server").glob("*/run.json")
+    ran = json.loads(record.read_text())["settings"]
+    assert (state["iteration"], len(state["references"])) == (3, 2)  # the run used the context's knobs...
+    assert (ran["max_iterations"], ran["top_k"]) == (3, 2)  # ...and its record says so (it said the server's 1 and 1)
+
+
+@pytest.mark.parametrize("name", ["imagerag", "genir", "cir", "rage"])
+def test_a_misspelled_context_key_is_refused_in_one_line_naming_the_valid_ones(
+    configured: FakeBackends, name: str
+) -> None:
+    inputs = {"imagerag": {"prompt": "a jay"}, "genir": {"query": "a jay"}, "rage": {"prompt": "a jay"}}
+    with pytest.raises(ConfigError, match=rf"^unknown {name} knob 'max_iteration': expected one of .*\bindex\b"):
+        load_graph(name).invoke(inputs.get(name, {"reference": "x.png", "change": "red"}), context={"max_iteration": 3})
+
+
 def test_a_person_answers_genir_through_the_servers_checkpointer(configured: FakeBackends, tmp_path: Path) -> None:
     graph = load_graph("genir")
     served = graph.copy(update={"checkpointer": InMemorySaver()})  # what the server does with its own saver

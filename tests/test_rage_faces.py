@@ -160,7 +160,7 @@ def test_cli_a_session_left_at_the_picks_is_resumed_by_its_id(
     assert last_json(capsys.readouterr().out)["stop_reason"] == "generated"
     assert len(fakes.generator.requests) == 1
     assert main(["rage", "--resume", session, "--k", "3"]) == 2
-    assert "--resume continues a session with its own settings: drop --k" in capsys.readouterr().err
+    assert "was started with k 10, not 3: continue it without those" in capsys.readouterr().err
 
 
 # The CLI, as a subprocess against an OpenAI-compatible server.
@@ -212,9 +212,9 @@ def test_mcp_rage_retrieve_shows_candidates_and_rage_generate_returns_the_image(
     server = build_server(mcp_app)
     with memory_client(lambda: create_connected_server_and_client_session(server)) as client:
         retrieved = client.call("rage_retrieve", {"prompt": PROMPT, "index": str(catalogue), "k": 3})
-        view = structured(retrieved)
-        assert len(view["candidates"]) == 3 and view["images_shown"] == 3 and len(images_of(retrieved)) == 3
-        assert "#1 " in text_of(retrieved) and "rage_generate" in view["ask"]
+        view = structured(retrieved)["result"]
+        assert len(view["candidates"]) == 3 and len(images_of(retrieved)) == 3
+        assert "#1 " in text_of(retrieved) and view["status"] == "awaiting_selection"
 
         second = Path(view["candidates"][1]["path"]).name
         generated = client.call("rage_generate", {"session_id": view["session_id"], "selected": [2, "1"]})
@@ -232,7 +232,7 @@ def test_mcp_rage_generate_refuses_a_pick_naming_nothing_before_generating(
 ) -> None:
     server = build_server(mcp_app)
     with memory_client(lambda: create_connected_server_and_client_session(server)) as client:
-        view = structured(client.call("rage_retrieve", {"prompt": PROMPT, "index": str(catalogue), "k": 2}))
+        view = structured(client.call("rage_retrieve", {"prompt": PROMPT, "index": str(catalogue), "k": 2}))["result"]
         refused = client.call("rage_generate", {"session_id": view["session_id"], "selected": ["mug.png"]})
         too_many = client.call("rage_generate", {"session_id": view["session_id"], "selected": list(range(17))})
 
@@ -255,9 +255,9 @@ def test_langchain_rage_tools_then_the_cli_continue_one_session(
     tools = imageloop_tools(fakes.settings, roots=[tmp_path], runs_dir=tmp_path / "runs")
 
     retrieved = invoke(tools, "rage_retrieve", prompt=PROMPT, index=str(catalogue), where={"brand": "acme"})
-    session = retrieved.artifact["session_id"]
+    session = retrieved.artifact["result"]["session_id"]
     assert retrieved.status == "success" and "1. " in retrieved.content and str(tmp_path) not in retrieved.content
-    assert {Path(c["path"]).name for c in retrieved.artifact["candidates"]} == {
+    assert {Path(c["path"]).name for c in retrieved.artifact["result"]["candidates"]} == {
         "red-sneaker.png", "backpack.png", "tote.png",
     }  # fmt: skip
 
@@ -266,11 +266,11 @@ def test_langchain_rage_tools_then_the_cli_continue_one_session(
 
     generated = invoke(tools, "rage_generate", session_id=session, selected=["tote.png", 1])
     assert generated.status == "success" and "generated with tote.png" in generated.content
-    assert Path(generated.artifact["final_image"]).is_file()
-    assert generated.artifact["status"] == "finished"
+    result = generated.artifact["result"]
+    assert Path(result["final_image"]).is_file() and result["status"] == "finished"
 
     assert main(["rage", "--resume", session, "--json", *FAKE_ROLES]) == 0  # shows the finished session
-    assert last_json(capsys.readouterr().out)["final_image"] == generated.artifact["final_image"]
+    assert last_json(capsys.readouterr().out)["final_image"] == result["final_image"]
     assert len(fakes.generator.requests) == 1
 
 

@@ -44,7 +44,7 @@ def test_open_index_on_a_folder_without_an_index_raises_and_creates_nothing(tmp_
     folder = captioned_folder(tmp_path / "images")
     before = sorted(folder.rglob("*"))
 
-    with pytest.raises(IndexNotFoundError, match=r"no imageloop index at .*run `imageloop index"):
+    with pytest.raises(IndexNotFoundError, match=r"no imageloop index at .*: index .* first"):
         open_index(folder)
 
     assert sorted(folder.rglob("*")) == before

@@ -89,6 +89,26 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_reusing_finished_nodes(
     assert len(fakes.generator.requests) == drafts == 1
 
 
+def test_resuming_with_another_knob_is_refused_in_one_line_never_recorded_and_ignored(
+    fakes: FakeBackends, library: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    fakes.vlm.answers.append(interrupt)
+    assert main(["generate", "a blue jay", "--index", str(library), "--out", str(out), *FAKE]) == 130
+    capsys.readouterr()
+
+    code = main(["generate", "--resume", str(out), "--max-iterations", "4", *FAKE])
+
+    [line] = capsys.readouterr().err.splitlines()
+    assert code == 2 and line == (
+        f"imageloop: error: the run in {out.resolve()} was started with max_iterations 1, not 4: "
+        "resume it without those, or start anew"
+    )
+    fakes.vlm.answers.append(ALIGNED)
+    assert main(["generate", "--resume", str(out), "--max-iterations", "1", *FAKE]) == 0  # the same value: fine
+    assert json.loads((out / "run.json").read_text())["settings"]["max_iterations"] == 1
+
+
 def test_ctrl_c_before_a_run_began_says_nothing_was_saved(
     fakes: FakeBackends, library: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,

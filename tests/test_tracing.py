@@ -128,7 +128,7 @@ def test_genir_traces_its_image_searches_too(tmp_path: Path) -> None:
         retriever,
         ArtifactStore(tmp_path),
     )
-    context = {"user": "simulated", "target_id": "a", "target_path": str(tmp_path / "a.png"), "max_rounds": 1}
+    context = {"target_id": "a", "target_path": str(tmp_path / "a.png"), "rounds": 1}
     graph.invoke({"query": "x"}, {"callbacks": [handler]}, context=context)
     assert handler.queries and handler.queries[0].endswith(".png")  # image→image with the synthetic image
     assert [d.id for d in handler.documents[0]] == ["a", "b"]

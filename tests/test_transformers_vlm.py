@@ -403,7 +403,7 @@ def test_out_of_memory_names_the_knobs_to_turn(
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(vlm.network, "generate", exhausted)
-    with pytest.raises(ImageloopError, match=r"out of GPU memory while running transformers:.*--dtype"):
+    with pytest.raises(ImageloopError, match=r"out of GPU memory while running transformers:.*`dtype`"):
         vlm.chat([Message("user", "hi")])
 
 

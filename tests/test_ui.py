@@ -111,14 +111,14 @@ def test_search_shows_the_synthetic_image_and_the_top_results_of_a_round(app: Ap
     shown = captions(test)
     assert shown[0] == "What the system understood"
     assert len([caption for caption in shown if caption.startswith("#")]) == 3
-    assert "Round 1: a blue jay" in texts(test)
+    assert "Round 0: a blue jay" in texts(test)  # rounds counted from 0, as on every face
 
 
 def test_clicking_the_image_meant_ends_the_search_with_it(app: App, photos: Path) -> None:
     test = start_search(page(app, photos))
     session = test.session_state["search"]
     meant = session["retrieved"][1]
-    test.button(key=f"found-{session['thread_id']}-0-1").click().run()
+    test.button(key=f"found-{session['session_id']}-0-2").click().run()  # results are listed from 1
     assert not test.exception, test.exception
     assert test.session_state["search"]["found_id"] == meant["id"]
     assert "Found after 1 round(s)" in texts(test) and meant["id"] in captions(test)
@@ -127,21 +127,21 @@ def test_clicking_the_image_meant_ends_the_search_with_it(app: App, photos: Path
 def test_saying_what_differs_plays_the_next_round(app: App, photos: Path, fakes: FakeBackends) -> None:
     fakes.vlm.answers.append({"query": "a blue jay on a snowy branch in winter"})  # the refiner's new query
     test = start_search(page(app, photos))
-    sid = test.session_state["search"]["thread_id"]
+    sid = test.session_state["search"]["session_id"]
     test.text_input(key=f"differs-{sid}-0").input("more snow")
     test.button(key=f"FormSubmitter:feedback-{sid}-0-Refine").click().run()
     assert not test.exception, test.exception
     assert test.session_state["search"]["round"] == 1
-    assert "Round 2:" in texts(test)
+    assert "Round 1:" in texts(test)
 
 
 def test_a_session_started_in_another_face_opens_by_id(app: App, photos: Path) -> None:
     started = app.start_search(photos, "a tabby cat", knobs={"feedback": "verbal", "k": 2})
     test = page(app, photos)
-    test.text_input(key="search_open_id").input(started["thread_id"])
+    test.text_input(key="search_open_id").input(started.session_id)
     test.button(key="search_open").click().run()
-    assert test.session_state["search"]["thread_id"] == started["thread_id"]
-    assert "Round 1: a tabby cat" in texts(test)
+    assert test.session_state["search"]["session_id"] == started.session_id
+    assert "Round 0: a tabby cat" in texts(test)
 
 
 def pick_candidates(test: AppTest, review: str = "none") -> list[dict[str, Any]]:
@@ -203,7 +203,7 @@ def test_compose_sends_the_uploaded_image_and_the_change_and_lists_the_matches(
     assert uploaded.parent == app.runs_dir / tabs.UPLOADS and Image.open(uploaded).size == (32, 32)
     assert "Looking for: a tabby cat asleep on a sofa" in texts(test)
     assert Path(shown["results"][0]["path"]).name == "cat.png"
-    assert [c for c in captions(test) if c.startswith("#0 · ")]
+    assert [c for c in captions(test) if c.startswith("#1 · ")]
 
 
 def test_an_upload_that_is_not_an_image_is_refused_in_one_line(app: App, photos: Path) -> None:

@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict
 
 from imageloop.agents.rewriter import RetrievalCaption
 from imageloop.agents.structured import ask_structured, ask_text
-from imageloop.config import PlanScope
 from imageloop.errors import MalformedOutputError
+from imageloop.knobs import PlanScope
 from imageloop.prompts import (
     CRITIC_PROMPT,
     CRITIC_SYSTEM,

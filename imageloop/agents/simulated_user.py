@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from imageloop.agents.structured import ask_structured, ask_text
-from imageloop.config import SimulatedUserStyle
+from imageloop.knobs import SimulatedUserStyle
 from imageloop.prompts import (
     GENIR_CAPTION,
     GENIR_CAPTION_SYSTEM,

@@ -23,15 +23,19 @@ from imageloop.backends import make_embedder, make_generator, make_vlm
 from imageloop.config import Role, Settings, load_settings
 from imageloop.errors import ConfigError, ImageloopError, StorageError
 from imageloop.files import os_error_message
+from imageloop.knobs import Given
 from imageloop.protocols import Embedder, ImageGenerator, RetrievedImage, VisionLanguageModel
 
 if TYPE_CHECKING:
+    from imageloop.app.results import CIRResult, RAGEView, RunState, SearchView
+    from imageloop.graphs.steps import OnStep
+    from imageloop.progress import OnProgress
     from imageloop.tools.indexing.image_index import ImageIndex
     from imageloop.tools.indexing.indexer import IndexSummary
     from imageloop.tools.indexing.retriever import Retriever, Where
 
-Progress = Callable[[str], None]
-"""A face's way to show progress: one short line per event (a step decided, a batch indexed)."""
+TrainingProgress = Callable[[Any], None]
+"""Hears each training step (`imageloop.training.progress`)."""
 
 ROOTS_ENV = "IMAGELOOP_ROOTS"
 RUNS_ENV = "IMAGELOOP_RUNS"
@@ -73,10 +77,6 @@ class App:
         return cls(load_settings(environ=environ), roots=roots, runs_dir=Path(runs) if runs else roots[0] / "runs")
 
     # Settings and backends.
-
-    def with_knobs(self, **overrides: Any) -> Settings:
-        """The settings with a run's knobs (None: keep the setting), validated against the limits."""
-        return self.settings.with_overrides(overrides)
 
     # Every backend the application hands out is its process-wide micro-batcher: calls made at the same
     # time by any run, job or evaluation target of this process are merged into batched model calls (one
@@ -228,22 +228,38 @@ class App:
             return retriever.search_image(self.path(image, "image", kind="file"), k, similarity_threshold, where)
         return retriever.search(limits.check_text("query", str(query)), k, similarity_threshold, where)
 
-    # Loops: ImageRAG runs, GenIR and RAGE sessions, evaluations (each in its own module of this package).
+    # Loops: ImageRAG runs, GenIR and RAGE sessions, evaluations (each in its own module of this package). Each
+    # takes the knobs a run asks for (the loop's model in `imageloop.knobs`, or a mapping of them; unset: the
+    # settings') and answers a typed result or the run's record.
 
-    def generate(self, prompt: str | None, index: str | Path | None, **options: Any) -> dict[str, Any]:
-        """Run ImageRAG and write its run directory; see `imageloop.app.runs.run_imagerag`."""
+    def generate(
+        self,
+        prompt: str | None,
+        index: str | Path | None,
+        *,
+        knobs: Given = None,
+        out_dir: str | Path | None = None,
+        where: Where | None = None,
+        resume: bool = False,
+        on_step: OnStep | None = None,
+        on_progress: OnProgress | None = None,
+    ) -> dict[str, Any]:
+        """Run ImageRAG and write its run directory; returns its record. See `imageloop.app.runs.run_imagerag`."""
         from imageloop.app.runs import run_imagerag
 
-        return run_imagerag(self, prompt, index, **options)
+        return run_imagerag(
+            self, prompt, index, knobs=knobs, out_dir=out_dir, where=where, resume=resume, on_step=on_step,
+            on_progress=on_progress,
+        )  # fmt: skip
 
-    def start_generate(self, prompt: str, index: str | Path, knobs: Mapping[str, Any] | None = None) -> Job:
+    def start_generate(self, prompt: str, index: str | Path, knobs: Given = None) -> Job:
         """ImageRAG as a background run (poll it with `run_state`); see `imageloop.app.runs.start_generate`."""
         from imageloop.app.runs import start_generate
 
         return start_generate(self, prompt, index, knobs)
 
-    def run_state(self, run_id: str) -> dict[str, Any]:
-        """A background run's state, live or from its folder: `{run_id, kind, status, progress, error, result}`."""
+    def run_state(self, run_id: str) -> RunState:
+        """A background run's state, live or from its folder."""
         from imageloop.app.jobs import job_state, stored_state
 
         job = self.jobs.get(run_id)
@@ -267,35 +283,72 @@ class App:
 
         return run_relative(self, path)
 
-    def start_search(self, index: str | Path, query: str, **options: Any) -> dict[str, Any]:
-        """Start a GenIR session and play its first round; see `imageloop.app.sessions.start_search`."""
-        from imageloop.app.sessions import start_search
+    def start_search(
+        self,
+        index: str | Path,
+        query: str,
+        *,
+        knobs: Given = None,
+        out_dir: str | Path | None = None,
+        on_step: OnStep | None = None,
+        on_progress: OnProgress | None = None,
+    ) -> SearchView:
+        """Start a GenIR search and play its first round; see `imageloop.app.search.start_search`."""
+        from imageloop.app.search import start_search
 
-        return start_search(self, index, query, **options)
+        return start_search(self, index, query, knobs=knobs, out_dir=out_dir, on_step=on_step, on_progress=on_progress)
 
-    def continue_search(self, session_id: str, answer: str | None, **options: Any) -> dict[str, Any]:
-        """Answer a session's round and play the next; see `imageloop.app.sessions.continue_search`."""
-        from imageloop.app.sessions import continue_search
+    def continue_search(
+        self,
+        session_id: str,
+        answer: str | None,
+        *,
+        knobs: Given = None,
+        on_step: OnStep | None = None,
+        on_progress: OnProgress | None = None,
+    ) -> SearchView:
+        """Answer a search's round and play the next; see `imageloop.app.search.continue_search`."""
+        from imageloop.app.search import continue_search
 
-        return continue_search(self, session_id, answer, **options)
+        return continue_search(self, session_id, answer, knobs=knobs, on_step=on_step, on_progress=on_progress)
 
-    def show_search(self, session_id: str, **options: Any) -> dict[str, Any]:
-        """A session as it stands; see `imageloop.app.sessions.show_search`."""
-        from imageloop.app.sessions import show_search
+    def show_search(self, session_id: str, *, knobs: Given = None) -> SearchView:
+        """A search as it stands; see `imageloop.app.search.show_search`."""
+        from imageloop.app.search import show_search
 
-        return show_search(self, session_id, **options)
+        return show_search(self, session_id, knobs=knobs)
 
-    def start_rage(self, prompt: str, index: str | Path, **options: Any) -> dict[str, Any]:
+    def start_rage(
+        self,
+        prompt: str,
+        index: str | Path,
+        *,
+        knobs: Given = None,
+        where: Where | None = None,
+        out_dir: str | Path | None = None,
+        on_step: OnStep | None = None,
+        on_progress: OnProgress | None = None,
+    ) -> RAGEView:
         """Start a RAGE session: retrieve candidates to pick from; see `imageloop.app.rage.start_rage`."""
         from imageloop.app.rage import start_rage
 
-        return start_rage(self, prompt, index, **options)
+        return start_rage(
+            self, prompt, index, knobs=knobs, where=where, out_dir=out_dir, on_step=on_step, on_progress=on_progress
+        )
 
-    def continue_rage(self, session_id: str, answer: Any, **options: Any) -> dict[str, Any]:
+    def continue_rage(
+        self,
+        session_id: str,
+        answer: Any,
+        *,
+        knobs: Given = None,
+        on_step: OnStep | None = None,
+        on_progress: OnProgress | None = None,
+    ) -> RAGEView:
         """Answer a RAGE session's picks or review and play on; see `imageloop.app.rage.continue_rage`."""
         from imageloop.app.rage import continue_rage
 
-        return continue_rage(self, session_id, answer, **options)
+        return continue_rage(self, session_id, answer, knobs=knobs, on_step=on_step, on_progress=on_progress)
 
     def check_rage_answer(self, session_id: str, answer: Any) -> dict[str, Any]:
         """Refuse a RAGE answer that its pending question cannot take; see `imageloop.app.rage.check_rage_answer`."""
@@ -303,55 +356,131 @@ class App:
 
         return check_rage_answer(self, session_id, answer)
 
-    def show_rage(self, session_id: str) -> dict[str, Any]:
+    def show_rage(self, session_id: str) -> RAGEView:
         """A RAGE session as it stands; see `imageloop.app.rage.show_rage`."""
         from imageloop.app.rage import show_rage
 
         return show_rage(self, session_id)
 
     def eval_genir(
-        self, index: str | Path, targets: str | Path | None, out_dir: str | Path, **options: Any
+        self,
+        index: str | Path,
+        targets: str | Path | None,
+        out_dir: str | Path,
+        *,
+        benchmark: str | None = None,
+        images: str | Path | None = None,
+        annotations: str | Path | None = None,
+        sample: int | None = None,
+        knobs: Given = None,
+        concurrency: int = 1,
+        on_target: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
         """Simulated-user GenIR evaluation; see `imageloop.app.evals.run_genir_eval`."""
         from imageloop.app.evals import run_genir_eval
 
-        return run_genir_eval(self, index, targets, out_dir, **options)
+        return run_genir_eval(
+            self, index, targets, out_dir, benchmark=benchmark, images=images, annotations=annotations,
+            sample=sample, knobs=knobs, concurrency=concurrency, on_target=on_target,
+        )  # fmt: skip
 
     # Composed image retrieval and DAIG (`app/cir.py`, `app/triplets.py`, `app/training.py`).
 
-    def compose_retrieve(self, index: str | Path, reference: str | Path, change: str, **options: Any) -> dict[str, Any]:
+    def compose_retrieve(
+        self,
+        index: str | Path,
+        reference: str | Path,
+        change: str,
+        *,
+        knobs: Given = None,
+        on_step: OnStep | None = None,
+        on_progress: OnProgress | None = None,
+    ) -> CIRResult:
         """The images of `index` that show `reference` changed as `change` says; see `imageloop.app.cir`."""
         from imageloop.app.cir import compose_retrieve
 
-        return compose_retrieve(self, index, reference, change, **options)
+        return compose_retrieve(self, index, reference, change, knobs=knobs, on_step=on_step, on_progress=on_progress)
 
     def eval_cir(
-        self, index: str | Path, annotations: str | Path, fmt: str, out_dir: str | Path, **options: Any
+        self,
+        index: str | Path,
+        annotations: str | Path,
+        fmt: str,
+        out_dir: str | Path,
+        *,
+        split: str | None = None,
+        images: str | Path | None = None,
+        knobs: Given = None,
+        concurrency: int = 1,
+        on_query: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
         """CIRR or FashionIQ through the CIR graph; see `imageloop.app.cir.run_cir_eval`."""
         from imageloop.app.cir import run_cir_eval
 
-        return run_cir_eval(self, index, annotations, fmt, out_dir, **options)
+        return run_cir_eval(
+            self, index, annotations, fmt, out_dir, split=split, images=images, knobs=knobs,
+            concurrency=concurrency, on_query=on_query,
+        )  # fmt: skip
 
     def synthesize_triplets(
-        self, objects: str | Path, edits: Any, n: int, out_dir: str | Path, **options: Any
+        self,
+        objects: str | Path,
+        edits: Sequence[str] | str,
+        n: int,
+        out_dir: str | Path,
+        *,
+        examples: str | Path | None = None,
+        lora: str | Path | None = None,
+        knobs: Given = None,
+        on_step: OnStep | None = None,
     ) -> dict[str, Any]:
         """DAIG's triplet synthesis into a dataset folder; see `imageloop.app.triplets`."""
         from imageloop.app.triplets import synthesize_triplets
 
-        return synthesize_triplets(self, objects, edits, n, out_dir, **options)
+        return synthesize_triplets(
+            self, objects, edits, n, out_dir, examples=examples, lora=lora, knobs=knobs, on_step=on_step
+        )
 
-    def train_cir(self, triplets: str | Path, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+    def train_cir(
+        self,
+        triplets: str | Path,
+        out_dir: str | Path,
+        *,
+        real: str | Path | None = None,
+        steps: int | None = None,
+        finetune_steps: int | None = None,
+        batch_size: int | None = None,
+        learning_rate: float | None = None,
+        progress: TrainingProgress | None = None,
+    ) -> dict[str, Any]:
         """Train a composed-query model (DRSP, then FRA); see `imageloop.app.training`."""
         from imageloop.app.training import train_cir
 
-        return train_cir(self, triplets, out_dir, **options)
+        return train_cir(
+            self, triplets, out_dir, real=real, steps=steps, finetune_steps=finetune_steps, batch_size=batch_size,
+            learning_rate=learning_rate, progress=progress,
+        )  # fmt: skip
 
-    def train_cir_lora(self, triplets: str | Path, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+    def train_cir_lora(
+        self,
+        triplets: str | Path,
+        out_dir: str | Path,
+        *,
+        steps: int | None = None,
+        experts: int | None = None,
+        rank: int | None = None,
+        resolution: int | None = None,
+        batch_size: int | None = None,
+        base_model: str | None = None,
+        progress: TrainingProgress | None = None,
+    ) -> dict[str, Any]:
         """Train a CIR-LoRA on FLUX; see `imageloop.app.training`."""
         from imageloop.app.training import train_cir_lora
 
-        return train_cir_lora(self, triplets, out_dir, **options)
+        return train_cir_lora(
+            self, triplets, out_dir, steps=steps, experts=experts, rank=rank, resolution=resolution,
+            batch_size=batch_size, base_model=base_model, progress=progress,
+        )  # fmt: skip
 
     def rescore_genir(self, out_dir: str | Path, index: str | Path | None = None) -> dict[str, Any]:
         """Re-score a GenIR evaluation's saved queries by text alone; see `imageloop.app.evals.rescore_genir_text`."""
@@ -360,12 +489,24 @@ class App:
         return rescore_genir_text(self, out_dir, index)
 
     def eval_imagerag(
-        self, prompts: str | Path, index: str | Path, out_dir: str | Path, **options: Any
+        self,
+        prompts: str | Path,
+        index: str | Path,
+        out_dir: str | Path,
+        *,
+        real_images: str | Path | None = None,
+        metrics: str | Sequence[str] | None = None,
+        knobs: Given = None,
+        concurrency: int = 1,
+        on_prompt: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
         """ImageRAG evaluation, draft vs final; see `imageloop.app.evals.run_imagerag_eval`."""
         from imageloop.app.evals import run_imagerag_eval
 
-        return run_imagerag_eval(self, prompts, index, out_dir, **options)
+        return run_imagerag_eval(
+            self, prompts, index, out_dir, real_images=real_images, metrics=metrics, knobs=knobs,
+            concurrency=concurrency, on_prompt=on_prompt,
+        )  # fmt: skip
 
     # Background runs.
 
@@ -403,7 +544,7 @@ def parse_where(items: Sequence[str]) -> dict[str, Any] | None:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ImageloopError(f"--where {item!r}: expected KEY=VALUE, e.g. folder=birds")
+            raise ImageloopError(f"`where` {item!r}: expected KEY=VALUE, e.g. folder=birds")
         key = key.strip()
         if key in where:
             previous = where[key]

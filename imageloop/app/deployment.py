@@ -3,9 +3,8 @@
 A server builds a graph to run it, and also to draw it or read its schemas, so nothing here is
 configured at build time: the process-wide `App` (settings from `IMAGELOOP_*`, paths confined to
 `IMAGELOOP_ROOTS`, default the working directory) is created when a node first needs a model or an
-index. The run context names the index and where images go (`DeployedImageRAGContext`,
-`DeployedGenIRContext`, `DeployedCIRContext`, `DeployedRAGEContext`), and knobs a run leaves unset take
-the deployment's settings. Every finished ImageRAG or RAGE run writes its record under
+index. The run context (each loop's knobs, `deployed_context`) names the index and where images go, and
+knobs a run leaves unset take the deployment's settings. Every finished ImageRAG or RAGE run writes its record under
 `<runs>/server/<run id>/run.json`, as the CLI does.
 """
 
@@ -15,21 +14,20 @@ import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from langgraph.runtime import get_runtime
+from pydantic import Field, create_model
 
 from imageloop.app.core import App
 from imageloop.app.rage import rage_record
 from imageloop.app.runs import imagerag_record, new_run_id
 from imageloop.errors import ConfigError
 from imageloop.files import write_json_atomic
-from imageloop.graphs.cir import CIRContext, ComposedQueryModel
-from imageloop.graphs.genir import GenIRContext
-from imageloop.graphs.imagerag import ImageRAGContext
-from imageloop.graphs.rage import RAGEContext
+from imageloop.graphs.cir import ComposedQueryModel
+from imageloop.knobs import KnobContext
+from imageloop.limits import PATH_CHARS
 from imageloop.protocols import (
     GREEDY,
     Decoding,
@@ -68,36 +66,16 @@ def close_deployed_app() -> None:
         _app = None
 
 
-@dataclass(kw_only=True)
-class DeployedImageRAGContext(ImageRAGContext):
-    """ImageRAG's knobs plus where a server run searches and draws."""
-
-    index: str | None = field(default=None, metadata={"description": f"an indexed image folder (${INDEX_ENV})"})
-    artifacts_dir: str | None = field(default=None, metadata={"description": "where drawn images are stored"})
-
-
-@dataclass(kw_only=True)
-class DeployedCIRContext(CIRContext):
-    """CIR's knobs plus where a server run searches and draws its proxy."""
-
-    index: str | None = field(default=None, metadata={"description": f"an indexed image folder (${INDEX_ENV})"})
-    artifacts_dir: str | None = field(default=None, metadata={"description": "where proxy images are stored"})
-
-
-@dataclass(kw_only=True)
-class DeployedGenIRContext(GenIRContext):
-    """GenIR's knobs plus where a server run searches and draws."""
-
-    index: str | None = field(default=None, metadata={"description": f"an indexed image folder (${INDEX_ENV})"})
-    artifacts_dir: str | None = field(default=None, metadata={"description": "where drawn images are stored"})
-
-
-@dataclass(kw_only=True)
-class DeployedRAGEContext(RAGEContext):
-    """RAGE's knobs plus the catalogue a server run searches and where it draws."""
-
-    index: str | None = field(default=None, metadata={"description": f"an indexed image folder (${INDEX_ENV})"})
-    artifacts_dir: str | None = field(default=None, metadata={"description": "where drawn images are stored"})
+def deployed_context(base: type[KnobContext]) -> type[KnobContext]:
+    """A graph's run context plus where a server run searches (`index`) and keeps its images (`artifacts_dir`)."""
+    where: dict[str, Any] = {
+        "index": (
+            str | None,
+            Field(None, max_length=PATH_CHARS, description=f"an indexed image folder (${INDEX_ENV})"),
+        ),
+        "artifacts_dir": (str | None, Field(None, max_length=PATH_CHARS, description="where drawn images are kept")),
+    }
+    return create_model(f"Deployed{base.__name__}", __base__=base, **where)
 
 
 def _context_value(name: str) -> Any:

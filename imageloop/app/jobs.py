@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from typing_extensions import TypedDict
 
+from imageloop.app.results import RunState
 from imageloop.errors import ImageloopError
 from imageloop.files import write_json_atomic
 
@@ -133,16 +134,25 @@ class JobRegistry:
     def __init__(self, workers: int = WORKERS, max_active: int = MAX_ACTIVE_RUNS, kept: int = KEPT_RUNS) -> None:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imageloop-run")
         self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._sessions: dict[str, str] = {}
         self._lock = threading.Lock()
         self._max_active = max_active
         self._kept = kept
         self._closed = False
 
-    def submit(self, kind: JobKind, work: Callable[[Job], dict[str, Any]], run_root: Path | None = None) -> Job:
-        """Queue `work` (with its own folder RUN_ROOT/<run_id> if given); refused when shutting down or full."""
+    def submit(
+        self,
+        kind: JobKind,
+        work: Callable[[Job], dict[str, Any]],
+        run_root: Path | None = None,
+        session: str | None = None,
+    ) -> Job:
+        """Queue `work` (with its own folder RUN_ROOT/<run_id> if given); refused when shutting down or full, and
+        for a `session` another run of which is still going (a session is played by one run at a time)."""
         with self._lock:
             if self._closed:
                 raise ServerBusyError("shutting down; no new runs")
+            self._refuse_busy(session)
             active = sum(not job.done.is_set() for job in self._jobs.values())
             if active >= self._max_active:
                 raise ServerBusyError(
@@ -151,12 +161,24 @@ class JobRegistry:
             job_id = uuid.uuid4().hex[:12]
             job = Job(id=job_id, kind=kind, run_dir=run_root / job_id if run_root is not None else None)
             self._jobs[job.id] = job
+            if session is not None:
+                self._sessions[session] = job.id
             finished = [key for key, old in self._jobs.items() if old.done.is_set()]
             for key in finished[: max(0, len(self._jobs) - self._kept)]:
                 del self._jobs[key]
         job.persist()
         job.future = self._executor.submit(self._run, job, work)
         return job
+
+    def refuse_busy(self, session: str) -> None:
+        """Refuse to touch a session another run is still playing (it holds the session until it finishes)."""
+        with self._lock:
+            self._refuse_busy(session)
+
+    def _refuse_busy(self, session: str | None) -> None:
+        playing = self._jobs.get(self._sessions.get(session, "")) if session is not None else None
+        if playing is not None and not playing.done.is_set():
+            raise ServerBusyError(f"session {session} is busy with run {playing.id}: poll get_run first")
 
     def get(self, job_id: str) -> Job | None:
         """The run with this id, if this process still remembers it."""
@@ -181,6 +203,9 @@ class JobRegistry:
             # The record writer closes over the run's graph and checkpointer: a finished run keeps only its
             # status and result (a server keeps the last KEPT_RUNS runs; their graphs would stay with them).
             job.write_record = None
+            with self._lock:  # the session table holds running sessions only
+                for session in [s for s, job_id in self._sessions.items() if job_id == job.id]:
+                    del self._sessions[session]
             try:
                 job.persist()
             finally:
@@ -254,28 +279,35 @@ def _record(run_dir: Path) -> dict[str, Any] | None:
     return read_record(run_dir) if (run_dir / RECORD_FILE).is_file() else None
 
 
-def job_state(job: Job, last: int = 20) -> dict[str, Any]:
-    """A live run's state: `{run_id, kind, status, progress (the latest messages), error, result}`; a failed or
-    cancelled run's result is the record it wrote."""
+def job_state(job: Job, last: int = 20) -> RunState:
+    """A live run's state (the latest progress messages); a failed or cancelled run's result is the record it wrote."""
     with job.lock:
         progress = [note.message for note in job.notes[-last:]]
     result = job.result
     if result is None and job.run_dir is not None and job.done.is_set():
         result = _record(job.run_dir)
-    return {"run_id": job.id, "kind": job.kind, "status": job.status, "progress": progress, "error": job.error,
-            "result": result}  # fmt: skip
+    poll = None if job.done.is_set() else f"call get_run with run_id={job.id!r} (and wait_seconds) for the result"
+    return RunState(
+        run_id=job.id, kind=job.kind, status=job.status, progress=progress, error=job.error, result=result, poll=poll
+    )
 
 
-def stored_state(runs_dir: Path, run_id: str) -> dict[str, Any]:
+def stored_state(runs_dir: Path, run_id: str) -> RunState:
     """A run's state from its folder, for a process that no longer (or never) held it in memory; a run that
     was still going when its server stopped reads "interrupted"."""
     run_dir = runs_dir / run_id
     status_path = run_dir / STATUS_FILE
     if not status_path.is_file():
-        raise ImageloopError(f"no run {run_id!r} (runs are kept in {runs_dir})")
+        record = _record(run_dir)
+        if record is None:
+            raise ImageloopError(f"no run {run_id!r} (runs are kept in {runs_dir})")
+        # A run no server held (the CLI's, another program's): its record is all there is, and says how it ended.
+        status = "error" if record.get("stop_reason") == "error" else "done"
+        return RunState(
+            run_id=run_id, kind="generate", status=status, progress=[], error=record.get("error"), result=record
+        )
     status = json.loads(status_path.read_text(encoding="utf-8"))
     state, error = status["status"], status.get("error")
     if state not in FINISHED:
         state, error = "interrupted", "the server stopped before the run finished"
-    return {"run_id": run_id, "kind": status["kind"], "status": state, "progress": [], "error": error,
-            "result": _record(run_dir)}  # fmt: skip
+    return RunState(run_id=run_id, kind=status["kind"], status=state, progress=[], error=error, result=_record(run_dir))

@@ -24,11 +24,13 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from imageloop import __version__, limits
 from imageloop.app.jobs import Job, report_to
 from imageloop.app.paths import make_out_dir
+from imageloop.app.threads import carry_knobs
 from imageloop.config import Settings
-from imageloop.errors import ImageloopError
+from imageloop.errors import ConfigError, ImageloopError
 from imageloop.files import disk_error, write_json_atomic
-from imageloop.graphs.imagerag import ImageRAGGraph, ImageRAGKnobs, build_imagerag_graph
+from imageloop.graphs.imagerag import ImageRAGGraph, build_imagerag_graph
 from imageloop.graphs.steps import OnStep, follow_steps_and_progress
+from imageloop.knobs import Given, ImageRAGKnobs, KnobContext
 from imageloop.progress import OnProgress
 from imageloop.protocols import ImageRetriever
 from imageloop.report import RECORD_FILE, read_record, write_report
@@ -39,12 +41,9 @@ if TYPE_CHECKING:
     from imageloop.app.core import App
 
 RUN_RECORD = RECORD_FILE
-RECORDED_SETTINGS = {
-    "max_iterations", "similarity_threshold", "top_k", "max_concepts", "seed", "size", "steps", "critic",
-    "plan_scope", "retrieval_query", "rephrase_only", "references_policy", "final_image_policy",
-}  # fmt: skip
 CHECKPOINTS = "checkpoints.sqlite"
-THREAD: RunnableConfig = {"configurable": {"thread_id": "run"}}
+THREAD_ID = "run"
+THREAD: RunnableConfig = {"configurable": {"thread_id": THREAD_ID}}
 RUN_ID = r"^[0-9a-f]{12}$"
 RecordWriter = Callable[[str | None], dict[str, Any]]
 
@@ -52,26 +51,6 @@ RecordWriter = Callable[[str | None], dict[str, Any]]
 def new_run_id() -> str:
     """A run's id and folder name: 12 hex digits."""
     return uuid.uuid4().hex[:12]
-
-
-def imagerag_knobs(settings: Settings) -> ImageRAGKnobs:
-    """The graph's knobs from the settings (profile, environment, options)."""
-    return ImageRAGKnobs(
-        mode=settings.mode,
-        max_iterations=settings.max_iterations,
-        similarity_threshold=settings.similarity_threshold,
-        top_k=settings.top_k,
-        max_concepts=settings.max_concepts,
-        seed=settings.seed,
-        size=settings.size,
-        steps_per_image=settings.steps,
-        critic=settings.critic,
-        plan_scope=settings.plan_scope,
-        retrieval_query=settings.retrieval_query,
-        rephrase_only=settings.rephrase_only,
-        references_policy=settings.references_policy,
-        final_image_policy=settings.final_image_policy,
-    )
 
 
 def export_image(artifacts: ArtifactStore, artifact_id: str | None, target: Path) -> str | None:
@@ -90,8 +69,14 @@ def imagerag_record(
     index_root: Path,
     seconds: float,
     error: str | None = None,
+    planned: ImageRAGKnobs | None = None,
 ) -> dict[str, Any]:
-    """run.json from the final (or last known) state, exporting final.png and draft.png."""
+    """run.json from the final (or last known) state, exporting final.png and draft.png.
+
+    The knobs recorded are those the run resolved (state), whichever face started it; `planned` stands in
+    for a run that failed before resolving them.
+    """
+    knobs: ImageRAGKnobs | None = state.get("knobs") or planned
     draft = export_image(artifacts, state.get("draft_image"), run_dir / "draft.png")
     final_id = state.get("final_image") or state.get("current_image")
     final = export_image(artifacts, final_id, run_dir / "final.png")
@@ -102,7 +87,7 @@ def imagerag_record(
     return {
         "run_id": run_dir.name,
         "prompt": state.get("prompt"),
-        "mode": state.get("mode", settings.mode),
+        "mode": knobs.mode if knobs is not None else None,
         "aligned": bool(state.get("aligned", False)),
         "iterations": int(state.get("iteration", 0)),
         "draft_image": draft,
@@ -126,7 +111,7 @@ def imagerag_record(
         "stop_reason": "error" if error else state.get("stop_reason"),
         "error": error,
         "models": {role: str(settings.role_spec(role)) for role in ("vlm", "generator", "embedder")},
-        "settings": settings.model_dump(include=RECORDED_SETTINGS),
+        "settings": knobs.record() if knobs is not None else None,
         "index": str(index_root),
         "seconds": round(seconds, 3),
         "imageloop_version": __version__,
@@ -161,7 +146,7 @@ def run_imagerag(
     index: str | Path | None,
     *,
     out_dir: str | Path | None = None,
-    knobs: Mapping[str, Any] | None = None,
+    knobs: Given = None,
     where: Where | None = None,
     on_step: OnStep | None = None,
     on_progress: OnProgress | None = None,
@@ -170,46 +155,49 @@ def run_imagerag(
 ) -> dict[str, Any]:
     """Run ImageRAG for `prompt` against `index`; returns the record written to `run.json`.
 
-    `out_dir` defaults to a new folder under the app's runs; `where` restricts retrieval to images whose
-    metadata matches (e.g. `{"folder": "birds"}`). `on_step` sees each node's decisions as it finishes,
-    `on_progress` the progress inside a node (a generator's denoising steps). With `resume`, `out_dir` is
-    an interrupted run's folder: the run continues from its last checkpoint, reusing every finished node.
-    `on_started` receives, once the run folder exists, a function that writes the record as the run
-    stands with a given error: a server that stops before the run does records it with that (see `app.jobs`).
+    `knobs` are ImageRAG's (`ImageRAGKnobs`; unset: the settings'). `out_dir` defaults to a new folder
+    under the app's runs; `where` restricts retrieval to images whose metadata matches (e.g.
+    `{"folder": "birds"}`). `on_step` sees each node's decisions as it finishes, `on_progress` the
+    progress inside a node (a generator's denoising steps). With `resume`, `out_dir` is an interrupted
+    run's folder: the run continues from its last checkpoint with the knobs it started with (asking for
+    others is refused), reusing every finished node. `on_started` receives, once the run folder exists,
+    a function that writes the record as the run stands with a given error: a server that stops before
+    the run does records it with that (see `app.jobs`).
     """
+    given = ImageRAGKnobs.given(knobs)
+    planned = ImageRAGKnobs.from_settings(app.settings).overridden(given)
     if resume:
         if out_dir is None:
             raise ImageloopError("resuming needs the run's folder")
         run_dir = app.path(out_dir, "run", kind="dir")
         previous = read_record(run_dir)
         prompt, index = str(previous["prompt"]), str(previous["index"])
-        knobs = {**previous.get("settings", {}), "mode": previous.get("mode"), **(knobs or {})}
         if not (run_dir / CHECKPOINTS).is_file():
             raise ImageloopError(f"{run_dir} has no checkpoints to resume from: start a new run")
     else:
         prompt = limits.check_text("prompt", prompt or "")
         run_dir = app.path(out_dir, "run folder", kind="out") if out_dir is not None else app.runs_dir / new_run_id()
-    settings = app.with_knobs(**(knobs or {}))
-    retriever = app.retriever(str(index), settings)
+    retriever = app.retriever(str(index))
     searched: ImageRetriever = FilteredRetriever(retriever, where) if where else retriever
     make_out_dir(run_dir, "run folder")
     artifacts = ArtifactStore(run_dir / "artifacts")
     started = time.perf_counter()
     with _checkpointed(run_dir) as checkpointer:
-        graph = build_imagerag_graph(
-            app.vlm(settings), app.generator(settings), searched, artifacts, checkpointer,
-            defaults=imagerag_knobs(settings),
-        )  # fmt: skip
-        reused = len(graph.get_state(THREAD).values.get("steps", [])) if resume else 0
-        if not resume and graph.get_state(THREAD).values:
-            raise ImageloopError(f"{run_dir} already holds a run: use another --out, or --resume {run_dir}")
+        graph = build_imagerag_graph(app.vlm(), app.generator(), searched, artifacts, checkpointer, defaults=planned)
+        held = graph.get_state(THREAD).values
+        if resume:
+            planned = _started_with(graph, previous, held)
+            _refuse_changes(run_dir, planned, given)
+        elif held:
+            raise ImageloopError(f"{run_dir} already holds a run: use another `out` folder, or resume {run_dir}")
+        reused = len(held.get("steps", [])) if resume else 0
         error: str | None = None
 
         def write_record(error: str | None) -> dict[str, Any]:
             state = graph.get_state(THREAD).values
-            record = imagerag_record(
-                state, settings, run_dir, artifacts, retriever.index.root, time.perf_counter() - started, error
-            )
+            seconds = time.perf_counter() - started
+            root = retriever.index.root
+            record = imagerag_record(state, app.settings, run_dir, artifacts, root, seconds, error, planned)
             if resume:
                 record["resumed"] = {"reused_steps": reused}
             write_json_atomic(run_dir / RUN_RECORD, record)
@@ -219,7 +207,7 @@ def run_imagerag(
         if on_started is not None:
             on_started(write_record)
         try:
-            _play(graph, None if resume else {"prompt": prompt}, on_step, on_progress)
+            _play(graph, None if resume else {"prompt": prompt}, given, on_step, on_progress)
         except BaseException as e:
             error = error_text(e)
             disk = disk_error(e, f"writing the run in {run_dir}")
@@ -237,12 +225,37 @@ def run_imagerag(
     return record
 
 
+def _started_with(graph: ImageRAGGraph, previous: Mapping[str, Any], held: Mapping[str, Any]) -> ImageRAGKnobs:
+    """The knobs an interrupted run resolved: its checkpoint's, or (a run recorded before knobs were one model in
+    state) its record's, which its checkpoint then carries."""
+    knobs = held.get("knobs")
+    if isinstance(knobs, ImageRAGKnobs):
+        return knobs
+    settings = {**(previous.get("settings") or {}), "mode": previous.get("mode")}
+    recorded = {name: value for name, value in settings.items() if value is not None}
+    knobs = ImageRAGKnobs().overridden(recorded)
+    carry_knobs(graph, THREAD_ID, knobs)
+    return knobs
+
+
+def _refuse_changes(run_dir: Path, knobs: ImageRAGKnobs, given: KnobContext) -> None:
+    """The one resume policy: a run goes on with the knobs it started with; asking for others is refused."""
+    changed = knobs.changed_by(given)
+    if changed:
+        differs = "; ".join(f"{name} {old!r}, not {new!r}" for name, (old, new) in changed.items())
+        raise ConfigError(f"the run in {run_dir} was started with {differs}: resume it without those, or start anew")
+
+
 def _play(
-    graph: ImageRAGGraph, inputs: Mapping[str, Any] | None, on_step: OnStep | None, on_progress: OnProgress | None
+    graph: ImageRAGGraph,
+    inputs: Mapping[str, Any] | None,
+    context: KnobContext,
+    on_step: OnStep | None,
+    on_progress: OnProgress | None,
 ) -> None:
     """Run (or continue) the graph, handing each node's steps to `on_step` as the node finishes, and its
     in-node progress (denoising steps) to `on_progress` as it happens."""
-    chunks = graph.stream(inputs, THREAD, stream_mode=["updates", "custom"])  # type: ignore[arg-type]
+    chunks = graph.stream(inputs, THREAD, stream_mode=["updates", "custom"], context=context)  # type: ignore[arg-type]
     follow_steps_and_progress(chunks, on_step, on_progress)
 
 
@@ -269,12 +282,13 @@ def run_relative(app: App, path: str | Path) -> str | None:
     return resolved.relative_to(runs).as_posix() if resolved.is_relative_to(runs) else None
 
 
-def start_generate(app: App, prompt: str, index: str | Path, knobs: Mapping[str, Any] | None = None) -> Job:
-    """ImageRAG as a background run of `app.jobs`, its folder `<runs>/<run id>`; a missing or mismatched index
-    or a misconfigured model fails this call, not the run."""
-    settings = app.with_knobs(**(knobs or {}))
-    app.retriever(index, settings)
-    app.vlm(settings), app.generator(settings)
+def start_generate(app: App, prompt: str, index: str | Path, knobs: Given = None) -> Job:
+    """ImageRAG as a background run of `app.jobs`, its folder `<runs>/<run id>`; an unknown or bad knob, a
+    missing or mismatched index or a misconfigured model fails this call, not the run."""
+    knobs = ImageRAGKnobs.given(knobs)
+    limits.check_text("prompt", prompt)
+    app.retriever(index)
+    app.vlm(), app.generator()
 
     def work(job: Job) -> dict[str, Any]:
         return run_imagerag(

@@ -87,7 +87,7 @@ def load_prompts(spec: Path, real_images: Path | None = None) -> list[PromptCase
         names = _class_names(spec)
         folders = sorted(p for p in spec.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not folders:
-            raise ImageloopError(f"--prompts {spec}: no class folders in it")
+            raise ImageloopError(f"`prompts` {spec}: no class folders in it")
         cases = [
             _case(
                 CLASS_PROMPT.format(name=names.get(f.name, f.name.replace("_", " "))),
@@ -109,10 +109,10 @@ def load_prompts(spec: Path, real_images: Path | None = None) -> list[PromptCase
             images = real_images / label_or_none if real_images is not None and label_or_none else None
             cases.append(_case(prompt.strip() if tab else line, label_or_none, images))
     else:
-        raise ImageloopError(f"--prompts {spec}: no such file or folder")
+        raise ImageloopError(f"`prompts` {spec}: no such file or folder")
     unique = list({case.key: case for case in cases}.values())
     if not unique:
-        raise ImageloopError(f"--prompts {spec}: no prompts in it")
+        raise ImageloopError(f"`prompts` {spec}: no prompts in it")
     return unique
 
 

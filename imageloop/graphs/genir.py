@@ -11,11 +11,12 @@ present ─found / last round→ finish
 ```
 Generation has its own node, so resuming a person's interrupt never draws again. Ranks are 0-based
 (0 is the top result); a target counts as found at round t when its rank is < k. A person's
-"found: X" must name a result that was shown (`resolve_found`), else the question is asked again.
+"found: X" must name a result that was shown (`resolve_found`: X is its position as listed, from 1, or
+its id), else the question is asked again.
 
-A run is asked `GenIRInput` (a person's query) with per-run knobs in the run context (`GenIRContext`:
-the kind of user and target, feedback, rounds, k), answers `GenIROutput`, and `prepare` resets every
-per-run field, so a reused thread starts clean.
+A run is asked `GenIRInput` (a person's query, or a simulated user's target) with per-run knobs in the
+run context (`GenIRContext`), answers `GenIROutput`, and `prepare` resets every per-run field, so a
+reused thread starts clean.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ from __future__ import annotations
 import operator
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol, cast
+from typing import Annotated, Any, Literal, Protocol
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
@@ -36,10 +36,11 @@ from typing_extensions import TypedDict
 from imageloop import limits
 from imageloop.agents.query_refiner import QueryRefiner
 from imageloop.agents.simulated_user import ShownKind, SimulatedUser, user_decoding
-from imageloop.config import FEEDBACK_KINDS, FeedbackKind, SimulatedUserStyle
 from imageloop.errors import ConfigError, ImageloopError, MalformedOutputError
-from imageloop.graphs.knobs import resolve_knobs as resolve_context
+from imageloop.graphs.picks import find_shown, listed
 from imageloop.graphs.steps import Step, step
+from imageloop.knobs import KnobContext, SimulatedUserKnobs, run_context
+from imageloop.prompts.questions import GENIR_EMPTY_FEEDBACK_ASK, GENIR_FEEDBACK_ASK
 from imageloop.protocols import GenerationRequest, ImageGenerator, RetrievedImage, VisionLanguageModel
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tracing import traced_generator, traced_retriever, traced_vlm
@@ -81,79 +82,17 @@ class RoundRecord(TypedDict):
     differences: str | None
 
 
-class GenIRKnobs(TypedDict):
-    """The per-run knobs (who searches for what, and how), as state holds them once `prepare` resolved them."""
-
-    user: User
-    target_id: str | None
-    target_path: str | None
-    feedback: FeedbackKind
-    max_rounds: int
-    k: int
-    rank_depth: int
-    hybrid_threshold: float
-    simulated_user: SimulatedUserStyle
-    user_temperature: float | None
-    user_top_p: float | None
-    user_repetition_penalty: float | None
-    seed: int | None
-    size: tuple[int, int] | None
-    steps_per_image: int | None
-
-
-KNOB_DEFAULTS = GenIRKnobs(
-    user="person",
-    target_id=None,
-    target_path=None,
-    feedback="visual",
-    max_rounds=int(limits.default("rounds") or 0),
-    k=int(limits.BOUNDS["k"].default or 10),
-    rank_depth=int(limits.BOUNDS["rank_depth"].default or 1000),
-    hybrid_threshold=float(limits.BOUNDS["hybrid_threshold"].default or 0.9),
-    simulated_user="ours",
-    user_temperature=None,
-    user_top_p=None,
-    user_repetition_penalty=None,
-    seed=0,
-    size=None,
-    steps_per_image=None,
+GenIRContext = run_context(
+    SimulatedUserKnobs,
+    "GenIRContext",
+    target_id=(str | None, "a simulated user's search (evaluation): the target's index id"),
+    target_path=(str | None, "a simulated user's search: the target image it describes and compares with"),
 )
-
-
-@dataclass(kw_only=True)
-class GenIRContext:
-    """Per-run knobs (LangGraph run context); a field left None takes the graph's defaults.
-
-    A person's search needs only the input query; a simulated user's (evaluation) names its target here.
-    """
-
-    user: User | None = field(default=None, metadata={"description": "person (interrupts) or simulated"})
-    target_id: str | None = field(default=None, metadata={"description": "simulated user: the target's index id"})
-    target_path: str | None = field(default=None, metadata={"description": "simulated user: the target image"})
-    feedback: FeedbackKind | None = field(
-        default=None, metadata={"description": "visual, verbal, prediction or hybrid"}
-    )
-    max_rounds: int | None = field(
-        default=None, metadata={"description": "refinement rounds after round 0 (10: rounds 0..10)"}
-    )
-    k: int | None = field(default=None, metadata={"description": "results per round (Hits@K cut-off)"})
-    rank_depth: int | None = field(default=None, metadata={"description": "ranks deeper than this are misses"})
-    hybrid_threshold: float | None = field(default=None, metadata={"description": "hybrid: predict from here"})
-    simulated_user: SimulatedUserStyle | None = field(
-        default=None, metadata={"description": "simulated user: ours (one call) or paper (the released prompts)"}
-    )
-    user_temperature: float | None = field(default=None, metadata={"description": "simulated user's temperature"})
-    user_top_p: float | None = field(default=None, metadata={"description": "simulated user's top_p"})
-    user_repetition_penalty: float | None = field(
-        default=None, metadata={"description": "simulated user's repetition penalty (local models, vLLM)"}
-    )
-    seed: int | None = field(default=None, metadata={"description": "generator seed"})
-    size: tuple[int, int] | None = field(default=None, metadata={"description": "[width, height] of drawings"})
-    steps: int | None = field(default=None, metadata={"description": "denoising steps (diffusion backends)"})
+"""Per-run knobs (each unset one takes the graph's defaults, the settings') and, for a simulated user, the target."""
 
 
 class GenIRInput(TypedDict, total=False):
-    """What a person's search starts from (a simulated user describes its target itself)."""
+    """A person's search starts from their query (a simulated user describes its target, named in the context)."""
 
     query: str
 
@@ -161,6 +100,7 @@ class GenIRInput(TypedDict, total=False):
 class GenIROutput(TypedDict, total=False):
     """How the search ended and the whole dialogue."""
 
+    knobs: SimulatedUserKnobs
     query: str
     round: int
     found: bool
@@ -170,9 +110,13 @@ class GenIROutput(TypedDict, total=False):
     steps: list[Step]
 
 
-class GenIRState(GenIRKnobs, total=False):
-    """The resolved knobs and the dialogue so far."""
+class GenIRState(TypedDict, total=False):
+    """The resolved knobs, who searches for what, and the dialogue so far."""
 
+    knobs: SimulatedUserKnobs
+    user: User
+    target_id: str | None
+    target_path: str | None
     query: str
     round: int
     shown_kind: ShownKind
@@ -200,18 +144,6 @@ FRESH_RUN: dict[str, Any] = {
 }
 
 
-CHOICES: dict[str, tuple[object, ...]] = {
-    "feedback": FEEDBACK_KINDS,
-    "user": ("person", "simulated"),
-    "simulated_user": ("ours", "paper"),
-}
-
-
-def resolve_knobs(defaults: GenIRKnobs, context: GenIRContext | None) -> GenIRKnobs:
-    """The run's knobs: the context's where given, else `defaults`; each checked against `imageloop.limits`."""
-    return cast(GenIRKnobs, resolve_context(defaults, context, CHOICES))
-
-
 class FoundError(ImageloopError):
     """A `found:` answer that names none of the results shown."""
 
@@ -227,24 +159,19 @@ def parse_found(text: str) -> str | None:
 def resolve_found(answer: str, shown: Sequence[Mapping[str, Any]]) -> str | None:
     """The id a "found: X" answer picks among the `shown` results, else None for ordinary feedback.
 
-    X is a listed position (0 is the top result), an id, or an id's unique prefix; anything else is a
-    FoundError listing what may be picked, so neither a person nor a client can end a search on an
-    image that was never shown.
+    X names a result as every face lets a person name one (`imageloop.graphs.picks`: its position as
+    listed, from 1, its file name, its id or a unique id prefix); anything else is a FoundError listing
+    what may be picked, so neither a person nor a client can end a search on an image never shown.
     """
     named = parse_found(answer)
     if named is None:
         return None
-    ids = [str(result["id"]) for result in shown]
-    # ASCII digits only: "²".isdigit() holds, but int() refuses it; and few enough for int() to take.
-    if named.isascii() and named.isdigit() and len(named) <= 6 and int(named) < len(ids):
-        return ids[int(named)]
-    matches = [i for i in ids if named and i.startswith(named)]
-    if len(set(matches)) == 1:
-        return matches[0]
-    choice = f"a position 0..{len(ids) - 1} or an id of a result shown" if ids else "nothing (no result was shown)"
-    reason = "matches several results" if len(set(matches)) > 1 else "is not one of the results shown"
-    quoted = " ".join(named.split())[:60]  # the answer as typed, on one line and short
-    raise FoundError(f"'{FOUND_PREFIX} {quoted}' {reason}: answer with {choice}, or say what differs")
+    found = find_shown(named, shown) if shown else "names nothing: no result was shown"
+    if isinstance(found, str):
+        quoted = " ".join(named.split())[:60]  # the answer as typed, on one line and short
+        choices = f": answer with one of {listed(shown)}" if shown else ""
+        raise FoundError(f"'{FOUND_PREFIX} {quoted}' {found}{choices}, or say what differs")
+    return str(found["id"])
 
 
 # Routing: pure functions of state.
@@ -262,7 +189,7 @@ def route_after_choice(state: GenIRState) -> Literal["generate_synthetic", "retr
 
 def route_after_present(state: GenIRState) -> Literal["feedback", "finish"]:
     """Stop when found or after the last refinement round (round 0 plus `max_rounds`, as the paper counts)."""
-    if state.get("found") or state["round"] >= state["max_rounds"]:
+    if state.get("found") or state["round"] >= state["knobs"].rounds:
         return "finish"
     return "feedback"
 
@@ -274,11 +201,11 @@ def route_after_feedback(state: GenIRState) -> Literal["rewrite", "finish"]:
 
 def pick_shown_kind(state: GenIRState) -> ShownKind:
     """The hybrid router: draw first; show the top hit once retrieval looks confident."""
-    kind = state["feedback"]
+    kind = state["knobs"].feedback
     if kind != "hybrid":
         return kind
     previous = state["rounds"][-1] if state["rounds"] else None
-    if previous and previous["retrieved"] and previous["retrieved"][0]["score"] >= state["hybrid_threshold"]:
+    if previous and previous["retrieved"] and previous["retrieved"][0]["score"] >= state["knobs"].hybrid_threshold:
         return "prediction"
     return "visual"
 
@@ -292,7 +219,7 @@ class _Nodes:
         generator: ImageGenerator | None,
         retriever: GenIRRetriever,
         artifacts: ArtifactStore,
-        defaults: GenIRKnobs | Callable[[], GenIRKnobs],
+        defaults: SimulatedUserKnobs | Callable[[], SimulatedUserKnobs],
     ) -> None:
         self._defaults = defaults
         # Every model call and search becomes a run in the graph's trace (LangSmith, callback handlers).
@@ -303,30 +230,33 @@ class _Nodes:
         self.retriever = traced_retriever(retriever)
         self.artifacts = artifacts
 
-    def prepare(self, state: GenIRState, runtime: Runtime[GenIRContext]) -> dict[str, Any]:
-        """Resolve the knobs, check they fit the kind of user, and reset every per-run field."""
+    def prepare(self, state: GenIRState, runtime: Runtime[KnobContext]) -> dict[str, Any]:
+        """Resolve the knobs and who searches (a target in the input: a simulated user); reset every per-run field."""
         started = time.perf_counter()
         defaults = self._defaults() if callable(self._defaults) else self._defaults
-        knobs = resolve_knobs(defaults, runtime.context)
-        if knobs["user"] == "simulated":
-            if not knobs["target_path"] or not knobs["target_id"]:
+        knobs = defaults.overridden(runtime.context)
+        target_id, target_path = (getattr(runtime.context, name, None) for name in ("target_id", "target_path"))
+        user: User = "simulated" if target_id or target_path else "person"
+        if user == "simulated":
+            if not target_path or not target_id:
                 raise ConfigError("a simulated user needs target_id and target_path to look for")
             query = ""  # the simulated user describes its target (describe_target)
         else:
             query = limits.check_text("query", str(state.get("query") or ""))
-        if knobs["feedback"] in ("visual", "hybrid") and self.generator is None:
-            raise ConfigError(f"{knobs['feedback']} feedback draws synthetic images: configure a generator")
-        decision = f"{knobs['user']} search, {knobs['feedback']} feedback"
-        shown = {k: knobs[k] for k in ("user", "feedback", "max_rounds", "k")}
-        record = step("prepare", 0, decision, started, **shown)
-        return {"query": query, **knobs, **FRESH_RUN, "steps": Overwrite([record])}
+        if knobs.feedback in ("visual", "hybrid") and self.generator is None:
+            raise ConfigError(f"{knobs.feedback} feedback draws synthetic images: configure a `generator`")
+        decision = f"{user} search, {knobs.feedback} feedback"
+        record = step("prepare", 0, decision, started, user=user, knobs=knobs.record())
+        run = {"user": user, "target_id": target_id or None, "target_path": target_path or None}
+        return {"query": query, "knobs": knobs, **run, **FRESH_RUN, "steps": Overwrite([record])}
 
     def _user(self, state: GenIRState) -> SimulatedUser:
         """The simulated user this run asked for: its style and decoding."""
+        knobs = state["knobs"]
         decoding = user_decoding(
-            state["simulated_user"], state["user_temperature"], state["user_top_p"], state["user_repetition_penalty"]
+            knobs.simulated_user, knobs.user_temperature, knobs.user_top_p, knobs.user_repetition_penalty
         )
-        return SimulatedUser(self.vlm, style=state["simulated_user"], decoding=decoding)
+        return SimulatedUser(self.vlm, style=knobs.simulated_user, decoding=decoding)
 
     def describe_target(self, state: GenIRState) -> dict[str, Any]:
         """The simulated user's first query, written for the feedback its first round will show."""
@@ -354,9 +284,8 @@ class _Nodes:
         """Draw what the system understood from the query."""
         started = time.perf_counter()
         assert self.generator is not None  # prepare refuses visual feedback without one
-        request = GenerationRequest(
-            prompt=state["query"], seed=state["seed"], size=state["size"], steps=state["steps_per_image"]
-        )
+        knobs = state["knobs"]
+        request = GenerationRequest(prompt=state["query"], seed=knobs.seed, size=knobs.size, steps=knobs.steps)
         result = self.generator.generate(request)
         artifact = self.artifacts.put(result.image)
         record = step("generate_synthetic", state["round"], "drew the query", started, artifact=artifact)
@@ -365,7 +294,8 @@ class _Nodes:
     def retrieve(self, state: GenIRState) -> dict[str, Any]:
         """Image→image with the synthetic image on image-route indexes, else text→image with the query."""
         started = time.perf_counter()
-        depth = max(state["k"], state["rank_depth"]) if state.get("target_id") else state["k"]
+        k = state["knobs"].k
+        depth = max(k, state["knobs"].rank_depth) if state.get("target_id") else k
         synthetic = state.get("synthetic_image")
         if synthetic and self.retriever.route == "image":
             found = self.retriever.search_image(self.artifacts.path(synthetic), depth)
@@ -374,8 +304,7 @@ class _Nodes:
             found = self.retriever.search(state["query"], depth)
             how = "text→image with the query" if self.retriever.route == "image" else "caption route with the query"
         retrieved = [
-            Retrieved(id=r.id, path=str(r.path), caption=r.caption, score=round(float(r.score), 6))
-            for r in found[: state["k"]]
+            Retrieved(id=r.id, path=str(r.path), caption=r.caption, score=round(float(r.score), 6)) for r in found[:k]
         ]
         # Only the target's rank is kept from the deep ranking: a checkpoint holds k results, not rank_depth ids.
         target = state.get("target_id")
@@ -389,7 +318,7 @@ class _Nodes:
         started = time.perf_counter()
         target = state.get("target_id")
         rank = state.get("target_rank")
-        found = rank is not None and rank < state["k"]
+        found = rank is not None and rank < state["knobs"].k
         round_record = RoundRecord(
             round=state["round"],
             query=state["query"],
@@ -402,7 +331,7 @@ class _Nodes:
         )
         decision = f"target at rank {rank}" if target else f"showing {len(state['retrieved'])} results"
         if found:
-            decision += f" (< k={state['k']}): found"
+            decision += f" (< k={state['knobs'].k}): found"
         return {
             "rounds": [*state["rounds"], round_record],
             "found": found,
@@ -429,12 +358,12 @@ class _Nodes:
                 "feedback_kind": state["shown_kind"],
                 "synthetic_image": str(shown) if shown and state["shown_kind"] == "visual" else None,
                 "retrieved": state["retrieved"],
-                "ask": f"What differs from the image you want? Or answer '{FOUND_PREFIX} N' (its position) or an id.",
+                "ask": GENIR_FEEDBACK_ASK,
             }
             while True:
                 answer = str(interrupt(request) or "").strip()
                 if not answer:
-                    request = {**request, "ask": "Empty feedback: describe what differs, or answer 'found: <id>'."}
+                    request = {**request, "ask": GENIR_EMPTY_FEEDBACK_ASK}
                     continue
                 try:
                     found_id = resolve_found(answer, state["retrieved"])
@@ -493,7 +422,7 @@ class _Nodes:
         return {"stop_reason": reason, "steps": [record]}
 
 
-GenIRGraph = CompiledStateGraph[GenIRState, GenIRContext, GenIRInput, GenIROutput]
+GenIRGraph = CompiledStateGraph[GenIRState, KnobContext, GenIRInput, GenIROutput]
 
 
 def build_genir_graph(
@@ -503,15 +432,15 @@ def build_genir_graph(
     artifacts: ArtifactStore,
     checkpointer: Checkpointer = None,
     *,
-    defaults: GenIRKnobs | Callable[[], GenIRKnobs] = KNOB_DEFAULTS,
-    context_schema: type[GenIRContext] = GenIRContext,
+    defaults: SimulatedUserKnobs | Callable[[], SimulatedUserKnobs] | None = None,
+    context_schema: type[KnobContext] = GenIRContext,
 ) -> GenIRGraph:
     """Wire the GenIR loop; a person's feedback needs a checkpointer and a thread_id to interrupt.
 
     `generator` may be None for verbal and prediction feedback, which never draw. `defaults` are the
     knobs of a run whose context leaves them unset (or a function returning them, read when a run starts).
     """
-    nodes = _Nodes(vlm, generator, retriever, artifacts, defaults)
+    nodes = _Nodes(vlm, generator, retriever, artifacts, defaults or SimulatedUserKnobs())
     graph = StateGraph(GenIRState, context_schema=context_schema, input_schema=GenIRInput, output_schema=GenIROutput)
     graph.add_node("prepare", nodes.prepare)
     graph.add_node("describe_target", nodes.describe_target)

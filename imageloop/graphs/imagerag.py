@@ -19,9 +19,8 @@ from __future__ import annotations
 import operator
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
@@ -32,10 +31,9 @@ from typing_extensions import TypedDict
 from imageloop import limits
 from imageloop.agents.critic import Critic, Critique, ImageCritic, PaperCritic
 from imageloop.agents.rewriter import QueryRewriter
-from imageloop.config import CriticKind, FinalImage, Mode, PlanScope, ReferencesPolicy, RetrievalQuery
 from imageloop.errors import MalformedOutputError
-from imageloop.graphs.knobs import resolve_knobs as resolve_context
 from imageloop.graphs.steps import Step, step
+from imageloop.knobs import ImageRAGKnobs, KnobContext
 from imageloop.protocols import (
     GenerationRequest,
     ImageGenerator,
@@ -77,80 +75,8 @@ class GeneratedImage(TypedDict):
     references: list[str]
 
 
-class ImageRAGKnobs(TypedDict):
-    """The per-run knobs, as state holds them once `prepare` has resolved them."""
-
-    mode: Mode
-    max_iterations: int
-    similarity_threshold: float | None
-    top_k: int
-    max_concepts: int
-    seed: int | None
-    size: tuple[int, int] | None
-    steps_per_image: int | None
-    critic: CriticKind
-    plan_scope: PlanScope
-    retrieval_query: RetrievalQuery
-    rephrase_only: bool
-    references_policy: ReferencesPolicy
-    final_image_policy: FinalImage
-
-
-KNOB_DEFAULTS = ImageRAGKnobs(
-    mode="draft_first",
-    max_iterations=int(limits.BOUNDS["max_iterations"].default or 1),
-    similarity_threshold=None,
-    top_k=int(limits.BOUNDS["top_k"].default or 1),
-    max_concepts=int(limits.BOUNDS["max_concepts"].default or 3),
-    seed=0,
-    size=None,
-    steps_per_image=None,
-    critic="single_call",
-    plan_scope="rare",
-    retrieval_query="caption",
-    rephrase_only=False,
-    references_policy="replace",
-    final_image_policy="best",
-)
-
-
-@dataclass(kw_only=True)
-class ImageRAGContext:
-    """Per-run knobs (LangGraph run context); a field left None takes the graph's defaults.
-
-    The defaults are what the graph was built with: the application's settings (profile, `IMAGELOOP_*`),
-    else the paper's values. Knobs travel here rather than in state so a run never inherits the previous
-    run's knobs on a reused thread.
-    """
-
-    mode: Mode | None = field(default=None, metadata={"description": "draft_first critiques a draft; generation plans"})
-    max_iterations: int | None = field(default=None, metadata={"description": "regenerations with references"})
-    similarity_threshold: float | None = field(
-        default=None, metadata={"description": "drop references whose cosine is below this (-1 keeps all)"}
-    )
-    top_k: int | None = field(default=None, metadata={"description": "references retrieved per missing concept"})
-    max_concepts: int | None = field(default=None, metadata={"description": "missing concepts per critique"})
-    seed: int | None = field(default=None, metadata={"description": "generator seed"})
-    size: tuple[int, int] | None = field(default=None, metadata={"description": "[width, height] of the images"})
-    steps: int | None = field(default=None, metadata={"description": "denoising steps (diffusion backends)"})
-    critic: CriticKind | None = field(
-        default=None, metadata={"description": "single_call (one JSON call) or paper (the released conversation)"}
-    )
-    plan_scope: PlanScope | None = field(
-        default=None, metadata={"description": "generation mode: plan rare concepts or every concept (paper)"}
-    )
-    retrieval_query: RetrievalQuery | None = field(
-        default=None, metadata={"description": "search with the detailed caption, the concept word or the prompt"}
-    )
-    rephrase_only: bool | None = field(
-        default=None, metadata={"description": "ablation: fold the captions into the prompt, no references"}
-    )
-    references_policy: ReferencesPolicy | None = field(
-        default=None, metadata={"description": "replace each iteration's references, or accumulate them"}
-    )
-    final_image_policy: FinalImage | None = field(
-        default=None, metadata={"description": "return the best judged image or the last one"}
-    )
+ImageRAGContext = ImageRAGKnobs.context_schema()
+"""Per-run knobs (LangGraph run context): each unset one takes the graph's defaults (the settings')."""
 
 
 class ImageRAGInput(TypedDict):
@@ -160,8 +86,9 @@ class ImageRAGInput(TypedDict):
 
 
 class ImageRAGOutput(TypedDict, total=False):
-    """What a run answers: the outcome, the images by artifact id, and every decision."""
+    """What a run answers: the knobs it ran with, the outcome, the images by artifact id, and every decision."""
 
+    knobs: ImageRAGKnobs
     prompt: str
     aligned: bool
     iteration: int
@@ -175,9 +102,10 @@ class ImageRAGOutput(TypedDict, total=False):
     steps: list[Step]
 
 
-class ImageRAGState(ImageRAGKnobs, total=False):
+class ImageRAGState(TypedDict, total=False):
     """The prompt, the resolved knobs and everything the loop decided so far."""
 
+    knobs: ImageRAGKnobs
     prompt: str
     iteration: int
     current_image: str | None
@@ -221,28 +149,12 @@ FRESH_RUN: dict[str, Any] = {
 }
 
 
-CHOICES: dict[str, tuple[object, ...]] = {
-    "mode": ("draft_first", "generation"),
-    "critic": ("single_call", "paper"),
-    "plan_scope": ("rare", "every"),
-    "retrieval_query": ("caption", "concept", "prompt"),
-    "rephrase_only": (True, False),
-    "references_policy": ("replace", "accumulate"),
-    "final_image_policy": ("best", "last"),
-}
-
-
-def resolve_knobs(defaults: ImageRAGKnobs, context: ImageRAGContext | None) -> ImageRAGKnobs:
-    """The run's knobs: the context's where given, else `defaults`; each checked against `imageloop.limits`."""
-    return cast(ImageRAGKnobs, resolve_context(defaults, context, CHOICES))
-
-
 # Routing: pure functions of state.
 
 
 def route_start(state: ImageRAGState) -> Literal["generate_draft", "critic"]:
     """Draft-first critiques a draft; generation mode asks the critic to plan concepts first."""
-    return "critic" if state["mode"] == "generation" else "generate_draft"
+    return "critic" if state["knobs"].mode == "generation" else "generate_draft"
 
 
 def route_after_critic(
@@ -251,7 +163,7 @@ def route_after_critic(
     """Stop when aligned or capped; generate directly when a plan needs no references."""
     if state.get("aligned"):
         return "finish"
-    if state["iteration"] >= state["max_iterations"]:
+    if state["iteration"] >= state["knobs"].max_iterations:
         return "finish"
     planning = state.get("current_image") is None
     if planning and not state["missing_concepts"] and not state.get("critic_failed"):
@@ -267,8 +179,8 @@ def fan_out_retrieval(state: ImageRAGState) -> list[Send]:
             RetrieveTask(
                 query=query,
                 iteration=state["iteration"],
-                top_k=state["top_k"],
-                similarity_threshold=state["similarity_threshold"],
+                top_k=state["knobs"].top_k,
+                similarity_threshold=state["knobs"].similarity_threshold,
             ),
         )
         for query in state["retrieval_captions"]
@@ -333,14 +245,14 @@ class _Nodes:
         self.retriever = traced_retriever(retriever)
         self.artifacts = artifacts
 
-    def prepare(self, state: ImageRAGState, runtime: Runtime[ImageRAGContext]) -> dict[str, Any]:
+    def prepare(self, state: ImageRAGState, runtime: Runtime[KnobContext]) -> dict[str, Any]:
         """Check the prompt, resolve the knobs and reset every per-run field (a reused thread starts clean)."""
         started = time.perf_counter()
         prompt = limits.check_text("prompt", str(state.get("prompt") or ""))
         defaults = self._defaults() if callable(self._defaults) else self._defaults
-        knobs = resolve_knobs(defaults, runtime.context)
-        record = step("prepare", 0, f"mode {knobs['mode']}", started, **knobs)
-        return {"prompt": prompt, **knobs, **FRESH_RUN, "hits": Overwrite([]), "steps": Overwrite([record])}
+        knobs = defaults.overridden(runtime.context)
+        record = step("prepare", 0, f"mode {knobs.mode}", started, knobs=knobs.record())
+        return {"prompt": prompt, "knobs": knobs, **FRESH_RUN, "hits": Overwrite([]), "steps": Overwrite([record])}
 
     def _generate(
         self, state: ImageRAGState, references: tuple[ReferenceImage, ...], iteration: int, prompt: str | None = None
@@ -348,9 +260,9 @@ class _Nodes:
         request = GenerationRequest(
             prompt=prompt or state["prompt"],
             references=references,
-            seed=state["seed"],
-            size=state["size"],
-            steps=state["steps_per_image"],
+            seed=state["knobs"].seed,
+            size=state["knobs"].size,
+            steps=state["knobs"].steps,
         )
         result = self.generator.generate(request)
         return GeneratedImage(
@@ -375,9 +287,9 @@ class _Nodes:
         }
 
     def _critic(self, state: ImageRAGState) -> ImageCritic:
-        if state["critic"] == "paper":
+        if state["knobs"].critic == "paper":
             return PaperCritic(self.vlm)
-        return Critic(self.vlm, plan_scope=state["plan_scope"])
+        return Critic(self.vlm, plan_scope=state["knobs"].plan_scope)
 
     def critic_node(self, state: ImageRAGState) -> dict[str, Any]:
         """Judge the current image, or plan concepts when there is none yet (generation mode)."""
@@ -386,7 +298,7 @@ class _Nodes:
         current = state.get("current_image")
         image = self.artifacts.path(current) if current is not None else None
         try:
-            critique: Critique = self._critic(state).critique(state["prompt"], image, state["max_concepts"])
+            critique: Critique = self._critic(state).critique(state["prompt"], image, state["knobs"].max_concepts)
         except MalformedOutputError as e:
             decision = "critic could not answer: retrieve with the raw prompt"
             record = step("critic", iteration, decision, started, error=str(e))
@@ -412,7 +324,7 @@ class _Nodes:
         ]
         if critique.aligned:
             decision = "aligned with the prompt"
-        elif iteration >= state["max_iterations"]:
+        elif iteration >= state["knobs"].max_iterations:
             decision = f"not aligned, missing {concepts}; iteration cap reached"
         else:
             decision = f"not aligned, missing {concepts}"
@@ -424,10 +336,10 @@ class _Nodes:
         the concept word or the raw prompt; the raw prompt when the critic named nothing."""
         started = time.perf_counter()
         prompt, concepts = state["prompt"], state["missing_concepts"]
-        if state.get("critic_failed") or not concepts or state["retrieval_query"] == "prompt":
+        if state.get("critic_failed") or not concepts or state["knobs"].retrieval_query == "prompt":
             queries = [CaptionQuery(concept=prompt, caption=prompt)]
             decision = "retrieve with the raw prompt" + ("" if concepts else ": no concepts named")
-        elif state["retrieval_query"] == "concept":
+        elif state["knobs"].retrieval_query == "concept":
             queries = [CaptionQuery(concept=c, caption=c) for c in concepts]
             decision = f"retrieve with {len(queries)} concept word(s)"
         elif state.get("critic_captions"):
@@ -475,7 +387,7 @@ class _Nodes:
         """Gather this iteration's hits into the ordered references the generator will see."""
         started = time.perf_counter()
         iteration = state["iteration"]
-        accumulate = state["references_policy"] == "accumulate"
+        accumulate = state["knobs"].references_policy == "accumulate"
         current = [
             h for h in state["hits"] if h["iteration"] == iteration or (accumulate and h["iteration"] < iteration)
         ]
@@ -514,7 +426,7 @@ class _Nodes:
             for h in state.get("references") or []
         )
         prompt = None
-        if state["rephrase_only"] and state["retrieval_captions"]:
+        if state["knobs"].rephrase_only and state["retrieval_captions"]:
             prompt = ". ".join([state["prompt"], *(q["caption"] for q in state["retrieval_captions"])])
             references = ()
         image = self._generate(state, references, iteration=state["iteration"] + 1, prompt=prompt)
@@ -539,7 +451,7 @@ class _Nodes:
         """Pick the final image and say why the loop stopped."""
         started = time.perf_counter()
         images = state["images"]
-        best = best_image(images) if state["final_image_policy"] == "best" else (images[-1] if images else None)
+        best = best_image(images) if state["knobs"].final_image_policy == "best" else (images[-1] if images else None)
         reason = "aligned" if state.get("aligned") else state.get("stop_reason") or "max_iterations"
         final = best["artifact"] if best else None
         decision = f"stop: {reason}; final image from iteration {best['iteration'] if best else '-'}"
@@ -550,7 +462,7 @@ class _Nodes:
         return {"final_image": final, "stop_reason": reason, "steps": [record]}
 
 
-ImageRAGGraph = CompiledStateGraph[ImageRAGState, ImageRAGContext, ImageRAGInput, ImageRAGOutput]
+ImageRAGGraph = CompiledStateGraph[ImageRAGState, KnobContext, ImageRAGInput, ImageRAGOutput]
 
 
 def build_imagerag_graph(
@@ -560,18 +472,18 @@ def build_imagerag_graph(
     artifacts: ArtifactStore,
     checkpointer: Checkpointer = None,
     *,
-    defaults: ImageRAGKnobs | Callable[[], ImageRAGKnobs] = KNOB_DEFAULTS,
-    context_schema: type[ImageRAGContext] = ImageRAGContext,
+    defaults: ImageRAGKnobs | Callable[[], ImageRAGKnobs] | None = None,
+    context_schema: type[KnobContext] = ImageRAGContext,
     on_finish: Callable[[ImageRAGState], None] | None = None,
 ) -> ImageRAGGraph:
     """Wire the ImageRAG loop over the given backends; pass a checkpointer to make runs resumable.
 
-    `defaults` (or a function returning them, read at each run's start) are the knobs of a run whose
-    context leaves them unset; `context_schema` may extend
+    `defaults` (or a function returning them, read at each run's start; None: the declared defaults) are the
+    knobs of a run whose context leaves them unset; `context_schema` may extend
     `ImageRAGContext` with what a deployment needs per run (LangGraph Server: the index); `on_finish`
     sees the final state of every finished run (LangGraph Server writes the run's record with it).
     """
-    nodes = _Nodes(vlm, generator, retriever, artifacts, defaults, on_finish)
+    nodes = _Nodes(vlm, generator, retriever, artifacts, defaults or ImageRAGKnobs(), on_finish)
     graph = StateGraph(
         ImageRAGState, context_schema=context_schema, input_schema=ImageRAGInput, output_schema=ImageRAGOutput
     )

@@ -65,7 +65,7 @@ class TripletDataset:
         except BlockingIOError:
             lock.close()
             raise ImageloopError(
-                f"{self.folder} is being written by another process: wait for it, or use another --out"
+                f"{self.folder} is being written by another process: wait for it, or use another `out` folder"
             ) from None
         self._lock_file = lock
         self._ids = self._repair_and_read()

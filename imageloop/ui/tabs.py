@@ -8,18 +8,19 @@ so one browser session does one thing at a time, as a person does.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 
 from imageloop import limits
 from imageloop.app import App
-from imageloop.config import FEEDBACK_KINDS, MODES, REVIEW_KINDS
+from imageloop.app.jobs import Followers
 from imageloop.errors import ImageloopError
 from imageloop.graphs.steps import Step
+from imageloop.knobs import FeedbackKind, Mode, ReviewKind
 from imageloop.progress import ProgressEvent, describe
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tools.images import open_image
@@ -27,6 +28,9 @@ from imageloop.ui.context import current
 
 COLUMNS = 5
 UPLOADS = "ui-uploads"
+MODES: tuple[Mode, ...] = get_args(Mode)
+FEEDBACK_KINDS: tuple[FeedbackKind, ...] = get_args(FeedbackKind)
+REVIEW_KINDS: tuple[ReviewKind, ...] = get_args(ReviewKind)
 Action = tuple[str, ...]
 
 
@@ -51,7 +55,7 @@ def _grid(items: Sequence[tuple[str, str]]) -> list[DeltaGenerator]:
     return cells
 
 
-def _follow(status: DeltaGenerator) -> dict[str, Callable[..., None]]:
+def _follow(status: DeltaGenerator) -> Followers:
     """`on_step` and `on_progress` callbacks that stream a loop's steps and progress into `status`."""
     bar = status.empty()
 
@@ -63,7 +67,7 @@ def _follow(status: DeltaGenerator) -> dict[str, Callable[..., None]]:
         total = event["total"] or 0
         bar.progress(min(1.0, event["done"] / total) if total else 0.0, text=describe(event))
 
-    return {"on_step": on_step, "on_progress": on_progress}
+    return Followers(on_step=on_step, on_progress=on_progress)
 
 
 def _number(where: DeltaGenerator, label: str, name: str, value: float | None, **options: Any) -> Any:
@@ -156,7 +160,7 @@ def search_tab(app: App, index: Path) -> None:
     elif session["status"] == "awaiting_feedback":
         show_round(session)
     else:  # a round cut off mid-way (another face, a crash): play it on
-        st.button("Continue this session", on_click=_queue, args=("search_action", "open", session["thread_id"]))
+        st.button("Continue this session", on_click=_queue, args=("search_action", "open", session["session_id"]))
 
 
 def _run_search_action(app: App, index: Path, action: Action) -> None:
@@ -169,15 +173,15 @@ def _run_search_action(app: App, index: Path, action: Action) -> None:
                 shown = app.start_search(index, query, knobs=knobs, **_follow(status))
             elif kind == "open":
                 shown = app.show_search(rest[0])
-                if shown["status"] == "incomplete":
+                if shown.status == "incomplete":
                     shown = app.continue_search(rest[0], None, **_follow(status))
             else:
                 shown = app.continue_search(rest[0], rest[1], **_follow(status))
         except ImageloopError as e:
             status.update(label=f"Not done: {e}", state="error")
             return
-        status.update(label=f"Session {shown['thread_id']}: {shown['status']}", state="complete", expanded=False)
-    st.session_state["search"] = shown
+        status.update(label=f"Session {shown.session_id}: {shown.status}", state="complete", expanded=False)
+    st.session_state["search"] = shown.model_dump()
 
 
 def start_search_form(app: App) -> None:
@@ -208,21 +212,19 @@ def _queue_search_start() -> None:
 
 def show_round(session: Mapping[str, Any]) -> None:
     """One round: what the system understood, what it found, and the two ways to answer."""
-    sid, round_ = session["thread_id"], session["round"]
-    st.subheader(f"Round {round_ + 1}: {session['query']}")
+    sid, round_ = session["session_id"], session["round"]
+    st.subheader(f"Round {round_}: {session['query']}")
     st.caption(f"Session {sid} · continue it anywhere with `imageloop search --resume {sid}`")
     if session.get("synthetic_image"):
         drawn, _ = st.columns([1, COLUMNS - 1])
         _image(drawn, session["synthetic_image"], "What the system understood")
     st.markdown("**Is one of these the image you mean?**")
     results = session["retrieved"]
-    cells = _grid(
-        [(hit["path"], f"#{rank} · {_score(hit)} · {hit['caption'][:60]}") for rank, hit in enumerate(results)]
-    )
-    for rank, cell in enumerate(cells):
+    cells = _grid([(hit["path"], f"#{hit['position']} · {_score(hit)} · {hit['caption'][:60]}") for hit in results])
+    for hit, cell in zip(results, cells, strict=True):
         cell.button(
-            "This one", key=f"found-{sid}-{round_}-{rank}", on_click=_queue,
-            args=("search_action", "answer", sid, f"found: {rank}"),
+            "This one", key=f"found-{sid}-{round_}-{hit['position']}", on_click=_queue,
+            args=("search_action", "answer", sid, f"found: {hit['position']}"),
         )  # fmt: skip
     field = f"differs-{sid}-{round_}"
     with st.form(f"feedback-{sid}-{round_}"):
@@ -312,8 +314,8 @@ def _run_rage_action(app: App, index: Path, action: Action) -> None:
         except ImageloopError as e:
             status.update(label=f"Not done: {e}", state="error")
             return
-        status.update(label=f"Session {shown['session_id']}: {shown['status']}", state="complete", expanded=False)
-    st.session_state["rage"] = shown
+        status.update(label=f"Session {shown.session_id}: {shown.status}", state="complete", expanded=False)
+    st.session_state["rage"] = shown.model_dump()
 
 
 # Compose: CIR.
@@ -333,17 +335,17 @@ def compose_tab(app: App, index: Path) -> None:
         with st.status("Composing…", expanded=True) as status:
             try:
                 reference = save_upload(app, upload.getvalue())
-                found = app.compose_retrieve(index, reference, change, k=int(k), **_follow(status))
+                found = app.compose_retrieve(index, reference, change, knobs={"k": int(k)}, **_follow(status))
             except ImageloopError as e:
                 status.update(label=f"Not done: {e}", state="error")
                 return
-            status.update(label=f"{len(found['results'])} results", state="complete", expanded=False)
-        st.session_state["compose_results"] = {"reference": str(reference), **found}
+            status.update(label=f"{len(found.results)} results", state="complete", expanded=False)
+        st.session_state["compose_results"] = found.model_dump()
     shown = st.session_state.get("compose_results")
     if shown:
         if shown.get("edited_description"):
             st.caption(f"Looking for: {shown['edited_description']}")
-        _grid([(hit["path"], f"#{rank} · {_score(hit)}") for rank, hit in enumerate(shown["results"])])
+        _grid([(hit["path"], f"#{hit['position']} · {_score(hit)}") for hit in shown["results"]])
 
 
 def save_upload(app: App, data: bytes) -> Path:

@@ -41,7 +41,7 @@ from imageloop.tools.images import image_size, open_image
 if TYPE_CHECKING:
     import torch
 
-VLM_MEMORY_KNOBS = "use --dtype bfloat16 or float16, a smaller checkpoint, or --device cpu"
+VLM_MEMORY_KNOBS = "set `dtype` bfloat16 or float16, use a smaller checkpoint, or set `device` cpu"
 JSON_PREFIX = "{"
 """What a structured answer is forced to start with."""
 PROMPT_LENGTH_CLASS = 1.25

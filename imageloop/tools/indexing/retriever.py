@@ -38,7 +38,7 @@ class Retriever:
         # would make every later retrieval silently return nothing.
         index.require_embedder(embedder.model_id)
         if index.count() == 0:
-            raise ImageloopError(f"index at {index.root} is empty: add images and run `imageloop index`")
+            raise ImageloopError(f"index at {index.root} is empty: add images and index the folder again")
         self.index = index
         self.embedder = embedder
         self._real_root = index.root.resolve()
