@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,11 +29,12 @@ from imageloop.knobs import Given
 from imageloop.protocols import Embedder, ImageGenerator, RetrievedImage, VisionLanguageModel
 
 if TYPE_CHECKING:
+    from imageloop.app.cluster import RayGiven
     from imageloop.app.results import CIRResult, RAGEView, RunState, SearchView
     from imageloop.graphs.steps import OnStep
     from imageloop.progress import OnProgress
     from imageloop.tools.indexing.image_index import ImageIndex
-    from imageloop.tools.indexing.indexer import IndexSummary
+    from imageloop.tools.indexing.indexer import Captioner, Embedded, IndexSummary, NewFile
     from imageloop.tools.indexing.retriever import Retriever, Where
 
 TrainingProgress = Callable[[Any], None]
@@ -145,21 +148,45 @@ class App:
         batch_size: int | None = None,
         progress: bool = False,
         on_progress: Callable[[int, int], None] | None = None,
+        ray: RayGiven = None,
     ) -> IndexSummary:
         """Add the new images of `folder` to its index (created in the configured store); prune vanished ones.
 
-        `progress` draws a bar on stderr; `on_progress(done, total)` hears the files handled so far.
-
-        The one captioning rule: the caption route (a text embedder) needs a caption per image (a
-        sidecar `NAME.txt`, else the captioner VLM); the image route asks a VLM only when a captioner is
-        configured explicitly, since captioning a whole folder costs a model call per image.
+        `progress` draws a bar on stderr; `on_progress(done, total)` hears the files handled so far. With
+        `ray`, the new images are read, captioned and embedded by that cluster's workers, a batch at a time,
+        and written here (see `imageloop.app.cluster`).
         """
-        from imageloop.agents.captioner import VLMCaptioner
+        from imageloop.app.cluster import ray_options, runner
         from imageloop.tools.indexing.indexer import index_folder
 
         root = self.path(folder, "folder", kind="dir")
         limits.check("batch_size", batch_size)
-        embedder = self.embedder()
+        cluster = ray_options(ray, confined=self.roots is not None)
+        remote = None if cluster is None else runner(self, IndexBatches(root), concurrency=IN_FLIGHT, ray=cluster)
+        settings = self.settings
+        try:
+            return index_folder(
+                root, self.embedder(), self.index_captioner() if remote is None else None,
+                batch_size=batch_size or int(limits.default("batch_size") or 32), progress=progress,
+                on_progress=on_progress, remote=remote,
+                store=settings.store, weaviate_url=settings.weaviate_url,
+                weaviate_api_key=settings.weaviate_api_key, weaviate_grpc_port=settings.weaviate_grpc_port,
+                request_timeout=settings.timeout_for("store"), max_retries=settings.max_retries,
+            )  # fmt: skip
+        except OSError as e:  # the folder or the disk under the index: full, read-only, a file in the way
+            raise StorageError(os_error_message(e, f"writing the index of {root}")) from e
+        finally:
+            self.retire_index(root)
+
+    def index_captioner(self) -> Captioner | None:
+        """The one captioning rule of indexing, wherever the images are read: the caption route (a text embedder)
+        needs a caption per image (a sidecar `NAME.txt`, else the captioner VLM); the image route asks a VLM only
+        when a captioner is configured explicitly, since captioning a whole folder costs a model call per image.
+        """
+        from imageloop.agents.captioner import VLMCaptioner
+
+        if self.embedder().embeds_images and self.settings.captioner is None:
+            return None
         captioner: VLMCaptioner | None = None
         captioner_lock = threading.Lock()
 
@@ -172,21 +199,7 @@ class App:
                     captioner = VLMCaptioner(self.vlm(role="captioner"))
             return captioner(path)
 
-        wants_captioner = not embedder.embeds_images or self.settings.captioner is not None
-        settings = self.settings
-        try:
-            return index_folder(
-                root, embedder, caption if wants_captioner else None,
-                batch_size=batch_size or int(limits.default("batch_size") or 32), progress=progress,
-                on_progress=on_progress,
-                store=settings.store, weaviate_url=settings.weaviate_url,
-                weaviate_api_key=settings.weaviate_api_key, weaviate_grpc_port=settings.weaviate_grpc_port,
-                request_timeout=settings.timeout_for("store"), max_retries=settings.max_retries,
-            )  # fmt: skip
-        except OSError as e:  # the folder or the disk under the index: full, read-only, a file in the way
-            raise StorageError(os_error_message(e, f"writing the index of {root}")) from e
-        finally:
-            self.retire_index(root)
+        return caption
 
     def retire_index(self, folder: Path) -> None:
         """Drop `folder`'s cached index after it changed; closed at `close()`, since a search may still use it."""
@@ -374,14 +387,15 @@ class App:
         sample: int | None = None,
         knobs: Given = None,
         concurrency: int = 1,
+        ray: RayGiven = None,
         on_target: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
-        """Simulated-user GenIR evaluation; see `imageloop.app.evals.run_genir_eval`."""
+        """Simulated-user GenIR evaluation, here or on a Ray cluster; see `imageloop.app.evals.run_genir_eval`."""
         from imageloop.app.evals import run_genir_eval
 
         return run_genir_eval(
             self, index, targets, out_dir, benchmark=benchmark, images=images, annotations=annotations,
-            sample=sample, knobs=knobs, concurrency=concurrency, on_target=on_target,
+            sample=sample, knobs=knobs, concurrency=concurrency, ray=ray, on_target=on_target,
         )  # fmt: skip
 
     # Composed image retrieval and DAIG (`app/cir.py`, `app/triplets.py`, `app/training.py`).
@@ -412,14 +426,15 @@ class App:
         images: str | Path | None = None,
         knobs: Given = None,
         concurrency: int = 1,
+        ray: RayGiven = None,
         on_query: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
-        """CIRR or FashionIQ through the CIR graph; see `imageloop.app.cir.run_cir_eval`."""
+        """CIRR or FashionIQ through the CIR graph, here or on a Ray cluster; see `imageloop.app.cir.run_cir_eval`."""
         from imageloop.app.cir import run_cir_eval
 
         return run_cir_eval(
             self, index, annotations, fmt, out_dir, split=split, images=images, knobs=knobs,
-            concurrency=concurrency, on_query=on_query,
+            concurrency=concurrency, ray=ray, on_query=on_query,
         )  # fmt: skip
 
     def synthesize_triplets(
@@ -432,13 +447,14 @@ class App:
         examples: str | Path | None = None,
         lora: str | Path | None = None,
         knobs: Given = None,
+        ray: RayGiven = None,
         on_step: OnStep | None = None,
     ) -> dict[str, Any]:
-        """DAIG's triplet synthesis into a dataset folder; see `imageloop.app.triplets`."""
+        """DAIG's triplet synthesis into a dataset folder, here or on Ray; see `imageloop.app.triplets`."""
         from imageloop.app.triplets import synthesize_triplets
 
         return synthesize_triplets(
-            self, objects, edits, n, out_dir, examples=examples, lora=lora, knobs=knobs, on_step=on_step
+            self, objects, edits, n, out_dir, examples=examples, lora=lora, knobs=knobs, ray=ray, on_step=on_step
         )
 
     def train_cir(
@@ -498,14 +514,15 @@ class App:
         metrics: str | Sequence[str] | None = None,
         knobs: Given = None,
         concurrency: int = 1,
+        ray: RayGiven = None,
         on_prompt: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
-        """ImageRAG evaluation, draft vs final; see `imageloop.app.evals.run_imagerag_eval`."""
+        """ImageRAG evaluation, draft vs final, here or on Ray; see `imageloop.app.evals.run_imagerag_eval`."""
         from imageloop.app.evals import run_imagerag_eval
 
         return run_imagerag_eval(
             self, prompts, index, out_dir, real_images=real_images, metrics=metrics, knobs=knobs,
-            concurrency=concurrency, on_prompt=on_prompt,
+            concurrency=concurrency, ray=ray, on_prompt=on_prompt,
         )  # fmt: skip
 
     # Background runs.
@@ -536,6 +553,25 @@ class App:
         """How many index handles are open (the face contract checks `close` leaves none)."""
         with self._lock:
             return len(self._indexes) + len(self._retired)
+
+
+IN_FLIGHT = 2
+"""Batches of new images in flight on each Ray worker while indexing: one read and captioned while one embeds."""
+
+
+@dataclass(frozen=True)
+class IndexBatches:
+    """Indexing's per-batch work as a Ray cluster's worker binds it: new files of the index at `root`, read,
+    captioned (the one captioning rule) and embedded with the worker's models."""
+
+    root: Path
+
+    def bind(self, app: App) -> Callable[[list[NewFile]], Embedded]:
+        """`embed_new_files` for the index at `root` (created by the driver before any batch is sent)."""
+        from imageloop.tools.indexing.indexer import embed_new_files
+
+        index = app.index(self.root)
+        return partial(embed_new_files, index.root, index.route, index.dim, app.embedder(), app.index_captioner())
 
 
 def parse_where(items: Sequence[str]) -> dict[str, Any] | None:

@@ -18,12 +18,12 @@ import json
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, Unpack
+from typing import Any, BinaryIO, TypeVar, Unpack
 
 from PIL import Image
 from tqdm import tqdm
@@ -122,12 +122,31 @@ class _Known:
 
 
 @dataclass(frozen=True)
+class NewFile:
+    """Content not in the index yet, hashed but not read: what a cluster's worker decodes, captions and embeds."""
+
+    id: str
+    relative: Path
+    extra: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class _Failed:
     relative: Path
     reason: str
 
 
-_Outcome = _New | _Known | _Failed
+@dataclass(frozen=True)
+class Embedded:
+    """A batch of new files as a worker returns it: the records to store, and the files it could not read."""
+
+    records: list[VectorRecord]
+    failures: list[tuple[str, str]]
+
+
+_Outcome = _New | _Known | NewFile | _Failed
+EmbedRemotely = Callable[[Sequence[list[NewFile]]], Iterable[Embedded]]
+"""How batches of new files are read and embedded elsewhere (a Ray cluster's workers), each result as it arrives."""
 
 
 def index_folder(
@@ -139,19 +158,21 @@ def index_folder(
     workers: int | None = None,
     progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
+    remote: EmbedRemotely | None = None,
     **store_options: Unpack[StoreOptions],
 ) -> IndexSummary:
     """Add every new image under `folder` to its index; unreadable files are reported, never fatal.
 
     `store_options` choose the store of a new index (see `create_or_open_index`); default embedded.
     `on_progress(done, total)` hears how many files were handled, at the start, per batch and at the end.
+    `remote` reads and embeds the new files elsewhere (see `index_into`).
     """
     _check_sizes(batch_size, workers)
     index = create_or_open_index(folder, embedder, **store_options)
     try:
         return index_into(
             index, embedder, captioner, batch_size=batch_size, workers=workers, progress=progress,
-            on_progress=on_progress,
+            on_progress=on_progress, remote=remote,
         )  # fmt: skip
     finally:
         index.close()
@@ -166,6 +187,7 @@ def index_into(
     workers: int | None = None,
     progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
+    remote: EmbedRemotely | None = None,
 ) -> IndexSummary:
     """Index the images under `index.root` into an open index (whatever its store); see `index_folder`.
 
@@ -173,6 +195,10 @@ def index_into(
     `batch_size + 2 * workers` files are prepared ahead of the batch being embedded, so on the image
     route at most `2 * batch_size + 2 * workers` decoded images are held at once, each reduced to
     `prepared_side(embedder)` on its shortest side as it is decoded; the caption route keeps only the captions.
+
+    With `remote`, this process hashes every file and looks it up, then hands the new ones out in batches
+    of `batch_size` to be read and embedded elsewhere (`embed_new_files` on a cluster's workers); it alone
+    writes the index, a batch at a time, as here.
     """
     _check_sizes(batch_size, workers)
     workers = workers or default_workers()
@@ -183,19 +209,19 @@ def index_into(
     store_lock = threading.Lock()
     seen: set[str] = set()
     pending: list[_New] = []
+    unread: list[NewFile] = []
     moves: list[tuple[VectorRecord, bool, bool]] = []  # an updated record: moved? retagged?
 
     side = prepared_side(embedder)
 
     def prepare(path: Path) -> _Outcome:
-        return _prepare(path, index, captioner, store_lock, side)
+        return _prepare(path, index, captioner, store_lock, side, read=remote is None)
 
-    def commit() -> None:
+    def commit(embedded: list[VectorRecord]) -> None:
         # One upsert per batch, one transaction per upsert: an interruption loses this batch only.
-        records = [*_embedded(pending, index, embedder), *(record for record, _, _ in moves)]
         with store_lock:
-            index.store.upsert(records)
-        summary.indexed += len(pending)
+            index.store.upsert([*embedded, *(record for record, _, _ in moves)])
+        summary.indexed += len(embedded)
         summary.moved += sum(moved for _, moved, _ in moves)
         summary.retagged += sum(retagged for _, _, retagged in moves)
         pending.clear()
@@ -224,19 +250,33 @@ def index_into(
                     updated = _updated(outcome, index.root)
                     if updated is not None:
                         moves.append(updated)
+                elif isinstance(outcome, NewFile):
+                    seen.add(outcome.id)
+                    unread.append(outcome)
+                    continue  # counted when its batch comes back embedded
                 else:
                     seen.add(outcome.id)
                     pending.append(outcome)
                 if len(pending) >= batch_size or len(moves) >= batch_size:
-                    commit()
+                    commit(_embedded(pending, index.root, index.route, index.dim, embedder))
                 bar.set_postfix(_counts(summary, len(moves)), refresh=False)
                 bar.update()
                 handled += 1  # counted here: a disabled bar counts nothing
                 if on_progress is not None and handled % batch_size == 0 and handled < len(files):
                     on_progress(handled, len(files))
             if pending or moves:
-                commit()
+                commit(_embedded(pending, index.root, index.route, index.dim, embedder))
                 bar.set_postfix(_counts(summary, 0))
+            batches = [unread[start : start + batch_size] for start in range(0, len(unread), batch_size)]
+            for embedded in remote(batches) if remote is not None and batches else ():
+                commit(embedded.records)
+                summary.failed += len(embedded.failures)
+                summary.failures += embedded.failures
+                bar.set_postfix(_counts(summary, 0), refresh=False)
+                bar.update(len(embedded.records) + len(embedded.failures))
+                handled += len(embedded.records) + len(embedded.failures)
+                if on_progress is not None and handled < len(files):
+                    on_progress(handled, len(files))
             if on_progress is not None:
                 on_progress(handled, len(files))
         with store_lock:
@@ -306,9 +346,9 @@ def _in_order(
 
 
 def _prepare(
-    path: Path, index: ImageIndex, captioner: Captioner | None, store_lock: threading.Lock, side: int
+    path: Path, index: ImageIndex, captioner: Captioner | None, store_lock: threading.Lock, side: int, read: bool = True
 ) -> _Outcome:
-    """Runs in a worker: hash `path`, look its content up, and decode and caption it if it is new.
+    """Runs in a worker thread: hash `path`, look its content up, and (`read`) decode and caption it if it is new.
 
     The bytes hashed and the pixels decoded come from one open file, so a file replaced meanwhile is
     indexed as one whole version, never the id of one and the picture of another.
@@ -323,14 +363,48 @@ def _prepare(
             extra = sidecar_metadata(path)
             if known:
                 return _Known(image_id, relative, known[0], extra)
-            f.seek(0)
-            image = decode_image(f, path, shortest_side=side)  # on the caption route too: a broken file fails
-        caption = _caption(path, relative, index.route, captioner)
-    except ImageloopError as e:
-        return _Failed(relative, str(e))
-    except OSError as e:
-        return _Failed(relative, f"{path}: cannot read ({e.strerror or e})")
-    return _New(image_id, relative, caption, extra, image if index.route == "image" else None)
+            if not read:
+                return NewFile(image_id, relative, extra)
+            return _read(f, path, NewFile(image_id, relative, extra), index.route, captioner, side)
+    except (ImageloopError, OSError) as e:
+        return _unreadable(path, relative, e)
+
+
+def _read(f: BinaryIO, path: Path, new: NewFile, route: Route, captioner: Captioner | None, side: int) -> _New:
+    """New content decoded from its open file (on the caption route too: a broken file fails) and captioned."""
+    f.seek(0)
+    image = decode_image(f, path, shortest_side=side)
+    caption = _caption(path, new.relative, route, captioner)
+    return _New(new.id, new.relative, caption, new.extra, image if route == "image" else None)
+
+
+def _unreadable(path: Path, relative: Path, error: ImageloopError | OSError) -> _Failed:
+    if isinstance(error, OSError):
+        return _Failed(relative, f"{path}: cannot read ({error.strerror or error})")
+    return _Failed(relative, str(error))
+
+
+def embed_new_files(
+    root: Path, route: Route, dim: int, embedder: Embedder, captioner: Captioner | None, batch: Sequence[NewFile]
+) -> Embedded:
+    """A batch of new files read, captioned and embedded (on a cluster's worker): the same records as here.
+
+    A file whose bytes changed since they were hashed is reported, not indexed: the next run indexes it
+    under its new content, never the id of one version with the picture of another.
+    """
+    side = prepared_side(embedder)
+    read: list[_New] = []
+    failures: list[tuple[str, str]] = []
+    for new in batch:
+        path = root / new.relative
+        try:
+            with open_regular(path) as f:
+                if file_digest(f) != new.id:
+                    raise ImageloopError(f"{path} changed while it was indexed: run again to index it")
+                read.append(_read(f, path, new, route, captioner, side))
+        except (ImageloopError, OSError) as e:
+            failures.append((new.relative.as_posix(), _unreadable(path, new.relative, e).reason))
+    return Embedded(_embedded(read, root, route, dim, embedder), failures)
 
 
 def _updated(known: _Known, root: Path) -> tuple[VectorRecord, bool, bool] | None:
@@ -357,18 +431,18 @@ def _updated(known: _Known, root: Path) -> tuple[VectorRecord, bool, bool] | Non
     return VectorRecord(id=known.id, vector=known.record.vector, metadata=metadata), moved, retagged
 
 
-def _embedded(pending: list[_New], index: ImageIndex, embedder: Embedder) -> list[VectorRecord]:
+def _embedded(pending: list[_New], root: Path, route: Route, dim: int, embedder: Embedder) -> list[VectorRecord]:
     """Records for a batch of new images, embedded in one call (pixels or captions, by route)."""
     if not pending:
         return []
-    if index.route == "image":
+    if route == "image":
         vectors = embedder.embed_images([item.image for item in pending if item.image is not None])
     else:
         vectors = embedder.embed_texts([item.caption for item in pending])
-    if vectors.shape != (len(pending), index.dim):
+    if vectors.shape != (len(pending), dim):
         raise ImageloopError(
             f"{embedder.model_id} returned vectors of shape {tuple(vectors.shape)} for {len(pending)} images, "
-            f"but the index at {index.root} holds {index.dim}-d vectors"
+            f"but the index at {root} holds {dim}-d vectors"
         )
     return [
         VectorRecord(

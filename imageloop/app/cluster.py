@@ -1,0 +1,210 @@
+"""Beyond one machine: a job's items run on the workers of a Ray cluster (`pip install 'imageloop[ray]'`).
+
+A job (an evaluation's targets, prompts or queries, DAIG's triplet slots, batches of new images to index)
+is described by a `Work`: a small picklable value that says what each item needs and, bound to a
+process's `App` (`Work.bind`), gives the one function that does an item. In this process `runner` runs
+that function in threads, `concurrency` at a time. With `ray`, every worker is a Ray actor holding one
+`App` (its models loaded once, its micro-batchers merging the calls of the items it runs at once, again
+`concurrency` of them) and Ray's `ActorPool` hands out the items. Either way each result comes back to
+this process, which alone writes the journal or the index, so every resume rule holds with or without
+the cluster: a re-run, here or on any cluster, skips what is done.
+
+Faults are Ray's to handle, never retried here: a worker that dies is restarted by Ray (on any node with
+room, up to `RESTARTS` times) and its item run again there; the result is journaled once. When workers
+cannot come back (the cluster is gone), the job stops with one line saying how to run it again.
+
+Workers read the job's inputs and write its pictures (a GenIR drawing, an ImageRAG run folder) at the
+paths this process gave them, so on more than one machine those folders must be on a filesystem every
+node mounts. Each worker sees the environment of the node it runs on and this process's settings.
+Ray is imported only here, and only when a job asks for it: `import imageloop` never imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
+
+from pydantic import ValidationError
+
+from imageloop.config import Settings
+from imageloop.errors import ConfigError, ImageloopError
+from imageloop.eval import Run, in_threads
+from imageloop.knobs import RayOptions, one_line
+
+if TYPE_CHECKING:
+    from imageloop.app.core import App
+
+T = TypeVar("T")
+R = TypeVar("R")
+T_contra = TypeVar("T_contra", contravariant=True)
+R_co = TypeVar("R_co", covariant=True)
+
+RESTARTS = 3
+"""How often Ray restarts a worker that died (running its item again each time) before the job gives up."""
+INSTALL = "pip install 'imageloop[ray]'"
+
+
+RayGiven: TypeAlias = RayOptions | str | Mapping[str, Any] | None
+"""Where a job runs as asked: the options, a cluster's address alone, or a mapping of the options; None: here."""
+
+
+def ray_options(given: RayGiven, *, confined: bool = False) -> RayOptions | None:
+    """The options asked for, checked; None when the job runs in this process (no `ray`).
+
+    A confined application (a server whose agents pass the arguments) runs only on its own cluster:
+    `local`, or `auto` (the RAY_ADDRESS of the environment it was started in), never an address an agent names.
+    """
+    if isinstance(given, RayOptions):
+        asked = given.model_dump(exclude_unset=True)
+    elif isinstance(given, str):
+        asked = {"ray": given}
+    else:
+        asked = {name: value for name, value in (given or {}).items() if value is not None}
+    if asked.get("ray") is None:
+        if asked:
+            raise ConfigError(f"`{sorted(asked)[0]}` goes with `ray`: local, auto or ray://HOST:PORT")
+        return None
+    try:
+        options = RayOptions.model_validate(asked)
+    except ValidationError as e:
+        if e.errors()[0]["type"] == "string_pattern_mismatch":
+            raise ConfigError(f"`ray` {asked['ray']!r}: expected local, auto or ray://HOST:PORT") from None
+        raise one_line(e, "option") from None
+    if confined and options.ray not in ("local", "auto"):
+        raise ConfigError(f"`ray` {options.ray}: this server runs jobs on its own cluster only (local or auto)")
+    return options
+
+
+class Work(Protocol[T_contra, R_co]):
+    """A job's per-item work, picklable: what each item needs, bound once per process to its application."""
+
+    def bind(self, app: App) -> Callable[[T_contra], R_co]:
+        """The function that does one item, with `app`'s models (built once, micro-batched)."""
+        ...
+
+
+def runner(app: App, work: Work[T, R], *, concurrency: int = 1, ray: RayOptions | None = None) -> Run[T, R]:
+    """How a job's items run: `concurrency` at a time in this process, or with `ray` on that cluster's workers,
+    `concurrency` at a time on each. Here the work is bound now; a cluster is connected to now."""
+    if ray is None:
+        return in_threads(work.bind(app), concurrency)
+    shape = worker_shape(ray, connect(ray))
+    return partial(_on_cluster, ray, shape, app.settings, app.runs_dir, work, concurrency)
+
+
+_connecting = threading.Lock()
+
+
+def connect(options: RayOptions) -> dict[str, float]:
+    """Join (or start) the cluster `options` name, once per process, and say what it holds (CPU, GPU, ...).
+
+    A process already on Ray (a program that called `ray.init` itself) stays on its cluster.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(f"`ray` needs Ray: {INSTALL}") from None
+    with _connecting:
+        if not ray.is_initialized():
+            try:
+                ray.init(address=options.ray)
+            except (ConnectionError, TimeoutError, SystemExit) as e:  # SystemExit: Ray gave up on an unreachable GCS
+                raise ImageloopError(
+                    f"no Ray cluster at `ray` {options.ray} ({_first_line(e)}): start one (ray start --head) and "
+                    f"set RAY_ADDRESS, or use local"
+                ) from None
+    resources = ray.cluster_resources()  # type: ignore[no-untyped-call]  # unannotated in ray
+    return {name: float(amount) for name, amount in resources.items()}
+
+
+def worker_shape(options: RayOptions, resources: Mapping[str, float]) -> tuple[int, float, float]:
+    """How many workers, and the GPUs and CPUs each holds, on a cluster with these total `resources`.
+
+    Unset: one GPU a worker on a cluster with GPUs, else none; one worker per GPU-worth, else per CPU-worth.
+    A demand past what the cluster has would leave workers waiting forever: refused.
+    """
+    gpus_total, cpus_total = float(resources.get("GPU", 0.0)), float(resources.get("CPU", 0.0))
+    gpus = options.gpus_per_worker if options.gpus_per_worker is not None else (1.0 if gpus_total else 0.0)
+    cpus = options.cpus_per_worker
+    count = options.workers or max(1, int(gpus_total // gpus) if gpus else int(cpus_total // cpus))
+    for what, each, total in (("GPU", gpus, gpus_total), ("CPU", cpus, cpus_total)):
+        if count * each > total + 1e-9:
+            raise ConfigError(
+                f"{count} workers of {each:g} {what} each need {count * each:g} {what}s; the Ray cluster has "
+                f"{total:g}: ask for fewer `workers` or less per worker"
+            )
+    return count, gpus, cpus
+
+
+class Worker:
+    """One Ray actor's state: an `App` (its models loaded once in this worker) and the job's work bound to it."""
+
+    def __init__(self, settings: Settings, runs_dir: Path, work: Work[Any, Any]) -> None:
+        """Paths were resolved and confined by the driver: the worker's application is not confined again."""
+        from imageloop.app.core import App
+
+        self._app = App(settings, runs_dir=runs_dir)
+        self._work = work
+        self._bound: Callable[[Any], Any] | None = None
+        self._binding = threading.Lock()
+
+    def run(self, item: Any) -> Any:
+        """Do one item (binding the work on the first, once, though items arrive `concurrency` at a time)."""
+        with self._binding:
+            if self._bound is None:
+                self._bound = self._work.bind(self._app)
+        return self._bound(item)
+
+
+def _on_cluster(
+    options: RayOptions,
+    shape: tuple[int, float, float],
+    settings: Settings,
+    runs_dir: Path,
+    work: Work[T, R],
+    concurrency: int,
+    items: Sequence[T],
+) -> Iterator[R]:
+    """The items through an `ActorPool` of workers, each result yielded as it arrives; the workers end with it."""
+    import ray
+    from ray.util.actor_pool import ActorPool
+
+    if not items:
+        return
+    count, gpus, cpus = shape
+    count = min(count, -(-len(items) // concurrency))  # a worker with nothing to do would only load models
+    remote: Any = ray.remote(Worker).options(
+        num_cpus=cpus, num_gpus=gpus, max_concurrency=concurrency, max_restarts=RESTARTS, max_task_retries=RESTARTS
+    )
+    workers = [remote.remote(settings, runs_dir, work) for _ in range(count)]
+    # Each worker is in the pool once per item it may run at once: the pool keeps `concurrency` going on each.
+    pool = ActorPool([worker for worker in workers for _ in range(concurrency)])
+    try:
+        yield from pool.map_unordered(lambda worker, item: worker.run.remote(item), list(items))
+    except ray.exceptions.RayTaskError as e:
+        # The item's own error (an ImageloopError, a backend's failure): raised as this process would raise it.
+        raise (e.cause if isinstance(e.cause, Exception) else e) from None
+    except ray.exceptions.RayError as e:
+        raise ImageloopError(
+            f"the Ray cluster ({options.ray}) lost its workers ({_first_line(e)}); what finished is kept: run the "
+            f"same command again, with `ray` or without it to run here"
+        ) from None
+    finally:
+        for worker in workers:
+            _kill(worker)
+
+
+def _kill(worker: Any) -> None:
+    """End a worker (its job is over); one that is gone already needs nothing."""
+    import ray
+
+    with contextlib.suppress(ray.exceptions.RayError, ConnectionError):
+        ray.kill(worker)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
