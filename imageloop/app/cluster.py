@@ -140,7 +140,7 @@ def worker_shape(options: RayOptions, resources: Mapping[str, float]) -> tuple[i
     return count, gpus, cpus
 
 
-class Worker:
+class ImageloopWorker:
     """One Ray actor's state: an `App` (its models loaded once in this worker) and the job's work bound to it."""
 
     def __init__(self, settings: Settings, runs_dir: Path, work: Work[Any, Any]) -> None:
@@ -177,7 +177,7 @@ def _on_cluster(
         return
     count, gpus, cpus = shape
     count = min(count, -(-len(items) // concurrency))  # a worker with nothing to do would only load models
-    remote: Any = ray.remote(Worker).options(
+    remote: Any = ray.remote(ImageloopWorker).options(
         num_cpus=cpus, num_gpus=gpus, max_concurrency=concurrency, max_restarts=RESTARTS, max_task_retries=RESTARTS
     )
     workers = [remote.remote(settings, runs_dir, work) for _ in range(count)]
