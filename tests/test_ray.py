@@ -25,8 +25,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from imageloop.app import App
+from imageloop.app.agent_tools import AgentOps, IndexArgs
 from imageloop.app.cluster import ray_options, worker_shape
 from imageloop.cli import build_parser, main
+from imageloop.config import Settings
 from imageloop.errors import ConfigError
 from imageloop.knobs import RayOptions
 from imageloop.tools.indexing.image_index import open_index
@@ -412,6 +415,33 @@ def test_a_cluster_that_goes_away_ends_the_run_in_one_line_that_says_how_to_run_
 
 
 # --- the options: where they are, what they refuse ---------------------------------------------------------
+
+
+def test_the_index_tool_runs_on_the_servers_own_cluster(cluster: str, tmp_path: Path) -> None:
+    numbered_images(tmp_path / "photos", 4)
+    app = App(Settings(embedder="tiny:clip"), roots=[tmp_path], runs_dir=tmp_path / "runs")
+    try:
+        job = AgentOps(app).call("index_images", IndexArgs.model_validate({"folder": "photos", "ray": "local"}))
+        assert job.done.wait(300)
+    finally:
+        app.close()
+    assert job.status == "done" and job.result is not None and job.result["indexed"] == 4
+
+
+def test_the_index_tool_refuses_a_cluster_an_agent_names(tmp_path: Path) -> None:
+    (tmp_path / "photos").mkdir()
+    app = App(Settings(embedder="tiny:clip"), roots=[tmp_path], runs_dir=tmp_path / "runs")
+    asked = IndexArgs.model_validate({"folder": "photos", "ray": "ray://elsewhere:10001", "workers": 8})
+    with pytest.raises(ConfigError, match=r"`ray` ray://elsewhere:10001: this server runs jobs on its own cluster"):
+        AgentOps(app).call("index_images", asked)
+
+
+def test_the_index_tools_ray_arguments_are_the_declared_options() -> None:
+    for name, info in RayOptions.model_fields.items():
+        argument = IndexArgs.model_fields[name]
+        assert (argument.annotation, argument.default, argument.description, argument.metadata) == (
+            info.annotation, info.default, info.description, info.metadata
+        ), name  # fmt: skip
 
 
 def test_every_command_that_hands_out_items_takes_the_ray_options_as_declared() -> None:
