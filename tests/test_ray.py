@@ -285,6 +285,26 @@ def test_index_on_two_workers_captions_and_embeds_the_caption_route_as_one_proce
     assert all(metadata["caption"].startswith("a picture ") for metadata in stored(here)[0].values())
 
 
+def test_an_application_keeps_its_workers_for_its_next_job_and_ends_them_when_closed(
+    photos: Path, genir_targets: Path, server: ScriptedOpenAIServer, tmp_path: Path
+) -> None:
+    settings = {"vlm": "openai:scripted-vlm", "vlm_base_url": server.base_url, "generator": "tiny:sd",
+                "embedder": "tiny:clip", "size": (64, 64), "steps": 2}  # fmt: skip
+    app = App(Settings.model_validate(settings), runs_dir=tmp_path / "runs")
+    on_two = RayOptions(ray="local", workers=2)
+    try:
+        app.eval_genir(photos, genir_targets, tmp_path / "first", knobs={"rounds": 1, "k": 2}, ray=on_two)
+        first = worker_pids()
+        app.eval_genir(photos, genir_targets, tmp_path / "second", knobs={"rounds": 0, "k": 3}, ray=on_two)
+        assert worker_pids() == first and len(first) == 2  # the same processes, their models loaded
+    finally:
+        app.close()
+    deadline = time.monotonic() + 60
+    while worker_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not worker_pids()
+
+
 # --- faults: a worker killed, the driver killed, the cluster gone -------------------------------------------
 
 
@@ -296,7 +316,7 @@ def worker_pids() -> list[int]:
     for process in psutil.process_iter(["pid", "cmdline"]):
         if any("ray::ImageloopWorker" in part for part in process.info["cmdline"] or []):
             found.append(process.info["pid"])
-    return found
+    return sorted(found)
 
 
 def when(condition: Callable[[], bool], then: Callable[[], None], timeout_s: float = 120) -> threading.Thread:

@@ -7,7 +7,8 @@ that function in threads, `concurrency` at a time. With `ray`, every worker is a
 `App` (its models loaded once, its micro-batchers merging the calls of the items it runs at once, again
 `concurrency` of them) and Ray's `ActorPool` hands out the items. Either way each result comes back to
 this process, which alone writes the journal or the index, so every resume rule holds with or without
-the cluster: a re-run, here or on any cluster, skips what is done.
+the cluster: a re-run, here or on any cluster, skips what is done. An application keeps its workers, and
+their models, for its next job (`App.workers`), as it keeps its backends; `App.close` ends them.
 
 Faults are Ray's to handle, never retried here: a worker that dies is restarted by Ray (on any node with
 room, up to `RESTARTS` times) and its item run again there; the result is journaled once. When workers
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -93,7 +95,7 @@ def runner(app: App, work: Work[T, R], *, concurrency: int = 1, ray: RayOptions 
     if ray is None:
         return in_threads(work.bind(app), concurrency)
     shape = worker_shape(ray, connect(ray))
-    return partial(_on_cluster, ray, shape, app.settings, app.runs_dir, work, concurrency)
+    return partial(_on_cluster, ray, shape, app, work, concurrency)
 
 
 _connecting = threading.Lock()
@@ -140,36 +142,87 @@ def worker_shape(options: RayOptions, resources: Mapping[str, float]) -> tuple[i
     return count, gpus, cpus
 
 
-class ImageloopWorker:
-    """One Ray actor's state: an `App` (its models loaded once in this worker) and the job's work bound to it."""
+BOUND_JOBS = 4
+"""Jobs whose bound work a worker keeps (an application may run a few at once on the same workers)."""
 
-    def __init__(self, settings: Settings, runs_dir: Path, work: Work[Any, Any]) -> None:
+
+class ImageloopWorker:
+    """One Ray actor: an `App` (its models loaded once, in this worker) and the work of each job bound to it once."""
+
+    def __init__(self, settings: Settings, runs_dir: Path) -> None:
         """Paths were resolved and confined by the driver: the worker's application is not confined again."""
         from imageloop.app.core import App
 
         self._app = App(settings, runs_dir=runs_dir)
-        self._work = work
-        self._bound: Callable[[Any], Any] | None = None
+        self._bound: OrderedDict[str, Callable[[Any], Any]] = OrderedDict()
         self._binding = threading.Lock()
 
-    def run(self, item: Any) -> Any:
-        """Do one item (binding the work on the first, once, though items arrive `concurrency` at a time)."""
+    def run(self, job: list[Any], item: Any) -> Any:
+        """Do one item of the job whose `Work` is `job`'s one object reference (fetched and bound on its first item,
+        once, though items arrive `concurrency` at a time)."""
+        import ray
+
+        (work,) = job
         with self._binding:
-            if self._bound is None:
-                self._bound = self._work.bind(self._app)
-        return self._bound(item)
+            bound = self._bound.get(work.hex())
+            if bound is None:
+                bound = self._bound[work.hex()] = ray.get(work).bind(self._app)
+                while len(self._bound) > BOUND_JOBS:
+                    self._bound.popitem(last=False)
+        return bound(item)
+
+
+class Workers:
+    """An application's Ray workers: started on a job's first use, grown when a job needs more, kept with their
+    models for its next job of the same kind (settings, resources each, `concurrency`), replaced by a job of
+    another kind, ended by `end` (`App.close`)."""
+
+    def __init__(self) -> None:
+        self._kind: tuple[Any, ...] | None = None
+        self._handles: list[Any] = []
+        self._lock = threading.Lock()
+
+    def take(
+        self, count: int, gpus: float, cpus: float, concurrency: int, settings: Settings, runs_dir: Path
+    ) -> list[Any]:
+        """`count` workers for a job: those kept, and new ones (Ray restarts one that dies and runs its item again)."""
+        import ray
+
+        kind = (gpus, cpus, concurrency, settings.model_dump_json(), str(runs_dir))
+        with self._lock:
+            if kind != self._kind:
+                self._end()
+                self._kind = kind
+            remote: Any = ray.remote(ImageloopWorker).options(
+                num_cpus=cpus, num_gpus=gpus, max_concurrency=concurrency, max_restarts=RESTARTS,
+                max_task_retries=RESTARTS,
+            )  # fmt: skip
+            self._handles += [remote.remote(settings, runs_dir) for _ in range(count - len(self._handles))]
+            return self._handles[:count]
+
+    def end(self) -> None:
+        """End every worker (they free their CPUs, GPUs and models); a later job starts new ones."""
+        with self._lock:
+            self._end()
+
+    def _end(self) -> None:
+        import ray
+
+        for worker in self._handles:
+            with contextlib.suppress(ray.exceptions.RayError, ConnectionError):  # one gone already needs nothing
+                ray.kill(worker)
+        self._handles, self._kind = [], None
 
 
 def _on_cluster(
     options: RayOptions,
     shape: tuple[int, float, float],
-    settings: Settings,
-    runs_dir: Path,
+    app: App,
     work: Work[T, R],
     concurrency: int,
     items: Sequence[T],
 ) -> Iterator[R]:
-    """The items through an `ActorPool` of workers, each result yielded as it arrives; the workers end with it."""
+    """The items through an `ActorPool` of the application's workers, each result yielded as it arrives."""
     import ray
     from ray.util.actor_pool import ActorPool
 
@@ -177,33 +230,21 @@ def _on_cluster(
         return
     count, gpus, cpus = shape
     count = min(count, -(-len(items) // concurrency))  # a worker with nothing to do would only load models
-    remote: Any = ray.remote(ImageloopWorker).options(
-        num_cpus=cpus, num_gpus=gpus, max_concurrency=concurrency, max_restarts=RESTARTS, max_task_retries=RESTARTS
-    )
-    workers = [remote.remote(settings, runs_dir, work) for _ in range(count)]
+    workers = app.workers.take(count, gpus, cpus, concurrency, app.settings, app.runs_dir)
+    job = [ray.put(work)]  # sent once; each worker fetches it with its first item of this job
     # Each worker is in the pool once per item it may run at once: the pool keeps `concurrency` going on each.
     pool = ActorPool([worker for worker in workers for _ in range(concurrency)])
     try:
-        yield from pool.map_unordered(lambda worker, item: worker.run.remote(item), list(items))
+        yield from pool.map_unordered(lambda worker, item: worker.run.remote(job, item), list(items))
     except ray.exceptions.RayTaskError as e:
         # The item's own error (an ImageloopError, a backend's failure): raised as this process would raise it.
         raise (e.cause if isinstance(e.cause, Exception) else e) from None
     except ray.exceptions.RayError as e:
+        app.workers.end()
         raise ImageloopError(
             f"the Ray cluster ({options.ray}) lost its workers ({_first_line(e)}); what finished is kept: run the "
             f"same command again, with `ray` or without it to run here"
         ) from None
-    finally:
-        for worker in workers:
-            _kill(worker)
-
-
-def _kill(worker: Any) -> None:
-    """End a worker (its job is over); one that is gone already needs nothing."""
-    import ray
-
-    with contextlib.suppress(ray.exceptions.RayError, ConnectionError):
-        ray.kill(worker)
 
 
 def _first_line(error: BaseException) -> str:

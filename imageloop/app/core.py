@@ -29,7 +29,7 @@ from imageloop.knobs import Given
 from imageloop.protocols import Embedder, ImageGenerator, RetrievedImage, VisionLanguageModel
 
 if TYPE_CHECKING:
-    from imageloop.app.cluster import RayGiven
+    from imageloop.app.cluster import RayGiven, Workers
     from imageloop.app.results import CIRResult, RAGEView, RunState, SearchView
     from imageloop.graphs.steps import OnStep
     from imageloop.progress import OnProgress
@@ -66,6 +66,7 @@ class App:
         self._retired: list[ImageIndex] = []
         self._lock = threading.RLock()
         self._jobs: JobRegistry | None = None
+        self._workers: Workers | None = None
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> App:
@@ -525,6 +526,17 @@ class App:
             concurrency=concurrency, ray=ray, on_prompt=on_prompt,
         )  # fmt: skip
 
+    @property
+    def workers(self) -> Workers:
+        """The Ray workers this application's jobs run on (`ray`): kept with their models for the next job, as the
+        backends are, and ended by `close()`; see `imageloop.app.cluster`."""
+        from imageloop.app.cluster import Workers
+
+        with self._lock:
+            if self._workers is None:
+                self._workers = Workers()
+            return self._workers
+
     # Background runs.
 
     @property
@@ -536,11 +548,13 @@ class App:
             return self._jobs
 
     def close(self, grace_s: float = 1.0) -> int:
-        """Finish (or cancel at a step boundary) background runs, then close every index this app opened.
+        """Finish (or cancel at a step boundary) background runs, end its Ray workers, close every index it opened.
 
         Returns how many runs were still inside a step: recorded as interrupted, their threads running on.
         """
         stuck = self._jobs.shutdown(grace_s) if self._jobs is not None else 0
+        if self._workers is not None:
+            self._workers.end()
         with self._lock:
             for index in [*self._indexes.values(), *self._retired]:
                 index.close()
