@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
@@ -220,22 +220,29 @@ def _on_cluster(
     app: App,
     work: Work[T, R],
     concurrency: int,
-    items: Sequence[T],
+    items: Iterable[T],
 ) -> Iterator[R]:
-    """The items through an `ActorPool` of the application's workers, each result yielded as it arrives."""
+    """The items through an `ActorPool` of the application's workers, handed out as they come (a list, or a walk
+    still going on), each result yielded as it arrives."""
     import ray
     from ray.util.actor_pool import ActorPool
 
-    if not items:
-        return
     count, gpus, cpus = shape
-    count = min(count, -(-len(items) // concurrency))  # a worker with nothing to do would only load models
-    workers = app.workers.take(count, gpus, cpus, concurrency, app.settings, app.runs_dir)
-    job = [ray.put(work)]  # sent once; each worker fetches it with its first item of this job
-    # Each worker is in the pool once per item it may run at once: the pool keeps `concurrency` going on each.
-    pool = ActorPool([worker for worker in workers for _ in range(concurrency)])
+    if isinstance(items, Sized):
+        count = min(count, -(-len(items) // concurrency))  # a worker with nothing to do would only load models
+    job: list[Any] = []
+    pool: Any = None  # an ActorPool, made with the first item
     try:
-        yield from pool.map_unordered(lambda worker, item: worker.run.remote(job, item), list(items))
+        for item in items:
+            if pool is None:  # the first item starts (or wakes) the workers: a job with none needs none
+                workers = app.workers.take(count, gpus, cpus, concurrency, app.settings, app.runs_dir)
+                job.append(ray.put(work))  # sent once; each worker fetches it with its first item of this job
+                # Each worker is in the pool once per item it may run at once: `concurrency` going on each.
+                pool = ActorPool([worker for worker in workers for _ in range(concurrency)])
+            pool.submit(lambda worker, value: worker.run.remote(job, value), item)
+            yield from _arrived(pool)
+        while pool is not None and pool.has_next():
+            yield pool.get_next_unordered()
     except ray.exceptions.RayTaskError as e:
         # The item's own error (an ImageloopError, a backend's failure): raised as this process would raise it.
         raise (e.cause if isinstance(e.cause, Exception) else e) from None
@@ -245,6 +252,16 @@ def _on_cluster(
             f"the Ray cluster ({options.ray}) lost its workers ({_first_line(e)}); what finished is kept: run the "
             f"same command again, with `ray` or without it to run here"
         ) from None
+
+
+def _arrived(pool: Any) -> Iterator[Any]:
+    """The results in already, without waiting for the others (the next items are still being handed out)."""
+    while pool.has_next():
+        try:
+            result = pool.get_next_unordered(timeout=0)
+        except TimeoutError:
+            return
+        yield result
 
 
 def _first_line(error: BaseException) -> str:

@@ -12,14 +12,14 @@ from imageloop.files import jsonl_journal
 T = TypeVar("T")
 R = TypeVar("R")
 OnProgress = Callable[[int, int], None]
-Run: TypeAlias = Callable[[Sequence[T]], Iterable[R]]
-"""How a job's pending items run: each item's result yielded as it finishes (in threads here, or on a cluster)."""
+Run: TypeAlias = Callable[[Iterable[T]], Iterable[R]]
+"""How a job's items run: each item's result yielded as it finishes (in threads here, or on a cluster)."""
 
 
 def in_threads(work: Callable[[T], R], concurrency: int = 1) -> Run[T, R]:
     """Run `work` on the items `concurrency` at a time in this process (their model calls share batches)."""
 
-    def run(items: Sequence[T]) -> Iterator[R]:
+    def run(items: Iterable[T]) -> Iterator[R]:
         with ThreadPoolExecutor(concurrency) as pool:
             yield from pool.map(work, items)
 

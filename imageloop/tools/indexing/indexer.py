@@ -18,7 +18,7 @@ import json
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -145,8 +145,9 @@ class Embedded:
 
 
 _Outcome = _New | _Known | NewFile | _Failed
-EmbedRemotely = Callable[[Sequence[list[NewFile]]], Iterable[Embedded]]
-"""How batches of new files are read and embedded elsewhere (a Ray cluster's workers), each result as it arrives."""
+EmbedRemotely = Callable[[Iterable[list[NewFile]]], Iterable[Embedded]]
+"""How batches of new files are read and embedded elsewhere (a Ray cluster's workers), handed out as the walk
+finds them, each result as it arrives."""
 
 
 def index_folder(
@@ -196,9 +197,9 @@ def index_into(
     route at most `2 * batch_size + 2 * workers` decoded images are held at once, each reduced to
     `prepared_side(embedder)` on its shortest side as it is decoded; the caption route keeps only the captions.
 
-    With `remote`, this process hashes every file and looks it up, then hands the new ones out in batches
-    of `batch_size` to be read and embedded elsewhere (`embed_new_files` on a cluster's workers); it alone
-    writes the index, a batch at a time, as here.
+    With `remote`, this process hashes every file and looks it up, and hands the new ones out, in batches of
+    `batch_size` as it finds them, to be read and embedded elsewhere (`embed_new_files` on a cluster's
+    workers); it alone writes the index, a batch at a time, as here.
     """
     _check_sizes(batch_size, workers)
     workers = workers or default_workers()
@@ -209,7 +210,6 @@ def index_into(
     store_lock = threading.Lock()
     seen: set[str] = set()
     pending: list[_New] = []
-    unread: list[NewFile] = []
     moves: list[tuple[VectorRecord, bool, bool]] = []  # an updated record: moved? retagged?
 
     side = prepared_side(embedder)
@@ -229,6 +229,51 @@ def index_into(
 
     bar = tqdm(total=len(files), unit="img", desc="indexing", disable=None if progress else True)
     handled = 0
+
+    def counted(files_handled: int, moves_pending: int) -> None:
+        nonlocal handled
+        bar.set_postfix(_counts(summary, moves_pending), refresh=False)
+        bar.update(files_handled)
+        handled += files_handled  # counted here: a disabled bar counts nothing
+        crossed = handled // batch_size > (handled - files_handled) // batch_size  # another batch's worth
+        if on_progress is not None and crossed and handled < len(files):
+            on_progress(handled, len(files))
+
+    def walk(outcomes: Iterable[_Outcome]) -> Iterator[list[NewFile]]:
+        """Every file classified, its record updated or embedded here; with `remote`, the new files come out in
+        batches for the cluster instead, as they are found."""
+        unread: list[NewFile] = []
+        for outcome in outcomes:
+            if isinstance(outcome, _Failed):
+                summary.failed += 1
+                summary.failures.append((outcome.relative.as_posix(), outcome.reason))
+            elif outcome.id in seen:
+                summary.skipped += 1  # the same content earlier in this run: stored once
+            elif isinstance(outcome, _Known):
+                seen.add(outcome.id)
+                summary.skipped += 1
+                updated = _updated(outcome, index.root)
+                if updated is not None:
+                    moves.append(updated)
+            elif isinstance(outcome, NewFile):
+                seen.add(outcome.id)
+                unread.append(outcome)
+                if len(unread) == batch_size:
+                    yield unread
+                    unread = []
+                continue  # counted when its batch comes back embedded
+            else:
+                seen.add(outcome.id)
+                pending.append(outcome)
+            if len(pending) >= batch_size or len(moves) >= batch_size:
+                commit(_embedded(pending, index.root, index.route, index.dim, embedder))
+            counted(1, len(moves))
+        if pending or moves:
+            commit(_embedded(pending, index.root, index.route, index.dim, embedder))
+            counted(0, 0)
+        if unread:
+            yield unread
+
     if on_progress is not None:
         on_progress(0, len(files))
     try:
@@ -238,45 +283,14 @@ def index_into(
             ThreadPoolExecutor(workers, thread_name_prefix="imageloop-index") as pool,
             closing(_in_order(pool, prepare, files, lookahead=batch_size + 2 * workers)) as outcomes,
         ):
-            for outcome in outcomes:
-                if isinstance(outcome, _Failed):
-                    summary.failed += 1
-                    summary.failures.append((outcome.relative.as_posix(), outcome.reason))
-                elif outcome.id in seen:
-                    summary.skipped += 1  # the same content earlier in this run: stored once
-                elif isinstance(outcome, _Known):
-                    seen.add(outcome.id)
-                    summary.skipped += 1
-                    updated = _updated(outcome, index.root)
-                    if updated is not None:
-                        moves.append(updated)
-                elif isinstance(outcome, NewFile):
-                    seen.add(outcome.id)
-                    unread.append(outcome)
-                    continue  # counted when its batch comes back embedded
-                else:
-                    seen.add(outcome.id)
-                    pending.append(outcome)
-                if len(pending) >= batch_size or len(moves) >= batch_size:
-                    commit(_embedded(pending, index.root, index.route, index.dim, embedder))
-                bar.set_postfix(_counts(summary, len(moves)), refresh=False)
-                bar.update()
-                handled += 1  # counted here: a disabled bar counts nothing
-                if on_progress is not None and handled % batch_size == 0 and handled < len(files):
-                    on_progress(handled, len(files))
-            if pending or moves:
-                commit(_embedded(pending, index.root, index.route, index.dim, embedder))
-                bar.set_postfix(_counts(summary, 0))
-            batches = [unread[start : start + batch_size] for start in range(0, len(unread), batch_size)]
-            for embedded in remote(batches) if remote is not None and batches else ():
-                commit(embedded.records)
-                summary.failed += len(embedded.failures)
-                summary.failures += embedded.failures
-                bar.set_postfix(_counts(summary, 0), refresh=False)
-                bar.update(len(embedded.records) + len(embedded.failures))
-                handled += len(embedded.records) + len(embedded.failures)
-                if on_progress is not None and handled < len(files):
-                    on_progress(handled, len(files))
+            if remote is None:
+                list(walk(outcomes))  # every new file is read and embedded here as the walk finds it
+            else:
+                for embedded in remote(walk(outcomes)):
+                    commit(embedded.records)
+                    summary.failed += len(embedded.failures)
+                    summary.failures += embedded.failures
+                    counted(len(embedded.records) + len(embedded.failures), 0)
             if on_progress is not None:
                 on_progress(handled, len(files))
         with store_lock:
