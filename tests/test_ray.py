@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,10 @@ import pytest
 
 from imageloop.app import App
 from imageloop.app.agent_tools import AgentOps, IndexArgs
-from imageloop.app.cluster import ray_options, worker_shape
+from imageloop.app.cluster import connect, ray_options, runner, worker_shape
 from imageloop.cli import build_parser, main
 from imageloop.config import Settings
-from imageloop.errors import ConfigError
+from imageloop.errors import ConfigError, ImageloopError
 from imageloop.knobs import RayOptions
 from imageloop.tools.indexing.image_index import open_index
 from tests.cir_fixtures import CIRRFixture, write_cirr
@@ -305,6 +306,36 @@ def test_an_application_keeps_its_workers_for_its_next_job_and_ends_them_when_cl
     assert not worker_pids()
 
 
+@dataclass(frozen=True)
+class FakeChattyWork:
+    """A job whose every item prints on stdout in the worker, as a library might."""
+
+    def bind(self, app: App) -> Callable[[int], int]:
+        def item(number: int) -> int:
+            print(f"chatty item {number}", flush=True)
+            return number
+
+        return item
+
+
+def test_a_workers_output_reaches_the_drivers_stderr_never_its_stdout(
+    cluster: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    app = App(Settings(), runs_dir=tmp_path)
+    try:
+        run = runner(app, FakeChattyWork(), ray=RayOptions(ray="local", workers=1))
+        assert sorted(run([0, 1, 2])) == [0, 1, 2]
+    finally:
+        app.close()
+    out = err = ""
+    deadline = time.monotonic() + 30
+    while "chatty item 2" not in err and time.monotonic() < deadline:  # Ray forwards worker output as it comes
+        time.sleep(0.2)
+        captured = capfd.readouterr()
+        out, err = out + captured.out, err + captured.err
+    assert "chatty item 2" in err and "chatty" not in out
+
+
 # --- faults: a worker killed, the driver killed, the cluster gone -------------------------------------------
 
 
@@ -508,6 +539,20 @@ def test_workers_default_to_one_per_gpu_else_one_per_cpu_worth() -> None:
 def test_more_workers_than_the_cluster_holds_are_refused_rather_than_left_waiting() -> None:
     with pytest.raises(ConfigError, match="4 workers of 1 CPU each need 4 CPUs; the Ray cluster has 2"):
         worker_shape(RayOptions(ray="local", workers=4), {"CPU": 2.0})
+
+
+def test_no_cluster_at_the_address_is_one_line_saying_how_to_start_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_cluster(address: str) -> None:
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    with pytest.raises(ImageloopError) as raised:
+        connect(RayOptions(ray="auto"))
+    assert str(raised.value) == (
+        "no Ray cluster at `ray` auto (Could not find any running Ray instance.): start one (ray start --head) "
+        "and set RAY_ADDRESS, or use local"
+    )
 
 
 def test_without_the_ray_extra_the_option_says_how_to_install_it(

@@ -23,6 +23,7 @@ Ray is imported only here, and only when a job asks for it: `import imageloop` n
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
@@ -153,6 +154,9 @@ class ImageloopWorker:
         """Paths were resolved and confined by the driver: the worker's application is not confined again."""
         from imageloop.app.core import App
 
+        # Ray forwards a worker's output to the driver: all of it to stderr, since the driver's stdout carries
+        # its answer (`--json`, an MCP server's stdio protocol).
+        os.dup2(2, 1)
         self._app = App(settings, runs_dir=runs_dir)
         self._bound: OrderedDict[str, Callable[[Any], Any]] = OrderedDict()
         self._binding = threading.Lock()
