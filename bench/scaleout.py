@@ -14,7 +14,8 @@ pays once), then the job timed. So the figures are the steady state a long evalu
 
 The in-process run (no Ray, one item at a time, as each worker runs them) comes first, builds the tiny
 models' cache and gives Ray's overhead at one worker. Repeats are interleaved and medians kept. `--address
-local` starts a cluster of this machine's cores (a small object store); `auto` or `ray://HOST:PORT` join one.
+local` starts a cluster of this machine's cores (a small object store, workers at this process's priority:
+`RAY_worker_niceness=0`); `auto` or `ray://HOST:PORT` join one.
 Printed: targets/s per run, then one JSON line: {"workload", "workers", "targets_per_s", "ratio" (the most
 workers vs one), "in_process_targets_per_s", "ray_overhead" (1 - the 1-worker rate / the in-process rate)}.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -37,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from throughput import prompt_for, write_pictures
 
 from imageloop.app import App
-from imageloop.app.core import IN_FLIGHT
+from imageloop.app.core import batches_in_flight
 from imageloop.config import Settings
 from imageloop.knobs import RayOptions
 
@@ -87,6 +89,9 @@ def connect(address: str) -> None:
     import ray
 
     if address == "local":
+        # Ray runs its workers at nice 15, so they yield to any other work on the machine; here they are compared
+        # with a run in this process (nice 0) on a machine others may share: both at the same priority.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address="local", object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address=address, log_to_driver=False)
@@ -126,8 +131,8 @@ def main() -> None:
                 if repeat == 0:  # start the workers and load their models: one item each, untimed
                     started = time.perf_counter()
                     items = 1 if ray is None else int(side)
-                    if args.workload == "index":  # a batch is an item, and each worker takes IN_FLIGHT at once
-                        items *= BATCH * (1 if ray is None else IN_FLIGHT)
+                    if args.workload == "index":  # a batch is an item, and a worker takes several at once
+                        items *= BATCH * (1 if ray is None else batches_in_flight(args.cpus_per_worker))
                     job(app, pictures, items, root / f"{side}-start", ray)
                     print(f"{where}: started in {time.perf_counter() - started:.1f} s", file=sys.stderr)
                 started = time.perf_counter()

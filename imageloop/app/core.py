@@ -163,7 +163,10 @@ class App:
         root = self.path(folder, "folder", kind="dir")
         limits.check("batch_size", batch_size)
         cluster = ray_options(ray, confined=self.roots is not None)
-        remote = None if cluster is None else runner(self, IndexBatches(root), concurrency=IN_FLIGHT, ray=cluster)
+        remote = None
+        if cluster is not None:
+            in_flight = batches_in_flight(cluster.cpus_per_worker)
+            remote = runner(self, IndexBatches(root), concurrency=in_flight, ray=cluster)
         settings = self.settings
         try:
             return index_folder(
@@ -569,8 +572,10 @@ class App:
             return len(self._indexes) + len(self._retired)
 
 
-IN_FLIGHT = 2
-"""Batches of new images in flight on each Ray worker while indexing: one read and captioned while one embeds."""
+def batches_in_flight(cpus_per_worker: float) -> int:
+    """Batches of new images a Ray worker reads and embeds at once: one per CPU it holds (decoding is CPU work),
+    two at least (one read while one is embedded)."""
+    return max(2, int(cpus_per_worker))
 
 
 @dataclass(frozen=True)
