@@ -262,11 +262,12 @@ def twin_folders(root: Path, n: int) -> tuple[Path, Path]:
     return root / "here", root / "ray"
 
 
+@pytest.mark.parametrize("store", ["embedded", "chroma"])
 def test_index_on_two_workers_stores_the_single_process_records(
-    cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    store: str, cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     here, there = twin_folders(tmp_path, 10)
-    common = ["--embedder", "tiny:clip", "--batch-size", "3", "--json", "-q"]
+    common = ["--embedder", "tiny:clip", "--store", store, "--batch-size", "3", "--json", "-q"]
     assert main(["index", str(here), *common]) == 0
     summary = last_json(capsys)
     assert main(["index", str(there), *common, *ON_TWO_WORKERS]) == 0

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from imageloop.app.results import CIRResult, RAGEView, RunState, SearchView
     from imageloop.graphs.steps import OnStep
     from imageloop.progress import OnProgress
-    from imageloop.tools.indexing.image_index import ImageIndex
+    from imageloop.tools.indexing.image_index import ImageIndex, Route
     from imageloop.tools.indexing.indexer import Captioner, Embedded, IndexSummary, NewFile
     from imageloop.tools.indexing.retriever import Retriever, Where
 
@@ -158,6 +158,7 @@ class App:
         and written here (see `imageloop.app.cluster`).
         """
         from imageloop.app.cluster import ray_options, runner
+        from imageloop.tools.indexing.image_index import route_of
         from imageloop.tools.indexing.indexer import index_folder
 
         root = self.path(folder, "folder", kind="dir")
@@ -166,7 +167,9 @@ class App:
         remote = None
         if cluster is not None:
             in_flight = batches_in_flight(cluster.cpus_per_worker)
-            remote = runner(self, IndexBatches(root), concurrency=in_flight, ray=cluster)
+            embedder = self.embedder()
+            new_files = IndexBatches(root, route_of(embedder), embedder.dim)
+            remote = runner(self, new_files, concurrency=in_flight, ray=cluster)
         settings = self.settings
         try:
             return index_folder(
@@ -580,17 +583,19 @@ def batches_in_flight(cpus_per_worker: float) -> int:
 
 @dataclass(frozen=True)
 class IndexBatches:
-    """Indexing's per-batch work as a Ray cluster's worker binds it: new files of the index at `root`, read,
-    captioned (the one captioning rule) and embedded with the worker's models."""
+    """Indexing's per-batch work as a Ray cluster's worker binds it: new files under `root`, read, captioned (the
+    one captioning rule) and embedded with the worker's models for an index of that `route` and `dim`. Workers
+    never open the index: the driver alone reads and writes it, whatever its store."""
 
     root: Path
+    route: Route
+    dim: int
 
     def bind(self, app: App) -> Callable[[list[NewFile]], Embedded]:
-        """`embed_new_files` for the index at `root` (created by the driver before any batch is sent)."""
+        """`embed_new_files` with the worker's embedder and captioner."""
         from imageloop.tools.indexing.indexer import embed_new_files
 
-        index = app.index(self.root)
-        return partial(embed_new_files, index.root, index.route, index.dim, app.embedder(), app.index_captioner())
+        return partial(embed_new_files, self.root, self.route, self.dim, app.embedder(), app.index_captioner())
 
 
 def parse_where(items: Sequence[str]) -> dict[str, Any] | None:
