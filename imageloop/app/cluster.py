@@ -210,6 +210,8 @@ class Workers:
             self._end()
 
     def _end(self) -> None:
+        if not self._handles:
+            return
         import ray
 
         for worker in self._handles:
