@@ -237,6 +237,15 @@ def test_mcp_rage_generate_refuses_a_pick_naming_nothing_before_generating(
     assert fakes.generator.requests == []
 
 
+def test_an_agent_asking_for_a_persons_review_is_told_which_reviews_it_can_have(
+    fakes: FakeBackends, catalogue: Path, mcp_app: App
+) -> None:
+    server = build_server(mcp_app)
+    with memory_client(lambda: create_connected_server_and_client_session(server)) as client:
+        refused = client.call("rage_retrieve", {"prompt": PROMPT, "index": str(catalogue), "review": "person"})
+    assert refused.isError and "from an agent, review none or critic" in text_of(refused)
+
+
 # LangChain tools; a session started there continues in the CLI.
 
 
