@@ -126,12 +126,12 @@ class App:
                 )  # fmt: skip
             return self._indexes[root]
 
-    def retriever(self, folder: str | Path, settings: Settings | None = None) -> Retriever:
+    def retriever(self, folder: str | Path) -> Retriever:
         """A retriever over `folder`'s index with the configured embedder (refuses a mismatched or empty index)."""
         from imageloop.tools.indexing.retriever import Retriever
 
         index = self.index(folder)
-        embedder = self.embedder(settings)
+        embedder = self.embedder()
         with self._lock:
             key = (index.root, embedder.model_id)
             if key not in self._retrievers:
