@@ -22,6 +22,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.sqlite import SqliteSaver
 
 from imageloop import __version__, limits
+from imageloop.app.checkpoints import sqlite_checkpointer
 from imageloop.app.jobs import Job, report_to
 from imageloop.app.paths import make_out_dir
 from imageloop.config import Settings
@@ -146,7 +147,7 @@ def error_text(error: BaseException) -> str:
 @contextmanager
 def _checkpointed(run_dir: Path) -> Iterator[SqliteSaver]:
     with closing(sqlite3.connect(run_dir / CHECKPOINTS, check_same_thread=False)) as conn:
-        yield SqliteSaver(conn)
+        yield sqlite_checkpointer(conn, run_dir / CHECKPOINTS)
 
 
 def can_resume(run_dir: str | Path) -> bool:

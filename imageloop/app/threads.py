@@ -19,6 +19,7 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, StateSnapshot
 
+from imageloop.app.checkpoints import sqlite_checkpointer
 from imageloop.graphs.steps import OnStep, follow_steps_and_progress
 from imageloop.progress import OnProgress
 
@@ -41,7 +42,7 @@ def checkpointed_thread(db: Path, thread_id: str) -> Iterator[SqliteSaver]:
     db.parent.mkdir(parents=True, exist_ok=True)
     # A generous busy timeout: a server plays several sessions at once against one database.
     with lock, closing(sqlite3.connect(db, timeout=30.0, check_same_thread=False)) as conn:
-        yield SqliteSaver(conn)
+        yield sqlite_checkpointer(conn, db)
 
 
 def play(
