@@ -398,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ui_parser(commands, roles)
     _add_completion_parser(commands)
     _add_quiet(parser)
+    _add_roots(parser)
     return parser
 
 
@@ -413,6 +414,21 @@ def _add_quiet(parser: argparse.ArgumentParser, top: bool = True) -> None:
                 _add_quiet(sub, top=False)
 
 
+def _add_roots(parser: argparse.ArgumentParser) -> None:
+    """`--root DIR` on every command that reads paths (`mcp` has its own): opt-in confinement, as the servers do."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in dict.fromkeys(action.choices.items()):
+                if any(isinstance(inner, argparse._SubParsersAction) for inner in sub._actions):
+                    _add_roots(sub)
+                elif name != "completion" and "--root" not in sub._option_string_actions:
+                    sub.add_argument(
+                        "--root", type=Path, action="append", default=[], metavar="DIR",
+                        help="confine every path argument to DIR (repeatable; relative paths are taken from the "
+                        "first; symlinks resolved, '..' refused); default: unconfined",
+                    )  # fmt: skip
+
+
 def _add_ui_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
     ui = commands.add_parser("ui", parents=[roles], help="open the browser UI (generate, search, pick, compose)")
     ui.add_argument("--index", type=Path, required=True, help="the indexed image folder the UI searches")
@@ -421,6 +437,10 @@ def _add_ui_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
     ui.add_argument(
         "--token", help="access token required beyond localhost ($IMAGELOOP_UI_TOKEN; default: a random one)"
     )
+    ui.add_argument(
+        "--root", type=Path, action="append", default=[], metavar="DIR",
+        help="a folder the UI may read besides --index (repeatable); nothing else is read",
+    )  # fmt: skip
     ui.add_argument("--runs", type=Path, metavar="DIR", help="where runs and searches are written (default runs/)")
     ui.add_argument("--sessions", type=Path, help="GenIR session database (default shared with the other faces)")
 
@@ -468,6 +488,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _app(args: argparse.Namespace, **options: Any) -> App:
     from imageloop.app import App
 
+    options.setdefault("roots", getattr(args, "root", None) or None)
     return App(_settings(args), sessions_db=getattr(args, "sessions", None), **options)
 
 
@@ -764,7 +785,7 @@ def _eval_imagerag(args: argparse.Namespace, app: App) -> int:
 def _report(args: argparse.Namespace, app: App) -> int:
     from imageloop.report import write_report
 
-    print(write_report(args.run_dir))
+    print(write_report(app.path(args.run_dir, "run", kind="dir")))
     return 0
 
 
@@ -790,12 +811,14 @@ def _ui(args: argparse.Namespace, app: App) -> int:
     from imageloop.ui import serve
 
     token = args.token or os.environ.get("IMAGELOOP_UI_TOKEN") or None
-    serve(app, index=args.index, host=args.host, port=args.port, token=token)
+    serve(app, index=args.index.resolve(), host=args.host, port=args.port, token=token)
     return 0
 
 
 def _ui_app(args: argparse.Namespace) -> App:
-    return _app(args, runs_dir=args.runs)
+    from imageloop.app import App
+
+    return App.serving(_settings(args), args.index, args.root, runs_dir=args.runs, sessions_db=args.sessions)
 
 
 def _completion(args: argparse.Namespace, app: App) -> int:

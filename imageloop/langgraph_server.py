@@ -23,6 +23,7 @@ from imageloop.app.deployment import (
     LazyVLM,
     deployed_app,
     deployed_caption,
+    deployed_file,
     deployed_query_model,
     record_rage_run,
     record_run,
@@ -58,6 +59,7 @@ def genir(config: RunnableConfig | None = None) -> GenIRGraph:
         ContextArtifacts(),
         defaults=lambda: genir_knobs(deployed_app().settings),
         context_schema=DeployedGenIRContext,
+        paths=deployed_file,
     )
 
 
@@ -72,6 +74,7 @@ def cir(config: RunnableConfig | None = None) -> CIRGraph:
         query_models=deployed_query_model,
         defaults=lambda: cir_knobs(deployed_app().settings),
         context_schema=DeployedCIRContext,
+        paths=deployed_file,
     )
 
 

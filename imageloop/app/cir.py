@@ -33,7 +33,7 @@ from imageloop.eval.cir import (
     summarise,
 )
 from imageloop.files import write_json_atomic
-from imageloop.graphs.cir import CIRContext, CIRKnobs, ComposedQueryModel, build_cir_graph
+from imageloop.graphs.cir import CIRContext, CIRGraph, CIRKnobs, ComposedQueryModel, build_cir_graph
 from imageloop.graphs.steps import Step, play
 from imageloop.progress import OnProgress
 from imageloop.protocols import GREEDY, Decoding, Message, VisionLanguageModel
@@ -140,6 +140,7 @@ def compose_retrieve(
         artifacts,
         query_models=load_query_model,
         defaults=cir_knobs(settings),
+        paths=app.file_path,
     )
     inputs = {"reference": str(reference_path), "change": change}
     context = CIRContext(proxy=proxy, cir_model=model)
@@ -215,14 +216,14 @@ def run_cir_eval(
     defaults = CIRKnobs(**{**cir_knobs(settings), "proxy": proxy, "cir_model": model})
     llm: Any = OnFirstUse(lambda: app.vlm(settings))  # a VisionLanguageModel whose model_id is a property
     artifacts = ArtifactStore(out / "artifacts")
-    runs = [
-        (
-            b,
-            g,
-            build_cir_graph(llm, captioner, generator, g, artifacts, query_models=load_query_model, defaults=defaults),
-        )
-        for b, g in zip(benchmarks, galleries, strict=True)
-    ]
+
+    def graph(gallery: GalleryRetriever) -> CIRGraph:
+        return build_cir_graph(
+            llm, captioner, generator, gallery, artifacts, query_models=load_query_model, defaults=defaults,
+            paths=app.file_path,
+        )  # fmt: skip
+
+    runs = [(b, g, graph(g)) for b, g in zip(benchmarks, galleries, strict=True)]
     done = evaluate_queries(runs, out, concurrency=concurrency, on_query=on_query)
     summary = summarise(benchmarks, done, eval_settings, out)
     write_json_atomic(out / SUMMARY, summary)

@@ -173,6 +173,11 @@ def deployed_caption(image: Path) -> str:
     return VLMCaptioner(deployed_app().vlm(role="captioner"))(image)
 
 
+def deployed_file(text: str, what: str) -> Path:
+    """A graph input naming an image (a CIR reference, a GenIR target), confined to the deployment's roots."""
+    return deployed_app().file_path(text, what)
+
+
 def deployed_query_model(folder: str) -> ComposedQueryModel:
     """A run's composed-query model, its folder confined to the deployment's roots."""
     from imageloop.app.cir import load_query_model

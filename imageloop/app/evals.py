@@ -147,6 +147,7 @@ def run_genir_eval(
         retriever,
         ArtifactStore(out / "artifacts"),
         defaults=genir_knobs(settings),
+        paths=app.file_path,
     )
     done = evaluate_targets(graph, target_list, out, eval_settings, concurrency=concurrency, on_target=on_target)
     wanted = {t.id for t in target_list}
