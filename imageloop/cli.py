@@ -1,14 +1,17 @@
 """The `imageloop` command line: parses options, calls the application layer (`imageloop.app.App`), prints.
 
-User errors print one line (`imageloop: error: ...`) and exit 2; Ctrl-C exits 130 after saying what
-was kept and how to continue. Progress goes to stderr so `--json` output on stdout stays machine-readable.
+User errors print one line (`imageloop: error: ...`) and exit 2; Ctrl-C exits 130 (SIGTERM 143) after
+saying what was kept and how to continue. Progress goes to stderr so `--json` output on stdout stays machine-readable.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +31,31 @@ IMAGERAG_KNOBS = (
 )  # fmt: skip
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
+SERVERS = ("mcp", "ui")
+"""Commands that serve until stopped and handle SIGTERM themselves (finishing or cancelling their runs)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, taken as Ctrl-C is: the run stops, its record says so, and the message says how to continue."""
+
+
+@contextmanager
+def _sigterm_as_interrupt(command: str) -> Iterator[None]:
+    """While `command` runs, SIGTERM raises `Terminated` (once: a second one waits for the record to be written)."""
+    if command in SERVERS or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -979,19 +1007,28 @@ def _interrupted(args: argparse.Namespace, error: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `imageloop` script."""
     args = build_parser().parse_args(argv)
+    from imageloop.app.jobs import LeftRunning
+
     app: App | None = None
     try:
-        app = APPS.get(args.command, _app)(args)
-        return COMMANDS[args.command](args, app)
+        with _sigterm_as_interrupt(args.command):
+            try:
+                app = APPS.get(args.command, _app)(args)
+                return COMMANDS[args.command](args, app)
+            finally:
+                if app is not None:
+                    app.close()
     except ImageloopError as e:
         _err(f"imageloop: error: {e}")
         return EXIT_USER_ERROR
     except (KeyboardInterrupt, EOFError) as e:
-        _err(f"\nimageloop: interrupted; {_interrupted(args, e)}")
-        return EXIT_INTERRUPTED
-    finally:
-        if app is not None:
-            app.close()
+        stop = e.stop if isinstance(e, LeftRunning) else e
+        _err(f"\nimageloop: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}; {_interrupted(args, e)}")
+        code = EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
+        if isinstance(e, LeftRunning):
+            sys.stderr.flush()
+            os._exit(code)  # not waiting for a model call that may hang for minutes: the record says where it stopped
+        return code
 
 
 if __name__ == "__main__":

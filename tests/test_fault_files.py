@@ -247,6 +247,66 @@ def test_a_really_full_disk_while_indexing_is_one_line(openai_server: FakeOpenAI
     assert "disk full" in error_line(done.stderr) and "free some space" in error_line(done.stderr)
 
 
+@needs_namespaces
+def test_a_full_disk_where_a_run_folder_is_made_is_one_line(openai_server: FakeOpenAIServer, tmp_path: Path) -> None:
+    folder = captioned_folder(tmp_path / "photos")
+    env = {"OPENAI_BASE_URL": openai_server.base_url, "OPENAI_API_KEY": "sk-test"}
+    assert imageloop_in_namespace(["index", str(folder), "--profile", "openai"], env=env).returncode == 0
+    filled, disk = tmp_path / "filled", tmp_path / "disk"
+    filled.mkdir()
+    disk.mkdir()
+    (filled / "filler").write_bytes(b"x" * 60_000)  # the 64 KiB disk keeps room for a folder, not a database
+
+    done = imageloop_in_namespace(
+        ["generate", "a jay", "--index", str(folder), "--out", str(disk / "run"), "--profile", "openai"],
+        tmpfs=(disk, "64k", filled),
+        env=env,
+    )
+
+    assert done.returncode == 2
+    line = error_line(done.stderr)
+    assert f"disk full while writing the run in {disk / 'run'}" in line and "run the same command again" in line
+
+
+NOT_ALIGNED = {"aligned": False, "missing_concepts": ["blue jay"]}
+CAPTIONS = {"captions": [{"concept": "blue jay", "caption": "a blue jay with a blue crest on a branch"}]}
+
+
+def test_disk_full_mid_run_is_one_line_recorded_in_the_run_which_resumes(
+    fakes: FakeBackends, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imageloop.tools.artifacts import ArtifactStore
+
+    folder = captioned_folder(tmp_path / "photos")
+    indexed(folder, capsys)
+    put = ArtifactStore.put
+    stored: list[str] = []
+
+    def filling_up(self: ArtifactStore, image: Any) -> str:
+        if stored:  # the draft is stored; the drawing with references finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        stored.append(put(self, image))
+        return stored[-1]
+
+    monkeypatch.setattr(ArtifactStore, "put", filling_up)
+    fakes.vlm.answers.extend([NOT_ALIGNED, CAPTIONS])
+    out = tmp_path / "run"
+
+    code, _, err = cli(capsys, "generate", "a blue jay", "--index", str(folder), "--out", str(out))
+
+    line = error_line(err)
+    assert code == 2 and f"continue with: imageloop generate --resume {out}" in line
+    record = json.loads((out / "run.json").read_text())
+    assert (record["status"], record["stop_reason"]) == ("error", "error")
+    assert f"imageloop: error: {record['error']}" == line and record["draft_image"]
+    monkeypatch.setattr(ArtifactStore, "put", put)  # some space freed
+    fakes.vlm.answers.append(ALIGNED)
+
+    assert cli(capsys, "generate", "--resume", str(out))[0] == 0
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert sum(not request.references for request in fakes.generator.requests) == 1  # the draft, drawn once
+
+
 # Read-only folders.
 
 

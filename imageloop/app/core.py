@@ -241,10 +241,11 @@ class App:
     # Loops: ImageRAG runs, GenIR and RAGE sessions, evaluations (each in its own module of this package).
 
     def generate(self, prompt: str | None, index: str | Path | None, **options: Any) -> dict[str, Any]:
-        """Run ImageRAG and write its run directory; see `imageloop.app.runs.run_imagerag`."""
-        from imageloop.app.runs import run_imagerag
+        """Run ImageRAG and write its run directory, hearing Ctrl-C and SIGTERM at once; see
+        `imageloop.app.runs.run_in_terminal`."""
+        from imageloop.app.runs import run_in_terminal
 
-        return run_imagerag(self, prompt, index, **options)
+        return run_in_terminal(self, prompt, index, **options)
 
     def start_generate(self, prompt: str, index: str | Path, knobs: Mapping[str, Any] | None = None) -> Job:
         """ImageRAG as a background run (poll it with `run_state`); see `imageloop.app.runs.start_generate`."""

@@ -205,7 +205,7 @@ def record_run(state: Mapping[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     seconds = sum(float(step["seconds"]) for step in state.get("steps", []))
     index = app.index(_index()).root
-    record = imagerag_record(state, app.settings, run_dir, ContextArtifacts(), index, seconds)
+    record = {**imagerag_record(state, app.settings, run_dir, ContextArtifacts(), index, seconds), "status": "finished"}
     write_json_atomic(run_dir / "run.json", {**record, "finished_at": time.time()})
     write_report(run_dir, record)
 

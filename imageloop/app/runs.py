@@ -16,21 +16,22 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.sqlite import SqliteSaver
 
 from imageloop import __version__, limits
 from imageloop.app.checkpoints import sqlite_checkpointer
-from imageloop.app.jobs import Job, report_to
+from imageloop.app.jobs import Job, RunCancelledError, report_to, run_in_foreground
 from imageloop.app.paths import make_out_dir
+from imageloop.app.threads import unfinished
 from imageloop.config import Settings
-from imageloop.errors import ImageloopError
-from imageloop.files import disk_error, write_json_atomic
+from imageloop.errors import ImageloopError, StorageError
+from imageloop.files import AGAIN, disk_error, write_json_atomic
 from imageloop.graphs.imagerag import ImageRAGGraph, ImageRAGKnobs, build_imagerag_graph
-from imageloop.graphs.steps import OnStep, follow_steps_and_progress
-from imageloop.progress import OnProgress
+from imageloop.graphs.steps import OnStep, Step, follow_steps_and_progress
+from imageloop.progress import OnProgress, ProgressEvent
 from imageloop.protocols import ImageRetriever
 from imageloop.report import RECORD_FILE, read_record, write_report
 from imageloop.tools.artifacts import ArtifactStore
@@ -45,9 +46,14 @@ RECORDED_SETTINGS = {
     "plan_scope", "retrieval_query", "rephrase_only", "references_policy", "final_image_policy",
 }  # fmt: skip
 CHECKPOINTS = "checkpoints.sqlite"
+STOP_GRACE_S = 2.0
+"""How long an interrupted terminal run may take to reach its next step before it is recorded as stopped."""
 THREAD: RunnableConfig = {"configurable": {"thread_id": "run"}}
 RUN_ID = r"^[0-9a-f]{12}$"
 RecordWriter = Callable[[str | None], dict[str, Any]]
+RunStatus = Literal["running", "finished", "error", "cancelled"]
+FINISHED: RunStatus = "finished"
+T = TypeVar("T")
 
 
 def new_run_id() -> str:
@@ -146,7 +152,8 @@ def error_text(error: BaseException) -> str:
 
 @contextmanager
 def _checkpointed(run_dir: Path) -> Iterator[SqliteSaver]:
-    with closing(sqlite3.connect(run_dir / CHECKPOINTS, check_same_thread=False)) as conn:
+    connection = _on_disk(run_dir, lambda: sqlite3.connect(run_dir / CHECKPOINTS, check_same_thread=False))
+    with closing(connection) as conn:
         yield sqlite_checkpointer(conn, run_dir / CHECKPOINTS)
 
 
@@ -174,10 +181,15 @@ def run_imagerag(
     `out_dir` defaults to a new folder under the app's runs; `where` restricts retrieval to images whose
     metadata matches (e.g. `{"folder": "birds"}`). `on_step` sees each node's decisions as it finishes,
     `on_progress` the progress inside a node (a generator's denoising steps). With `resume`, `out_dir` is
-    an interrupted run's folder: the run continues from its last checkpoint, reusing every finished node.
-    `on_started` receives, once the run folder exists, a function that writes the record as the run
-    stands with a given error: a server that stops before the run does records it with that (see `app.jobs`).
+    an interrupted run's folder: the run continues from its last checkpoint, reusing every finished node;
+    a finished run is left as it is. `on_started` receives, once the run folder exists, a function that
+    writes the record as the run stands with a given error: a server that stops before the run does
+    records it with that (see `app.jobs`).
+
+    The record is written before the first step (`status: running`) and again after every step, so a run
+    killed at any point (kill -9, a power cut) leaves a record that `--resume` continues from.
     """
+    previous: dict[str, Any] | None = None
     if resume:
         if out_dir is None:
             raise ImageloopError("resuming needs the run's folder")
@@ -201,41 +213,98 @@ def run_imagerag(
             app.vlm(settings), app.generator(settings), searched, artifacts, checkpointer,
             defaults=imagerag_knobs(settings),
         )  # fmt: skip
-        reused = len(graph.get_state(THREAD).values.get("steps", [])) if resume else 0
-        if not resume and graph.get_state(THREAD).values:
+        snapshot = _on_disk(run_dir, lambda: graph.get_state(THREAD))
+        if not resume and snapshot.values:
             raise ImageloopError(f"{run_dir} already holds a run: use another --out, or --resume {run_dir}")
-        error: str | None = None
+        if previous is not None and previous.get("status") == FINISHED and not unfinished(snapshot):
+            return previous  # a finished run resumed again: nothing to do, nothing rewritten
+        reused = len(snapshot.values.get("steps", []))
 
-        def write_record(error: str | None) -> dict[str, Any]:
-            state = graph.get_state(THREAD).values
+        def write_record(error: str | None, status: RunStatus) -> dict[str, Any]:
+            state = {"prompt": prompt, **graph.get_state(THREAD).values}
             record = imagerag_record(
                 state, settings, run_dir, artifacts, retriever.index.root, time.perf_counter() - started, error
             )
+            record["status"] = status
             if resume:
                 record["resumed"] = {"reused_steps": reused}
             write_json_atomic(run_dir / RUN_RECORD, record)
             write_report(run_dir, record)
             return record
 
+        def recorded(step: Step) -> None:
+            _on_disk(run_dir, lambda: write_record(None, "running"))
+            if on_step is not None:
+                on_step(step)
+
+        _on_disk(run_dir, lambda: write_record(None, "running"))
         if on_started is not None:
-            on_started(write_record)
+            on_started(lambda error: write_record(error, "cancelled"))
+        error: str | None = None
+        status: RunStatus = FINISHED
         try:
-            _play(graph, None if resume else {"prompt": prompt}, on_step, on_progress)
+            if unfinished(snapshot) or not snapshot.values:
+                # A run killed before its first checkpoint starts from its prompt; any other continues.
+                _play(graph, None if snapshot.values else {"prompt": prompt}, recorded, on_progress)
         except BaseException as e:
-            error = error_text(e)
-            disk = disk_error(e, f"writing the run in {run_dir}")
+            # The disk's failures (full, read-only) are recorded and shown as the same line that says what to do.
+            disk = _disk_failure(e, run_dir)
+            error = str(disk) if disk is not None else error_text(e)
+            status = "cancelled" if isinstance(e, KeyboardInterrupt | RunCancelledError) else "error"
             if disk is not None:
                 raise disk from e
             raise
         finally:
-            try:
-                record = write_record(error)
-            except (OSError, sqlite3.Error) as e:
-                disk = disk_error(e, f"writing the record of the run in {run_dir}")
-                if disk is None:
-                    raise
-                raise disk from e
+            record = _on_disk(run_dir, lambda: write_record(error, status))
     return record
+
+
+def run_in_terminal(
+    app: App,
+    prompt: str | None,
+    index: str | Path | None,
+    *,
+    on_step: OnStep | None = None,
+    on_progress: OnProgress | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """`run_imagerag` waited for in a thread of its own (`app.jobs.run_in_foreground`): Ctrl-C or SIGTERM stops
+    the run at its next step with its record whole, or, inside a model call that does not end within
+    `STOP_GRACE_S`, records it as stopped there and raises `LeftRunning`, so a terminal is never held."""
+
+    def work(job: Job) -> dict[str, Any]:
+        def step(shown: Step) -> None:
+            if on_step is not None:
+                on_step(shown)
+            job.check_cancelled()
+
+        def progress(event: ProgressEvent) -> None:
+            if on_progress is not None:
+                on_progress(event)
+            job.check_cancelled()
+
+        return run_imagerag(
+            app, prompt, index, on_step=step, on_progress=progress, on_started=job.record_with, **options
+        )
+
+    return run_in_foreground("generate", work, STOP_GRACE_S)
+
+
+def _on_disk(run_dir: Path, write: Callable[[], T]) -> T:
+    """`write()`, with the disk's failures (full, read-only) as the one-line error that says what to do."""
+    try:
+        return write()
+    except (OSError, sqlite3.Error) as e:
+        disk = _disk_failure(e, run_dir)
+        if disk is None:
+            raise
+        raise disk from e
+
+
+def _disk_failure(error: BaseException, run_dir: Path) -> StorageError | None:
+    """The disk's failure during a run as one line; once the run has a record, it says how to continue it."""
+    again = f"continue with: imageloop generate --resume {run_dir}" if can_resume(run_dir) else AGAIN
+    return disk_error(error, f"writing the run in {run_dir}", again)
 
 
 def _play(
@@ -243,7 +312,9 @@ def _play(
 ) -> None:
     """Run (or continue) the graph, handing each node's steps to `on_step` as the node finishes, and its
     in-node progress (denoising steps) to `on_progress` as it happens."""
-    chunks = graph.stream(inputs, THREAD, stream_mode=["updates", "custom"])  # type: ignore[arg-type]
+    # Every checkpoint is on disk before the next node starts: a run killed during a node never draws again
+    # what an earlier node drew.
+    chunks = graph.stream(inputs, THREAD, stream_mode=["updates", "custom"], durability="sync")  # type: ignore[call-overload]
     follow_steps_and_progress(chunks, on_step, on_progress)
 
 
