@@ -27,6 +27,7 @@ from imageloop.app.deployment import (
     deployed_query_model,
     record_rage_run,
     record_run,
+    served,
 )
 from imageloop.app.rage import rage_knobs
 from imageloop.app.runs import imagerag_knobs
@@ -52,7 +53,7 @@ def imagerag(config: RunnableConfig | None = None) -> ImageRAGGraph:
 
 def genir(config: RunnableConfig | None = None) -> GenIRGraph:
     """The GenIR graph for LangGraph Server; a person's feedback is an interrupt the client resumes."""
-    return build_genir_graph(
+    graph = build_genir_graph(
         LazyVLM(),  # type: ignore[arg-type]
         LazyGenerator(),  # type: ignore[arg-type]
         ContextRetriever(),
@@ -61,6 +62,7 @@ def genir(config: RunnableConfig | None = None) -> GenIRGraph:
         context_schema=DeployedGenIRContext,
         paths=deployed_file,
     )
+    return served(graph)
 
 
 def cir(config: RunnableConfig | None = None) -> CIRGraph:
@@ -80,7 +82,7 @@ def cir(config: RunnableConfig | None = None) -> CIRGraph:
 
 def rage(config: RunnableConfig | None = None) -> RAGEGraph:
     """The RAGE graph for LangGraph Server; a person's picks and reviews are interrupts Studio shows natively."""
-    return build_rage_graph(
+    graph = build_rage_graph(
         LazyVLM(),  # type: ignore[arg-type]  # asked only by a critic review
         LazyGenerator(),  # type: ignore[arg-type]
         ContextRetriever(),
@@ -89,3 +91,4 @@ def rage(config: RunnableConfig | None = None) -> RAGEGraph:
         context_schema=DeployedRAGEContext,
         on_finish=record_rage_run,
     )
+    return served(graph)

@@ -185,7 +185,7 @@ def test_a_reference_replaced_by_a_fifo_after_indexing_is_dropped_and_the_run_fi
     indexed(folder, capsys)
     (folder / "jay.png").unlink()
     os.mkfifo(folder / "jay.png")
-    fakes.vlm.answers.extend([{"aligned": False, "missing_concepts": ["blue jay"]}, ALIGNED, ALIGNED])
+    fakes.vlm.answers.extend([{"aligned": False, "missing_concepts": ["blue jay"]}] + [ALIGNED] * 3)
     out = tmp_path / "run"
     done: list[int] = []
     worker = threading.Thread(
@@ -395,11 +395,11 @@ def test_out_on_a_read_only_disk_is_one_line(openai_server: FakeOpenAIServer, tm
 # Damage.
 
 
-def damage_vectors_page(folder: Path) -> None:
-    """Overwrite the page holding the vectors with garbage; the records' own pages stay intact."""
+def damage_vectors_page(folder: Path, name: str = "vectors") -> None:
+    """Overwrite the page holding the vectors (or table or index `name`) with garbage; the others stay intact."""
     store = folder / ".imageloop" / "index.sqlite"
     with sqlite3.connect(store) as conn:
-        (root_page,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'vectors'").fetchone()
+        (root_page,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (name,)).fetchone()
         (page_size,) = conn.execute("PRAGMA page_size").fetchone()
     conn.close()
     with store.open("r+b") as f:
@@ -421,3 +421,25 @@ def test_page_level_damage_is_one_line_saying_to_reindex_and_index_info_gives_no
         assert code == 2 and out == ""  # no count, no results
         line = error_line(err)
         assert "is damaged" in line and f"delete {folder / '.imageloop'} and re-index" in line
+
+
+def test_indexing_again_over_a_damaged_index_is_one_line_not_a_run_that_found_nothing_new(
+    fakes: FakeBackends, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = captioned_folder(tmp_path / "photos")
+    indexed(folder, capsys)
+    damage_vectors_page(folder, "records_by_generation")  # a page no lookup of known images reads
+
+    code, out, err = cli(capsys, "index", str(folder), "--json")
+
+    assert code == 2 and out == "" and "is damaged" in error_line(err)
+
+
+def test_an_unreadable_image_is_named_by_its_path_not_by_a_file_object(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+
+    with pytest.raises(ImageDecodeError) as refused:
+        open_image(bad)
+
+    assert str(refused.value).startswith(f"{bad}: not a readable image") and "_io." not in str(refused.value)

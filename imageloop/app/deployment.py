@@ -17,9 +17,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
+from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import get_runtime
+from langgraph.types import Command
 
 from imageloop.app.core import App
 from imageloop.app.rage import rage_record
@@ -98,6 +100,34 @@ class DeployedRAGEContext(RAGEContext):
 
     index: str | None = field(default=None, metadata={"description": f"an indexed image folder (${INDEX_ENV})"})
     artifacts_dir: str | None = field(default=None, metadata={"description": "where drawn images are stored"})
+
+
+class ServedGraph(CompiledStateGraph[Any, Any, Any, Any]):
+    """A compiled graph as LangGraph Server runs it: a resume that answers nothing (`Command(resume=None)`, which
+    LangGraph itself fails on with an internal error) is refused in one line, and the question stays asked."""
+
+    def stream(self, input: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """`CompiledStateGraph.stream`, once the input answers something."""
+        return super().stream(_answering(input), *args, **kwargs)
+
+    def astream(self, input: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """`CompiledStateGraph.astream`, once the input answers something."""
+        return super().astream(_answering(input), *args, **kwargs)
+
+
+Served = TypeVar("Served", bound=CompiledStateGraph[Any, Any, Any, Any])
+
+
+def served(graph: Served) -> Served:
+    """`graph` as a `ServedGraph` (what `copy` does, with the served class)."""
+    attributes = {name: value for name, value in graph.__dict__.items() if name != "__orig_class__"}
+    return cast(Served, ServedGraph(**attributes))
+
+
+def _answering(given: Any) -> Any:
+    if isinstance(given, Command) and given.resume is None and given.update is None and not given.goto:
+        raise ConfigError("Command(resume=None) answers nothing: resume with an answer to the question the run asks")
+    return given
 
 
 def _context_value(name: str) -> Any:

@@ -327,10 +327,14 @@ def run_file(app: App, relative: str) -> tuple[Path, str]:
     type; the one rule every face that hands run outputs to a remote client applies (LangGraph Server's route,
     MCP resources). Anything else, or anything resolving outside the runs folder, is "no such run file"."""
     runs = app.runs_dir.resolve()
-    path = (runs / relative).resolve()
+    missing = ImageloopError(f"no such run file {relative!r} under the runs folder")
+    try:
+        path = (runs / relative).resolve()
+    except (ValueError, OSError, RuntimeError):  # a NUL byte (`%00` in a URL), a loop
+        raise missing from None
     media_type = RUN_FILE_TYPES.get(path.suffix.lower())
     if media_type is None or not path.is_relative_to(runs) or not path.is_file():
-        raise ImageloopError(f"no such run file {relative!r} under the runs folder")
+        raise missing
     return path, media_type
 
 

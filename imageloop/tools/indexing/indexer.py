@@ -18,9 +18,9 @@ import json
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, Unpack
@@ -28,17 +28,24 @@ from typing import Any, TypeVar, Unpack
 from PIL import Image
 from tqdm import tqdm
 
-from imageloop.errors import ImageloopError
+from imageloop.errors import ImageloopError, StorageError
 from imageloop.limits import SIDECAR_BYTES
 from imageloop.protocols import Embedder, VectorRecord
 from imageloop.tools.images import decode_image, file_digest, image_files, open_regular
-from imageloop.tools.indexing.image_index import ImageIndex, Route, StoreOptions, create_or_open_index
+from imageloop.tools.indexing.image_index import (
+    INDEX_DIRNAME,
+    ImageIndex,
+    Route,
+    StoreOptions,
+    create_or_open_index,
+)
 from imageloop.tools.stores.embedded import EmbeddedVectorStore
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 Captioner = Callable[[Path], str]
+LOCK_FILE = "indexing.lock"
 RESERVED_KEYS = frozenset({"path", "folder", "caption"})
 """Metadata the indexer writes itself, which a sidecar `NAME.json` may not set."""
 
@@ -150,12 +157,35 @@ def index_folder(
     _check_sizes(batch_size, workers)
     index = create_or_open_index(folder, embedder, **store_options)
     try:
-        return index_into(
-            index, embedder, captioner, batch_size=batch_size, workers=workers, progress=progress,
-            on_progress=on_progress,
-        )  # fmt: skip
+        with one_indexer(index.root / INDEX_DIRNAME):
+            return index_into(
+                index, embedder, captioner, batch_size=batch_size, workers=workers, progress=progress,
+                on_progress=on_progress,
+            )  # fmt: skip
     finally:
         index.close()
+
+
+@contextmanager
+def one_indexer(index_dir: Path) -> Iterator[None]:
+    """Index one folder in one run at a time, across processes and threads: a second run waits for the first,
+    then finds its images indexed (four at once embedded every image up to four times).
+
+    An advisory lock on `.imageloop/indexing.lock`, released by the operating system however the holder ends.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform (Windows): runs are not kept apart
+        yield
+        return
+    try:
+        lock = (index_dir / LOCK_FILE).open("ab")
+    except OSError:  # a read-only index: nothing can be added to it, nor by another run
+        yield
+        return
+    with lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
 
 
 def index_into(
@@ -178,6 +208,9 @@ def index_into(
     _check_sizes(batch_size, workers)
     workers = workers or default_workers()
     index.require_embedder(embedder.model_id)
+    # A damaged index is said before any work (the store reads every page, ~1 s per GB), never reported
+    # as images that all failed, or as a run that found nothing new.
+    index.check()
     files = sorted(image_files(index.root), key=lambda path: path.relative_to(index.root).as_posix())
     summary = IndexSummary(total=len(files))
     # Workers look up known content while the main thread commits: one lock makes any store safe.
@@ -327,6 +360,8 @@ def _prepare(
             f.seek(0)
             image = decode_image(f, path, shortest_side=side)  # on the caption route too: a broken file fails
         caption = _caption(path, index.root, index.route, captioner)
+    except StorageError:
+        raise  # the index itself failed (damaged, full, busy): not this file's fault, the run's
     except ImageloopError as e:
         return _Failed(relative, str(e))
     except OSError as e:
