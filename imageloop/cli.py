@@ -1,15 +1,18 @@
 """The `imageloop` command line: parses options, calls the application layer (`imageloop.app.App`), prints.
 
-User errors print one line (`imageloop: error: ...`) and exit 2; Ctrl-C exits 130 after saying what
-was kept and how to continue. Progress goes to stderr so `--json` output on stdout stays machine-readable.
+User errors print one line (`imageloop: error: ...`) and exit 2; Ctrl-C exits 130 (SIGTERM 143) after
+saying what was kept and how to continue. Progress goes to stderr so `--json` output on stdout stays machine-readable.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +42,31 @@ if TYPE_CHECKING:
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
+SERVERS = ("mcp", "ui")
+"""Commands that serve until stopped and handle SIGTERM themselves (finishing or cancelling their runs)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, taken as Ctrl-C is: the run stops, its record says so, and the message says how to continue."""
+
+
+@contextmanager
+def _sigterm_as_interrupt(command: str) -> Iterator[None]:
+    """While `command` runs, SIGTERM raises `Terminated` (once: a second one waits for the record to be written)."""
+    if command in SERVERS or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -354,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ui_parser(commands, roles)
     _add_completion_parser(commands)
     _add_quiet(parser)
+    _add_roots(parser)
     return parser
 
 
@@ -369,6 +398,21 @@ def _add_quiet(parser: argparse.ArgumentParser, top: bool = True) -> None:
                 _add_quiet(sub, top=False)
 
 
+def _add_roots(parser: argparse.ArgumentParser) -> None:
+    """`--root DIR` on every command that reads paths (`mcp` has its own): opt-in confinement, as the servers do."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in dict.fromkeys(action.choices.items()):
+                if any(isinstance(inner, argparse._SubParsersAction) for inner in sub._actions):
+                    _add_roots(sub)
+                elif name != "completion" and "--root" not in sub._option_string_actions:
+                    sub.add_argument(
+                        "--root", type=Path, action="append", default=[], metavar="DIR",
+                        help="confine every path argument to DIR (repeatable; relative paths are taken from the "
+                        "first; symlinks resolved, '..' refused); default: unconfined",
+                    )  # fmt: skip
+
+
 def _add_ui_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
     ui = commands.add_parser("ui", parents=[roles], help="open the browser UI (generate, search, pick, compose)")
     ui.add_argument("--index", type=Path, required=True, help="the indexed image folder the UI searches")
@@ -377,6 +421,10 @@ def _add_ui_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
     ui.add_argument(
         "--token", help="access token required beyond localhost ($IMAGELOOP_UI_TOKEN; default: a random one)"
     )
+    ui.add_argument(
+        "--root", type=Path, action="append", default=[], metavar="DIR",
+        help="a folder the UI may read besides --index (repeatable); nothing else is read",
+    )  # fmt: skip
     ui.add_argument("--runs", type=Path, metavar="DIR", help="where runs and searches are written (default runs/)")
     ui.add_argument("--sessions", type=Path, help="GenIR session database (default shared with the other faces)")
 
@@ -416,6 +464,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _app(args: argparse.Namespace, **options: Any) -> App:
     from imageloop.app import App
 
+    options.setdefault("roots", getattr(args, "root", None) or None)
     return App(_settings(args), sessions_db=getattr(args, "sessions", None), **options)
 
 
@@ -711,7 +760,7 @@ def _eval_imagerag(args: argparse.Namespace, app: App) -> int:
 def _report(args: argparse.Namespace, app: App) -> int:
     from imageloop.report import write_report
 
-    print(write_report(args.run_dir))
+    print(write_report(app.path(args.run_dir, "run", kind="dir")))
     return 0
 
 
@@ -737,12 +786,14 @@ def _ui(args: argparse.Namespace, app: App) -> int:
     from imageloop.ui import serve
 
     token = args.token or os.environ.get("IMAGELOOP_UI_TOKEN") or None
-    serve(app, index=args.index, host=args.host, port=args.port, token=token)
+    serve(app, index=args.index.resolve(), host=args.host, port=args.port, token=token)
     return 0
 
 
 def _ui_app(args: argparse.Namespace) -> App:
-    return _app(args, runs_dir=args.runs)
+    from imageloop.app import App
+
+    return App.serving(_settings(args), args.index, args.root, runs_dir=args.runs, sessions_db=args.sessions)
 
 
 def _completion(args: argparse.Namespace, app: App) -> int:
@@ -907,19 +958,28 @@ def _as_options(message: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `imageloop` script."""
     args = build_parser().parse_args(argv)
+    from imageloop.app.jobs import LeftRunning
+
     app: App | None = None
     try:
-        app = APPS.get(args.command, _app)(args)
-        return COMMANDS[args.command](args, app)
+        with _sigterm_as_interrupt(args.command):
+            try:
+                app = APPS.get(args.command, _app)(args)
+                return COMMANDS[args.command](args, app)
+            finally:
+                if app is not None:
+                    app.close()
     except ImageloopError as e:
         _err(f"imageloop: error: {_as_options(str(e))}")
         return EXIT_USER_ERROR
     except (KeyboardInterrupt, EOFError) as e:
-        _err(f"\nimageloop: interrupted; {_interrupted(args, e)}")
-        return EXIT_INTERRUPTED
-    finally:
-        if app is not None:
-            app.close()
+        stop = e.stop if isinstance(e, LeftRunning) else e
+        _err(f"\nimageloop: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}; {_interrupted(args, e)}")
+        code = EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
+        if isinstance(e, LeftRunning):
+            sys.stderr.flush()
+            os._exit(code)  # not waiting for a model call that may hang for minutes: the record says where it stopped
+        return code
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from imageloop import limits
 from imageloop.config import Endpoint
-from imageloop.errors import BackendError, ConfigError
+from imageloop.errors import BackendError, ConfigError, ImageloopError
 
 if TYPE_CHECKING:
     import openai
@@ -112,6 +112,8 @@ def translated_errors(what: str, client: openai.OpenAI) -> Iterator[None]:
         raise BackendError(_one_line(f"cannot reach {base_url} for {what} (after retries): {e.message}{cause}")) from e
     except openai.APIStatusError as e:
         raise BackendError(_one_line(f"{base_url} rejected {what}: HTTP {e.status_code}: {server_message(e)}")) from e
+    except ImageloopError:
+        raise  # our own verdict on what came back (an undecodable image, say), already one line
     except (openai.APIResponseValidationError, AttributeError, TypeError, KeyError, IndexError, ValueError) as e:
         raise BackendError(
             _one_line(

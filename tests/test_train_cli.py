@@ -78,3 +78,12 @@ def test_train_cir_lora_refuses_a_generator_that_is_not_flux(
     code = main(["train", "cir-lora", "--generator", "tiny:omnigen", "--triplets", str(synthetic), "--out",
                  str(tmp_path / "lora")])  # fmt: skip
     assert code == 2 and "CIR-LoRA trains on FLUX" in capsys.readouterr().err
+
+
+def test_train_cir_on_a_binary_triplets_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "triplets.jsonl").write_bytes(bytes(range(256)))
+
+    code = main(["train", "cir", "--embedder", "tiny:clip", "--triplets", str(tmp_path), "--out", str(tmp_path / "m")])
+
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and line.startswith("imageloop: error: ") and "not UTF-8 text" in line

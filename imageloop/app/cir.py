@@ -33,7 +33,7 @@ from imageloop.eval.cir import (
     summarise,
 )
 from imageloop.files import write_json_atomic
-from imageloop.graphs.cir import ComposedQueryModel, build_cir_graph
+from imageloop.graphs.cir import CIRGraph, ComposedQueryModel, build_cir_graph
 from imageloop.graphs.steps import Step, play
 from imageloop.knobs import CIRKnobs, Given
 from imageloop.progress import OnProgress
@@ -118,6 +118,7 @@ def compose_retrieve(
         artifacts,
         query_models=load_query_model,
         defaults=resolved.overridden({"cir_model": model}),
+        paths=app.file_path,
     )
     inputs = {"reference": str(reference_path), "change": change}
     state = play(graph, inputs, on_step=on_step, on_progress=on_progress)
@@ -184,14 +185,14 @@ def run_cir_eval(
     generator = app.generator() if resolved.proxy else None
     llm: Any = OnFirstUse(app.vlm)  # a VisionLanguageModel whose model_id is a property
     artifacts = ArtifactStore(out / "artifacts")
-    runs = [
-        (
-            b,
-            g,
-            build_cir_graph(llm, captioner, generator, g, artifacts, query_models=load_query_model, defaults=resolved),
-        )
-        for b, g in zip(benchmarks, galleries, strict=True)
-    ]
+
+    def graph(gallery: GalleryRetriever) -> CIRGraph:
+        return build_cir_graph(
+            llm, captioner, generator, gallery, artifacts, query_models=load_query_model, defaults=resolved,
+            paths=app.file_path,
+        )  # fmt: skip
+
+    runs = [(b, g, graph(g)) for b, g in zip(benchmarks, galleries, strict=True)]
     done = evaluate_queries(runs, out, concurrency=concurrency, on_query=on_query)
     summary = summarise(benchmarks, done, eval_settings, out)
     write_json_atomic(out / SUMMARY, summary)

@@ -76,6 +76,11 @@ class App:
         runs = environ.get(RUNS_ENV)
         return cls(load_settings(environ=environ), roots=roots, runs_dir=Path(runs) if runs else roots[0] / "runs")
 
+    @classmethod
+    def serving(cls, settings: Settings, index: Path, roots: Sequence[Path] = (), **options: Any) -> App:
+        """The application of a face that serves one index to a browser (the UI): confined to the index and `roots`."""
+        return cls(settings, roots=[Path(index), *roots], **options)
+
     # Settings and backends.
 
     # Every backend the application hands out is its process-wide micro-batcher: calls made at the same
@@ -104,6 +109,11 @@ class App:
         "file" or "dir" must exist as such, "out" is an output folder that may not exist yet.
         """
         return resolve_path(text, what, self.roots, extra=(self.runs_dir,), kind=kind)
+
+    def file_path(self, text: str | Path, what: str) -> Path:
+        """An existing file a graph input names (a CIR reference, a GenIR target), confined like any path
+        argument: the `PathResolver` every graph this application builds or deploys is given."""
+        return self.path(text, what, kind="file")
 
     def may_read(self, path: Path) -> bool:
         """Whether a face may show the file at `path` (inside the roots or the runs, when confined)."""
@@ -244,10 +254,11 @@ class App:
         on_step: OnStep | None = None,
         on_progress: OnProgress | None = None,
     ) -> dict[str, Any]:
-        """Run ImageRAG and write its run directory; returns its record. See `imageloop.app.runs.run_imagerag`."""
-        from imageloop.app.runs import run_imagerag
+        """Run ImageRAG and write its run directory, hearing Ctrl-C and SIGTERM at once; returns its record. See
+        `imageloop.app.runs.run_in_terminal` and `run_imagerag`."""
+        from imageloop.app.runs import run_in_terminal
 
-        return run_imagerag(
+        return run_in_terminal(
             self, prompt, index, knobs=knobs, out_dir=out_dir, where=where, resume=resume, on_step=on_step,
             on_progress=on_progress,
         )  # fmt: skip

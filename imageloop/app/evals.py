@@ -125,6 +125,7 @@ def run_genir_eval(
         retriever,
         ArtifactStore(out / "artifacts"),
         defaults=SimulatedUserKnobs.model_validate(resolved.model_dump(include=set(SimulatedUserKnobs.model_fields))),
+        paths=app.file_path,
     )
     done = evaluate_targets(graph, target_list, out, eval_settings, concurrency=concurrency, on_target=on_target)
     wanted = {t.id for t in target_list}

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from langgraph.checkpoint.sqlite import SqliteSaver
 
+from imageloop.app.checkpoints import sqlite_checkpointer
 from imageloop.errors import ConfigError, ImageloopError
 from imageloop.knobs import Given, Knobs
 
@@ -130,4 +131,4 @@ def session_thread(app: App, session_id: str) -> Iterator[SqliteSaver]:
     db.parent.mkdir(parents=True, exist_ok=True)
     # A generous busy timeout: a server plays several sessions at once against one database.
     with lock, closing(sqlite3.connect(db, timeout=30.0, check_same_thread=False)) as conn:
-        yield SqliteSaver(conn)
+        yield sqlite_checkpointer(conn, db)

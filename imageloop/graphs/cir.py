@@ -56,10 +56,12 @@ from imageloop.protocols import (
     Embedder,
     GenerationRequest,
     ImageGenerator,
+    PathResolver,
     ReferenceImage,
     RetrievedImage,
     Vector,
     VisionLanguageModel,
+    as_given,
 )
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tools.images import content_id, open_image
@@ -242,6 +244,7 @@ class _Nodes:
         artifacts: ArtifactStore,
         query_models: QueryModels | None,
         defaults: CIRKnobs | Callable[[], CIRKnobs],
+        paths: PathResolver,
     ) -> None:
         # Every model call becomes a run in the graph's trace (LangSmith, callback handlers).
         llm = traced_vlm(llm)
@@ -253,6 +256,7 @@ class _Nodes:
         self.artifacts = artifacts
         self.query_models = query_models
         self._defaults = defaults
+        self.paths = paths
 
     def prepare(self, state: CIRState, runtime: Runtime[KnobContext]) -> dict[str, Any]:
         """Resolve and check the knobs against what this index and these backends can do; reset the run."""
@@ -263,7 +267,7 @@ class _Nodes:
         exclude_reference = getattr(runtime.context, "exclude_reference", None)
         if rank_depth is not None:
             limits.check("rank_depth", rank_depth)
-        reference = Path(str(state.get("reference") or ""))
+        reference = self.paths(str(state.get("reference") or ""), "reference")
         if not reference.is_file():
             raise ImageloopError(f"reference image {reference} does not exist")
         change = limits.check_text("change", str(state.get("change") or ""))
@@ -296,7 +300,7 @@ class _Nodes:
         """The reference's sidecar caption, else the captioner's."""
         started = time.perf_counter()
         reference = Path(state["reference"])
-        sidecar = sidecar_caption(reference)
+        sidecar = sidecar_caption(reference, reference.parent)
         description = sidecar if sidecar else self.captioner(reference)
         how = "read the sidecar caption" if sidecar else "captioned the reference"
         record = step("describe_reference", 0, how, started, description=description)
@@ -450,14 +454,15 @@ def build_cir_graph(
     query_models: QueryModels | None = None,
     defaults: CIRKnobs | Callable[[], CIRKnobs] | None = None,
     context_schema: type[KnobContext] = CIRContext,
+    paths: PathResolver = as_given,
 ) -> CIRGraph:
     """Wire the CIR loop: `llm` composes and verifies, `captioner` describes a reference without a sidecar.
 
     `generator` may be None when no run asks for a proxy; `query_models` loads a run's `cir_model`.
     `defaults` (or a function returning them, read when a run starts) are the knobs a run's context
-    leaves unset.
+    leaves unset; `paths` resolves the reference (a face confines it to its roots).
     """
-    nodes = _Nodes(llm, captioner, generator, retriever, artifacts, query_models, defaults or CIRKnobs())
+    nodes = _Nodes(llm, captioner, generator, retriever, artifacts, query_models, defaults or CIRKnobs(), paths)
     graph = StateGraph(CIRState, context_schema=context_schema, input_schema=CIRInput, output_schema=CIROutput)
     graph.add_node("prepare", nodes.prepare)
     graph.add_node("describe_reference", nodes.describe_reference)

@@ -41,7 +41,14 @@ from imageloop.graphs.picks import find_shown, listed
 from imageloop.graphs.steps import Step, step
 from imageloop.knobs import KnobContext, SimulatedUserKnobs, run_context
 from imageloop.prompts.questions import GENIR_EMPTY_FEEDBACK_ASK, GENIR_FEEDBACK_ASK
-from imageloop.protocols import GenerationRequest, ImageGenerator, RetrievedImage, VisionLanguageModel
+from imageloop.protocols import (
+    GenerationRequest,
+    ImageGenerator,
+    PathResolver,
+    RetrievedImage,
+    VisionLanguageModel,
+    as_given,
+)
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tracing import traced_generator, traced_retriever, traced_vlm
 
@@ -220,8 +227,10 @@ class _Nodes:
         retriever: GenIRRetriever,
         artifacts: ArtifactStore,
         defaults: SimulatedUserKnobs | Callable[[], SimulatedUserKnobs],
+        paths: PathResolver,
     ) -> None:
         self._defaults = defaults
+        self.paths = paths
         # Every model call and search becomes a run in the graph's trace (LangSmith, callback handlers).
         vlm = traced_vlm(vlm)
         self.vlm = vlm
@@ -240,6 +249,7 @@ class _Nodes:
         if user == "simulated":
             if not target_path or not target_id:
                 raise ConfigError("a simulated user needs target_id and target_path to look for")
+            target_path = str(self.paths(str(target_path), "target_path"))
             query = ""  # the simulated user describes its target (describe_target)
         else:
             query = limits.check_text("query", str(state.get("query") or ""))
@@ -434,13 +444,15 @@ def build_genir_graph(
     *,
     defaults: SimulatedUserKnobs | Callable[[], SimulatedUserKnobs] | None = None,
     context_schema: type[KnobContext] = GenIRContext,
+    paths: PathResolver = as_given,
 ) -> GenIRGraph:
     """Wire the GenIR loop; a person's feedback needs a checkpointer and a thread_id to interrupt.
 
     `generator` may be None for verbal and prediction feedback, which never draw. `defaults` are the
-    knobs of a run whose context leaves them unset (or a function returning them, read when a run starts).
+    knobs of a run whose context leaves them unset (or a function returning them, read when a run starts);
+    `paths` resolves a simulated user's `target_path` (a face confines it to its roots).
     """
-    nodes = _Nodes(vlm, generator, retriever, artifacts, defaults or SimulatedUserKnobs())
+    nodes = _Nodes(vlm, generator, retriever, artifacts, defaults or SimulatedUserKnobs(), paths)
     graph = StateGraph(GenIRState, context_schema=context_schema, input_schema=GenIRInput, output_schema=GenIROutput)
     graph.add_node("prepare", nodes.prepare)
     graph.add_node("describe_target", nodes.describe_target)

@@ -3,8 +3,9 @@
 One JSON object per line: `{"id", "object", "edit", "reference_text", "change", "target_text",
 "reference_image", "target_image"}`. `change` is the modification text of the composed query (what
 turns the reference into the target); `id`, `change` and both images are required, the captions may
-be empty (real triplets often have none). Image paths are absolute or relative to the folder that
-holds the JSONL file.
+be empty (real triplets often have none). Image paths are relative to the folder that holds the JSONL
+file (or absolute), and must lie inside it, symlinks resolved: a file of triplets someone sent cannot
+make training read images from elsewhere on the disk.
 """
 
 from __future__ import annotations
@@ -45,8 +46,14 @@ def read_triplets(source: Path) -> list[Triplet]:
     path = triplets_file(source)
     if not path.is_file():
         raise ImageloopError(f"{path}: no such triplets file (expected a dataset folder with {TRIPLETS_FILENAME})")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ImageloopError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected JSON lines") from None
+    except OSError as e:
+        raise ImageloopError(f"{path}: cannot read ({e.strerror or e})") from None
     triplets = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             triplets.append(_parse(line, f"{path}:{number}", path.parent))
     if not triplets:
@@ -83,6 +90,12 @@ def _parse(line: str, where: str, base: Path) -> Triplet:
 def _resolve(name: str, base: Path, where: str) -> Path:
     path = Path(name).expanduser()
     path = path if path.is_absolute() else base / path
+    try:
+        inside = path.resolve().is_relative_to(base.resolve())
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+        inside = False
+    if not inside:
+        raise ImageloopError(f"{where}: image {name!r} lies outside {base}: triplet images must be inside that folder")
     if not path.is_file():
         raise ImageloopError(f"{where}: image {path} does not exist")
     return path

@@ -18,9 +18,9 @@ import json
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, Unpack
@@ -28,16 +28,24 @@ from typing import Any, TypeVar, Unpack
 from PIL import Image
 from tqdm import tqdm
 
-from imageloop.errors import ImageloopError
+from imageloop.errors import ImageloopError, StorageError
+from imageloop.limits import SIDECAR_BYTES
 from imageloop.protocols import Embedder, VectorRecord
 from imageloop.tools.images import decode_image, file_digest, image_files, open_regular
-from imageloop.tools.indexing.image_index import ImageIndex, Route, StoreOptions, create_or_open_index
+from imageloop.tools.indexing.image_index import (
+    INDEX_DIRNAME,
+    ImageIndex,
+    Route,
+    StoreOptions,
+    create_or_open_index,
+)
 from imageloop.tools.stores.embedded import EmbeddedVectorStore
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 Captioner = Callable[[Path], str]
+LOCK_FILE = "indexing.lock"
 RESERVED_KEYS = frozenset({"path", "folder", "caption"})
 """Metadata the indexer writes itself, which a sidecar `NAME.json` may not set."""
 
@@ -149,12 +157,35 @@ def index_folder(
     _check_sizes(batch_size, workers)
     index = create_or_open_index(folder, embedder, **store_options)
     try:
-        return index_into(
-            index, embedder, captioner, batch_size=batch_size, workers=workers, progress=progress,
-            on_progress=on_progress,
-        )  # fmt: skip
+        with one_indexer(index.root / INDEX_DIRNAME):
+            return index_into(
+                index, embedder, captioner, batch_size=batch_size, workers=workers, progress=progress,
+                on_progress=on_progress,
+            )  # fmt: skip
     finally:
         index.close()
+
+
+@contextmanager
+def one_indexer(index_dir: Path) -> Iterator[None]:
+    """Index one folder in one run at a time, across processes and threads: a second run waits for the first,
+    then finds its images indexed (four at once embedded every image up to four times).
+
+    An advisory lock on `.imageloop/indexing.lock`, released by the operating system however the holder ends.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform (Windows): runs are not kept apart
+        yield
+        return
+    try:
+        lock = (index_dir / LOCK_FILE).open("ab")
+    except OSError:  # a read-only index: nothing can be added to it, nor by another run
+        yield
+        return
+    with lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
 
 
 def index_into(
@@ -177,6 +208,9 @@ def index_into(
     _check_sizes(batch_size, workers)
     workers = workers or default_workers()
     index.require_embedder(embedder.model_id)
+    # A damaged index is said before any work (the store reads every page, ~1 s per GB), never reported
+    # as images that all failed, or as a run that found nothing new.
+    index.check()
     files = sorted(image_files(index.root), key=lambda path: path.relative_to(index.root).as_posix())
     summary = IndexSummary(total=len(files))
     # Workers look up known content while the main thread commits: one lock makes any store safe.
@@ -320,12 +354,14 @@ def _prepare(
             # Known content is not decoded: a re-run over a large folder only hashes bytes.
             with store_lock:
                 known = index.store.get([image_id])
-            extra = sidecar_metadata(path)
+            extra = sidecar_metadata(path, index.root)
             if known:
                 return _Known(image_id, relative, known[0], extra)
             f.seek(0)
             image = decode_image(f, path, shortest_side=side)  # on the caption route too: a broken file fails
-        caption = _caption(path, relative, index.route, captioner)
+        caption = _caption(path, index.root, index.route, captioner)
+    except StorageError:
+        raise  # the index itself failed (damaged, full, busy): not this file's fault, the run's
     except ImageloopError as e:
         return _Failed(relative, str(e))
     except OSError as e:
@@ -385,30 +421,59 @@ def _embedded(pending: list[_New], index: ImageIndex, embedder: Embedder) -> lis
     ]
 
 
-def sidecar_caption(path: Path) -> str | None:
-    """The caption a person wrote for `path` in the sidecar `NAME.txt` beside it, else None."""
-    sidecar = path.with_suffix(".txt")
-    if not sidecar.is_file():
+def read_sidecar(image: Path, suffix: str, within: Path) -> str | None:
+    """The text of the sidecar `NAME.SUFFIX` beside `image` (None without one), read under the image's own
+    confinement: the sidecar is resolved (symlinks followed) and read only when it lies inside `within` (the
+    index root, or the folder of a reference image), is a regular file and holds at most `SIDECAR_BYTES`.
+
+    A sidecar linking out of the folder would otherwise hand any file the process can read (`/etc/passwd`)
+    to the index, the models and the client as a caption. Nothing outside `within` is opened or probed.
+    """
+    sidecar = image.with_suffix(suffix)
+    if not os.path.lexists(sidecar):
         return None
     try:
-        return sidecar.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ImageloopError(f"{sidecar}: cannot read caption ({e})") from e
+        resolved = sidecar.resolve()
+        inside = resolved.is_relative_to(within.resolve())
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise ImageloopError(f"{sidecar}: cannot resolve ({e}); not read") from None
+    if not inside:
+        raise ImageloopError(f"{sidecar}: links outside {within}; not read")
+    try:
+        with open_regular(resolved) as f:
+            data = f.read(SIDECAR_BYTES + 1)
+    except ImageloopError as e:
+        if not resolved.exists() and resolved.parent.is_dir():
+            return None  # a dangling link inside the folder: no sidecar
+        raise ImageloopError(str(e).replace(str(resolved), str(sidecar))) from None
+    if len(data) > SIDECAR_BYTES:
+        raise ImageloopError(f"{sidecar}: over {SIDECAR_BYTES:,} bytes; not read")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ImageloopError(f"{sidecar}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def sidecar_metadata(path: Path) -> dict[str, Any]:
+def sidecar_caption(path: Path, within: Path) -> str | None:
+    """The caption a person wrote for `path` in the sidecar `NAME.txt` beside it, else None (see `read_sidecar`)."""
+    text = read_sidecar(path, ".txt", within)
+    return None if text is None else text.strip()
+
+
+def sidecar_metadata(path: Path, within: Path) -> dict[str, Any]:
     """The keys of the image's sidecar `NAME.json` (none without one): text, numbers, booleans or lists of them.
 
     A catalogue's tags and attributes, e.g. `{"tags": ["sneaker", "red"], "brand": "acme"}`, stored
-    with the record so `where` can filter on them. A sidecar that is not such an object fails that
-    image (reported, never fatal), like an unreadable caption.
+    with the record so `where` can filter on them. A sidecar that is not such an object, or that
+    `read_sidecar` refuses, fails that image (reported, never fatal), like an unreadable caption.
     """
-    sidecar = path.with_suffix(".json")
-    if not sidecar.is_file():
+    text = read_sidecar(path, ".json", within)
+    if text is None:
         return {}
+    sidecar = path.with_suffix(".json")
     try:
-        data = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
         raise ImageloopError(f"{sidecar}: cannot read metadata ({e})") from e
     if not isinstance(data, dict):
         raise ImageloopError(f'{sidecar}: expected a JSON object such as {{"tags": ["sneaker"]}}')
@@ -421,13 +486,14 @@ def sidecar_metadata(path: Path) -> dict[str, Any]:
     return data
 
 
-def _caption(path: Path, relative: Path, route: Route, captioner: Captioner | None) -> str:
+def _caption(path: Path, root: Path, route: Route, captioner: Captioner | None) -> str:
     """The sidecar `NAME.txt` if present, else the captioner's; the caption route needs one of them."""
-    sidecar = sidecar_caption(path)
+    sidecar = sidecar_caption(path, root)
     if sidecar is not None:
         return sidecar
     if captioner is not None:
         return captioner(path)
     if route == "caption":
-        raise ImageloopError(f"no caption: add {relative.with_suffix('.txt').as_posix()} or configure a captioner")
+        relative = path.relative_to(root).with_suffix(".txt").as_posix()
+        raise ImageloopError(f"no caption: add {relative} or configure a captioner")
     return ""
