@@ -84,6 +84,33 @@ PAPER_CRITIC_CAPTIONS = (
 )
 """utils.py l.108-110 with k_captions_per_concept=1, as both released scripts call it."""
 
+PAPER_REPHRASE_AFTER_DECISION = (
+    "Please rephrase the following prompt to make it easier and clearer for the text-to-image generation model "
+    "that generated the above image for this prompt. The goal is to generate an image that matches the given text "
+    "prompt. If the prompt is already clear, return it as it is. Simplify and shorten long descriptions of known "
+    "objects/entities but DO NOT change the original meaning of the text prompt. If the prompt contains rare words, "
+    "change those words to a description of their meaning. In your answer only provide the prompt and nothing else. "
+    'The prompt to be rephrased: "{prompt}"'
+)
+"""utils.py l.124, the rephrase-only ablation (`--only_rephrase`): asked after the decision, in its conversation."""
+
+PAPER_REPHRASE = (
+    "Please rephrase the following prompt to make it clearer for a text-to-image generation model. If it's already "
+    "clear, return it as it is. In your answer only provide the prompt and nothing else, and don't change the "
+    "original meaning of the prompt. If it contains rare words, change the words to a description of their meaning. "
+    'The prompt to be rephrased: "{prompt}"'
+)
+"""utils.py l.122, the same without an image (generation mode, which the released scripts never rephrase in)."""
+
+PAPER_RERANK = (
+    "Which of these images is the most similar to the prompt {prompt}? in your answer only provide the indices of "
+    "the {k} most relevant images with a comma between them with no spaces, starting from index 0, e.g. answer: 0,3 "
+    "if the most similar images are the ones in indices 0 and 3. If you can't determine, return the first {k} "
+    "indices, e.g. 0,1 if {k}=2."
+)
+"""retrieval.py l.197-199 (`gpt_rerank`, the paper's re-ranking ablation), the candidates attached in order; the
+code's missing spaces between sentences are restored, its "if {k}=2" kept as written."""
+
 CAPTIONS_PROMPT = """\
 We will search an image collection for reference pictures that help draw: "{prompt}"
 
