@@ -33,10 +33,11 @@ ReferencesPolicy = Literal["replace", "accumulate"]
 FinalImage = Literal["best", "last"]
 ReferenceTrim = Literal["score", "order"]
 Rerank = Literal["none", "vlm"]
-FeedbackKind = Literal["visual", "verbal", "prediction", "hybrid"]
+FeedbackKind = Literal["visual", "verbal", "prediction", "hybrid", "chatir"]
 SimulatedUserStyle = Literal["ours", "paper"]
 HybridRule = Literal["confidence", "oracle", "random"]
 HybridFallback = Literal["prediction", "verbal"]
+IndexRoute = Literal["any", "image"]
 ReviewKind = Literal["none", "person", "critic"]
 
 
@@ -238,10 +239,13 @@ class GenIRKnobs(Drawing):
     """GenIR: a search, round by round, for an image someone has in mind."""
 
     LOOP: ClassVar[str] = "genir"
-    feedback: FeedbackKind = knob("visual", description="what each round shows: visual draws the query")
+    feedback: FeedbackKind = knob(
+        "visual", description="what each round shows: visual draws the query; chatir asks a question instead"
+    )
     rounds: int = knob(bound="rounds")
     k: int = knob(bound="k", description="results per round (the Hits@K cut-off)")
     hybrid_threshold: float = knob(bound="hybrid_threshold")
+    index_route: IndexRoute = knob("any", description="image refuses an index of caption embeddings, as GenIR searches")
 
 
 class SimulatedUserKnobs(GenIRKnobs):

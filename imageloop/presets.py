@@ -63,6 +63,8 @@ GENIR_PAPER: dict[str, PaperValue] = {
     "flux_redux": PaperValue("none", "genIR_CaptionImageRefinement.py l.247-253: FluxPipeline from text alone"),
     "hybrid_rule": PaperValue("random", "paper (arXiv:2506.06220), hybrid feedback: chosen per query"),
     "hybrid_visual_fraction": PaperValue(0.223, "paper (arXiv:2506.06220), hybrid feedback"),
+    "hybrid_fallback": PaperValue("verbal", "paper (arXiv:2506.06220), hybrid feedback: a drawing or text alone"),
+    "index_route": PaperValue("image", "ChatIR/eval_img.py l.403-424: the corpus is embedded as images (BLIP)"),
 }
 """GenIR as released. Its generators' own settings are the `preset:` generators (tools/generators/presets.py)."""
 

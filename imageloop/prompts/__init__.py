@@ -314,6 +314,27 @@ GENIR_VERBAL_REFINE = (
 )
 """Verbal feedback, second call (the target): TextOnly l.263."""
 
+# ChatIR (Levy et al., NeurIPS 2023), the baseline GenIR compares with: a model asks about the image, the
+# person searching answers, and the whole dialogue is the query. ChatIR's dialogues (GenIR's ChatIR/dialogues/,
+# e.g. ChatGPT_BLIP2.json) open with a caption and hold one "question? answer" line per round; its
+# evaluation joins them with ", " (ChatIR/eval.py l.51, l.207). Neither repository ships the questioner's
+# prompt, so the wording below is ours.
+
+CHATIR_QUESTION = """\
+You are helping someone find a picture in a large image collection. You cannot see the picture; they can. \
+This is what they told you so far: their description first, then each question asked and their answer.
+
+{dialogue}
+
+Ask one new, short question about the picture whose answer would best tell it apart from similar pictures \
+(objects, colours, people, setting, layout). Do not ask what is already answered. Answer with the question only."""
+
+CHATIR_ANSWER = (
+    "This is the picture you are looking for. Answer this question about it in a few words, as a person "
+    "would, with nothing else: {question}"
+)
+"""The simulated user answers a ChatIR question about its target (ChatIR's answerer was BLIP-2, in a few words)."""
+
 QUERY_REFINER_PROMPT = """\
 A person is searching an image collection for a picture they remember. Their last search was: \
 "{query}"
