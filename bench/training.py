@@ -35,9 +35,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imageloop.tools.embedders.local import OpenClipEmbedder
-from imageloop.training.cir import CIRTrainingOptions, train_cir
-from imageloop.training.cir_lora import CIRLoRAOptions, FlowSchedule, LoRAMixture, flow_matching_loss, train_cir_lora
+from imageloop.training.cir import train_cir
+from imageloop.training.cir_lora import FlowSchedule, LoRAMixture, flow_matching_loss, train_cir_lora
 from imageloop.training.combiner import Combiner, CombinerConfig
+from imageloop.training.options import CIRLoRAOptions, CIRTrainingOptions
 from tests.triplet_folders import all_combos, colour_triplets, write_dataset, write_jsonl
 
 # FLUX.1-dev's transformer and scheduler (black-forest-labs/FLUX.1-dev, transformer/ and scheduler/ configs).
@@ -108,19 +109,19 @@ def tiny(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     synthetic, real = toy_data(root, 32)
     embedder = OpenClipEmbedder(f"local-dir:{tiny_clip_dir()}", None, model_id="tiny:clip", device="cpu")
     flux = str(tiny_generator_dir("flux"))
-    options = CIRTrainingOptions(batch_size=32, device="cpu", checkpoint_every=10_000)
+    options = CIRTrainingOptions(batch_size=32, checkpoint_every=10_000, steps=args.steps)
 
     def cir(repeat: int) -> float:
         out = root / f"cir-{repeat}"
-        return train_cir(synthetic, out, embedder=embedder, steps=args.steps, options=options).steps_per_second
+        return train_cir(synthetic, out, embedder=embedder, options=options, device="cpu").steps_per_second
 
     def lora(experts: int, steps: int) -> Run:
         def run(repeat: int) -> float:
             lora_options = CIRLoRAOptions(
-                rank=args.rank, experts=experts, resolution=16, max_sequence_length=64, device="cpu"
+                rank=args.rank, experts=experts, resolution=16, max_sequence_length=64, base_model=flux, steps=steps
             )
             out = root / f"lora-{experts}-{repeat}"
-            return train_cir_lora(real, out, base_model=flux, steps=steps, options=lora_options).steps_per_second
+            return train_cir_lora(real, out, options=lora_options, device="cpu").steps_per_second
 
         return run
 
@@ -169,11 +170,11 @@ def lora_steps(args: argparse.Namespace, experts: int) -> float:
 def real(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     synthetic, _ = toy_data(root, 224)
     embedder = OpenClipEmbedder(REAL_CLIP[0], None, model_id=f"bench:{REAL_CLIP[0]}-random", device="cuda")
-    options = CIRTrainingOptions(batch_size=64, device="cuda", checkpoint_every=10_000)
+    options = CIRTrainingOptions(batch_size=64, checkpoint_every=10_000, steps=args.steps)
 
     def cir(repeat: int) -> float:
         out = root / f"cir-{repeat}"
-        return train_cir(synthetic, out, embedder=embedder, steps=args.steps, options=options).steps_per_second
+        return train_cir(synthetic, out, embedder=embedder, options=options, device="cuda").steps_per_second
 
     names = (
         f"cir combiner ({REAL_CLIP[0]})",

@@ -18,19 +18,26 @@ from imageloop.tiny.diffusion import build_flux  # noqa: E402
 from imageloop.training.cir_lora import (  # noqa: E402
     CONFIG_FILE,
     LORA_WEIGHTS,
-    CIRLoRAOptions,
     LoRAMixture,
     apply_cir_lora,
     resolve_base_model,
     stitch_diptych,
     train_cir_lora,
 )
+from imageloop.training.options import CIRLoRAOptions  # noqa: E402
 from imageloop.training.progress import TrainProgress  # noqa: E402
 from imageloop.training.triplets import read_triplets  # noqa: E402
 from tests.triplet_folders import COLOURS, colour_triplets, picture, write_jsonl  # noqa: E402
 
 FluxPipeline = diffusers.FluxPipeline
 TINY = CIRLoRAOptions(rank=4, resolution=16, learning_rate=1e-2, max_sequence_length=32)
+
+
+def tiny(flux_dir: Path, **changes: Any) -> CIRLoRAOptions:
+    """TINY on the tiny FLUX, with `changes`."""
+    return TINY.overridden({"base_model": str(flux_dir), **changes})
+
+
 DESCRIPTION = diptych_description("make it blue", "red dot on grey", "blue dot on grey", "dot")
 
 
@@ -132,9 +139,7 @@ def test_training_a_cir_lora_end_to_end_changes_what_flux_draws(
     flux_dir: Path, real_triplets: Path, tmp_path: Path
 ) -> None:
     heard: list[TrainProgress] = []
-    result = train_cir_lora(
-        real_triplets, tmp_path, base_model=str(flux_dir), steps=3, options=TINY, progress=heard.append
-    )
+    result = train_cir_lora(real_triplets, tmp_path, options=tiny(flux_dir, steps=3), progress=heard.append)
     assert [p.step for p in heard] == [1, 2, 3] and len(result.loss_curve) == 3
     assert all(np.isfinite(p.loss) for p in result.loss_curve)
     assert (tmp_path / LORA_WEIGHTS).is_file() and result.loss_curve_svg.is_file()
@@ -148,8 +153,7 @@ def test_training_a_cir_lora_end_to_end_changes_what_flux_draws(
 def test_a_mixture_of_experts_saves_each_expert_and_its_router_and_draws_with_the_routed_mix(
     flux_dir: Path, real_triplets: Path, tmp_path: Path
 ) -> None:
-    options = CIRLoRAOptions(**{**vars(TINY), "experts": 2})
-    train_cir_lora(real_triplets, tmp_path, base_model=str(flux_dir), steps=2, options=options)
+    train_cir_lora(real_triplets, tmp_path, options=tiny(flux_dir, steps=2, experts=2))
     assert {p.name for p in tmp_path.iterdir()} >= {
         "expert_0.safetensors",
         "expert_1.safetensors",
@@ -169,20 +173,18 @@ def test_a_real_triplet_without_captions_still_trains(flux_dir: Path, tmp_path: 
         record["reference_text"] = record["target_text"] = record["object"] = ""
     source = write_jsonl(tmp_path / "real.jsonl", records)
     assert read_triplets(source)[0].reference_text == ""
-    result = train_cir_lora(source, tmp_path / "lora", base_model=str(flux_dir), steps=1, options=TINY)
+    result = train_cir_lora(source, tmp_path / "lora", options=tiny(flux_dir, steps=1))
     assert (result.out_dir / CONFIG_FILE).is_file()
 
 
 def test_a_panel_size_flux_cannot_patch_is_refused(flux_dir: Path, real_triplets: Path, tmp_path: Path) -> None:
-    options = CIRLoRAOptions(**{**vars(TINY), "resolution": 15})
     with pytest.raises(ConfigError, match="multiple of 2"):
-        train_cir_lora(real_triplets, tmp_path, base_model=str(flux_dir), steps=1, options=options)
+        train_cir_lora(real_triplets, tmp_path, options=tiny(flux_dir, steps=1, resolution=15))
 
 
-def test_an_unknown_weighting_scheme_is_refused_before_loading_anything(real_triplets: Path, tmp_path: Path) -> None:
-    options = CIRLoRAOptions(weighting_scheme="uniform")
-    with pytest.raises(ConfigError, match="weighting_scheme 'uniform'"):
-        train_cir_lora(real_triplets, tmp_path, base_model="imageloop-test/no-such-flux", steps=1, options=options)
+def test_an_unknown_weighting_scheme_is_refused_by_the_options() -> None:
+    with pytest.raises(ConfigError, match="weighting_scheme"):
+        CIRLoRAOptions().overridden({"weighting_scheme": "uniform", "base_model": "imageloop-test/no-such-flux"})
 
 
 def test_a_folder_without_a_cir_lora_is_refused(flux_dir: Path, tmp_path: Path) -> None:

@@ -447,40 +447,42 @@ class App:
         out_dir: str | Path,
         *,
         real: str | Path | None = None,
-        steps: int | None = None,
-        finetune_steps: int | None = None,
-        batch_size: int | None = None,
-        learning_rate: float | None = None,
+        options: Given = None,
         progress: TrainingProgress | None = None,
     ) -> dict[str, Any]:
-        """Train a composed-query model (DRSP, then FRA); see `imageloop.app.training`."""
+        """Train a composed-query model (DRSP, then FRA); `options` are `CIRTrainingOptions`; see `app.training`."""
         from imageloop.app.training import train_cir
 
-        return train_cir(
-            self, triplets, out_dir, real=real, steps=steps, finetune_steps=finetune_steps, batch_size=batch_size,
-            learning_rate=learning_rate, progress=progress,
-        )  # fmt: skip
+        return train_cir(self, triplets, out_dir, real=real, options=options, progress=progress)
+
+    def cir_data(
+        self,
+        annotations: str | Path,
+        fmt: str,
+        out: str | Path,
+        *,
+        images: str | Path | None = None,
+        shots: int | None = None,
+        fraction: float | None = None,
+        seed: int = 0,
+    ) -> dict[str, Any]:
+        """A benchmark's train split as real triplets (K-shot, fraction or all); see `app.training.real_triplets`."""
+        from imageloop.app.training import real_triplets
+
+        return real_triplets(self, annotations, fmt, out, images=images, shots=shots, fraction=fraction, seed=seed)
 
     def train_cir_lora(
         self,
         triplets: str | Path,
         out_dir: str | Path,
         *,
-        steps: int | None = None,
-        experts: int | None = None,
-        rank: int | None = None,
-        resolution: int | None = None,
-        batch_size: int | None = None,
-        base_model: str | None = None,
+        options: Given = None,
         progress: TrainingProgress | None = None,
     ) -> dict[str, Any]:
-        """Train a CIR-LoRA on FLUX; see `imageloop.app.training`."""
+        """Train a CIR-LoRA on FLUX; `options` are `CIRLoRAOptions`; see `imageloop.app.training`."""
         from imageloop.app.training import train_cir_lora
 
-        return train_cir_lora(
-            self, triplets, out_dir, steps=steps, experts=experts, rank=rank, resolution=resolution,
-            batch_size=batch_size, base_model=base_model, progress=progress,
-        )  # fmt: skip
+        return train_cir_lora(self, triplets, out_dir, options=options, progress=progress)
 
     def rescore_genir(self, out_dir: str | Path, index: str | Path | None = None) -> dict[str, Any]:
         """Re-score a GenIR evaluation's saved queries by text alone; see `imageloop.app.evals.rescore_genir_text`."""

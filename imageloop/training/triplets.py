@@ -5,16 +5,21 @@ One JSON object per line: `{"id", "object", "edit", "reference_text", "change", 
 turns the reference into the target); `id`, `change` and both images are required, the captions may
 be empty (real triplets often have none). Image paths are absolute or relative to the folder that
 holds the JSONL file.
+
+`describe_triplets` fills the captions a real triplet lacks with a captioner's, each image captioned once
+and journaled as it comes, so an interrupted run captions no image twice.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from imageloop.errors import ImageloopError
+from imageloop.files import jsonl_journal, read_jsonl
 
 TRIPLETS_FILENAME = "triplets.jsonl"
 _REQUIRED = ("id", "change", "reference_image", "target_image")
@@ -86,3 +91,36 @@ def _resolve(name: str, base: Path, where: str) -> Path:
     if not path.is_file():
         raise ImageloopError(f"{where}: image {path} does not exist")
     return path
+
+
+Captioner = Callable[[Path], str]
+
+
+def describe_triplets(triplets: Sequence[Triplet], captioner: Captioner, journal: Path) -> list[Triplet]:
+    """`triplets` with every missing reference or target caption filled by `captioner`.
+
+    Each caption is appended to `journal` (one fsynced JSON line, `{"image", "caption"}`) as soon as it is
+    made; captions already there are reused, so a run killed half-way and started again asks for the rest.
+    """
+    known = {record["image"]: record["caption"] for record in read_jsonl(journal)}
+    wanted = [
+        path
+        for t in triplets
+        for path, text in ((t.reference_image, t.reference_text), (t.target_image, t.target_text))
+        if not text
+    ]
+    missing = [path for path in dict.fromkeys(wanted) if str(path) not in known]
+    if missing:
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        with jsonl_journal(journal) as append:
+            for path in missing:
+                known[str(path)] = captioner(path).strip()
+                append({"image": str(path), "caption": known[str(path)]})
+    return [
+        replace(
+            t,
+            reference_text=t.reference_text or known[str(t.reference_image)],
+            target_text=t.target_text or known[str(t.target_image)],
+        )
+        for t in triplets
+    ]
