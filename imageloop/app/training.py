@@ -143,7 +143,9 @@ def real_triplets(
         raise ImageloopError(f"`annotations` {source.name} is the {spec.split} split: real triplets come from train")
     benchmarks = load_benchmarks(spec, app.path(images, "images", kind="dir") if images is not None else None)
     records = triplet_records(sample_queries(benchmarks, shots=shots, fraction=fraction, seed=seed))
-    target = app.path(out, "out", kind="out")
+    target = app.path(out, "out")
+    if target.is_dir():
+        raise ImageloopError(f"`out` {target} is a folder: name the JSONL file to write")
     captioned = app.settings.captioner is not None
     if captioned:
         triplets = [Triplet(r["id"], Path(r["reference_image"]), r["change"], Path(r["target_image"])) for r in records]
