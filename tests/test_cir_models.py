@@ -166,3 +166,63 @@ def test_an_interrupted_clip4cir_run_resumes_in_its_combiner_phase_to_the_uninte
     resumed = train_cir(synthetic, tmp_path / "resumed", embedder=None, options=options)
     assert resumed.resumed_from_step == 4  # the encoders' three steps and one of the combiner's
     assert resumed.loss_curve == whole.loss_curve
+
+
+# SPRC on a tiny BLIP-2.
+
+
+@pytest.fixture(scope="module")
+def sprc(tmp_path_factory: pytest.TempPathFactory, synthetic: Path) -> tuple[Path, Path]:
+    """A tiny BLIP-2 checkpoint and SPRC trained from it through DAIG's two stages: (model folder, base)."""
+    from tests.tiny_blip2 import build_tiny_blip2
+
+    root = tmp_path_factory.mktemp("sprc")
+    base = build_tiny_blip2(root / "blip2-base")
+    out = root / "model"
+    assert main(["train", "cir", "--model", "sprc", "--base-model", str(base), "--triplets", str(synthetic),
+                 "--real", str(synthetic / "triplets.jsonl"), "--out", str(out), "--steps", "3", "--finetune-steps",
+                 "2", "--batch-size", "4", "--encoder-learning-rate", "1e-3", "-q"]) == 0  # fmt: skip
+    return out, base
+
+
+def test_sprc_trains_its_q_former_side_through_both_stages_and_leaves_the_vit_frozen(sprc: tuple[Path, Path]) -> None:
+    from safetensors.torch import load_file
+
+    out, base = sprc
+    stages = [point["stage"] for point in json.loads((out / "loss_curve.json").read_text())["points"]]
+    assert stages == ["pretrain"] * 3 + ["finetune"] * 2
+    before, after = load_file(str(base / "model.safetensors")), load_file(str(out / "blip2" / "model.safetensors"))
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and not any(name.startswith("vision_model.") for name in changed)
+    assert any(name.startswith("qformer.") for name in changed) and "query_tokens" in changed
+
+
+def test_sprc_scores_a_target_by_its_best_matching_query_feature() -> None:
+    from imageloop.training.sprc import _max_similarity
+
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    targets = torch.tensor([[[1.0, 0.0], [0.0, -1.0]], [[0.6, 0.8], [0.0, 1.0]]])  # two targets, two features each
+    assert torch.equal(_max_similarity(queries, targets), torch.tensor([[1.0, 0.6], [0.0, 1.0]]))
+
+
+def test_an_sprc_folder_serves_composed_queries_on_an_index_of_its_own_embedder(
+    sprc: tuple[Path, Path], synthetic: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, _ = sprc
+    gallery = tmp_path / "gallery"
+    shutil.copytree(synthetic / "images", gallery)
+    run(capsys, "index", str(gallery), "--embedder", f"cir:{out}", "-q")
+    found = run(capsys, "cir", "--index", str(gallery), "--reference", str(gallery / "dot-red.png"), "--change",
+                "make it blue", "--embedder", f"cir:{out}", "--cir-model", str(out), "--k", "3", "-q")  # fmt: skip
+    assert len(found["results"]) == 3 and found["edited_description"] is None
+    assert all(abs(r["score"]) <= 1.0 + 1e-5 for r in found["results"])
+
+
+def test_sprc_refuses_to_perturb_text_features_it_does_not_have(synthetic: Path, tmp_path: Path) -> None:
+    from imageloop.errors import ConfigError
+    from imageloop.training.cir import train_cir
+    from imageloop.training.options import CIRTrainingOptions
+
+    options = CIRTrainingOptions(model="sprc", base_model=str(tmp_path), drsp_features="visual+text", steps=1)
+    with pytest.raises(ConfigError, match="sprc perturbs visual features only"):
+        train_cir(synthetic, tmp_path / "out", embedder=None, options=options)
