@@ -697,7 +697,8 @@ def _show_hits(summary: dict[str, Any]) -> None:
     for entry in summary["rounds"]:
         hits = ", ".join(f"Hits@{k} = {value:.3f}" for k, value in entry["hits_at"].items())
         latency = f" ({entry['latency_s']:.2f} s)" if entry.get("latency_s") is not None else ""
-        _err(f"round {entry['round']}: {hits}{latency}")
+        carried = f"; {entry['carried']} of {summary['n_targets']} carried forward" if entry.get("carried") else ""
+        _err(f"round {entry['round']}: {hits}{latency}{carried}")
 
 
 def _eval_imagerag(args: argparse.Namespace, app: App) -> int:
