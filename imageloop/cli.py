@@ -277,7 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     index = commands.add_parser("index", parents=[roles], help="index a folder of images for retrieval")
-    index.add_argument("folder", type=Path, help="folder of images; the index is written to FOLDER/.imageloop")
+    index.add_argument(
+        "folder", type=Path, nargs="+", metavar="SOURCE",
+        help="a folder of images, a parquet table of image paths and captions, or WebDataset shards "
+        "('data/{00000..00099}.tar'); the index is written to FOLDER/.imageloop (the folder holding them)",
+    )  # fmt: skip
     index.add_argument("--batch-size", type=int, help=f"images embedded per batch (default {_default('batch_size')})")
     index.add_argument("--json", action="store_true", help='print {"indexed", "skipped", "failed", "total", ...} last')
     stores = index.add_argument_group("vector store (a new index; an existing one keeps its own)")

@@ -140,13 +140,17 @@ class App:
 
     def index_folder(
         self,
-        folder: str | Path,
+        folder: str | Path | Sequence[str | Path],
         *,
         batch_size: int | None = None,
         progress: bool = False,
         on_progress: Callable[[int, int], None] | None = None,
     ) -> IndexSummary:
         """Add the new images of `folder` to its index (created in the configured store); prune vanished ones.
+
+        `folder` may also be a parquet table of image paths and captions, or WebDataset shards (tar files,
+        brace patterns such as `data/{00000..00099}.tar` expanded): the index goes to the folder holding
+        them (`imageloop.tools.indexing.sources`).
 
         `progress` draws a bar on stderr; `on_progress(done, total)` hears the files handled so far.
 
@@ -156,8 +160,14 @@ class App:
         """
         from imageloop.agents.captioner import VLMCaptioner
         from imageloop.tools.indexing.indexer import index_folder
+        from imageloop.tools.indexing.sources import Source, resolve_source
 
-        root = self.path(folder, "folder", kind="dir")
+        given = [folder] if isinstance(folder, str | Path) else list(folder)
+        if len(given) == 1 and Path(given[0]).suffix not in (".tar", ".parquet") and "{" not in str(given[0]):
+            source = Source(self.path(given[0], "folder", kind="dir"), "folder")
+        else:
+            source = resolve_source([self.path(name, "source") for name in given])
+        root = source.root
         limits.check("batch_size", batch_size)
         embedder = self.embedder()
         captioner: VLMCaptioner | None = None
@@ -176,7 +186,7 @@ class App:
         settings = self.settings
         try:
             return index_folder(
-                root, embedder, caption if wants_captioner else None,
+                source, embedder, caption if wants_captioner else None,
                 batch_size=batch_size or int(limits.default("batch_size") or 32), progress=progress,
                 on_progress=on_progress,
                 store=settings.store, weaviate_url=settings.weaviate_url,
