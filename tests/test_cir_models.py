@@ -96,6 +96,16 @@ def test_the_model_folder_is_the_embedder_its_index_is_built_with(clip4cir: tupl
     assert not np.allclose(embedder.embed_images(picture), frozen.embed_images(picture), atol=1e-4)
 
 
+def eval_cir(val: CIRRFixture, tmp_path: Path, embedder: str, model: Path) -> list[str]:
+    """`eval cir` arguments on CIRR val over a copy of its images indexed with `embedder` (one index a folder)."""
+    gallery = tmp_path / "gallery"
+    shutil.copytree(val.images / "dev", gallery / "dev")
+    assert main(["index", str(gallery), "--embedder", embedder, "-q"]) == 0
+    annotations = val.root / "captions" / "cap.rc2.val.json"
+    return ["eval", "cir", "--index", str(gallery), "--annotations", str(annotations), "--format", "cirr",
+            "--embedder", embedder, "--cir-model", str(model), "--out", str(tmp_path / "eval")]  # fmt: skip
+
+
 def test_cir_data_then_clip4cir_then_eval_cir_runs_end_to_end_on_cirr(
     clip4cir: tuple[Path, dict[str, Any]],
     cirr: tuple[CIRRFixture, CIRRFixture],
@@ -104,13 +114,8 @@ def test_cir_data_then_clip4cir_then_eval_cir_runs_end_to_end_on_cirr(
 ) -> None:
     out, _ = clip4cir
     val = cirr[1]
-    gallery = tmp_path / "gallery"  # a folder keeps one index: the model's own goes beside the frozen one's
-    shutil.copytree(val.images / "dev", gallery / "dev")
-    indexed = run(capsys, "index", str(gallery), "--embedder", f"cir:{out}", "-q")
-    assert indexed["indexed"] == len(val.names)
-    summary = run(capsys, "eval", "cir", "--index", str(gallery), "--annotations",
-                  str(val.root / "captions" / "cap.rc2.val.json"), "--format", "cirr", "--embedder", f"cir:{out}",
-                  "--cir-model", str(out), "--out", str(tmp_path / "eval"), "-q")  # fmt: skip
+    capsys.readouterr()
+    summary = run(capsys, *eval_cir(val, tmp_path, f"cir:{out}", out), "-q")
     assert summary["n"] == len(val.pairs)
     assert set(summary["recall_at"]) == {"1", "5", "10", "50"} and summary["recall_at"]["50"] == 100.0
 
@@ -122,13 +127,7 @@ def test_a_clip4cir_model_refuses_an_index_built_with_the_frozen_embedder(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     out, _ = clip4cir
-    val = cirr[1]
-    gallery = tmp_path / "gallery"
-    shutil.copytree(val.images / "dev", gallery / "dev")
-    run(capsys, "index", str(gallery), "--embedder", "tiny:clip", "-q")
-    code = main(["eval", "cir", "--index", str(gallery), "--annotations",
-                 str(val.root / "captions" / "cap.rc2.val.json"), "--format", "cirr", "--embedder", "tiny:clip",
-                 "--cir-model", str(out), "--out", str(tmp_path / "eval")])  # fmt: skip
+    code = main(eval_cir(cirr[1], tmp_path, "tiny:clip", out))
     assert code == 2 and f"cir:{out.resolve()}" in capsys.readouterr().err
 
 
