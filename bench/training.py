@@ -1,8 +1,10 @@
-"""Training speed and memory: the CIR Combiner and CIR-LoRA (one LoRA vs a mixture of experts), short runs.
+"""Training speed and memory: the CIR models (combiner, clip4cir, sprc) and CIR-LoRA (one LoRA vs a mixture of
+experts, and what checkpointing every step costs), short runs.
 
---size tiny (CPU is fine): `train_cir` on tiny:clip features of a toy triplet set, and `train_cir_lora`
-on the tiny FLUX pipeline, end to end through the public functions; steps/s counts the optimisation
-loop only (features, latents and text embeddings are computed once, before it).
+--size tiny (CPU is fine): `train_cir` on tiny:clip features of a toy triplet set (the combiner), on
+tiny:clip itself (clip4cir: CLIP's two encoders fine-tuned, then the Combiner) and on a tiny BLIP-2
+(sprc), and `train_cir_lora` on the tiny FLUX pipeline, end to end through the public functions; steps/s
+counts the optimisation loop only (frozen features, latents and text embeddings are computed before it).
 --size real (CUDA only): the real-size architectures with random weights: `train_cir` on open_clip
 ViT-L-14 features (768-d, CLIP4CIR widths), and CIR-LoRA steps on the FLUX.1-dev transformer (bf16,
 a 1024x512 diptych, 512 T5 tokens) through the same `LoRAMixture` and `flow_matching_loss` that
@@ -12,8 +14,8 @@ Side by side: the mixture of `--experts` LoRA experts vs one LoRA, as a steps/s 
 interleaved (a shared machine's slow spells hit every variant alike) and medians reported.
 Peak memory: CUDA's peak allocation per phase, or on the CPU the process's peak resident set so far.
 
-    python bench/training.py [--size tiny|real] [--steps 200] [--lora-steps 30] [--experts 4] [--rank 16]
-                             [--repeats 3]
+    python bench/training.py [--size tiny|real] [--steps 200] [--model-steps 20] [--lora-steps 30] [--experts 4]
+                             [--rank 16] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from imageloop.training.cir import train_cir
 from imageloop.training.cir_lora import FlowSchedule, LoRAMixture, flow_matching_loss, train_cir_lora
 from imageloop.training.combiner import Combiner, CombinerConfig
 from imageloop.training.options import CIRLoRAOptions, CIRTrainingOptions
+from tests.tiny_blip2 import build_tiny_blip2
 from tests.triplet_folders import all_combos, colour_triplets, write_dataset, write_jsonl
 
 # FLUX.1-dev's transformer and scheduler (black-forest-labs/FLUX.1-dev, transformer/ and scheduler/ configs).
@@ -125,11 +128,36 @@ def tiny(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
 
         return run
 
+    def fine_tuned(model: str, base: str) -> Run:
+        def run(repeat: int) -> float:
+            tuned = CIRTrainingOptions(
+                model=model, base_model=base, batch_size=16, steps=args.model_steps, checkpoint_every=10_000
+            )
+            return train_cir(
+                synthetic, root / f"{model}-{repeat}", embedder=None, options=tuned, device="cpu"
+            ).steps_per_second
+
+        return run
+
+    def checkpointed(repeat: int) -> float:
+        lora_options = CIRLoRAOptions(
+            rank=args.rank, resolution=16, max_sequence_length=64, base_model=flux, steps=args.lora_steps,
+            checkpoint_every=1,
+        )  # fmt: skip
+        return train_cir_lora(real, root / f"lora-ckpt-{repeat}", options=lora_options, device="cpu").steps_per_second
+
     lora(1, 3)(-1)  # warm-up, untimed: the first backward passes pay for lazy initialisation in torch
-    names = ("cir combiner (tiny:clip)", "cir-lora, 1 expert", f"cir-lora, {args.experts} experts")
-    runs = dict(zip(names, (cir, lora(1, args.lora_steps), lora(args.experts, args.lora_steps)), strict=True))
-    steps = dict(zip(names, (args.steps, args.lora_steps, args.lora_steps), strict=True))
-    return measure("cpu", runs, steps, args.repeats)
+    blip2 = str(build_tiny_blip2(root / "tiny-blip2"))
+    names = (
+        "cir combiner (tiny:clip)", "cir-lora, 1 expert", f"cir-lora, {args.experts} experts",
+        "cir clip4cir (tiny:clip, 2 parts)", "cir sprc (tiny BLIP-2)", "cir-lora, 1 expert, ckpt every step",
+    )  # fmt: skip
+    chosen = (
+        cir, lora(1, args.lora_steps), lora(args.experts, args.lora_steps), fine_tuned("clip4cir", "tiny:clip"),
+        fine_tuned("sprc", blip2), checkpointed,
+    )  # fmt: skip
+    counts = (args.steps, args.lora_steps, args.lora_steps, 2 * args.model_steps, args.model_steps, args.lora_steps)
+    return measure("cpu", dict(zip(names, chosen, strict=True)), dict(zip(names, counts, strict=True)), args.repeats)
 
 
 def real_flux_transformer(device: str | torch.device) -> Any:
@@ -211,6 +239,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=("tiny", "real"), default="tiny")
     parser.add_argument("--steps", type=int, default=200, help="combiner training steps")
+    parser.add_argument("--model-steps", type=int, default=20, help="clip4cir and sprc steps per part (tiny)")
     parser.add_argument("--lora-steps", type=int, default=30, help="CIR-LoRA training steps per variant")
     parser.add_argument("--experts", type=int, default=4, help="experts in the mixture variant")
     parser.add_argument("--rank", type=int, default=16)
@@ -224,7 +253,11 @@ def main() -> None:
         rows = (tiny if args.size == "tiny" else real)(args, Path(tmp))
     ratio = rows[2]["steps_per_s"] / rows[1]["steps_per_s"]
     print(f"ratio {args.experts} experts / 1 expert: {ratio:.3f} (the mixture's cost per step)")
-    print(json.dumps({"benchmark": "training", "size": args.size, "phases": rows, "moe_ratio": round(ratio, 3)}))
+    figures: dict[str, Any] = {"benchmark": "training", "size": args.size, "phases": rows, "moe_ratio": round(ratio, 3)}
+    if len(rows) > 5:
+        figures["checkpoint_every_step_ratio"] = round(rows[5]["steps_per_s"] / rows[1]["steps_per_s"], 3)
+        print(f"ratio checkpoint every step / once at the end: {figures['checkpoint_every_step_ratio']:.3f}")
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":
