@@ -216,30 +216,46 @@ def _add_triplets_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
 
 
 def _add_train_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
+    from imageloop.training.options import CIRLoRAOptions, CIRTrainingOptions
+
     train = commands.add_parser("train", help="train DAIG's models: a composed-query model or a CIR-LoRA")
-    models = train.add_subparsers(dest="model", required=True, metavar="MODEL")
+    models = train.add_subparsers(dest="training", required=True, metavar="MODEL")
     cir = models.add_parser(
-        "cir", parents=[roles], help="a composed-query model on --embedder's features (DRSP, then FRA)"
+        "cir", parents=[roles], help="a composed-query model (combiner, clip4cir, sprc): DRSP, then FRA"
     )
     cir.add_argument("--triplets", type=Path, required=True, metavar="DIR", help="synthetic triplets (pre-training)")
-    cir.add_argument("--real", type=Path, metavar="FILE", help="real triplets (JSONL) to fine-tune on")
-    # dest train_steps: `steps` is the settings' denoising steps, which a training run must not set.
-    cir.add_argument("--steps", type=int, dest="train_steps", help="pre-training steps (default 1000)")
-    cir.add_argument("--finetune-steps", type=int, help="fine-tuning steps with --real (default 200)")
-    cir.add_argument("--learning-rate", type=float, help="pre-training learning rate (default 1e-4)")
+    cir.add_argument("--real", type=Path, metavar="FILE", help="real triplets (JSONL, e.g. cir-data's) to fine-tune on")
+    _add_knobs(cir, CIRTrainingOptions, "training (the paper's values where it gives them)")
     cir_lora = models.add_parser("cir-lora", parents=[roles], help="an in-context LoRA on FLUX for diptychs")
     cir_lora.add_argument("--triplets", type=Path, required=True, metavar="DIR", help="real triplets (folder or JSONL)")
-    cir_lora.add_argument("--steps", type=int, dest="train_steps", help="training steps (default 1000)")
-    cir_lora.add_argument("--experts", type=int, help="LoRA experts mixed by a router (default 1: one LoRA)")
-    cir_lora.add_argument("--rank", type=int, help="LoRA rank (default 16)")
-    cir_lora.add_argument("--resolution", type=int, help="each panel's side in pixels (default 512)")
-    cir_lora.add_argument(
-        "--base-model", metavar="SPEC", help="FLUX checkpoint (default --generator if FLUX, else FLUX.1-dev)"
-    )
+    _add_knobs(cir_lora, CIRLoRAOptions, "training (uncaptioned images are described by --captioner when given)")
     for parser in (cir, cir_lora):
+        parser.add_argument(
+            "--images", type=Path, metavar="DIR",
+            help="a folder triplet images may lie in besides their file's own (cir-data's: the benchmark's images)",
+        )  # fmt: skip
         parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the model goes (resumable)")
-        parser.add_argument("--batch-size", type=int, help="examples per step")
         parser.add_argument("--json", action="store_true", help="print the run's summary as JSON last")
+
+
+def _add_cir_data_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
+    data = commands.add_parser(
+        "cir-data", parents=[roles], help="a CIRR or FashionIQ train split as real triplets (K-shot, fraction, all)"
+    )
+    data.add_argument(
+        "--annotations", type=Path, required=True, metavar="FILE",
+        help="CIRR captions/cap.rc2.train.json, FashionIQ captions/cap.CATEGORY.train.json, or the dataset folder",
+    )  # fmt: skip
+    data.add_argument("--format", required=True, choices=["cirr", "fashioniq"], help="the benchmark")
+    data.add_argument(
+        "--images", type=Path, metavar="DIR", help="the benchmark's images (default ROOT/img_raw or ROOT/images)"
+    )
+    size = data.add_mutually_exclusive_group(required=True)
+    size.add_argument("--shots", type=int, metavar="K", help="K triplets (DAIG's few-shot setting: 32)")
+    size.add_argument("--fraction", type=float, metavar="F", help="this share of the split (DAIG: 0.01; 1: all)")
+    data.add_argument("--seed", type=int, default=0, help="which sample (default 0; a smaller one nests in a larger)")
+    data.add_argument("--out", type=Path, required=True, metavar="FILE", help="the triplets (JSONL) to write")
+    data.add_argument("--json", action="store_true", help='print {"written", "out", "images"} last')
 
 
 def _add_genir_eval_options(parser: argparse.ArgumentParser) -> None:
@@ -293,7 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     index = commands.add_parser("index", parents=[roles], help="index a folder of images for retrieval")
-    index.add_argument("folder", type=Path, help="folder of images; the index is written to FOLDER/.imageloop")
+    index.add_argument(
+        "folder", type=Path, nargs="+", metavar="SOURCE",
+        help="a folder of images, a parquet table of image paths and captions, or WebDataset shards "
+        "('data/{00000..00099}.tar'); the index is written to FOLDER/.imageloop (the folder holding them)",
+    )  # fmt: skip
     index.add_argument("--batch-size", type=int, help=f"images embedded per batch (default {_default('batch_size')})")
     index.add_argument("--json", action="store_true", help='print {"indexed", "skipped", "failed", "total", ...} last')
     stores = index.add_argument_group("vector store (a new index; an existing one keeps its own)")
@@ -354,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cir_parser(commands, roles)
     _add_triplets_parser(commands, roles)
     _add_train_parser(commands, roles)
+    _add_cir_data_parser(commands, roles)
     _add_genir_eval_options(genir_eval)
     _add_eval_imagerag_parser(loops, roles)
 
@@ -733,7 +754,8 @@ def _show_hits(summary: dict[str, Any]) -> None:
     for entry in summary["rounds"]:
         hits = ", ".join(f"Hits@{k} = {value:.3f}" for k, value in entry["hits_at"].items())
         latency = f" ({entry['latency_s']:.2f} s)" if entry.get("latency_s") is not None else ""
-        _err(f"round {entry['round']}: {hits}{latency}")
+        carried = f"; {entry['carried']} of {summary['n_targets']} carried forward" if entry.get("carried") else ""
+        _err(f"round {entry['round']}: {hits}{latency}{carried}")
 
 
 def _eval_imagerag(args: argparse.Namespace, app: App) -> int:
@@ -874,7 +896,9 @@ def _triplets(args: argparse.Namespace, app: App) -> int:
 def _train(args: argparse.Namespace, app: App) -> int:
     from tqdm import tqdm
 
-    bar = tqdm(desc=f"train {args.model}", unit="step", file=sys.stderr, disable=None)
+    from imageloop.training.options import CIRLoRAOptions, CIRTrainingOptions
+
+    bar = tqdm(desc=f"train {args.training}", unit="step", file=sys.stderr, disable=None)
 
     def progress(event: Any) -> None:
         bar.total = event.total_steps
@@ -883,21 +907,33 @@ def _train(args: argparse.Namespace, app: App) -> int:
         bar.refresh()
 
     try:
-        if args.model == "cir":
+        if args.training == "cir":
+            options = _given(args, CIRTrainingOptions)
             summary = app.train_cir(
-                args.triplets, args.out, real=args.real, steps=args.train_steps, finetune_steps=args.finetune_steps,
-                batch_size=args.batch_size, learning_rate=args.learning_rate, progress=progress,
-            )  # fmt: skip
+                args.triplets, args.out, real=args.real, images=args.images, options=options, progress=progress
+            )
         else:
             summary = app.train_cir_lora(
-                args.triplets, args.out, steps=args.train_steps, experts=args.experts, rank=args.rank,
-                resolution=args.resolution, batch_size=args.batch_size, base_model=args.base_model, progress=progress,
-            )  # fmt: skip
+                args.triplets, args.out, images=args.images, options=_given(args, CIRLoRAOptions), progress=progress
+            )
     finally:
         bar.close()
     _err(f"{summary['steps']} steps, final loss {summary['final_loss']:.4f}; loss curve {summary['loss_curve_svg']}")
     if args.json:
         print(json.dumps(summary))
+    return 0
+
+
+def _cir_data(args: argparse.Namespace, app: App) -> int:
+    made = app.cir_data(
+        args.annotations, args.format, args.out, images=args.images, shots=args.shots, fraction=args.fraction,
+        seed=args.seed,
+    )  # fmt: skip
+    captions = ", with captions" if made["captioned"] else ""
+    _err(f"wrote {made['written']} of the split's {made['split_size']} triplets to {made['out']}{captions}")
+    _err(f"their images lie in {made['images']}: train on them with --real {made['out']} --images {made['images']}")
+    if args.json:
+        print(json.dumps({"written": made["written"], "out": made["out"], "images": made["images"]}))
     return 0
 
 
@@ -913,6 +949,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, App], int]] = {
     "cir": _cir,
     "triplets": _triplets,
     "train": _train,
+    "cir-data": _cir_data,
     "mcp": _mcp,
     "ui": _ui,
     "completion": _completion,
@@ -945,8 +982,10 @@ def _interrupted(args: argparse.Namespace, error: BaseException) -> str:
         return f"finished targets are in {args.out}; run the same command again to evaluate the rest"
     if args.command == "triplets":
         return f"finished triplets are in {args.out}; run the same command again to make the rest"
-    if args.command == "train" and args.model == "cir":
+    if args.command == "train":
         return f"checkpoints are in {args.out}; run the same command again to resume"
+    if args.command == "cir-data":
+        return f"nothing was written to {args.out}; captions made so far are kept: run the same command again"
     return "stopped"
 
 

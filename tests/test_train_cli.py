@@ -61,7 +61,7 @@ def test_train_cir_fine_tunes_on_real_triplets_and_resumes_a_finished_run(
     ("args", "message"),
     [
         (["--steps", "0"], "nothing to train"),
-        (["--batch-size", "0"], "batch_size must be at least 1"),
+        (["--batch-size", "1"], "--batch-size must be at least 2"),
     ],
 )
 def test_train_cir_refuses_what_cannot_train(
@@ -87,3 +87,14 @@ def test_train_cir_on_a_binary_triplets_file_is_one_line(tmp_path: Path, capsys:
 
     [line] = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and line.startswith("imageloop: error: ") and "not UTF-8 text" in line
+
+
+def test_train_cir_takes_the_fra_margin_and_records_the_options_it_ran_with(
+    synthetic: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = synthetic / "triplets.jsonl"
+    summary, _ = train(capsys, "cir", "--embedder", "tiny:clip", "--triplets", str(synthetic), "--real", str(real),
+                       "--out", str(tmp_path / "m"), "--steps", "1", "--finetune-steps", "1", "--batch-size", "4",
+                       "--fra-margin", "0.3")  # fmt: skip
+    options = json.loads((Path(summary["model"]) / "config.json").read_text())["training"]["options"]
+    assert (options["fra_margin"], options["drsp_features"], options["model"]) == (0.3, "visual", "combiner")

@@ -81,3 +81,9 @@ def test_a_triplet_image_outside_the_folder_of_its_file_is_refused(tmp_path: Pat
     )
     with pytest.raises(ImageloopError, match=r"real\.jsonl:1: image .* lies outside"):
         read_triplets(write_jsonl(tmp_path / "dataset" / "real.jsonl", records))
+
+
+def test_a_triplet_image_in_a_folder_the_caller_names_is_read(tmp_path: Path) -> None:
+    records = colour_triplets(tmp_path / "benchmark", [("dot", "red", "blue")], relative=False)
+    triplets = read_triplets(write_jsonl(tmp_path / "dataset" / "real.jsonl", records), [tmp_path / "benchmark"])
+    assert triplets[0].reference_image == Path(records[0]["reference_image"])

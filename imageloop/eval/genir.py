@@ -179,10 +179,14 @@ def summarise(records: Iterable[Mapping[str, Any]], settings: GenIREvalSettings)
     """Per round 0..rounds: cumulative and per-round Hits@K for every K, mean seconds, mean best rank.
 
     `hits_at_k` and `k` are those of the smallest K; `latency_s` averages the dialogues that played the round.
+    A dialogue that stopped (its target found) counts its last rank again at every later round; each round
+    says how many of its values were carried forward so (`carried`, of `n_targets`), and `played` how many
+    dialogues really played it.
     """
     records = list(records)
     played = settings.knobs.rounds + 1
     ranks = [[r["target_rank"] for r in record["rounds"]] for record in records]
+    carried = [sum(1 for per_target in ranks if 0 < len(per_target) <= t) for t in range(played)]
     cumulative = {k: cumulative_hits_at_k(ranks, k, played) for k in settings.ks}
     per_round = {k: per_round_hits_at_k(ranks, k, played) for k in settings.ks}
     latency = []
@@ -197,6 +201,8 @@ def summarise(records: Iterable[Mapping[str, Any]], settings: GenIREvalSettings)
                 "hits_at": {str(k): round(cumulative[k][t], 4) for k in settings.ks},
                 "per_round_hits_at": {str(k): round(per_round[k][t], 4) for k in settings.ks},
                 "latency_s": latency[t],
+                "played": sum(1 for per_target in ranks if len(per_target) > t),
+                "carried": carried[t],
             }
             for t in range(played)
         ],

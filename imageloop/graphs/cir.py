@@ -22,7 +22,8 @@ retrieve ─checks left→ verify ─mismatch→ generate_proxy (proxy) or retri
   runs it; we normalise it, so S_proxy is a cosine like S_text. Fusion re-ranks the union of the
   text and proxy top `rerank_depth`, exactly (each candidate's stored vector is scored).
 - composed-query model (`cir_model`): a trained Combiner (`imageloop.training`, CLIP4CIR's, trained as
-  DAIG does) turns the reference image's vector and the change's text vector into one query vector;
+  DAIG does) turns the reference image's vector and the change's text vector into one query vector (an
+  SPRC model, a `PixelQueryModel`, reads the reference image and the change themselves);
   no description is written, so proxy and verify (which work on the description) are refused.
 - verify (ours, beyond the papers): a VLM compares the top hit with the reference and the change and
   rewrites the description when the hit is wrong; the `verify` knob caps the checks.
@@ -38,7 +39,7 @@ import operator
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from langgraph.graph import END, START, StateGraph
@@ -91,6 +92,14 @@ class ComposedQueryModel(Protocol):
     def require_embedder(self, model_id: str) -> None: ...
 
     def embed_query(self, reference_image_vector: Vector, text_vector: Vector) -> Vector: ...
+
+
+@runtime_checkable
+class PixelQueryModel(ComposedQueryModel, Protocol):
+    """A composed-query model that reads the reference image and the change themselves (SPRC's Q-Former fuses the
+    reference's patch features with the change's tokens), rather than two stored vectors."""
+
+    def embed_composed(self, reference: Path, change: str) -> Vector: ...
 
 
 QueryModels = Callable[[str], ComposedQueryModel]
@@ -354,8 +363,12 @@ class _Nodes:
         embedder = self.retriever.embedder
         if knobs.cir_model:
             assert self.query_models is not None  # prepare checked it
-            text = embedder.embed_texts([state["change"]])[0]
-            query = self.query_models(knobs.cir_model).embed_query(self._reference_vector(state), text)
+            model = self.query_models(knobs.cir_model)
+            if isinstance(model, PixelQueryModel):
+                query = model.embed_composed(Path(state["reference"]), state["change"])
+            else:
+                text = embedder.embed_texts([state["change"]])[0]
+                query = model.embed_query(self._reference_vector(state), text)
             ranked = [(hit, float(hit.score)) for hit in self.retriever.search_vector(query, depth)]
             how = "composed-query model"
         elif not knobs.proxy:

@@ -26,6 +26,7 @@ from imageloop.protocols import Embedder, RetrievedImage, SearchHit, Vector
 from imageloop.tools.images import open_image, reduce_image
 from imageloop.tools.indexing.image_index import ImageIndex, Route
 from imageloop.tools.indexing.indexer import prepared_side
+from imageloop.tools.indexing.sources import tar_address
 
 Where = Mapping[str, Any]
 
@@ -150,11 +151,13 @@ class Retriever:
         The indexer never indexes a symlink that leaves the folder; a file (or folder) replaced by one
         afterwards is dropped here, so no caller (a confined server among them) is handed a file from elsewhere.
         A file deleted since indexing, or replaced by something that is no regular file (a FIFO would block
-        whoever opens it), is dropped too: the next `imageloop index` prunes it.
+        whoever opens it), is dropped too: the next `imageloop index` prunes it. An image inside a shard
+        (`shard.tar#key.jpg`) is checked by its tar file.
         """
         path = self.index.root / hit.metadata["path"]
+        address = tar_address(path)
         try:
-            real = path.resolve(strict=True)
+            real = (address[0] if address is not None else path).resolve(strict=True)
         except (OSError, RuntimeError):
             return None
         if not real.is_relative_to(self._real_root) or not real.is_file():
