@@ -106,11 +106,11 @@ class ServedGraph(CompiledStateGraph[Any, Any, Any, Any]):
     """A compiled graph as LangGraph Server runs it: a resume that answers nothing (`Command(resume=None)`, which
     LangGraph itself fails on with an internal error) is refused in one line, and the question stays asked."""
 
-    def stream(self, input: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def stream(self, input: Any, *args: Any, **kwargs: Any) -> Any:
         """`CompiledStateGraph.stream`, once the input answers something."""
         return super().stream(_answering(input), *args, **kwargs)
 
-    def astream(self, input: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def astream(self, input: Any, *args: Any, **kwargs: Any) -> Any:
         """`CompiledStateGraph.astream`, once the input answers something."""
         return super().astream(_answering(input), *args, **kwargs)
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from imageloop.errors import ImageDecodeError
 
@@ -107,7 +107,7 @@ def _open_header(f: BinaryIO, path: Path) -> Image.Image:
             img = Image.open(f)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError(f"{path}: exceeds the {MAX_PIXELS:,}-pixel limit; not decoded ({e})") from e
-    except Image.UnidentifiedImageError as e:
+    except UnidentifiedImageError as e:
         # Pillow's own message names the file object (`<_io.BufferedReader name=7>`), not the file.
         raise ImageDecodeError(f"{path}: not a readable image (no image format Pillow knows)") from e
     except (OSError, ValueError, SyntaxError) as e:
