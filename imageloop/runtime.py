@@ -143,8 +143,9 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> None:
 
     Every run starts threads (LangGraph's executor, the jobs' pool, batch leaders); glibc gives threads
     up to eight arenas a core, and the freed memory of large allocations (pictures, tensors) stays
-    fragmented across them: the soak's server grew ~1% a minute with no Python object kept. Two arenas
-    kept it flat. A `MALLOC_ARENA_MAX` the user set wins; elsewhere than glibc this does nothing.
+    fragmented across them: 100 concurrent runs in one process grew RSS 12% with no Python object kept,
+    and stayed flat with two arenas. Only arenas made after the call are capped, so a server calls it
+    before its first thread. A `MALLOC_ARENA_MAX` the user set wins; elsewhere than glibc this does nothing.
     """
     if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
         return
