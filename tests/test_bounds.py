@@ -180,15 +180,14 @@ def test_an_mcp_call_past_a_bound_is_a_one_line_error_naming_the_argument(fakes:
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 NAMED = {"max-iterations": "max_iterations", "top-k": "top_k", "steps": "steps", "k": "k", "rounds": "rounds"}
+OPTION_RANGE = re.compile(r"`--([a-z-]+)` (-?[\d.]+)\.\.(-?[\d.]+)")
+REFUSAL_RANGE = re.compile(r"`([a-z_]+) -?[\d.]+ is out of range: (-?[\d.]+)\.\.(-?[\d.]+)`")
 
 
 def stated_ranges() -> list[tuple[str, float, float]]:
     """(bound, low, high) for every `--NAME LOW..HIGH` and every quoted `NAME X is out of range: LOW..HIGH`."""
-    stated = [(NAMED.get(name, name), float(low), float(high))
-              for name, low, high in re.findall(r"`--([a-z-]+)` (-?[\d.]+)\.\.(-?[\d.]+)", README)]  # fmt: skip
-    refused = r"`([a-z_]+) -?[\d.]+ is out of range: (-?[\d.]+)\.\.(-?[\d.]+)`"
-    stated += [(name, float(low), float(high)) for name, low, high in re.findall(refused, README)]
-    return stated
+    stated = [(NAMED.get(name, name), float(low), float(high)) for name, low, high in OPTION_RANGE.findall(README)]
+    return stated + [(name, float(low), float(high)) for name, low, high in REFUSAL_RANGE.findall(README)]
 
 
 def stated_maxima() -> list[tuple[str, float]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import sqlite3
-from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -16,23 +15,10 @@ from imageloop.app import App
 from imageloop.app.checkpoints import StrictSerializer
 from imageloop.cli import main
 from imageloop.knobs import LOOPS
-from tests.fake_providers import FAKE_SETTINGS, FakeBackends, captioned_folder, fake_backends
+from tests.fake_providers import FakeBackends
+from tests.test_run_durability import ALIGNED, FAKE, fakes, library
 
-FAKE = [option for role, model in FAKE_SETTINGS.items() for option in (f"--{role}", model)]
-ALIGNED = {"aligned": True, "missing_concepts": []}
-
-
-@pytest.fixture
-def fakes(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBackends]:
-    with fake_backends(monkeypatch) as made:
-        yield made
-
-
-@pytest.fixture
-def library(fakes: FakeBackends, tmp_path: Path) -> Path:
-    folder = captioned_folder(tmp_path / "photos")
-    assert main(["index", str(folder), *FAKE]) == 0
-    return folder
+__all__ = ["fakes", "library"]  # fixtures shared with the durability tests: the scripted backends, an index
 
 
 def plant_call(db: Path, channel: str, target: Path) -> None:

@@ -275,7 +275,7 @@ def run_in_terminal(
     on_progress: OnProgress | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """`run_imagerag` waited for in a thread of its own (`app.jobs.run_in_foreground`): Ctrl-C or SIGTERM stops
+    """`run_imagerag` waited for in a thread of its own (`jobs.run_in_foreground`): Ctrl-C or SIGTERM stops
     the run at its next step with its record whole, or, inside a model call that does not end within
     `STOP_GRACE_S`, records it as stopped there and raises `LeftRunning`, so a terminal is never held."""
 
