@@ -37,6 +37,7 @@ from imageloop.tools.indexing.image_index import open_index
 from tests.cir_fixtures import CIRRFixture, write_cirr
 from tests.fake_openai_server import RecordedRequest, ScriptedOpenAIServer
 from tests.image_folders import numbered_images
+from tests.test_index_sources import write_shards
 
 ray = pytest.importorskip("ray")
 
@@ -285,6 +286,43 @@ def test_index_on_two_workers_captions_and_embeds_the_caption_route_as_one_proce
     assert main(["index", str(there), *common, *ON_TWO_WORKERS]) == 0
     assert same_records(there, here)
     assert all(metadata["caption"].startswith("a picture ") for metadata in stored(here)[0].values())
+
+
+def test_shards_index_on_two_workers_as_in_one_process_each_sample_opened_by_its_address(
+    cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pictures = write_shards(tmp_path / "here", shards=2, per_shard=3)
+    write_shards(tmp_path / "ray", shards=2, per_shard=3)
+    common = ["--embedder", "tiny:clip", "--batch-size", "2", "--json", "-q"]
+    assert main(["index", str(tmp_path / "here" / "{00000..00001}.tar"), *common]) == 0
+    summary = last_json(capsys)
+    assert main(["index", str(tmp_path / "ray" / "{00000..00001}.tar"), *common, *ON_TWO_WORKERS]) == 0
+    assert last_json(capsys) == summary and summary["indexed"] == 6
+    assert same_records(tmp_path / "ray", tmp_path / "here")
+    metadata = stored(tmp_path / "ray")[0].values()
+    assert {m["path"] for m in metadata} == set(pictures)
+    assert all(m["caption"].startswith("photo number ") and m["status"] == "success" for m in metadata)
+
+
+def test_a_parquet_index_on_two_workers_keeps_each_rows_caption_and_tags_as_in_one_process(
+    cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    for side in ("here", "ray"):
+        numbered_images(tmp_path / side / "images", 5)
+        names = sorted(path.name for path in (tmp_path / side / "images").iterdir())
+        rows = {"image_path": [f"images/{name}" for name in names], "caption": [f"a cup {name}" for name in names],
+                "split": ["train"] * len(names)}  # fmt: skip
+        pq.write_table(pa.table(rows), tmp_path / side / "captions.parquet")
+    common = ["--embedder", "tiny:clip", "--batch-size", "2", "--json", "-q"]
+    assert main(["index", str(tmp_path / "here" / "captions.parquet"), *common]) == 0
+    summary = last_json(capsys)
+    assert main(["index", str(tmp_path / "ray" / "captions.parquet"), *common, *ON_TWO_WORKERS]) == 0
+    assert last_json(capsys) == summary and summary["indexed"] == 5
+    assert same_records(tmp_path / "ray", tmp_path / "here")
+    metadata = stored(tmp_path / "ray")[0].values()
+    assert all(m["caption"] == f"a cup {Path(m['path']).name}" and m["split"] == "train" for m in metadata)
 
 
 def test_an_application_keeps_its_workers_for_its_next_job_and_ends_them_when_closed(

@@ -122,3 +122,8 @@ def test_a_symlink_out_of_the_runs_folder_is_not_followed(configured: FakeBacken
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "leak.png").symlink_to(tmp_path / "photos" / "jay.png")
     assert TestClient(http_app()).get("/imageloop/runs/leak.png").status_code == 404
+
+
+def test_a_nul_byte_in_the_route_is_no_such_run_file_not_a_server_error(configured: FakeBackends) -> None:
+    answer = TestClient(http_app()).get("/imageloop/runs/server/x%00.png")
+    assert answer.status_code == 404 and "no such run file" in answer.json()["error"]

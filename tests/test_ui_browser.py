@@ -139,6 +139,7 @@ def test_a_person_runs_imagerag_and_a_genir_search_in_the_browser(
             page.get_by_label("What are you looking for?").fill("a blue jay")
             page.get_by_role("button", name="Start search").click()
             page.get_by_text("Round 0: a blue jay").wait_for()
+            page.get_by_text("What the system understood").wait_for()
             assert "What the system understood" in _loaded_images(page)
             page.get_by_role("button", name="This one").nth(0).click()
             page.get_by_text("Found after 1 round(s)").wait_for()

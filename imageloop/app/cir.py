@@ -52,14 +52,15 @@ OnQuery = Callable[[int, int], None]
 
 
 def load_query_model(folder: str) -> ComposedQueryModel:
-    """The composed-query model in `folder`, loaded once per process (again if its weights change)."""
+    """The composed-query model in `folder`, loaded once per process (again if it is trained anew)."""
     from imageloop.runtime import load_cached
-    from imageloop.training.combiner import MODEL_WEIGHTS, CIRModel
+    from imageloop.training.combiner import MODEL_CONFIG
+    from imageloop.training.models import load_query_model as load
 
     path = Path(folder).resolve()
-    weights = path / MODEL_WEIGHTS
-    stamp = weights.stat().st_mtime_ns if weights.is_file() else None
-    model: ComposedQueryModel = load_cached(("cir-model", str(path), stamp), lambda: CIRModel.load(path))
+    config = path / MODEL_CONFIG  # written last by every training: its time marks the weights beside it
+    stamp = config.stat().st_mtime_ns if config.is_file() else None
+    model: ComposedQueryModel = load_cached(("cir-model", str(path), stamp), lambda: load(path))
     return model
 
 
@@ -122,6 +123,7 @@ def compose_retrieve(
         artifacts,
         query_models=load_query_model,
         defaults=resolved.overridden({"cir_model": model}),
+        paths=app.file_path,
     )
     inputs = {"reference": str(reference_path), "change": change}
     state = play(graph, inputs, on_step=on_step, on_progress=on_progress)
@@ -163,8 +165,9 @@ class CIRQueries:
         for benchmark in self.benchmarks:
             gallery = GalleryRetriever(image_index, embedder, benchmark.gallery)
             graph = build_cir_graph(
-                llm, captioner, generator, gallery, artifacts, query_models=load_query_model, defaults=self.knobs
-            )
+                llm, captioner, generator, gallery, artifacts, query_models=load_query_model, defaults=self.knobs,
+                paths=app.file_path,
+            )  # fmt: skip
             runs.append((benchmark, gallery, graph))
         return query_search(runs)
 

@@ -19,6 +19,7 @@ from imageloop.app.cluster import RayGiven, ray_options, runner
 from imageloop.config import RoleSpec, Settings
 from imageloop.errors import ConfigError, ImageloopError
 from imageloop.eval import Run
+from imageloop.eval.annotations import read_json
 from imageloop.files import write_json_atomic
 from imageloop.graphs.steps import Step, play
 from imageloop.graphs.triplets import (
@@ -150,8 +151,10 @@ def _claim(out: Path, made_with: dict[str, Any]) -> None:
     painter with the first triplet made.
     """
     recorded_file = out / SYNTHESIS_FILE
-    recorded = json.loads(recorded_file.read_text(encoding="utf-8")) if recorded_file.is_file() else None
-    if recorded is not None and recorded != {**made_with, "painter": made_with["painter"] or recorded.get("painter")}:
+    what = "the settings its triplets were made with (restore it, or use another `out` folder)"
+    recorded = read_json(recorded_file, what) if recorded_file.is_file() else None
+    painter = made_with["painter"] or (recorded.get("painter") if isinstance(recorded, dict) else None)
+    if recorded is not None and recorded != {**made_with, "painter": painter}:
         raise ImageloopError(f"{out} holds triplets made with other objects, edits or models: use another `out` folder")
     if made_with["painter"] is not None:
         write_json_atomic(recorded_file, made_with)
