@@ -325,6 +325,33 @@ def test_a_parquet_index_on_two_workers_keeps_each_rows_caption_and_tags_as_in_o
     assert all(m["caption"] == f"a cup {Path(m['path']).name}" and m["split"] == "train" for m in metadata)
 
 
+@dataclass(frozen=True)
+class FakeResolvingWork:
+    """A job whose every item is a path a graph would resolve itself (a GenIR target, a CIR reference)."""
+
+    def bind(self, app: App) -> Callable[[str], str]:
+        def item(text: str) -> str:
+            try:
+                return str(app.file_path(text, "target"))
+            except ImageloopError as e:
+                return str(e)
+
+        return item
+
+
+def test_a_confined_applications_workers_resolve_paths_confined_alike(cluster: str, tmp_path: Path) -> None:
+    numbered_images(tmp_path / "inside", 1)
+    numbered_images(tmp_path / "outside", 1)
+    items = [str(next((tmp_path / folder).iterdir())) for folder in ("inside", "outside")]
+    app = App(Settings(), roots=[tmp_path / "inside"], runs_dir=tmp_path / "inside" / "runs")
+    try:
+        here = list(runner(app, FakeResolvingWork())(items))
+        there = list(runner(app, FakeResolvingWork(), ray=RayOptions(ray="local", workers=1))(items))
+    finally:
+        app.close()
+    assert sorted(there) == sorted(here) and here[0] == items[0] and "outside" in here[1]
+
+
 def test_an_application_keeps_its_workers_for_its_next_job_and_ends_them_when_closed(
     photos: Path, genir_targets: Path, server: ScriptedOpenAIServer, tmp_path: Path
 ) -> None:

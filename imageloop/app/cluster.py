@@ -16,7 +16,8 @@ cannot come back (the cluster is gone), the job stops with one line saying how t
 
 Workers read the job's inputs and write its pictures (a GenIR drawing, an ImageRAG run folder) at the
 paths this process gave them, so on more than one machine those folders must be on a filesystem every
-node mounts. Each worker sees the environment of the node it runs on and this process's settings.
+node mounts. Each worker sees the environment of the node it runs on and this process's settings and roots
+(a confined application's workers are confined alike).
 Ray is imported only here, and only when a job asks for it: `import imageloop` never imports it.
 """
 
@@ -150,14 +151,15 @@ BOUND_JOBS = 4
 class ImageloopWorker:
     """One Ray actor: an `App` (its models loaded once, in this worker) and the work of each job bound to it once."""
 
-    def __init__(self, settings: Settings, runs_dir: Path) -> None:
-        """Paths were resolved and confined by the driver: the worker's application is not confined again."""
+    def __init__(self, settings: Settings, runs_dir: Path, roots: tuple[Path, ...] | None) -> None:
+        """The driver resolved and confined the job's paths; the worker's application has the driver's `roots`
+        too, so what the job's graphs resolve themselves (a GenIR target, a CIR reference) is confined alike."""
         from imageloop.app.core import App
 
         # Ray forwards a worker's output to the driver: all of it to stderr, since the driver's stdout carries
         # its answer (`--json`, an MCP server's stdio protocol).
         os.dup2(2, 1)
-        self._app = App(settings, runs_dir=runs_dir)
+        self._app = App(settings, roots=roots, runs_dir=runs_dir)
         self._bound: OrderedDict[str, Callable[[Any], Any]] = OrderedDict()
         self._binding = threading.Lock()
 
@@ -178,7 +180,7 @@ class ImageloopWorker:
 
 class Workers:
     """An application's Ray workers: started on a job's first use, grown when a job needs more, kept with their
-    models for its next job of the same kind (settings, resources each, `concurrency`), replaced by a job of
+    models for its next job of the same kind (settings, roots, resources each, `concurrency`), replaced by a job of
     another kind, ended by `end` (`App.close`)."""
 
     def __init__(self) -> None:
@@ -186,13 +188,14 @@ class Workers:
         self._handles: list[Any] = []
         self._lock = threading.Lock()
 
-    def take(
-        self, count: int, gpus: float, cpus: float, concurrency: int, settings: Settings, runs_dir: Path
-    ) -> list[Any]:
-        """`count` workers for a job: those kept, and new ones (Ray restarts one that dies and runs its item again)."""
+    def take(self, count: int, gpus: float, cpus: float, concurrency: int, app: App) -> list[Any]:
+        """`count` workers for a job of `app`'s: those kept, and new ones (with its settings, runs folder and
+        roots; Ray restarts one that dies and runs its item again)."""
         import ray
 
-        kind = (gpus, cpus, concurrency, settings.model_dump_json(), str(runs_dir))
+        settings, runs_dir = app.settings, app.runs_dir
+        roots = app.roots.folders if app.roots is not None else None
+        kind = (gpus, cpus, concurrency, settings.model_dump_json(), str(runs_dir), roots)
         with self._lock:
             if kind != self._kind:
                 self._end()
@@ -201,7 +204,7 @@ class Workers:
                 num_cpus=cpus, num_gpus=gpus, max_concurrency=concurrency, max_restarts=RESTARTS,
                 max_task_retries=RESTARTS,
             )  # fmt: skip
-            self._handles += [remote.remote(settings, runs_dir) for _ in range(count - len(self._handles))]
+            self._handles += [remote.remote(settings, runs_dir, roots) for _ in range(count - len(self._handles))]
             return self._handles[:count]
 
     def end(self) -> None:
@@ -241,7 +244,7 @@ def _on_cluster(
     try:
         for item in items:
             if pool is None:  # the first item starts (or wakes) the workers: a job with none needs none
-                workers = app.workers.take(count, gpus, cpus, concurrency, app.settings, app.runs_dir)
+                workers = app.workers.take(count, gpus, cpus, concurrency, app)
                 job.append(ray.put(work))  # sent once; each worker fetches it with its first item of this job
                 # Each worker is in the pool once per item it may run at once: `concurrency` going on each.
                 pool = ActorPool([worker for worker in workers for _ in range(concurrency)])
