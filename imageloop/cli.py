@@ -743,7 +743,7 @@ def _eval(args: argparse.Namespace, app: App) -> int:
     if args.loop == "cir":
         return _eval_cir(args, app)
     if args.rescore_text:
-        summary = app.rescore_genir(args.out, args.index)
+        summary = app.rescore_genir(args.out, args.index, ray=_given(args, RayOptions))
         _show_hits(summary)
         where = args.out / "text_rescore.json"
         _err(f"{summary['n_targets']} dialogues re-scored by text with {summary['embedder']}; summary in {where}")

@@ -585,6 +585,18 @@ def test_worker_options_without_a_cluster_are_refused_naming_ray(
     )
 
 
+def test_rescoring_saved_queries_by_text_refuses_a_cluster_rather_than_ignoring_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rescore = ["eval", "genir", "--out", str(tmp_path), "--rescore-text", "--embedder", "tiny:clip"]
+    assert main([*rescore, *ON_TWO_WORKERS]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "imageloop: error: text re-scoring searches the saved queries in this process: drop --ray"
+    )
+    with pytest.raises(ConfigError, match="drop `workers`"):
+        App(Settings()).rescore_genir(tmp_path, ray={"workers": 2})
+
+
 def test_an_address_that_is_not_local_auto_or_a_ray_client_url_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"`ray` 'head:6379': expected local, auto or ray://HOST:PORT"):
         ray_options("head:6379")

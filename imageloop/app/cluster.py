@@ -62,12 +62,7 @@ def ray_options(given: RayGiven, *, confined: bool = False) -> RayOptions | None
     A confined application (a server whose agents pass the arguments) runs only on its own cluster:
     `local`, or `auto` (the RAY_ADDRESS of the environment it was started in), never an address an agent names.
     """
-    if isinstance(given, RayOptions):
-        asked = given.model_dump(exclude_unset=True)
-    elif isinstance(given, str):
-        asked = {"ray": given}
-    else:
-        asked = {name: value for name, value in (given or {}).items() if value is not None}
+    asked = asked_options(given)
     if asked.get("ray") is None:
         if asked:
             raise ConfigError(f"`{sorted(asked)[0]}` goes with `ray`: local, auto or ray://HOST:PORT")
@@ -81,6 +76,15 @@ def ray_options(given: RayGiven, *, confined: bool = False) -> RayOptions | None
     if confined and options.ray not in ("local", "auto"):
         raise ConfigError(f"`ray` {options.ray}: this server runs jobs on its own cluster only (local or auto)")
     return options
+
+
+def asked_options(given: RayGiven) -> dict[str, Any]:
+    """The Ray options `given` sets, by name; empty when it asks for none."""
+    if isinstance(given, RayOptions):
+        return given.model_dump(exclude_unset=True)
+    if isinstance(given, str):
+        return {"ray": given}
+    return {name: value for name, value in (given or {}).items() if value is not None}
 
 
 class Work(Protocol[T_contra, R_co]):

@@ -530,11 +530,13 @@ class App:
 
         return train_cir_lora(self, triplets, out_dir, images=images, options=options, progress=progress)
 
-    def rescore_genir(self, out_dir: str | Path, index: str | Path | None = None) -> dict[str, Any]:
+    def rescore_genir(
+        self, out_dir: str | Path, index: str | Path | None = None, *, ray: RayGiven = None
+    ) -> dict[str, Any]:
         """Re-score a GenIR evaluation's saved queries by text alone; see `imageloop.app.evals.rescore_genir_text`."""
         from imageloop.app.evals import rescore_genir_text
 
-        return rescore_genir_text(self, out_dir, index)
+        return rescore_genir_text(self, out_dir, index, ray=ray)
 
     def eval_imagerag(
         self,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imageloop import limits
-from imageloop.app.cluster import RayGiven, ray_options, runner
+from imageloop.app.cluster import RayGiven, asked_options, ray_options, runner
 from imageloop.app.paths import make_out_dir
 from imageloop.app.runs import RUN_RECORD, run_imagerag
 from imageloop.config import Settings
@@ -157,12 +157,16 @@ def run_genir_eval(
     return summary
 
 
-def rescore_genir_text(app: App, out_dir: str | Path, index: str | Path | None = None) -> dict[str, Any]:
+def rescore_genir_text(
+    app: App, out_dir: str | Path, index: str | Path | None = None, *, ray: RayGiven = None
+) -> dict[str, Any]:
     """Re-score an evaluation's saved queries with text-only retrieval; writes and returns `text_rescore.json`.
 
     The index defaults to the one the evaluation searched; the configured embedder must be the one that
-    built it (its text tower embeds the queries).
+    built it (its text tower embeds the queries). It runs in this process: a `ray` option is refused, not ignored.
     """
+    if asked := asked_options(ray):  # the saved queries are searched here: there is nothing to hand out
+        raise ConfigError(f"text re-scoring searches the saved queries in this process: drop `{min(asked)}`")
     out = app.path(out_dir, "evaluation folder", kind="dir")
     settings_file = out / EVAL_SETTINGS
     if not settings_file.is_file():
