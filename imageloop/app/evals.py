@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from imageloop import limits
 from imageloop.app.cluster import RayGiven, asked_options, ray_options, runner
 from imageloop.app.paths import make_out_dir
-from imageloop.app.runs import RUN_RECORD, run_imagerag
+from imageloop.app.runs import FINISHED, RUN_RECORD, run_imagerag
 from imageloop.config import Settings
 from imageloop.errors import ConfigError, ImageloopError
 from imageloop.eval.genir import (
@@ -223,9 +223,10 @@ class ImageRAGPrompts:
         def run_case(case: PromptCase, run_dir: Path) -> Mapping[str, Any]:
             if (run_dir / RUN_RECORD).is_file():
                 previous = read_record(run_dir)
-                if previous.get("stop_reason") != "error":
+                # A record without a status is from before runs were recorded from their first step: finished.
+                if previous.get("status", FINISHED) == FINISHED and previous.get("stop_reason") != "error":
                     return previous  # ran to its end before: score it as it is
-                return run_imagerag(app, None, None, out_dir=run_dir, resume=True)
+                return run_imagerag(app, None, None, out_dir=run_dir, resume=True)  # failed, stopped or killed
             if run_dir.exists():
                 shutil.rmtree(run_dir)  # a run killed before it wrote any record: start it again
             return run_imagerag(app, case.prompt, self.index, out_dir=run_dir, knobs=self.knobs)
