@@ -265,16 +265,23 @@ def twin_folders(root: Path, n: int) -> tuple[Path, Path]:
     return root / "here", root / "ray"
 
 
+def indexed_alike(capsys: pytest.CaptureFixture[str], here: Path, there: Path, *options: str) -> dict[str, Any]:
+    """`imageloop index` of twin sources, `here` in this process and `there` on two workers: the one summary both
+    print."""
+    assert main(["index", str(here), *options, "--json", "-q"]) == 0
+    summary = last_json(capsys)
+    assert main(["index", str(there), *options, "--json", "-q", *ON_TWO_WORKERS]) == 0
+    assert last_json(capsys) == summary
+    return summary
+
+
 @pytest.mark.parametrize("store", ["embedded", "chroma"])
 def test_index_on_two_workers_stores_the_single_process_records(
     store: str, cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     here, there = twin_folders(tmp_path, 10)
-    common = ["--embedder", "tiny:clip", "--store", store, "--batch-size", "3", "--json", "-q"]
-    assert main(["index", str(here), *common]) == 0
-    summary = last_json(capsys)
-    assert main(["index", str(there), *common, *ON_TWO_WORKERS]) == 0
-    assert last_json(capsys) == summary and summary["indexed"] == 10
+    summary = indexed_alike(capsys, here, there, "--embedder", "tiny:clip", "--store", store, "--batch-size", "3")
+    assert summary["indexed"] == 10
     assert same_records(there, here)
 
 
@@ -282,12 +289,13 @@ def test_index_on_two_workers_captions_and_embeds_the_caption_route_as_one_proce
     cluster: str, server: ScriptedOpenAIServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     here, there = twin_folders(tmp_path, 5)
-    common = ["--embedder", "openai:text-embedding-3-small", "--embedder-base-url", server.base_url, *vlm(server),
-              "--batch-size", "2", "--json", "-q"]  # fmt: skip
-    assert main(["index", str(here), *common]) == 0
-    assert main(["index", str(there), *common, *ON_TWO_WORKERS]) == 0
+    embedder = ["--embedder", "openai:text-embedding-3-small", "--embedder-base-url", server.base_url]
+    indexed_alike(capsys, here, there, *embedder, *vlm(server), "--batch-size", "2")
     assert same_records(there, here)
     assert all(metadata["caption"].startswith("a picture ") for metadata in stored(here)[0].values())
+
+
+TINY_BATCHES_OF_2 = ("--embedder", "tiny:clip", "--batch-size", "2")
 
 
 def test_shards_index_on_two_workers_as_in_one_process_each_sample_opened_by_its_address(
@@ -295,11 +303,9 @@ def test_shards_index_on_two_workers_as_in_one_process_each_sample_opened_by_its
 ) -> None:
     pictures = write_shards(tmp_path / "here", shards=2, per_shard=3)
     write_shards(tmp_path / "ray", shards=2, per_shard=3)
-    common = ["--embedder", "tiny:clip", "--batch-size", "2", "--json", "-q"]
-    assert main(["index", str(tmp_path / "here" / "{00000..00001}.tar"), *common]) == 0
-    summary = last_json(capsys)
-    assert main(["index", str(tmp_path / "ray" / "{00000..00001}.tar"), *common, *ON_TWO_WORKERS]) == 0
-    assert last_json(capsys) == summary and summary["indexed"] == 6
+    shards = "{00000..00001}.tar"
+    summary = indexed_alike(capsys, tmp_path / "here" / shards, tmp_path / "ray" / shards, *TINY_BATCHES_OF_2)
+    assert summary["indexed"] == 6
     assert same_records(tmp_path / "ray", tmp_path / "here")
     metadata = stored(tmp_path / "ray")[0].values()
     assert {m["path"] for m in metadata} == set(pictures)
@@ -317,11 +323,9 @@ def test_a_parquet_index_on_two_workers_keeps_each_rows_caption_and_tags_as_in_o
         rows = {"image_path": [f"images/{name}" for name in names], "caption": [f"a cup {name}" for name in names],
                 "split": ["train"] * len(names)}  # fmt: skip
         pq.write_table(pa.table(rows), tmp_path / side / "captions.parquet")
-    common = ["--embedder", "tiny:clip", "--batch-size", "2", "--json", "-q"]
-    assert main(["index", str(tmp_path / "here" / "captions.parquet"), *common]) == 0
-    summary = last_json(capsys)
-    assert main(["index", str(tmp_path / "ray" / "captions.parquet"), *common, *ON_TWO_WORKERS]) == 0
-    assert last_json(capsys) == summary and summary["indexed"] == 5
+    table = "captions.parquet"
+    summary = indexed_alike(capsys, tmp_path / "here" / table, tmp_path / "ray" / table, *TINY_BATCHES_OF_2)
+    assert summary["indexed"] == 5
     assert same_records(tmp_path / "ray", tmp_path / "here")
     metadata = stored(tmp_path / "ray")[0].values()
     assert all(m["caption"] == f"a cup {Path(m['path']).name}" and m["split"] == "train" for m in metadata)
