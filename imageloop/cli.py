@@ -503,7 +503,10 @@ def _app(args: argparse.Namespace, **options: Any) -> App:
 
 
 def _err(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    # One write, its newline included: print's two writes let another thread's line (Ray forwards its workers'
+    # logs to this stderr from a thread of its own) land between a message and its newline.
+    sys.stderr.write(f"{message}\n")
+    sys.stderr.flush()
 
 
 class _Progress:

@@ -529,8 +529,8 @@ def test_a_cluster_that_goes_away_ends_the_run_in_one_line_that_says_how_to_run_
     finally:
         server.latency_s = 0.0
     assert driver.returncode == 2, err
-    # One line of ours (Ray's own core may log its lost connections around it).
-    (message,) = [line for line in err.splitlines() if line.startswith("imageloop: error:")]
+    # One line of ours, whole (Ray's own core may log its lost connections around it, even ahead of it on its line).
+    (message,) = [line[line.index("imageloop: error:") :] for line in err.splitlines() if "imageloop: error:" in line]
     assert message.startswith("imageloop: error: the Ray cluster (local) lost its workers")
     assert message.endswith("run the same command again, with --ray or without it to run here")
     assert main(genir_args(photos, genir_targets, server, tmp_path)) == 0  # as it says
@@ -589,6 +589,29 @@ def test_worker_options_without_a_cluster_are_refused_naming_ray(
     assert (
         capsys.readouterr().err.strip() == "imageloop: error: --workers goes with --ray: local, auto or ray://HOST:PORT"
     )
+
+
+class FakeStderr:
+    """A stderr that keeps each write apart, as a thread of Ray's writing between two of them would see them."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_an_error_line_is_one_write_so_rays_log_thread_cannot_split_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stderr = FakeStderr()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert main(["index", str(tmp_path), "--embedder", "tiny:clip", "--workers", "2"]) == 2
+    assert stderr.writes == ["imageloop: error: --workers goes with --ray: local, auto or ray://HOST:PORT\n"]
 
 
 def test_rescoring_saved_queries_by_text_refuses_a_cluster_rather_than_ignoring_it(
