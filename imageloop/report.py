@@ -190,13 +190,13 @@ class _Page:
     def iteration(self, number: int, images: Sequence[Mapping[str, Any]], steps: Sequence[Mapping[str, Any]]) -> str:
         parts = [f'<section class="iteration"><h3>Iteration {number}</h3>']
         drawn = [i for i in images if int(i.get("iteration", 0)) == number]
+        # An image the critic was asked about but could not judge has no verdict either: say which it was.
+        unjudged = "could not answer" if any(_critic_failed(s) for s in steps) else "not asked"
         if drawn:
             figures = []
             for image in drawn:
                 judged, missing = image.get("aligned"), image.get("missing")
-                verdict = "critic: " + (
-                    "not asked" if judged is None else "aligned" if judged else f"missing {missing}"
-                )
+                verdict = "critic: " + (unjudged if judged is None else "aligned" if judged else f"missing {missing}")
                 caption = f"{_e(verdict)}<br>prompt used: <i>{_e(image.get('prompt_used'))}</i>"
                 figures.append(self.figure(image.get("path"), caption))
             parts.append(f'<div class="gallery">{"".join(figures)}</div>')
@@ -380,3 +380,8 @@ def _strip_tags(text: str) -> str:
         elif not inside:
             out.append(char)
     return html.unescape("".join(out))
+
+
+def _critic_failed(step: Mapping[str, Any]) -> bool:
+    """Whether `step` is a critic that gave no usable answer (it records the error)."""
+    return step.get("node") == "critic" and bool((step.get("detail") or {}).get("error"))

@@ -51,7 +51,9 @@ def error_line(err: str) -> str:
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     capsys.readouterr()
-    code = main([*args, *([] if args[0] == "index-info" else FAKE)])  # index-info builds no model
+    # index-info builds no model; query runs the embedder alone.
+    models = {"index-info": [], "query": ["--embedder", FAKE_SETTINGS["embedder"]]}.get(args[0], FAKE)
+    code = main([*args, *models])
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -19,8 +19,9 @@ import pytest
 from mcp.types import BlobResourceContents, CallToolResult, TextContent
 from pydantic import AnyUrl
 
+from imageloop import __version__
 from imageloop.app.jobs import Note
-from imageloop.mcp.server import ProgressClock
+from imageloop.mcp.server import ProgressClock, build_server
 from imageloop.progress import report_progress
 from imageloop.protocols import GenerationRequest, GenerationResult
 from tests.fake_openai_server import FakeOpenAIServer
@@ -88,6 +89,25 @@ def test_every_tool_has_a_title_and_every_parameter_a_description(client: Client
         assert tool.title and tool.annotations is not None and tool.annotations.title == tool.title
         undescribed = [name for name, schema in tool.inputSchema["properties"].items() if not schema.get("description")]
         assert undescribed == [], tool.name
+
+
+def test_every_tool_description_is_one_paragraph_without_docstring_indentation(client: Client) -> None:
+    for tool in tools(client):
+        assert tool.description and "\n" not in tool.description and "  " not in tool.description, tool.name
+
+
+def test_server_info_names_imageloops_version_not_the_sdks(tmp_path: Path) -> None:
+    with in_process(tmp_path) as (app, _):
+        options = build_server(app)._mcp_server.create_initialization_options()  # what initialize answers
+    assert (options.server_name, options.server_version) == ("imageloop", __version__)
+
+
+def test_genir_rounds_schema_says_index_and_query_or_a_session_id(client: Client) -> None:
+    [genir_round] = [tool for tool in tools(client) if tool.name == "genir_round"]
+    properties = genir_round.inputSchema["properties"]
+    assert "give with query" in properties["index"]["description"]
+    assert "instead of index and query" in properties["session_id"]["description"]
+    assert "not both" in str(genir_round.description)
 
 
 def test_every_tool_states_each_hint_and_none_destroys_anything(client: Client) -> None:

@@ -78,9 +78,18 @@ class RetrieveArgs(ToolArgs):
 class GenIRRoundArgs(ToolArgs):
     """Arguments of genir_round (its GenIR knobs are added below): a new search, or a session to show."""
 
-    index: str | None = Field(None, max_length=PATH_CHARS, description="a new search: the indexed folder to search")
-    query: str | None = Field(None, max_length=PROMPT_CHARS, description="a new search: the image the user has in mind")
-    session_id: str | None = Field(None, pattern=ID_PATTERN, description="or: show (or play on) this search instead")
+    # Said in words, not as a top-level oneOf: several model providers refuse combinators at a tool schema's top.
+    index: str | None = Field(
+        None,
+        max_length=PATH_CHARS,
+        description="a new search (give with query, not with session_id): the indexed folder",
+    )
+    query: str | None = Field(
+        None, max_length=PROMPT_CHARS, description="a new search (give with index): the image the user has in mind"
+    )
+    session_id: str | None = Field(
+        None, pattern=ID_PATTERN, description="instead of index and query: show (or play on) a search started before"
+    )
     wait_seconds: float = WAIT
     max_images: int = MAX_IMAGES
 
@@ -117,7 +126,10 @@ ComposeArgs = _args(
     max_images=(int, MAX_IMAGES),
 )
 GenIRArgs = _args(
-    "GenIRArgs", "Arguments of genir_round: a new search or a session, and GenIR's knobs.", GenIRKnobs, GenIRRoundArgs
+    "GenIRArgs",
+    "Arguments of genir_round: index and query (a new search) or session_id (one started before), and GenIR's knobs.",
+    GenIRKnobs,
+    GenIRRoundArgs,
 )
 FeedbackArgs = _args(
     "FeedbackArgs",
@@ -225,9 +237,9 @@ TOOLS: tuple[ToolSpec, ...] = (
     ToolSpec(
         "genir_round",
         "Start or show an image search (GenIR)",
-        "Start a search for an image the user has in mind (index and query), or show a search's current "
-        "round (session_id). Each round shows a drawing of what was understood and the results: show them "
-        "to the user and answer with genir_feedback. Returns the round, or a run_id to poll.",
+        "Start a search for an image the user has in mind (give index and query), or show a search's current "
+        "round (give session_id instead, not both). Each round shows a drawing of what was understood and the "
+        "results: show them to the user and answer with genir_feedback. Returns the round, or a run_id to poll.",
         GenIRArgs,
         WRITES_NEW,
     ),
