@@ -9,25 +9,9 @@ server's authentication covers these routes when `http.enable_custom_route_auth`
 
 from __future__ import annotations
 
-import anyio.to_thread
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Route
 
 from imageloop.app.deployment import deployed_app
-from imageloop.errors import ImageloopError
+from imageloop.web import run_files
 
-RUNS_ROUTE = "/imageloop/runs"
-
-
-async def run_output(request: Request) -> Response:
-    """One file a run wrote, or 404 with the one-line reason."""
-    try:
-        path, media_type = await anyio.to_thread.run_sync(deployed_app().run_file, request.path_params["path"])
-    except ImageloopError as e:
-        return JSONResponse({"error": str(e)}, status_code=404)
-    return FileResponse(path, media_type=media_type)
-
-
-app = Starlette(routes=[Route(RUNS_ROUTE + "/{path:path}", run_output, methods=["GET"])])
+app = Starlette(routes=[run_files(deployed_app)])

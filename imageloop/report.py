@@ -160,7 +160,8 @@ class _Page:
             facts.append(f"{seconds:.2f} s")
         if record.get("created_at"):
             facts.append(_e(record["created_at"]))
-        error = f'<p class="error">The run failed: {_e(record["error"])}</p>' if record.get("error") else ""
+        ended = "Stopped before it finished" if record.get("stop_reason") == "cancelled" else "The run failed"
+        error = f'<p class="error">{ended}: {_e(record["error"])}</p>' if record.get("error") else ""
         return f'<h1>{_e(record.get("prompt"))}</h1>\n<p class="summary">{" · ".join(facts)}</p>{error}'
 
     def outcome(self, record: Mapping[str, Any]) -> str:
@@ -300,7 +301,8 @@ class _RAGEPage(_Page):
             f"filter <code>{_e(json.dumps(record['where']))}</code>" if record.get("where") else "",
             _e(record.get("created_at")),
         ]
-        error = f'<p class="error">The run failed: {_e(record["error"])}</p>' if record.get("error") else ""
+        ended = "Stopped before it finished" if record.get("stop_reason") == "cancelled" else "The run failed"
+        error = f'<p class="error">{ended}: {_e(record["error"])}</p>' if record.get("error") else ""
         summary = " · ".join(fact for fact in facts if fact)
         return f'<h1>{_e(record.get("prompt"))}</h1>\n<p class="summary">{summary}</p>{error}'
 

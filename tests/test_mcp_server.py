@@ -374,7 +374,7 @@ def test_a_client_that_disconnects_mid_run_leaves_a_cancelled_run_with_a_whole_r
     status = json.loads((run_dir / "status.json").read_text())
     record = json.loads((run_dir / "run.json").read_text())
     assert status["status"] == "cancelled" and "shut down" in status["error"]
-    assert record["stop_reason"] == "error" and record["error"] == status["error"]
+    assert record["stop_reason"] == "cancelled" and record["error"] == status["error"]
     assert record["steps"] and record["draft_image"] and Path(record["draft_image"]).is_file()
 
     app = App(Settings(), roots=[library], runs_dir=runs)  # a later server reads the run from disk

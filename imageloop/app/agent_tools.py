@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from imageloop.app.jobs import Job, JobKind, report_to
+from imageloop.app.jobs import Job, JobKind
 from imageloop.app.results import RunState, SearchView, Shown
 from imageloop.config import bounded
 from imageloop.errors import ConfigError, ImageloopError
@@ -340,11 +340,10 @@ class AgentOps:
         self.app.retriever(args.index)  # a missing or mismatched index fails this call, not the run
         self.app.path(args.reference, "reference", kind="file")  # so does a reference outside the roots
 
-        def work(job: Job) -> dict[str, Any]:
-            found = self.app.compose_retrieve(args.index, args.reference, args.change, knobs=knobs, **report_to(job))
-            return found.model_dump(mode="json")
-
-        return self.app.jobs.submit("cir", work)
+        return self.app.in_background(
+            "cir",
+            lambda follow: self.app.compose_retrieve(args.index, args.reference, args.change, knobs=knobs, **follow),
+        )
 
     def genir_round(self, args: Any) -> Job | SearchView:
         if args.session_id is not None:
@@ -354,10 +353,9 @@ class AgentOps:
         knobs = GenIRKnobs.given(knobs_of(args, GenIRKnobs))
         self.app.retriever(args.index)
 
-        def work(job: Job) -> dict[str, Any]:
-            return self.app.start_search(args.index, args.query, knobs=knobs, **report_to(job)).model_dump(mode="json")
-
-        return self.app.jobs.submit("genir", work)
+        return self.app.in_background(
+            "genir", lambda follow: self.app.start_search(args.index, args.query, knobs=knobs, **follow)
+        )
 
     def genir_feedback(self, args: Any) -> Job:
         from imageloop.graphs.genir import resolve_found
@@ -373,10 +371,9 @@ class AgentOps:
         return self._search_job(args.session_id, args.feedback)
 
     def _search_job(self, session_id: str, answer: str | None) -> Job:
-        def work(job: Job) -> dict[str, Any]:
-            return self.app.continue_search(session_id, answer, **report_to(job)).model_dump(mode="json")
-
-        return self.app.jobs.submit("genir", work, session=session_id)
+        return self.app.in_background(
+            "genir", lambda follow: self.app.continue_search(session_id, answer, **follow), session=session_id
+        )
 
     def rage_retrieve(self, args: Any) -> Job:
         knobs = RAGEKnobs.given(knobs_of(args, RAGEKnobs))
@@ -384,21 +381,18 @@ class AgentOps:
             raise ConfigError("review 'person' asks a person between drawings: from an agent, review none or critic")
         self.app.retriever(args.index)
 
-        def work(job: Job) -> dict[str, Any]:
-            shown = self.app.start_rage(args.prompt, args.index, knobs=knobs, where=args.where, **report_to(job))
-            return shown.model_dump(mode="json")
-
-        return self.app.jobs.submit("rage", work)
+        return self.app.in_background(
+            "rage", lambda follow: self.app.start_rage(args.prompt, args.index, knobs=knobs, where=args.where, **follow)
+        )
 
     def rage_generate(self, args: Any) -> Job:
         self.app.jobs.refuse_busy(args.session_id)
         answer = {"selected": args.selected, "prompt": args.prompt}
         self.app.check_rage_answer(args.session_id, answer)  # a pick naming no candidate fails now, before drawing
 
-        def work(job: Job) -> dict[str, Any]:
-            return self.app.continue_rage(args.session_id, answer, **report_to(job)).model_dump(mode="json")
-
-        return self.app.jobs.submit("rage", work, session=args.session_id)
+        return self.app.in_background(
+            "rage", lambda follow: self.app.continue_rage(args.session_id, answer, **follow), session=args.session_id
+        )
 
     def get_run(self, args: Any) -> Job | RunState:
         job = self.app.jobs.get(args.run_id)

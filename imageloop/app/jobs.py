@@ -52,7 +52,10 @@ class ServerBusyError(ImageloopError):
 
 
 class RunCancelledError(ImageloopError):
-    """A run stopped at a step boundary because the application is shutting down."""
+    """A run stopped at a step boundary: the application is shutting down, or a person stopped it."""
+
+
+SHUTDOWN = "the service shut down before the run finished"
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class Job:
     error: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
     cancel: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str = SHUTDOWN
     future: Future[None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     write_record: Callable[[str | None], object] | None = None
@@ -108,10 +112,15 @@ class Job:
             if len(self.notes) > PROGRESS_KEPT:
                 del self.notes[: len(self.notes) - PROGRESS_KEPT]
 
+    def stop(self, reason: str) -> None:
+        """Ask the run to stop at its next step boundary, saying why (recorded as its error)."""
+        self.cancel_reason = reason
+        self.cancel.set()
+
     def check_cancelled(self) -> None:
-        """Stop here if the server is shutting down."""
+        """Stop here if the server is shutting down or someone stopped the run."""
         if self.cancel.is_set():
-            raise RunCancelledError("cancelled: the service shut down before the run finished")
+            raise RunCancelledError(f"cancelled: {self.cancel_reason}")
 
     def notes_since(self, count: int) -> tuple[int, list[Note]]:
         """The total reported so far and the notes after the first `count`."""
@@ -184,6 +193,12 @@ class JobRegistry:
         """The run with this id, if this process still remembers it."""
         with self._lock:
             return self._jobs.get(job_id)
+
+    def playing(self, session: str) -> Job | None:
+        """The run playing `session` now, if one is (a page reloaded mid-round finds it here)."""
+        with self._lock:
+            job = self._jobs.get(self._sessions.get(session, ""))
+        return job if job is not None and not job.done.is_set() else None
 
     def _run(self, job: Job, work: Callable[[Job], dict[str, Any]]) -> None:
         try:
@@ -302,7 +317,8 @@ def stored_state(runs_dir: Path, run_id: str) -> RunState:
         if record is None:
             raise ImageloopError(f"no run {run_id!r} (runs are kept in {runs_dir})")
         # A run no server held (the CLI's, another program's): its record is all there is, and says how it ended.
-        status = "error" if record.get("stop_reason") == "error" else "done"
+        stop_reason = record.get("stop_reason")
+        status = stop_reason if stop_reason in ("error", "cancelled") else "done"
         return RunState(
             run_id=run_id, kind="generate", status=status, progress=[], error=record.get("error"), result=record
         )

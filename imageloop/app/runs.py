@@ -22,7 +22,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.sqlite import SqliteSaver
 
 from imageloop import __version__, limits
-from imageloop.app.jobs import Job, report_to
+from imageloop.app.jobs import Job, RunCancelledError, report_to
 from imageloop.app.paths import make_out_dir
 from imageloop.app.threads import carry_knobs
 from imageloop.config import Settings
@@ -70,11 +70,13 @@ def imagerag_record(
     seconds: float,
     error: str | None = None,
     planned: ImageRAGKnobs | None = None,
+    cancelled: bool = False,
 ) -> dict[str, Any]:
     """run.json from the final (or last known) state, exporting final.png and draft.png.
 
     The knobs recorded are those the run resolved (state), whichever face started it; `planned` stands in
-    for a run that failed before resolving them.
+    for a run that failed before resolving them. A run someone stopped (`cancelled`) stops for that reason,
+    its `error` saying who.
     """
     knobs: ImageRAGKnobs | None = state.get("knobs") or planned
     draft = export_image(artifacts, state.get("draft_image"), run_dir / "draft.png")
@@ -108,7 +110,7 @@ def imagerag_record(
             {**image, "path": str(artifacts.path(image["artifact"]).resolve())} for image in state.get("images", [])
         ],
         "steps": state.get("steps", []),
-        "stop_reason": "error" if error else state.get("stop_reason"),
+        "stop_reason": "cancelled" if cancelled else "error" if error else state.get("stop_reason"),
         "error": error,
         "models": {role: str(settings.role_spec(role)) for role in ("vlm", "generator", "embedder")},
         "settings": knobs.record() if knobs is not None else None,
@@ -192,12 +194,13 @@ def run_imagerag(
             raise ImageloopError(f"{run_dir} already holds a run: use another `out` folder, or resume {run_dir}")
         reused = len(held.get("steps", [])) if resume else 0
         error: str | None = None
+        cancelled = False
 
         def write_record(error: str | None) -> dict[str, Any]:
             state = graph.get_state(THREAD).values
             seconds = time.perf_counter() - started
             root = retriever.index.root
-            record = imagerag_record(state, app.settings, run_dir, artifacts, root, seconds, error, planned)
+            record = imagerag_record(state, app.settings, run_dir, artifacts, root, seconds, error, planned, cancelled)
             if resume:
                 record["resumed"] = {"reused_steps": reused}
             write_json_atomic(run_dir / RUN_RECORD, record)
@@ -210,6 +213,7 @@ def run_imagerag(
             _play(graph, None if resume else {"prompt": prompt}, given, on_step, on_progress)
         except BaseException as e:
             error = error_text(e)
+            cancelled = isinstance(e, RunCancelledError)
             disk = disk_error(e, f"writing the run in {run_dir}")
             if disk is not None:
                 raise disk from e

@@ -145,11 +145,12 @@ def _shown(session: Session, snapshot: StateSnapshot) -> SearchView:
         "out_dir": str(session.out_dir),
         "knobs": shown_knobs,
     }
+    rounds = state.get("rounds", [])
     payload = pending_interrupt(snapshot)
     if payload is not None:
-        earlier = state.get("rounds", [])[:-1]  # the round asked about is the last recorded
+        earlier = rounds[:-1]  # the round asked about is the last recorded
         synthetic, page = publish_round(payload, session.out_dir, session.session_id, earlier)
-        return SearchView(
+        view = SearchView(
             **base,
             status="awaiting_feedback",
             round=payload["round"],
@@ -159,11 +160,13 @@ def _shown(session: Session, snapshot: StateSnapshot) -> SearchView:
             page=str(page),
             ask=payload["ask"],
         )
-    if unfinished(snapshot):
-        return SearchView(**base, status="incomplete")
-    rounds = state.get("rounds", [])
-    write_json_atomic(session.out_dir / SESSION_FILE, {**base, "index": str(session.index), "rounds": rounds})
-    seen = [r for round_ in rounds for r in round_["retrieved"]]
-    found_path = next((r["path"] for r in seen if r["id"] == base["found_id"]), None)
-    last_round = rounds[-1] if rounds else None
-    return SearchView(**base, status="finished", found_path=found_path, last_round=last_round)
+    elif unfinished(snapshot):
+        view = SearchView(**base, status="incomplete")
+    else:
+        seen = [r for round_ in rounds for r in round_["retrieved"]]
+        found_path = next((r["path"] for r in seen if r["id"] == base["found_id"]), None)
+        view = SearchView(**base, status="finished", found_path=found_path, last_round=rounds[-1] if rounds else None)
+    # The session as it stands, in its folder, whichever face played it: what lists past searches reads.
+    record = {**base, "status": view.status, "found_path": view.found_path, "round": view.round}
+    write_json_atomic(session.out_dir / SESSION_FILE, {**record, "index": str(session.index), "rounds": rounds})
+    return view
