@@ -212,9 +212,13 @@ class TracedRetriever:
         route: Literal["image", "caption"] = self.inner.route
         return route
 
-    def search(self, text: str, k: int, similarity_threshold: float | None = None) -> list[RetrievedImage]:
+    def search(
+        self, text: str, k: int, similarity_threshold: float | None = None, where: Mapping[str, Any] | None = None
+    ) -> list[RetrievedImage]:
+        """A text search (within a metadata filter, for a retriever that takes one: RAGE's)."""
         with _retrieval(text, "search") as found:
-            found += self.inner.search(text, k, similarity_threshold)
+            filtered = {"where": where} if where is not None else {}
+            found += self.inner.search(text, k, similarity_threshold, **filtered)
         return found
 
     def search_image(self, image: Path, k: int, similarity_threshold: float | None = None) -> list[RetrievedImage]:

@@ -1,7 +1,8 @@
 """What the faces that serve HTTP (LangGraph Server's custom routes, the browser UI) serve beside their own pages:
-the files runs wrote, at `/imageloop/runs/<path under the runs folder>` (an image, a run's `report.html` with the
-images it links to, `run.json`). The one rule of what may be served is `App.run_file`; each face puts the route
-behind its own authentication.
+the files they name for remote clients (`imageloop.app.links`), at `/imageloop/runs/<path under the runs folder>`
+(an image, a run's `report.html` with the images it links to, `run.json`) and `/imageloop/roots/<i>/<path>` (an
+image under the i-th root: an indexed image). What may be served is `Links.resolve`'s rule; each face puts the
+route behind its own authentication.
 """
 
 from __future__ import annotations
@@ -14,24 +15,24 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from imageloop.app import App
+from imageloop.app.links import HTTP_BASE, Links
 from imageloop.errors import ImageloopError
-
-RUNS_ROUTE = "/imageloop/runs"
 
 
 def run_url(relative: str) -> str:
     """The address (from the server's root) of a run file named by its path under the runs folder."""
-    return f"{RUNS_ROUTE}/{relative}"
+    return f"{HTTP_BASE}runs/{relative}"
 
 
-def run_files(app: Callable[[], App]) -> Route:
-    """`GET /imageloop/runs/<path>`: one file a run of `app()` wrote, or 404 with the one-line reason."""
+def served_files(app: Callable[[], App]) -> Route:
+    """`GET /imageloop/<name>`: one file `app()` names for remote clients, or 404 with the one-line reason."""
 
-    async def run_output(request: Request) -> Response:
+    async def serve(request: Request) -> Response:
+        links = Links(app(), HTTP_BASE)
         try:
-            path, media_type = await anyio.to_thread.run_sync(app().run_file, request.path_params["path"])
+            path, media_type = await anyio.to_thread.run_sync(links.resolve, request.path_params["name"])
         except ImageloopError as e:
             return JSONResponse({"error": str(e)}, status_code=404)
         return FileResponse(path, media_type=media_type)
 
-    return Route(RUNS_ROUTE + "/{path:path}", run_output, methods=["GET"])
+    return Route(HTTP_BASE + "{name:path}", serve, methods=["GET"])

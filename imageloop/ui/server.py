@@ -53,11 +53,11 @@ def streamlit_app(token: str | None) -> Any:
     from starlette.middleware import Middleware
     from streamlit.web import bootstrap
 
-    from imageloop.web import run_files
+    from imageloop.web import served_files
 
     bootstrap.load_config_options(STREAMLIT_OPTIONS)
     middleware = [Middleware(TokenGate, token=token, browser=True)] if token else []
-    return st.App(str(PAGE), routes=[run_files(lambda: current().app)], middleware=middleware)
+    return st.App(str(PAGE), routes=[served_files(lambda: current().app)], middleware=middleware)
 
 
 def serve(app: App, *, index: str | Path, host: str = "127.0.0.1", port: int = 7860, token: str | None = None) -> None:
