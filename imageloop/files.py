@@ -108,7 +108,7 @@ def os_error_message(error: OSError, doing: str) -> str:
     """One line for an OSError met while `doing` (e.g. "writing the index at X"): what happened, what to do."""
     reason = error.strerror or str(error)
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"disk full while {doing} ({reason}): free some space and run the same command again"
+        return f"disk full while {doing} ({reason}): free some space and try again"
     if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return f"cannot write while {doing} ({reason}): the folder is read-only for imageloop; choose a writable one"
     if error.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):

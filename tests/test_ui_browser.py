@@ -139,6 +139,7 @@ def test_a_person_runs_imagerag_keeps_it_stops_one_and_searches_in_the_browser(
             page.get_by_role("button", name="Generate", exact=True).click()
             page.get_by_text("“a blue jay on a snowy branch”").wait_for()
             page.get_by_text("aligned with the prompt · stopped: aligned").wait_for()
+            page.get_by_text("Final", exact=True).wait_for()
             run = re.search(r"run=([0-9a-f]{12})", page.url)
             assert run, page.url
             images = _loaded_images(page)
@@ -175,7 +176,8 @@ def test_a_person_runs_imagerag_keeps_it_stops_one_and_searches_in_the_browser(
             page.get_by_label("What are you looking for?").fill("a blue jay")
             page.get_by_role("button", name="Start search").click()
             page.get_by_text("Round 0: a blue jay").wait_for()
-            assert "What the system understood" in _loaded_images(page)
+            page.get_by_text("What the system understood").wait_for()
+            assert _loaded_images(page)["What the system understood"][0] > 0
             page.reload()  # the session is in the address: a reload shows the same round
             page.get_by_text("Round 0: a blue jay").wait_for()
             page.get_by_role("button", name="This one").nth(0).click()

@@ -243,13 +243,9 @@ def show_run(app: App, record: Mapping[str, Any], folder: Path) -> None:
 
 def search_tab(app: App, index: Path) -> None:
     """A GenIR session: each round's drawing and results; say what differs or click the one meant."""
-    sid = st.query_params.get(SEARCH)
-    running, result = _ended(app, "search", sid)
+    running, sid, session = _shown_session(app, "search", SEARCH, app.show_search)
     if running:
         return
-    if result is not None:
-        sid = st.query_params[SEARCH] = result["session_id"]
-    session = _session(SEARCH, sid, app.show_search)
     if session is None or session["status"] == "finished":
         if session is not None:
             show_finished_search(session)
@@ -261,16 +257,26 @@ def search_tab(app: App, index: Path) -> None:
         st.button("Continue this session", on_click=_answer_search, args=(sid, None))
 
 
-def _session(parameter: str, sid: str | None, show: Callable[[str], BaseModel]) -> dict[str, Any] | None:
-    """The session the address names (`parameter`), as it stands now; an unknown one is said and dropped."""
+def _shown_session(
+    app: App, key: str, parameter: str, show: Callable[[str], BaseModel]
+) -> tuple[bool, str | None, dict[str, Any] | None]:
+    """The session tab `key` shows: whether a run is still playing it (its progress drawn), its id (the address's
+    `parameter`, or that of the session a run just started) and how it stands now (an unknown one is said and
+    dropped from the address)."""
+    sid = st.query_params.get(parameter)
+    running, result = _ended(app, key, sid)
+    if running:
+        return True, sid, None
+    if result is not None:
+        sid = st.query_params[parameter] = result["session_id"]
     if not sid:
-        return None
+        return False, None, None
     try:
-        return show(sid).model_dump(mode="json")
+        return False, sid, show(sid).model_dump(mode="json")
     except ImageloopError as e:
         st.error(str(e))
         del st.query_params[parameter]
-        return None
+        return False, None, None
 
 
 def start_search_form(app: App, index: Path) -> None:
@@ -349,14 +355,8 @@ def pick_tab(app: App, index: Path) -> None:
         review_col.selectbox("Who checks each image", REVIEW_KINDS, key="rage_review")
         _number(k_col, "Candidates", "k", app.settings.k, key="rage_k")
         st.form_submit_button("Find references", type="primary", on_click=_start_rage, args=(index,))
-    sid = st.query_params.get(PICK)
-    running, result = _ended(app, "rage", sid)
-    if running:
-        return
-    if result is not None:
-        sid = st.query_params[PICK] = result["session_id"]
-    session = _session(PICK, sid, app.show_rage)
-    if session is None:
+    running, sid, session = _shown_session(app, "rage", PICK, app.show_rage)
+    if running or session is None:
         return
     st.caption(f"Session {sid} · continue it anywhere with `imageloop rage --resume {sid}`")
     if session["status"] == "awaiting_selection":
