@@ -45,6 +45,7 @@ STATUS_FILE = "status.json"
 JobKind = Literal["generate", "index", "genir", "rage", "cir", "triplets", "eval"]
 JobStatus = Literal["queued", "running", "done", "error", "cancelled", "interrupted"]
 FINISHED: frozenset[str] = frozenset({"done", "error", "cancelled", "interrupted"})
+SHUT_DOWN = "cancelled: the service shut down before the run finished"
 
 
 class ServerBusyError(ImageloopError):
@@ -53,9 +54,6 @@ class ServerBusyError(ImageloopError):
 
 class RunCancelledError(ImageloopError):
     """A run stopped at a step boundary: the application is shutting down, or a person stopped it."""
-
-
-SHUTDOWN = "the service shut down before the run finished"
 
 
 @dataclass(frozen=True)
@@ -81,10 +79,10 @@ class Job:
     error: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
     cancel: threading.Event = field(default_factory=threading.Event)
-    cancel_reason: str = SHUTDOWN
     future: Future[None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     write_record: Callable[[str | None], object] | None = None
+    cancel_reason: str = SHUT_DOWN
 
     def record_with(self, write_record: Callable[[str | None], object]) -> None:
         """Register how to write this run's record with an error, for when the service cannot wait for it."""
@@ -114,13 +112,13 @@ class Job:
 
     def stop(self, reason: str) -> None:
         """Ask the run to stop at its next step boundary, saying why (recorded as its error)."""
-        self.cancel_reason = reason
+        self.cancel_reason = f"cancelled: {reason}"
         self.cancel.set()
 
     def check_cancelled(self) -> None:
         """Stop here if the server is shutting down or someone stopped the run."""
         if self.cancel.is_set():
-            raise RunCancelledError(f"cancelled: {self.cancel_reason}")
+            raise RunCancelledError(self.cancel_reason)
 
     def notes_since(self, count: int) -> tuple[int, list[Note]]:
         """The total reported so far and the notes after the first `count`."""
