@@ -1,7 +1,7 @@
 """The `imageloop` command line: parses options, calls the application layer (`imageloop.app.App`), prints.
 
-User errors print one line (`imageloop: error: ...`) and exit 2; Ctrl-C exits 130 after saying what
-was kept and how to continue. Progress goes to stderr so `--json` output on stdout stays machine-readable.
+User errors print one line (`imageloop: error: ...`) and exit 2; Ctrl-C exits 130 (SIGTERM 143) after
+saying what was kept and how to continue. Progress goes to stderr so `--json` output on stdout stays machine-readable.
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +44,31 @@ if TYPE_CHECKING:
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a filter stopped by its reader
+EXIT_TERMINATED = 128 + signal.SIGTERM
+SERVERS = ("mcp", "ui")
+"""Commands that serve until stopped and handle SIGTERM themselves (finishing or cancelling their runs)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, taken as Ctrl-C is: the run stops, its record says so, and the message says how to continue."""
+
+
+@contextmanager
+def _sigterm_as_interrupt(command: str) -> Iterator[None]:
+    """While `command` runs, SIGTERM raises `Terminated` (once: a second one waits for the record to be written)."""
+    if command in SERVERS or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -197,30 +224,46 @@ def _add_triplets_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
 
 
 def _add_train_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
+    from imageloop.training.options import CIRLoRAOptions, CIRTrainingOptions
+
     train = commands.add_parser("train", help="train DAIG's models: a composed-query model or a CIR-LoRA")
-    models = train.add_subparsers(dest="model", required=True, metavar="MODEL")
+    models = train.add_subparsers(dest="training", required=True, metavar="MODEL")
     cir = models.add_parser(
-        "cir", parents=[roles], help="a composed-query model on --embedder's features (DRSP, then FRA)"
+        "cir", parents=[roles], help="a composed-query model (combiner, clip4cir, sprc): DRSP, then FRA"
     )
     cir.add_argument("--triplets", type=Path, required=True, metavar="DIR", help="synthetic triplets (pre-training)")
-    cir.add_argument("--real", type=Path, metavar="FILE", help="real triplets (JSONL) to fine-tune on")
-    # dest train_steps: `steps` is the settings' denoising steps, which a training run must not set.
-    cir.add_argument("--steps", type=int, dest="train_steps", help="pre-training steps (default 1000)")
-    cir.add_argument("--finetune-steps", type=int, help="fine-tuning steps with --real (default 200)")
-    cir.add_argument("--learning-rate", type=float, help="pre-training learning rate (default 1e-4)")
+    cir.add_argument("--real", type=Path, metavar="FILE", help="real triplets (JSONL, e.g. cir-data's) to fine-tune on")
+    _add_knobs(cir, CIRTrainingOptions, "training (the paper's values where it gives them)")
     cir_lora = models.add_parser("cir-lora", parents=[roles], help="an in-context LoRA on FLUX for diptychs")
     cir_lora.add_argument("--triplets", type=Path, required=True, metavar="DIR", help="real triplets (folder or JSONL)")
-    cir_lora.add_argument("--steps", type=int, dest="train_steps", help="training steps (default 1000)")
-    cir_lora.add_argument("--experts", type=int, help="LoRA experts mixed by a router (default 1: one LoRA)")
-    cir_lora.add_argument("--rank", type=int, help="LoRA rank (default 16)")
-    cir_lora.add_argument("--resolution", type=int, help="each panel's side in pixels (default 512)")
-    cir_lora.add_argument(
-        "--base-model", metavar="SPEC", help="FLUX checkpoint (default --generator if FLUX, else FLUX.1-dev)"
-    )
+    _add_knobs(cir_lora, CIRLoRAOptions, "training (uncaptioned images are described by --captioner when given)")
     for parser in (cir, cir_lora):
+        parser.add_argument(
+            "--images", type=Path, metavar="DIR",
+            help="a folder triplet images may lie in besides their file's own (cir-data's: the benchmark's images)",
+        )  # fmt: skip
         parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the model goes (resumable)")
-        parser.add_argument("--batch-size", type=int, help="examples per step")
         parser.add_argument("--json", action="store_true", help="print the run's summary as JSON last")
+
+
+def _add_cir_data_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
+    data = commands.add_parser(
+        "cir-data", parents=[roles], help="a CIRR or FashionIQ train split as real triplets (K-shot, fraction, all)"
+    )
+    data.add_argument(
+        "--annotations", type=Path, required=True, metavar="FILE",
+        help="CIRR captions/cap.rc2.train.json, FashionIQ captions/cap.CATEGORY.train.json, or the dataset folder",
+    )  # fmt: skip
+    data.add_argument("--format", required=True, choices=["cirr", "fashioniq"], help="the benchmark")
+    data.add_argument(
+        "--images", type=Path, metavar="DIR", help="the benchmark's images (default ROOT/img_raw or ROOT/images)"
+    )
+    size = data.add_mutually_exclusive_group(required=True)
+    size.add_argument("--shots", type=int, metavar="K", help="K triplets (DAIG's few-shot setting: 32)")
+    size.add_argument("--fraction", type=float, metavar="F", help="this share of the split (DAIG: 0.01; 1: all)")
+    data.add_argument("--seed", type=int, default=0, help="which sample (default 0; a smaller one nests in a larger)")
+    data.add_argument("--out", type=Path, required=True, metavar="FILE", help="the triplets (JSONL) to write")
+    data.add_argument("--json", action="store_true", help='print {"written", "out", "images"} last')
 
 
 def _add_genir_eval_options(parser: argparse.ArgumentParser) -> None:
@@ -274,7 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     index = commands.add_parser("index", parents=[roles], help="index a folder of images for retrieval")
-    index.add_argument("folder", type=Path, help="folder of images; the index is written to FOLDER/.imageloop")
+    index.add_argument(
+        "folder", type=Path, nargs="+", metavar="SOURCE",
+        help="a folder of images, a parquet table of image paths and captions, or WebDataset shards "
+        "('data/{00000..00099}.tar'); the index is written to FOLDER/.imageloop (the folder holding them)",
+    )  # fmt: skip
     index.add_argument("--batch-size", type=int, help=f"images embedded per batch (default {_default('batch_size')})")
     index.add_argument("--json", action="store_true", help='print {"indexed", "skipped", "failed", "total", ...} last')
     stores = index.add_argument_group("vector store (a new index; an existing one keeps its own)")
@@ -340,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cir_parser(commands, roles)
     _add_triplets_parser(commands, roles)
     _add_train_parser(commands, roles)
+    _add_cir_data_parser(commands, roles)
     _add_genir_eval_options(genir_eval)
     _add_eval_imagerag_parser(loops, roles)
 
@@ -368,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ui_parser(commands, roles)
     _add_completion_parser(commands)
     _add_quiet(parser)
+    _add_roots(parser)
     return parser
 
 
@@ -383,6 +432,21 @@ def _add_quiet(parser: argparse.ArgumentParser, top: bool = True) -> None:
                 _add_quiet(sub, top=False)
 
 
+def _add_roots(parser: argparse.ArgumentParser) -> None:
+    """`--root DIR` on every command that reads paths (`mcp` has its own): opt-in confinement, as the servers do."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in dict.fromkeys(action.choices.items()):
+                if any(isinstance(inner, argparse._SubParsersAction) for inner in sub._actions):
+                    _add_roots(sub)
+                elif name != "completion" and "--root" not in sub._option_string_actions:
+                    sub.add_argument(
+                        "--root", type=Path, action="append", default=[], metavar="DIR",
+                        help="confine every path argument to DIR (repeatable; relative paths are taken from the "
+                        "first; symlinks resolved, '..' refused); default: unconfined",
+                    )  # fmt: skip
+
+
 def _add_ui_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
     ui = commands.add_parser("ui", parents=[roles], help="open the browser UI (generate, search, pick, compose)")
     ui.add_argument("--index", type=Path, required=True, help="the indexed image folder the UI searches")
@@ -391,6 +455,10 @@ def _add_ui_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
     ui.add_argument(
         "--token", help="access token required beyond localhost ($IMAGELOOP_UI_TOKEN; default: a random one)"
     )
+    ui.add_argument(
+        "--root", type=Path, action="append", default=[], metavar="DIR",
+        help="a folder the UI may read besides --index (repeatable); nothing else is read",
+    )  # fmt: skip
     ui.add_argument("--runs", type=Path, metavar="DIR", help="where runs and searches are written (default runs/)")
     ui.add_argument("--sessions", type=Path, help="GenIR session database (default shared with the other faces)")
 
@@ -430,6 +498,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _app(args: argparse.Namespace, **options: Any) -> App:
     from imageloop.app import App
 
+    options.setdefault("roots", getattr(args, "root", None) or None)
     return App(_settings(args), sessions_db=getattr(args, "sessions", None), **options)
 
 
@@ -701,7 +770,8 @@ def _show_hits(summary: dict[str, Any]) -> None:
     for entry in summary["rounds"]:
         hits = ", ".join(f"Hits@{k} = {value:.3f}" for k, value in entry["hits_at"].items())
         latency = f" ({entry['latency_s']:.2f} s)" if entry.get("latency_s") is not None else ""
-        _err(f"round {entry['round']}: {hits}{latency}")
+        carried = f"; {entry['carried']} of {summary['n_targets']} carried forward" if entry.get("carried") else ""
+        _err(f"round {entry['round']}: {hits}{latency}{carried}")
 
 
 def _eval_imagerag(args: argparse.Namespace, app: App) -> int:
@@ -728,7 +798,7 @@ def _eval_imagerag(args: argparse.Namespace, app: App) -> int:
 def _report(args: argparse.Namespace, app: App) -> int:
     from imageloop.report import write_report
 
-    print(write_report(args.run_dir))
+    print(write_report(app.path(args.run_dir, "run", kind="dir")))
     return 0
 
 
@@ -754,12 +824,14 @@ def _ui(args: argparse.Namespace, app: App) -> int:
     from imageloop.ui import serve
 
     token = args.token or os.environ.get("IMAGELOOP_UI_TOKEN") or None
-    serve(app, index=args.index, host=args.host, port=args.port, token=token)
+    serve(app, index=args.index.resolve(), host=args.host, port=args.port, token=token)
     return 0
 
 
 def _ui_app(args: argparse.Namespace) -> App:
-    return _app(args, runs_dir=args.runs)
+    from imageloop.app import App
+
+    return App.serving(_settings(args), args.index, args.root, runs_dir=args.runs, sessions_db=args.sessions)
 
 
 def _completion(args: argparse.Namespace, app: App) -> int:
@@ -840,7 +912,9 @@ def _triplets(args: argparse.Namespace, app: App) -> int:
 def _train(args: argparse.Namespace, app: App) -> int:
     from tqdm import tqdm
 
-    bar = tqdm(desc=f"train {args.model}", unit="step", file=sys.stderr, disable=None)
+    from imageloop.training.options import CIRLoRAOptions, CIRTrainingOptions
+
+    bar = tqdm(desc=f"train {args.training}", unit="step", file=sys.stderr, disable=None)
 
     def progress(event: Any) -> None:
         bar.total = event.total_steps
@@ -849,21 +923,33 @@ def _train(args: argparse.Namespace, app: App) -> int:
         bar.refresh()
 
     try:
-        if args.model == "cir":
+        if args.training == "cir":
+            options = _given(args, CIRTrainingOptions)
             summary = app.train_cir(
-                args.triplets, args.out, real=args.real, steps=args.train_steps, finetune_steps=args.finetune_steps,
-                batch_size=args.batch_size, learning_rate=args.learning_rate, progress=progress,
-            )  # fmt: skip
+                args.triplets, args.out, real=args.real, images=args.images, options=options, progress=progress
+            )
         else:
             summary = app.train_cir_lora(
-                args.triplets, args.out, steps=args.train_steps, experts=args.experts, rank=args.rank,
-                resolution=args.resolution, batch_size=args.batch_size, base_model=args.base_model, progress=progress,
-            )  # fmt: skip
+                args.triplets, args.out, images=args.images, options=_given(args, CIRLoRAOptions), progress=progress
+            )
     finally:
         bar.close()
     _err(f"{summary['steps']} steps, final loss {summary['final_loss']:.4f}; loss curve {summary['loss_curve_svg']}")
     if args.json:
         print(json.dumps(summary))
+    return 0
+
+
+def _cir_data(args: argparse.Namespace, app: App) -> int:
+    made = app.cir_data(
+        args.annotations, args.format, args.out, images=args.images, shots=args.shots, fraction=args.fraction,
+        seed=args.seed,
+    )  # fmt: skip
+    captions = ", with captions" if made["captioned"] else ""
+    _err(f"wrote {made['written']} of the split's {made['split_size']} triplets to {made['out']}{captions}")
+    _err(f"their images lie in {made['images']}: train on them with --real {made['out']} --images {made['images']}")
+    if args.json:
+        print(json.dumps({"written": made["written"], "out": made["out"], "images": made["images"]}))
     return 0
 
 
@@ -879,6 +965,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, App], int]] = {
     "cir": _cir,
     "triplets": _triplets,
     "train": _train,
+    "cir-data": _cir_data,
     "mcp": _mcp,
     "ui": _ui,
     "completion": _completion,
@@ -911,8 +998,10 @@ def _interrupted(args: argparse.Namespace, error: BaseException) -> str:
         return f"finished targets are in {args.out}; run the same command again to evaluate the rest"
     if args.command == "triplets":
         return f"finished triplets are in {args.out}; run the same command again to make the rest"
-    if args.command == "train" and args.model == "cir":
+    if args.command == "train":
         return f"checkpoints are in {args.out}; run the same command again to resume"
+    if args.command == "cir-data":
+        return f"nothing was written to {args.out}; captions made so far are kept: run the same command again"
     return "stopped"
 
 
@@ -926,12 +1015,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quiet:
         hide_loading_bars()
+    from imageloop.app.jobs import LeftRunning
+
     app: App | None = None
     try:
-        app = APPS.get(args.command, _app)(args)
-        code = COMMANDS[args.command](args, app)
-        sys.stdout.flush()  # here, so a reader that went away (`| head`) is noticed below, not at exit
-        return code
+        with _sigterm_as_interrupt(args.command):
+            try:
+                app = APPS.get(args.command, _app)(args)
+                code = COMMANDS[args.command](args, app)
+                sys.stdout.flush()  # here, so a reader that went away (`| head`) is noticed below, not at exit
+                return code
+            finally:
+                if app is not None:
+                    app.close()
     except BrokenPipeError:
         # Whoever read stdout stopped (`imageloop completion bash | head`): as any Unix filter, stop quietly,
         # sending what is still buffered nowhere so that the interpreter's own flush at exit cannot fail.
@@ -941,11 +1037,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err(f"imageloop: error: {_as_options(str(e))}")
         return EXIT_USER_ERROR
     except (KeyboardInterrupt, EOFError) as e:
-        _err(f"\nimageloop: interrupted; {_interrupted(args, e)}")
-        return EXIT_INTERRUPTED
-    finally:
-        if app is not None:
-            app.close()
+        stop = e.stop if isinstance(e, LeftRunning) else e
+        _err(f"\nimageloop: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}; {_interrupted(args, e)}")
+        code = EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
+        if isinstance(e, LeftRunning):
+            sys.stderr.flush()
+            os._exit(code)  # not waiting for a model call that may hang for minutes: the record says where it stopped
+        return code
 
 
 if __name__ == "__main__":

@@ -31,10 +31,13 @@ PlanScope = Literal["rare", "every"]
 RetrievalQuery = Literal["caption", "concept", "prompt"]
 ReferencesPolicy = Literal["replace", "accumulate"]
 FinalImage = Literal["best", "last"]
-FeedbackKind = Literal["visual", "verbal", "prediction", "hybrid"]
+ReferenceTrim = Literal["score", "order"]
+Rerank = Literal["none", "vlm"]
+FeedbackKind = Literal["visual", "verbal", "prediction", "hybrid", "chatir"]
 SimulatedUserStyle = Literal["ours", "paper"]
 HybridRule = Literal["confidence", "oracle", "random"]
 HybridFallback = Literal["prediction", "verbal"]
+IndexRoute = Literal["any", "image"]
 ReviewKind = Literal["none", "person", "critic"]
 
 
@@ -215,23 +218,34 @@ class ImageRAGKnobs(Drawing):
     max_iterations: int = knob(bound="max_iterations")
     similarity_threshold: float | None = knob(bound="similarity_threshold")
     top_k: int = knob(bound="top_k")
-    max_concepts: int = knob(bound="max_concepts")
+    max_concepts: int | None = knob(
+        bound="max_concepts",
+        description="missing concepts the critic may name; none: as the released scripts ask (SDXL one, OmniGen any)",
+    )
     critic: CriticKind = knob("single_call", description="single_call (one JSON call) or paper (the released one)")
     plan_scope: PlanScope = knob("rare", description="generation mode plans the rare concepts, or every concept")
     retrieval_query: RetrievalQuery = knob("caption", description="search with the caption, concept word or prompt")
-    rephrase_only: bool = knob(False, description="ablation: fold the captions into the prompt, draw no reference")
+    rephrase_only: bool = knob(False, description="ablation: the VLM rephrases the prompt; nothing is retrieved")
     references_policy: ReferencesPolicy = knob("replace", description="each iteration replaces or adds references")
     final_image_policy: FinalImage = knob("best", description="return the best judged image or the last one")
+    judge_last: bool = knob(True, description="the critic judges the last regeneration too (the released code: no)")
+    reference_trim: ReferenceTrim = knob(
+        "score", description="past the generator's capacity keep the best-scoring references, or the first in order"
+    )
+    rerank: Rerank = knob("none", description="ablation: a VLM picks each concept's references among the top 6")
 
 
 class GenIRKnobs(Drawing):
     """GenIR: a search, round by round, for an image someone has in mind."""
 
     LOOP: ClassVar[str] = "genir"
-    feedback: FeedbackKind = knob("visual", description="what each round shows: visual draws the query")
+    feedback: FeedbackKind = knob(
+        "visual", description="what each round shows: visual draws the query; chatir asks a question instead"
+    )
     rounds: int = knob(bound="rounds")
     k: int = knob(bound="k", description="results per round (the Hits@K cut-off)")
     hybrid_threshold: float = knob(bound="hybrid_threshold")
+    index_route: IndexRoute = knob("any", description="image refuses an index of caption embeddings, as GenIR searches")
 
 
 class SimulatedUserKnobs(GenIRKnobs):

@@ -198,6 +198,8 @@ class _Toolbox:
                 answered.done.wait(float(getattr(args, "wait_seconds", 0)))
                 answered = job_state(answered)
             if isinstance(answered, RunState):
+                if answered.status == "error":  # as the MCP server marks it: the model reads a failed call
+                    raise ToolException(_run_text(answered))
                 shown = pictures(answered.kind, answered.result, limit) if answered.result else []  # type: ignore[arg-type]
                 return self._answer(_run_text(answered), answered.model_dump(mode="json"), shown)
             if spec.name == "retrieve_images":

@@ -20,10 +20,12 @@ from imageloop.app.deployment import (
     deployed_app,
     deployed_caption,
     deployed_context,
+    deployed_file,
     deployed_publish,
     deployed_query_model,
     record_rage_run,
     record_run,
+    served,
 )
 from imageloop.graphs.cir import CIRContext, CIRGraph, build_cir_graph
 from imageloop.graphs.genir import GenIRContext, GenIRGraph, build_genir_graph
@@ -48,15 +50,17 @@ def imagerag(config: RunnableConfig | None = None) -> ImageRAGGraph:
 
 def genir(config: RunnableConfig | None = None) -> GenIRGraph:
     """The GenIR graph for LangGraph Server; a person's feedback is an interrupt the client resumes."""
-    return build_genir_graph(
+    graph = build_genir_graph(
         LazyVLM(),  # type: ignore[arg-type]
         LazyGenerator(),  # type: ignore[arg-type]
         ContextRetriever(),
         ContextArtifacts(),
         defaults=lambda: SimulatedUserKnobs.from_settings(deployed_app().settings),
         context_schema=deployed_context(GenIRContext),
+        paths=deployed_file,
         publish=deployed_publish,
     )
+    return served(graph)
 
 
 def cir(config: RunnableConfig | None = None) -> CIRGraph:
@@ -70,13 +74,14 @@ def cir(config: RunnableConfig | None = None) -> CIRGraph:
         query_models=deployed_query_model,
         defaults=lambda: CIRKnobs.from_settings(deployed_app().settings),
         context_schema=deployed_context(CIRContext),
+        paths=deployed_file,
         publish=deployed_publish,
     )
 
 
 def rage(config: RunnableConfig | None = None) -> RAGEGraph:
     """The RAGE graph for LangGraph Server; a person's picks and reviews are interrupts Studio shows natively."""
-    return build_rage_graph(
+    graph = build_rage_graph(
         LazyVLM(),  # type: ignore[arg-type]  # asked only by a critic review
         LazyGenerator(),  # type: ignore[arg-type]
         ContextRetriever(),
@@ -86,3 +91,4 @@ def rage(config: RunnableConfig | None = None) -> RAGEGraph:
         on_finish=record_rage_run,
         publish=deployed_publish,
     )
+    return served(graph)

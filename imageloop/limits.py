@@ -38,6 +38,8 @@ def _number(value: float) -> str:
 PROMPT_CHARS = 4000
 """The longest prompt, query, change text or feedback; a 100k-character prompt made a generator allocate 40 GB."""
 PATH_CHARS = 4096
+SIDECAR_BYTES = 64 * 1024
+"""The largest sidecar caption (`NAME.txt`) or metadata (`NAME.json`) read beside an image."""
 
 # Pictures: both sides bounded, so no size can exhaust memory before a model sees it.
 MIN_SIDE, MAX_SIDE = 16, 2048

@@ -257,3 +257,16 @@ class ImageRetriever(Protocol):
     """Text-to-image search over an index (caption or image route, the retriever knows which)."""
 
     def search(self, text: str, k: int, similarity_threshold: float | None = None) -> list[RetrievedImage]: ...
+
+
+class PathResolver(Protocol):
+    """Resolves a graph input naming an image file (`text`, called `what` in messages), refusing one its face
+    may not read: the application passes `App.file_path`, confined to its roots; a graph built without one
+    takes paths as given (`as_given`)."""
+
+    def __call__(self, text: str, what: str) -> Path: ...
+
+
+def as_given(text: str, what: str) -> Path:
+    """The path as written: the resolver of a graph used as a library, where the caller owns its paths."""
+    return Path(text)

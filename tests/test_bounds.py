@@ -3,6 +3,7 @@ one-line error naming the bound and its range, before any model is asked or any 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -174,3 +175,43 @@ def test_an_mcp_call_past_a_bound_is_a_one_line_error_naming_the_argument(fakes:
         result = client.call("genir_round", {"index": "photos", "query": "a jay", "rounds": 21})
     assert result.isError and "rounds" in text_of(result) and "less than or equal to 20" in text_of(result)
     assert "\n" not in text_of(result)
+
+
+# The README states the bounds too: what it says must be what `imageloop/limits.py` enforces.
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+NAMED = {"max-iterations": "max_iterations", "top-k": "top_k", "steps": "steps", "k": "k", "rounds": "rounds"}
+OPTION_RANGE = re.compile(r"`--([a-z-]+)` (-?[\d.]+)\.\.(-?[\d.]+)")
+REFUSAL_RANGE = re.compile(r"`([a-z_]+) -?[\d.]+ is out of range: (-?[\d.]+)\.\.(-?[\d.]+)`")
+
+
+def stated_ranges() -> list[tuple[str, float, float]]:
+    """(bound, low, high) for every `--NAME LOW..HIGH` and every quoted `NAME X is out of range: LOW..HIGH`."""
+    stated = [(NAMED.get(name, name), float(low), float(high)) for name, low, high in OPTION_RANGE.findall(README)]
+    return stated + [(name, float(low), float(high)) for name, low, high in REFUSAL_RANGE.findall(README)]
+
+
+def stated_maxima() -> list[tuple[str, float]]:
+    """(bound, high) for every `NAME ≤ N` or `NAME≤N` the README states."""
+    return [
+        (name, float(high)) for name, high in re.findall(r"\b([a-z_]+) ?≤ ?(\d+)\b", README) if name in limits.BOUNDS
+    ]
+
+
+def test_every_range_the_readme_states_is_the_one_the_limits_table_enforces() -> None:
+    stated = stated_ranges()
+    assert {name for name, _, _ in stated} >= {"max_iterations", "top_k", "steps", "k", "rounds"}
+    assert [(name, low, high) for name, low, high in stated if name in limits.BOUNDS] == [
+        (name, limits.BOUNDS[name].low, limits.BOUNDS[name].high) for name, _, _ in stated if name in limits.BOUNDS
+    ]
+
+
+def test_every_maximum_the_readme_states_is_the_one_the_limits_table_enforces() -> None:
+    stated = stated_maxima()
+    assert {name for name, _ in stated} >= {"k", "max_iterations", "steps", "max_images"}
+    assert stated == [(name, limits.BOUNDS[name].high) for name, _ in stated]
+
+
+def test_the_readme_states_the_sides_and_prompt_length_the_limits_table_enforces() -> None:
+    assert f"sides {limits.MIN_SIDE}..{limits.MAX_SIDE}" in README and f"sides ≤ {limits.MAX_SIDE}" in README
+    assert f"prompts up to {limits.PROMPT_CHARS:,} characters" in README

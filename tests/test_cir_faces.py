@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,22 +114,20 @@ def test_cir_refuses_a_model_trained_on_another_embedder(colours: Colours, capsy
     assert code == 2 and "trained on features of tiny:clip" in capsys.readouterr().err
 
 
-def test_cir_as_a_subprocess_keeps_stdout_for_the_json(
-    openai_server: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_cir_keeps_stdout_for_the_json(
+    openai_server: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("OPENAI_BASE_URL", openai_server.base_url)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     paths = colour_folder(tmp_path / "gallery")
     assert main(["index", str(tmp_path / "gallery"), "--profile", "openai"]) == 0
     openai_server.push("/v1/chat/completions", 200, chat_completion(RED))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, "-m", "imageloop.cli", "cir", "--profile", "openai", "--index", str(tmp_path / "gallery"),
-         "--reference", str(paths["blue"]), "--change", "make it red", "--k", "2", "--json"],
-        capture_output=True, text=True, env=env, timeout=120, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    [line] = done.stdout.strip().splitlines()
+    capsys.readouterr()
+    code = main(["cir", "--profile", "openai", "--index", str(tmp_path / "gallery"), "--reference", str(paths["blue"]),
+                 "--change", "make it red", "--k", "2", "--json"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    [line] = out.strip().splitlines()
     answer = json.loads(line)
     assert answer["edited_description"] == "a red square" and len(answer["results"]) == 2
     embedded = [t for r in openai_server.requests_to("/v1/embeddings") for t in r.json["input"]]

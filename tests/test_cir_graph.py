@@ -269,3 +269,14 @@ def test_a_deep_ranking_lists_ids_beyond_the_results(world: World) -> None:
     state = world.run(world.paths["blue"], "make it red", k=2, rank_depth=6, exclude_reference=False)
     assert len(state["results"]) == 2 and len(state["ranking"]) == 6
     assert state["ranking"][:2] == [r["id"] for r in state["results"]]
+
+
+def test_its_model_calls_are_runs_of_the_trace_as_every_loops_are(world: World) -> None:
+    from tests.test_tracing import RecordingHandler
+
+    handler = RecordingHandler()
+    world.vlm.answers += ["Edited Description: a red square", MATCHES]
+    graph = world.graph()
+    asked = {"reference": str(world.paths["blue"]), "change": "make it red"}
+    graph.invoke(asked, {"callbacks": [handler]}, context=CIRContext(verify=1))
+    assert len(handler.prompts) == len(handler.answers) == len(world.vlm.calls) == 2  # compose, then verify

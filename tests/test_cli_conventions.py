@@ -12,12 +12,14 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
 from imageloop import __version__, runtime
 from imageloop.cli import build_parser, main
 from imageloop.completion import completion_script
+from imageloop.knobs import FeedbackKind
 from imageloop.progress import report_progress
 from imageloop.protocols import GenerationRequest, GenerationResult
 from tests.fake_providers import FakeBackends, captioned_folder
@@ -100,12 +102,7 @@ def test_bash_completes_commands_options_and_choices_from_the_parser() -> None:
     assert {"generate", "search", "query", "ui", "mcp", "completion"} <= set(complete(script, "imageloop", ""))
     assert complete(script, "imageloop", "gen") == ["generate"]
     assert complete(script, "imageloop", "generate", "--max-i") == ["--max-iterations"]
-    assert complete(script, "imageloop", "--quiet", "search", "--feedback", "") == [
-        "visual",
-        "verbal",
-        "prediction",
-        "hybrid",
-    ]
+    assert complete(script, "imageloop", "--quiet", "search", "--feedback", "") == list(get_args(FeedbackKind))
     assert complete(script, "imageloop", "eval", "") == ["cir", "genir", "imagerag"]
     assert complete(script, "imageloop", "completion", "") == ["bash", "zsh"]
 

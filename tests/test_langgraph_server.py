@@ -191,3 +191,18 @@ def test_a_run_without_an_index_says_how_to_configure_one(
     graph = load_graph("imagerag")
     with pytest.raises(ConfigError, match="no index: set IMAGELOOP_INDEX=FOLDER"):
         graph.invoke({"prompt": "a blue jay"}, context={"mode": "generation"})
+
+
+@pytest.mark.parametrize(("name", "inputs"), [("genir", {"query": "a blue jay"}), ("rage", {"prompt": "a blue jay"})])
+def test_a_resume_that_answers_nothing_is_one_line_and_the_question_stays_asked(
+    configured: FakeBackends, name: str, inputs: dict[str, Any]
+) -> None:
+    graph = load_graph(name).copy(update={"checkpointer": InMemorySaver()})
+    thread = {"configurable": {"thread_id": name}}
+    context = {"feedback": "verbal"} if name == "genir" else {}
+    asked = graph.invoke(inputs, thread, version="v2", context=context)
+
+    with pytest.raises(ConfigError, match=r"^Command\(resume=None\) answers nothing"):
+        graph.invoke(Command(resume=None), thread, version="v2", context=context)
+
+    assert [i.value for i in graph.get_state(thread).interrupts] == [i.value for i in asked.interrupts]

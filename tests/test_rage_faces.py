@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -163,33 +160,32 @@ def test_cli_a_session_left_at_the_picks_is_resumed_by_its_id(
     assert "was started with k 10, not 3: continue it without those" in capsys.readouterr().err
 
 
-# The CLI, as a subprocess against an OpenAI-compatible server.
+# The CLI against an OpenAI-compatible server.
 
 
-def test_cli_subprocess_sends_the_picks_to_images_edit_and_refuses_a_bad_pick_first(
-    openai_server: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_the_cli_sends_the_picks_to_images_edit_and_refuses_a_bad_pick_first(
+    openai_server: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     folder = product_catalogue(tmp_path / "catalogue")
-    env = {
-        "OPENAI_BASE_URL": openai_server.base_url, "OPENAI_API_KEY": "sk-test", "PATH": "/usr/bin",
-        "PYTHONPATH": str(REPO), "IMAGELOOP_SESSIONS": os.environ["IMAGELOOP_SESSIONS"], "HF_HUB_OFFLINE": "1",
-    }  # fmt: skip
+    monkeypatch.setenv("OPENAI_BASE_URL", openai_server.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
 
-    def imageloop(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "imageloop.cli", *args, "--profile", "openai"]
-        return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    def imageloop(*args: str) -> tuple[int, str, str]:
+        code = main([*args, "--profile", "openai"])
+        out, err = capsys.readouterr()
+        return code, out, err
 
-    assert imageloop("index", str(folder)).returncode == 0
+    assert imageloop("index", str(folder))[0] == 0
     run = ["rage", PROMPT, "--index", str(folder), "--out"]
 
-    refused = imageloop(*run, str(tmp_path / "a"), "--select", "tote.png,9", "--json")
-    assert refused.returncode == 2 and refused.stdout == ""
-    assert "imageloop: error: pick '9' is not a position shown (1..5)" in refused.stderr
+    code, out, err = imageloop(*run, str(tmp_path / "a"), "--select", "tote.png,9", "--json")
+    assert code == 2 and out == ""
+    assert "imageloop: error: pick '9' is not a position shown (1..5)" in err
     assert openai_server.requests_to("/v1/images/edits") == []
 
-    done = imageloop(*run, str(tmp_path / "b"), "--select", "tote.png,mug.png", "--json")
-    assert done.returncode == 0, done.stderr
-    result = last_json(done.stdout)
+    code, out, err = imageloop(*run, str(tmp_path / "b"), "--select", "tote.png,mug.png", "--json")
+    assert code == 0, err
+    result = last_json(out)
     assert [Path(c["path"]).name for c in result["selected"]] == ["tote.png", "mug.png"]
     [edit] = openai_server.requests_to("/v1/images/edits")
     assert edit.fields("prompt")[0].content.decode() == PROMPT and len(edit.fields("image[]")) == 2
@@ -239,6 +235,15 @@ def test_mcp_rage_generate_refuses_a_pick_naming_nothing_before_generating(
     assert refused.isError and "rage_generate: pick 'mug.png' is not a candidate shown" in text_of(refused)
     assert too_many.isError and "selected" in text_of(too_many)
     assert fakes.generator.requests == []
+
+
+def test_an_agent_asking_for_a_persons_review_is_told_which_reviews_it_can_have(
+    fakes: FakeBackends, catalogue: Path, mcp_app: App
+) -> None:
+    server = build_server(mcp_app)
+    with memory_client(lambda: create_connected_server_and_client_session(server)) as client:
+        refused = client.call("rage_retrieve", {"prompt": PROMPT, "index": str(catalogue), "review": "person"})
+    assert refused.isError and "from an agent, review none or critic" in text_of(refused)
 
 
 # LangChain tools; a session started there continues in the CLI.

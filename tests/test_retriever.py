@@ -99,6 +99,15 @@ def test_k_must_be_positive(retriever: Retriever) -> None:
         retriever.search("a picture", k=0)
 
 
+def test_a_hit_whose_file_is_gone_is_replaced_by_the_next_one(retriever: Retriever) -> None:
+    best = retriever.search("a red bird", k=1)[0]
+    best.path.unlink()  # deleted since indexing
+
+    hits = retriever.search("a red bird", k=2)
+
+    assert len(hits) == 2 and best.path not in [hit.path for hit in hits]
+
+
 def test_search_drops_hits_below_the_similarity_threshold(retriever: Retriever) -> None:
     all_hits = retriever.search("red bird branch", k=3)
     threshold = (all_hits[0].score + all_hits[1].score) / 2

@@ -145,6 +145,17 @@ def test_a_session_draws_with_the_knobs_it_started_with_whichever_app_plays_it_o
     assert started.knobs["seed"] == 7 and started.knobs["size"] == [48, 32]
 
 
+def test_a_knob_a_session_left_to_the_backend_stays_so_in_another_app(
+    fakes: FakeBackends, photos: Path, tmp_path: Path
+) -> None:
+    db = tmp_path / "sessions.sqlite"
+    started = App(fakes.settings, runs_dir=tmp_path / "a", sessions_db=db).start_search(photos, "a bird")
+    fakes.vlm.answers.append({"query": "a blue bird"})
+    elsewhere = fakes.settings.with_overrides({"steps": 9, "user_temperature": 1.5})
+    App(elsewhere, runs_dir=tmp_path / "b", sessions_db=db).continue_search(started.session_id, "bluer")
+    assert [r.steps for r in fakes.generator.requests] == [None, None]  # unset (the backend's own) both times
+
+
 @pytest.mark.parametrize("knob", ["seeds", "user_temperature"])
 def test_a_knob_a_search_does_not_have_is_refused_naming_those_it_has(
     fakes: FakeBackends, photos: Path, tmp_path: Path, knob: str

@@ -189,3 +189,8 @@ def test_the_route_serves_images_under_the_roots_and_nothing_else(
     (tmp_path.parent / "secret.png").write_bytes(b"png")
     answer = TestClient(http_app()).get(f"/imageloop/{name}")
     assert answer.status_code == 404 and "no such image" in answer.json()["error"]
+
+
+def test_a_nul_byte_in_the_route_is_no_such_run_file_not_a_server_error(configured: FakeBackends) -> None:
+    answer = TestClient(http_app()).get("/imageloop/runs/server/x%00.png")
+    assert answer.status_code == 404 and "no such run file" in answer.json()["error"]

@@ -219,6 +219,17 @@ def test_saying_what_differs_plays_the_next_round(app: App, photos: Path, fakes:
     assert "Round 1:" in texts(test)
 
 
+def test_with_chatir_feedback_the_round_asks_the_systems_question(app: App, photos: Path, fakes: FakeBackends) -> None:
+    fakes.vlm.answers.append("Is it snowing?")  # the ChatIR questioner's question
+    test = page(app, photos)
+    test.text_input(key="search_query").input("a blue jay")
+    test.selectbox(key="search_feedback").select("chatir")
+    click(test, app, "FormSubmitter:search_start-Start search")
+    assert not test.exception, test.exception
+    sid = test.query_params["search"]
+    assert test.text_input(key=f"differs-{sid}-0").label.startswith("Is it snowing?")
+
+
 def test_a_session_started_in_another_face_opens_by_id_and_a_reload_keeps_it(app: App, photos: Path) -> None:
     started = app.start_search(photos, "a tabby cat", knobs={"feedback": "verbal", "k": 2})
     test = page(app, photos)

@@ -33,7 +33,7 @@ from imageloop.eval.cir import (
     summarise,
 )
 from imageloop.files import write_json_atomic
-from imageloop.graphs.cir import ComposedQueryModel, build_cir_graph
+from imageloop.graphs.cir import CIRGraph, ComposedQueryModel, build_cir_graph
 from imageloop.graphs.steps import Step, play
 from imageloop.knobs import CIRKnobs, Given
 from imageloop.progress import OnProgress
@@ -48,14 +48,15 @@ OnQuery = Callable[[int, int], None]
 
 
 def load_query_model(folder: str) -> ComposedQueryModel:
-    """The composed-query model in `folder`, loaded once per process (again if its weights change)."""
+    """The composed-query model in `folder`, loaded once per process (again if it is trained anew)."""
     from imageloop.runtime import load_cached
-    from imageloop.training.combiner import MODEL_WEIGHTS, CIRModel
+    from imageloop.training.combiner import MODEL_CONFIG
+    from imageloop.training.models import load_query_model as load
 
     path = Path(folder).resolve()
-    weights = path / MODEL_WEIGHTS
-    stamp = weights.stat().st_mtime_ns if weights.is_file() else None
-    model: ComposedQueryModel = load_cached(("cir-model", str(path), stamp), lambda: CIRModel.load(path))
+    config = path / MODEL_CONFIG  # written last by every training: its time marks the weights beside it
+    stamp = config.stat().st_mtime_ns if config.is_file() else None
+    model: ComposedQueryModel = load_cached(("cir-model", str(path), stamp), lambda: load(path))
     return model
 
 
@@ -118,6 +119,7 @@ def compose_retrieve(
         artifacts,
         query_models=load_query_model,
         defaults=resolved.overridden({"cir_model": model}),
+        paths=app.file_path,
     )
     inputs = {"reference": str(reference_path), "change": change}
     state = play(graph, inputs, on_step=on_step, on_progress=on_progress)
@@ -184,14 +186,14 @@ def run_cir_eval(
     generator = app.generator() if resolved.proxy else None
     llm: Any = OnFirstUse(app.vlm)  # a VisionLanguageModel whose model_id is a property
     artifacts = ArtifactStore(out / "artifacts")
-    runs = [
-        (
-            b,
-            g,
-            build_cir_graph(llm, captioner, generator, g, artifacts, query_models=load_query_model, defaults=resolved),
-        )
-        for b, g in zip(benchmarks, galleries, strict=True)
-    ]
+
+    def graph(gallery: GalleryRetriever) -> CIRGraph:
+        return build_cir_graph(
+            llm, captioner, generator, gallery, artifacts, query_models=load_query_model, defaults=resolved,
+            paths=app.file_path,
+        )  # fmt: skip
+
+    runs = [(b, g, graph(g)) for b, g in zip(benchmarks, galleries, strict=True)]
     done = evaluate_queries(runs, out, concurrency=concurrency, on_query=on_query)
     summary = summarise(benchmarks, done, eval_settings, out)
     write_json_atomic(out / SUMMARY, summary)

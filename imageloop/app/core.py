@@ -78,6 +78,11 @@ class App:
         runs = environ.get(RUNS_ENV)
         return cls(load_settings(environ=environ), roots=roots, runs_dir=Path(runs) if runs else roots[0] / "runs")
 
+    @classmethod
+    def serving(cls, settings: Settings, index: Path, roots: Sequence[Path] = (), **options: Any) -> App:
+        """The application of a face that serves one index to a browser (the UI): confined to the index and `roots`."""
+        return cls(settings, roots=[Path(index), *roots], **options)
+
     # Settings and backends.
 
     # Every backend the application hands out is its process-wide micro-batcher: calls made at the same
@@ -107,6 +112,11 @@ class App:
         """
         return resolve_path(text, what, self.roots, extra=(self.runs_dir,), kind=kind)
 
+    def file_path(self, text: str | Path, what: str) -> Path:
+        """An existing file a graph input names (a CIR reference, a GenIR target), confined like any path
+        argument: the `PathResolver` every graph this application builds or deploys is given."""
+        return self.path(text, what, kind="file")
+
     def may_read(self, path: Path) -> bool:
         """Whether a face may show the file at `path` (inside the roots or the runs, when confined)."""
         resolved = path.resolve()
@@ -128,12 +138,12 @@ class App:
                 )  # fmt: skip
             return self._indexes[root]
 
-    def retriever(self, folder: str | Path, settings: Settings | None = None) -> Retriever:
+    def retriever(self, folder: str | Path) -> Retriever:
         """A retriever over `folder`'s index with the configured embedder (refuses a mismatched or empty index)."""
         from imageloop.tools.indexing.retriever import Retriever
 
         index = self.index(folder)
-        embedder = self.embedder(settings)
+        embedder = self.embedder()
         with self._lock:
             key = (index.root, embedder.model_id)
             if key not in self._retrievers:
@@ -142,13 +152,17 @@ class App:
 
     def index_folder(
         self,
-        folder: str | Path,
+        folder: str | Path | Sequence[str | Path],
         *,
         batch_size: int | None = None,
         progress: bool = False,
         on_progress: Callable[[int, int], None] | None = None,
     ) -> IndexSummary:
         """Add the new images of `folder` to its index (created in the configured store); prune vanished ones.
+
+        `folder` may also be a parquet table of image paths and captions, or WebDataset shards (tar files,
+        brace patterns such as `data/{00000..00099}.tar` expanded): the index goes to the folder holding
+        them (`imageloop.tools.indexing.sources`).
 
         `progress` draws a bar on stderr; `on_progress(done, total)` hears the files handled so far.
 
@@ -158,8 +172,14 @@ class App:
         """
         from imageloop.agents.captioner import VLMCaptioner
         from imageloop.tools.indexing.indexer import index_folder
+        from imageloop.tools.indexing.sources import Source, resolve_source
 
-        root = self.path(folder, "folder", kind="dir")
+        given = [folder] if isinstance(folder, str | Path) else list(folder)
+        if len(given) == 1 and Path(given[0]).suffix not in (".tar", ".parquet") and "{" not in str(given[0]):
+            source = Source(self.path(given[0], "folder", kind="dir"), "folder")
+        else:
+            source = resolve_source([self.path(name, "source") for name in given])
+        root = source.root
         limits.check("batch_size", batch_size)
         embedder = self.embedder()
         captioner: VLMCaptioner | None = None
@@ -178,7 +198,7 @@ class App:
         settings = self.settings
         try:
             return index_folder(
-                root, embedder, caption if wants_captioner else None,
+                source, embedder, caption if wants_captioner else None,
                 batch_size=batch_size or int(limits.default("batch_size") or 32), progress=progress,
                 on_progress=on_progress,
                 store=settings.store, weaviate_url=settings.weaviate_url,
@@ -246,10 +266,11 @@ class App:
         on_step: OnStep | None = None,
         on_progress: OnProgress | None = None,
     ) -> dict[str, Any]:
-        """Run ImageRAG and write its run directory; returns its record. See `imageloop.app.runs.run_imagerag`."""
-        from imageloop.app.runs import run_imagerag
+        """Run ImageRAG and write its run directory, hearing Ctrl-C and SIGTERM at once; returns its record. See
+        `imageloop.app.runs.run_in_terminal` and `run_imagerag`."""
+        from imageloop.app.runs import run_in_terminal
 
-        return run_imagerag(
+        return run_in_terminal(
             self, prompt, index, knobs=knobs, out_dir=out_dir, where=where, resume=resume, on_step=on_step,
             on_progress=on_progress,
         )  # fmt: skip
@@ -464,40 +485,44 @@ class App:
         out_dir: str | Path,
         *,
         real: str | Path | None = None,
-        steps: int | None = None,
-        finetune_steps: int | None = None,
-        batch_size: int | None = None,
-        learning_rate: float | None = None,
+        images: str | Path | None = None,
+        options: Given = None,
         progress: TrainingProgress | None = None,
     ) -> dict[str, Any]:
-        """Train a composed-query model (DRSP, then FRA); see `imageloop.app.training`."""
+        """Train a composed-query model (DRSP, then FRA); `options` are `CIRTrainingOptions`; see `app.training`."""
         from imageloop.app.training import train_cir
 
-        return train_cir(
-            self, triplets, out_dir, real=real, steps=steps, finetune_steps=finetune_steps, batch_size=batch_size,
-            learning_rate=learning_rate, progress=progress,
-        )  # fmt: skip
+        return train_cir(self, triplets, out_dir, real=real, images=images, options=options, progress=progress)
+
+    def cir_data(
+        self,
+        annotations: str | Path,
+        fmt: str,
+        out: str | Path,
+        *,
+        images: str | Path | None = None,
+        shots: int | None = None,
+        fraction: float | None = None,
+        seed: int = 0,
+    ) -> dict[str, Any]:
+        """A benchmark's train split as real triplets (K-shot, fraction or all); see `app.training.real_triplets`."""
+        from imageloop.app.training import real_triplets
+
+        return real_triplets(self, annotations, fmt, out, images=images, shots=shots, fraction=fraction, seed=seed)
 
     def train_cir_lora(
         self,
         triplets: str | Path,
         out_dir: str | Path,
         *,
-        steps: int | None = None,
-        experts: int | None = None,
-        rank: int | None = None,
-        resolution: int | None = None,
-        batch_size: int | None = None,
-        base_model: str | None = None,
+        images: str | Path | None = None,
+        options: Given = None,
         progress: TrainingProgress | None = None,
     ) -> dict[str, Any]:
-        """Train a CIR-LoRA on FLUX; see `imageloop.app.training`."""
+        """Train a CIR-LoRA on FLUX; `options` are `CIRLoRAOptions`; see `imageloop.app.training`."""
         from imageloop.app.training import train_cir_lora
 
-        return train_cir_lora(
-            self, triplets, out_dir, steps=steps, experts=experts, rank=rank, resolution=resolution,
-            batch_size=batch_size, base_model=base_model, progress=progress,
-        )  # fmt: skip
+        return train_cir_lora(self, triplets, out_dir, images=images, options=options, progress=progress)
 
     def rescore_genir(self, out_dir: str | Path, index: str | Path | None = None) -> dict[str, Any]:
         """Re-score a GenIR evaluation's saved queries by text alone; see `imageloop.app.evals.rescore_genir_text`."""

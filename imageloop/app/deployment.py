@@ -15,9 +15,11 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
+from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import get_runtime
+from langgraph.types import Command
 from pydantic import Field, create_model
 
 from imageloop.app.core import App
@@ -82,6 +84,34 @@ def deployed_context(base: type[KnobContext]) -> type[KnobContext]:
         "artifacts_dir": (str | None, Field(None, max_length=PATH_CHARS, description="where drawn images are kept")),
     }
     return create_model(f"Deployed{base.__name__}", __base__=base, **where)
+
+
+class ServedGraph(CompiledStateGraph[Any, Any, Any, Any]):
+    """A compiled graph as LangGraph Server runs it: a resume that answers nothing (`Command(resume=None)`, which
+    LangGraph itself fails on with an internal error) is refused in one line, and the question stays asked."""
+
+    def stream(self, input: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override, unused-ignore]
+        """`CompiledStateGraph.stream`, once the input answers something."""
+        return super().stream(_answering(input), *args, **kwargs)
+
+    def astream(self, input: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override, unused-ignore]
+        """`CompiledStateGraph.astream`, once the input answers something."""
+        return super().astream(_answering(input), *args, **kwargs)
+
+
+Served = TypeVar("Served", bound=CompiledStateGraph[Any, Any, Any, Any])
+
+
+def served(graph: Served) -> Served:
+    """`graph` as a `ServedGraph` (what `copy` does, with the served class)."""
+    attributes = {name: value for name, value in graph.__dict__.items() if name != "__orig_class__"}
+    return cast(Served, ServedGraph(**attributes))
+
+
+def _answering(given: Any) -> Any:
+    if isinstance(given, Command) and given.resume is None and given.update is None and not given.goto:
+        raise ConfigError("Command(resume=None) answers nothing: resume with an answer to the question the run asks")
+    return given
 
 
 def _context_value(name: str) -> Any:
@@ -157,6 +187,11 @@ def deployed_caption(image: Path) -> str:
     return VLMCaptioner(deployed_app().vlm(role="captioner"))(image)
 
 
+def deployed_file(text: str, what: str) -> Path:
+    """A graph input naming an image (a CIR reference, a GenIR target), confined to the deployment's roots."""
+    return deployed_app().file_path(text, what)
+
+
 def deployed_query_model(folder: str) -> ComposedQueryModel:
     """A run's composed-query model, its folder confined to the deployment's roots."""
     from imageloop.app.cir import load_query_model
@@ -184,7 +219,7 @@ def record_run(state: Mapping[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     seconds = sum(float(step["seconds"]) for step in state.get("steps", []))
     index = app.index(_index()).root
-    record = imagerag_record(state, app.settings, run_dir, ContextArtifacts(), index, seconds)
+    record = {**imagerag_record(state, app.settings, run_dir, ContextArtifacts(), index, seconds), "status": "finished"}
     write_json_atomic(run_dir / "run.json", {**record, "finished_at": time.time()})
     write_report(run_dir, record)
 

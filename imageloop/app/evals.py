@@ -40,7 +40,7 @@ from imageloop.eval.imagerag import (
 from imageloop.eval.imagerag import SUMMARY as IMAGERAG_SUMMARY
 from imageloop.eval.imagerag import summarise as summarise_imagerag
 from imageloop.files import write_json_atomic
-from imageloop.graphs.genir import build_genir_graph
+from imageloop.graphs.genir import build_genir_graph, refuse_caption_route
 from imageloop.knobs import GenIREvalKnobs, Given, ImageRAGKnobs, SimulatedUserKnobs
 from imageloop.report import read_record
 from imageloop.tools.artifacts import ArtifactStore
@@ -107,6 +107,7 @@ def run_genir_eval(
     # about what one call does on a GPU.
     retriever = app.retriever(index)
     folder = retriever.index.root
+    refuse_caption_route(resolved, retriever.route, f"the index at {folder}")
     draws = resolved.feedback in ("visual", "hybrid")
     eval_settings = GenIREvalSettings(
         resolved, vlm=str(app.settings.role_spec("vlm")),
@@ -125,6 +126,7 @@ def run_genir_eval(
         retriever,
         ArtifactStore(out / "artifacts"),
         defaults=SimulatedUserKnobs.model_validate(resolved.model_dump(include=set(SimulatedUserKnobs.model_fields))),
+        paths=app.file_path,
     )
     done = evaluate_targets(graph, target_list, out, eval_settings, concurrency=concurrency, on_target=on_target)
     wanted = {t.id for t in target_list}

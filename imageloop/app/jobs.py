@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from typing_extensions import TypedDict
 
@@ -46,6 +46,7 @@ JobKind = Literal["generate", "index", "genir", "rage", "cir", "triplets", "eval
 JobStatus = Literal["queued", "running", "done", "error", "cancelled", "interrupted"]
 FINISHED: frozenset[str] = frozenset({"done", "error", "cancelled", "interrupted"})
 SHUT_DOWN = "cancelled: the service shut down before the run finished"
+T = TypeVar("T")
 
 
 class ServerBusyError(ImageloopError):
@@ -116,7 +117,8 @@ class Job:
         self.cancel.set()
 
     def check_cancelled(self) -> None:
-        """Stop here if the server is shutting down or someone stopped the run."""
+        """Stop here if the server is shutting down, someone stopped the run, or the terminal's run was
+        interrupted."""
         if self.cancel.is_set():
             raise RunCancelledError(self.cancel_reason)
 
@@ -261,6 +263,53 @@ class JobRegistry:
             job.abandon("interrupted: the service stopped during a step of this run; its record holds the steps before")
         self._executor.shutdown(wait=False, cancel_futures=True)
         return len(stuck)
+
+
+class LeftRunning(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM (`stop`) while a foreground run was inside a model call: its record says where it
+    stopped, and the process may leave without waiting for the call."""
+
+    def __init__(self, stop: KeyboardInterrupt) -> None:
+        super().__init__(str(stop))
+        self.stop = stop
+
+
+def run_in_foreground(kind: JobKind, work: Callable[[Job], T], grace_s: float) -> T:
+    """What `work` returns (or raises), run in a thread of its own and waited for here, so that Ctrl-C and
+    SIGTERM reach this thread at once even while the run waits on a model call.
+
+    An interrupt asks the run to stop at its next step (`work` reports through `report_to(job)` or calls
+    `job.check_cancelled`), where its record is written whole; a run still inside a step after `grace_s` is
+    recorded there and then (`Job.abandon`) and `LeftRunning` is raised, for the process to leave without
+    waiting for the call (a hung endpoint would otherwise hold it for minutes).
+    """
+    job = Job(id=uuid.uuid4().hex[:12], kind=kind, cancel_reason="cancelled: interrupted before the run finished")
+    if threading.current_thread() is not threading.main_thread():
+        return work(job)  # no signal is delivered here: nothing to hear
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            outcome.append(work(job))
+        except BaseException as e:  # handed to the waiting thread, traceback and all
+            failure.append(e)
+        finally:
+            job.done.set()
+
+    threading.Thread(target=target, name=f"imageloop-{kind}", daemon=True).start()
+    try:
+        while not job.done.wait(0.1):
+            pass
+    except KeyboardInterrupt as stop:
+        job.cancel.set()
+        if not job.done.wait(grace_s):
+            job.abandon("interrupted during a step; the record holds the steps before")
+            raise LeftRunning(stop) from stop
+        raise
+    if failure:
+        raise failure[0]
+    return outcome[0]
 
 
 class Followers(TypedDict):

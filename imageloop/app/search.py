@@ -23,7 +23,7 @@ from imageloop.app.round_page import publish_round
 from imageloop.app.sessions import Session, load, register, session_thread
 from imageloop.app.threads import OnStep, carry_knobs, pending_interrupt, play, thread_config, unfinished
 from imageloop.files import write_json_atomic
-from imageloop.graphs.genir import GenIRGraph, build_genir_graph, resolve_found
+from imageloop.graphs.genir import GenIRGraph, build_genir_graph, refuse_caption_route, resolve_found
 from imageloop.knobs import GenIRKnobs, Given, SimulatedUserKnobs
 from imageloop.progress import OnProgress
 from imageloop.tools.artifacts import ArtifactStore
@@ -51,7 +51,8 @@ def start_search(
     """
     query = limits.check_text("query", query)
     resolved = SimulatedUserKnobs.from_settings(app.settings).overridden(GenIRKnobs.given(knobs))
-    app.retriever(index)  # refuses a missing, empty or mismatched index before anything is stored
+    retriever = app.retriever(index)  # refuses a missing, empty or mismatched index before anything is stored
+    refuse_caption_route(resolved, retriever.route, f"the index at {retriever.index.root}")
     session_id = uuid.uuid4().hex[:12]
     folder = (
         app.path(out_dir, "search folder", kind="out") if out_dir is not None else app.runs_dir / f"search-{session_id}"

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from langgraph.checkpoint.sqlite import SqliteSaver
 
+from imageloop.app.checkpoints import sqlite_checkpointer
 from imageloop.errors import ConfigError, ImageloopError
 from imageloop.knobs import Given, Knobs
 
@@ -66,17 +67,21 @@ def register(app: App, session: Session) -> None:
 
 
 def load(app: App, session_id: str, loop: Loop, model: type[Knobs]) -> Session:
-    """The `loop` session registered as `session_id` (its index must still be one this app may use)."""
+    """The `loop` session registered as `session_id` (its index must still be one this app may use), with every
+    knob it started with: none is taken from this app's settings (a session registered before knobs were
+    kept whole takes the ones it did not keep from them)."""
     row = _row(app.sessions_db, session_id, loop)
     if row is None:
         what = "search session" if loop == "genir" else "RAGE session"
         raise ImageloopError(f"no {what} {session_id!r} in {app.sessions_db}: start one first")
-    index_path, out_dir, knobs = row
+    index_path, out_dir, kept, legacy = row
     index = app.path(index_path, "the session's index", kind="dir")
-    return Session(session_id, loop, index, Path(out_dir), model.from_settings(app.settings).overridden(knobs).record())
+    knobs = model.from_settings(app.settings).overridden(kept) if legacy else model.model_validate(kept)
+    return Session(session_id, loop, index, Path(out_dir), knobs.record())
 
 
-def _row(db: Path, session_id: str, loop: Loop) -> tuple[str, str, dict[str, Any]] | None:
+def _row(db: Path, session_id: str, loop: Loop) -> tuple[str, str, dict[str, Any], bool] | None:
+    """A session's index, folder and knobs as registered, and whether a legacy table holds it."""
     if not db.is_file():
         return None
     with closing(sqlite3.connect(db, timeout=30.0)) as conn:
@@ -85,16 +90,19 @@ def _row(db: Path, session_id: str, loop: Loop) -> tuple[str, str, dict[str, Any
             f"SELECT index_path, out_dir, knobs FROM {SESSIONS_TABLE} WHERE session_id = ? AND loop = ?",
             (session_id, loop),
         ).fetchone()
-        if row is None and _has_table(conn, LEGACY_TABLES[loop]):
-            feedback = ", feedback" if loop == "genir" else ""
-            row = conn.execute(
-                f"SELECT index_path, out_dir, knobs{feedback} FROM {LEGACY_TABLES[loop]} WHERE thread_id = ?",
-                (session_id,),
-            ).fetchone()
+        if row is not None:
+            return row[0], row[1], json.loads(row[2]), False
+        if not _has_table(conn, LEGACY_TABLES[loop]):
+            return None
+        feedback = ", feedback" if loop == "genir" else ""
+        row = conn.execute(
+            f"SELECT index_path, out_dir, knobs{feedback} FROM {LEGACY_TABLES[loop]} WHERE thread_id = ?",
+            (session_id,),
+        ).fetchone()
     if row is None:
         return None
     knobs = json.loads(row[2] or "{}")
-    return row[0], row[1], _legacy_knobs({**knobs, "feedback": row[3]} if len(row) > 3 else knobs)
+    return row[0], row[1], _legacy_knobs({**knobs, "feedback": row[3]} if len(row) > 3 else knobs), True
 
 
 def _legacy_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
@@ -123,4 +131,4 @@ def session_thread(app: App, session_id: str) -> Iterator[SqliteSaver]:
     db.parent.mkdir(parents=True, exist_ok=True)
     # A generous busy timeout: a server plays several sessions at once against one database.
     with lock, closing(sqlite3.connect(db, timeout=30.0, check_same_thread=False)) as conn:
-        yield SqliteSaver(conn)
+        yield sqlite_checkpointer(conn, db)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from imageloop import limits
 from imageloop.config import RoleSpec, Settings
 from imageloop.errors import ConfigError, ImageloopError
+from imageloop.eval.annotations import read_json
 from imageloop.files import write_json_atomic
 from imageloop.graphs.steps import Step, play
 from imageloop.graphs.triplets import DEFAULT_SIZE, EDIT_TYPES, build_triplets_graph
@@ -137,7 +138,8 @@ def synthesize_triplets(
     }  # fmt: skip
     with TripletDataset(out) as dataset:
         recorded = out / SYNTHESIS_FILE
-        if recorded.is_file() and json.loads(recorded.read_text(encoding="utf-8")) != made_with:
+        what = "the settings its triplets were made with (restore it, or use another `out` folder)"
+        if recorded.is_file() and read_json(recorded, what) != made_with:
             raise ImageloopError(
                 f"{out} holds triplets made with other objects, edits or models: use another `out` folder"
             )

@@ -9,7 +9,7 @@ Hybrid feedback comes in two kinds. Ours (`hybrid_rule="confidence"`) decides pe
 graph: draw first, show the top hit once retrieval looks confident. The paper's decides per query:
 `random` shows a drawing to a seeded share (`hybrid_visual_fraction`, 0.223 in the paper) of the
 targets and the fallback feedback to the rest; `oracle` plays both and keeps the dialogue that found
-its target first (an upper bound that needs the target, so it exists only here).
+its target first, a tie the fallback's (an upper bound that needs the target, so it exists only here).
 
 The run directory holds `dialogues.jsonl` (one line per finished target: every round's query,
 synthetic image, retrieved ids with scores, the target's rank and the round's seconds),
@@ -162,6 +162,7 @@ def _dialogue_record(target: Target, state: Mapping[str, Any], artifacts: Artifa
                 "retrieved": [{"id": hit["id"], "score": hit["score"]} for hit in r["retrieved"]],
                 "target_rank": r["target_rank"],
                 "differences": r["differences"],
+                "question": r.get("question"),
                 "next_query": r["feedback"],
                 "seconds": round(seconds.get(r["round"], 0.0), 4),
             }
@@ -178,10 +179,14 @@ def summarise(records: Iterable[Mapping[str, Any]], settings: GenIREvalSettings)
     """Per round 0..rounds: cumulative and per-round Hits@K for every K, mean seconds, mean best rank.
 
     `hits_at_k` and `k` are those of the smallest K; `latency_s` averages the dialogues that played the round.
+    A dialogue that stopped (its target found) counts its last rank again at every later round; each round
+    says how many of its values were carried forward so (`carried`, of `n_targets`), and `played` how many
+    dialogues really played it.
     """
     records = list(records)
     played = settings.knobs.rounds + 1
     ranks = [[r["target_rank"] for r in record["rounds"]] for record in records]
+    carried = [sum(1 for per_target in ranks if 0 < len(per_target) <= t) for t in range(played)]
     cumulative = {k: cumulative_hits_at_k(ranks, k, played) for k in settings.ks}
     per_round = {k: per_round_hits_at_k(ranks, k, played) for k in settings.ks}
     latency = []
@@ -196,6 +201,8 @@ def summarise(records: Iterable[Mapping[str, Any]], settings: GenIREvalSettings)
                 "hits_at": {str(k): round(cumulative[k][t], 4) for k in settings.ks},
                 "per_round_hits_at": {str(k): round(per_round[k][t], 4) for k in settings.ks},
                 "latency_s": latency[t],
+                "played": sum(1 for per_target in ranks if len(per_target) > t),
+                "carried": carried[t],
             }
             for t in range(played)
         ],
@@ -225,14 +232,15 @@ def hybrid_arms(settings: GenIREvalSettings, target_id: str) -> list[FeedbackKin
 
 
 def _oracle_pick(arms: Mapping[FeedbackKind, dict[str, Any]], settings: GenIREvalSettings) -> FeedbackKind:
-    """The arm that found its target first at the smallest K; ties go to the better best rank, then visual."""
+    """Visual only where its dialogue found the target at the smallest K strictly before the fallback's: a tie
+    (both at the same round, or neither) goes to the fallback, which needs no drawing (the paper's oracle)."""
 
-    def cost(arm: FeedbackKind) -> tuple[float, int]:
-        ranks = [r["target_rank"] for r in arms[arm]["rounds"]]
-        best = min((rank for rank in ranks if rank is not None), default=settings.knobs.rank_depth)
-        return _first_hit(ranks, settings.stop_k), best
+    def first_hit(arm: FeedbackKind) -> float:
+        return _first_hit([r["target_rank"] for r in arms[arm]["rounds"]], settings.stop_k)
 
-    return min(arms, key=cost)
+    return (
+        "visual" if first_hit("visual") < first_hit(settings.knobs.hybrid_fallback) else settings.knobs.hybrid_fallback
+    )
 
 
 def evaluate_targets(

@@ -22,7 +22,8 @@ retrieve ─checks left→ verify ─mismatch→ generate_proxy (proxy) or retri
   runs it; we normalise it, so S_proxy is a cosine like S_text. Fusion re-ranks the union of the
   text and proxy top `rerank_depth`, exactly (each candidate's stored vector is scored).
 - composed-query model (`cir_model`): a trained Combiner (`imageloop.training`, CLIP4CIR's, trained as
-  DAIG does) turns the reference image's vector and the change's text vector into one query vector;
+  DAIG does) turns the reference image's vector and the change's text vector into one query vector (an
+  SPRC model, a `PixelQueryModel`, reads the reference image and the change themselves);
   no description is written, so proxy and verify (which work on the description) are refused.
 - verify (ours, beyond the papers): a VLM compares the top hit with the reference and the change and
   rewrites the description when the hit is wrong; the `verify` knob caps the checks.
@@ -38,7 +39,7 @@ import operator
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from langgraph.graph import END, START, StateGraph
@@ -56,10 +57,12 @@ from imageloop.protocols import (
     Embedder,
     GenerationRequest,
     ImageGenerator,
+    PathResolver,
     ReferenceImage,
     RetrievedImage,
     Vector,
     VisionLanguageModel,
+    as_given,
 )
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tools.images import content_id, open_image
@@ -89,6 +92,14 @@ class ComposedQueryModel(Protocol):
     def require_embedder(self, model_id: str) -> None: ...
 
     def embed_query(self, reference_image_vector: Vector, text_vector: Vector) -> Vector: ...
+
+
+@runtime_checkable
+class PixelQueryModel(ComposedQueryModel, Protocol):
+    """A composed-query model that reads the reference image and the change themselves (SPRC's Q-Former fuses the
+    reference's patch features with the change's tokens), rather than two stored vectors."""
+
+    def embed_composed(self, reference: Path, change: str) -> Vector: ...
 
 
 QueryModels = Callable[[str], ComposedQueryModel]
@@ -242,6 +253,7 @@ class _Nodes:
         artifacts: ArtifactStore,
         query_models: QueryModels | None,
         defaults: CIRKnobs | Callable[[], CIRKnobs],
+        paths: PathResolver,
         publish: Publish = kept,
     ) -> None:
         self.publish = publish
@@ -255,6 +267,7 @@ class _Nodes:
         self.artifacts = artifacts
         self.query_models = query_models
         self._defaults = defaults
+        self.paths = paths
 
     def prepare(self, state: CIRState, runtime: Runtime[KnobContext]) -> dict[str, Any]:
         """Resolve and check the knobs against what this index and these backends can do; reset the run."""
@@ -265,7 +278,7 @@ class _Nodes:
         exclude_reference = getattr(runtime.context, "exclude_reference", None)
         if rank_depth is not None:
             limits.check("rank_depth", rank_depth)
-        reference = Path(str(state.get("reference") or ""))
+        reference = self.paths(str(state.get("reference") or ""), "reference")
         if not reference.is_file():
             raise ImageloopError(f"reference image {reference} does not exist")
         change = limits.check_text("change", str(state.get("change") or ""))
@@ -298,7 +311,7 @@ class _Nodes:
         """The reference's sidecar caption, else the captioner's."""
         started = time.perf_counter()
         reference = Path(state["reference"])
-        sidecar = sidecar_caption(reference)
+        sidecar = sidecar_caption(reference, reference.parent)
         description = sidecar if sidecar else self.captioner(reference)
         how = "read the sidecar caption" if sidecar else "captioned the reference"
         record = step("describe_reference", 0, how, started, description=description)
@@ -352,8 +365,12 @@ class _Nodes:
         embedder = self.retriever.embedder
         if knobs.cir_model:
             assert self.query_models is not None  # prepare checked it
-            text = embedder.embed_texts([state["change"]])[0]
-            query = self.query_models(knobs.cir_model).embed_query(self._reference_vector(state), text)
+            model = self.query_models(knobs.cir_model)
+            if isinstance(model, PixelQueryModel):
+                query = model.embed_composed(Path(state["reference"]), state["change"])
+            else:
+                text = embedder.embed_texts([state["change"]])[0]
+                query = model.embed_query(self._reference_vector(state), text)
             ranked = [(hit, float(hit.score)) for hit in self.retriever.search_vector(query, depth)]
             how = "composed-query model"
         elif not knobs.proxy:
@@ -459,15 +476,19 @@ def build_cir_graph(
     query_models: QueryModels | None = None,
     defaults: CIRKnobs | Callable[[], CIRKnobs] | None = None,
     context_schema: type[KnobContext] = CIRContext,
+    paths: PathResolver = as_given,
     publish: Publish = kept,
 ) -> CIRGraph:
     """Wire the CIR loop: `llm` composes and verifies, `captioner` describes a reference without a sidecar.
 
     `generator` may be None when no run asks for a proxy; `query_models` loads a run's `cir_model`.
     `defaults` (or a function returning them, read when a run starts) are the knobs a run's context
-    leaves unset; `publish` names the images of the answer (see `Publish`).
+    leaves unset; `paths` resolves the reference (a face confines it to its roots); `publish` names the images
+    of the answer (see `Publish`).
     """
-    nodes = _Nodes(llm, captioner, generator, retriever, artifacts, query_models, defaults or CIRKnobs(), publish)
+    nodes = _Nodes(
+        llm, captioner, generator, retriever, artifacts, query_models, defaults or CIRKnobs(), paths, publish
+    )
     graph = StateGraph(CIRState, context_schema=context_schema, input_schema=CIRInput, output_schema=CIROutput)
     graph.add_node("prepare", nodes.prepare)
     graph.add_node("describe_reference", nodes.describe_reference)

@@ -6,8 +6,10 @@ START → prepare ─(simulated user)→ describe_target ─┐
 choose_feedback ─visual→ generate_synthetic → retrieve ─┐      (hybrid picks per round)
         └─verbal / prediction──────────────→ retrieve ─┴→ present
 present ─found / last round→ finish
-   └→ feedback (a person through interrupt(), or the simulated-user VLM) ─found→ finish
-         └→ rewrite (query_{t+1}) → choose_feedback …
+   ├─chatir→ ask_question (ChatIR: a VLM asks about the image) ─┐
+   └─────────────────────────────────────────────────────────────┴→ feedback (a person through interrupt(),
+         or the simulated-user VLM) ─found→ finish
+         └→ rewrite (query_{t+1}; ChatIR: the dialogue with the answer) → choose_feedback …
 ```
 Generation has its own node, so resuming a person's interrupt never draws again. Ranks are 0-based
 (0 is the top result); a target counts as found at round t when its rank is < k. A person's
@@ -35,13 +37,21 @@ from typing_extensions import TypedDict
 
 from imageloop import limits
 from imageloop.agents.query_refiner import QueryRefiner
+from imageloop.agents.questioner import Questioner, dialogue_query, dialogue_turn
 from imageloop.agents.simulated_user import ShownKind, SimulatedUser, user_decoding
 from imageloop.errors import ConfigError, ImageloopError, MalformedOutputError
 from imageloop.graphs.picks import find_shown, listed
 from imageloop.graphs.steps import Publish, Step, kept, step
-from imageloop.knobs import KnobContext, SimulatedUserKnobs, run_context
-from imageloop.prompts.questions import GENIR_EMPTY_FEEDBACK_ASK, GENIR_FEEDBACK_ASK
-from imageloop.protocols import GenerationRequest, ImageGenerator, RetrievedImage, VisionLanguageModel
+from imageloop.knobs import GenIRKnobs, KnobContext, SimulatedUserKnobs, run_context
+from imageloop.prompts.questions import GENIR_CHATIR_ASK, GENIR_EMPTY_FEEDBACK_ASK, GENIR_FEEDBACK_ASK
+from imageloop.protocols import (
+    GenerationRequest,
+    ImageGenerator,
+    PathResolver,
+    RetrievedImage,
+    VisionLanguageModel,
+    as_given,
+)
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tracing import traced_generator, traced_retriever, traced_vlm
 
@@ -80,6 +90,7 @@ class RoundRecord(TypedDict):
     target_rank: int | None
     feedback: str | None
     differences: str | None
+    question: str | None
 
 
 GenIRContext = run_context(
@@ -118,6 +129,8 @@ class GenIRState(TypedDict, total=False):
     target_id: str | None
     target_path: str | None
     query: str
+    dialogue: list[str]
+    question: str | None
     round: int
     shown_kind: ShownKind
     synthetic_image: str | None
@@ -132,6 +145,8 @@ class GenIRState(TypedDict, total=False):
 
 
 FRESH_RUN: dict[str, Any] = {
+    "dialogue": [],
+    "question": None,
     "round": 0,
     "synthetic_image": None,
     "retrieved": [],
@@ -174,6 +189,17 @@ def resolve_found(answer: str, shown: Sequence[Mapping[str, Any]]) -> str | None
     return str(found["id"])
 
 
+def refuse_caption_route(knobs: GenIRKnobs, route: str, where: str = "this index") -> None:
+    """Refuse an index of caption embeddings when the knobs ask for GenIR's image-embedding space (`index_route`
+    image, `genir-paper`): there a query would silently retrieve captions, not images."""
+    if knobs.index_route == "image" and route != "image":
+        raise ConfigError(
+            f"`index_route` image (genir-paper) searches image embeddings as GenIR does, but {where} holds caption "
+            "embeddings (a text embedder built it): delete its .imageloop folder and index it again with an image "
+            "embedder, e.g. `embedder` transformers:Salesforce/blip-itm-base-coco, or set `index_route` any"
+        )
+
+
 # Routing: pure functions of state.
 
 
@@ -187,11 +213,12 @@ def route_after_choice(state: GenIRState) -> Literal["generate_synthetic", "retr
     return "generate_synthetic" if state["shown_kind"] == "visual" else "retrieve"
 
 
-def route_after_present(state: GenIRState) -> Literal["feedback", "finish"]:
-    """Stop when found or after the last refinement round (round 0 plus `max_rounds`, as the paper counts)."""
+def route_after_present(state: GenIRState) -> Literal["ask_question", "feedback", "finish"]:
+    """Stop when found or after the last refinement round (round 0 plus `max_rounds`, as the paper counts);
+    ChatIR asks its question before the feedback."""
     if state.get("found") or state["round"] >= state["knobs"].rounds:
         return "finish"
-    return "feedback"
+    return "ask_question" if state["shown_kind"] == "chatir" else "feedback"
 
 
 def route_after_feedback(state: GenIRState) -> Literal["rewrite", "finish"]:
@@ -220,14 +247,17 @@ class _Nodes:
         retriever: GenIRRetriever,
         artifacts: ArtifactStore,
         defaults: SimulatedUserKnobs | Callable[[], SimulatedUserKnobs],
+        paths: PathResolver,
         publish: Publish = kept,
     ) -> None:
         self._defaults = defaults
+        self.paths = paths
         self.publish = publish
         # Every model call and search becomes a run in the graph's trace (LangSmith, callback handlers).
         vlm = traced_vlm(vlm)
         self.vlm = vlm
         self.refiner = QueryRefiner(vlm)
+        self.questioner = Questioner(vlm)
         self.generator = traced_generator(generator) if generator is not None else None
         self.retriever = traced_retriever(retriever)
         self.artifacts = artifacts
@@ -242,15 +272,18 @@ class _Nodes:
         if user == "simulated":
             if not target_path or not target_id:
                 raise ConfigError("a simulated user needs target_id and target_path to look for")
+            target_path = str(self.paths(str(target_path), "target_path"))
             query = ""  # the simulated user describes its target (describe_target)
         else:
             query = limits.check_text("query", str(state.get("query") or ""))
+        refuse_caption_route(knobs, self.retriever.route)
         if knobs.feedback in ("visual", "hybrid") and self.generator is None:
             raise ConfigError(f"{knobs.feedback} feedback draws synthetic images: configure a `generator`")
         decision = f"{user} search, {knobs.feedback} feedback"
         record = step("prepare", 0, decision, started, user=user, knobs=knobs.record())
         run = {"user": user, "target_id": target_id or None, "target_path": target_path or None}
-        return {"query": query, "knobs": knobs, **run, **FRESH_RUN, "steps": Overwrite([record])}
+        fresh = {**FRESH_RUN, "dialogue": [query] if query else []}
+        return {"query": query, "knobs": knobs, **run, **fresh, "steps": Overwrite([record])}
 
     def _user(self, state: GenIRState) -> SimulatedUser:
         """The simulated user this run asked for: its style and decoding."""
@@ -273,7 +306,11 @@ class _Nodes:
         if not query:
             query = "a photo"
             decision += "; starting from a generic query"
-        return {"query": query, "steps": [step("describe_target", 0, decision, started, query=query)]}
+        return {
+            "query": query,
+            "dialogue": [query],
+            "steps": [step("describe_target", 0, decision, started, query=query)],
+        }
 
     def choose_feedback(self, state: GenIRState) -> dict[str, Any]:
         """Decide what this round shows the user (hybrid decides per round)."""
@@ -330,6 +367,7 @@ class _Nodes:
             target_rank=rank,
             feedback=None,
             differences=None,
+            question=None,
         )
         decision = f"target at rank {rank}" if target else f"showing {len(state['retrieved'])} results"
         if found:
@@ -341,6 +379,19 @@ class _Nodes:
             "steps": [step("present", state["round"], decision, started, target_rank=rank)],
         }
 
+    def ask_question(self, state: GenIRState) -> dict[str, Any]:
+        """ChatIR: the questioner asks about the image from the dialogue so far (before any interrupt, so a
+        resumed round asks nothing again)."""
+        started = time.perf_counter()
+        try:
+            question = self.questioner.ask(state["dialogue"])
+            decision = "asked a question"
+        except MalformedOutputError as e:
+            question = "What else do you see in the picture?"
+            decision = f"the questioner could not ask ({e}): a generic question"
+        record = step("ask_question", state["round"], decision, started, question=question)
+        return {"question": question, "steps": [record]}
+
     def _shown_path(self, state: GenIRState) -> Path | None:
         if state["shown_kind"] == "visual" and state.get("synthetic_image"):
             return self.artifacts.path(str(state["synthetic_image"]))
@@ -351,21 +402,23 @@ class _Nodes:
     def feedback(self, state: GenIRState) -> dict[str, Any]:
         """Ask the person (interrupt; an empty answer is asked again) or the simulated user."""
         started = time.perf_counter()
-        current = state["rounds"][-1]
+        question = state.get("question") if state["shown_kind"] == "chatir" else None
+        current = RoundRecord(**{**state["rounds"][-1], "question": question})
         shown = self._shown_path(state)
         if state["user"] == "person":
+            ask = GENIR_CHATIR_ASK.format(question=question) if question else GENIR_FEEDBACK_ASK
             request: dict[str, Any] = {
                 "round": state["round"],
                 "query": state["query"],
                 "feedback_kind": state["shown_kind"],
                 "synthetic_image": str(shown) if shown and state["shown_kind"] == "visual" else None,
                 "retrieved": state["retrieved"],
-                "ask": GENIR_FEEDBACK_ASK,
+                "ask": ask,
             }
             while True:
                 answer = str(interrupt(self.publish(request)) or "").strip()
                 if not answer:
-                    request = {**request, "ask": GENIR_EMPTY_FEEDBACK_ASK}
+                    request = {**request, "ask": ask if question else GENIR_EMPTY_FEEDBACK_ASK}
                     continue
                 try:
                     found_id = resolve_found(answer, state["retrieved"])
@@ -381,8 +434,10 @@ class _Nodes:
                 "next_query": None,
                 "steps": [step("feedback", state["round"], decision, started, feedback=answer)],
             }
+        target = Path(str(state["target_path"]))
+        if question is not None:
+            return self._answer(state, current, target, question, started)
         try:
-            target = Path(str(state["target_path"]))
             turn = self._user(state).respond(target, state["query"], state["shown_kind"], shown)
             next_query, differences = turn.query or None, turn.differences
             decision = "simulated user compared and rewrote" if next_query else "simulated user gave no query"
@@ -396,10 +451,34 @@ class _Nodes:
             "steps": [step("feedback", state["round"], decision, started, differences=differences)],
         }
 
+    def _answer(
+        self, state: GenIRState, current: RoundRecord, target: Path, question: str, started: float
+    ) -> dict[str, Any]:
+        """ChatIR: the simulated user answers the question about its target; the dialogue grows by that turn."""
+        try:
+            answer: str | None = self._user(state).answer(target, question)
+            decision = "simulated user answered the question"
+        except MalformedOutputError as e:
+            answer, decision = None, f"simulated user gave no answer ({e})"
+        updated = RoundRecord(**{**current, "feedback": answer})
+        return {
+            "rounds": [*state["rounds"][:-1], updated],
+            "next_query": answer,
+            "steps": [step("feedback", state["round"], decision, started, question=question, answer=answer)],
+        }
+
     def rewrite(self, state: GenIRState) -> dict[str, Any]:
         """query_{t+1}: the simulated user's own rewrite, or the person's feedback folded in by the VLM."""
         started = time.perf_counter()
-        if state["user"] == "simulated":
+        update: dict[str, Any] = {}
+        if state["shown_kind"] == "chatir":
+            answer = state["rounds"][-1]["feedback"]
+            dialogue = (
+                [*state["dialogue"], dialogue_turn(str(state["question"]), answer)] if answer else state["dialogue"]
+            )
+            query, update["dialogue"] = dialogue_query(dialogue), dialogue
+            decision = "added the answer to the dialogue" if answer else "kept the dialogue: no answer"
+        elif state["user"] == "simulated":
             query = state.get("next_query") or state["query"]
             decision = "next query from the simulated user" if state.get("next_query") else "kept the previous query"
         else:
@@ -411,6 +490,7 @@ class _Nodes:
                 query = f"{state['query']}; {feedback}"
                 decision = f"refiner could not answer ({e}): appended the feedback to the query"
         return {
+            **update,
             "query": query,
             "round": state["round"] + 1,
             "steps": [step("rewrite", state["round"], decision, started, query=query)],
@@ -441,15 +521,17 @@ def build_genir_graph(
     *,
     defaults: SimulatedUserKnobs | Callable[[], SimulatedUserKnobs] | None = None,
     context_schema: type[KnobContext] = GenIRContext,
+    paths: PathResolver = as_given,
     publish: Publish = kept,
 ) -> GenIRGraph:
     """Wire the GenIR loop; a person's feedback needs a checkpointer and a thread_id to interrupt.
 
     `generator` may be None for verbal and prediction feedback, which never draw. `defaults` are the
-    knobs of a run whose context leaves them unset (or a function returning them, read when a run starts).
-    `publish` names the images of the question asked and of the dialogue answered (see `Publish`).
+    knobs of a run whose context leaves them unset (or a function returning them, read when a run starts);
+    `paths` resolves a simulated user's `target_path` (a face confines it to its roots); `publish` names the
+    images of the question asked and of the dialogue answered (see `Publish`).
     """
-    nodes = _Nodes(vlm, generator, retriever, artifacts, defaults or SimulatedUserKnobs(), publish)
+    nodes = _Nodes(vlm, generator, retriever, artifacts, defaults or SimulatedUserKnobs(), paths, publish)
     graph = StateGraph(GenIRState, context_schema=context_schema, input_schema=GenIRInput, output_schema=GenIROutput)
     graph.add_node("prepare", nodes.prepare)
     graph.add_node("describe_target", nodes.describe_target)
@@ -457,6 +539,7 @@ def build_genir_graph(
     graph.add_node("generate_synthetic", nodes.generate_synthetic)
     graph.add_node("retrieve", nodes.retrieve)
     graph.add_node("present", nodes.present)
+    graph.add_node("ask_question", nodes.ask_question)
     graph.add_node("feedback", nodes.feedback)
     graph.add_node("rewrite", nodes.rewrite)
     graph.add_node("finish", nodes.finish)
@@ -466,7 +549,8 @@ def build_genir_graph(
     graph.add_conditional_edges("choose_feedback", route_after_choice, ["generate_synthetic", "retrieve"])
     graph.add_edge("generate_synthetic", "retrieve")
     graph.add_edge("retrieve", "present")
-    graph.add_conditional_edges("present", route_after_present, ["feedback", "finish"])
+    graph.add_conditional_edges("present", route_after_present, ["ask_question", "feedback", "finish"])
+    graph.add_edge("ask_question", "feedback")
     graph.add_conditional_edges("feedback", route_after_feedback, ["rewrite", "finish"])
     graph.add_edge("rewrite", "choose_feedback")
     graph.add_edge("finish", END)

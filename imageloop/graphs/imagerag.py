@@ -2,9 +2,11 @@
 
 ```
 START ─draft_first→ generate_draft → critic ─aligned / iteration == max_iterations→ finish
-  └─generation→ critic (plans concepts)   └─not aligned→ rewrite → retrieve ×N (Send, one per caption)
+  └─generation→ critic (plans concepts)   ├─rephrase_only→ rephrase → generate_with_references
+                                          └─not aligned→ rewrite → retrieve ×N (Send, one per caption)
                                               → compose ─no reference above threshold→ finish
                                                    └→ generate_with_references → critic …
+                                                        (or → finish at the cap, without judge_last)
 ```
 State holds artifact ids and small metadata only (never pixels). Caps live in state; routing
 functions are pure functions of state. Every node appends a `Step` recording its decision and time.
@@ -30,10 +32,12 @@ from typing_extensions import TypedDict
 
 from imageloop import limits
 from imageloop.agents.critic import Critic, Critique, ImageCritic, PaperCritic
+from imageloop.agents.rephraser import Rephraser
+from imageloop.agents.reranker import RERANK_CANDIDATES, Reranker
 from imageloop.agents.rewriter import QueryRewriter
 from imageloop.errors import MalformedOutputError
 from imageloop.graphs.steps import Publish, Step, kept, step
-from imageloop.knobs import ImageRAGKnobs, KnobContext
+from imageloop.knobs import ImageRAGKnobs, KnobContext, ReferenceTrim, Rerank
 from imageloop.protocols import (
     GenerationRequest,
     ImageGenerator,
@@ -113,6 +117,8 @@ class ImageRAGState(TypedDict, total=False):
     images: list[GeneratedImage]
     aligned: bool
     critic_failed: bool
+    decision_answer: str | None
+    rephrased_prompt: str | None
     missing_concepts: list[str]
     critic_captions: list[CaptionQuery]
     retrieval_captions: list[CaptionQuery]
@@ -130,6 +136,7 @@ class RetrieveTask(TypedDict):
     iteration: int
     top_k: int
     similarity_threshold: float | None
+    rerank: Rerank
 
 
 # Every per-run field a run starts from, so a second run on the same thread inherits nothing.
@@ -140,6 +147,8 @@ FRESH_RUN: dict[str, Any] = {
     "images": [],
     "aligned": False,
     "critic_failed": False,
+    "decision_answer": None,
+    "rephrased_prompt": None,
     "missing_concepts": [],
     "critic_captions": [],
     "retrieval_captions": [],
@@ -152,19 +161,25 @@ FRESH_RUN: dict[str, Any] = {
 # Routing: pure functions of state.
 
 
-def route_start(state: ImageRAGState) -> Literal["generate_draft", "critic"]:
-    """Draft-first critiques a draft; generation mode asks the critic to plan concepts first."""
-    return "critic" if state["knobs"].mode == "generation" else "generate_draft"
+def route_start(state: ImageRAGState) -> Literal["generate_draft", "critic", "rephrase"]:
+    """Draft-first critiques a draft; generation mode asks the critic to plan concepts first (or, rephrasing
+    only, has the prompt rephrased from the prompt alone)."""
+    if state["knobs"].mode == "draft_first":
+        return "generate_draft"
+    return "rephrase" if state["knobs"].rephrase_only else "critic"
 
 
 def route_after_critic(
     state: ImageRAGState,
-) -> Literal["finish", "rewrite", "generate_with_references"]:
-    """Stop when aligned or capped; generate directly when a plan needs no references."""
+) -> Literal["finish", "rephrase", "rewrite", "generate_with_references"]:
+    """Stop when aligned or capped; rephrase in the rephrase-only ablation; generate directly when a plan needs no
+    references."""
     if state.get("aligned"):
         return "finish"
     if state["iteration"] >= state["knobs"].max_iterations:
         return "finish"
+    if state["knobs"].rephrase_only:
+        return "rephrase"
     planning = state.get("current_image") is None
     if planning and not state["missing_concepts"] and not state.get("critic_failed"):
         return "generate_with_references"
@@ -181,6 +196,7 @@ def fan_out_retrieval(state: ImageRAGState) -> list[Send]:
                 iteration=state["iteration"],
                 top_k=state["knobs"].top_k,
                 similarity_threshold=state["knobs"].similarity_threshold,
+                rerank=state["knobs"].rerank,
             ),
         )
         for query in state["retrieval_captions"]
@@ -192,6 +208,22 @@ def route_after_compose(state: ImageRAGState) -> Literal["finish", "generate_wit
     if state["references"] or state.get("current_image") is None:
         return "generate_with_references"
     return "finish"
+
+
+def route_after_generation(state: ImageRAGState) -> Literal["critic", "finish"]:
+    """The critic judges each regeneration, the last one too unless `judge_last` is off (the released code)."""
+    if not state["knobs"].judge_last and state["iteration"] >= state["knobs"].max_iterations:
+        return "finish"
+    return "critic"
+
+
+def concept_limit(knobs: ImageRAGKnobs, generator_references: int, planning: bool) -> int | None:
+    """How many missing concepts the critic may name: `max_concepts`; unset, as the released scripts ask. SDXL's
+    (a generator taking one reference) asks a draft's critic for one (imageRAG_SDXL.py l.96); OmniGen's never
+    passes its limit, and generation mode asks with none (utils.py l.88-89 is the draft's question only)."""
+    if knobs.max_concepts is not None:
+        return knobs.max_concepts
+    return 1 if generator_references == 1 and not planning else None
 
 
 def best_image(images: Sequence[GeneratedImage]) -> GeneratedImage | None:
@@ -207,8 +239,11 @@ def best_image(images: Sequence[GeneratedImage]) -> GeneratedImage | None:
     return min(enumerate(images), key=rank)[1]
 
 
-def select_references(hits: list[Hit], max_references: int) -> tuple[list[Hit], list[Hit]]:
-    """Deduplicate by image (keeping its best score) and trim to the generator's capacity by score.
+def select_references(
+    hits: list[Hit], max_references: int, trim: ReferenceTrim = "score"
+) -> tuple[list[Hit], list[Hit]]:
+    """Deduplicate by image (keeping its best score) and trim to the generator's capacity: the lowest-scoring go
+    (ours), or those past the first `max_references` in caption order (the released scripts, `trim="order"`).
 
     Returns (kept, trimmed), kept in caption order so the composed prompt lists concepts as asked.
     """
@@ -217,10 +252,10 @@ def select_references(hits: list[Hit], max_references: int) -> tuple[list[Hit], 
         if hit["id"] not in best or hit["score"] > best[hit["id"]]["score"]:
             best[hit["id"]] = hit
     unique = list(best.values())
-    by_score = sorted(unique, key=lambda h: h["score"], reverse=True)
-    keep_ids = {h["id"] for h in by_score[:max_references]}
+    ranked = unique if trim == "order" else sorted(unique, key=lambda h: h["score"], reverse=True)
+    keep_ids = {h["id"] for h in ranked[:max_references]}
     kept = [h for h in unique if h["id"] in keep_ids]
-    trimmed = [h for h in by_score[max_references:]]
+    trimmed = ranked[max_references:]
     return kept, trimmed
 
 
@@ -243,6 +278,8 @@ class _Nodes:
         # Every model call and search becomes a run in the graph's trace (LangSmith, callback handlers).
         self.vlm = traced_vlm(vlm)
         self.rewriter = QueryRewriter(self.vlm)
+        self.rephraser = Rephraser(self.vlm)
+        self.reranker = Reranker(self.vlm)
         self.generator = traced_generator(generator)
         self.retriever = traced_retriever(retriever)
         self.artifacts = artifacts
@@ -299,8 +336,12 @@ class _Nodes:
         iteration = state["iteration"]
         current = state.get("current_image")
         image = self.artifacts.path(current) if current is not None else None
+        knobs = state["knobs"]
         try:
-            critique: Critique = self._critic(state).critique(state["prompt"], image, state["knobs"].max_concepts)
+            if knobs.rephrase_only and knobs.critic == "paper" and image is not None:
+                return self._decide(state, image, started)  # the released ablation asks the decision alone
+            limit = concept_limit(knobs, self.generator.max_references, planning=image is None)
+            critique: Critique = self._critic(state).critique(state["prompt"], image, limit)
         except MalformedOutputError as e:
             decision = "critic could not answer: retrieve with the raw prompt"
             record = step("critic", iteration, decision, started, error=str(e))
@@ -333,6 +374,40 @@ class _Nodes:
         record = step("critic", iteration, decision, started, aligned=critique.aligned, missing_concepts=concepts)
         return {**update, "aligned": critique.aligned, "images": images, "steps": [record]}
 
+    def _decide(self, state: ImageRAGState, image: Path, started: float) -> dict[str, Any]:
+        """The paper critic's decision alone, its answer kept for the rephrasing that follows in its conversation."""
+        aligned, answer = PaperCritic(self.vlm).decide(state["prompt"], image)
+        images = [
+            GeneratedImage(**{**img, "aligned": aligned}) if img["artifact"] == state.get("current_image") else img
+            for img in state["images"]
+        ]
+        decision = "aligned with the prompt" if aligned else "not aligned: rephrase the prompt"
+        record = step("critic", state["iteration"], decision, started, aligned=aligned, answer=answer)
+        return {
+            "aligned": aligned,
+            "critic_failed": False,
+            "decision_answer": answer,
+            "missing_concepts": [],
+            "critic_captions": [],
+            "images": images,
+            "steps": [record],
+        }
+
+    def rephrase(self, state: ImageRAGState) -> dict[str, Any]:
+        """The rephrase-only ablation: the VLM rewrites the prompt (after the decision, seeing the draft) and
+        nothing is retrieved; an unusable answer keeps the prompt."""
+        started = time.perf_counter()
+        current = state.get("current_image")
+        image = self.artifacts.path(current) if current is not None else None
+        try:
+            prompt = self.rephraser.rephrase(state["prompt"], image, state.get("decision_answer")) or state["prompt"]
+            decision = "rephrased the prompt"
+        except MalformedOutputError as e:
+            prompt = state["prompt"]
+            decision = f"could not rephrase ({e}): keep the prompt"
+        record = step("rephrase", state["iteration"], decision, started, rephrased_prompt=prompt)
+        return {"rephrased_prompt": prompt, "references": [], "steps": [record]}
+
     def rewrite(self, state: ImageRAGState) -> dict[str, Any]:
         """One retrieval query per missing concept: the detailed caption (the paper's), or, as ablations,
         the concept word or the raw prompt; the raw prompt when the critic named nothing."""
@@ -361,10 +436,12 @@ class _Nodes:
         return {"retrieval_captions": queries, "steps": [record]}
 
     def retrieve(self, task: RetrieveTask) -> dict[str, Any]:
-        """Search the index for one caption; keep hits at or above the similarity threshold."""
+        """Search the index for one caption; keep hits at or above the similarity threshold (with `rerank`, the
+        ones a VLM picks among the top candidates)."""
         started = time.perf_counter()
-        query, threshold = task["query"], task["similarity_threshold"]
-        found = self.retriever.search(query["caption"], task["top_k"])
+        query, threshold, top_k = task["query"], task["similarity_threshold"], task["top_k"]
+        depth = max(top_k, RERANK_CANDIDATES) if task["rerank"] == "vlm" else top_k
+        found = self.retriever.search(query["caption"], depth)
         hits = [
             Hit(
                 iteration=task["iteration"],
@@ -378,12 +455,26 @@ class _Nodes:
             for r in found
             if threshold is None or r.score >= threshold
         ]
-        decision = f"{query['concept']!r}: kept {len(hits)} of {len(found)}"
+        decision = f"{query['concept']!r}: kept {min(len(hits), top_k)} of {len(found)}"
         if threshold is not None:
             decision += f" at similarity >= {threshold}"
+        if task["rerank"] == "vlm" and len(hits) > top_k:
+            hits, picked = self._rerank(query["caption"], hits, top_k)
+            decision += f"; {picked}"
+        hits = hits[:top_k]
         scores = [h["score"] for h in hits]
         record = step("retrieve", task["iteration"], decision, started, query=query["caption"], scores=scores)
         return {"hits": hits, "steps": [record]}
+
+    def _rerank(self, caption: str, hits: list[Hit], top_k: int) -> tuple[list[Hit], str]:
+        """The hits the VLM picks for `caption`, in its order; the embedder's order when it names none."""
+        try:
+            picked = self.reranker.pick(caption, [Path(h["path"]) for h in hits], top_k)
+        except MalformedOutputError as e:
+            return hits, f"the VLM could not re-rank ({e}): the embedder's order"
+        if not picked:
+            return hits, "the VLM named no candidate: the embedder's order"
+        return [hits[i] for i in picked], f"the VLM picked candidate(s) {picked} of {len(hits)}"
 
     def compose(self, state: ImageRAGState) -> dict[str, Any]:
         """Gather this iteration's hits into the ordered references the generator will see."""
@@ -396,7 +487,7 @@ class _Nodes:
         # A file deleted since it was indexed is skipped with a note, not a failed run.
         vanished = sorted({h["path"] for h in current if not Path(h["path"]).is_file()})
         current = [h for h in current if h["path"] not in vanished]
-        kept, trimmed = select_references(current, self.generator.max_references)
+        kept, trimmed = select_references(current, self.generator.max_references, state["knobs"].reference_trim)
         note = f"; skipped {len(vanished)} reference(s) whose file is gone" if vanished else ""
         if not kept and state.get("current_image") is None:
             decision = "no usable reference: generate from the prompt alone" + note
@@ -407,7 +498,8 @@ class _Nodes:
             return {"references": [], "stop_reason": "no_reference_above_threshold", "steps": [record]}
         decision = f"{len(kept)} reference(s) for {sorted({h['concept'] for h in kept})}{note}"
         if trimmed:
-            decision += f"; trimmed {len(trimmed)} lowest-scoring to fit {self.generator.model_id}"
+            which = "last in caption order" if state["knobs"].reference_trim == "order" else "lowest-scoring"
+            decision += f"; trimmed {len(trimmed)} {which} to fit {self.generator.model_id}"
         record = step(
             "compose",
             iteration,
@@ -421,16 +513,13 @@ class _Nodes:
 
     def generate_with_references(self, state: ImageRAGState) -> dict[str, Any]:
         """Regenerate with the references in context, each named by the retrieval caption that found it
-        (or from text alone: a plan that named nothing, or the rephrase-only ablation)."""
+        (or from text alone: a plan that named nothing, or the rephrase-only ablation's rephrased prompt)."""
         started = time.perf_counter()
         references = tuple(
             ReferenceImage(path=Path(h["path"]), concept=h["concept"], caption=h["query"], score=h["score"])
             for h in state.get("references") or []
         )
-        prompt = None
-        if state["knobs"].rephrase_only and state["retrieval_captions"]:
-            prompt = ". ".join([state["prompt"], *(q["caption"] for q in state["retrieval_captions"])])
-            references = ()
+        prompt = state.get("rephrased_prompt") if state["knobs"].rephrase_only else None
         image = self._generate(state, references, iteration=state["iteration"] + 1, prompt=prompt)
         decision = f"generated with {len(references)} reference(s)" + (" (rephrased prompt)" if prompt else "")
         record = step(
@@ -502,6 +591,7 @@ def build_imagerag_graph(
         "prepare": nodes.prepare,
         "generate_draft": nodes.generate_draft,
         "critic": nodes.critic_node,
+        "rephrase": nodes.rephrase,
         "rewrite": nodes.rewrite,
         "retrieve": nodes.retrieve,
         "compose": nodes.compose,
@@ -511,12 +601,15 @@ def build_imagerag_graph(
     for name, function in node_functions.items():
         graph.add_node(name, function)
     graph.add_edge(START, "prepare")
-    graph.add_conditional_edges("prepare", route_start, ["generate_draft", "critic"])
+    graph.add_conditional_edges("prepare", route_start, ["generate_draft", "critic", "rephrase"])
     graph.add_edge("generate_draft", "critic")
-    graph.add_conditional_edges("critic", route_after_critic, ["finish", "rewrite", "generate_with_references"])
+    graph.add_conditional_edges(
+        "critic", route_after_critic, ["finish", "rephrase", "rewrite", "generate_with_references"]
+    )
+    graph.add_edge("rephrase", "generate_with_references")
     graph.add_conditional_edges("rewrite", fan_out_retrieval, ["retrieve"])
     graph.add_edge("retrieve", "compose")
     graph.add_conditional_edges("compose", route_after_compose, ["finish", "generate_with_references"])
-    graph.add_edge("generate_with_references", "critic")
+    graph.add_conditional_edges("generate_with_references", route_after_generation, ["critic", "finish"])
     graph.add_edge("finish", END)
     return graph.compile(checkpointer=checkpointer, name="imagerag")

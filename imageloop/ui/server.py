@@ -16,6 +16,7 @@ from typing import Any
 from imageloop.access import MIN_TOKEN_CHARS, TokenGate, is_loopback, listen
 from imageloop.app import App
 from imageloop.errors import ConfigError
+from imageloop.runtime import limit_malloc_arenas
 from imageloop.ui.context import UIContext, current, set_context
 
 PAGE = Path(__file__).with_name("page.py")
@@ -64,6 +65,7 @@ def serve(app: App, *, index: str | Path, host: str = "127.0.0.1", port: int = 7
     """Serve the UI over `app` and `index` until interrupted (Ctrl-C or SIGTERM)."""
     import uvicorn
 
+    limit_malloc_arenas()  # before any thread: a server's memory stays flat over hours
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port}: expected 0..65535 (0 picks a free port)")
     info = app.index_info(index)  # a missing or empty index fails here, with its own message

@@ -327,8 +327,10 @@ def show_round(session: Mapping[str, Any]) -> None:
             args=(sid, f"found: {hit['position']}"),
         )  # fmt: skip
     field = f"differs-{sid}-{round_}"
+    # ChatIR feedback asks the system's question; the other kinds ask what differs.
+    label = session["ask"] if session.get("feedback_kind") == "chatir" else "Or: what differs from the image you want?"
     with st.form(f"feedback-{sid}-{round_}"):
-        st.text_input("Or: what differs from the image you want?", key=field)
+        st.text_input(label, key=field)
         st.form_submit_button("Refine", on_click=_answer_search_text, args=(sid, field))
     st.button("New search", on_click=_close, args=(SEARCH,))
 
