@@ -55,11 +55,11 @@ def _entry(runs: Path, path: Path, updated: float) -> PastWork | None:
             final_image=record.get("found_path"),
         )  # fmt: skip
     kind: PastKind
+    # Why it stopped once it has; until then how it stands (a run is recorded from its first step: `running`).
+    status = record.get("stop_reason") or record.get("status")
     if record.get("loop") == "rage":
-        status = record.get("stop_reason") or record.get("status")
         kind, work_id = "rage", str(record.get("run_id") or folder.name.removeprefix("rage-"))
     else:
-        status = record.get("stop_reason")
         kind, work_id = "generate", folder.relative_to(runs).as_posix()
     return PastWork(
         kind=kind, id=work_id, title=str(record.get("prompt") or ""), status=str(status), updated=updated,

@@ -216,7 +216,9 @@ def _run_folder(app: App, run: str) -> Path | None:
 def show_run(app: App, record: Mapping[str, Any], folder: Path) -> None:
     """An ImageRAG record: the verdict, draft and final side by side, a download, the report, every step."""
     verdict = "aligned with the prompt" if record["aligned"] else "not aligned"
-    st.subheader(f"{verdict} · stopped: {record['stop_reason']} · {record['iterations']} regeneration(s)")
+    # A run is recorded from its first step: one still going (in another face) has no stop reason yet.
+    stopped = f"stopped: {record['stop_reason']}" if record.get("stop_reason") else str(record.get("status"))
+    st.subheader(f"{verdict} · {stopped} · {record['iterations']} regeneration(s)")
     st.caption(f"“{record.get('prompt')}” · run {folder.relative_to(app.runs_dir).as_posix()}")
     if record.get("error"):
         said = st.warning if record["stop_reason"] == "cancelled" else st.error
