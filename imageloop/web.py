@@ -8,6 +8,7 @@ route behind its own authentication.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import anyio.to_thread
 from starlette.requests import Request
@@ -17,11 +18,17 @@ from starlette.routing import Route
 from imageloop.app import App
 from imageloop.app.links import HTTP_BASE, Links
 from imageloop.errors import ImageloopError
+from imageloop.tools.images import open_regular
 
 
 def run_url(relative: str) -> str:
     """The address (from the server's root) of a run file named by its path under the runs folder."""
     return f"{HTTP_BASE}runs/{relative}"
+
+
+def _member_bytes(path: Path) -> bytes:
+    with open_regular(path) as member:
+        return member.read()
 
 
 def served_files(app: Callable[[], App]) -> Route:
@@ -31,6 +38,8 @@ def served_files(app: Callable[[], App]) -> Route:
         links = Links(app(), HTTP_BASE)
         try:
             path, media_type = await anyio.to_thread.run_sync(links.resolve, request.path_params["name"])
+            if not path.is_file():  # an image inside an indexed shard (`shard.tar#key.jpg`): its bytes, read in place
+                return Response(await anyio.to_thread.run_sync(_member_bytes, path), media_type=media_type)
         except ImageloopError as e:
             return JSONResponse({"error": str(e)}, status_code=404)
         return FileResponse(path, media_type=media_type)

@@ -29,6 +29,7 @@ from imageloop.progress import report_progress
 from imageloop.protocols import GenerationRequest, GenerationResult
 from tests.fake_openai_server import FakeOpenAIServer
 from tests.fakes import ScriptedGenerator
+from tests.test_index_sources import write_shards
 from tests.test_mcp_server import (
     ALIGNED,
     REPO,
@@ -191,6 +192,17 @@ def test_resources_serve_only_run_files_and_images_under_the_roots(client: Clien
     (tmp_path / ".runs" / "abc" / "checkpoints.sqlite").write_text("SQLite format 3")
     with pytest.raises(Exception, match=r"no such run file|no such image"):
         client.portal.call(client.session.read_resource, AnyUrl(uri))
+
+
+def test_an_image_inside_an_indexed_shard_under_a_root_reads_as_a_resource(client: Client, tmp_path: Path) -> None:
+    pictures = write_shards(tmp_path / "laion", shards=1, per_shard=1)
+    read = client.portal.call(
+        client.session.read_resource, AnyUrl("imageloop://roots/0/laion%2F00000.tar%23000000000.jpg")
+    )
+    [contents] = read.contents
+    assert isinstance(contents, BlobResourceContents) and contents.mimeType == "image/png"
+    shown = Image.open(io.BytesIO(base64.b64decode(contents.blob)))
+    assert shown.size == Image.open(io.BytesIO(pictures["00000.tar#000000000.jpg"])).size
 
 
 def test_over_http_an_answer_names_every_file_as_a_resource_the_client_reads(

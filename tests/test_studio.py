@@ -15,8 +15,11 @@ from langgraph.types import Command
 from PIL import Image
 from starlette.testclient import TestClient
 
+from imageloop.app.deployment import deployed_app
+from imageloop.app.links import HTTP_BASE, Links
 from imageloop.errors import ConfigError, ImageloopError, IndexNotFoundError
 from tests.fake_providers import FakeBackends
+from tests.test_index_sources import write_shards
 from tests.test_langgraph_server import (
     PLAN_AND_CAPTIONS,
     ROOT,
@@ -194,3 +197,19 @@ def test_the_route_serves_images_under_the_roots_and_nothing_else(
 def test_a_nul_byte_in_the_route_is_no_such_run_file_not_a_server_error(configured: FakeBackends) -> None:
     answer = TestClient(http_app()).get("/imageloop/runs/server/x%00.png")
     assert answer.status_code == 404 and "no such run file" in answer.json()["error"]
+
+
+def test_an_image_inside_an_indexed_shard_is_named_and_served_from_its_tar(
+    configured: FakeBackends, tmp_path: Path
+) -> None:
+    pictures = write_shards(tmp_path / "laion", shards=1, per_shard=2)
+    (tmp_path.parent / "outside.tar").write_bytes((tmp_path / "laion" / "00000.tar").read_bytes())
+    links = Links(deployed_app(), HTTP_BASE)
+    address = links.url(tmp_path / "laion" / "00000.tar#000000001.jpg")
+    assert address == "/imageloop/roots/0/laion/00000.tar%23000000001.jpg"
+    client = TestClient(http_app())
+    answer = client.get(address)
+    assert (answer.status_code, answer.headers["content-type"]) == (200, "image/jpeg")
+    assert answer.content == pictures["00000.tar#000000001.jpg"]
+    outside = client.get("/imageloop/roots/0/%2e%2e/outside.tar%23000000001.jpg")
+    assert outside.status_code == 404 and "no such image" in outside.json()["error"]

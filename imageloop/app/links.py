@@ -5,8 +5,9 @@ One rule for every remote face (MCP over HTTP, LangGraph Server): a file under t
 `<base>roots/<i>/<its path there>`; anything else is not handed out at all. The base is the face's own:
 `imageloop://` for MCP resources, `/imageloop/` for LangGraph Server's HTTP route (relative to the
 server's address). Each face fetches what a name names with `Links.resolve`, which serves nothing but
-those files (images, and a run's report and record). Local faces (the CLI, LangChain tools in process,
-MCP over stdio) keep paths: they run on the machine the paths name.
+those files (images, those inside an indexed WebDataset shard included, and a run's report and record).
+Local faces (the CLI, LangChain tools in process, MCP over stdio) keep paths: they run on the machine the
+paths name.
 """
 
 from __future__ import annotations
@@ -93,6 +94,15 @@ class Links:
             root = roots[int(number)]
             path = (root / relative).resolve()
             media_type = IMAGE_TYPES.get(path.suffix.lower())
-            if media_type is not None and path.is_relative_to(root) and path.is_file():
+            if media_type is not None and path.is_relative_to(root) and (path.is_file() or _in_shard(path, root)):
                 return path, media_type
         raise ImageloopError(f"no such image {name!r} under the server's folders")
+
+
+def _in_shard(path: Path, root: Path) -> bool:
+    """Whether `path` addresses an image inside a WebDataset shard under `root` (`shard.tar#key.jpg`, as an index
+    of shards names its images), which `imageloop.tools.images.open_regular` reads in place."""
+    from imageloop.tools.indexing.sources import tar_address
+
+    address = tar_address(path)
+    return address is not None and address[0].resolve().is_relative_to(root) and address[0].is_file()
