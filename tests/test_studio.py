@@ -161,28 +161,27 @@ def test_a_server_runs_answer_names_its_images_by_addresses_the_route_serves(
     assert len(named) >= 4 and set(served(named)) == {(200, "image/png")}
 
 
-def test_a_genir_question_shows_the_drawing_and_results_by_address(configured: FakeBackends, tmp_path: Path) -> None:
-    served_graph = load_graph("genir").copy(update={"checkpointer": InMemorySaver()})
+def asked_and_answered(name: str, given: dict[str, Any], answer: Any, tmp_path: Path) -> tuple[Any, Any]:
+    """A served graph's first question and its answer once resumed with `answer`; neither names a server path."""
+    served_graph = load_graph(name).copy(update={"checkpointer": InMemorySaver()})
     thread = {"configurable": {"thread_id": "t1"}}
-    asked = served_graph.invoke({"query": "a blue jay"}, thread, version="v2", context={"k": 2})
-    [question] = asked.interrupts
-    assert str(tmp_path) not in json.dumps(question.value)
-    assert question.value["synthetic_image"].startswith("/imageloop/runs/server/artifacts/")
-    assert set(served(addresses(question.value))) == {(200, "image/png")}
-    done = served_graph.invoke(Command(resume="found: 1"), thread, version="v2").value
-    assert done["stop_reason"] == "found" and str(tmp_path) not in json.dumps(done, default=str)
-    assert done["rounds"][0]["synthetic_image"] == question.value["synthetic_image"]
+    [question] = served_graph.invoke(given, thread, version="v2", context={"k": 2}).interrupts
+    done = served_graph.invoke(Command(resume=answer), thread, version="v2").value
+    assert str(tmp_path) not in json.dumps(question.value) and str(tmp_path) not in json.dumps(done, default=str)
+    return question.value, done
+
+
+def test_a_genir_question_shows_the_drawing_and_results_by_address(configured: FakeBackends, tmp_path: Path) -> None:
+    question, done = asked_and_answered("genir", {"query": "a blue jay"}, "found: 1", tmp_path)
+    assert question["synthetic_image"].startswith("/imageloop/runs/server/artifacts/")
+    assert set(served(addresses(question))) == {(200, "image/png")}
+    assert done["stop_reason"] == "found" and done["rounds"][0]["synthetic_image"] == question["synthetic_image"]
 
 
 def test_a_rage_question_lists_its_candidates_by_address(configured: FakeBackends, tmp_path: Path) -> None:
-    served_graph = load_graph("rage").copy(update={"checkpointer": InMemorySaver()})
-    thread = {"configurable": {"thread_id": "t1"}}
-    asked = served_graph.invoke({"prompt": "a blue jay"}, thread, version="v2", context={"k": 2})
-    [question] = asked.interrupts
-    assert str(tmp_path) not in json.dumps(question.value)
-    assert [c["path"].split("/")[2] for c in question.value["candidates"]] == ["roots", "roots"]
-    done = served_graph.invoke(Command(resume={"selected": [1]}), thread, version="v2").value
-    assert str(tmp_path) not in json.dumps(done, default=str) and served([done["final_image"]]) == [(200, "image/png")]
+    question, done = asked_and_answered("rage", {"prompt": "a blue jay"}, {"selected": [1]}, tmp_path)
+    assert [c["path"].split("/")[2] for c in question["candidates"]] == ["roots", "roots"]
+    assert served([done["final_image"]]) == [(200, "image/png")]
 
 
 @pytest.mark.parametrize("name", ["roots/0/photos/jay.txt", "roots/1/x.png", "roots/0/%2e%2e/secret.png"])
