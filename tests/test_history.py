@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -43,3 +44,12 @@ def test_a_record_that_cannot_be_read_is_left_out_not_a_failure(fakes: FakeBacke
     (tmp_path / "runs" / "search-0123456789ab").mkdir()
     (tmp_path / "runs" / "search-0123456789ab" / "session.json").write_text("[]")
     assert app.history(10) == []
+
+
+def test_a_run_still_going_lists_as_running_and_a_stopped_one_as_cancelled(fakes: FakeBackends, tmp_path: Path) -> None:
+    app = App(fakes.settings, runs_dir=tmp_path / "runs")
+    for name, status, stop_reason in [("going", "running", None), ("stopped", "cancelled", "cancelled")]:
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        record = {"prompt": name, "status": status, "stop_reason": stop_reason}
+        (tmp_path / "runs" / name / "run.json").write_text(json.dumps(record))
+    assert {(item.title, item.status) for item in app.history(10)} == {("going", "running"), ("stopped", "cancelled")}
