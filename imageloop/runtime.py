@@ -31,6 +31,7 @@ T = TypeVar("T")
 _cache: dict[Hashable, Any] = {}
 _cache_lock = threading.Lock()
 _key_locks: dict[Hashable, threading.Lock] = {}
+_diffusers_lock = threading.Lock()
 
 
 class DeviceLock:
@@ -143,6 +144,19 @@ def load_cached(key: Hashable, load: Callable[[], T]) -> T:
         with _cache_lock:
             _cache[key] = value
         return value
+
+
+def diffusers_class(name: str) -> Any:
+    """diffusers' class (or function) `name`, or None where this diffusers has none by that name.
+
+    diffusers resolves its names lazily, and threads asking for names at once can see its modules half
+    imported ("module 'diffusers' has no attribute 'OmniGenPipeline'", e.g. four server runs loading their
+    generator at once): every lookup goes through here, one thread at a time.
+    """
+    with _diffusers_lock:
+        import diffusers
+
+        return getattr(diffusers, name, None)
 
 
 def cached_keys() -> list[Hashable]:

@@ -47,6 +47,7 @@ from torch import nn
 from imageloop.errors import ConfigError
 from imageloop.files import write_json_atomic
 from imageloop.prompts.diptych import DIPTYCH_TEMPLATE, diptych_description
+from imageloop.runtime import diffusers_class
 from imageloop.tools.images import open_image
 from imageloop.training.checkpoints import latest_checkpoint, save_checkpoint
 from imageloop.training.options import CIRLoRAOptions
@@ -185,7 +186,7 @@ class LoRAMixture(nn.Module):
 
     def save(self, directory: Path, config: dict[str, Any]) -> None:
         """Write the LoRA file(s), the router and `cir_lora.json` (written last: it marks the folder complete)."""
-        from diffusers import FluxPipeline
+        FluxPipeline = diffusers_class("FluxPipeline")
         from safetensors.torch import save_file
 
         directory.mkdir(parents=True, exist_ok=True)
@@ -273,7 +274,7 @@ class FlowSchedule:
     @classmethod
     def of(cls, scheduler_config: Any) -> FlowSchedule:
         """The tables of a FlowMatchEulerDiscreteScheduler built from `scheduler_config`."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
+        FlowMatchEulerDiscreteScheduler = diffusers_class("FlowMatchEulerDiscreteScheduler")
 
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
         return cls(scheduler.timesteps.clone(), scheduler.sigmas[: len(scheduler.timesteps)].clone())
@@ -291,7 +292,7 @@ def flow_matching_loss(
     weighting_scheme: str = "none",
 ) -> torch.Tensor:
     """FLUX's rectified-flow loss on shifted, scaled VAE latents (batch, C, H, W): predict noise - latents."""
-    from diffusers import FluxPipeline
+    FluxPipeline = diffusers_class("FluxPipeline")
     from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
     batch, channels, height, width = latents.shape
@@ -350,7 +351,7 @@ def train_cir_lora(
     Checkpoints go to `OUT/checkpoints` every `options.checkpoint_every` steps; the same call on the same
     folder resumes from the latest one and ends with the LoRA an uninterrupted run would have saved.
     """
-    from diffusers import FluxPipeline
+    FluxPipeline = diffusers_class("FluxPipeline")
 
     from imageloop.tools.generators._diffusers_common import from_hub, resolve_placement
 

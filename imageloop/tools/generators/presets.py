@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from imageloop.errors import ConfigError
+from imageloop.runtime import diffusers_class
 from imageloop.tools.generators._diffusers_common import from_hub
 from imageloop.tools.generators.text2image import Components, Text2ImageGenerator
 
@@ -76,7 +77,7 @@ def resolve_preset(spec: str) -> tuple[str, GeneratorPreset]:
     preset = GENERATOR_PRESETS.get(name.strip().lower())
     if preset is None:
         raise ConfigError(f"preset:{spec}: unknown generator preset; known: {', '.join(GENERATOR_PRESETS)}")
-    if getattr(diffusers, preset.pipeline, None) is None:
+    if diffusers_class(preset.pipeline) is None:
         raise ConfigError(
             f"preset:{name} needs diffusers' {preset.pipeline}, which diffusers {diffusers.__version__} does not "
             "have: pip install -U diffusers"
