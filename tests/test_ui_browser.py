@@ -161,7 +161,9 @@ def test_a_person_runs_imagerag_keeps_it_stops_one_and_searches_in_the_browser(
             page.get_by_text("“a blue jay on a snowy branch”").wait_for()
 
             # Stop: the run ends at its next step, is recorded as cancelled, and nothing spins.
-            openai_server.push_fault("/v1/chat/completions", Fault(200, json.dumps(chat_completion(
+            # A slow critic for as long as the run may ask it: a queued answer the stopped run never
+            # asked for would be the next step's answer instead.
+            openai_server.always("/v1/chat/completions", Fault(200, json.dumps(chat_completion(
                 json.dumps(ALIGNED))).encode(), delay_s=3.0))  # fmt: skip
             page.get_by_role("textbox", name="Prompt").fill("a jay to stop")
             page.get_by_role("button", name="Generate", exact=True).click()
@@ -170,6 +172,7 @@ def test_a_person_runs_imagerag_keeps_it_stops_one_and_searches_in_the_browser(
             assert page.get_by_text("Running generate").count() == 0
             stopped = re.search(r"run=([0-9a-f]{12})", page.url)
             assert stopped and json.loads((runs / stopped[1] / "run.json").read_text())["stop_reason"] == "cancelled"
+            openai_server.always("/v1/chat/completions", None)
 
             # Search: the first round drawn and retrieved; click the image meant; it is named.
             page.get_by_role("tab", name="Search").click()
