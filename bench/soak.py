@@ -40,6 +40,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 # Run as a script, this file's folder comes first on sys.path, where `bench/mcp.py` would shadow the
 # `mcp` package: the repository root takes its place.
@@ -54,6 +55,7 @@ from mcp.types import CallToolResult, TextContent
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+RUNS_RESOURCE = "imageloop://runs/"
 FINISHED = {"done", "error", "cancelled", "interrupted"}
 WORDS = ["red", "blue", "green", "bird", "cat", "dog", "snow", "branch", "sofa", "beach", "city", "night"]
 # How often each kind of call is made (weights).
@@ -194,7 +196,8 @@ class Soak:
     async def retrieve_image(self) -> None:
         picture = self.rng.choice(sorted(self.folder.glob("p*.png")))
         found = await self.call("retrieve_images", {"index": "photos", "image": str(picture), "k": 3})
-        if found is not None and Path(found["results"][0]["path"]).name != picture.name:
+        # Over HTTP an image is named as a resource (imageloop://roots/0/<its path, quoted>), not a path.
+        if found is not None and unquote(found["results"][0]["path"]).rsplit("/", 1)[-1] != picture.name:
             self.tally.lost.append(f"image query {picture.name}: not found first")
 
     async def generate(self) -> None:
@@ -204,7 +207,9 @@ class Soak:
             return
         record = view["result"] or {}
         run_record = self.runs / view["run_id"] / "run.json"
-        if not record.get("final_image") or not Path(record["final_image"]).is_file() or not run_record.is_file():
+        final = str(record.get("final_image") or "")
+        image = self.runs / unquote(final.removeprefix(RUNS_RESOURCE))  # the file that resource names
+        if not final.startswith(RUNS_RESOURCE) or not image.is_file() or not run_record.is_file():
             self.tally.lost.append(f"generate run {view['run_id']}: finished without its image or record")
 
     async def genir(self) -> None:

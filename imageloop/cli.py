@@ -35,6 +35,7 @@ from imageloop.knobs import (
     describe_knob,
 )
 from imageloop.progress import ProgressEvent, describe
+from imageloop.runtime import hide_loading_bars
 
 if TYPE_CHECKING:
     from imageloop.app import App
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 EXIT_USER_ERROR = 2
 EACH = "(default 1; with --ray: on each worker)"
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a filter stopped by its reader
 EXIT_TERMINATED = 128 + signal.SIGTERM
 SERVERS = ("mcp", "ui")
 """Commands that serve until stopped and handle SIGTERM themselves (finishing or cancelling their runs)."""
@@ -84,7 +86,16 @@ def _default(name: str) -> str:
     return "per backend" if value is None else f"{value:g}"
 
 
-def _role_options() -> argparse.ArgumentParser:
+ROLE_EXAMPLES = {
+    "vlm": "openai:gpt-4.1-mini",
+    "generator": "openai:gpt-image-1",
+    "embedder": "openai:text-embedding-3-small",
+    "captioner": "openai:gpt-4.1-mini (default: the --vlm)",
+}
+
+
+def _role_options(roles: Sequence[str] = tuple(ROLE_EXAMPLES)) -> argparse.ArgumentParser:
+    """The model options of a command whose models play `roles` (a generator brings the diffusers options)."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("models (PROVIDER:MODEL; see README for providers)")
     group.add_argument(
@@ -94,13 +105,8 @@ def _role_options() -> argparse.ArgumentParser:
         help="models (openai, local, tiny) and/or a paper preset (imagerag-paper, genir-paper), applied left to "
         "right: --profile openai,imagerag-paper",
     )
-    for role, example in [
-        ("vlm", "openai:gpt-4.1-mini"),
-        ("generator", "openai:gpt-image-1"),
-        ("embedder", "openai:text-embedding-3-small"),
-        ("captioner", "openai:gpt-4.1-mini (default: the --vlm)"),
-    ]:
-        group.add_argument(f"--{role}", metavar="PROVIDER:MODEL", help=f"e.g. {example}")
+    for role in roles:
+        group.add_argument(f"--{role}", metavar="PROVIDER:MODEL", help=f"e.g. {ROLE_EXAMPLES[role]}")
         group.add_argument(f"--{role}-base-url", metavar="URL", help=f"OpenAI-compatible endpoint for the {role}")
     group.add_argument(
         "--max-concurrent-requests",
@@ -125,6 +131,8 @@ def _role_options() -> argparse.ArgumentParser:
     )  # fmt: skip
     group.add_argument("--device", help="local models: cuda, cuda:1, mps or cpu (default: best available)")
     group.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="local models (default per device)")
+    if "generator" not in roles:
+        return parent
     group.add_argument("--offload", action="store_true", default=None, help="diffusers: CPU offload to save VRAM")
     group.add_argument("--guidance-scale", type=float, help="diffusers: guidance scale (default per backend)")
     group.add_argument("--ip-adapter", metavar="REPO_OR_DIR", help="sdxl-ip-adapter: the adapter (h94/IP-Adapter)")
@@ -338,7 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     index_info.add_argument("index", type=Path, metavar="INDEX", help="an indexed image folder (or its .imageloop)")
     index_info.add_argument("--json", action="store_true", help='print {"count", "embedder", "dim", "store"}')
 
-    query = commands.add_parser("query", parents=[roles], help="retrieve the indexed images that match a text or image")
+    query = commands.add_parser(
+        "query", parents=[_role_options(["embedder"])], help="retrieve the indexed images that match a text or image"
+    )
     query.add_argument("index", type=Path, metavar="INDEX", help="an indexed image folder")
     query.add_argument("text", nargs="?", help="what the images show (or pass --image)")
     query.add_argument("--image", type=Path, help="find images that look like this one")
@@ -372,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--out", type=Path, help="where round images and pages go (default runs/search-ID)")
     search.add_argument(
         "--sessions", type=Path, help="session database (default $IMAGELOOP_SESSIONS or ~/.local/state)"
+    )
+    search.add_argument(
+        "--json", action="store_true", help="print the session as it ended last (rounds and questions go to stderr)"
     )
 
     evaluate = commands.add_parser("eval", help="benchmark a loop")
@@ -616,6 +629,7 @@ def _search(args: argparse.Namespace, app: App) -> int:
     given = _given(args, GenIRKnobs)
     progress = _Progress(args.quiet)
     follow = progress.followers()
+    say: Callable[[str], None] = _err if args.json else print  # with --json, stdout holds the result alone
     if args.resume is not None:
         shown = app.show_search(args.resume, knobs=given)
         if shown.status == "incomplete":
@@ -623,29 +637,31 @@ def _search(args: argparse.Namespace, app: App) -> int:
     else:
         if args.index is None:
             raise ConfigError("search needs --index (or --resume SESSION_ID)")
-        query = args.query or input("What are you looking for? ").strip()
+        query = args.query or _ask("What are you looking for? ")
         shown = app.start_search(args.index, query, knobs=given, out_dir=args.out, **follow)
         args.session_id = shown.session_id  # what a Ctrl-C from here on may point back to
-        print(f"session {shown.session_id} (continue it with --resume {shown.session_id})")
+        say(f"session {shown.session_id} (continue it with --resume {shown.session_id})")
     while shown.status == "awaiting_feedback":
-        _print_round(shown)
-        answer = input(f"{shown.ask}\n> ")
+        _print_round(shown, say)
+        answer = _ask(f"{shown.ask}\n> ") if args.json else input(f"{shown.ask}\n> ")
         try:
             shown = app.continue_search(shown.session_id, answer, **follow)
         except ImageloopError as e:  # an empty or unknown answer: say why and ask again
-            print(f"  {e}")
+            say(f"  {e}")
     found = shown.found_id or "not found"
-    print(f"{shown.stop_reason}: {found} after {shown.rounds_played} round(s)")
+    say(f"{shown.stop_reason}: {found} after {shown.rounds_played} round(s)")
+    if args.json:
+        print(json.dumps(shown.model_dump(mode="json")))
     return 0
 
 
-def _print_round(shown: SearchView) -> None:
-    print(f"\nround {shown.round}: {shown.query}")
+def _print_round(shown: SearchView, say: Callable[[str], None]) -> None:
+    say(f"\nround {shown.round}: {shown.query}")
     if shown.synthetic_image:
-        print(f"  synthetic image: {shown.synthetic_image}")
+        say(f"  synthetic image: {shown.synthetic_image}")
     for r in shown.retrieved:
-        print(f"  {r.position}. {r.path}  ({r.score:.3f})  id {r.id[:12]}")
-    print(f"  page: {shown.page}")
+        say(f"  {r.position}. {r.path}  ({r.score:.3f})  id {r.id[:12]}")
+    say(f"  page: {shown.page}")
 
 
 def _rage(args: argparse.Namespace, app: App) -> int:
@@ -1016,6 +1032,8 @@ def _as_options(message: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `imageloop` script."""
     args = build_parser().parse_args(argv)
+    if args.quiet:
+        hide_loading_bars()
     from imageloop.app.jobs import LeftRunning
 
     app: App | None = None
@@ -1023,10 +1041,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _sigterm_as_interrupt(args.command):
             try:
                 app = APPS.get(args.command, _app)(args)
-                return COMMANDS[args.command](args, app)
+                code = COMMANDS[args.command](args, app)
+                sys.stdout.flush()  # here, so a reader that went away (`| head`) is noticed below, not at exit
+                return code
             finally:
                 if app is not None:
                     app.close()
+    except BrokenPipeError:
+        # Whoever read stdout stopped (`imageloop completion bash | head`): as any Unix filter, stop quietly,
+        # sending what is still buffered nowhere so that the interpreter's own flush at exit cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except ImageloopError as e:
         _err(f"imageloop: error: {_as_options(str(e))}")
         return EXIT_USER_ERROR

@@ -105,9 +105,12 @@ def fsync_folder(folder: Path) -> None:
 
 
 AGAIN = "run the same command again"
+"""What to do after a full disk when the command line's own command is what to repeat (a run not yet resumable)."""
+TRY_AGAIN = "try again"
+"""What to do after a full disk on any face (a tool, the UI, the command line alike)."""
 
 
-def os_error_message(error: OSError, doing: str, again: str = AGAIN) -> str:
+def os_error_message(error: OSError, doing: str, again: str = TRY_AGAIN) -> str:
     """One line for an OSError met while `doing` (e.g. "writing the index at X"): what happened, what to do
     (once some space is freed: `again`)."""
     reason = error.strerror or str(error)
@@ -121,7 +124,7 @@ def os_error_message(error: OSError, doing: str, again: str = AGAIN) -> str:
     return f"{doing} failed: {reason}" + (f" ({error.filename})" if error.filename else "")
 
 
-def disk_error(error: BaseException, doing: str, again: str = AGAIN) -> StorageError | None:
+def disk_error(error: BaseException, doing: str, again: str = TRY_AGAIN) -> StorageError | None:
     """A one-line StorageError when `error` is the disk's doing (full, read-only, failing), else None.
 
     Covers OSErrors with a disk errno and SQLite's errors about its files (a checkpoint or session

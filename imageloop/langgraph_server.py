@@ -4,7 +4,8 @@ The server brings its own checkpointer, so none is compiled in; it loads this fi
 factory to run a graph, draw it or read its schemas. Everything the graphs run on is resolved when a
 run needs it (`imageloop.app.deployment`): models and the index from the deployment's settings
 (`IMAGELOOP_*`, `IMAGELOOP_INDEX`), per-run knobs, the index and the images folder from the run context,
-which Studio shows as a form.
+which Studio shows as a form. A run's questions (interrupts) and answers name its images by the addresses the
+server's own route serves (`imageloop.langgraph_http`), never by paths on the server.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from imageloop.app.deployment import (
     deployed_caption,
     deployed_context,
     deployed_file,
+    deployed_publish,
     deployed_query_model,
     record_rage_run,
     record_run,
@@ -42,6 +44,7 @@ def imagerag(config: RunnableConfig | None = None) -> ImageRAGGraph:
         defaults=lambda: ImageRAGKnobs.from_settings(deployed_app().settings),
         context_schema=deployed_context(ImageRAGContext),
         on_finish=record_run,
+        publish=deployed_publish,
     )
 
 
@@ -55,6 +58,7 @@ def genir(config: RunnableConfig | None = None) -> GenIRGraph:
         defaults=lambda: SimulatedUserKnobs.from_settings(deployed_app().settings),
         context_schema=deployed_context(GenIRContext),
         paths=deployed_file,
+        publish=deployed_publish,
     )
     return served(graph)
 
@@ -71,6 +75,7 @@ def cir(config: RunnableConfig | None = None) -> CIRGraph:
         defaults=lambda: CIRKnobs.from_settings(deployed_app().settings),
         context_schema=deployed_context(CIRContext),
         paths=deployed_file,
+        publish=deployed_publish,
     )
 
 
@@ -84,5 +89,6 @@ def rage(config: RunnableConfig | None = None) -> RAGEGraph:
         defaults=lambda: RAGEKnobs.from_settings(deployed_app().settings),
         context_schema=deployed_context(RAGEContext),
         on_finish=record_rage_run,
+        publish=deployed_publish,
     )
     return served(graph)

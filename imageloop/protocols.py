@@ -52,13 +52,34 @@ class Decoding:
 GREEDY = Decoding()
 
 
+@dataclass(frozen=True)
+class TokenUsage:
+    """What one chat call cost: the provider's reported `usage`, or the tokens a local model counted."""
+
+    input_tokens: int
+    output_tokens: int
+
+
+class ChatAnswer(str):
+    """A chat answer's text that also carries its `usage` where the backend knows it; a plain `str` to every
+    caller, so usage travels through wrappers (micro-batching, lazy backends) to the trace without a new seam."""
+
+    usage: TokenUsage | None
+
+    def __new__(cls, text: str, usage: TokenUsage | None = None) -> ChatAnswer:
+        answer = super().__new__(cls, text)
+        answer.usage = usage
+        return answer
+
+
 @runtime_checkable
 class VisionLanguageModel(Protocol):
     """Chat with text and images.
 
-    `chat` returns the raw text answer. When `json_schema` is given the backend asks the endpoint to
-    constrain its output to that schema if it can; validation and repair happen in
-    `imageloop.agents.structured`, identically for every backend. `decoding` defaults to greedy.
+    `chat` returns the raw text answer, as a `ChatAnswer` with its token usage when the backend knows it.
+    When `json_schema` is given the backend asks the endpoint to constrain its output to that schema if
+    it can; validation and repair happen in `imageloop.agents.structured`, identically for every backend.
+    `decoding` defaults to greedy.
     """
 
     model_id: str

@@ -106,6 +106,28 @@ def pick_dtype(device: str, requested: str | None = None) -> torch.dtype:
     return torch.float32
 
 
+_loading_bars = True
+LOADING_LIBRARIES = ("transformers", "diffusers")
+"""Libraries that draw a bar while loading a checkpoint (`Loading weights`, `Loading pipeline components`)."""
+
+
+def hide_loading_bars() -> None:
+    """Draw no bar while models load or download from now on (the CLI's `--quiet`)."""
+    global _loading_bars
+    _loading_bars = False
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+
+def _silence_loading_bars() -> None:
+    """Turn off the loading libraries' own bars; each is imported only if installed (a model is loading anyway)."""
+    import importlib
+    import importlib.util
+
+    for library in LOADING_LIBRARIES:
+        if importlib.util.find_spec(library) is not None:
+            importlib.import_module(f"{library}.utils.logging").disable_progress_bar()
+
+
 def load_cached(key: Hashable, load: Callable[[], T]) -> T:
     """Return the object cached under `key`, loading it once even when threads race for it."""
     with _cache_lock:
@@ -116,6 +138,8 @@ def load_cached(key: Hashable, load: Callable[[], T]) -> T:
         with _cache_lock:
             if key in _cache:
                 return _cache[key]  # type: ignore[no-any-return]
+        if not _loading_bars:
+            _silence_loading_bars()
         value = load()
         with _cache_lock:
             _cache[key] = value

@@ -17,6 +17,7 @@ from tests.fake_providers import FAKE_SETTINGS, FakeBackends, captioned_folder, 
 from tests.test_mcp_server import maximum, memory_client, text_of
 
 FAKE = [option for role, model in FAKE_SETTINGS.items() for option in (f"--{role}", model)]
+FAKE_EMBEDDER = ["--embedder", FAKE_SETTINGS["embedder"]]  # what `query` takes: it runs the embedder alone
 
 
 @pytest.fixture
@@ -92,7 +93,7 @@ def test_retrieval_and_indexing_refuse_sizes_past_their_bounds(
 ) -> None:
     assert main(["index", str(folder), *FAKE]) == 0
     capsys.readouterr()
-    code = main([arg.format(folder=folder) for arg in args] + FAKE)
+    code = main([arg.format(folder=folder) for arg in args] + (FAKE_EMBEDDER if args[0] == "query" else FAKE))
     assert code == 2 and words in one_error_line(capsys)
 
 
@@ -118,7 +119,7 @@ def test_an_environment_value_past_a_bound_is_refused_in_the_same_words(
     fakes: FakeBackends, folder: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("IMAGELOOP_MAX_RETRIES", "99")
-    code = main(["query", str(folder), "a jay", *FAKE])
+    code = main(["query", str(folder), "a jay", *FAKE_EMBEDDER])
     assert code == 2 and bound_words("max_retries", "99") in one_error_line(capsys)
 
 

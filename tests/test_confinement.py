@@ -28,6 +28,8 @@ from imageloop.tools.indexing.indexer import index_folder
 from tests.fake_providers import FAKE_SETTINGS, FakeBackends, captioned_folder, fake_backends
 
 FAKE = [option for role, model in FAKE_SETTINGS.items() for option in (f"--{role}", model)]
+MODELS = {"report": [], "query": ["--embedder", FAKE_SETTINGS["embedder"]]}
+"""The model options of commands that take fewer than all (`query` runs the embedder alone), else FAKE."""
 REFUSED = r"outside the folders|'\.\.' is not allowed"
 SECRET = "root:x:0:0:SECRET"
 VARIANTS = ["outside", "dotdot", "symlink"]
@@ -119,7 +121,7 @@ def test_the_cli_with_a_root_refuses_a_path_out_of_it(
     monkeypatch.chdir(world.library)
 
     args = command(world.variant(variant, relative))
-    code = main([*args, "--root", str(world.library), *(FAKE if args[0] != "report" else [])])
+    code = main([*args, "--root", str(world.library), *MODELS.get(args[0], FAKE)])
 
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and re.search(REFUSED, last), last

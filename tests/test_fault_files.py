@@ -51,7 +51,9 @@ def error_line(err: str) -> str:
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     capsys.readouterr()
-    code = main([*args, *([] if args[0] == "index-info" else FAKE)])  # index-info builds no model
+    # index-info builds no model; query runs the embedder alone.
+    models = {"index-info": [], "query": ["--embedder", FAKE_SETTINGS["embedder"]]}.get(args[0], FAKE)
+    code = main([*args, *models])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -224,7 +226,7 @@ def test_disk_full_mid_index_is_one_line_and_keeps_the_finished_batches(
 
     assert code == 2
     line = error_line(err)
-    assert "disk full while writing the index of" in line and "free some space and run the same command again" in line
+    assert "disk full while writing the index of" in line and "free some space and try again" in line
     assert len(paths_in_index(folder)) == 1  # the batch committed before the disk filled up
 
 

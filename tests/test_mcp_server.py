@@ -374,7 +374,7 @@ def test_a_client_that_disconnects_mid_run_leaves_a_cancelled_run_with_a_whole_r
     status = json.loads((run_dir / "status.json").read_text())
     record = json.loads((run_dir / "run.json").read_text())
     assert status["status"] == "cancelled" and "shut down" in status["error"]
-    assert record["stop_reason"] == "error" and record["error"] == status["error"]
+    assert record["stop_reason"] == "cancelled" and record["error"] == status["error"]
     assert record["steps"] and record["draft_image"] and Path(record["draft_image"]).is_file()
 
     app = App(Settings(), roots=[library], runs_dir=runs)  # a later server reads the run from disk
@@ -430,6 +430,7 @@ def test_http_on_localhost_serves_the_tools_and_checks_host_and_origin(
             assert client.tool_names() == TOOLS
             result = client.call("retrieve_images", {"index": "photos", "query": CAPTIONS["cat"], "k": 2})
             assert structured(result)["results"][0]["caption"] == CAPTIONS["cat"] and len(images_of(result)) == 2
+            assert structured(result)["results"][0]["path"] == "imageloop://roots/0/photos%2Fcat.png"  # no path
 
         foreign_origin = httpx.post(url, json=INITIALIZE, headers={**MCP_HEADERS, "Origin": "http://evil.example"})
         foreign_host = httpx.post(url, json=INITIALIZE, headers={**MCP_HEADERS, "Host": "evil.example"})
@@ -486,11 +487,12 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
 
 
 @contextmanager
-def in_process(root: Path) -> Iterator[tuple[App, Callable[[], Any]]]:
-    """An App confined to `root` with fake backends, its MCP server, and a way to open client sessions to it."""
+def in_process(root: Path, remote: bool = False) -> Iterator[tuple[App, Callable[[], Any]]]:
+    """An App confined to `root` with fake backends, its MCP server (as served over HTTP to a `remote` client), and
+    a way to open client sessions to it."""
     settings = Settings.model_validate({"vlm": "fake:vlm", "generator": "fake:generator", "embedder": "fake:hash"})
     app = App(settings, roots=[root], runs_dir=root / ".runs", sessions_db=root / ".runs" / "sessions.sqlite")
-    server = build_server(app)
+    server = build_server(app, remote=remote)
     try:
         yield app, lambda: create_connected_server_and_client_session(server)
     finally:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from imageloop.app.cluster import ray_options
-from imageloop.app.jobs import Job, JobKind, report_to
+from imageloop.app.jobs import Job, JobKind
 from imageloop.app.results import RunState, SearchView, Shown
 from imageloop.config import bounded
 from imageloop.errors import ConfigError, ImageloopError
@@ -83,9 +83,18 @@ class RetrieveArgs(ToolArgs):
 class GenIRRoundArgs(ToolArgs):
     """Arguments of genir_round (its GenIR knobs are added below): a new search, or a session to show."""
 
-    index: str | None = Field(None, max_length=PATH_CHARS, description="a new search: the indexed folder to search")
-    query: str | None = Field(None, max_length=PROMPT_CHARS, description="a new search: the image the user has in mind")
-    session_id: str | None = Field(None, pattern=ID_PATTERN, description="or: show (or play on) this search instead")
+    # Said in words, not as a top-level oneOf: several model providers refuse combinators at a tool schema's top.
+    index: str | None = Field(
+        None,
+        max_length=PATH_CHARS,
+        description="a new search (give with query, not with session_id): the indexed folder",
+    )
+    query: str | None = Field(
+        None, max_length=PROMPT_CHARS, description="a new search (give with index): the image the user has in mind"
+    )
+    session_id: str | None = Field(
+        None, pattern=ID_PATTERN, description="instead of index and query: show (or play on) a search started before"
+    )
     wait_seconds: float = WAIT
     max_images: int = MAX_IMAGES
 
@@ -124,7 +133,10 @@ ComposeArgs = _args(
     max_images=(int, MAX_IMAGES),
 )
 GenIRArgs = _args(
-    "GenIRArgs", "Arguments of genir_round: a new search or a session, and GenIR's knobs.", GenIRKnobs, GenIRRoundArgs
+    "GenIRArgs",
+    "Arguments of genir_round: index and query (a new search) or session_id (one started before), and GenIR's knobs.",
+    GenIRKnobs,
+    GenIRRoundArgs,
 )
 FeedbackArgs = _args(
     "FeedbackArgs",
@@ -232,9 +244,9 @@ TOOLS: tuple[ToolSpec, ...] = (
     ToolSpec(
         "genir_round",
         "Start or show an image search (GenIR)",
-        "Start a search for an image the user has in mind (index and query), or show a search's current "
-        "round (session_id). Each round shows a drawing of what was understood and the results: show them "
-        "to the user and answer with genir_feedback. Returns the round, or a run_id to poll.",
+        "Start a search for an image the user has in mind (give index and query), or show a search's current "
+        "round (give session_id instead, not both). Each round shows a drawing of what was understood and the "
+        "results: show them to the user and answer with genir_feedback. Returns the round, or a run_id to poll.",
         GenIRArgs,
         WRITES_NEW,
     ),
@@ -341,11 +353,10 @@ class AgentOps:
         self.app.retriever(args.index)  # a missing or mismatched index fails this call, not the run
         self.app.path(args.reference, "reference", kind="file")  # so does a reference outside the roots
 
-        def work(job: Job) -> dict[str, Any]:
-            found = self.app.compose_retrieve(args.index, args.reference, args.change, knobs=knobs, **report_to(job))
-            return found.model_dump(mode="json")
-
-        return self.app.jobs.submit("cir", work)
+        return self.app.in_background(
+            "cir",
+            lambda follow: self.app.compose_retrieve(args.index, args.reference, args.change, knobs=knobs, **follow),
+        )
 
     def genir_round(self, args: Any) -> Job | SearchView:
         if args.session_id is not None:
@@ -355,10 +366,9 @@ class AgentOps:
         knobs = GenIRKnobs.given(knobs_of(args, GenIRKnobs))
         self.app.retriever(args.index)
 
-        def work(job: Job) -> dict[str, Any]:
-            return self.app.start_search(args.index, args.query, knobs=knobs, **report_to(job)).model_dump(mode="json")
-
-        return self.app.jobs.submit("genir", work)
+        return self.app.in_background(
+            "genir", lambda follow: self.app.start_search(args.index, args.query, knobs=knobs, **follow)
+        )
 
     def genir_feedback(self, args: Any) -> Job:
         from imageloop.graphs.genir import resolve_found
@@ -374,10 +384,9 @@ class AgentOps:
         return self._search_job(args.session_id, args.feedback)
 
     def _search_job(self, session_id: str, answer: str | None) -> Job:
-        def work(job: Job) -> dict[str, Any]:
-            return self.app.continue_search(session_id, answer, **report_to(job)).model_dump(mode="json")
-
-        return self.app.jobs.submit("genir", work, session=session_id)
+        return self.app.in_background(
+            "genir", lambda follow: self.app.continue_search(session_id, answer, **follow), session=session_id
+        )
 
     def rage_retrieve(self, args: Any) -> Job:
         knobs = RAGEKnobs.given(knobs_of(args, RAGEKnobs))
@@ -385,21 +394,18 @@ class AgentOps:
             raise ConfigError("review 'person' asks a person between drawings: from an agent, review none or critic")
         self.app.retriever(args.index)
 
-        def work(job: Job) -> dict[str, Any]:
-            shown = self.app.start_rage(args.prompt, args.index, knobs=knobs, where=args.where, **report_to(job))
-            return shown.model_dump(mode="json")
-
-        return self.app.jobs.submit("rage", work)
+        return self.app.in_background(
+            "rage", lambda follow: self.app.start_rage(args.prompt, args.index, knobs=knobs, where=args.where, **follow)
+        )
 
     def rage_generate(self, args: Any) -> Job:
         self.app.jobs.refuse_busy(args.session_id)
         answer = {"selected": args.selected, "prompt": args.prompt}
         self.app.check_rage_answer(args.session_id, answer)  # a pick naming no candidate fails now, before drawing
 
-        def work(job: Job) -> dict[str, Any]:
-            return self.app.continue_rage(args.session_id, answer, **report_to(job)).model_dump(mode="json")
-
-        return self.app.jobs.submit("rage", work, session=args.session_id)
+        return self.app.in_background(
+            "rage", lambda follow: self.app.continue_rage(args.session_id, answer, **follow), session=args.session_id
+        )
 
     def get_run(self, args: Any) -> Job | RunState:
         job = self.app.jobs.get(args.run_id)

@@ -18,8 +18,10 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel
+
 from imageloop import limits
-from imageloop.app.jobs import Job, JobRegistry
+from imageloop.app.jobs import Followers, Job, JobKind, JobRegistry
 from imageloop.app.paths import Kind, Roots, default_sessions_db, resolve_path
 from imageloop.backends import make_embedder, make_generator, make_vlm
 from imageloop.config import Role, Settings, load_settings
@@ -30,7 +32,7 @@ from imageloop.protocols import Embedder, ImageGenerator, RetrievedImage, Vision
 
 if TYPE_CHECKING:
     from imageloop.app.cluster import RayGiven, Workers
-    from imageloop.app.results import CIRResult, RAGEView, RunState, SearchView
+    from imageloop.app.results import CIRResult, PastWork, RAGEView, RunState, SearchView
     from imageloop.graphs.steps import OnStep
     from imageloop.progress import OnProgress
     from imageloop.tools.indexing.image_index import ImageIndex, Route
@@ -318,6 +320,21 @@ class App:
 
         return run_file(self, relative)
 
+    def history(self, limit: int = 50) -> list[PastWork]:
+        """The runs and sessions any face left in the runs folder, newest first; see `imageloop.app.history`."""
+        from imageloop.app.history import past_work
+
+        return past_work(self, limit)
+
+    def stop_run(self, run_id: str, reason: str) -> bool:
+        """Ask a background run to stop at its next step boundary (recorded as cancelled, `reason` its error);
+        False when no such run is going."""
+        job = self.jobs.get(run_id)
+        if job is None or job.done.is_set():
+            return False
+        job.stop(reason)
+        return True
+
     def run_relative(self, path: str | Path) -> str | None:
         """How a remote client names a run output: its path under the runs folder (None if elsewhere)."""
         from imageloop.app.runs import run_relative
@@ -571,6 +588,17 @@ class App:
             return self._workers
 
     # Background runs.
+
+    def in_background(self, kind: JobKind, play: Callable[[Followers], BaseModel], session: str | None = None) -> Job:
+        """Play a loop call as a background run (`jobs`): `play` gets the callbacks that report each step and stop
+        the run at a step boundary when asked; the run's result is its answer as JSON. A `session` is played by one
+        run at a time."""
+        from imageloop.app.jobs import report_to
+
+        def work(job: Job) -> dict[str, Any]:
+            return play(report_to(job)).model_dump(mode="json")
+
+        return self.jobs.submit(kind, work, session=session)
 
     @property
     def jobs(self) -> JobRegistry:

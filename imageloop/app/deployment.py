@@ -23,6 +23,7 @@ from langgraph.types import Command
 from pydantic import Field, create_model
 
 from imageloop.app.core import App
+from imageloop.app.links import HTTP_BASE, Links
 from imageloop.app.rage import rage_record
 from imageloop.app.runs import imagerag_record, new_run_id
 from imageloop.errors import ConfigError
@@ -66,6 +67,11 @@ def close_deployed_app() -> None:
         if _app is not None:
             _app.close()
         _app = None
+
+
+def deployed_publish(value: Any) -> Any:
+    """How a server run names its images to its remote clients: addresses on the server's own route, never paths."""
+    return Links(deployed_app(), HTTP_BASE).publish(value)
 
 
 def deployed_context(base: type[KnobContext]) -> type[KnobContext]:

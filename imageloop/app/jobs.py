@@ -54,7 +54,7 @@ class ServerBusyError(ImageloopError):
 
 
 class RunCancelledError(ImageloopError):
-    """A run stopped at a step boundary because the application is shutting down."""
+    """A run stopped at a step boundary: the application is shutting down, or a person stopped it."""
 
 
 @dataclass(frozen=True)
@@ -111,8 +111,14 @@ class Job:
             if len(self.notes) > PROGRESS_KEPT:
                 del self.notes[: len(self.notes) - PROGRESS_KEPT]
 
+    def stop(self, reason: str) -> None:
+        """Ask the run to stop at its next step boundary, saying why (recorded as its error)."""
+        self.cancel_reason = f"cancelled: {reason}"
+        self.cancel.set()
+
     def check_cancelled(self) -> None:
-        """Stop here if the server is shutting down (or the terminal's run was interrupted)."""
+        """Stop here if the server is shutting down, someone stopped the run, or the terminal's run was
+        interrupted."""
         if self.cancel.is_set():
             raise RunCancelledError(self.cancel_reason)
 
@@ -187,6 +193,12 @@ class JobRegistry:
         """The run with this id, if this process still remembers it."""
         with self._lock:
             return self._jobs.get(job_id)
+
+    def playing(self, session: str) -> Job | None:
+        """The run playing `session` now, if one is (a page reloaded mid-round finds it here)."""
+        with self._lock:
+            job = self._jobs.get(self._sessions.get(session, ""))
+        return job if job is not None and not job.done.is_set() else None
 
     def _run(self, job: Job, work: Callable[[Job], dict[str, Any]]) -> None:
         try:
@@ -352,7 +364,8 @@ def stored_state(runs_dir: Path, run_id: str) -> RunState:
         if record is None:
             raise ImageloopError(f"no run {run_id!r} (runs are kept in {runs_dir})")
         # A run no server held (the CLI's, another program's): its record is all there is, and says how it ended.
-        status = "error" if record.get("stop_reason") == "error" else "done"
+        stop_reason = record.get("stop_reason")
+        status = stop_reason if stop_reason in ("error", "cancelled") else "done"
         return RunState(
             run_id=run_id, kind="generate", status=status, progress=[], error=record.get("error"), result=record
         )

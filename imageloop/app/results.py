@@ -111,3 +111,20 @@ class RunState(BaseModel):
     error: str | None = None
     result: dict[str, Any] | None = None
     poll: str | None = Field(default=None, description="what to call next while the run is not finished")
+
+
+PastKind = Literal["generate", "search", "rage"]
+
+
+class PastWork(BaseModel):
+    """A run or session some face left in the runs folder, as a list of past work shows it: what it was
+    about, how it stands, and its files (paths on this machine; the report and final image when it has them)."""
+
+    kind: PastKind
+    id: str = Field(description="a run's folder under the runs folder, or a session's id")
+    title: str
+    status: str
+    updated: float = Field(description="when its record was last written (seconds since the epoch)")
+    folder: str
+    final_image: str | None = None
+    report: str | None = None

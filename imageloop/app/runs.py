@@ -76,11 +76,13 @@ def imagerag_record(
     seconds: float,
     error: str | None = None,
     planned: ImageRAGKnobs | None = None,
+    cancelled: bool = False,
 ) -> dict[str, Any]:
     """run.json from the final (or last known) state, exporting final.png and draft.png.
 
     The knobs recorded are those the run resolved (state), whichever face started it; `planned` stands in
-    for a run that failed before resolving them.
+    for a run that failed before resolving them. A run someone stopped (`cancelled`) stops for that reason,
+    its `error` saying who.
     """
     knobs: ImageRAGKnobs | None = state.get("knobs") or planned
     draft = export_image(artifacts, state.get("draft_image"), run_dir / "draft.png")
@@ -114,7 +116,7 @@ def imagerag_record(
             {**image, "path": str(artifacts.path(image["artifact"]).resolve())} for image in state.get("images", [])
         ],
         "steps": state.get("steps", []),
-        "stop_reason": "error" if error else state.get("stop_reason"),
+        "stop_reason": "cancelled" if cancelled else "error" if error else state.get("stop_reason"),
         "error": error,
         "models": {role: str(settings.role_spec(role)) for role in ("vlm", "generator", "embedder")},
         "settings": knobs.record() if knobs is not None else None,
@@ -209,7 +211,9 @@ def run_imagerag(
             state = {"prompt": prompt, **graph.get_state(THREAD).values}
             seconds = time.perf_counter() - started
             root = retriever.index.root
-            record = imagerag_record(state, app.settings, run_dir, artifacts, root, seconds, error, planned)
+            # A stopped run (a person, Ctrl-C, a shutdown) stops for that reason; its error says who stopped it.
+            cancelled = status == "cancelled"
+            record = imagerag_record(state, app.settings, run_dir, artifacts, root, seconds, error, planned, cancelled)
             record["status"] = status
             if resume:
                 record["resumed"] = {"reused_steps": reused}

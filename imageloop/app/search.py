@@ -8,8 +8,6 @@ off mid-way shows as "incomplete" and is played on (never drawn twice) by `conti
 
 from __future__ import annotations
 
-import html
-import shutil
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -21,6 +19,7 @@ from langgraph.types import Command, StateSnapshot
 from imageloop import limits
 from imageloop.app.paths import make_out_dir
 from imageloop.app.results import SearchView, shown_list
+from imageloop.app.round_page import publish_round
 from imageloop.app.sessions import Session, load, register, session_thread
 from imageloop.app.threads import OnStep, carry_knobs, pending_interrupt, play, thread_config, unfinished
 from imageloop.files import write_json_atomic
@@ -147,10 +146,12 @@ def _shown(session: Session, snapshot: StateSnapshot) -> SearchView:
         "out_dir": str(session.out_dir),
         "knobs": shown_knobs,
     }
+    rounds = state.get("rounds", [])
     payload = pending_interrupt(snapshot)
     if payload is not None:
-        synthetic, page = publish_round(payload, session.out_dir)
-        return SearchView(
+        earlier = rounds[:-1]  # the round asked about is the last recorded
+        synthetic, page = publish_round(payload, session.out_dir, session.session_id, earlier)
+        view = SearchView(
             **base,
             status="awaiting_feedback",
             round=payload["round"],
@@ -160,42 +161,13 @@ def _shown(session: Session, snapshot: StateSnapshot) -> SearchView:
             page=str(page),
             ask=payload["ask"],
         )
-    if unfinished(snapshot):
-        return SearchView(**base, status="incomplete")
-    rounds = state.get("rounds", [])
-    write_json_atomic(session.out_dir / SESSION_FILE, {**base, "index": str(session.index), "rounds": rounds})
-    seen = [r for round_ in rounds for r in round_["retrieved"]]
-    found_path = next((r["path"] for r in seen if r["id"] == base["found_id"]), None)
-    last_round = rounds[-1] if rounds else None
-    return SearchView(**base, status="finished", found_path=found_path, last_round=last_round)
-
-
-def publish_round(payload: Mapping[str, Any], out_dir: Path) -> tuple[Path | None, Path]:
-    """Copy a round's synthetic image into `out_dir` and write the round's page; returns both paths."""
-    synthetic = None
-    if payload.get("synthetic_image"):
-        synthetic = out_dir / f"round_{payload['round']}.png"
-        shutil.copyfile(payload["synthetic_image"], synthetic)
-    page = out_dir / f"round_{payload['round']}.html"
-    _render_round_page(payload, synthetic, page)
-    return synthetic, page
-
-
-def _render_round_page(payload: Mapping[str, Any], synthetic: Path | None, page: Path) -> None:
-    """An offline HTML page of one round: the query, the synthetic image and the top results, numbered from 1."""
-    rows = "\n".join(
-        f'<figure><a href="{Path(r["path"]).resolve().as_uri()}"><img src="{Path(r["path"]).resolve().as_uri()}" '
-        f'alt="{html.escape(r["caption"])}"></a><figcaption>{i}. {html.escape(r["id"][:12])} '
-        f"({r['score']:.3f})<br>{html.escape(r['caption'])}</figcaption></figure>"
-        for i, r in enumerate(payload["retrieved"], start=1)
-    )
-    drawn = f'<h2>What the system understood</h2><img class="synthetic" src="{synthetic.name}">' if synthetic else ""
-    page.write_text(
-        f"""<!doctype html><meta charset="utf-8"><title>Round {payload["round"]}</title>
-<style>body{{font-family:sans-serif;margin:2em}} figure{{display:inline-block;width:180px;vertical-align:top}}
-figure img{{width:170px}} img.synthetic{{max-width:320px}}</style>
-<h1>Round {payload["round"]}: {html.escape(payload["query"])}</h1>{drawn}
-<h2>Top results</h2>{rows}
-""",
-        encoding="utf-8",
-    )
+    elif unfinished(snapshot):
+        view = SearchView(**base, status="incomplete")
+    else:
+        seen = [r for round_ in rounds for r in round_["retrieved"]]
+        found_path = next((r["path"] for r in seen if r["id"] == base["found_id"]), None)
+        view = SearchView(**base, status="finished", found_path=found_path, last_round=rounds[-1] if rounds else None)
+    # The session as it stands, in its folder, whichever face played it: what lists past searches reads.
+    record = {**base, "status": view.status, "found_path": view.found_path, "round": view.round}
+    write_json_atomic(session.out_dir / SESSION_FILE, {**record, "index": str(session.index), "rounds": rounds})
+    return view

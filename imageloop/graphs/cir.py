@@ -51,7 +51,7 @@ from typing_extensions import TypedDict
 from imageloop import limits
 from imageloop.agents.composer import EditComposer, ResultVerifier
 from imageloop.errors import ConfigError, ImageloopError, MalformedOutputError
-from imageloop.graphs.steps import Step, step
+from imageloop.graphs.steps import Publish, Step, kept, step
 from imageloop.knobs import CIRKnobs, KnobContext, run_context
 from imageloop.protocols import (
     Embedder,
@@ -254,7 +254,9 @@ class _Nodes:
         query_models: QueryModels | None,
         defaults: CIRKnobs | Callable[[], CIRKnobs],
         paths: PathResolver,
+        publish: Publish = kept,
     ) -> None:
+        self.publish = publish
         # Every model call becomes a run in the graph's trace (LangSmith, callback handlers).
         llm = traced_vlm(llm)
         self.composer = EditComposer(llm)
@@ -450,7 +452,14 @@ class _Nodes:
             "max_verifications" if state["knobs"].verify and not state.get("verified") else "retrieved"
         )
         record = step("finish", state["verification"], f"stop: {reason}", started, results=len(state["results"]))
-        return {"stop_reason": reason, "steps": [record]}
+        update: dict[str, Any] = {"stop_reason": reason, "steps": [record]}
+        if self.publish is not kept:  # the answer as its reader names images: the proxy drawn by its file
+            proxy = self.artifacts.file(state.get("proxy_image"))
+            update |= self.publish(
+                {"results": state["results"], "proxy_image": proxy, "steps": [*state["steps"], record]}
+            )
+            update["steps"] = Overwrite(update["steps"])
+        return update
 
 
 CIRGraph = CompiledStateGraph[CIRState, KnobContext, CIRInput, CIROutput]
@@ -468,14 +477,18 @@ def build_cir_graph(
     defaults: CIRKnobs | Callable[[], CIRKnobs] | None = None,
     context_schema: type[KnobContext] = CIRContext,
     paths: PathResolver = as_given,
+    publish: Publish = kept,
 ) -> CIRGraph:
     """Wire the CIR loop: `llm` composes and verifies, `captioner` describes a reference without a sidecar.
 
     `generator` may be None when no run asks for a proxy; `query_models` loads a run's `cir_model`.
     `defaults` (or a function returning them, read when a run starts) are the knobs a run's context
-    leaves unset; `paths` resolves the reference (a face confines it to its roots).
+    leaves unset; `paths` resolves the reference (a face confines it to its roots); `publish` names the images
+    of the answer (see `Publish`).
     """
-    nodes = _Nodes(llm, captioner, generator, retriever, artifacts, query_models, defaults or CIRKnobs(), paths)
+    nodes = _Nodes(
+        llm, captioner, generator, retriever, artifacts, query_models, defaults or CIRKnobs(), paths, publish
+    )
     graph = StateGraph(CIRState, context_schema=context_schema, input_schema=CIRInput, output_schema=CIROutput)
     graph.add_node("prepare", nodes.prepare)
     graph.add_node("describe_reference", nodes.describe_reference)

@@ -41,7 +41,7 @@ from imageloop.agents.questioner import Questioner, dialogue_query, dialogue_tur
 from imageloop.agents.simulated_user import ShownKind, SimulatedUser, user_decoding
 from imageloop.errors import ConfigError, ImageloopError, MalformedOutputError
 from imageloop.graphs.picks import find_shown, listed
-from imageloop.graphs.steps import Step, step
+from imageloop.graphs.steps import Publish, Step, kept, step
 from imageloop.knobs import GenIRKnobs, KnobContext, SimulatedUserKnobs, run_context
 from imageloop.prompts.questions import GENIR_CHATIR_ASK, GENIR_EMPTY_FEEDBACK_ASK, GENIR_FEEDBACK_ASK
 from imageloop.protocols import (
@@ -248,9 +248,11 @@ class _Nodes:
         artifacts: ArtifactStore,
         defaults: SimulatedUserKnobs | Callable[[], SimulatedUserKnobs],
         paths: PathResolver,
+        publish: Publish = kept,
     ) -> None:
         self._defaults = defaults
         self.paths = paths
+        self.publish = publish
         # Every model call and search becomes a run in the graph's trace (LangSmith, callback handlers).
         vlm = traced_vlm(vlm)
         self.vlm = vlm
@@ -414,7 +416,7 @@ class _Nodes:
                 "ask": ask,
             }
             while True:
-                answer = str(interrupt(request) or "").strip()
+                answer = str(interrupt(self.publish(request)) or "").strip()
                 if not answer:
                     request = {**request, "ask": ask if question else GENIR_EMPTY_FEEDBACK_ASK}
                     continue
@@ -499,7 +501,12 @@ class _Nodes:
         started = time.perf_counter()
         reason = "found" if state.get("found") else "max_rounds"
         record = step("finish", state["round"], f"stop: {reason}", started, found_id=state.get("found_id"))
-        return {"stop_reason": reason, "steps": [record]}
+        update: dict[str, Any] = {"stop_reason": reason, "steps": [record]}
+        if self.publish is not kept:  # the dialogue as its reader names images: each drawing by its file
+            drawn = [{**r, "synthetic_image": self.artifacts.file(r["synthetic_image"])} for r in state["rounds"]]
+            update |= self.publish({"rounds": drawn, "steps": [*state["steps"], record]})
+            update["steps"] = Overwrite(update["steps"])
+        return update
 
 
 GenIRGraph = CompiledStateGraph[GenIRState, KnobContext, GenIRInput, GenIROutput]
@@ -515,14 +522,16 @@ def build_genir_graph(
     defaults: SimulatedUserKnobs | Callable[[], SimulatedUserKnobs] | None = None,
     context_schema: type[KnobContext] = GenIRContext,
     paths: PathResolver = as_given,
+    publish: Publish = kept,
 ) -> GenIRGraph:
     """Wire the GenIR loop; a person's feedback needs a checkpointer and a thread_id to interrupt.
 
     `generator` may be None for verbal and prediction feedback, which never draw. `defaults` are the
     knobs of a run whose context leaves them unset (or a function returning them, read when a run starts);
-    `paths` resolves a simulated user's `target_path` (a face confines it to its roots).
+    `paths` resolves a simulated user's `target_path` (a face confines it to its roots); `publish` names the
+    images of the question asked and of the dialogue answered (see `Publish`).
     """
-    nodes = _Nodes(vlm, generator, retriever, artifacts, defaults or SimulatedUserKnobs(), paths)
+    nodes = _Nodes(vlm, generator, retriever, artifacts, defaults or SimulatedUserKnobs(), paths, publish)
     graph = StateGraph(GenIRState, context_schema=context_schema, input_schema=GenIRInput, output_schema=GenIROutput)
     graph.add_node("prepare", nodes.prepare)
     graph.add_node("describe_target", nodes.describe_target)

@@ -36,7 +36,7 @@ from imageloop.agents.rephraser import Rephraser
 from imageloop.agents.reranker import RERANK_CANDIDATES, Reranker
 from imageloop.agents.rewriter import QueryRewriter
 from imageloop.errors import MalformedOutputError
-from imageloop.graphs.steps import Step, step
+from imageloop.graphs.steps import Publish, Step, kept, step
 from imageloop.knobs import ImageRAGKnobs, KnobContext, ReferenceTrim, Rerank
 from imageloop.protocols import (
     GenerationRequest,
@@ -270,9 +270,11 @@ class _Nodes:
         artifacts: ArtifactStore,
         defaults: ImageRAGKnobs | Callable[[], ImageRAGKnobs],
         on_finish: Callable[[ImageRAGState], None] | None = None,
+        publish: Publish = kept,
     ) -> None:
         self._defaults = defaults
         self.on_finish = on_finish
+        self.publish = publish
         # Every model call and search becomes a run in the graph's trace (LangSmith, callback handlers).
         self.vlm = traced_vlm(vlm)
         self.rewriter = QueryRewriter(self.vlm)
@@ -548,7 +550,14 @@ class _Nodes:
         if self.on_finish is not None:
             final_state = {**state, "final_image": final, "stop_reason": reason, "steps": [*state["steps"], record]}
             self.on_finish(ImageRAGState(**final_state))  # type: ignore[typeddict-item]
-        return {"final_image": final, "stop_reason": reason, "steps": [record]}
+        update: dict[str, Any] = {"final_image": final, "stop_reason": reason, "steps": [record]}
+        if self.publish is not kept:  # the answer as its reader names images: each drawing by its file
+            drawn = {"final_image": final, "draft_image": state.get("draft_image")}
+            named: dict[str, Any] = {key: self.artifacts.file(artifact) for key, artifact in drawn.items()}
+            named["images"] = [{**image, "artifact": self.artifacts.file(image["artifact"])} for image in images]
+            update |= self.publish({**named, "references": state["references"], "steps": [*state["steps"], record]})
+            update["steps"] = Overwrite(update["steps"])
+        return update
 
 
 ImageRAGGraph = CompiledStateGraph[ImageRAGState, KnobContext, ImageRAGInput, ImageRAGOutput]
@@ -564,15 +573,17 @@ def build_imagerag_graph(
     defaults: ImageRAGKnobs | Callable[[], ImageRAGKnobs] | None = None,
     context_schema: type[KnobContext] = ImageRAGContext,
     on_finish: Callable[[ImageRAGState], None] | None = None,
+    publish: Publish = kept,
 ) -> ImageRAGGraph:
     """Wire the ImageRAG loop over the given backends; pass a checkpointer to make runs resumable.
 
     `defaults` (or a function returning them, read at each run's start; None: the declared defaults) are the
     knobs of a run whose context leaves them unset; `context_schema` may extend
     `ImageRAGContext` with what a deployment needs per run (LangGraph Server: the index); `on_finish`
-    sees the final state of every finished run (LangGraph Server writes the run's record with it).
+    sees the final state of every finished run (LangGraph Server writes the run's record with it); `publish`
+    names the images of the answer (see `Publish`).
     """
-    nodes = _Nodes(vlm, generator, retriever, artifacts, defaults or ImageRAGKnobs(), on_finish)
+    nodes = _Nodes(vlm, generator, retriever, artifacts, defaults or ImageRAGKnobs(), on_finish, publish)
     graph = StateGraph(
         ImageRAGState, context_schema=context_schema, input_schema=ImageRAGInput, output_schema=ImageRAGOutput
     )

@@ -45,13 +45,14 @@ from imageloop.agents.critic import Critic
 from imageloop.errors import ConfigError, ImageloopError, MalformedOutputError
 from imageloop.graphs.imagerag import GeneratedImage, best_image
 from imageloop.graphs.picks import find_shown, listed
-from imageloop.graphs.steps import Step, step
+from imageloop.graphs.steps import Publish, Step, kept, step
 from imageloop.knobs import KnobContext, RAGEKnobs, run_context
 from imageloop.prompts.questions import RAGE_REVIEW_ASK, RAGE_SELECT_ASK
 from imageloop.protocols import GenerationRequest, ImageGenerator, ReferenceImage, RetrievedImage, VisionLanguageModel
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tools.generators.references import keep_references
 from imageloop.tools.stores.metadata_filter import parse_where
+from imageloop.tracing import traced_generator, traced_retriever, traced_vlm
 
 ReviewAction = Literal["accept", "regenerate", "reselect"]
 REVIEW_ACTIONS: tuple[ReviewAction, ...] = ("accept", "regenerate", "reselect")
@@ -320,13 +321,16 @@ class _Nodes:
         artifacts: ArtifactStore,
         defaults: RAGEKnobs | Callable[[], RAGEKnobs],
         on_finish: Callable[[RAGEState], None] | None,
+        publish: Publish = kept,
     ) -> None:
         self._defaults = defaults
-        self.vlm = vlm
-        self.generator = generator
-        self.retriever = retriever
+        # Every model call and search becomes a run in the graph's trace (LangSmith, callback handlers).
+        self.vlm = traced_vlm(vlm) if vlm is not None else None
+        self.generator = traced_generator(generator)
+        self.retriever = traced_retriever(retriever)
         self.artifacts = artifacts
         self.on_finish = on_finish
+        self.publish = publish
 
     def prepare(self, state: RAGEState, runtime: Runtime[KnobContext]) -> dict[str, Any]:
         """Check the prompt and filter, resolve the knobs, reset every per-run field (a reused thread starts clean)."""
@@ -375,7 +379,7 @@ class _Nodes:
             "kind": "select", "prompt": state["prompt"], "candidates": candidates, "ask": RAGE_SELECT_ASK,
         }  # fmt: skip
         while True:
-            answer = interrupt(request)
+            answer = interrupt(self.publish(request))
             try:
                 selection = resolve_selection(answer, candidates)
                 break
@@ -477,7 +481,7 @@ class _Nodes:
             "ask": f"{RAGE_REVIEW_ASK.capitalize()}.",
         }
         while True:
-            answer = interrupt(request)
+            answer = interrupt(self.publish(request))
             try:
                 verdict_answer = resolve_review(answer)
                 break
@@ -509,7 +513,14 @@ class _Nodes:
         if self.on_finish is not None:
             final_state = {**state, "final_image": final, "stop_reason": reason, "steps": [*state["steps"], record]}
             self.on_finish(RAGEState(**final_state))  # type: ignore[typeddict-item]
-        return {"final_image": final, "stop_reason": reason, "steps": [record]}
+        update: dict[str, Any] = {"final_image": final, "stop_reason": reason, "steps": [record]}
+        if self.publish is not kept:  # the answer as its reader names images: each drawing by its file
+            drawn = [{**image, "artifact": self.artifacts.file(image["artifact"])} for image in images]
+            named = {"final_image": self.artifacts.file(final), "images": drawn}
+            listed = {"candidates": state["candidates"], "selected": state["selected"]}
+            update |= self.publish({**named, **listed, "steps": [*state["steps"], record]})
+            update["steps"] = Overwrite(update["steps"])
+        return update
 
 
 RAGEGraph = CompiledStateGraph[RAGEState, KnobContext, RAGEInput, RAGEOutput]
@@ -525,14 +536,16 @@ def build_rage_graph(
     defaults: RAGEKnobs | Callable[[], RAGEKnobs] | None = None,
     context_schema: type[KnobContext] = RAGEContext,
     on_finish: Callable[[RAGEState], None] | None = None,
+    publish: Publish = kept,
 ) -> RAGEGraph:
     """Wire the RAGE loop; a person's picks and reviews need a checkpointer and a thread_id to interrupt.
 
     `vlm` is only asked by a critic review (None refuses one). `defaults` (or a function returning them,
     read when a run starts) are the knobs of a run whose context leaves them unset; `on_finish` sees the
-    final state of every finished run (LangGraph Server writes the run's record with it).
+    final state of every finished run (LangGraph Server writes the run's record with it); `publish` names the
+    images of the questions asked and of the answer (see `Publish`).
     """
-    nodes = _Nodes(vlm, generator, retriever, artifacts, defaults or RAGEKnobs(), on_finish)
+    nodes = _Nodes(vlm, generator, retriever, artifacts, defaults or RAGEKnobs(), on_finish, publish)
     graph = StateGraph(RAGEState, context_schema=context_schema, input_schema=RAGEInput, output_schema=RAGEOutput)
     graph.add_node("prepare", nodes.prepare)
     graph.add_node("retrieve", nodes.retrieve)

@@ -56,7 +56,7 @@ def serve(
         origins = [check_origin(origin) for origin in allow_origins]  # refused before the port is taken
         sock = listen(host, port, f"--http {http}")
         security = transport_security(host, sock.getsockname()[1], allow_hosts, origins)
-    server = build_server(app, security)
+    server = build_server(app, security, remote=http is not None)
 
     def terminate(signum: int, frame: FrameType | None) -> None:
         # systemd, Docker, Kubernetes and stdio clients stop a server with SIGTERM: stop the runs at their

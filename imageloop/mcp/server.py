@@ -19,6 +19,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import unquote
 
 import anyio
 import anyio.to_thread
@@ -32,9 +33,11 @@ from imageloop import __version__
 from imageloop.app import App
 from imageloop.app.agent_tools import TOOLS, AgentOps, ToolArgs, ToolSpec, pictures, unknown_arguments
 from imageloop.app.jobs import Job, Note, job_state
+from imageloop.app.links import MCP_BASE, Links
 from imageloop.app.results import RunState
 from imageloop.errors import ImageloopError
 from imageloop.thumbnails import RESULT_IMAGE_BUDGET, encode_png_under, image_budgets
+from imageloop.tools.images import open_image, png_bytes
 
 HEARTBEAT_S = 10.0
 RUN_RESOURCE = "imageloop://runs/"
@@ -42,16 +45,24 @@ McpContext = Context[Any, Any, Any]
 
 
 class Renderer:
-    """Results as tool answers: the JSON the app answered, then a label and a thumbnail per picture."""
+    """Results as tool answers: the JSON the app answered, then a label and a thumbnail per picture. With `links`
+    (a remote client: streamable HTTP), every path in them is the resource a client reads instead."""
 
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: App, links: Links | None = None) -> None:
         self.app = app
+        self.links = links
+
+    def say(self, text: str) -> str:
+        """A message as this server's client names files (paths locally, resources remotely)."""
+        return self.links.publish_text(text) if self.links is not None else text
 
     def answer(
         self, structured: Mapping[str, Any], shown: Sequence[tuple[str, str]], is_error: bool = False
     ) -> CallToolResult:
         """JSON text first (for clients that ignore structured output), then labelled images."""
-        blocks = self.image_blocks([(self._full_size(label, path), path) for label, path in shown])
+        blocks = self.image_blocks([(self.say(self._full_size(label, path)), path) for label, path in shown])
+        if self.links is not None:
+            structured = self.links.publish(structured)
         text = TextContent(type="text", text=json.dumps(structured, ensure_ascii=False))
         return CallToolResult(content=[text, *blocks], structuredContent=dict(structured), isError=is_error)
 
@@ -93,11 +104,12 @@ class Renderer:
 
 class _Server(FastMCP[Any]):
     """FastMCP with one-line errors: an unknown argument (with the valid ones), the field that failed
-    validation, or the imageloop error as is."""
+    validation, or the imageloop error as is (its paths named as the client names files)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, say: Callable[[str], str], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.specs: dict[str, ToolSpec] = {}
+        self.say = say
 
     async def call_tool(self, name: str, arguments: dict[str, Any]) -> Sequence[ContentBlock] | dict[str, Any]:
         spec = self.specs.get(name)
@@ -106,13 +118,13 @@ class _Server(FastMCP[Any]):
                 unknown_arguments(spec, arguments)
             return await super().call_tool(name, arguments)
         except ImageloopError as e:
-            raise ToolError(str(e)) from None
+            raise ToolError(self.say(str(e))) from None
         except ToolError as e:
             cause = e.__cause__
             if isinstance(cause, ValidationError):
                 raise ToolError(f"{name}: {_validation_message(cause)}") from None
             if isinstance(cause, ImageloopError):
-                raise ToolError(f"{name}: {cause}") from None
+                raise ToolError(self.say(f"{name}: {cause}")) from None
             raise
 
 
@@ -204,9 +216,14 @@ async def _follow(job: Job, wait_s: float, ctx: McpContext) -> None:
         delay = min(delay * 2, 0.1)
 
 
-def build_server(app: App, security: TransportSecuritySettings | None = None) -> FastMCP[Any]:
-    """The MCP server exposing `app`'s operations as the agent tools (`imageloop.app.agent_tools.TOOLS`)."""
-    ops, render = AgentOps(app), Renderer(app)
+def build_server(app: App, security: TransportSecuritySettings | None = None, *, remote: bool = False) -> FastMCP[Any]:
+    """The MCP server exposing `app`'s operations as the agent tools (`imageloop.app.agent_tools.TOOLS`).
+
+    `remote` (streamable HTTP): the client runs elsewhere, so answers and errors name files as resources
+    (`imageloop://runs/...`, `imageloop://roots/<i>/...`), never as paths on this machine.
+    """
+    links = Links(app, MCP_BASE, one_segment=True) if remote else None
+    ops, render = AgentOps(app), Renderer(app, links)
     server = _Server(
         "imageloop",
         instructions=(
@@ -218,6 +235,7 @@ def build_server(app: App, security: TransportSecuritySettings | None = None) ->
         ),
         log_level="WARNING",
         transport_security=security,
+        say=render.say,
     )
     server._mcp_server.version = __version__  # serverInfo.version: imageloop's, not the SDK's
 
@@ -267,7 +285,8 @@ RUN_RESOURCES = [
 
 def add_run_resources(server: FastMCP[Any], app: App) -> None:
     """Run outputs as resources (`imageloop://runs/<path under the runs folder>`), full size, for clients that
-    fetch what a result names rather than its thumbnails."""
+    fetch what a result names rather than its thumbnails; and the images under the roots a result names
+    (`imageloop://roots/<i>/<path, its slashes quoted>`), as PNG."""
 
     def reader(folder: str) -> Callable[[str, str], bytes]:
         def read(run: str, name: str) -> bytes:
@@ -278,6 +297,35 @@ def add_run_resources(server: FastMCP[Any], app: App) -> None:
 
         return read
 
+    def run_document(relative: str, media: str) -> str:
+        path, media_type = app.run_file(relative)
+        if media_type != media:
+            raise ImageloopError(f"{relative} is no {media} document")
+        return path.read_text(encoding="utf-8")
+
+    def run_page(run: str, page: str) -> str:
+        return run_document(f"{run}/{page}.html", "text/html")
+
+    def run_record(run: str) -> str:
+        return run_document(f"{run}/run.json", "application/json")
+
+    def root_image(root: str, path: str) -> bytes:
+        found, _ = Links(app, MCP_BASE, one_segment=True).resolve(f"roots/{root}/{unquote(path)}")
+        return png_bytes(open_image(found))
+
+    # Pages and records first: the image templates would match their names too.
+    server.resource(
+        f"{RUN_RESOURCE}{{run}}/{{page}}.html", name="run_page", title="A run's page",
+        description="A run's report.html, or a search round's round_N.html", mime_type="text/html",
+    )(run_page)  # fmt: skip
+    server.resource(
+        f"{RUN_RESOURCE}{{run}}/run.json", name="run_record", title="A run's record",
+        description="A run's or a RAGE session's run.json", mime_type="application/json",
+    )(run_record)  # fmt: skip
     for folder, name, title, description in RUN_RESOURCES:
         uri = f"{RUN_RESOURCE}{{run}}/{folder}{{name}}"
         server.resource(uri, name=name, title=title, description=description, mime_type="image/png")(reader(folder))
+    server.resource(
+        f"{MCP_BASE}roots/{{root}}/{{path}}", name="root_image", title="An image under a root",
+        description="An indexed image a result names, by root number and path (as PNG)", mime_type="image/png",
+    )(root_image)  # fmt: skip

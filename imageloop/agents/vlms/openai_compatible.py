@@ -20,7 +20,7 @@ from imageloop.openai_client import (
     server_message,
     translated_errors,
 )
-from imageloop.protocols import GREEDY, Decoding, Message
+from imageloop.protocols import GREEDY, ChatAnswer, Decoding, Message, TokenUsage
 from imageloop.tools.images import open_image, png_bytes
 
 if TYPE_CHECKING:
@@ -128,4 +128,6 @@ class OpenAIVisionLanguageModel:
                 raise TypeError(f"message content is {type(content).__name__}, not text")
         if refusal:
             raise MalformedOutputError(f"{self.model_id} refused to answer: {refusal}")
-        return content or ""
+        usage = completion.usage  # what the provider counted (some compatible servers send none)
+        counted = TokenUsage(usage.prompt_tokens, usage.completion_tokens) if usage is not None else None
+        return ChatAnswer(content or "", counted)
