@@ -12,8 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 # neighbours), but not run (its name is not __main__), in one fresh process that its sys.path edits cannot harm.
 LOAD_ALL = """
 import os, runpy, sys
+path = list(sys.path)
 for script in sys.argv[1:]:
-    sys.path.insert(0, os.path.dirname(script))
+    sys.path[:] = [os.path.dirname(script), *path]
     runpy.run_path(script, run_name="bench_import_check")
 """
 
