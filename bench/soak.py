@@ -63,14 +63,17 @@ MIX = {"retrieve": 5, "retrieve_image": 2, "generate": 2, "genir": 2, "index": 1
 RUN_PATIENCE_S = 300.0  # a run not finished after this long counts as lost
 RSS_EVERY_S = 2.0
 RSS_GOAL = 0.05
-# The server under tracemalloc: SIGUSR1 writes a snapshot to the folder its first argument names.
+# The server under tracemalloc: SIGUSR1 writes a snapshot to the folder its first argument names (under a
+# temporary name first: a large snapshot takes seconds to write, and the reader must not load half of one).
 TRACED_SERVER = """
-import runpy, signal, sys, tracemalloc
+import os, runpy, signal, sys, tracemalloc
 from pathlib import Path
 folder = Path(sys.argv.pop(1))
 tracemalloc.start(12)
 def snapshot(signum, frame):
-    tracemalloc.take_snapshot().dump(str(folder / f"{len(list(folder.glob('*.snapshot')))}.snapshot"))
+    name = folder / f"{len(list(folder.glob('*.snapshot')))}.snapshot"
+    tracemalloc.take_snapshot().dump(f"{name}.part")
+    os.replace(f"{name}.part", name)  # whole when it appears: the reader waits for the name
 signal.signal(signal.SIGUSR1, snapshot)
 runpy.run_module("imageloop.cli", run_name="__main__", alter_sys=True)
 """
@@ -312,7 +315,7 @@ def largest_growth(snapshots: Path, top: int = 12) -> list[str]:
     """What grew most from the first snapshot to the last, by allocating traceback (innermost frames last)."""
     import tracemalloc
 
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600
     while len(list(snapshots.glob("*.snapshot"))) < 2 and time.monotonic() < deadline:
         time.sleep(1)  # the last one is written after the clients stop
     first, last = (tracemalloc.Snapshot.load(str(snapshots / f"{n}.snapshot")) for n in (0, 1))
