@@ -335,11 +335,11 @@ def test_out_on_a_read_only_disk_is_one_line(openai_server: FakeOpenAIServer, tm
 # Damage.
 
 
-def damage_vectors_page(folder: Path) -> None:
-    """Overwrite the page holding the vectors with garbage; the records' own pages stay intact."""
+def damage_records_page(folder: Path) -> None:
+    """Overwrite the page holding the records with garbage; the index b-trees that count them stay intact."""
     store = folder / ".imageloop" / "index.sqlite"
     with sqlite3.connect(store) as conn:
-        (root_page,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'vectors'").fetchone()
+        (root_page,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'records'").fetchone()
         (page_size,) = conn.execute("PRAGMA page_size").fetchone()
     conn.close()
     with store.open("r+b") as f:
@@ -352,7 +352,7 @@ def test_page_level_damage_is_one_line_saying_to_reindex_and_index_info_gives_no
 ) -> None:
     folder = captioned_folder(tmp_path / "photos")
     indexed(folder, capsys)
-    damage_vectors_page(folder)
+    damage_records_page(folder)
 
     info = cli(capsys, "index-info", str(folder), "--json")
     query = cli(capsys, "query", str(folder), "a blue jay")
