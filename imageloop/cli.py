@@ -18,6 +18,7 @@ from imageloop import __version__, limits
 from imageloop.config import FEEDBACK_KINDS, HYBRID_RULES, MODES, REVIEW_KINDS, STORE_KINDS, Settings, load_settings
 from imageloop.errors import ConfigError, ImageloopError
 from imageloop.progress import ProgressEvent, describe
+from imageloop.tools.stores.engines import ANN_ENGINES
 
 if TYPE_CHECKING:
     from imageloop.app import App
@@ -307,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     index = commands.add_parser("index", parents=[roles], help="index a folder of images for retrieval")
     index.add_argument("folder", type=Path, help="folder of images; the index is written to FOLDER/.imageloop")
     index.add_argument("--batch-size", type=int, help=f"images embedded per batch (default {_default('batch_size')})")
+    index.add_argument("--ann", choices=ANN_ENGINES, help="search index past 100,000 images (default: by size)")
+    index.add_argument("--threads", type=int, metavar="N", help="threads that build the search index (default all)")
     index.add_argument("--json", action="store_true", help='print {"indexed", "skipped", "failed", "total", ...} last')
     stores = index.add_argument_group("vector store (a new index; an existing one keeps its own)")
     stores.add_argument("--store", choices=STORE_KINDS, help="default embedded: FOLDER/.imageloop")
@@ -512,7 +515,9 @@ class _Progress:
 
 
 def _index(args: argparse.Namespace, app: App) -> int:
-    summary = app.index_folder(args.folder, batch_size=args.batch_size, progress=not args.quiet)
+    summary = app.index_folder(
+        args.folder, batch_size=args.batch_size, progress=not args.quiet, ann=args.ann, threads=args.threads
+    )
     for path, reason in summary.failures:
         _err(f"skipped {path}: {reason}")
     removed = f", removed {summary.removed}" if summary.removed else ""

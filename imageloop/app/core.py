@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from imageloop.tools.indexing.image_index import ImageIndex
     from imageloop.tools.indexing.indexer import IndexSummary
     from imageloop.tools.indexing.retriever import Retriever, Where
+    from imageloop.tools.stores.engines import AnnEngine
 
 Progress = Callable[[str], None]
 """A face's way to show progress: one short line per event (a step decided, a batch indexed)."""
@@ -145,10 +146,14 @@ class App:
         batch_size: int | None = None,
         progress: bool = False,
         on_progress: Callable[[int, int], None] | None = None,
+        ann: AnnEngine | None = None,
+        threads: int | None = None,
     ) -> IndexSummary:
         """Add the new images of `folder` to its index (created in the configured store); prune vanished ones.
 
         `progress` draws a bar on stderr; `on_progress(done, total)` hears the files handled so far.
+        `ann` ("hnsw" or "quantized", recorded in the index) and `threads` choose how the embedded
+        store builds its approximate search index (default: by size, on every core).
 
         The one captioning rule: the caption route (a text embedder) needs a caption per image (a
         sidecar `NAME.txt`, else the captioner VLM); the image route asks a VLM only when a captioner is
@@ -182,6 +187,7 @@ class App:
                 store=settings.store, weaviate_url=settings.weaviate_url,
                 weaviate_api_key=settings.weaviate_api_key, weaviate_grpc_port=settings.weaviate_grpc_port,
                 request_timeout=settings.timeout_for("store"), max_retries=settings.max_retries,
+                ann=ann, threads=threads,
             )  # fmt: skip
         except OSError as e:  # the folder or the disk under the index: full, read-only, a file in the way
             raise StorageError(os_error_message(e, f"writing the index of {root}")) from e
@@ -198,14 +204,14 @@ class App:
                 del self._retrievers[key]
 
     def index_info(self, folder: str | Path) -> dict[str, Any]:
-        """What an index holds and what built it: `{count, embedder, dim, store, route, root}` (+ url, collection).
+        """What an index holds and what built it: `{count, embedder, dim, store, route, root, ann}` (+ url, collection).
 
         The store is checked first, so a damaged index is reported as damaged, never by a stale count.
         """
         index = self.index(folder)
         index.check()
         info = {"count": index.count(), "embedder": index.embedder_id, "dim": index.dim, **index.location.to_json()}
-        return {**info, "route": index.route, "root": str(index.root)}
+        return {**info, "route": index.route, "root": str(index.root), "ann": index.search_engine()}
 
     def retrieve(
         self,
