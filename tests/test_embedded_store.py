@@ -532,29 +532,37 @@ def test_a_store_in_the_second_layout_is_migrated_in_place_with_its_vectors_move
     assert store.search(vectors[3], k=1)[0].id == "new"
 
 
-_HANG_WHILE_MIGRATING = """
+_HANG_AFTER_WRITING_VECTORS = """
 import sys, time
 from pathlib import Path
 from imageloop.tools.stores import vector_file
 from imageloop.tools.stores.embedded import EmbeddedVectorStore
+from tests.test_embedded_store import clustered, numbered
 
-real_write = vector_file.VectorFile.write
+def hang_after_writing_vectors():
+    real_write = vector_file.VectorFile.write
 
-def write_then_hang(self, *args, **kwargs):
-    real_write(self, *args, **kwargs)
-    print("writing", flush=True)
-    time.sleep(60)
+    def write_then_hang(self, *args, **kwargs):
+        real_write(self, *args, **kwargs)
+        print("written", flush=True)
+        time.sleep(60)
 
-vector_file.VectorFile.write = write_then_hang
+    vector_file.VectorFile.write = write_then_hang
+"""
+_HANG_WHILE_MIGRATING = (
+    _HANG_AFTER_WRITING_VECTORS
+    + """
+hang_after_writing_vectors()
 EmbeddedVectorStore(Path(sys.argv[1]))
 """
+)
 
 
 def test_a_process_killed_while_migrating_leaves_a_store_that_migrates_whole_next_time(tmp_path: Path) -> None:
     vectors = clustered(50)
     layout_2_store(tmp_path / "store.sqlite", vectors)
     child = _python(_HANG_WHILE_MIGRATING, str(tmp_path / "store.sqlite"))
-    assert _read_line(child) == "writing"
+    assert _read_line(child) == "written"
     child.send_signal(signal.SIGKILL)
     child.wait()
     with sqlite3.connect(tmp_path / "store.sqlite") as conn:
@@ -824,27 +832,15 @@ def test_a_process_killed_during_upserts_leaves_every_committed_batch_and_no_par
     assert [store.search(record.vector, k=1)[0].id for record in records[::97]] == [r.id for r in records[::97]]
 
 
-_HANG_BEFORE_COMMITTING = """
-import sys, time
-from pathlib import Path
-import numpy as np
-from imageloop.protocols import VectorRecord
-from imageloop.tools.stores import vector_file
-from imageloop.tools.stores.embedded import EmbeddedVectorStore
-from tests.test_embedded_store import clustered, numbered
-
+_HANG_BEFORE_COMMITTING = (
+    _HANG_AFTER_WRITING_VECTORS
+    + """
 store = EmbeddedVectorStore(Path(sys.argv[1]))
 store.upsert(numbered(clustered(100)))
-real_write = vector_file.VectorFile.write
-
-def write_then_hang(self, *args, **kwargs):
-    real_write(self, *args, **kwargs)
-    print("written", flush=True)
-    time.sleep(60)
-
-vector_file.VectorFile.write = write_then_hang
+hang_after_writing_vectors()
 store.upsert(numbered(-clustered(50, seed=1), start=100))
 """
+)
 
 
 def test_rows_written_by_a_process_killed_before_committing_are_not_seen_and_get_overwritten(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -175,6 +175,12 @@ class _Graph:
             f.write(_MAGIC + len(encoded).to_bytes(8, "little") + encoded)
             faiss.write_index(self._index, faiss.PyCallbackIOWriter(f.write), self._write_flags())
         self.saved_rows = self.graph_rows
+
+    @classmethod
+    def load(cls, path: Path, settings: HnswSettings, vectors: VectorFile) -> Self:
+        """The index saved at `path`, over the rows of `vectors`; `AnnIndexUnreadable` if missing or damaged."""
+        index, info = cls._read(path, vectors)
+        return cls(index, info, settings, vectors)
 
     @classmethod
     def _read(cls, path: Path, vectors: VectorFile) -> tuple[Any, dict[str, Any]]:
@@ -367,12 +373,6 @@ class HnswIndex(_Graph):
         built._describe_build(started, threads, ef, recall, len(probes))
         return built
 
-    @classmethod
-    def load(cls, path: Path, settings: HnswSettings, vectors: VectorFile) -> HnswIndex:
-        """The graph saved at `path`, over the rows of `vectors`; `AnnIndexUnreadable` if missing or damaged."""
-        index, info = cls._read(path, vectors)
-        return cls(index, info, settings, vectors)
-
     def extend(self, rows: int, threads: int, *, fold: bool = False) -> None:
         """Search the first `rows` rows; the tail past the graph is folded in once long (or when `fold`)."""
         self.rows = rows
@@ -468,12 +468,6 @@ class QuantizedIndex(_Graph):
         built.saved_rows = 0
         built._describe_build(started, threads, ef, recall, len(probes))
         return built
-
-    @classmethod
-    def load(cls, path: Path, settings: HnswSettings, vectors: VectorFile) -> QuantizedIndex:
-        """The codes and graph saved at `path`; `AnnIndexUnreadable` if missing or damaged."""
-        index, info = cls._read(path, vectors)
-        return cls(index, info, settings, vectors)
 
     def extend(self, rows: int, threads: int) -> None:
         """Encode and link the rows appended since, up to `rows`."""

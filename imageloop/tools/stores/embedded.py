@@ -513,14 +513,14 @@ class EmbeddedVectorStore:
 
     def _in_snapshot(self, work: Callable[[sqlite3.Connection], R]) -> R:
         """`work` in one read transaction; in a fresh one if another process compacted the vector file meanwhile."""
-        for attempt in range(_SNAPSHOT_ATTEMPTS):
+        for _ in range(_SNAPSHOT_ATTEMPTS - 1):
             try:
                 with self._reading() as conn:
                     return work(conn)
             except _VectorFileGone:
-                if attempt == _SNAPSHOT_ATTEMPTS - 1:
-                    raise
-        raise AssertionError("unreachable")
+                continue
+        with self._reading() as conn:  # the file is still missing: it was deleted, and that is said
+            return work(conn)
 
     def _check_dim(self, conn: sqlite3.Connection, dim: int) -> None:
         """Fix the store's dimension on first use; refuse any other dimension afterwards."""
