@@ -459,14 +459,19 @@ def test_refresh_compacts_a_vector_file_holding_dead_rows(tmp_path: Path) -> Non
     ]
 
 
+@pytest.mark.parametrize("searched_by", ["exact", *ANN_ENGINES])
 def test_a_compaction_by_another_process_is_followed_by_a_reader_mid_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, searched_by: str
 ) -> None:
+    if searched_by != "exact" and ann_index.faiss_module() is None:
+        pytest.skip("faiss is not installed (the ann extra)")
     vectors = clustered(100)
-    writer = EmbeddedVectorStore(tmp_path / "store.sqlite")
+    ann = None if searched_by == "exact" else searched_by
+    options = {"ann_threshold": None if ann is None else 10, "ann": ann}
+    writer = EmbeddedVectorStore(tmp_path / "store.sqlite", **options)  # type: ignore[arg-type]
     writer.upsert(numbered(vectors))
     writer.delete([str(i) for i in range(60)])
-    reader = EmbeddedVectorStore(tmp_path / "store.sqlite")
+    reader = EmbeddedVectorStore(tmp_path / "store.sqlite", **options)  # type: ignore[arg-type]
     real = embedded_store.VectorFile
     compacted: list[bool] = []
 
@@ -483,6 +488,7 @@ def test_a_compaction_by_another_process_is_followed_by_a_reader_mid_read(
 
     assert compacted and hits[0].id == "70"
     assert len(list(tmp_path.glob("store.sqlite-vectors-*"))) == 1
+    assert reader.ann_info()["engine"] == searched_by
 
 
 # Older layouts are migrated in place
