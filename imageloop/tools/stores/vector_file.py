@@ -1,11 +1,14 @@
 """The vectors of an embedded store, kept once: one append-only file of unit float32 rows, memory-mapped.
 
 Row r of the file holds one record's vector scaled to length 1, as float32 (little-endian, like
-every machine FAISS runs on), at byte
-`r * dim * 4`; SQLite says which record holds which row and how many rows are committed. Every
-search engine reads these rows: exact search scans the memory map, the HNSW graph's FAISS storage
-is a view of it (no copy), and the quantised engine re-ranks its candidates with rows read by
-`pread`, which keeps them out of the process's memory.
+every machine FAISS runs on), at byte `r * dim * 4`; SQLite says which record holds which row and
+how many rows are committed. Every search engine reads these rows: exact search scans the memory
+map, the HNSW graph's FAISS storage is a view of it (no copy), and the quantised engine re-ranks its
+candidates with rows read by `pread`, which keeps them out of the process's memory.
+
+Why a file and not a table: FAISS searches rows it can address in memory, and SQLite blobs cannot be
+mapped; a table would need a second copy in memory (or on disk, as the HNSW file of the second
+layout held one).
 
 Rows are only ever written past the committed ones, under the store's write lock, and synced before
 the transaction that counts them commits. A killed writer therefore leaves at most some uncounted
