@@ -236,7 +236,7 @@ def create_or_open_index(
         location = recorded
     if location.kind != "embedded" and (ann is not None or threads is not None):
         raise ConfigError(
-            f"--ann and --threads choose the embedded store's search index; the {location.describe()} has its own"
+            f"`ann` and `threads` choose the embedded store's search index; the {location.describe()} has its own"
         )
     vectors = _open_store(
         index_dir, location, weaviate_api_key, create=True, patience=(request_timeout, max_retries),
