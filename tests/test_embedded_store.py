@@ -491,6 +491,40 @@ def test_a_compaction_by_another_process_is_followed_by_a_reader_mid_read(
     assert reader.ann_info()["engine"] == searched_by
 
 
+@pytest.mark.parametrize("searched_by", ["exact", *ANN_ENGINES])
+def test_a_reader_holding_the_vector_file_reads_it_on_after_another_process_compacts_it_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, searched_by: str
+) -> None:
+    if searched_by != "exact" and ann_index.faiss_module() is None:
+        pytest.skip("faiss is not installed (the ann extra)")
+    vectors = clustered(120)
+    ann = None if searched_by == "exact" else searched_by
+    options = {"ann_threshold": None if ann is None else 10, "ann": ann}
+    writer = EmbeddedVectorStore(tmp_path / "store.sqlite", **options)  # type: ignore[arg-type]
+    writer.upsert(numbered(vectors[:100]))
+    reader = EmbeddedVectorStore(tmp_path / "store.sqlite", **options)  # type: ignore[arg-type]
+    assert reader.search(vectors[70], k=1)[0].id == "70"  # the reader now holds the vector file, mapped
+    writer.upsert(numbered(vectors[100:], start=100))
+    writer.delete([str(i) for i in range(60)])
+    real = embedded_store._row_changes
+    compacted: list[bool] = []
+
+    def compacting_first(*args: object, **kwargs: object) -> object:
+        # The reader's snapshot names the file it holds; the writer compacts it away before the reader maps new rows.
+        if not compacted:
+            compacted.append(True)
+            writer.refresh()
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(embedded_store, "_row_changes", compacting_first)
+
+    hits = reader.search(vectors[110], k=3)
+
+    assert compacted and len(list(tmp_path.glob("store.sqlite-vectors-*"))) == 1
+    assert hits[0].id == "110"
+    assert reader.search(vectors[70], k=1)[0].id == "70"
+
+
 # Older layouts are migrated in place
 
 

@@ -19,6 +19,7 @@ memory map of the first `rows` rows stays valid while others write. (Compaction 
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,9 +82,11 @@ class VectorFile:
         if rows == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         if self._map is None or len(self._map) < rows:
-            # Mapped up to the file's end, so that the rows appended next need no new map.
+            # Mapped up to the file's end, so that the rows appended next need no new map; mapped from the
+            # open file, not its name, which another process's compaction may have removed meanwhile.
             mapped = max(rows, self.stored_rows())
-            self._map = np.memmap(self.path, dtype=DTYPE, mode="r", shape=(mapped, self.dim))
+            memory = mmap.mmap(self._fd, mapped * self.row_bytes, access=mmap.ACCESS_READ)
+            self._map = np.frombuffer(memory, dtype=DTYPE).reshape(mapped, self.dim)
         return self._map[:rows]
 
     def read(self, rows: Seqs) -> Matrix:
