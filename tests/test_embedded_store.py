@@ -732,6 +732,60 @@ def test_the_ann_index_catches_up_with_another_writer_without_rebuilding(
     assert reader.ann_info()["count"] == 1500 - 2 + 1
 
 
+def test_a_reader_whose_saved_index_is_superseded_while_it_opens_it_loads_the_newer_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str
+) -> None:
+    writer, vectors = large_store(tmp_path / "store.sqlite", engine=engine)
+    writer.refresh()
+    monkeypatch.setattr(ENGINES[engine], "build", _must_not_build)
+    reader = EmbeddedVectorStore(tmp_path / "store.sqlite", ann_threshold=1000)
+    real_load = ENGINES[engine].load.__func__  # type: ignore[attr-defined]
+    superseded: list[bool] = []
+
+    def superseding_first(cls: type, *args: object) -> object:
+        # The reader's snapshot names the saved index; the writer saves one over more rows before the reader opens it.
+        if not superseded:
+            superseded.append(True)
+            writer.upsert(numbered(clustered(100, seed=4), start=1500))
+            writer.refresh()
+        return real_load(cls, *args)
+
+    monkeypatch.setattr(ENGINES[engine], "load", classmethod(superseding_first))
+
+    hits = reader.search(vectors[7], k=1)
+
+    assert superseded and hits[0].id == "7"
+    assert reader.ann_info()["rows"] == 1600
+    assert [path.name.split("-")[3] for path in tmp_path.glob("store.sqlite-ann-*")] == ["1600"]
+
+
+def test_of_two_processes_saving_indexes_over_as_many_rows_neither_deletes_the_one_pointed_at(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str
+) -> None:
+    first, vectors = large_store(tmp_path / "store.sqlite", engine=engine)
+    first.refresh()
+    second = EmbeddedVectorStore(tmp_path / "store.sqlite", ann_threshold=1000)
+    second.ann_info()
+    real_save = ENGINES[engine].save
+    interleaved: list[bool] = []
+
+    def saving_between(index: object, path: Path) -> None:
+        # The second's file is in place but not yet pointed at when the first saves a rebuild and cleans up.
+        real_save(index, path)  # type: ignore[arg-type]
+        if not interleaved:
+            interleaved.append(True)
+            first.refresh(rebuild=True)
+
+    monkeypatch.setattr(ENGINES[engine], "save", saving_between)
+    second.refresh(rebuild=True)
+    monkeypatch.setattr(ENGINES[engine], "build", _must_not_build)
+
+    pointed = tmp_path / second.get_meta()["ann"]["file"]
+    assert interleaved and pointed.exists()
+    reopened = EmbeddedVectorStore(tmp_path / "store.sqlite", ann_threshold=1000)
+    assert reopened.search(vectors[7], k=1)[0].id == "7"
+
+
 def test_appended_rows_are_added_to_the_graph_without_rebuilding_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str
 ) -> None:
@@ -870,6 +924,59 @@ def test_a_process_killed_during_upserts_leaves_every_committed_batch_and_no_par
     assert store.count() == 200 * len(sizes)
     assert store.ann_info()["engine"] == searched_by
     assert [store.search(record.vector, k=1)[0].id for record in records[::97]] == [r.id for r in records[::97]]
+
+
+_WRITE_AND_SEARCH_ALONGSIDE_OTHERS = """
+import json, random, sys
+from pathlib import Path
+import numpy as np
+from imageloop.protocols import VectorRecord
+from imageloop.tools.stores.embedded import EmbeddedVectorStore
+
+worker, engine = sys.argv[2], sys.argv[3]
+options = {"ann_threshold": None} if engine == "exact" else {"ann_threshold": 20, "ann": engine, "threads": 1}
+rng = random.Random(worker)
+store = EmbeddedVectorStore(Path(sys.argv[1]), **options)
+mine = {}
+for step in range(120):
+    action = rng.random()
+    if action < 0.45:
+        ids = [f"{worker}-{rng.randrange(60)}" for _ in range(rng.randint(1, 10))]
+        vectors = np.random.default_rng([int(worker[1:]), step]).standard_normal((len(ids), 8)).astype(np.float32)
+        batch = [VectorRecord(record_id, vector, {"worker": worker}) for record_id, vector in zip(ids, vectors)]
+        store.upsert(batch)
+        mine.update({record.id: record.vector for record in batch})
+    elif action < 0.6:
+        gone = [f"{worker}-{rng.randrange(60)}" for _ in range(rng.randint(1, 8))]
+        store.delete(gone)
+        for record_id in gone:
+            mine.pop(record_id, None)
+    elif action < 0.65:
+        store.refresh(rebuild=rng.random() < 0.3)
+    elif mine:
+        wanted = rng.choice(sorted(mine))
+        hits = store.search(mine[wanted], k=3, where={"worker": worker})
+        assert hits and hits[0].id == wanted, (step, wanted, [(hit.id, hit.score) for hit in hits])
+print(json.dumps(sorted(mine)), flush=True)
+"""
+
+
+@pytest.mark.parametrize("searched_by", ["exact", *ANN_ENGINES])
+def test_processes_writing_searching_compacting_and_saving_one_store_at_once_each_find_their_own_records(
+    tmp_path: Path, searched_by: str
+) -> None:
+    if searched_by != "exact" and ann_index.faiss_module() is None:
+        pytest.skip("faiss is not installed (the ann extra)")
+    path = tmp_path / "store.sqlite"
+    EmbeddedVectorStore(path).close()  # created once: the workers only open it
+    children = [_python(_WRITE_AND_SEARCH_ALONGSIDE_OTHERS, str(path), f"w{n}", searched_by) for n in range(4)]
+
+    outcomes = [child.communicate(timeout=300) for child in children]
+
+    failures = [(child.returncode, err[-2000:]) for child, (_, err) in zip(children, outcomes, strict=True)]
+    assert failures == [(0, "")] * 4  # no error, and no warning (an index rebuilt because its file went missing)
+    kept = sorted(record_id for out, _ in outcomes for record_id in json.loads(out))
+    assert sorted(EmbeddedVectorStore(path).ids()) == kept
 
 
 _HANG_BEFORE_COMMITTING = (

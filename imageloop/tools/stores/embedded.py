@@ -148,6 +148,10 @@ class _VectorFileGone(IndexDamagedError):
     """The vector file the store's meta names is missing: replaced by a compaction since, or deleted."""
 
 
+class _SavedIndexGone(Exception):
+    """The saved ANN index the store's meta names is missing: superseded by another process's save since."""
+
+
 def available_threads() -> int:
     """The cores this process may run on: what an ANN index is built with unless told otherwise."""
     if hasattr(os, "sched_getaffinity"):
@@ -230,6 +234,7 @@ class EmbeddedVectorStore:
         self._texts = _RecordTexts()
         self._facets: dict[str, Facet] = {}
         self._filters: OrderedDict[tuple[int, Where], Seqs] = OrderedDict()
+        self._last_snapshot = False  # whether a read that finds a file gone may still start over
         if ann is not None:
             self.choose_ann(ann)
 
@@ -512,15 +517,23 @@ class EmbeddedVectorStore:
             self._conn.execute("COMMIT")
 
     def _in_snapshot(self, work: Callable[[sqlite3.Connection], R]) -> R:
-        """`work` in one read transaction; in a fresh one if another process compacted the vector file meanwhile."""
+        """`work` in one read transaction; in a fresh one if a file it names was replaced by another process meanwhile.
+
+        The vector file (by a compaction) or the saved ANN index (by a save over more rows).
+        """
         for _ in range(_SNAPSHOT_ATTEMPTS - 1):
             try:
                 with self._reading() as conn:
                     return work(conn)
-            except _VectorFileGone:
+            except (_VectorFileGone, _SavedIndexGone):
                 continue
-        with self._reading() as conn:  # the file is still missing: it was deleted, and that is said
-            return work(conn)
+        # Still missing: a vector file was deleted, and that is said; a saved index is rebuilt.
+        self._last_snapshot = True
+        try:
+            with self._reading() as conn:
+                return work(conn)
+        finally:
+            self._last_snapshot = False
 
     def _check_dim(self, conn: sqlite3.Connection, dim: int) -> None:
         """Fix the store's dimension on first use; refuse any other dimension afterwards."""
@@ -635,9 +648,12 @@ class EmbeddedVectorStore:
         engine = HnswIndex if wanted == "hnsw" else QuantizedIndex
         pointer = _read_meta(conn, _ANN)
         if pointer is not None and pointer["engine"] == wanted and pointer["vectors"] == vectors.name:
+            path = self.path.parent / pointer["file"]
             try:
-                saved = engine.load(self.path.parent / pointer["file"], self.settings[wanted], vectors)
+                saved = engine.load(path, self.settings[wanted], vectors)
             except AnnIndexUnreadable as e:
+                if not path.exists() and not self._last_snapshot:
+                    raise _SavedIndexGone(str(e)) from e
                 logger.warning("%s; rebuilding the %s index from the store", e, wanted)
             else:
                 if saved.graph_rows == pointer["rows"] <= self._rows.rows:
@@ -688,7 +704,8 @@ class EmbeddedVectorStore:
                     "generation": self._rows.generation, **index.info,
                 }  # fmt: skip
                 _put_meta(conn, {_ANN: current})
-        _remove_stale_files(self.path, keep={vectors["file"], *([current["file"]] if current else [])})
+        kept = {vectors["file"], *([current["file"]] if current else [])}
+        _remove_stale_files(self.path, keep=kept, superseding=current)
 
     def _compact(self) -> bool:
         """Copy the live rows to a new vector file and renumber the records' rows, in one transaction.
@@ -1097,21 +1114,28 @@ def _rewritten_since(conn: sqlite3.Connection, generation: int, max_seq: int) ->
     return deleted is not None or replaced is not None
 
 
-def _remove_stale_files(store_path: Path, *, keep: set[str]) -> None:
-    """Delete the files beside the store that it no longer refers to.
+def _remove_stale_files(store_path: Path, *, keep: set[str], superseding: Mapping[str, Any] | None = None) -> None:
+    """Delete the files beside the store that it no longer refers to, but those in `keep`.
 
-    A saved ANN index covering no more rows than the kept one is superseded at once; any other
-    unreferenced file (a vector file or index of another process's compaction or save in progress,
-    or left by a killed one) only once older than `_STALE_SECONDS`.
+    A saved ANN index of the engine of `superseding` (the index the meta points at) over fewer rows is
+    superseded at once: it is never pointed at again. One over as many rows may be another process's
+    save about to be pointed at (the last saved wins), and any other unreferenced file (a vector file
+    or index of another process's compaction or save in progress, or left by a killed one) is deleted
+    only once older than `_STALE_SECONDS`.
     """
     prefix = store_path.name
-    kept_rows = max((_ann_rows(name, prefix) for name in keep), default=-1)
     now = time.time()
     for candidate in [*store_path.parent.glob(f"{prefix}-*"), *store_path.parent.glob(f".{prefix}-*")]:
         name = candidate.name.lstrip(".")
         if name in keep or not any(name.startswith(prefix + infix) for infix in (_ANN_INFIX, _VECTORS_INFIX)):
             continue  # ours to keep, or not ours (the SQLite -wal and -shm files)
-        superseded = not candidate.name.endswith(".tmp") and 0 <= _ann_rows(name, prefix) <= kept_rows
+        saved = _saved_ann(name, prefix) if not candidate.name.endswith(".tmp") else None
+        superseded = (
+            saved is not None
+            and superseding is not None
+            and saved[0] == superseding["engine"]
+            and saved[1] < superseding["rows"]
+        )
         try:
             if superseded or now - candidate.stat().st_mtime > _STALE_SECONDS:
                 candidate.unlink()
@@ -1119,12 +1143,14 @@ def _remove_stale_files(store_path: Path, *, keep: set[str]) -> None:
             continue  # already gone, or open elsewhere (Windows): a later save tries again
 
 
-def _ann_rows(name: str, prefix: str) -> int:
-    """The rows a saved ANN index file covers, from its name `<store>-ann-<engine>-<rows>-<id>`; -1 if not one."""
+def _saved_ann(name: str, prefix: str) -> tuple[str, int] | None:
+    """The engine and rows of a saved ANN index, from its file name `<store>-ann-<engine>-<rows>-<id>`; else None."""
     if not name.startswith(prefix + _ANN_INFIX):
-        return -1
+        return None
     parts = name[len(prefix + _ANN_INFIX) :].split("-")
-    return int(parts[1]) if len(parts) == 3 and parts[1].isascii() and parts[1].isdigit() else -1
+    if len(parts) != 3 or not (parts[1].isascii() and parts[1].isdigit()):
+        return None
+    return parts[0], int(parts[1])
 
 
 def _read_meta(conn: sqlite3.Connection, key: str) -> Any:
