@@ -816,6 +816,21 @@ def test_filtered_search_on_the_ann_index_finds_what_exact_filtered_search_finds
         assert sorted(rare_hits, key=int) == [str(row) for row in rare_rows]  # all 30 of them, none else
 
 
+def test_a_filter_searched_again_on_the_graph_reuses_its_selector(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str
+) -> None:
+    store, vectors = large_store(tmp_path / "store.sqlite", engine=engine, exact_below=0)
+    store.search(vectors[0], k=5, where={"folder": "f4"})
+    real_packbits = np.packbits
+    packed: list[int] = []
+    monkeypatch.setattr(np, "packbits", lambda *args, **kwargs: packed.append(1) or real_packbits(*args, **kwargs))
+
+    hits = [store.search(query, k=5, where={"folder": "f4"}) for query in vectors[:20]]
+
+    assert packed == []  # the selector of the store's cached filter was built once, by the first search
+    assert all(hit.metadata["folder"] == "f4" for found in hits for hit in found)
+
+
 def test_a_filter_keeps_working_across_a_rebuild_of_the_ann_index(tmp_path: Path, engine: str) -> None:
     store, vectors = large_store(tmp_path / "store.sqlite", engine=engine)
     before = [hit.id for hit in store.search(vectors[30], k=5, where={"folder": "f0"})]

@@ -124,7 +124,7 @@ class _Graph:
         self.rows = int(index.ntotal)  # rows searched: the graph's, and (hnsw) a tail scanned exactly
         self.saved_rows = self.rows  # rows in the saved file this index came from (0: never saved)
         self._ef_set = 0  # the efSearch last given to FAISS (setting it costs a SWIG round trip)
-        self._bitmaps: dict[int, tuple[Seqs, npt.NDArray[np.uint8]]] = {}
+        self._bitmaps: dict[tuple[int, int], tuple[Seqs, npt.NDArray[np.uint8]]] = {}
 
     @property
     def graph_rows(self) -> int:
@@ -257,16 +257,21 @@ class _Graph:
         return Found(scores, positions)
 
     def _bitmap(self, allowed: Seqs) -> npt.NDArray[np.uint8]:
-        """`allowed` as a FAISS selector bitmap; cached, since the store passes the same cached filter again."""
-        cached = self._bitmaps.get(id(allowed))
-        if cached is not None and cached[0] is allowed and len(cached[1]) * 8 >= self.graph_rows:
+        """`allowed` as a FAISS selector bitmap; cached, since the store passes the same cached filter again.
+
+        Keyed by where its rows lie in memory and how many there are, not by the array object: what
+        reaches here is the graph's part of the store's filter, a new view of it at every search.
+        """
+        key = (allowed.ctypes.data, len(allowed))
+        cached = self._bitmaps.get(key)
+        if cached is not None and len(cached[1]) * 8 >= self.graph_rows:
             return cached[1]
         mask = np.zeros(self.graph_rows, dtype=np.bool_)
         mask[allowed] = True
         bitmap = np.packbits(mask, bitorder="little")
         if len(self._bitmaps) >= _BITMAP_CACHE_SIZE:
             self._bitmaps.pop(next(iter(self._bitmaps)))
-        self._bitmaps[id(allowed)] = (allowed, bitmap)  # holding `allowed` keeps its id from being reused
+        self._bitmaps[key] = (allowed, bitmap)  # holding `allowed` keeps its memory, so its key, from being reused
         return bitmap
 
     def _tune(self, probes: Matrix, truth: Seqs, allowed: Seqs | None) -> tuple[int, float]:
