@@ -80,8 +80,7 @@ def per_round_overhead(latency: float, rounds: int, runs: int, root: Path) -> tu
             vlm, ScriptedGenerator(latency_s=latency), slow_retriever, ArtifactStore(root / f"g{run}")
         )
         # `rounds` rounds played: round 0 plus rounds - 1 refinements, as GenIR counts them.
-        context = {"user": "simulated", "target_id": "t", "target_path": str(root / "target.png"),
-                   "max_rounds": rounds - 1, "k": 1}  # fmt: skip
+        context = {"target_id": "t", "target_path": str(root / "target.png"), "rounds": rounds - 1, "k": 1}
         started = time.perf_counter()
         graph.invoke({}, version="v2", context=context)
         graph_times.append(time.perf_counter() - started)

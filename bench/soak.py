@@ -14,9 +14,11 @@ and the server's RSS growth from the end of the warm-up (the first fifth of the 
 minutes, whose calls count like the others) to the end, as a fraction. Goals: zero lost, zero errors,
 RSS growth under 5%.
 
-    python bench/soak.py [--minutes 10] [--concurrency 4]
+    python bench/soak.py [--minutes 10] [--concurrency 4] [--tracemalloc]
 
-Its last line is JSON: {"calls", "errors", "lost", "p50_ms", "p99_ms", "rss_growth"}.
+Its last line is JSON: {"calls", "errors", "lost", "p50_ms", "p99_ms", "rss_growth"}; it exits 1 when a goal
+is missed. `--tracemalloc` runs the server under tracemalloc (slower) and prints what grew most between
+the end of the warm-up and the end of the run, by the traceback that allocated it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 import os
 import random
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -37,6 +40,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 # Run as a script, this file's folder comes first on sys.path, where `bench/mcp.py` would shadow the
 # `mcp` package: the repository root takes its place.
@@ -51,12 +55,25 @@ from mcp.types import CallToolResult, TextContent
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+RUNS_RESOURCE = "imageloop://runs/"
 FINISHED = {"done", "error", "cancelled", "interrupted"}
 WORDS = ["red", "blue", "green", "bird", "cat", "dog", "snow", "branch", "sofa", "beach", "city", "night"]
 # How often each kind of call is made (weights).
 MIX = {"retrieve": 5, "retrieve_image": 2, "generate": 2, "genir": 2, "index": 1}
 RUN_PATIENCE_S = 300.0  # a run not finished after this long counts as lost
 RSS_EVERY_S = 2.0
+RSS_GOAL = 0.05
+# The server under tracemalloc: SIGUSR1 writes a snapshot to the folder its first argument names.
+TRACED_SERVER = """
+import runpy, signal, sys, tracemalloc
+from pathlib import Path
+folder = Path(sys.argv.pop(1))
+tracemalloc.start(12)
+def snapshot(signum, frame):
+    tracemalloc.take_snapshot().dump(str(folder / f"{len(list(folder.glob('*.snapshot')))}.snapshot"))
+signal.signal(signal.SIGUSR1, snapshot)
+runpy.run_module("imageloop.cli", run_name="__main__", alter_sys=True)
+"""
 
 
 @dataclass
@@ -93,11 +110,15 @@ def build_library(root: Path, count: int, rng: np.random.Generator) -> Path:
     return folder
 
 
-def start_server(root: Path, runs: Path, sessions: Path) -> tuple[subprocess.Popen[str], str]:
-    """`imageloop mcp --profile tiny --http 127.0.0.1:0` in its own process; returns it and its URL."""
+def start_server(
+    root: Path, runs: Path, sessions: Path, snapshots: Path | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """`imageloop mcp --profile tiny --http 127.0.0.1:0` in its own process (under tracemalloc, writing
+    snapshots to `snapshots` on SIGUSR1, when given); returns it and its URL."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    program = ["-c", TRACED_SERVER, str(snapshots)] if snapshots is not None else ["-m", "imageloop.cli"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "imageloop.cli", "mcp", "--profile", "tiny", "--root", str(root),
+        [sys.executable, *program, "mcp", "--profile", "tiny", "--root", str(root),
          "--runs", str(runs), "--sessions", str(sessions), "--http", "127.0.0.1:0"],
         cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -175,7 +196,8 @@ class Soak:
     async def retrieve_image(self) -> None:
         picture = self.rng.choice(sorted(self.folder.glob("p*.png")))
         found = await self.call("retrieve_images", {"index": "photos", "image": str(picture), "k": 3})
-        if found is not None and Path(found["results"][0]["path"]).name != picture.name:
+        # Over HTTP an image is named as a resource (imageloop://roots/0/<its path, quoted>), not a path.
+        if found is not None and unquote(found["results"][0]["path"]).rsplit("/", 1)[-1] != picture.name:
             self.tally.lost.append(f"image query {picture.name}: not found first")
 
     async def generate(self) -> None:
@@ -185,20 +207,22 @@ class Soak:
             return
         record = view["result"] or {}
         run_record = self.runs / view["run_id"] / "run.json"
-        if not record.get("final_image") or not Path(record["final_image"]).is_file() or not run_record.is_file():
+        final = str(record.get("final_image") or "")
+        image = self.runs / unquote(final.removeprefix(RUNS_RESOURCE))  # the file that resource names
+        if not final.startswith(RUNS_RESOURCE) or not image.is_file() or not run_record.is_file():
             self.tally.lost.append(f"generate run {view['run_id']}: finished without its image or record")
 
     async def genir(self) -> None:
         query = f"a {' '.join(self.rng.sample(WORDS, 2))}"
-        arguments = {"index": "photos", "query": query, "max_rounds": 3, "k": 5, "feedback": "visual"}
+        arguments = {"index": "photos", "query": query, "rounds": 3, "k": 5, "feedback": "visual"}
         view = await self.finished(await self.call("genir_round", arguments))
-        while view is not None and (shown := view["result"])["state"] == "awaiting_feedback":
-            answer = "found: 0" if self.rng.random() < 0.3 else f"more {self.rng.choice(WORDS)}, less clutter"
+        while view is not None and (shown := view["result"])["status"] == "awaiting_feedback":
+            answer = "found: 1" if self.rng.random() < 0.3 else f"more {self.rng.choice(WORDS)}, less clutter"
             view = await self.finished(
                 await self.call("genir_feedback", {"session_id": shown["session_id"], "feedback": answer})
             )
-        if view is not None and view["result"]["state"] != "finished":
-            self.tally.lost.append(f"genir session {view['result']['session_id']}: ended {view['result']['state']}")
+        if view is not None and view["result"]["status"] != "finished":
+            self.tally.lost.append(f"genir session {view['result']['session_id']}: ended {view['result']['status']}")
 
     async def index(self) -> None:
         if self.rng.random() < 0.5:  # now and then a new picture arrives first
@@ -259,17 +283,48 @@ async def warm_up(url: str, folder: Path, runs: Path) -> None:
         raise SystemExit(f"the warm-up failed: {tally.errors + tally.lost}")
 
 
-async def soak(url: str, pid: int, folder: Path, runs: Path, minutes: float, concurrency: int) -> Tally:
+async def soak(
+    url: str, pid: int, folder: Path, runs: Path, minutes: float, concurrency: int, snapshot_at: float | None
+) -> Tally:
     await warm_up(url, folder, runs)
     tally = Tally()
     started = time.monotonic()
     until = started + 60 * minutes
     async with anyio.create_task_group() as group:
         group.start_soon(sample_rss, pid, tally, until)
+        if snapshot_at is not None:
+            group.start_soon(signal_at, pid, snapshot_at)
         for n in range(concurrency):
             group.start_soon(worker, url, folder, runs, tally, n, until)
     tally.seconds = time.monotonic() - started  # the last calls may finish a little after `until`
+    if snapshot_at is not None:
+        os.kill(pid, signal.SIGUSR1)
     return tally
+
+
+async def signal_at(pid: int, seconds: float) -> None:
+    """The tracemalloc snapshot at the end of the warm-up."""
+    await anyio.sleep(seconds)
+    os.kill(pid, signal.SIGUSR1)
+
+
+def largest_growth(snapshots: Path, top: int = 12) -> list[str]:
+    """What grew most from the first snapshot to the last, by allocating traceback (innermost frames last)."""
+    import tracemalloc
+
+    deadline = time.monotonic() + 120
+    while len(list(snapshots.glob("*.snapshot"))) < 2 and time.monotonic() < deadline:
+        time.sleep(1)  # the last one is written after the clients stop
+    first, last = (tracemalloc.Snapshot.load(str(snapshots / f"{n}.snapshot")) for n in (0, 1))
+    ignored = [
+        tracemalloc.Filter(False, tracemalloc.__file__),
+        tracemalloc.Filter(False, "<frozen importlib._bootstrap*>"),
+    ]
+    lines = []
+    for stat in last.filter_traces(ignored).compare_to(first.filter_traces(ignored), "traceback")[:top]:
+        frames = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(stat.traceback[-6:]))
+        lines.append(f"  {stat.size_diff / 2**20:+8.2f} MiB {stat.count_diff:+8d} blocks  {frames}")
+    return lines
 
 
 def main() -> None:
@@ -277,18 +332,26 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--images", type=int, default=40, help="pictures in the folder at the start")
+    parser.add_argument("--tracemalloc", action="store_true", help="show what grew, by allocating traceback")
     args = parser.parse_args()
     warmup_s = min(120.0, 60 * args.minutes / 5)
 
+    growth_lines: list[str] = []
     with tempfile.TemporaryDirectory(prefix="imageloop-soak-") as tmp:
         root = Path(tmp)
         folder = build_library(root, args.images, np.random.default_rng(0))
         runs = root / "runs"
-        process, url = start_server(root, runs, root / "sessions.sqlite")
+        snapshots = root / "snapshots" if args.tracemalloc else None
+        if snapshots is not None:
+            snapshots.mkdir()
+        process, url = start_server(root, runs, root / "sessions.sqlite", snapshots)
         try:
             load_before = os.getloadavg()[0]
-            tally = anyio.run(soak, url, process.pid, folder, runs, args.minutes, args.concurrency)
+            snapshot_at = warmup_s if snapshots is not None else None
+            tally = anyio.run(soak, url, process.pid, folder, runs, args.minutes, args.concurrency, snapshot_at)
             load_after = os.getloadavg()[0]
+            if snapshots is not None:
+                growth_lines = largest_growth(snapshots)
         finally:
             process.terminate()
             process.wait(timeout=60)
@@ -309,7 +372,10 @@ def main() -> None:
     by_minute = {int(t // 60): rss for t, rss in tally.rss}  # the last sample of each minute
     print("server RSS by minute (MiB): " + " ".join(f"{rss / 2**20:.0f}" for _, rss in sorted(by_minute.items())))
     print(f"server RSS after warm-up ({warmup_s:.0f} s) {rss_start / 2**20:.0f} MiB, at the end "
-          f"{rss_end / 2**20:.0f} MiB: growth {100 * growth:+.1f}% (goal < 5%)")  # fmt: skip
+          f"{rss_end / 2**20:.0f} MiB: growth {100 * growth:+.1f}% (goal < {100 * RSS_GOAL:.0f}%)")  # fmt: skip
+    if growth_lines:
+        print("grown most after warm-up (tracemalloc, by allocating traceback):")
+        print("\n".join(growth_lines))
     summary = {
         "calls": tally.calls,
         "errors": len(tally.errors),
@@ -319,6 +385,8 @@ def main() -> None:
         "rss_growth": round(growth, 4),
     }
     print(json.dumps(summary))
+    if tally.errors or tally.lost or growth > RSS_GOAL:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Training speed and memory: the CIR Combiner and CIR-LoRA (one LoRA vs a mixture of experts), short runs.
+"""Training speed and memory: the CIR models (combiner, clip4cir, sprc) and CIR-LoRA (one LoRA vs a mixture of
+experts, and what checkpointing every step costs), short runs.
 
---size tiny (CPU is fine): `train_cir` on tiny:clip features of a toy triplet set, and `train_cir_lora`
-on the tiny FLUX pipeline, end to end through the public functions; steps/s counts the optimisation
-loop only (features, latents and text embeddings are computed once, before it).
+--size tiny (CPU is fine): `train_cir` on tiny:clip features of a toy triplet set (the combiner), on
+tiny:clip itself (clip4cir: CLIP's two encoders fine-tuned, then the Combiner) and on a tiny BLIP-2
+(sprc), and `train_cir_lora` on the tiny FLUX pipeline, end to end through the public functions; steps/s
+counts the optimisation loop only (frozen features, latents and text embeddings are computed before it).
 --size real (CUDA only): the real-size architectures with random weights: `train_cir` on open_clip
 ViT-L-14 features (768-d, CLIP4CIR widths), and CIR-LoRA steps on the FLUX.1-dev transformer (bf16,
 a 1024x512 diptych, 512 T5 tokens) through the same `LoRAMixture` and `flow_matching_loss` that
@@ -12,8 +14,8 @@ Side by side: the mixture of `--experts` LoRA experts vs one LoRA, as a steps/s 
 interleaved (a shared machine's slow spells hit every variant alike) and medians reported.
 Peak memory: CUDA's peak allocation per phase, or on the CPU the process's peak resident set so far.
 
-    python bench/training.py [--size tiny|real] [--steps 200] [--lora-steps 30] [--experts 4] [--rank 16]
-                             [--repeats 3]
+    python bench/training.py [--size tiny|real] [--steps 200] [--model-steps 20] [--lora-steps 30] [--experts 4]
+                             [--rank 16] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imageloop.tools.embedders.local import OpenClipEmbedder
-from imageloop.training.cir import CIRTrainingOptions, train_cir
-from imageloop.training.cir_lora import CIRLoRAOptions, FlowSchedule, LoRAMixture, flow_matching_loss, train_cir_lora
+from imageloop.training.cir import train_cir
+from imageloop.training.cir_lora import FlowSchedule, LoRAMixture, flow_matching_loss, train_cir_lora
 from imageloop.training.combiner import Combiner, CombinerConfig
+from imageloop.training.options import CIRLoRAOptions, CIRTrainingOptions
+from tests.tiny_blip2 import build_tiny_blip2
 from tests.triplet_folders import all_combos, colour_triplets, write_dataset, write_jsonl
 
 # FLUX.1-dev's transformer and scheduler (black-forest-labs/FLUX.1-dev, transformer/ and scheduler/ configs).
@@ -108,27 +112,52 @@ def tiny(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     synthetic, real = toy_data(root, 32)
     embedder = OpenClipEmbedder(f"local-dir:{tiny_clip_dir()}", None, model_id="tiny:clip", device="cpu")
     flux = str(tiny_generator_dir("flux"))
-    options = CIRTrainingOptions(batch_size=32, device="cpu", checkpoint_every=10_000)
+    options = CIRTrainingOptions(batch_size=32, checkpoint_every=10_000, steps=args.steps)
 
     def cir(repeat: int) -> float:
         out = root / f"cir-{repeat}"
-        return train_cir(synthetic, out, embedder=embedder, steps=args.steps, options=options).steps_per_second
+        return train_cir(synthetic, out, embedder=embedder, options=options, device="cpu").steps_per_second
 
     def lora(experts: int, steps: int) -> Run:
         def run(repeat: int) -> float:
             lora_options = CIRLoRAOptions(
-                rank=args.rank, experts=experts, resolution=16, max_sequence_length=64, device="cpu"
+                rank=args.rank, experts=experts, resolution=16, max_sequence_length=64, base_model=flux, steps=steps
             )
             out = root / f"lora-{experts}-{repeat}"
-            return train_cir_lora(real, out, base_model=flux, steps=steps, options=lora_options).steps_per_second
+            return train_cir_lora(real, out, options=lora_options, device="cpu").steps_per_second
 
         return run
 
+    def fine_tuned(model: str, base: str) -> Run:
+        def run(repeat: int) -> float:
+            tuned = CIRTrainingOptions(
+                model=model, base_model=base, batch_size=16, steps=args.model_steps, checkpoint_every=10_000
+            )
+            return train_cir(
+                synthetic, root / f"{model}-{repeat}", embedder=None, options=tuned, device="cpu"
+            ).steps_per_second
+
+        return run
+
+    def checkpointed(repeat: int) -> float:
+        lora_options = CIRLoRAOptions(
+            rank=args.rank, resolution=16, max_sequence_length=64, base_model=flux, steps=args.lora_steps,
+            checkpoint_every=1,
+        )  # fmt: skip
+        return train_cir_lora(real, root / f"lora-ckpt-{repeat}", options=lora_options, device="cpu").steps_per_second
+
     lora(1, 3)(-1)  # warm-up, untimed: the first backward passes pay for lazy initialisation in torch
-    names = ("cir combiner (tiny:clip)", "cir-lora, 1 expert", f"cir-lora, {args.experts} experts")
-    runs = dict(zip(names, (cir, lora(1, args.lora_steps), lora(args.experts, args.lora_steps)), strict=True))
-    steps = dict(zip(names, (args.steps, args.lora_steps, args.lora_steps), strict=True))
-    return measure("cpu", runs, steps, args.repeats)
+    blip2 = str(build_tiny_blip2(root / "tiny-blip2"))
+    names = (
+        "cir combiner (tiny:clip)", "cir-lora, 1 expert", f"cir-lora, {args.experts} experts",
+        "cir clip4cir (tiny:clip, 2 parts)", "cir sprc (tiny BLIP-2)", "cir-lora, 1 expert, ckpt every step",
+    )  # fmt: skip
+    chosen = (
+        cir, lora(1, args.lora_steps), lora(args.experts, args.lora_steps), fine_tuned("clip4cir", "tiny:clip"),
+        fine_tuned("sprc", blip2), checkpointed,
+    )  # fmt: skip
+    counts = (args.steps, args.lora_steps, args.lora_steps, 2 * args.model_steps, args.model_steps, args.lora_steps)
+    return measure("cpu", dict(zip(names, chosen, strict=True)), dict(zip(names, counts, strict=True)), args.repeats)
 
 
 def real_flux_transformer(device: str | torch.device) -> Any:
@@ -169,11 +198,11 @@ def lora_steps(args: argparse.Namespace, experts: int) -> float:
 def real(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     synthetic, _ = toy_data(root, 224)
     embedder = OpenClipEmbedder(REAL_CLIP[0], None, model_id=f"bench:{REAL_CLIP[0]}-random", device="cuda")
-    options = CIRTrainingOptions(batch_size=64, device="cuda", checkpoint_every=10_000)
+    options = CIRTrainingOptions(batch_size=64, checkpoint_every=10_000, steps=args.steps)
 
     def cir(repeat: int) -> float:
         out = root / f"cir-{repeat}"
-        return train_cir(synthetic, out, embedder=embedder, steps=args.steps, options=options).steps_per_second
+        return train_cir(synthetic, out, embedder=embedder, options=options, device="cuda").steps_per_second
 
     names = (
         f"cir combiner ({REAL_CLIP[0]})",
@@ -210,6 +239,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=("tiny", "real"), default="tiny")
     parser.add_argument("--steps", type=int, default=200, help="combiner training steps")
+    parser.add_argument("--model-steps", type=int, default=20, help="clip4cir and sprc steps per part (tiny)")
     parser.add_argument("--lora-steps", type=int, default=30, help="CIR-LoRA training steps per variant")
     parser.add_argument("--experts", type=int, default=4, help="experts in the mixture variant")
     parser.add_argument("--rank", type=int, default=16)
@@ -223,7 +253,11 @@ def main() -> None:
         rows = (tiny if args.size == "tiny" else real)(args, Path(tmp))
     ratio = rows[2]["steps_per_s"] / rows[1]["steps_per_s"]
     print(f"ratio {args.experts} experts / 1 expert: {ratio:.3f} (the mixture's cost per step)")
-    print(json.dumps({"benchmark": "training", "size": args.size, "phases": rows, "moe_ratio": round(ratio, 3)}))
+    figures: dict[str, Any] = {"benchmark": "training", "size": args.size, "phases": rows, "moe_ratio": round(ratio, 3)}
+    if len(rows) > 5:
+        figures["checkpoint_every_step_ratio"] = round(rows[5]["steps_per_s"] / rows[1]["steps_per_s"], 3)
+        print(f"ratio checkpoint every step / once at the end: {figures['checkpoint_every_step_ratio']:.3f}")
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def show_artifacts(messages: Sequence[Any]) -> None:
     for message in messages:
         if not isinstance(message, ToolMessage) or not message.artifact:
             continue
-        artifact = message.artifact
+        artifact = message.artifact.get("result") or message.artifact  # a run's result, or a search's answer
         keys = ("run_id", "final_image", "report", "session_id", "synthetic_image", "page", "found_path")
         for key in keys:
             if artifact.get(key):

@@ -20,6 +20,16 @@ from imageloop.errors import ConfigError
 
 MIN_TOKEN_CHARS = 16
 COOKIE = "imageloop_token"
+TOKEN_JSON = b'{"error": "missing or wrong token"}'
+TOKEN_PAGE = b"""<!doctype html><meta charset="utf-8"><title>imageloop: access token needed</title>
+<style>body{font-family:sans-serif;margin:3em;max-width:40em;line-height:1.5}</style>
+<h1>This page needs its access token</h1>
+<p>This imageloop server is reachable from other machines, so it opens only with its token. Open the link
+that <code>imageloop ui</code> printed when it started (it ends in <code>?token=...</code>); your browser
+then keeps the token for this site. Lost the link? The token is the one given with <code>--token</code> or
+<code>IMAGELOOP_UI_TOKEN</code>: add <code>?token=TOKEN</code> to this address.</p>
+"""
+"""What a browser that asks for a page (Accept: text/html) gets without the token; API clients get JSON."""
 
 
 def is_loopback(host: str) -> bool:
@@ -85,12 +95,14 @@ class TokenGate:
         if self.browser and self._matches(token.encode()):
             await self._enter(scope, query, token, send)
             return
-        body = b'{"error": "missing or wrong token"}'
+        headers = dict(scope.get("headers") or [])
+        page = self.browser and b"text/html" in headers.get(b"accept", b"")
+        body, media_type = (TOKEN_PAGE, b"text/html; charset=utf-8") if page else (TOKEN_JSON, b"application/json")
         await send({
             "type": "http.response.start",
             "status": 401,
             "headers": [
-                (b"content-type", b"application/json"),
+                (b"content-type", media_type),
                 (b"content-length", str(len(body)).encode()),
                 (b"www-authenticate", b'Bearer realm="imageloop"'),
             ],

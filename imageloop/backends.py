@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from imageloop.config import Endpoint, Role, RoleSpec, Settings
@@ -185,6 +186,12 @@ def _tiny_embedder(model: str, endpoint: Endpoint, placement: Placement) -> Embe
     return tiny_clip_embedder(placement.device, placement.dtype)
 
 
+def _cir_embedder(model: str, endpoint: Endpoint, placement: Placement) -> Embedder:
+    from imageloop.training.models import cir_embedder
+
+    return cir_embedder(Path(model), placement.device, placement.dtype)
+
+
 def _transformers_vlm(model: str, endpoint: Endpoint, placement: Placement) -> VisionLanguageModel:
     from imageloop.agents.vlms.transformers_local import TransformersVisionLanguageModel
 
@@ -223,6 +230,7 @@ EMBEDDER_PROVIDERS: dict[str, Factory[Embedder]] = {
     "open_clip": _open_clip_embedder,
     "transformers": _transformers_embedder,
     "tiny": _tiny_embedder,
+    "cir": _cir_embedder,
 }
 
 

@@ -1,34 +1,75 @@
 """The `imageloop` command line: parses options, calls the application layer (`imageloop.app.App`), prints.
 
-User errors print one line (`imageloop: error: ...`) and exit 2; Ctrl-C exits 130 after saying what
-was kept and how to continue. Progress goes to stderr so `--json` output on stdout stays machine-readable.
+User errors print one line (`imageloop: error: ...`) and exit 2; Ctrl-C exits 130 (SIGTERM 143) after
+saying what was kept and how to continue. Progress goes to stderr so `--json` output on stdout stays machine-readable.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import UnionType
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 from imageloop import __version__, limits
-from imageloop.config import FEEDBACK_KINDS, HYBRID_RULES, MODES, REVIEW_KINDS, STORE_KINDS, Settings, load_settings
+from imageloop.config import STORE_KINDS, ModelSettings, Settings, load_settings
 from imageloop.errors import ConfigError, ImageloopError
+from imageloop.knobs import (
+    CIRKnobs,
+    GenIREvalKnobs,
+    GenIRKnobs,
+    ImageRAGKnobs,
+    Knobs,
+    RAGEKnobs,
+    TripletsKnobs,
+    describe_knob,
+)
 from imageloop.progress import ProgressEvent, describe
-from imageloop.tools.stores.engines import ANN_ENGINES
+from imageloop.runtime import hide_loading_bars
+from imageloop.tools.indexing.options import IndexOptions
 
 if TYPE_CHECKING:
     from imageloop.app import App
+    from imageloop.app.jobs import Followers
+    from imageloop.app.results import RAGEView, SearchView
+    from imageloop.graphs.steps import Step
 
-IMAGERAG_KNOBS = (
-    "mode", "max_iterations", "similarity_threshold", "top_k", "max_concepts", "critic", "plan_scope",
-    "retrieval_query", "rephrase_only", "references_policy", "final_image_policy",
-)  # fmt: skip
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a filter stopped by its reader
+EXIT_TERMINATED = 128 + signal.SIGTERM
+SERVERS = ("mcp", "ui")
+"""Commands that serve until stopped and handle SIGTERM themselves (finishing or cancelling their runs)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, taken as Ctrl-C is: the run stops, its record says so, and the message says how to continue."""
+
+
+@contextmanager
+def _sigterm_as_interrupt(command: str) -> Iterator[None]:
+    """While `command` runs, SIGTERM raises `Terminated` (once: a second one waits for the record to be written)."""
+    if command in SERVERS or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -43,7 +84,16 @@ def _default(name: str) -> str:
     return "per backend" if value is None else f"{value:g}"
 
 
-def _role_options() -> argparse.ArgumentParser:
+ROLE_EXAMPLES = {
+    "vlm": "openai:gpt-4.1-mini",
+    "generator": "openai:gpt-image-1",
+    "embedder": "openai:text-embedding-3-small",
+    "captioner": "openai:gpt-4.1-mini (default: the --vlm)",
+}
+
+
+def _role_options(roles: Sequence[str] = tuple(ROLE_EXAMPLES)) -> argparse.ArgumentParser:
+    """The model options of a command whose models play `roles` (a generator brings the diffusers options)."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("models (PROVIDER:MODEL; see README for providers)")
     group.add_argument(
@@ -53,13 +103,8 @@ def _role_options() -> argparse.ArgumentParser:
         help="models (openai, local, tiny) and/or a paper preset (imagerag-paper, genir-paper), applied left to "
         "right: --profile openai,imagerag-paper",
     )
-    for role, example in [
-        ("vlm", "openai:gpt-4.1-mini"),
-        ("generator", "openai:gpt-image-1"),
-        ("embedder", "openai:text-embedding-3-small"),
-        ("captioner", "openai:gpt-4.1-mini (default: the --vlm)"),
-    ]:
-        group.add_argument(f"--{role}", metavar="PROVIDER:MODEL", help=f"e.g. {example}")
+    for role in roles:
+        group.add_argument(f"--{role}", metavar="PROVIDER:MODEL", help=f"e.g. {ROLE_EXAMPLES[role]}")
         group.add_argument(f"--{role}-base-url", metavar="URL", help=f"OpenAI-compatible endpoint for the {role}")
     group.add_argument(
         "--max-concurrent-requests",
@@ -84,6 +129,8 @@ def _role_options() -> argparse.ArgumentParser:
     )  # fmt: skip
     group.add_argument("--device", help="local models: cuda, cuda:1, mps or cpu (default: best available)")
     group.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="local models (default per device)")
+    if "generator" not in roles:
+        return parent
     group.add_argument("--offload", action="store_true", default=None, help="diffusers: CPU offload to save VRAM")
     group.add_argument("--guidance-scale", type=float, help="diffusers: guidance scale (default per backend)")
     group.add_argument("--ip-adapter", metavar="REPO_OR_DIR", help="sdxl-ip-adapter: the adapter (h94/IP-Adapter)")
@@ -105,80 +152,48 @@ def _role_options() -> argparse.ArgumentParser:
     return parent
 
 
-def _add_imagerag_knobs(parser: argparse.ArgumentParser) -> None:
-    """The ImageRAG loop's knobs: the paper's choices and the ablations of its Table 3 (default: settings')."""
-    group = parser.add_argument_group("ImageRAG loop (the imagerag-paper preset sets the paper's values)")
-    group.add_argument("--mode", choices=MODES, help="default draft_first")
-    group.add_argument("--max-iterations", type=int, help=f"regenerations (default {_default('max_iterations')})")
-    group.add_argument("--similarity-threshold", type=float, help="drop references below this cosine")
-    group.add_argument("--top-k", type=int, help=f"references per missing concept (default {_default('top_k')})")
-    group.add_argument("--max-concepts", type=int, help=f"concepts per critique (default {_default('max_concepts')})")
-    group.add_argument(
-        "--critic", choices=["single_call", "paper"], help="one JSON call (default) or the paper's conversation"
-    )
-    group.add_argument(
-        "--plan-scope", choices=["rare", "every"], help="generation mode plans rare concepts (default) or every"
-    )
-    group.add_argument(
-        "--retrieval-query", choices=["caption", "concept", "prompt"], help="search with (default caption)"
-    )
-    group.add_argument(
-        "--rephrase-only", action="store_true", default=None, help="ablation: captions into the prompt, no images"
-    )
-    group.add_argument("--references-policy", choices=["replace", "accumulate"], help="per iteration (default replace)")
-    group.add_argument("--final-image-policy", choices=["best", "last"], help="returned image (default best)")
+def _add_knobs(parser: argparse.ArgumentParser, knobs: type[Knobs], title: str, **aliases: str) -> None:
+    """A loop's knobs as options, derived from their one declaration (`imageloop.knobs`): `--name-with-dashes`,
+    its type and choices, and its description and default as help; unset, a knob takes the settings' value.
+    `aliases` name an older spelling of an option (`auto_select="--auto"`)."""
+    group = parser.add_argument_group(title)
+    for name, info in knobs.model_fields.items():
+        flags = [f"--{name.replace('_', '-')}", *([aliases[name]] if name in aliases else [])]
+        group.add_argument(*flags, dest=name, default=None, help=describe_knob(info), **_option_kind(info.annotation))
 
 
-def _drawing_options() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("drawing")
-    group.add_argument("--seed", type=int, help=f"generator seed (default {_default('seed')})")
-    group.add_argument(
-        "--size", type=_size, help=f"WIDTHxHEIGHT, sides {limits.MIN_SIDE}..{limits.MAX_SIDE} (default per backend)"
-    )
-    group.add_argument("--steps", type=int, help="denoising steps for diffusion backends (default per backend)")
-    return parent
+def _option_kind(annotation: Any) -> dict[str, Any]:
+    """How argparse reads a knob of this type: a flag pair, a choice, a number, a size or text."""
+    optional = get_origin(annotation) in (Union, UnionType)
+    kinds = [a for a in get_args(annotation) if a is not type(None)] if optional else [annotation]
+    kind = get_args(kinds[0])[0] if get_origin(kinds[0]) is Annotated else kinds[0]
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if get_origin(kind) is Literal:
+        return {"choices": get_args(kind)}
+    if kind in (int, float):
+        return {"type": kind, "metavar": "N" if kind is int else "X"}
+    if kind == tuple[int, int]:
+        return {"type": _size, "metavar": "WxH"}
+    return {"metavar": "TEXT"}
 
 
-def _genir_options() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("search")
-    group.add_argument(
-        "--rounds", type=int, help=f"refinement rounds after round 0 (default {_default('rounds')}: rounds 0..10)"
-    )
-    group.add_argument("--k", type=int, help=f"results per round (default {_default('k')})")
-    group.add_argument("--feedback", choices=FEEDBACK_KINDS, help="what each round shows (default visual)")
-    return parent
+def _given(args: argparse.Namespace, knobs: type[Knobs]) -> dict[str, Any]:
+    """The knobs this command line set (the rest take the settings')."""
+    return {name: getattr(args, name) for name in knobs.model_fields if getattr(args, name, None) is not None}
 
 
-def _cir_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("composed retrieval")
-    group.add_argument("--proxy", action="store_true", help="draw the edited scene and fuse its scores (slower)")
-    group.add_argument(
-        "--fusion-lambda",
-        type=float,
-        help=f"λ in λ·S_text + (1−λ)·S_text·S_proxy (default {_default('fusion_lambda')})",
-    )
-    group.add_argument("--verify", type=int, metavar="N", help="let a VLM check the top hit and rewrite, N times")
-    group.add_argument("--cir-model", type=Path, metavar="DIR", help="a composed-query model `train cir` wrote")
-
-
-def _add_cir_parser(commands: Any, roles: argparse.ArgumentParser, drawing: argparse.ArgumentParser) -> None:
-    cir = commands.add_parser(
-        "cir", parents=[roles, drawing], help="find images showing a reference image changed as a text says"
-    )
+def _add_cir_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
+    cir = commands.add_parser("cir", parents=[roles], help="find images showing a reference changed as a text says")
     cir.add_argument("--index", type=Path, required=True, help="an indexed image folder")
     cir.add_argument("--reference", type=Path, required=True, metavar="IMAGE", help="the reference image")
     cir.add_argument("--change", required=True, metavar="TEXT", help="what differs, e.g. 'the same dress but red'")
-    cir.add_argument("--k", type=int, help=f"how many results (default {_default('k')})")
-    _cir_options(cir)
+    _add_knobs(cir, CIRKnobs, "composed retrieval")
     cir.add_argument("--json", action="store_true", help='print {"edited_description", "results": [...]} last')
 
 
-def _add_cir_eval_parser(loops: Any, roles: argparse.ArgumentParser, drawing: argparse.ArgumentParser) -> None:
-    cir_eval = loops.add_parser(
-        "cir", parents=[roles, drawing], help="CIRR or FashionIQ through the CIR loop: Recall@K (resumable)"
-    )
+def _add_cir_eval_parser(loops: Any, roles: argparse.ArgumentParser) -> None:
+    cir_eval = loops.add_parser("cir", parents=[roles], help="CIRR or FashionIQ through the CIR loop: Recall@K")
     cir_eval.add_argument("--index", type=Path, required=True, help="an index holding the benchmark's images")
     cir_eval.add_argument(
         "--annotations", type=Path, required=True, metavar="FILE",
@@ -191,14 +206,12 @@ def _add_cir_eval_parser(loops: Any, roles: argparse.ArgumentParser, drawing: ar
     )
     cir_eval.add_argument("--concurrency", type=int, default=1, help="queries run at once (default 1)")
     cir_eval.add_argument("--out", type=Path, default=Path("runs/eval-cir"), help="results folder (resumable)")
-    _cir_options(cir_eval)
+    _add_knobs(cir_eval, CIRKnobs, "composed retrieval")
     cir_eval.add_argument("--json", action="store_true", help="print the recalls as JSON last")
 
 
-def _add_triplets_parser(commands: Any, roles: argparse.ArgumentParser, drawing: argparse.ArgumentParser) -> None:
-    triplets = commands.add_parser(
-        "triplets", parents=[roles, drawing], help="synthesise CIR training triplets as DAIG does (resumable)"
-    )
+def _add_triplets_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
+    triplets = commands.add_parser("triplets", parents=[roles], help="synthesise CIR training triplets as DAIG does")
     triplets.add_argument("--objects", type=Path, required=True, metavar="FILE", help="objects, one a line")
     triplets.add_argument(
         "--edits", required=True, metavar="LIST", help="edit types, comma-separated: add,delete,replace,viewpoint,count"
@@ -207,38 +220,51 @@ def _add_triplets_parser(commands: Any, roles: argparse.ArgumentParser, drawing:
     triplets.add_argument("--out", type=Path, required=True, metavar="DIR", help="dataset folder (triplets.jsonl)")
     triplets.add_argument("--examples", type=Path, metavar="FILE", help="real triplets (JSONL) as few-shot examples")
     triplets.add_argument("--lora", type=Path, metavar="PATH", help="a CIR-LoRA `train cir-lora` wrote (FLUX)")
-    triplets.add_argument("--check", action="store_true", help="have the VLM check each drawing (DAIG does not)")
-    triplets.add_argument(
-        "--concurrency", type=int, help=f"triplets in flight at once (default {_default('triplet_concurrency')})"
-    )
+    _add_knobs(triplets, TripletsKnobs, "synthesis")
     triplets.add_argument("--json", action="store_true", help='print {"written", "total", "out"} last')
 
 
 def _add_train_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
+    from imageloop.training.options import CIRLoRAOptions, CIRTrainingOptions
+
     train = commands.add_parser("train", help="train DAIG's models: a composed-query model or a CIR-LoRA")
-    models = train.add_subparsers(dest="model", required=True, metavar="MODEL")
+    models = train.add_subparsers(dest="training", required=True, metavar="MODEL")
     cir = models.add_parser(
-        "cir", parents=[roles], help="a composed-query model on --embedder's features (DRSP, then FRA)"
+        "cir", parents=[roles], help="a composed-query model (combiner, clip4cir, sprc): DRSP, then FRA"
     )
     cir.add_argument("--triplets", type=Path, required=True, metavar="DIR", help="synthetic triplets (pre-training)")
-    cir.add_argument("--real", type=Path, metavar="FILE", help="real triplets (JSONL) to fine-tune on")
-    # dest train_steps: `steps` is the settings' denoising steps, which a training run must not set.
-    cir.add_argument("--steps", type=int, dest="train_steps", help="pre-training steps (default 1000)")
-    cir.add_argument("--finetune-steps", type=int, help="fine-tuning steps with --real (default 200)")
-    cir.add_argument("--learning-rate", type=float, help="pre-training learning rate (default 1e-4)")
+    cir.add_argument("--real", type=Path, metavar="FILE", help="real triplets (JSONL, e.g. cir-data's) to fine-tune on")
+    _add_knobs(cir, CIRTrainingOptions, "training (the paper's values where it gives them)")
     cir_lora = models.add_parser("cir-lora", parents=[roles], help="an in-context LoRA on FLUX for diptychs")
     cir_lora.add_argument("--triplets", type=Path, required=True, metavar="DIR", help="real triplets (folder or JSONL)")
-    cir_lora.add_argument("--steps", type=int, dest="train_steps", help="training steps (default 1000)")
-    cir_lora.add_argument("--experts", type=int, help="LoRA experts mixed by a router (default 1: one LoRA)")
-    cir_lora.add_argument("--rank", type=int, help="LoRA rank (default 16)")
-    cir_lora.add_argument("--resolution", type=int, help="each panel's side in pixels (default 512)")
-    cir_lora.add_argument(
-        "--base-model", metavar="SPEC", help="FLUX checkpoint (default --generator if FLUX, else FLUX.1-dev)"
-    )
+    _add_knobs(cir_lora, CIRLoRAOptions, "training (uncaptioned images are described by --captioner when given)")
     for parser in (cir, cir_lora):
+        parser.add_argument(
+            "--images", type=Path, metavar="DIR",
+            help="a folder triplet images may lie in besides their file's own (cir-data's: the benchmark's images)",
+        )  # fmt: skip
         parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the model goes (resumable)")
-        parser.add_argument("--batch-size", type=int, help="examples per step")
         parser.add_argument("--json", action="store_true", help="print the run's summary as JSON last")
+
+
+def _add_cir_data_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
+    data = commands.add_parser(
+        "cir-data", parents=[roles], help="a CIRR or FashionIQ train split as real triplets (K-shot, fraction, all)"
+    )
+    data.add_argument(
+        "--annotations", type=Path, required=True, metavar="FILE",
+        help="CIRR captions/cap.rc2.train.json, FashionIQ captions/cap.CATEGORY.train.json, or the dataset folder",
+    )  # fmt: skip
+    data.add_argument("--format", required=True, choices=["cirr", "fashioniq"], help="the benchmark")
+    data.add_argument(
+        "--images", type=Path, metavar="DIR", help="the benchmark's images (default ROOT/img_raw or ROOT/images)"
+    )
+    size = data.add_mutually_exclusive_group(required=True)
+    size.add_argument("--shots", type=int, metavar="K", help="K triplets (DAIG's few-shot setting: 32)")
+    size.add_argument("--fraction", type=float, metavar="F", help="this share of the split (DAIG: 0.01; 1: all)")
+    data.add_argument("--seed", type=int, default=0, help="which sample (default 0; a smaller one nests in a larger)")
+    data.add_argument("--out", type=Path, required=True, metavar="FILE", help="the triplets (JSONL) to write")
+    data.add_argument("--json", action="store_true", help='print {"written", "out", "images"} last')
 
 
 def _add_genir_eval_options(parser: argparse.ArgumentParser) -> None:
@@ -250,20 +276,8 @@ def _add_genir_eval_options(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--images", type=Path, metavar="DIR", help="the benchmark's images folder")
     data.add_argument("--annotations", type=Path, metavar="FILE", help="its dialogues, captions or query list")
     data.add_argument("--sample", type=int, metavar="N", help="N targets drawn with GenIR's seed 42 (default all)")
-    paper = parser.add_argument_group("as published (the genir-paper preset sets the paper's values)")
-    paper.add_argument("--ks", metavar="K[,K]", help="Hits@K for each K from the same dialogues, e.g. 1,5,10")
-    paper.add_argument("--simulated-user", choices=["ours", "paper"], help="one structured call, or the paper's")
-    paper.add_argument("--user-temperature", type=float, help="simulated user's temperature (paper 0.7)")
-    paper.add_argument("--user-top-p", type=float, help="simulated user's top_p (paper 0.9)")
-    paper.add_argument("--user-repetition-penalty", type=float, help="local models, vLLM (paper 1.1)")
-    paper.add_argument(
-        "--hybrid-rule", choices=HYBRID_RULES, help="hybrid: confidence (ours, per round), oracle or random (per query)"
-    )
-    paper.add_argument("--hybrid-visual-fraction", type=float, help="random hybrid: share shown drawings (paper 0.223)")
-    paper.add_argument(
-        "--hybrid-fallback", choices=["prediction", "verbal"], help="per-query hybrid without a drawing (prediction)"
-    )
-    paper.add_argument(
+    _add_knobs(parser, GenIREvalKnobs, "search and simulated user (the genir-paper preset sets the paper's values)")
+    parser.add_argument(
         "--rescore-text", action="store_true", help="re-score the queries saved in --out by text-only retrieval"
     )
 
@@ -272,9 +286,7 @@ def _add_eval_imagerag_parser(loops: Any, roles: argparse.ArgumentParser) -> Non
     """`imageloop eval imagerag`: draft vs final image of every prompt, on CLIP, SigLIP, DINO and a VLM judge."""
     from imageloop.eval.imagerag import METRICS
 
-    parser = loops.add_parser(
-        "imagerag", parents=[roles, _drawing_options()], help="ImageRAG: draft vs final on CLIP, SigLIP, DINO, a judge"
-    )
+    parser = loops.add_parser("imagerag", parents=[roles], help="ImageRAG: draft vs final on CLIP, SigLIP, DINO, judge")
     parser.add_argument(
         "--prompts", type=Path, required=True, metavar="FILE_OR_CLASS_FOLDER",
         help='a file of prompts (CLASS<TAB>PROMPT names a class) or a folder of classes ("a photo of a <class>")',
@@ -292,12 +304,12 @@ def _add_eval_imagerag_parser(loops: Any, roles: argparse.ArgumentParser) -> Non
     )
     models.add_argument("--eval-dino", metavar="transformers:MODEL", help="DINO (transformers:facebook/dinov2-base)")
     models.add_argument("--judge", metavar="PROVIDER:MODEL", help="the VLM judge (default: the --vlm)")
-    _add_imagerag_knobs(parser)
+    _add_knobs(parser, ImageRAGKnobs, "ImageRAG loop (the imagerag-paper preset sets the paper's values)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (exposed for docs and tests)."""
-    roles, drawing, genir = _role_options(), _drawing_options(), _genir_options()
+    roles = _role_options()
     parser = argparse.ArgumentParser(
         prog="imageloop",
         description="Retrieval-augmented image generation and generative image retrieval as LangGraph loops.",
@@ -306,10 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     index = commands.add_parser("index", parents=[roles], help="index a folder of images for retrieval")
-    index.add_argument("folder", type=Path, help="folder of images; the index is written to FOLDER/.imageloop")
-    index.add_argument("--batch-size", type=int, help=f"images embedded per batch (default {_default('batch_size')})")
-    index.add_argument("--ann", choices=ANN_ENGINES, help="search index past 100,000 images (default: by size)")
-    index.add_argument("--threads", type=int, metavar="N", help="threads that build the search index (default all)")
+    index.add_argument(
+        "folder", type=Path, nargs="+", metavar="SOURCE",
+        help="a folder of images, a parquet table of image paths and captions, or WebDataset shards "
+        "('data/{00000..00099}.tar'); the index is written to FOLDER/.imageloop (the folder holding them)",
+    )  # fmt: skip
+    _add_knobs(index, IndexOptions, "indexing")
     index.add_argument("--json", action="store_true", help='print {"indexed", "skipped", "failed", "total", ...} last')
     stores = index.add_argument_group("vector store (a new index; an existing one keeps its own)")
     stores.add_argument("--store", choices=STORE_KINDS, help="default embedded: FOLDER/.imageloop")
@@ -320,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     index_info.add_argument("index", type=Path, metavar="INDEX", help="an indexed image folder (or its .imageloop)")
     index_info.add_argument("--json", action="store_true", help='print {"count", "embedder", "dim", "store"}')
 
-    query = commands.add_parser("query", parents=[roles], help="retrieve the indexed images that match a text or image")
+    query = commands.add_parser(
+        "query", parents=[_role_options(["embedder"])], help="retrieve the indexed images that match a text or image"
+    )
     query.add_argument("index", type=Path, metavar="INDEX", help="an indexed image folder")
     query.add_argument("text", nargs="?", help="what the images show (or pass --image)")
     query.add_argument("--image", type=Path, help="find images that look like this one")
@@ -333,22 +349,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help='print {"results": [{"id", "path", "caption", "score"}]} last'
     )
 
-    generate = commands.add_parser("generate", parents=[roles, drawing], help="run ImageRAG for a prompt")
+    generate = commands.add_parser("generate", parents=[roles], help="run ImageRAG for a prompt")
     generate.add_argument("prompt", nargs="?", help="what to draw (not needed with --resume)")
     generate.add_argument("--index", type=Path, help="an indexed image folder")
     generate.add_argument("--out", type=Path, help="run directory for images and run.json")
     generate.add_argument(
         "--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint"
     )
-    _add_imagerag_knobs(generate)
+    _add_knobs(generate, ImageRAGKnobs, "ImageRAG loop (the imagerag-paper preset sets the paper's values)")
     generate.add_argument(
         "--where", action="append", default=[], metavar="KEY=VALUE", help="retrieve only matching images"
     )
     generate.add_argument("--json", action="store_true", help="print run.json to stdout when done")
 
-    search = commands.add_parser(
-        "search", parents=[roles, drawing, genir], help="find an image you have in mind, round by round"
-    )
+    search = commands.add_parser("search", parents=[roles], help="find an image you have in mind, round by round")
+    _add_knobs(search, GenIRKnobs, "search")
     search.add_argument("--index", type=Path, help="an indexed image folder (not needed with --resume)")
     search.add_argument("--query", help="what you are looking for (asked for when missing)")
     search.add_argument("--resume", metavar="SESSION_ID", help="continue a session (started in any face)")
@@ -356,27 +371,28 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--sessions", type=Path, help="session database (default $IMAGELOOP_SESSIONS or ~/.local/state)"
     )
+    search.add_argument(
+        "--json", action="store_true", help="print the session as it ended last (rounds and questions go to stderr)"
+    )
 
     evaluate = commands.add_parser("eval", help="benchmark a loop")
     loops = evaluate.add_subparsers(dest="loop", required=True, metavar="LOOP")
-    genir_eval = loops.add_parser(
-        "genir", parents=[roles, drawing, genir], help="simulated-user GenIR: cumulative Hits@K per round"
-    )
+    genir_eval = loops.add_parser("genir", parents=[roles], help="simulated-user GenIR: cumulative Hits@K per round")
     genir_eval.add_argument("--index", type=Path, help="an indexed image folder (the corpus searched)")
     genir_eval.add_argument("--targets", type=Path, help="a folder of target images or a file of paths")
-    genir_eval.add_argument("--rank-depth", type=int, help=f"ranks deeper count as misses ({_default('rank_depth')})")
     genir_eval.add_argument("--concurrency", type=int, default=1, help="targets searched at once (default 1)")
     genir_eval.add_argument("--out", type=Path, default=Path("runs/eval-genir"), help="results folder (resumable)")
     genir_eval.add_argument("--json", action="store_true", help='print {"rounds": [{"round", "hits_at_k"}], ...} last')
-    _add_cir_eval_parser(loops, roles, drawing)
+    _add_cir_eval_parser(loops, roles)
 
-    _add_cir_parser(commands, roles, drawing)
-    _add_triplets_parser(commands, roles, drawing)
+    _add_cir_parser(commands, roles)
+    _add_triplets_parser(commands, roles)
     _add_train_parser(commands, roles)
+    _add_cir_data_parser(commands, roles)
     _add_genir_eval_options(genir_eval)
     _add_eval_imagerag_parser(loops, roles)
 
-    _add_rage_parser(commands, roles, drawing)
+    _add_rage_parser(commands, roles)
 
     report = commands.add_parser("report", help="(re)write a run directory's report.html from its run.json")
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a directory `imageloop generate --out` wrote")
@@ -401,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ui_parser(commands, roles)
     _add_completion_parser(commands)
     _add_quiet(parser)
+    _add_roots(parser)
     return parser
 
 
@@ -416,6 +433,21 @@ def _add_quiet(parser: argparse.ArgumentParser, top: bool = True) -> None:
                 _add_quiet(sub, top=False)
 
 
+def _add_roots(parser: argparse.ArgumentParser) -> None:
+    """`--root DIR` on every command that reads paths (`mcp` has its own): opt-in confinement, as the servers do."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in dict.fromkeys(action.choices.items()):
+                if any(isinstance(inner, argparse._SubParsersAction) for inner in sub._actions):
+                    _add_roots(sub)
+                elif name != "completion" and "--root" not in sub._option_string_actions:
+                    sub.add_argument(
+                        "--root", type=Path, action="append", default=[], metavar="DIR",
+                        help="confine every path argument to DIR (repeatable; relative paths are taken from the "
+                        "first; symlinks resolved, '..' refused); default: unconfined",
+                    )  # fmt: skip
+
+
 def _add_ui_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
     ui = commands.add_parser("ui", parents=[roles], help="open the browser UI (generate, search, pick, compose)")
     ui.add_argument("--index", type=Path, required=True, help="the indexed image folder the UI searches")
@@ -424,6 +456,10 @@ def _add_ui_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
     ui.add_argument(
         "--token", help="access token required beyond localhost ($IMAGELOOP_UI_TOKEN; default: a random one)"
     )
+    ui.add_argument(
+        "--root", type=Path, action="append", default=[], metavar="DIR",
+        help="a folder the UI may read besides --index (repeatable); nothing else is read",
+    )  # fmt: skip
     ui.add_argument("--runs", type=Path, metavar="DIR", help="where runs and searches are written (default runs/)")
     ui.add_argument("--sessions", type=Path, help="GenIR session database (default shared with the other faces)")
 
@@ -434,43 +470,36 @@ def _add_completion_parser(commands: Any) -> None:
 
 
 def _add_rage_parser(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
-    roles: argparse.ArgumentParser,
-    drawing: argparse.ArgumentParser,
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], roles: argparse.ArgumentParser
 ) -> None:
     rage = commands.add_parser(
-        "rage", parents=[roles, drawing], help="retrieve from your catalogue, pick images, generate with them (RAGE)"
+        "rage", parents=[roles], help="retrieve from your catalogue, pick images, generate with them (RAGE)"
     )
     rage.add_argument("prompt", nargs="?", help="what to generate; also what to retrieve (not needed with --resume)")
     rage.add_argument("--index", type=Path, help="an indexed image folder (your catalogue)")
     rage.add_argument("--out", type=Path, help="run directory for final.png, run.json and report.html")
-    rage.add_argument("--k", type=int, help=f"candidates shown (default {_default('k')})")
-    rage.add_argument("--similarity-threshold", type=float, help="drop candidates below this cosine")
     rage.add_argument(
         "--where", action="append", default=[], metavar="KEY=VALUE", help="metadata filter, e.g. tags=sneaker"
     )
-    picks = rage.add_mutually_exclusive_group()
-    picks.add_argument(
+    rage.add_argument(
         "--select", metavar="ITEMS", help="picks, comma-separated: positions as shown (1,3), ids or file names"
     )
-    picks.add_argument("--auto", type=int, metavar="N", help="pick the top N candidates without asking")
-    rage.add_argument("--review", choices=REVIEW_KINDS, help="who checks each image (default none)")
-    rage.add_argument(
-        "--max-generations", type=int, help=f"images drawn at most (default {_default('max_generations')})"
-    )
+    _add_knobs(rage, RAGEKnobs, "RAGE", auto_select="--auto")
     rage.add_argument("--resume", metavar="SESSION_ID", help="continue a RAGE session (started in any face)")
     rage.add_argument("--sessions", type=Path, help="session database (default $IMAGELOOP_SESSIONS or ~/.local/state)")
     rage.add_argument("--json", action="store_true", help='print {"final_image", "selected", "stop_reason"} last')
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides = {name: getattr(args, name) for name in Settings.model_fields if hasattr(args, name)}
+    """The process's settings: the models and stores this command line names (its knobs go to the run itself)."""
+    overrides = {name: getattr(args, name) for name in ModelSettings.model_fields if hasattr(args, name)}
     return load_settings(getattr(args, "profile", None), overrides)
 
 
 def _app(args: argparse.Namespace, **options: Any) -> App:
     from imageloop.app import App
 
+    options.setdefault("roots", getattr(args, "root", None) or None)
     return App(_settings(args), sessions_db=getattr(args, "sessions", None), **options)
 
 
@@ -486,7 +515,12 @@ class _Progress:
         self.quiet = quiet
         self.bar: Any = None
 
-    def step(self, step: dict[str, Any]) -> None:
+    def followers(self) -> Followers:
+        """The callbacks a loop run takes to be followed: each step, and progress inside one."""
+        followers: Followers = {"on_step": self.step, "on_progress": self.progress}
+        return followers
+
+    def step(self, step: Step) -> None:
         """A node finished: say what it decided."""
         if not self.quiet:
             self._close_bar()
@@ -515,9 +549,7 @@ class _Progress:
 
 
 def _index(args: argparse.Namespace, app: App) -> int:
-    summary = app.index_folder(
-        args.folder, batch_size=args.batch_size, progress=not args.quiet, ann=args.ann, threads=args.threads
-    )
+    summary = app.index_folder(args.folder, options=_given(args, IndexOptions), progress=not args.quiet)
     for path, reason in summary.failures:
         _err(f"skipped {path}: {reason}")
     removed = f", removed {summary.removed}" if summary.removed else ""
@@ -550,8 +582,8 @@ def _query(args: argparse.Namespace, app: App) -> int:
     results: list[dict[str, Any]] = [
         {"id": r.id, "path": str(r.path), "caption": r.caption, "score": round(r.score, 6)} for r in found
     ]
-    for rank, r in enumerate(results):
-        _err(f"{rank}. {r['path']}  ({r['score']:.3f})  {r['caption'][:80]}")
+    for position, r in enumerate(results, start=1):
+        _err(f"{position}. {r['path']}  ({r['score']:.3f})  {r['caption'][:80]}")
     if not results:
         _err("no indexed image matched")
     if args.json:
@@ -564,7 +596,7 @@ def _generate(args: argparse.Namespace, app: App) -> int:
 
     if args.resume is None and (args.prompt is None or args.index is None or args.out is None):
         raise ConfigError("generate needs PROMPT, --index and --out (or --resume RUN_DIR)")
-    knobs = {name: getattr(args, name) for name in IMAGERAG_KNOBS}
+    knobs = _given(args, ImageRAGKnobs)
     shown = _Progress(args.quiet)
     record = app.generate(
         args.prompt, args.index, out_dir=args.resume or args.out, knobs=knobs,
@@ -577,98 +609,95 @@ def _generate(args: argparse.Namespace, app: App) -> int:
 
 
 def _search(args: argparse.Namespace, app: App) -> int:
-    given = {"feedback": args.feedback, "rounds": args.rounds, "k": args.k}
+    given = _given(args, GenIRKnobs)
     progress = _Progress(args.quiet)
-    follow = {"on_step": progress.step, "on_progress": progress.progress}
+    follow = progress.followers()
+    say: Callable[[str], None] = _err if args.json else print  # with --json, stdout holds the result alone
     if args.resume is not None:
-        shown = app.show_search(args.resume, given=given)
-        if shown["status"] == "incomplete":
+        shown = app.show_search(args.resume, knobs=given)
+        if shown.status == "incomplete":
             shown = app.continue_search(args.resume, None, **follow)
     else:
         if args.index is None:
             raise ConfigError("search needs --index (or --resume SESSION_ID)")
-        query = args.query or input("What are you looking for? ").strip()
+        query = args.query or _ask("What are you looking for? ")
         shown = app.start_search(args.index, query, knobs=given, out_dir=args.out, **follow)
-        args.session_id = shown["thread_id"]  # what a Ctrl-C from here on may point back to
-        print(f"session {shown['thread_id']} (continue it with --resume {shown['thread_id']})")
-    while shown["status"] == "awaiting_feedback":
-        _print_round(shown)
-        answer = input(f"{shown['ask']}\n> ")
+        args.session_id = shown.session_id  # what a Ctrl-C from here on may point back to
+        say(f"session {shown.session_id} (continue it with --resume {shown.session_id})")
+    while shown.status == "awaiting_feedback":
+        _print_round(shown, say)
+        answer = _ask(f"{shown.ask}\n> ") if args.json else input(f"{shown.ask}\n> ")
         try:
-            shown = app.continue_search(shown["thread_id"], answer, **follow)
+            shown = app.continue_search(shown.session_id, answer, **follow)
         except ImageloopError as e:  # an empty or unknown answer: say why and ask again
-            print(f"  {e}")
-    found = shown["found_id"] or "not found"
-    print(f"{shown['stop_reason']}: {found} after {shown['rounds_played']} round(s)")
+            say(f"  {e}")
+    found = shown.found_id or "not found"
+    say(f"{shown.stop_reason}: {found} after {shown.rounds_played} round(s)")
+    if args.json:
+        print(json.dumps(shown.model_dump(mode="json")))
     return 0
 
 
-def _print_round(shown: dict[str, Any]) -> None:
-    print(f"\nround {shown['round']}: {shown['query']}")
-    if shown["synthetic_image"]:
-        print(f"  synthetic image: {shown['synthetic_image']}")
-    for i, r in enumerate(shown["retrieved"]):
-        print(f"  {i}. {r['path']}  ({r['score']:.3f})  id {r['id'][:12]}")
-    print(f"  page: {shown['page']}")
-
-
-RAGE_KNOBS = ("k", "similarity_threshold", "review", "max_generations", "seed", "size", "steps")
+def _print_round(shown: SearchView, say: Callable[[str], None]) -> None:
+    say(f"\nround {shown.round}: {shown.query}")
+    if shown.synthetic_image:
+        say(f"  synthetic image: {shown.synthetic_image}")
+    for r in shown.retrieved:
+        say(f"  {r.position}. {r.path}  ({r.score:.3f})  id {r.id[:12]}")
+    say(f"  page: {shown.page}")
 
 
 def _rage(args: argparse.Namespace, app: App) -> int:
     from imageloop.app import parse_where
 
     progress = _Progress(args.quiet)
-    follow = {"on_step": progress.step, "on_progress": progress.progress}
-
+    follow = progress.followers()
+    knobs = _given(args, RAGEKnobs)
+    if args.select is not None and knobs.get("auto_select"):
+        raise ConfigError("--select and --auto both pick: give one")
     if args.resume is not None:
-        given = [f"--{name.replace('_', '-')}" for name in (*RAGE_KNOBS, "auto", "index", "out", "prompt")
-                 if getattr(args, name) is not None] + (["--where"] if args.where else [])  # fmt: skip
-        if given:
-            raise ConfigError(f"--resume continues a session with its own settings: drop {', '.join(given)}")
-        shown = app.continue_rage(args.resume, None, **follow)
+        given = [f"--{name}" for name in ("index", "out", "prompt") if getattr(args, name) is not None]
+        if given or args.where:
+            raise ConfigError(f"--resume continues a session as it was started: drop {', '.join(given or ['--where'])}")
+        shown = app.continue_rage(args.resume, None, knobs=knobs, **follow)
     else:
         if args.prompt is None or args.index is None or args.out is None:
             raise ConfigError("rage needs PROMPT, --index and --out (or --resume SESSION_ID)")
-        knobs = {name: getattr(args, name) for name in RAGE_KNOBS} | {"auto_select": args.auto}
         shown = app.start_rage(
             args.prompt, args.index, knobs=knobs, where=parse_where(args.where), out_dir=args.out, **follow
         )
-        _err(f"session {shown['session_id']} (continue it with: imageloop rage --resume {shown['session_id']})")
+        _err(f"session {shown.session_id} (continue it with: imageloop rage --resume {shown.session_id})")
     scripted = args.select
-    while shown["status"] in ("awaiting_selection", "awaiting_review"):
+    while shown.question is not None:
         _show_question(shown)
         if scripted is not None:  # --select answers the first question; a later one is asked
             answer: Any = {"selected": scripted}
             scripted = None
-            shown = app.continue_rage(shown["session_id"], answer, **follow)
+            shown = app.continue_rage(shown.session_id, answer, **follow)
             continue
-        answer = _ask_selection() if shown["status"] == "awaiting_selection" else _ask_review()
+        answer = _ask_selection() if shown.status == "awaiting_selection" else _ask_review()
         try:
-            shown = app.continue_rage(shown["session_id"], answer, **follow)
+            shown = app.continue_rage(shown.session_id, answer, **follow)
         except ImageloopError as e:  # a pick or an answer that names nothing: say why and ask again
             _err(f"  {e}")
-    final = shown["final_image"] or "no image"
-    _err(f"{shown['stop_reason']}: {final}; report {shown['report']}")
+    _err(f"{shown.stop_reason}: {shown.final_image or 'no image'}; report {shown.report}")
     if args.json:
-        selected = [{"id": c["id"], "path": c["path"]} for c in shown["selected"]]
-        print(
-            json.dumps({"final_image": shown["final_image"], "selected": selected, "stop_reason": shown["stop_reason"]})
-        )
+        selected = [{"id": c.id, "path": c.path} for c in shown.selected]
+        print(json.dumps({"final_image": shown.final_image, "selected": selected, "stop_reason": shown.stop_reason}))
     return 0
 
 
-def _show_question(shown: dict[str, Any]) -> None:
-    question = shown["question"]
+def _show_question(shown: RAGEView) -> None:
+    question = shown.question or {}
     if question["kind"] == "select":
         _err(f"\ncandidates for: {question['prompt']}")
-        for c in question["candidates"]:
-            _err(f"  {c['position']}. {c['path']}  ({c['score']:.3f})  id {c['id'][:12]}  {c['caption'][:60]}")
-        if not question["candidates"]:
+        for c in shown.candidates:
+            _err(f"  {c.position}. {c.path}  ({c.score:.3f})  id {c.id[:12]}  {c.caption[:60]}")
+        if not shown.candidates:
             _err("  nothing matched")
-        _err(f"  thumbnails: {shown['report']}\n{question['ask']}")
+        _err(f"  thumbnails: {shown.report}\n{question['ask']}")
     else:
-        _err(f"\ngeneration {question['generation']}: {question['image']}  (page: {shown['report']})")
+        _err(f"\ngeneration {question['generation']}: {question['image']}  (page: {shown.report})")
         _err(f"{question['ask']} ({question['generations_left']} more allowed)")
 
 
@@ -723,7 +752,7 @@ def _eval(args: argparse.Namespace, app: App) -> int:
     else:
         if args.index is None:
             raise ConfigError("eval genir needs --index (the indexed corpus to search)")
-        knobs = {"feedback": args.feedback, "rounds": args.rounds, "k": args.k, "rank_depth": args.rank_depth}
+        knobs = _given(args, GenIREvalKnobs)
         with _counter("targets", "target", args.quiet) as progress:
             summary = app.eval_genir(
                 args.index, args.targets, args.out, benchmark=args.benchmark, images=args.images,
@@ -742,11 +771,12 @@ def _show_hits(summary: dict[str, Any]) -> None:
     for entry in summary["rounds"]:
         hits = ", ".join(f"Hits@{k} = {value:.3f}" for k, value in entry["hits_at"].items())
         latency = f" ({entry['latency_s']:.2f} s)" if entry.get("latency_s") is not None else ""
-        _err(f"round {entry['round']}: {hits}{latency}")
+        carried = f"; {entry['carried']} of {summary['n_targets']} carried forward" if entry.get("carried") else ""
+        _err(f"round {entry['round']}: {hits}{latency}{carried}")
 
 
 def _eval_imagerag(args: argparse.Namespace, app: App) -> int:
-    knobs = {name: getattr(args, name) for name in IMAGERAG_KNOBS}
+    knobs = _given(args, ImageRAGKnobs)
     with _counter("prompts", "prompt", args.quiet) as progress:
         summary = app.eval_imagerag(
             args.prompts, args.index, args.out, real_images=args.real_images, metrics=args.metrics, knobs=knobs,
@@ -769,7 +799,7 @@ def _eval_imagerag(args: argparse.Namespace, app: App) -> int:
 def _report(args: argparse.Namespace, app: App) -> int:
     from imageloop.report import write_report
 
-    print(write_report(args.run_dir))
+    print(write_report(app.path(args.run_dir, "run", kind="dir")))
     return 0
 
 
@@ -795,12 +825,14 @@ def _ui(args: argparse.Namespace, app: App) -> int:
     from imageloop.ui import serve
 
     token = args.token or os.environ.get("IMAGELOOP_UI_TOKEN") or None
-    serve(app, index=args.index, host=args.host, port=args.port, token=token)
+    serve(app, index=args.index.resolve(), host=args.host, port=args.port, token=token)
     return 0
 
 
 def _ui_app(args: argparse.Namespace) -> App:
-    return _app(args, runs_dir=args.runs)
+    from imageloop.app import App
+
+    return App.serving(_settings(args), args.index, args.root, runs_dir=args.runs, sessions_db=args.sessions)
 
 
 def _completion(args: argparse.Namespace, app: App) -> int:
@@ -820,17 +852,17 @@ def _mcp_app(args: argparse.Namespace) -> App:
 
 def _cir(args: argparse.Namespace, app: App) -> int:
     found = app.compose_retrieve(
-        args.index, args.reference, args.change, k=args.k, proxy=args.proxy, verify=args.verify,
-        fusion_lambda=args.fusion_lambda, cir_model=args.cir_model, on_step=_Progress(args.quiet).step,
-    )  # fmt: skip
-    if found["edited_description"]:
-        _err(f"edited description: {found['edited_description']}")
-    for rank, r in enumerate(found["results"]):
-        _err(f"{rank}. {r['path']}  ({r['score']:.3f})")
-    if not found["results"]:
+        args.index, args.reference, args.change, knobs=_given(args, CIRKnobs), on_step=_Progress(args.quiet).step
+    )
+    if found.edited_description:
+        _err(f"edited description: {found.edited_description}")
+    for r in found.results:
+        _err(f"{r.position}. {r.path}  ({r.score:.3f})")
+    if not found.results:
         _err("no indexed image matched")
     if args.json:
-        print(json.dumps({"edited_description": found["edited_description"], "results": found["results"]}))
+        results = [r.model_dump() for r in found.results]
+        print(json.dumps({"edited_description": found.edited_description, "results": results}))
     return 0
 
 
@@ -838,8 +870,7 @@ def _eval_cir(args: argparse.Namespace, app: App) -> int:
     with _counter("queries", "query", args.quiet) as progress:
         summary = app.eval_cir(
             args.index, args.annotations, args.format, args.out, split=args.split, images=args.images,
-            proxy=args.proxy, verify=args.verify, fusion_lambda=args.fusion_lambda, cir_model=args.cir_model,
-            concurrency=args.concurrency, on_query=progress,
+            knobs=_given(args, CIRKnobs), concurrency=args.concurrency, on_query=progress,
         )  # fmt: skip
     keys: tuple[str, ...]
     if "submission" in summary:
@@ -864,13 +895,13 @@ def _eval_cir(args: argparse.Namespace, app: App) -> int:
 def _triplets(args: argparse.Namespace, app: App) -> int:
     progress = _Progress(args.quiet)
 
-    def show(step: dict[str, Any]) -> None:
+    def show(step: Step) -> None:
         if step["node"] in ("synthesize", "finish", "prepare"):
             progress.step(step)
 
     made = app.synthesize_triplets(
-        args.objects, args.edits, args.n, args.out, examples=args.examples, lora=args.lora, check=args.check,
-        concurrency=args.concurrency, on_step=show,
+        args.objects, args.edits, args.n, args.out, examples=args.examples, lora=args.lora,
+        knobs=_given(args, TripletsKnobs), on_step=show,
     )  # fmt: skip
     counts = f"wrote {made['written']} (failed {made['failed']}, rejected {made['rejected']})"
     _err(f"{counts}; {made['total']} triplets in {made['out']}")
@@ -882,7 +913,9 @@ def _triplets(args: argparse.Namespace, app: App) -> int:
 def _train(args: argparse.Namespace, app: App) -> int:
     from tqdm import tqdm
 
-    bar = tqdm(desc=f"train {args.model}", unit="step", file=sys.stderr, disable=None)
+    from imageloop.training.options import CIRLoRAOptions, CIRTrainingOptions
+
+    bar = tqdm(desc=f"train {args.training}", unit="step", file=sys.stderr, disable=None)
 
     def progress(event: Any) -> None:
         bar.total = event.total_steps
@@ -891,21 +924,33 @@ def _train(args: argparse.Namespace, app: App) -> int:
         bar.refresh()
 
     try:
-        if args.model == "cir":
+        if args.training == "cir":
+            options = _given(args, CIRTrainingOptions)
             summary = app.train_cir(
-                args.triplets, args.out, real=args.real, steps=args.train_steps, finetune_steps=args.finetune_steps,
-                batch_size=args.batch_size, learning_rate=args.learning_rate, progress=progress,
-            )  # fmt: skip
+                args.triplets, args.out, real=args.real, images=args.images, options=options, progress=progress
+            )
         else:
             summary = app.train_cir_lora(
-                args.triplets, args.out, steps=args.train_steps, experts=args.experts, rank=args.rank,
-                resolution=args.resolution, batch_size=args.batch_size, base_model=args.base_model, progress=progress,
-            )  # fmt: skip
+                args.triplets, args.out, images=args.images, options=_given(args, CIRLoRAOptions), progress=progress
+            )
     finally:
         bar.close()
     _err(f"{summary['steps']} steps, final loss {summary['final_loss']:.4f}; loss curve {summary['loss_curve_svg']}")
     if args.json:
         print(json.dumps(summary))
+    return 0
+
+
+def _cir_data(args: argparse.Namespace, app: App) -> int:
+    made = app.cir_data(
+        args.annotations, args.format, args.out, images=args.images, shots=args.shots, fraction=args.fraction,
+        seed=args.seed,
+    )  # fmt: skip
+    captions = ", with captions" if made["captioned"] else ""
+    _err(f"wrote {made['written']} of the split's {made['split_size']} triplets to {made['out']}{captions}")
+    _err(f"their images lie in {made['images']}: train on them with --real {made['out']} --images {made['images']}")
+    if args.json:
+        print(json.dumps({"written": made["written"], "out": made["out"], "images": made["images"]}))
     return 0
 
 
@@ -921,6 +966,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, App], int]] = {
     "cir": _cir,
     "triplets": _triplets,
     "train": _train,
+    "cir-data": _cir_data,
     "mcp": _mcp,
     "ui": _ui,
     "completion": _completion,
@@ -953,27 +999,52 @@ def _interrupted(args: argparse.Namespace, error: BaseException) -> str:
         return f"finished targets are in {args.out}; run the same command again to evaluate the rest"
     if args.command == "triplets":
         return f"finished triplets are in {args.out}; run the same command again to make the rest"
-    if args.command == "train" and args.model == "cir":
+    if args.command == "train":
         return f"checkpoints are in {args.out}; run the same command again to resume"
+    if args.command == "cir-data":
+        return f"nothing was written to {args.out}; captions made so far are kept: run the same command again"
     return "stopped"
+
+
+def _as_options(message: str) -> str:
+    """An application error in this face's spelling: a setting or knob named `like_this` is `--like-this`."""
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: "--" + str(m[1]).replace("_", "-"), message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `imageloop` script."""
     args = build_parser().parse_args(argv)
+    if args.quiet:
+        hide_loading_bars()
+    from imageloop.app.jobs import LeftRunning
+
     app: App | None = None
     try:
-        app = APPS.get(args.command, _app)(args)
-        return COMMANDS[args.command](args, app)
+        with _sigterm_as_interrupt(args.command):
+            try:
+                app = APPS.get(args.command, _app)(args)
+                code = COMMANDS[args.command](args, app)
+                sys.stdout.flush()  # here, so a reader that went away (`| head`) is noticed below, not at exit
+                return code
+            finally:
+                if app is not None:
+                    app.close()
+    except BrokenPipeError:
+        # Whoever read stdout stopped (`imageloop completion bash | head`): as any Unix filter, stop quietly,
+        # sending what is still buffered nowhere so that the interpreter's own flush at exit cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except ImageloopError as e:
-        _err(f"imageloop: error: {e}")
+        _err(f"imageloop: error: {_as_options(str(e))}")
         return EXIT_USER_ERROR
     except (KeyboardInterrupt, EOFError) as e:
-        _err(f"\nimageloop: interrupted; {_interrupted(args, e)}")
-        return EXIT_INTERRUPTED
-    finally:
-        if app is not None:
-            app.close()
+        stop = e.stop if isinstance(e, LeftRunning) else e
+        _err(f"\nimageloop: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}; {_interrupted(args, e)}")
+        code = EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
+        if isinstance(e, LeftRunning):
+            sys.stderr.flush()
+            os._exit(code)  # not waiting for a model call that may hang for minutes: the record says where it stopped
+        return code
 
 
 if __name__ == "__main__":

@@ -12,28 +12,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from imageloop import limits
-from imageloop.errors import ConfigError, ImageloopError
+from imageloop.errors import ConfigError
+from imageloop.knobs import CIRKnobs, GenIREvalKnobs, ImageRAGKnobs, RAGEKnobs, one_line
 
 Role = Literal["vlm", "generator", "embedder", "captioner"]
 ROLES: tuple[Role, ...] = ("vlm", "generator", "embedder", "captioner")
-Mode = Literal["draft_first", "generation"]
-MODES: tuple[Mode, ...] = ("draft_first", "generation")
-FeedbackKind = Literal["visual", "verbal", "prediction", "hybrid"]
-FEEDBACK_KINDS: tuple[FeedbackKind, ...] = ("visual", "verbal", "prediction", "hybrid")
-CriticKind = Literal["single_call", "paper"]
-PlanScope = Literal["rare", "every"]
-RetrievalQuery = Literal["caption", "concept", "prompt"]
-ReferencesPolicy = Literal["replace", "accumulate"]
-FinalImage = Literal["best", "last"]
-SimulatedUserStyle = Literal["ours", "paper"]
-HybridRule = Literal["confidence", "oracle", "random"]
-HYBRID_RULES: tuple[HybridRule, ...] = ("confidence", "oracle", "random")
-HybridFallback = Literal["prediction", "verbal"]
-ReviewKind = Literal["none", "person", "critic"]
-REVIEW_KINDS: tuple[ReviewKind, ...] = ("none", "person", "critic")
 StoreKind = Literal["embedded", "chroma", "weaviate"]
 STORE_KINDS: tuple[StoreKind, ...] = ("embedded", "chroma", "weaviate")
 
@@ -61,7 +47,7 @@ class RoleSpec:
         """Split `PROVIDER:MODEL`; the model part may itself contain colons (`ollama` tags)."""
         provider, sep, model = text.partition(":")
         if not sep or not provider.strip() or not model.strip():
-            raise ConfigError(f"--{role} {text!r}: expected PROVIDER:MODEL, e.g. openai:gpt-4.1-mini")
+            raise ConfigError(f"`{role}` {text!r}: expected PROVIDER:MODEL, e.g. openai:gpt-4.1-mini")
         return cls(provider.strip().lower(), model.strip())
 
     def __str__(self) -> str:
@@ -84,8 +70,10 @@ class Endpoint:
     max_retries: int | None = None
 
 
-class Settings(BaseModel):
-    """Every knob of a run, with our defaults; the paper presets (`imageloop.presets`) set the papers' values."""
+class ModelSettings(BaseModel):
+    """What the process runs on: models, endpoints, devices and stores (the loops' knobs are in `imageloop.knobs`)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     vlm: str | None = Field(None, description="critic and query rewriter, PROVIDER:MODEL")
     generator: str | None = Field(None, description="image generator, PROVIDER:MODEL")
@@ -101,49 +89,13 @@ class Settings(BaseModel):
     captioner_api_key: str | None = None
     max_concurrent_requests: int = bounded("max_concurrent_requests")
     max_batch: int | None = bounded("max_batch")
-    mode: Mode = Field("draft_first", description="draft_first: critique a draft; generation: skip it")
-    max_iterations: int = bounded("max_iterations")
-    similarity_threshold: float | None = bounded("similarity_threshold")
-    top_k: int = bounded("top_k")
-    max_concepts: int = bounded("max_concepts")
-    seed: int | None = bounded("seed")
-    size: tuple[int, int] | None = Field(None, description="output size (width, height); backend default if None")
-    steps: int | None = bounded("steps")
-    critic: CriticKind = Field("single_call", description="single_call (JSON) or paper (the released conversation)")
-    plan_scope: PlanScope = Field("rare", description="generation mode: plan rare concepts, or every (paper)")
-    retrieval_query: RetrievalQuery = Field("caption", description="search with caption, concept word or prompt")
-    rephrase_only: bool = Field(False, description="ablation: captions folded into the prompt, no references")
-    references_policy: ReferencesPolicy = Field("replace", description="per iteration: replace or accumulate")
-    final_image_policy: FinalImage = Field("best", description="return the best judged image or the last")
     sdxl_max_references: int = Field(1, ge=1, le=3, description="sdxl-ip-adapter: references (the paper: 1)")
-    feedback: FeedbackKind = Field("visual", description="GenIR: what each round shows (visual draws the query)")
-    simulated_user: SimulatedUserStyle = Field("ours", description="GenIR simulated user: ours (one call) or paper")
-    user_temperature: float | None = bounded("user_temperature")
-    user_top_p: float | None = bounded("user_top_p")
-    user_repetition_penalty: float | None = bounded("user_repetition_penalty")
-    rounds: int = bounded("rounds")
-    k: int = bounded("k")
-    ks: tuple[int, ...] | None = Field(None, description="GenIR evaluation: Hits@K for each K (default: k)")
-    rank_depth: int = bounded("rank_depth")
-    hybrid_threshold: float = bounded("hybrid_threshold")
-    fusion_lambda: float = bounded("fusion_lambda")
-    verify: int = bounded("verify")
-    rerank_depth: int = bounded("rerank_depth")
-    hybrid_rule: HybridRule = Field(
-        "confidence", description="hybrid: confidence (ours, per round), oracle or random (the paper's, per query)"
-    )
-    hybrid_visual_fraction: float = bounded("hybrid_visual_fraction")
-    hybrid_fallback: HybridFallback = Field(
-        "prediction", description="hybrid oracle/random: the feedback a query gets when it is not shown a drawing"
-    )
     eval_clip: str = Field("open_clip:ViT-L-14/openai", description="eval imagerag: CLIP text-image scorer")
     eval_siglip: str = Field(
         "open_clip:ViT-SO400M-14-SigLIP-384/webli", description="eval imagerag: SigLIP text-image scorer"
     )
     eval_dino: str = Field("transformers:facebook/dinov2-base", description="eval imagerag: DINO image-image scorer")
     judge: str | None = Field(None, description="eval imagerag: the VLM judge, PROVIDER:MODEL (default: the --vlm)")
-    review: ReviewKind = Field("none", description="RAGE: who checks each image: none, person or critic (a VLM)")
-    max_generations: int = bounded("max_generations")
     device: str | None = Field(None, description="local models: cuda, cuda:1, mps or cpu; best available if None")
     dtype: str | None = Field(None, description="local models: float32, float16 or bfloat16; per device if None")
     offload: bool = Field(False, description="diffusers: enable model CPU offload to save GPU memory")
@@ -171,43 +123,22 @@ class Settings(BaseModel):
     request_timeout: float | None = bounded("request_timeout")
     max_retries: int = bounded("max_retries")
 
+
+class Settings(ModelSettings, ImageRAGKnobs, GenIREvalKnobs, RAGEKnobs, CIRKnobs):
+    """The process's settings: its models (`ModelSettings`) and every loop's knobs, whose values here are the
+    defaults a run starts from (field defaults < profile < `IMAGELOOP_*` < explicit arguments)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
     def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:
         """These settings with `overrides` (None values ignored), validated as every other source is."""
         return _validated({**self.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
-
-    @field_validator("ks", mode="before")
-    @classmethod
-    def _ks(cls, value: Any) -> Any:
-        """`1,5,10` text (options, `IMAGELOOP_KS`) or a sequence; each K within the bound of k, sorted, unique."""
-        if value is None:
-            return None
-        items = value.split(",") if isinstance(value, str) else list(value)
-        try:
-            ks = sorted({int(str(item).strip()) for item in items if str(item).strip()})
-        except ValueError:
-            raise ValueError(f"ks {value!r}: expected K values such as 1,5,10") from None
-        if not ks:
-            raise ValueError("ks is empty: expected K values such as 1,5,10")
-        bound = limits.BOUNDS["k"]
-        if not bound.low <= ks[0] <= ks[-1] <= bound.high:
-            raise ValueError(f"each K must be within {bound.low:g}..{bound.high:g}, got {value!r}")
-        return tuple(ks)
-
-    @field_validator("size", mode="before")
-    @classmethod
-    def _size(cls, value: Any) -> Any:
-        """`WIDTHxHEIGHT` text (options, `IMAGELOOP_SIZE`) or a pair, each side within the limits' bounds."""
-        if isinstance(value, str):
-            return limits.parse_size(value)
-        if isinstance(value, (list, tuple)) and len(value) == 2:
-            return limits.check_size((int(value[0]), int(value[1])))
-        return value
 
     def role_spec(self, role: Role) -> RoleSpec:
         """The role's `PROVIDER:MODEL`, or a ConfigError saying how to choose one."""
         value = getattr(self, role) or (self.vlm if role == "captioner" else None)
         if not value:
-            raise ConfigError(f"no {role} configured: pass --{role} PROVIDER:MODEL or --profile NAME")
+            raise ConfigError(f"no {role} configured: set `{role}` (PROVIDER:MODEL) or a `profile`")
         return RoleSpec.parse(value, role)
 
     def endpoint(self, role: Role) -> Endpoint:
@@ -296,15 +227,10 @@ def load_settings(
 
 
 def _validated(values: Mapping[str, Any]) -> Settings:
+    unknown = sorted(set(values) - set(Settings.model_fields))
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]!r}")
     try:
         return Settings.model_validate(values)
     except ValidationError as e:
-        first = e.errors()[0]
-        cause = first.get("ctx", {}).get("error")
-        if isinstance(cause, ImageloopError):  # a validator's own one-line error (pydantic wraps ValueErrors)
-            raise cause from None
-        field = ".".join(str(p) for p in first["loc"])
-        if field in limits.BOUNDS and first["type"] in ("greater_than_equal", "less_than_equal"):
-            # A value past a bound is refused in the table's own words, naming the range, on every face.
-            limits.check(field, float(first["input"]))
-        raise ConfigError(f"invalid setting {field}: {first['msg']}") from None
+        raise one_line(e, "setting") from None

@@ -104,11 +104,18 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def os_error_message(error: OSError, doing: str) -> str:
-    """One line for an OSError met while `doing` (e.g. "writing the index at X"): what happened, what to do."""
+AGAIN = "run the same command again"
+"""What to do after a full disk when the command line's own command is what to repeat (a run not yet resumable)."""
+TRY_AGAIN = "try again"
+"""What to do after a full disk on any face (a tool, the UI, the command line alike)."""
+
+
+def os_error_message(error: OSError, doing: str, again: str = TRY_AGAIN) -> str:
+    """One line for an OSError met while `doing` (e.g. "writing the index at X"): what happened, what to do
+    (once some space is freed: `again`)."""
     reason = error.strerror or str(error)
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"disk full while {doing} ({reason}): free some space and run the same command again"
+        return f"disk full while {doing} ({reason}): free some space and {again}"
     if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return f"cannot write while {doing} ({reason}): the folder is read-only for imageloop; choose a writable one"
     if error.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
@@ -117,20 +124,20 @@ def os_error_message(error: OSError, doing: str) -> str:
     return f"{doing} failed: {reason}" + (f" ({error.filename})" if error.filename else "")
 
 
-def disk_error(error: BaseException, doing: str) -> StorageError | None:
+def disk_error(error: BaseException, doing: str, again: str = TRY_AGAIN) -> StorageError | None:
     """A one-line StorageError when `error` is the disk's doing (full, read-only, failing), else None.
 
     Covers OSErrors with a disk errno and SQLite's errors about its files (a checkpoint or session
     database on a full or read-only disk).
     """
     if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
-        return StorageError(os_error_message(error, doing))
+        return StorageError(os_error_message(error, doing, again))
     if isinstance(error, sqlite3.OperationalError):
         name = getattr(error, "sqlite_errorname", "") or ""
         if name.startswith("SQLITE_FULL"):
-            return StorageError(os_error_message(OSError(errno.ENOSPC, str(error)), doing))
+            return StorageError(os_error_message(OSError(errno.ENOSPC, str(error)), doing, again))
         if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_IOERR")):
-            return StorageError(os_error_message(OSError(errno.EROFS, str(error)), doing))
+            return StorageError(os_error_message(OSError(errno.EROFS, str(error)), doing, again))
     return None
 
 

@@ -4,36 +4,34 @@ The server brings its own checkpointer, so none is compiled in; it loads this fi
 factory to run a graph, draw it or read its schemas. Everything the graphs run on is resolved when a
 run needs it (`imageloop.app.deployment`): models and the index from the deployment's settings
 (`IMAGELOOP_*`, `IMAGELOOP_INDEX`), per-run knobs, the index and the images folder from the run context,
-which Studio shows as a form.
+which Studio shows as a form. A run's questions (interrupts) and answers name its images by the addresses the
+server's own route serves (`imageloop.langgraph_http`), never by paths on the server.
 """
 
 from __future__ import annotations
 
 from langchain_core.runnables import RunnableConfig
 
-from imageloop.app.cir import cir_knobs
 from imageloop.app.deployment import (
     ContextArtifacts,
     ContextRetriever,
-    DeployedCIRContext,
-    DeployedGenIRContext,
-    DeployedImageRAGContext,
-    DeployedRAGEContext,
     LazyGenerator,
     LazyVLM,
     deployed_app,
     deployed_caption,
+    deployed_context,
+    deployed_file,
+    deployed_publish,
     deployed_query_model,
     record_rage_run,
     record_run,
+    served,
 )
-from imageloop.app.rage import rage_knobs
-from imageloop.app.runs import imagerag_knobs
-from imageloop.app.sessions import genir_knobs
-from imageloop.graphs.cir import CIRGraph, build_cir_graph
-from imageloop.graphs.genir import GenIRGraph, build_genir_graph
-from imageloop.graphs.imagerag import ImageRAGGraph, build_imagerag_graph
-from imageloop.graphs.rage import RAGEGraph, build_rage_graph
+from imageloop.graphs.cir import CIRContext, CIRGraph, build_cir_graph
+from imageloop.graphs.genir import GenIRContext, GenIRGraph, build_genir_graph
+from imageloop.graphs.imagerag import ImageRAGContext, ImageRAGGraph, build_imagerag_graph
+from imageloop.graphs.rage import RAGEContext, RAGEGraph, build_rage_graph
+from imageloop.knobs import CIRKnobs, ImageRAGKnobs, RAGEKnobs, SimulatedUserKnobs
 
 
 def imagerag(config: RunnableConfig | None = None) -> ImageRAGGraph:
@@ -43,22 +41,26 @@ def imagerag(config: RunnableConfig | None = None) -> ImageRAGGraph:
         LazyGenerator(),  # type: ignore[arg-type]
         ContextRetriever(),
         ContextArtifacts(),
-        defaults=lambda: imagerag_knobs(deployed_app().settings),
-        context_schema=DeployedImageRAGContext,
+        defaults=lambda: ImageRAGKnobs.from_settings(deployed_app().settings),
+        context_schema=deployed_context(ImageRAGContext),
         on_finish=record_run,
+        publish=deployed_publish,
     )
 
 
 def genir(config: RunnableConfig | None = None) -> GenIRGraph:
     """The GenIR graph for LangGraph Server; a person's feedback is an interrupt the client resumes."""
-    return build_genir_graph(
+    graph = build_genir_graph(
         LazyVLM(),  # type: ignore[arg-type]
         LazyGenerator(),  # type: ignore[arg-type]
         ContextRetriever(),
         ContextArtifacts(),
-        defaults=lambda: genir_knobs(deployed_app().settings),
-        context_schema=DeployedGenIRContext,
+        defaults=lambda: SimulatedUserKnobs.from_settings(deployed_app().settings),
+        context_schema=deployed_context(GenIRContext),
+        paths=deployed_file,
+        publish=deployed_publish,
     )
+    return served(graph)
 
 
 def cir(config: RunnableConfig | None = None) -> CIRGraph:
@@ -70,19 +72,23 @@ def cir(config: RunnableConfig | None = None) -> CIRGraph:
         ContextRetriever(),
         ContextArtifacts(),
         query_models=deployed_query_model,
-        defaults=lambda: cir_knobs(deployed_app().settings),
-        context_schema=DeployedCIRContext,
+        defaults=lambda: CIRKnobs.from_settings(deployed_app().settings),
+        context_schema=deployed_context(CIRContext),
+        paths=deployed_file,
+        publish=deployed_publish,
     )
 
 
 def rage(config: RunnableConfig | None = None) -> RAGEGraph:
     """The RAGE graph for LangGraph Server; a person's picks and reviews are interrupts Studio shows natively."""
-    return build_rage_graph(
+    graph = build_rage_graph(
         LazyVLM(),  # type: ignore[arg-type]  # asked only by a critic review
         LazyGenerator(),  # type: ignore[arg-type]
         ContextRetriever(),
         ContextArtifacts(),
-        defaults=lambda: rage_knobs(deployed_app().settings),
-        context_schema=DeployedRAGEContext,
+        defaults=lambda: RAGEKnobs.from_settings(deployed_app().settings),
+        context_schema=deployed_context(RAGEContext),
         on_finish=record_rage_run,
+        publish=deployed_publish,
     )
+    return served(graph)

@@ -38,6 +38,8 @@ def _number(value: float) -> str:
 PROMPT_CHARS = 4000
 """The longest prompt, query, change text or feedback; a 100k-character prompt made a generator allocate 40 GB."""
 PATH_CHARS = 4096
+SIDECAR_BYTES = 64 * 1024
+"""The largest sidecar caption (`NAME.txt`) or metadata (`NAME.json`) read beside an image."""
 
 # Pictures: both sides bounded, so no size can exhaust memory before a model sees it.
 MIN_SIDE, MAX_SIDE = 16, 2048
@@ -86,6 +88,7 @@ BOUNDS: dict[str, Bound] = {
     "rerank_depth": Bound(1, 1000, 100, "CIR proxy fusion: re-rank the union of this many text and proxy hits"),
     "triplets": Bound(1, 1_000_000, None, "DAIG: triplets the dataset folder should hold"),
     "triplet_concurrency": Bound(1, 16, 2, "DAIG: triplets scripted and drawn at once (their model calls batched)"),
+    "max_attempts": Bound(1, 10, 3, "DAIG with check: drawings of one triplet at most before it counts as rejected"),
     "hybrid_visual_fraction": Bound(0.0, 1.0, 0.223, "GenIR random hybrid: share of queries shown visual feedback"),
     "user_temperature": Bound(0.0, 2.0, None, "simulated user's sampling temperature (default per style)"),
     "user_top_p": Bound(0.0, 1.0, None, "simulated user's nucleus sampling top_p (default per style)"),
@@ -96,6 +99,9 @@ BOUNDS: dict[str, Bound] = {
     "auto_select": Bound(0, MAX_REFERENCES, 0, "RAGE: pick the top N candidates without a person (0: a person picks)"),
     # Jobs
     "batch_size": Bound(1, 256, 32, "images embedded per batch while indexing"),
+    "index_threads": Bound(
+        1, 1024, None, "threads that build the embedded store's search index (default: every core this process may use)"
+    ),
     "concurrency": Bound(1, 64, 1, "evaluation targets searched at once"),
     "max_batch": Bound(
         1, 256, None, "local models: requests in one batched call at most (default 8 pictures, 16 VLM turns, 64 items)"

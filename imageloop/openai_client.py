@@ -9,16 +9,17 @@ are in flight to one endpoint, enough for a vLLM server to batch them, not so ma
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from imageloop import limits
 from imageloop.config import Endpoint
-from imageloop.errors import BackendError, ConfigError
+from imageloop.errors import BackendError, ConfigError, ImageloopError
 
 if TYPE_CHECKING:
     import openai
@@ -31,6 +32,8 @@ PLACEHOLDER_API_KEY = "not-needed"
 
 # Server messages can be long (whole validation dumps); a CLI line should stay readable.
 _MAX_MESSAGE_CHARS = 300
+
+logger = logging.getLogger(__name__)
 
 
 def make_client(endpoint: Endpoint) -> openai.OpenAI:
@@ -66,6 +69,34 @@ def request_slots(base_url: str, limit: int) -> threading.BoundedSemaphore:
     key = (base_url.rstrip("/"), limit)
     with _slots_lock:
         return _slots.setdefault(key, threading.BoundedSemaphore(limit))
+
+
+_refused_extras: dict[str, set[str]] = {}
+_refused_lock = threading.Lock()
+
+
+def accepted_extras(base_url: str, extras: Mapping[str, Any]) -> dict[str, Any]:
+    """The request fields beyond OpenAI's API (vLLM's `repetition_penalty`, ...) that `base_url` has not refused."""
+    with _refused_lock:
+        refused = _refused_extras.get(base_url.rstrip("/"), set())
+        return {name: value for name, value in extras.items() if name not in refused}
+
+
+def refuse_extra(base_url: str, error: openai.APIStatusError, sent: Mapping[str, Any]) -> bool:
+    """Whether `error` is a 400 naming one of the extra fields `sent` (api.openai.com: "Unrecognized request
+    argument supplied: NAME"); if so the endpoint is sent it no more in this process, which is said once."""
+    text = f"{server_message(error)} {error.message}"
+    named = [name for name in sent if error.status_code == 400 and re.search(rf"\b{re.escape(name)}\b", text)]
+    if not named:
+        return False
+    endpoint = base_url.rstrip("/")
+    with _refused_lock:
+        refused = _refused_extras.setdefault(endpoint, set())
+        new = [name for name in named if name not in refused]
+        refused.update(named)
+    for name in new:
+        logger.warning("%s does not take `%s` (HTTP 400): sending requests without it from now on", endpoint, name)
+    return True
 
 
 def _one_line(text: str) -> str:
@@ -104,7 +135,7 @@ def translated_errors(what: str, client: openai.OpenAI) -> Iterator[None]:
         tries = client.max_retries + 1
         raise BackendError(
             f"{base_url} did not answer {what} within {_seconds(client.timeout)} s ({tries} tries): "
-            "check the server, or allow more with --request-timeout / IMAGELOOP_REQUEST_TIMEOUT"
+            "check the server, or allow more with `request_timeout` (IMAGELOOP_REQUEST_TIMEOUT)"
         ) from e
     except openai.APIConnectionError as e:
         # The client's own message is a bare "Connection error."; the cause says refused, DNS, TLS...
@@ -112,6 +143,8 @@ def translated_errors(what: str, client: openai.OpenAI) -> Iterator[None]:
         raise BackendError(_one_line(f"cannot reach {base_url} for {what} (after retries): {e.message}{cause}")) from e
     except openai.APIStatusError as e:
         raise BackendError(_one_line(f"{base_url} rejected {what}: HTTP {e.status_code}: {server_message(e)}")) from e
+    except ImageloopError:
+        raise  # our own verdict on what came back (an undecodable image, say), already one line
     except (openai.APIResponseValidationError, AttributeError, TypeError, KeyError, IndexError, ValueError) as e:
         raise BackendError(
             _one_line(

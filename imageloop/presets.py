@@ -31,11 +31,20 @@ IMAGERAG_PAPER: dict[str, PaperValue] = {
     "retrieval_query": PaperValue("caption", "both scripts retrieve with the VLM's captions (paper, Table 3)"),
     "rephrase_only": PaperValue(False, "`--only_rephrase` is off by default"),
     "max_iterations": PaperValue(1, "the scripts regenerate once, with no loop"),
-    "max_concepts": PaperValue(3, "imageRAG_OmniGen.py `k_concepts = 3` (imageRAG_SDXL.py asks for 1)"),
+    "max_concepts": PaperValue(
+        None, "imageRAG_OmniGen.py l.67 sets `k_concepts` but l.96-99 never pass it; imageRAG_SDXL.py l.96 asks for 1"
+    ),
     "top_k": PaperValue(1, "`k_imgs_per_caption = 1` (imageRAG_SDXL.py `k=1`)"),
     "similarity_threshold": PaperValue(None, "no threshold in the released scripts"),
     "references_policy": PaperValue("replace", "one pass: nothing to accumulate"),
     "final_image_policy": PaperValue("last", "the scripts return the regenerated image (the draft if it matched)"),
+    "judge_last": PaperValue(
+        False, "both scripts stop once they regenerate: imageRAG_OmniGen.py l.138-139, imageRAG_SDXL.py l.134-142"
+    ),
+    "reference_trim": PaperValue(
+        "order", "imageRAG_OmniGen.py l.123-126 keeps the first 3 in caption order; imageRAG_SDXL.py l.112 the first"
+    ),
+    "rerank": PaperValue("none", "`--retrieval_method CLIP` (imageRAG_OmniGen.py l.42); `gpt_rerank` is the ablation"),
     "sdxl_max_references": PaperValue(1, "imageRAG_SDXL.py passes one image to the IP-Adapter"),
     "ip_adapter_scale": PaperValue(0.5, "imageRAG_SDXL.py `--ip_scale 0.5`"),
     "seed": PaperValue(0, "`--seed 0` in both scripts"),
@@ -54,6 +63,8 @@ GENIR_PAPER: dict[str, PaperValue] = {
     "flux_redux": PaperValue("none", "genIR_CaptionImageRefinement.py l.247-253: FluxPipeline from text alone"),
     "hybrid_rule": PaperValue("random", "paper (arXiv:2506.06220), hybrid feedback: chosen per query"),
     "hybrid_visual_fraction": PaperValue(0.223, "paper (arXiv:2506.06220), hybrid feedback"),
+    "hybrid_fallback": PaperValue("verbal", "paper (arXiv:2506.06220), hybrid feedback: a drawing or text alone"),
+    "index_route": PaperValue("image", "ChatIR/eval_img.py l.403-424: the corpus is embedded as images (BLIP)"),
 }
 """GenIR as released. Its generators' own settings are the `preset:` generators (tools/generators/presets.py)."""
 

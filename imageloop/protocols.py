@@ -52,13 +52,34 @@ class Decoding:
 GREEDY = Decoding()
 
 
+@dataclass(frozen=True)
+class TokenUsage:
+    """What one chat call cost: the provider's reported `usage`, or the tokens a local model counted."""
+
+    input_tokens: int
+    output_tokens: int
+
+
+class ChatAnswer(str):
+    """A chat answer's text that also carries its `usage` where the backend knows it; a plain `str` to every
+    caller, so usage travels through wrappers (micro-batching, lazy backends) to the trace without a new seam."""
+
+    usage: TokenUsage | None
+
+    def __new__(cls, text: str, usage: TokenUsage | None = None) -> ChatAnswer:
+        answer = super().__new__(cls, text)
+        answer.usage = usage
+        return answer
+
+
 @runtime_checkable
 class VisionLanguageModel(Protocol):
     """Chat with text and images.
 
-    `chat` returns the raw text answer. When `json_schema` is given the backend asks the endpoint to
-    constrain its output to that schema if it can; validation and repair happen in
-    `imageloop.agents.structured`, identically for every backend. `decoding` defaults to greedy.
+    `chat` returns the raw text answer, as a `ChatAnswer` with its token usage when the backend knows it.
+    When `json_schema` is given the backend asks the endpoint to constrain its output to that schema if
+    it can; validation and repair happen in `imageloop.agents.structured`, identically for every backend.
+    `decoding` defaults to greedy.
     """
 
     model_id: str
@@ -236,3 +257,16 @@ class ImageRetriever(Protocol):
     """Text-to-image search over an index (caption or image route, the retriever knows which)."""
 
     def search(self, text: str, k: int, similarity_threshold: float | None = None) -> list[RetrievedImage]: ...
+
+
+class PathResolver(Protocol):
+    """Resolves a graph input naming an image file (`text`, called `what` in messages), refusing one its face
+    may not read: the application passes `App.file_path`, confined to its roots; a graph built without one
+    takes paths as given (`as_given`)."""
+
+    def __call__(self, text: str, what: str) -> Path: ...
+
+
+def as_given(text: str, what: str) -> Path:
+    """The path as written: the resolver of a graph used as a library, where the caller owns its paths."""
+    return Path(text)

@@ -160,7 +160,8 @@ class _Page:
             facts.append(f"{seconds:.2f} s")
         if record.get("created_at"):
             facts.append(_e(record["created_at"]))
-        error = f'<p class="error">The run failed: {_e(record["error"])}</p>' if record.get("error") else ""
+        ended = "Stopped before it finished" if record.get("stop_reason") == "cancelled" else "The run failed"
+        error = f'<p class="error">{ended}: {_e(record["error"])}</p>' if record.get("error") else ""
         return f'<h1>{_e(record.get("prompt"))}</h1>\n<p class="summary">{" · ".join(facts)}</p>{error}'
 
     def outcome(self, record: Mapping[str, Any]) -> str:
@@ -190,13 +191,13 @@ class _Page:
     def iteration(self, number: int, images: Sequence[Mapping[str, Any]], steps: Sequence[Mapping[str, Any]]) -> str:
         parts = [f'<section class="iteration"><h3>Iteration {number}</h3>']
         drawn = [i for i in images if int(i.get("iteration", 0)) == number]
+        # An image the critic was asked about but could not judge has no verdict either: say which it was.
+        unjudged = "could not answer" if any(_critic_failed(s) for s in steps) else "not asked"
         if drawn:
             figures = []
             for image in drawn:
                 judged, missing = image.get("aligned"), image.get("missing")
-                verdict = "critic: " + (
-                    "not asked" if judged is None else "aligned" if judged else f"missing {missing}"
-                )
+                verdict = "critic: " + (unjudged if judged is None else "aligned" if judged else f"missing {missing}")
                 caption = f"{_e(verdict)}<br>prompt used: <i>{_e(image.get('prompt_used'))}</i>"
                 figures.append(self.figure(image.get("path"), caption))
             parts.append(f'<div class="gallery">{"".join(figures)}</div>')
@@ -300,7 +301,8 @@ class _RAGEPage(_Page):
             f"filter <code>{_e(json.dumps(record['where']))}</code>" if record.get("where") else "",
             _e(record.get("created_at")),
         ]
-        error = f'<p class="error">The run failed: {_e(record["error"])}</p>' if record.get("error") else ""
+        ended = "Stopped before it finished" if record.get("stop_reason") == "cancelled" else "The run failed"
+        error = f'<p class="error">{ended}: {_e(record["error"])}</p>' if record.get("error") else ""
         summary = " · ".join(fact for fact in facts if fact)
         return f'<h1>{_e(record.get("prompt"))}</h1>\n<p class="summary">{summary}</p>{error}'
 
@@ -380,3 +382,8 @@ def _strip_tags(text: str) -> str:
         elif not inside:
             out.append(char)
     return html.unescape("".join(out))
+
+
+def _critic_failed(step: Mapping[str, Any]) -> bool:
+    """Whether `step` is a critic that gave no usable answer (it records the error)."""
+    return step.get("node") == "critic" and bool((step.get("detail") or {}).get("error"))

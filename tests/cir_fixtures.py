@@ -70,9 +70,13 @@ def write_cirr(root: Path, groups: int = 2, split: str = "val") -> CIRRFixture:
 
 
 def write_fashioniq(
-    root: Path, categories: Sequence[str] = ("dress", "shirt", "toptee"), per_category: int = 4, suffix: str = ".png"
+    root: Path,
+    categories: Sequence[str] = ("dress", "shirt", "toptee"),
+    per_category: int = 4,
+    suffix: str = ".png",
+    split: str = "val",
 ) -> FashionIQFixture:
-    """`per_category` images per category under images/, and queries changing image i into image i+1."""
+    """`per_category` images per category under images/, and queries changing image i into image i+1 (`split`)."""
     galleries: dict[str, list[str]] = {}
     triplets: dict[str, list[dict[str, object]]] = {}
     shade = 0
@@ -86,8 +90,8 @@ def write_fashioniq(
             {"candidate": names[i], "target": names[i + 1], "captions": list(FASHIONIQ_CAPTIONS[i % 2])}
             for i in range(per_category - 1)
         ]
-        _write_json(root / "image_splits" / f"split.{category}.val.json", names)
-        _write_json(root / "captions" / f"cap.{category}.val.json", triplets[category])
+        _write_json(root / "image_splits" / f"split.{category}.{split}.json", names)
+        _write_json(root / "captions" / f"cap.{category}.{split}.json", triplets[category])
     return FashionIQFixture(root, galleries, triplets)
 
 

@@ -72,16 +72,21 @@ def hash_vector(text: str, dim: int) -> list[float]:
     return [float(x) for x in vector]
 
 
-def chat_completion(content: str | None, refusal: str | None = None) -> dict[str, Any]:
-    """A chat.completion body with one assistant choice."""
+def chat_completion(
+    content: str | None, refusal: str | None = None, usage: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """A chat.completion body with one assistant choice (and `usage`: prompt and completion tokens, if given)."""
     message = {"role": "assistant", "content": content, "refusal": refusal}
-    return {
+    body: dict[str, Any] = {
         "id": "chatcmpl-fake",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": "fake",
         "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
     }
+    if usage is not None:
+        body["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}
+    return body
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None) -> dict[str, Any]:

@@ -3,6 +3,7 @@ one-line error naming the bound and its range, before any model is asked or any 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from tests.fake_providers import FAKE_SETTINGS, FakeBackends, captioned_folder, 
 from tests.test_mcp_server import maximum, memory_client, text_of
 
 FAKE = [option for role, model in FAKE_SETTINGS.items() for option in (f"--{role}", model)]
+FAKE_EMBEDDER = ["--embedder", FAKE_SETTINGS["embedder"]]  # what `query` takes: it runs the embedder alone
 
 
 @pytest.fixture
@@ -91,7 +93,7 @@ def test_retrieval_and_indexing_refuse_sizes_past_their_bounds(
 ) -> None:
     assert main(["index", str(folder), *FAKE]) == 0
     capsys.readouterr()
-    code = main([arg.format(folder=folder) for arg in args] + FAKE)
+    code = main([arg.format(folder=folder) for arg in args] + (FAKE_EMBEDDER if args[0] == "query" else FAKE))
     assert code == 2 and words in one_error_line(capsys)
 
 
@@ -117,7 +119,7 @@ def test_an_environment_value_past_a_bound_is_refused_in_the_same_words(
     fakes: FakeBackends, folder: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("IMAGELOOP_MAX_RETRIES", "99")
-    code = main(["query", str(folder), "a jay", *FAKE])
+    code = main(["query", str(folder), "a jay", *FAKE_EMBEDDER])
     assert code == 2 and bound_words("max_retries", "99") in one_error_line(capsys)
 
 
@@ -147,20 +149,21 @@ def test_mcp_and_langchain_argument_schemas_carry_the_tables_bounds(tmp_path: Pa
         ("retrieve_images", "k"): "k", ("index_images", "batch_size"): "batch_size",
         ("generate_with_references", "max_iterations"): "max_iterations",
         ("generate_with_references", "top_k"): "top_k", ("generate_with_references", "steps"): "steps",
-        ("generate_with_references", "seed"): "seed", ("genir_round", "max_rounds"): "rounds",
+        ("generate_with_references", "seed"): "seed", ("genir_round", "rounds"): "rounds",
         ("genir_round", "k"): "k", ("get_run", "wait_seconds"): "wait_seconds",
     }  # fmt: skip
     for (tool, argument), bound in mcp_names.items():
         assert (minimum(tools[tool][argument]), maximum(tools[tool][argument])) == table(bound), (tool, argument)
 
-    langchain: dict[type[BaseModel], dict[str, str]] = {
-        langchain_tools.IndexImagesArgs: {"batch_size": "batch_size"},
-        langchain_tools.RetrieveImagesArgs: {"k": "k", "similarity_threshold": "similarity_threshold"},
-        langchain_tools.GenerateArgs: {"max_iterations": "max_iterations", "top_k": "top_k"},
-        langchain_tools.GenIRRoundArgs: {"rounds": "rounds", "k": "k"},
+    langchain: dict[str, dict[str, str]] = {
+        "index_images": {"batch_size": "batch_size"},
+        "retrieve_images": {"k": "k", "similarity_threshold": "similarity_threshold"},
+        "generate_with_references": {"max_iterations": "max_iterations", "top_k": "top_k"},
+        "genir_round": {"rounds": "rounds", "k": "k"},
     }
-    for model, names in langchain.items():
-        declared = schema_bounds(model)
+    schemas = {tool.name: tool.args_schema for tool in langchain_tools.imageloop_tools(roots=[tmp_path])}
+    for name, names in langchain.items():
+        declared = schema_bounds(schemas[name])
         assert {name: declared[name] for name in names} == {name: table(bound) for name, bound in names.items()}
 
 
@@ -169,6 +172,46 @@ def test_an_mcp_call_past_a_bound_is_a_one_line_error_naming_the_argument(fakes:
 
     captioned_folder(tmp_path / "photos")
     with in_process(tmp_path) as (_, open_session), memory_client(open_session) as client:
-        result = client.call("genir_round", {"index": "photos", "query": "a jay", "max_rounds": 21})
-    assert result.isError and "max_rounds" in text_of(result) and "less than or equal to 20" in text_of(result)
+        result = client.call("genir_round", {"index": "photos", "query": "a jay", "rounds": 21})
+    assert result.isError and "rounds" in text_of(result) and "less than or equal to 20" in text_of(result)
     assert "\n" not in text_of(result)
+
+
+# The README states the bounds too: what it says must be what `imageloop/limits.py` enforces.
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+NAMED = {"max-iterations": "max_iterations", "top-k": "top_k", "steps": "steps", "k": "k", "rounds": "rounds"}
+OPTION_RANGE = re.compile(r"`--([a-z-]+)` (-?[\d.]+)\.\.(-?[\d.]+)")
+REFUSAL_RANGE = re.compile(r"`([a-z_]+) -?[\d.]+ is out of range: (-?[\d.]+)\.\.(-?[\d.]+)`")
+
+
+def stated_ranges() -> list[tuple[str, float, float]]:
+    """(bound, low, high) for every `--NAME LOW..HIGH` and every quoted `NAME X is out of range: LOW..HIGH`."""
+    stated = [(NAMED.get(name, name), float(low), float(high)) for name, low, high in OPTION_RANGE.findall(README)]
+    return stated + [(name, float(low), float(high)) for name, low, high in REFUSAL_RANGE.findall(README)]
+
+
+def stated_maxima() -> list[tuple[str, float]]:
+    """(bound, high) for every `NAME ≤ N` or `NAME≤N` the README states."""
+    return [
+        (name, float(high)) for name, high in re.findall(r"\b([a-z_]+) ?≤ ?(\d+)\b", README) if name in limits.BOUNDS
+    ]
+
+
+def test_every_range_the_readme_states_is_the_one_the_limits_table_enforces() -> None:
+    stated = stated_ranges()
+    assert {name for name, _, _ in stated} >= {"max_iterations", "top_k", "steps", "k", "rounds"}
+    assert [(name, low, high) for name, low, high in stated if name in limits.BOUNDS] == [
+        (name, limits.BOUNDS[name].low, limits.BOUNDS[name].high) for name, _, _ in stated if name in limits.BOUNDS
+    ]
+
+
+def test_every_maximum_the_readme_states_is_the_one_the_limits_table_enforces() -> None:
+    stated = stated_maxima()
+    assert {name for name, _ in stated} >= {"k", "max_iterations", "steps", "max_images"}
+    assert stated == [(name, limits.BOUNDS[name].high) for name, _ in stated]
+
+
+def test_the_readme_states_the_sides_and_prompt_length_the_limits_table_enforces() -> None:
+    assert f"sides {limits.MIN_SIDE}..{limits.MAX_SIDE}" in README and f"sides ≤ {limits.MAX_SIDE}" in README
+    assert f"prompts up to {limits.PROMPT_CHARS:,} characters" in README

@@ -93,7 +93,7 @@ def test_an_index_whose_chroma_folder_was_removed_is_not_found_and_not_recreated
     index_folder(folder, FakeHashEmbedder(), None, progress=False, store="chroma")
     shutil.rmtree(folder / ".imageloop" / "chroma")
 
-    with pytest.raises(IndexNotFoundError, match=r"Chroma store in \.imageloop/chroma does not exist; run `imageloop"):
+    with pytest.raises(IndexNotFoundError, match=r"Chroma store in \.imageloop/chroma does not exist; index .* again"):
         open_index(folder)
 
     assert not (folder / ".imageloop" / "chroma").exists()

@@ -209,3 +209,19 @@ def test_a_captions_file_that_is_not_json_is_one_line_error(cirr_folder: CIRRFix
 
 def _write(path: Path, value: object) -> None:
     path.write_text(json.dumps(value), encoding="utf-8")
+
+
+def test_a_pair_id_twice_is_refused_naming_it(tmp_path: Path) -> None:
+    write_cirr(tmp_path)
+    captions = tmp_path / "captions" / "cap.rc2.val.json"
+    pairs = json.loads(captions.read_text())
+    _write(captions, [*pairs, pairs[0]])
+    with pytest.raises(ImageloopError, match=rf"query '{pairs[0]['pairid']}' appears twice"):
+        load_cirr(tmp_path)
+
+
+def test_a_captions_file_with_no_query_is_refused_not_scored_zero(tmp_path: Path) -> None:
+    write_cirr(tmp_path)
+    _write(tmp_path / "captions" / "cap.rc2.val.json", [])
+    with pytest.raises(ImageloopError, match="holds no queries"):
+        load_cirr(tmp_path)

@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +69,7 @@ def test_cir_prints_the_edited_description_and_ranked_results_last_on_stdout(
     answer = last_json(capsys)
     assert set(answer) == {"edited_description", "results"}
     assert answer["edited_description"] == "a red square"
-    assert [set(r) for r in answer["results"]] == [{"id", "path", "score"}] * 3
+    assert [set(r) for r in answer["results"]] == [{"position", "id", "path", "caption", "score"}] * 3
     assert Path(answer["results"][0]["path"]) == colours.paths["red"]
 
 
@@ -117,22 +114,20 @@ def test_cir_refuses_a_model_trained_on_another_embedder(colours: Colours, capsy
     assert code == 2 and "trained on features of tiny:clip" in capsys.readouterr().err
 
 
-def test_cir_as_a_subprocess_keeps_stdout_for_the_json(
-    openai_server: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_cir_keeps_stdout_for_the_json(
+    openai_server: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("OPENAI_BASE_URL", openai_server.base_url)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     paths = colour_folder(tmp_path / "gallery")
     assert main(["index", str(tmp_path / "gallery"), "--profile", "openai"]) == 0
     openai_server.push("/v1/chat/completions", 200, chat_completion(RED))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, "-m", "imageloop.cli", "cir", "--profile", "openai", "--index", str(tmp_path / "gallery"),
-         "--reference", str(paths["blue"]), "--change", "make it red", "--k", "2", "--json"],
-        capture_output=True, text=True, env=env, timeout=120, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    [line] = done.stdout.strip().splitlines()
+    capsys.readouterr()
+    code = main(["cir", "--profile", "openai", "--index", str(tmp_path / "gallery"), "--reference", str(paths["blue"]),
+                 "--change", "make it red", "--k", "2", "--json"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    [line] = out.strip().splitlines()
     answer = json.loads(line)
     assert answer["edited_description"] == "a red square" and len(answer["results"]) == 2
     embedded = [t for r in openai_server.requests_to("/v1/embeddings") for t in r.json["input"]]
@@ -188,9 +183,9 @@ def test_the_langchain_tool_answers_text_for_the_model_and_the_results_as_artifa
         )  # fmt: skip
     finally:
         app.close()
-    assert "'a red square'" in message.content and "0. red.png" in message.content
-    assert Path(message.artifact["results"][0]["path"]).name == "red.png"
-    assert message.artifact["edited_description"] == "a red square"
+    assert "'a red square'" in message.content and "1. red.png" in message.content
+    assert Path(message.artifact["result"]["results"][0]["path"]).name == "red.png"
+    assert message.artifact["result"]["edited_description"] == "a red square"
 
 
 # LangGraph Server.
@@ -228,7 +223,8 @@ def test_the_server_graph_compiles_without_a_checkpointer_and_runs_on_the_deploy
     )
     assert state["edited_description"] == "a red square"
     assert Path(state["results"][0]["path"]).name == "red.png"
-    assert (deployed.root / "proxies" / f"{state['proxy_image']}.png").is_file()
+    assert state["proxy_image"].startswith("/imageloop/roots/0/proxies/")  # named by its address on the server's route
+    assert (deployed.root / "proxies" / Path(state["proxy_image"]).name).is_file()
 
 
 def test_the_reference_is_left_out_by_content_wherever_its_file_lies(colours: Colours) -> None:
@@ -238,7 +234,7 @@ def test_the_reference_is_left_out_by_content_wherever_its_file_lies(colours: Co
     colours.fakes.vlm.answers.append("Edited Description: a green square")
     app = colour_app(colours)
     try:
-        found = app.compose_retrieve("gallery", "query.png", "the same", k=5)
+        found = app.compose_retrieve("gallery", "query.png", "the same", knobs={"k": 5})
     finally:
         app.close()
-    assert "green.png" not in [Path(r["path"]).name for r in found["results"]]
+    assert "green.png" not in [Path(r.path).name for r in found.results]

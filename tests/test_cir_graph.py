@@ -187,7 +187,7 @@ def test_a_wrong_top_hit_is_verified_rewritten_and_searched_again_until_the_cap(
         {"matches": False, "description": "a yellow square"},
         {"matches": False, "description": "a red square"},
     ]
-    state = world.run(world.paths["blue"], "make it red", max_verifications=2)
+    state = world.run(world.paths["blue"], "make it red", verify=2)
     assert [a["description"] for a in state["attempts"]] == ["a green square", "a yellow square", "a red square"]
     assert [a["matches"] for a in state["attempts"]] == [False, False, None]
     assert (state["verification"], state["stop_reason"]) == (2, "max_verifications")
@@ -199,14 +199,14 @@ def test_a_wrong_top_hit_is_verified_rewritten_and_searched_again_until_the_cap(
 
 def test_a_verified_top_hit_ends_the_loop(world: World) -> None:
     world.vlm.answers += ["Edited Description: a red square", MATCHES]
-    state = world.run(world.paths["blue"], "make it red", max_verifications=3)
+    state = world.run(world.paths["blue"], "make it red", verify=3)
     assert (state["verification"], state["stop_reason"]) == (1, "verified")
     assert len(world.vlm.calls) == 2
 
 
 def test_a_verified_proxy_run_draws_again_for_each_rewritten_description(world: World) -> None:
     world.vlm.answers += ["Edited Description: a green square", {"matches": False, "description": "a red square"}]
-    state = world.run(world.paths["blue"], "make it red", proxy=True, max_verifications=1)
+    state = world.run(world.paths["blue"], "make it red", proxy=True, verify=1)
     assert [r.prompt for r in world.generator.requests] == ["a green square", "a red square"]
     assert names(state["results"])[0] == "red"
 
@@ -224,7 +224,7 @@ def test_a_composed_query_model_ranks_by_its_vector_without_describing_or_compos
 
 
 def test_a_composed_query_model_refuses_the_description_loops_and_another_embedders_index(world: World) -> None:
-    with pytest.raises(ConfigError, match="proxy and verify need one"):
+    with pytest.raises(ConfigError, match="`proxy` and `verify` need one"):
         world.run(world.paths["blue"], "red", cir_model="m", proxy=True)
     world.model.embedder_id = "open_clip:ViT-B-32"
     with pytest.raises(EmbedderMismatchError, match="trained on open_clip"):
@@ -257,7 +257,7 @@ def test_a_second_run_on_a_thread_starts_clean(world: World) -> None:
     thread = {"configurable": {"thread_id": "t"}}
     world.vlm.answers += ["Edited Description: a green square", MATCHES, "Edited Description: a red square"]
     first = graph.invoke({"reference": str(world.paths["blue"]), "change": "green"}, thread,
-                         context=CIRContext(max_verifications=1))  # fmt: skip
+                         context=CIRContext(verify=1))  # fmt: skip
     second = graph.invoke({"reference": str(world.paths["blue"]), "change": "red"}, thread)
     assert first["stop_reason"] == "verified"
     assert (second["stop_reason"], second["verification"], len(second["attempts"])) == ("retrieved", 0, 1)
@@ -269,3 +269,14 @@ def test_a_deep_ranking_lists_ids_beyond_the_results(world: World) -> None:
     state = world.run(world.paths["blue"], "make it red", k=2, rank_depth=6, exclude_reference=False)
     assert len(state["results"]) == 2 and len(state["ranking"]) == 6
     assert state["ranking"][:2] == [r["id"] for r in state["results"]]
+
+
+def test_its_model_calls_are_runs_of_the_trace_as_every_loops_are(world: World) -> None:
+    from tests.test_tracing import RecordingHandler
+
+    handler = RecordingHandler()
+    world.vlm.answers += ["Edited Description: a red square", MATCHES]
+    graph = world.graph()
+    asked = {"reference": str(world.paths["blue"]), "change": "make it red"}
+    graph.invoke(asked, {"callbacks": [handler]}, context=CIRContext(verify=1))
+    assert len(handler.prompts) == len(handler.answers) == len(world.vlm.calls) == 2  # compose, then verify

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,9 @@ from imageloop.protocols import Embedder, Vector  # noqa: E402
 from imageloop.tiny.clip import build_tiny_clip  # noqa: E402
 from imageloop.tools.embedders.local import OpenClipEmbedder  # noqa: E402
 from imageloop.training import cir  # noqa: E402
-from imageloop.training.cir import CIRTrainingOptions, train_cir  # noqa: E402
+from imageloop.training.cir import train_cir  # noqa: E402
 from imageloop.training.combiner import CIRModel  # noqa: E402
+from imageloop.training.options import CIRTrainingOptions  # noqa: E402
 from imageloop.training.progress import TrainProgress, TrainResult, read_loss_curve  # noqa: E402
 from imageloop.training.triplets import read_triplets  # noqa: E402
 from tests.triplet_folders import all_combos, write_dataset  # noqa: E402
@@ -82,12 +83,21 @@ def split(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def trained(
     tmp_path_factory: pytest.TempPathFactory, split: tuple[Path, Path], embedder: OpenClipEmbedder
 ) -> TrainResult:
-    return train_cir(split[0], tmp_path_factory.mktemp("trained"), embedder=embedder, steps=300, options=FAST)
+    options = FAST.overridden({"steps": 300})
+    return train_cir(split[0], tmp_path_factory.mktemp("trained"), embedder=embedder, options=options)
 
 
-def small_run(data: Path, out: Path, embedder: Embedder, *, real: Path | None = None, **changes: Any) -> TrainResult:
-    options = CIRTrainingOptions(**{**vars(FAST), "checkpoint_every": 5, **changes.pop("options", {})})
-    return train_cir(data, out, embedder=embedder, real=real, options=options, **{"steps": 20, **changes})
+def small_run(
+    data: Path,
+    out: Path,
+    embedder: Embedder,
+    *,
+    real: Path | None = None,
+    progress: Callable[[TrainProgress], None] | None = None,
+    **changes: Any,
+) -> TrainResult:
+    options = FAST.overridden({"checkpoint_every": 5, "steps": 20, **changes})
+    return train_cir(data, out, embedder=embedder, real=real, options=options, progress=progress)
 
 
 def recall_at_1(queries: np.ndarray, gallery: np.ndarray, targets: np.ndarray) -> float:
@@ -186,7 +196,7 @@ def test_a_folder_holding_a_run_with_other_settings_is_refused(
 ) -> None:
     small_run(split[0], tmp_path, embedder)
     with pytest.raises(ConfigError, match="other data or settings"):
-        small_run(split[0], tmp_path, embedder, options={"fra_margin": 0.3})
+        small_run(split[0], tmp_path, embedder, fra_margin=0.3)
 
 
 def test_pretraining_perturbs_with_drsp_and_fine_tuning_adds_the_fra_margin(
@@ -196,9 +206,9 @@ def test_pretraining_perturbs_with_drsp_and_fine_tuning_adds_the_fra_margin(
     real_drsp, real_loss = cir.DRSP, cir.FRALoss
     monkeypatch.setattr(cir, "DRSP", lambda p: seen.append(("drsp", p)) or real_drsp(p))
     monkeypatch.setattr(cir, "FRALoss", lambda m, t: seen.append(("margin", m)) or real_loss(m, t))
-    small_run(split[0], tmp_path, embedder, steps=2, real=split[1], finetune_steps=2, options={"fra_margin": 0.2})
-    # The last eight: two steps of each stage (the options are also checked once before training).
-    assert seen[-8:] == [("drsp", 0.5), ("margin", 0.0)] * 2 + [("drsp", 0.0), ("margin", 0.2)] * 2
+    small_run(split[0], tmp_path, embedder, steps=2, real=split[1], finetune_steps=2, fra_margin=0.2)
+    # Two steps of each stage, each drawing its DRSP and its loss.
+    assert seen == [("drsp", 0.5), ("margin", 0.0)] * 2 + [("drsp", 0.0), ("margin", 0.2)] * 2
 
 
 def test_progress_hears_every_step_with_its_stage_and_loss(
@@ -228,8 +238,8 @@ def test_the_loss_curve_is_saved_as_json_and_drawn_as_an_svg_line_per_stage(
     ("changes", "message"),
     [
         ({"steps": 0}, "nothing to train"),
-        ({"options": {"batch_size": 1}}, "batch_size must be at least 2"),
-        ({"options": {"dropout": 1.0}}, "dropout"),
+        ({"batch_size": 1}, "batch_size"),
+        ({"dropout": 1.0}, "dropout"),
     ],
 )
 def test_settings_that_cannot_train_are_refused_before_any_work(
@@ -239,3 +249,25 @@ def test_settings_that_cannot_train_are_refused_before_any_work(
     with pytest.raises(ConfigError, match=message):
         small_run(split[0], tmp_path, counting, **changes)
     assert counting.images == 0
+
+
+@pytest.mark.parametrize(("features", "calls_per_step"), [("visual", 1), ("visual+text", 2)])
+def test_drsp_perturbs_the_visual_features_as_daig_does_and_the_text_features_only_in_ours(
+    tmp_path: Path,
+    split: tuple[Path, Path],
+    embedder: OpenClipEmbedder,
+    monkeypatch: pytest.MonkeyPatch,
+    features: str,
+    calls_per_step: int,
+) -> None:
+    perturbed: list[int] = []
+
+    class RecordingDRSP(cir.DRSP):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            perturbed.append(x.shape[0])
+            return super().forward(x)
+
+    monkeypatch.setattr(cir, "DRSP", RecordingDRSP)
+    small_run(split[0], tmp_path, embedder, steps=3, drsp_features=features)
+    assert CIRTrainingOptions().drsp_features == "visual"
+    assert len(perturbed) == 3 * calls_per_step

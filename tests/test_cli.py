@@ -139,18 +139,15 @@ def test_bad_options_get_one_line_errors(
     assert code == 2 and message in err and len(err.splitlines()) == 1
 
 
-def test_missing_index_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+def test_missing_index_is_a_clear_error_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     empty = tmp_path / "photos"
     empty.mkdir()
-    result = subprocess.run(
-        [sys.executable, "-m", "imageloop.cli", "generate", "x", "--index", str(empty), "--out", str(tmp_path / "o"),
-         "--profile", "openai"],
-        capture_output=True, text=True, env={"OPENAI_API_KEY": "sk-test", "PATH": "/usr/bin"},
-    )  # fmt: skip
-    assert result.returncode == 2
-    assert (
-        result.stderr.strip() == f"imageloop: error: no imageloop index at {empty}: run `imageloop index {empty}` first"
-    )
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    code = main(["generate", "x", "--index", str(empty), "--out", str(tmp_path / "o"), "--profile", "openai"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"imageloop: error: no imageloop index at {empty}: index {empty} first"
     assert not (empty / ".imageloop").exists()
 
 

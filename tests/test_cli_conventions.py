@@ -7,15 +7,19 @@ import json
 import shutil
 import subprocess
 import sys
+import uuid
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
-from imageloop import __version__
+from imageloop import __version__, runtime
 from imageloop.cli import build_parser, main
 from imageloop.completion import completion_script
+from imageloop.knobs import FeedbackKind
 from imageloop.progress import report_progress
 from imageloop.protocols import GenerationRequest, GenerationResult
 from tests.fake_providers import FakeBackends, captioned_folder
@@ -98,12 +102,7 @@ def test_bash_completes_commands_options_and_choices_from_the_parser() -> None:
     assert {"generate", "search", "query", "ui", "mcp", "completion"} <= set(complete(script, "imageloop", ""))
     assert complete(script, "imageloop", "gen") == ["generate"]
     assert complete(script, "imageloop", "generate", "--max-i") == ["--max-iterations"]
-    assert complete(script, "imageloop", "--quiet", "search", "--feedback", "") == [
-        "visual",
-        "verbal",
-        "prediction",
-        "hybrid",
-    ]
+    assert complete(script, "imageloop", "--quiet", "search", "--feedback", "") == list(get_args(FeedbackKind))
     assert complete(script, "imageloop", "eval", "") == ["cir", "genir", "imagerag"]
     assert complete(script, "imageloop", "completion", "") == ["bash", "zsh"]
 
@@ -125,6 +124,62 @@ def test_steps_are_shown_as_they_happen_and_quiet_hides_them(
     assert generate(photos, tmp_path / "quiet", "--quiet", "--json") == 0
     shown = capsys.readouterr()
     assert "[critic]" not in shown.err and json.loads(shown.out)["stop_reason"] == "aligned"
+
+
+@pytest.fixture
+def loading_bars_restored(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """`--quiet` turns the model libraries' loading bars off for the process: on again afterwards."""
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    yield
+    from diffusers.utils import logging as diffusers_logging
+
+    monkeypatch.setattr(runtime, "_loading_bars", True)
+    diffusers_logging.enable_progress_bar()
+
+
+def test_quiet_hides_the_bars_model_libraries_draw_while_loading(
+    loading_bars_restored: None, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from diffusers.utils import logging as diffusers_logging
+
+    def load_a_pipeline() -> list[int]:  # what diffusers' from_pretrained draws while it loads components
+        return list(diffusers_logging.tqdm(range(3), desc="Loading pipeline components..."))
+
+    main(["--quiet", "index-info", "no-such-folder"])
+    runtime.load_cached(("a pipeline", uuid.uuid4().hex), load_a_pipeline)
+    assert "Loading pipeline components" not in capfd.readouterr().err
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly() -> None:
+    command = [sys.executable, "-m", "imageloop", "completion", "bash"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # `| head` that has read enough
+    error = process.stderr.read()
+    assert process.wait(timeout=60) == 141 and error == b""  # 128 + SIGPIPE, no traceback
+
+
+def test_query_offers_only_the_options_of_the_model_it_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["query", "--help"])
+    shown = capsys.readouterr().out
+    assert "--embedder" in shown and "--generator" not in shown and "--ip-adapter" not in shown
+    assert "--vlm" not in shown and len(shown.splitlines()) < 60
+
+
+def test_search_with_json_prints_the_ended_session_alone_on_stdout(
+    fakes: FakeBackends, photos: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("builtins.input", lambda prompt="": "found: 2")
+    capsys.readouterr()
+    code = main(["search", "--index", str(photos), "--query", "a jay", "--feedback", "verbal", "--k", "2", "--json",
+                 "--sessions", str(photos.parent / "sessions.sqlite"), *FAKE_MODELS])  # fmt: skip
+    shown = capsys.readouterr()
+    ended = json.loads(shown.out)
+    assert (
+        code == 0 and ended["status"] == "finished" and ended["found_id"] == ended["last_round"]["retrieved"][1]["id"]
+    )
+    assert "round 0: a jay" in shown.err
 
 
 def test_quiet_goes_before_or_after_the_command() -> None:

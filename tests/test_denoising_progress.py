@@ -10,7 +10,8 @@ import pytest
 from langgraph.graph import START, StateGraph
 from typing_extensions import TypedDict
 
-from imageloop.graphs.imagerag import KNOB_DEFAULTS, build_imagerag_graph
+from imageloop.graphs.imagerag import build_imagerag_graph
+from imageloop.knobs import ImageRAGKnobs
 from imageloop.progress import progress_event
 from imageloop.protocols import ImageGenerator
 from imageloop.tools.artifacts import ArtifactStore
@@ -60,7 +61,7 @@ def test_an_imagerag_run_streams_the_draft_and_the_regeneration_step_by_step(
     retriever = ScriptedRetriever({"jay": [("jay.png", 0.9)]}, root=tmp_path)
     graph = build_imagerag_graph(
         vlm, build("omnigen", model_dirs), retriever, ArtifactStore(tmp_path / "artifacts"),
-        defaults={**KNOB_DEFAULTS, "size": (64, 64), "steps_per_image": 2},
+        defaults=ImageRAGKnobs(size=(64, 64), steps=2),
     )  # fmt: skip
     events = [progress_event(chunk) for chunk in graph.stream({"prompt": "a blue jay"}, stream_mode="custom")]
     assert [(e["node"], e["done"]) for e in events if e] == [

@@ -453,7 +453,7 @@ def test_a_missing_local_directory_is_named_as_such(model_dirs: dict[str, Path],
 
 
 def test_offload_without_a_cuda_device_is_refused_before_loading(model_dirs: dict[str, Path]) -> None:
-    with pytest.raises(ConfigError, match=r"--offload .* CUDA GPU; the device is cpu"):
+    with pytest.raises(ConfigError, match=r"`offload` .* CUDA GPU; the device is cpu"):
         GENERATOR_PROVIDERS["omnigen"](
             str(model_dirs["omnigen"]), Endpoint(), Placement(device="cpu", offload=True), options(model_dirs)
         )
@@ -476,7 +476,7 @@ def test_running_out_of_gpu_memory_names_the_size_dtype_and_offload_knobs(
     message = str(raised.value)
     assert "\n" not in message
     assert message.startswith(f"out of GPU memory while generating 64x64 with {generator.model_id}: ")
-    assert "--size" in message and "--dtype" in message and "--offload" in message
+    assert "`size`" in message and "`dtype`" in message and "`offload`" in message  # each face spells them
 
 
 # --- the tiny: providers and the settings --------------------------------------------------------------

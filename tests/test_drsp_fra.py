@@ -11,8 +11,9 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 from imageloop.errors import ConfigError  # noqa: E402
-from imageloop.training.drsp import DEFAULT_PROBABILITY, DRSP  # noqa: E402
-from imageloop.training.fra import DEFAULT_MARGIN, DEFAULT_TEMPERATURE, FRALoss  # noqa: E402
+from imageloop.training.drsp import DRSP  # noqa: E402
+from imageloop.training.fra import FRALoss  # noqa: E402
+from imageloop.training.options import DEFAULT_MARGIN, DEFAULT_PROBABILITY, DEFAULT_TEMPERATURE  # noqa: E402
 
 
 def features(batch: int, width: int, seed: int = 0) -> torch.Tensor:

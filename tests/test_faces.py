@@ -1,47 +1,49 @@
-"""The face contract: the same scenarios through every face, with the same outcome.
+"""The face contract: the same scenarios through every face with the same outcome, and every face exposing every
+knob of every loop the same way (all derived from one declaration per knob, `imageloop.knobs`).
 
-Faces: the CLI (a subprocess, as a user runs it), the MCP server (a subprocess behind the official
-client over stdio), the LangChain tools (in process), and the LangGraph Server factories (in process,
-with the checkpointer the server would bring). Models are a local fake of the OpenAI API (the VLM,
-whose calls are counted, and text embeddings for the caption route) and the tiny open_clip embedder
-(the image route), so every face, in every process, resolves the same backends from the same settings.
-A scenario runs on every face that offers the operation; a face that cannot (the server does not
+Faces, each through its own protocol and in this process: the CLI (`main([...])`), the MCP server (the
+official client over the SDK's in-memory transport, the server built as `imageloop mcp --root` builds it),
+the LangChain tools, and the LangGraph Server factories (with the checkpointer the server would bring).
+`tests/test_face_smoke.py` runs the CLI and the MCP server once each as real processes. Models are a local
+fake of the OpenAI API (the VLM, whose calls are counted, and text embeddings for the caption route) and
+the tiny open_clip embedder (the image route), so every face resolves the same backends from the same
+settings. A scenario runs on every face that offers the operation; a face that cannot (the server does not
 index) is left out by name.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import re
-import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
-import anyio
-import anyio.from_thread
 import pytest
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
-from mcp import ClientSession, StdioServerParameters
-from mcp.client.stdio import stdio_client
+from mcp.shared.memory import create_connected_server_and_client_session
 from mcp.types import CallToolResult, TextContent
 from PIL import Image
 
-from imageloop import limits
+from imageloop import langgraph_server, limits
 from imageloop.app import App
 from imageloop.app.deployment import close_deployed_app
+from imageloop.cli import APPS, build_parser, main
 from imageloop.config import load_settings
+from imageloop.knobs import CIRKnobs, GenIREvalKnobs, GenIRKnobs, ImageRAGKnobs, Knobs, RAGEKnobs, TripletsKnobs
 from imageloop.langchain_tools import imageloop_tools
+from imageloop.mcp import build_server
+from imageloop.tools.indexing.options import IndexOptions
 from imageloop.tools.stores import embedded
 from tests.fake_openai_server import FakeOpenAIServer
+from tests.test_mcp_server import Client, memory_client
 
-REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = {"jay": "a blue jay on a branch", "snow": "a snowy branch in winter", "cat": "a tabby cat on a sofa"}
-# The fake's text embeddings (caption route) keep subprocess faces free of torch; the image route uses tiny:clip.
+# The fake's text embeddings (caption route) keep the faces free of torch; the image route uses tiny:clip.
 MODELS = {
     "IMAGELOOP_VLM": "openai:gpt-test",
     "IMAGELOOP_EMBEDDER": "openai:embed-test",
@@ -113,25 +115,30 @@ class Refused(Exception):
 
 
 class CliFace:
-    """`imageloop ...` in a subprocess, reading the JSON its --json options print last."""
+    """`imageloop ...` as `main([...])`, reading the JSON its --json options print last."""
 
     name = "cli"
 
     def __init__(self, env: dict[str, str], root: Path) -> None:
-        self.env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
         self.root = root
 
-    def run(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "imageloop.cli", *args], env=self.env, cwd=self.root, input=stdin,
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+    def run(self, *args: str, stdin: str = "") -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        given, sys.stdin = sys.stdin, io.StringIO(stdin)
+        try:
+            with redirect_stdout(out), redirect_stderr(err):
+                code = main(list(args))
+        except SystemExit as e:  # argparse refusing an option
+            code = int(e.code or 0)
+        finally:
+            sys.stdin = given
+        return code, out.getvalue(), err.getvalue()
 
     def checked(self, *args: str) -> str:
-        done = self.run(*args)
-        if done.returncode != 0:
-            raise Refused(done.stderr.strip().splitlines()[-1])
-        return done.stdout
+        code, out, err = self.run(*args)
+        if code != 0:
+            raise Refused(err.strip().splitlines()[-1])
+        return out
 
     def index(self, folder: str) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.checked("index", folder, "--json").splitlines()[-1])
@@ -145,33 +152,42 @@ class CliFace:
 
     def start_search(self, index: str, query: str) -> str:
         # No answer on stdin: the search pauses at its first question and says how to continue it.
-        done = self.run("search", "--index", index, "--query", query, "--feedback", "verbal")
-        match = re.search(r"--resume ([0-9a-f]{12})", done.stdout)
-        assert done.returncode == 130 and match, done.stdout + done.stderr
+        code, out, err = self.run("search", "--index", index, "--query", query, "--feedback", "verbal")
+        match = re.search(r"--resume ([0-9a-f]{12})", out)
+        assert code == 130 and match, out + err
         return match.group(1)
 
     def answer(self, session: str, feedback: str) -> dict[str, Any]:
-        done = self.run("search", "--resume", session, stdin=feedback + "\n")
-        rounds = re.findall(r"^round (\d+):", done.stdout, re.M)
-        return {"round": int(rounds[-1]) if rounds else None, "finished": done.returncode == 0}
+        _, out, _ = self.run("search", "--resume", session, stdin=feedback + "\n")
+        rounds = re.findall(r"^round (\d+):", out, re.M)
+        return {"round": int(rounds[-1]) if rounds else None, "finished": "found" in out.splitlines()[-1]}
+
+    def generate(self, index: str, prompt: str, knobs: dict[str, Any]) -> dict[str, Any]:
+        options = [f"--{name.replace('_', '-')}={value}" for name, value in knobs.items()]
+        out = self.root.parent / "runs" / "cli"
+        return dict(
+            json.loads(self.checked("generate", prompt, "--index", index, "--out", str(out), *options, "--json"))
+        )
+
+    def close(self) -> None:
+        """Nothing stays open between commands."""
 
 
 class McpFace:
-    """`imageloop mcp` in a subprocess behind the SDK's stdio client, rooted at the library."""
+    """The MCP server `imageloop mcp --root ROOT` serves, behind the SDK's client over its in-memory transport."""
 
     name = "mcp"
 
     def __init__(self, env: dict[str, str], root: Path) -> None:
-        params = StdioServerParameters(
-            command=sys.executable, args=["-m", "imageloop.cli", "mcp", "--root", str(root)],
-            env={**env, "PYTHONPATH": str(REPO), "PATH": os.environ["PATH"]}, cwd=root,
-        )  # fmt: skip
-        self._stack = _blocking_session(lambda: stdio_client(params))
-        self.portal, self.session = self._stack.__enter__()
+        self.app = APPS["mcp"](build_parser().parse_args(["mcp", "--root", str(root)]))
+        server = build_server(self.app)
+        self._client = memory_client(lambda: create_connected_server_and_client_session(server))
+        self.client: Client = self._client.__enter__()
+        self.portal, self.session = self.client.portal, self.client.session
 
     def call(self, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
         waits = {} if tool == "retrieve_images" else {"wait_seconds": 50}
-        result: CallToolResult = self.portal.call(self.session.call_tool, tool, {**arguments, **waits})
+        result: CallToolResult = self.client.call(tool, {**arguments, **waits})
         text = "\n".join(block.text for block in result.content if isinstance(block, TextContent))
         if result.isError:
             raise Refused(text)
@@ -194,10 +210,15 @@ class McpFace:
 
     def answer(self, session: str, feedback: str) -> dict[str, Any]:
         shown = self.call("genir_feedback", {"session_id": session, "feedback": feedback})["result"]
-        return {"round": shown.get("round"), "finished": shown["state"] == "finished"}
+        return {"round": shown.get("round"), "finished": shown["status"] == "finished"}
+
+    def generate(self, index: str, prompt: str, knobs: dict[str, Any]) -> dict[str, Any]:
+        run = self.call("generate_with_references", {"prompt": prompt, "index": index, **knobs})
+        return dict(run["result"])
 
     def close(self) -> None:
-        self._stack.__exit__(None, None, None)
+        self._client.__exit__(None, None, None)
+        self.app.close()
 
 
 class LangChainFace:
@@ -217,18 +238,24 @@ class LangChainFace:
         return artifact
 
     def index(self, folder: str) -> dict[str, Any]:
-        return self.call("index_images", {"folder": folder})
+        result: dict[str, Any] = self.call("index_images", {"folder": folder})["result"]
+        return result
 
     def retrieve(self, index: str, query: str, k: int) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = self.call("retrieve_images", {"index": index, "query": query, "k": k})["results"]
         return found
 
     def start_search(self, index: str, query: str) -> str:
-        return str(self.call("genir_round", {"index": index, "query": query, "feedback": "verbal"})["session_id"])
+        started = self.call("genir_round", {"index": index, "query": query, "feedback": "verbal", "wait_seconds": 50})
+        return str(started["result"]["session_id"])
 
     def answer(self, session: str, feedback: str) -> dict[str, Any]:
-        shown = self.call("genir_feedback", {"session_id": session, "feedback": feedback})
+        shown = self.call("genir_feedback", {"session_id": session, "feedback": feedback, "wait_seconds": 50})["result"]
         return {"round": shown.get("round"), "finished": shown["status"] == "finished"}
+
+    def generate(self, index: str, prompt: str, knobs: dict[str, Any]) -> dict[str, Any]:
+        run = self.call("generate_with_references", {"prompt": prompt, "index": index, "wait_seconds": 50, **knobs})
+        return dict(run["result"])
 
     def close(self) -> None:
         self.app.close()
@@ -240,9 +267,8 @@ class ServerFace:
     name = "server"
 
     def __init__(self, env: dict[str, str], root: Path) -> None:
-        from imageloop import langgraph_server
-
         self.genir = langgraph_server.genir().copy(update={"checkpointer": InMemorySaver()})
+        self.runs = env["IMAGELOOP_RUNS"]
 
     def retrieve(self, index: str, query: str, k: int) -> list[dict[str, Any]]:
         thread = {"configurable": {"thread_id": f"retrieve-{k}"}}
@@ -254,30 +280,15 @@ class ServerFace:
         found: list[dict[str, Any]] = asked.interrupts[0].value["retrieved"]
         return found
 
+    def generate(self, index: str, prompt: str, knobs: dict[str, Any]) -> dict[str, Any]:
+        graph = langgraph_server.imagerag().copy(update={"checkpointer": InMemorySaver()})
+        thread = {"configurable": {"thread_id": "generate"}}
+        graph.invoke({"prompt": prompt}, thread, version="v2", context={"index": index, **knobs})
+        [record] = (Path(self.runs) / "server").glob("*/run.json")  # what the server writes for every finished run
+        return dict(json.loads(record.read_text()))
+
     def close(self) -> None:
         close_deployed_app()
-
-
-@contextmanager
-def _blocking_session(streams: Callable[[], Any]) -> Iterator[tuple[anyio.from_thread.BlockingPortal, ClientSession]]:
-    class _Session:
-        def __init__(self) -> None:
-            self.opened: Any = None
-
-        async def __aenter__(self) -> ClientSession:
-            self.opened = streams()
-            read, write = await self.opened.__aenter__()
-            self.client = ClientSession(read, write)
-            await self.client.__aenter__()
-            await self.client.initialize()
-            return self.client
-
-        async def __aexit__(self, *exc: object) -> None:
-            await self.client.__aexit__(None, None, None)
-            await self.opened.__aexit__(None, None, None)
-
-    with anyio.from_thread.start_blocking_portal() as portal, portal.wrap_async_context_manager(_Session()) as s:
-        yield portal, s
 
 
 FACES: dict[str, type[Any]] = {"cli": CliFace, "mcp": McpFace, "langchain": LangChainFace, "server": ServerFace}
@@ -370,7 +381,7 @@ def test_a_search_starts_with_the_one_default_number_of_rounds(face: Any, librar
     _index_in_process(library)
     session = face.start_search(str(library / "photos"), "a blue jay")
     shown = App(load_settings(), roots=[library]).show_search(session)
-    assert shown["settings"]["rounds"] == limits.default("rounds")
+    assert shown.knobs["rounds"] == limits.default("rounds")
 
 
 @pytest.mark.parametrize(("first", "second"), [("cli", "mcp"), ("mcp", "langchain"), ("langchain", "cli")])
@@ -430,16 +441,11 @@ def rage(face: Any, library: Path, picks: list[str], out: Path) -> list[str]:
     if face.name == "cli":
         args = ["rage", RAGE_PROMPT, "--index", index, "--out", str(out), "--select", ",".join(picks), "--json"]
         result: dict[str, Any] = json.loads(face.checked(*args).splitlines()[-1])
-    elif face.name == "mcp":
-        started = face.portal.call(face.session.call_tool, "rage_retrieve", {"prompt": RAGE_PROMPT, "index": index})
-        result = face.call("rage_generate", {"session_id": started.structuredContent["session_id"], "selected": picks})
-        result = result["result"]
-    elif face.name == "langchain":
-        session = face.call("rage_retrieve", {"prompt": RAGE_PROMPT, "index": index})["session_id"]
-        result = face.call("rage_generate", {"session_id": session, "selected": picks})
+    elif face.name in ("mcp", "langchain"):
+        waits = {"wait_seconds": 50}
+        session = face.call("rage_retrieve", {"prompt": RAGE_PROMPT, "index": index, **waits})["result"]["session_id"]
+        result = face.call("rage_generate", {"session_id": session, "selected": picks, **waits})["result"]
     else:
-        from imageloop import langgraph_server
-
         graph = langgraph_server.rage().copy(update={"checkpointer": InMemorySaver()})
         thread, context = {"configurable": {"thread_id": "rage"}}, {"index": index}  # images: the server's runs
         graph.invoke({"prompt": RAGE_PROMPT}, thread, version="v2", context=context)
@@ -465,3 +471,118 @@ def test_rage_refuses_a_pick_naming_no_candidate_before_anything_is_drawn(
 def test_rage_takes_the_same_picks_in_pick_order_on_every_face(face: Any, library: Path, tmp_path: Path) -> None:
     _index_in_process(library)
     assert rage(face, library, ["snow.png", "jay"], tmp_path / "rage") == ["snow.png", "jay.png"]
+
+
+# Parity: every knob of every loop, exposed the same way on every face (all derived from `imageloop.knobs`).
+
+LOOP_FACES: dict[str, tuple[type[Knobs], list[str], str | None, Any]] = {
+    "imagerag": (ImageRAGKnobs, ["generate"], "generate_with_references", langgraph_server.imagerag),
+    "genir": (GenIRKnobs, ["search"], "genir_round", langgraph_server.genir),
+    "rage": (RAGEKnobs, ["rage"], "rage_retrieve", langgraph_server.rage),
+    "cir": (CIRKnobs, ["cir"], "compose_retrieve", langgraph_server.cir),
+    "eval-genir": (GenIREvalKnobs, ["eval", "genir"], None, None),
+    "eval-imagerag": (ImageRAGKnobs, ["eval", "imagerag"], None, None),
+    "eval-cir": (CIRKnobs, ["eval", "cir"], None, None),
+    "triplets": (TripletsKnobs, ["triplets"], None, None),
+    "index": (IndexOptions, ["index"], "index_images", None),
+}
+
+
+def shape(prop: dict[str, Any]) -> dict[str, Any]:
+    """What a schema says of one argument: description, default, bounds and choices (the null branch aside)."""
+    inner = next((p for p in prop.get("anyOf", [prop]) if p.get("type") != "null"), {})
+    keys = ("minimum", "maximum", "enum", "type", "maxLength")
+    return {"description": prop.get("description"), "default": prop.get("default")} | {k: inner.get(k) for k in keys}
+
+
+def subcommand(path: list[str]) -> Any:
+    parser = build_parser()
+    for name in path:
+        parser = next(a for a in parser._actions if a.dest in ("command", "loop", "model")).choices[name]
+    return parser
+
+
+@pytest.mark.parametrize("loop", list(LOOP_FACES))
+def test_every_face_exposes_every_knob_with_the_same_name_default_bound_and_description(
+    loop: str, library: Path, env: dict[str, str]
+) -> None:
+    knobs, command, tool, graph = LOOP_FACES[loop]
+    declared = {name: shape(prop) for name, prop in knobs.context_schema().model_json_schema()["properties"].items()}
+    options = {action.dest: action for action in subcommand(command)._actions}
+    for name, info in knobs.model_fields.items():
+        option = options[name]
+        assert f"--{name.replace('_', '-')}" in option.option_strings and option.default is None, name
+        assert option.help == declared[name]["description"], name
+        literal = [a for a in get_args(info.annotation) if get_origin(a) is not None] or [info.annotation]
+        if get_origin(literal[0]) is not None and str(get_origin(literal[0])) == "typing.Literal":
+            assert tuple(option.choices) == get_args(literal[0]), name
+    if tool is None:
+        return
+    mcp = McpFace(env, library)
+    try:
+        listed = {t.name: t.inputSchema["properties"] for t in mcp.portal.call(mcp.session.list_tools).tools}
+    finally:
+        mcp.close()
+    langchain = LangChainFace(env, library)
+    try:
+        schemas = {t.name: t.args_schema.model_json_schema()["properties"] for t in langchain.tools.values()}
+    finally:
+        langchain.close()
+    studio = graph().get_context_jsonschema()["properties"] if graph is not None else {}
+    for name in knobs.model_fields:
+        faces_say = {
+            "mcp": shape(listed[tool][name]),
+            "langchain": shape(schemas[tool][name]),
+            **({"studio": shape(studio[name])} if graph is not None else {}),
+        }
+        assert faces_say == {face: declared[name] for face in faces_say}, name
+
+
+@pytest.mark.parametrize("loop", ["imagerag", "genir", "rage", "cir"])
+@pytest.mark.parametrize("name", ["cli", "mcp", "langchain", "server"])
+def test_every_face_refuses_an_unknown_knob_naming_the_valid_ones(
+    loop: str, name: str, env: dict[str, str], library: Path
+) -> None:
+    _index_in_process(library)
+    index, reference = str(library / "photos"), str(library / "photos" / "jay.png")
+    asked = {
+        "imagerag": {"prompt": "a jay", "index": index},
+        "genir": {"query": "a jay", "index": index},
+        "rage": {"prompt": "a jay", "index": index},
+        "cir": {"index": index, "reference": reference, "change": "in winter"},
+    }[loop]
+    knobs, command, tool, graph = LOOP_FACES[loop]
+    face = FACES[name](env, library)
+    try:
+        if name == "cli":
+            named = [f"--{k}={v}" for k, v in asked.items() if k not in ("prompt", "query")] + ["--query=a jay"] * (
+                loop == "genir"
+            )
+            code, _, err = face.run(
+                *command, *([asked["prompt"]] if "prompt" in asked else []), *named, "--top-kk", "2"
+            )
+            assert code == 2 and "unrecognized arguments: --top-kk" in err
+        elif name == "server":
+            inputs = {k: v for k, v in asked.items() if k != "index"}
+            with pytest.raises(Exception, match=rf"unknown {knobs.LOOP} knob 'top_kk': expected one of .*\bseed\b"):
+                graph().invoke(inputs, version="v2", context={"index": index, "top_kk": 2})
+        else:
+            with pytest.raises(Refused, match=r"unknown argument 'top_kk'; expected some of .*\bseed\b"):
+                face.call(tool, {**asked, "top_kk": 2})
+    finally:
+        face.close()
+
+
+@pytest.mark.parametrize("name", ["cli", "mcp", "langchain", "server"])
+def test_every_face_records_the_knobs_the_run_ran_with(name: str, env: dict[str, str], library: Path) -> None:
+    _index_in_process(library)
+    face = FACES[name](env, library)
+    try:
+        record = face.generate(
+            str(library / "photos"), "a blue jay on a snowy branch", {"max_iterations": 2, "top_k": 2}
+        )
+    finally:
+        face.close()
+    ran = record["settings"]
+    assert (ran["max_iterations"], ran["top_k"]) == (2, 2)  # what ran, whichever face started it
+    assert set(ran) == set(ImageRAGKnobs.model_fields)

@@ -169,6 +169,16 @@ def test_a_truncated_image_is_one_line_and_recorded(
     assert record["stop_reason"] == "error" and "undecodable image data" in record["error"]
 
 
+def test_a_truncated_image_is_blamed_on_the_image_not_on_a_web_page_or_a_proxy(
+    library: Path, endpoint: FakeOpenAIServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    endpoint.push_fault(IMAGES, truncated_image())
+
+    _, err, _ = generate(library, tmp_path / "run", capsys)
+
+    assert "web page or a proxy" not in error_line(err) and "not an OpenAI API response" not in error_line(err)
+
+
 def test_an_answer_with_extra_keys_is_used_without_a_repair(
     library: Path, endpoint: FakeOpenAIServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -51,7 +51,9 @@ def error_line(err: str) -> str:
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     capsys.readouterr()
-    code = main([*args, *([] if args[0] == "index-info" else FAKE)])  # index-info builds no model
+    # index-info builds no model; query runs the embedder alone.
+    models = {"index-info": [], "query": ["--embedder", FAKE_SETTINGS["embedder"]]}.get(args[0], FAKE)
+    code = main([*args, *models])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -185,7 +187,7 @@ def test_a_reference_replaced_by_a_fifo_after_indexing_is_dropped_and_the_run_fi
     indexed(folder, capsys)
     (folder / "jay.png").unlink()
     os.mkfifo(folder / "jay.png")
-    fakes.vlm.answers.extend([{"aligned": False, "missing_concepts": ["blue jay"]}, ALIGNED, ALIGNED])
+    fakes.vlm.answers.extend([{"aligned": False, "missing_concepts": ["blue jay"]}] + [ALIGNED] * 3)
     out = tmp_path / "run"
     done: list[int] = []
     worker = threading.Thread(
@@ -224,7 +226,7 @@ def test_disk_full_mid_index_is_one_line_and_keeps_the_finished_batches(
 
     assert code == 2
     line = error_line(err)
-    assert "disk full while writing the index of" in line and "free some space and run the same command again" in line
+    assert "disk full while writing the index of" in line and "free some space and try again" in line
     assert len(paths_in_index(folder)) == 1  # the batch committed before the disk filled up
 
 
@@ -245,6 +247,66 @@ def test_a_really_full_disk_while_indexing_is_one_line(openai_server: FakeOpenAI
 
     assert done.returncode == 2, done.stderr
     assert "disk full" in error_line(done.stderr) and "free some space" in error_line(done.stderr)
+
+
+@needs_namespaces
+def test_a_full_disk_where_a_run_folder_is_made_is_one_line(openai_server: FakeOpenAIServer, tmp_path: Path) -> None:
+    folder = captioned_folder(tmp_path / "photos")
+    env = {"OPENAI_BASE_URL": openai_server.base_url, "OPENAI_API_KEY": "sk-test"}
+    assert imageloop_in_namespace(["index", str(folder), "--profile", "openai"], env=env).returncode == 0
+    filled, disk = tmp_path / "filled", tmp_path / "disk"
+    filled.mkdir()
+    disk.mkdir()
+    (filled / "filler").write_bytes(b"x" * 60_000)  # the 64 KiB disk keeps room for a folder, not a database
+
+    done = imageloop_in_namespace(
+        ["generate", "a jay", "--index", str(folder), "--out", str(disk / "run"), "--profile", "openai"],
+        tmpfs=(disk, "64k", filled),
+        env=env,
+    )
+
+    assert done.returncode == 2
+    line = error_line(done.stderr)
+    assert f"disk full while writing the run in {disk / 'run'}" in line and "run the same command again" in line
+
+
+NOT_ALIGNED = {"aligned": False, "missing_concepts": ["blue jay"]}
+CAPTIONS = {"captions": [{"concept": "blue jay", "caption": "a blue jay with a blue crest on a branch"}]}
+
+
+def test_disk_full_mid_run_is_one_line_recorded_in_the_run_which_resumes(
+    fakes: FakeBackends, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imageloop.tools.artifacts import ArtifactStore
+
+    folder = captioned_folder(tmp_path / "photos")
+    indexed(folder, capsys)
+    put = ArtifactStore.put
+    stored: list[str] = []
+
+    def filling_up(self: ArtifactStore, image: Any) -> str:
+        if stored:  # the draft is stored; the drawing with references finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        stored.append(put(self, image))
+        return stored[-1]
+
+    monkeypatch.setattr(ArtifactStore, "put", filling_up)
+    fakes.vlm.answers.extend([NOT_ALIGNED, CAPTIONS])
+    out = tmp_path / "run"
+
+    code, _, err = cli(capsys, "generate", "a blue jay", "--index", str(folder), "--out", str(out))
+
+    line = error_line(err)
+    assert code == 2 and f"continue with: imageloop generate --resume {out}" in line
+    record = json.loads((out / "run.json").read_text())
+    assert (record["status"], record["stop_reason"]) == ("error", "error")
+    assert f"imageloop: error: {record['error']}" == line and record["draft_image"]
+    monkeypatch.setattr(ArtifactStore, "put", put)  # some space freed
+    fakes.vlm.answers.append(ALIGNED)
+
+    assert cli(capsys, "generate", "--resume", str(out))[0] == 0
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert sum(not request.references for request in fakes.generator.requests) == 1  # the draft, drawn once
 
 
 # Read-only folders.
@@ -335,11 +397,11 @@ def test_out_on_a_read_only_disk_is_one_line(openai_server: FakeOpenAIServer, tm
 # Damage.
 
 
-def damage_records_page(folder: Path) -> None:
-    """Overwrite the page holding the records with garbage; the index b-trees that count them stay intact."""
+def damage_page(folder: Path, name: str) -> None:
+    """Overwrite the root page of the store's table or index `name` with garbage; the others stay intact."""
     store = folder / ".imageloop" / "index.sqlite"
     with sqlite3.connect(store) as conn:
-        (root_page,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'records'").fetchone()
+        (root_page,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (name,)).fetchone()
         (page_size,) = conn.execute("PRAGMA page_size").fetchone()
     conn.close()
     with store.open("r+b") as f:
@@ -352,7 +414,7 @@ def test_page_level_damage_is_one_line_saying_to_reindex_and_index_info_gives_no
 ) -> None:
     folder = captioned_folder(tmp_path / "photos")
     indexed(folder, capsys)
-    damage_records_page(folder)
+    damage_page(folder, "records")  # the records' rows; the index b-trees that count them stay intact
 
     info = cli(capsys, "index-info", str(folder), "--json")
     query = cli(capsys, "query", str(folder), "a blue jay")
@@ -361,3 +423,25 @@ def test_page_level_damage_is_one_line_saying_to_reindex_and_index_info_gives_no
         assert code == 2 and out == ""  # no count, no results
         line = error_line(err)
         assert "is damaged" in line and f"delete {folder / '.imageloop'} and re-index" in line
+
+
+def test_indexing_again_over_a_damaged_index_is_one_line_not_a_run_that_found_nothing_new(
+    fakes: FakeBackends, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = captioned_folder(tmp_path / "photos")
+    indexed(folder, capsys)
+    damage_page(folder, "records_by_generation")  # a page no lookup of known images reads
+
+    code, out, err = cli(capsys, "index", str(folder), "--json")
+
+    assert code == 2 and out == "" and "is damaged" in error_line(err)
+
+
+def test_an_unreadable_image_is_named_by_its_path_not_by_a_file_object(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+
+    with pytest.raises(ImageDecodeError) as refused:
+        open_image(bad)
+
+    assert str(refused.value).startswith(f"{bad}: not a readable image") and "_io." not in str(refused.value)

@@ -211,7 +211,7 @@ def test_a_sample_is_the_same_for_the_same_seed_and_keeps_the_benchmark_order() 
 
 @pytest.mark.parametrize("n", [0, 101, -1])
 def test_a_sample_larger_than_the_benchmark_or_empty_is_refused(n: int) -> None:
-    with pytest.raises(ImageloopError, match=f"--sample {n}: expected 1 to 100"):
+    with pytest.raises(ImageloopError, match=f"`sample` {n}: expected 1 to 100"):
         sample(list(range(100)), n, seed=0)
 
 

@@ -12,6 +12,7 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.types import Command
 
 from imageloop.graphs.genir import FoundError, build_genir_graph, parse_found, pick_shown_kind, resolve_found
+from imageloop.knobs import SimulatedUserKnobs
 from imageloop.tools.artifacts import ArtifactStore
 from tests.fakes import ScriptedGenerator, ScriptedRankingRetriever, ScriptedVLM
 
@@ -32,7 +33,7 @@ def simulated(
     retriever = ScriptedRankingRetriever(rankings, route=knobs.pop("route", "image"))
     graph = build_genir_graph(vlm, generator, retriever, ArtifactStore(tmp_path / "artifacts"))
     target = tmp_path / "target.png"
-    context = {"user": "simulated", "target_id": "t", "target_path": str(target), "k": 2, **knobs}
+    context = {"target_id": "t", "target_path": str(target), "k": 2, **knobs}
     state = graph.invoke({}, version="v2", context=context).value
     return state, vlm, generator, retriever
 
@@ -47,14 +48,14 @@ def test_simulated_user_search_stops_when_the_target_enters_the_top_k(tmp_path: 
 
 
 def test_max_rounds_counts_refinements_after_round_zero_as_the_paper_does(tmp_path: Path) -> None:
-    state, vlm, _, _ = simulated(tmp_path, [turn("q1"), turn("q2")], [MISS], max_rounds=2)
+    state, vlm, _, _ = simulated(tmp_path, [turn("q1"), turn("q2")], [MISS], rounds=2)
     assert state["stop_reason"] == "max_rounds"
     assert [r["round"] for r in state["rounds"]] == [0, 1, 2]
     assert len(vlm.calls) == 3  # the description, then feedback after rounds 0 and 1 only
 
 
 def test_zero_max_rounds_plays_round_zero_alone(tmp_path: Path) -> None:
-    state, vlm, _, _ = simulated(tmp_path, [], [MISS], max_rounds=0)
+    state, vlm, _, _ = simulated(tmp_path, [], [MISS], rounds=0)
     assert [r["round"] for r in state["rounds"]] == [0] and len(vlm.calls) == 1
 
 
@@ -77,7 +78,7 @@ def test_prediction_feedback_shows_the_top_retrieved_image(tmp_path: Path) -> No
 def test_hybrid_shows_the_top_hit_once_retrieval_is_confident(tmp_path: Path) -> None:
     confident_miss = [("a", 0.92), ("b", 0.4), ("t", 0.3)]
     state, _, generator, _ = simulated(
-        tmp_path, [turn("q1"), turn("q2")], [confident_miss, confident_miss, HIT], feedback="hybrid", max_rounds=3
+        tmp_path, [turn("q1"), turn("q2")], [confident_miss, confident_miss, HIT], feedback="hybrid", rounds=3
     )
     assert [r["feedback_kind"] for r in state["rounds"]] == ["visual", "prediction", "prediction"]
     assert len(generator.requests) == 1
@@ -117,7 +118,7 @@ def person_graph(tmp_path: Path, vlm_answers: list[Any], rankings: list[list[tup
 def test_person_feedback_interrupts_and_resumes_without_redrawing(tmp_path: Path) -> None:
     graph = person_graph(tmp_path, [{"query": "a blue jay on a snowy branch"}], [MISS], InMemorySaver())
     config = {"configurable": {"thread_id": "s1"}}
-    first = graph.invoke({"query": "a bird"}, config, version="v2", context={"max_rounds": 3})
+    first = graph.invoke({"query": "a bird"}, config, version="v2", context={"rounds": 3})
     [asked] = first.interrupts
     assert asked.value["query"] == "a bird" and Path(asked.value["synthetic_image"]).exists()
     assert [r["id"] for r in asked.value["retrieved"]] == ["a", "b", "t"][:10]
@@ -140,19 +141,28 @@ def test_empty_feedback_is_asked_again(tmp_path: Path) -> None:
     assert graph.invoke(Command(resume="found: b"), config, version="v2").value["found_id"] == "b"
 
 
-@pytest.mark.parametrize("answer", ["found: 9", "found: zz", "found: "])
-def test_a_found_answer_naming_no_shown_result_is_asked_again(tmp_path: Path, answer: str) -> None:
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [("found: 9", "is not a position shown (1..3)"), ("found: 0", "is not a position shown (1..3)"),
+     ("found: zz", "is not one of the results shown"), ("found: ", "is not one of the results shown")],
+)  # fmt: skip
+def test_a_found_answer_naming_no_shown_result_is_asked_again(tmp_path: Path, answer: str, why: str) -> None:
     graph = person_graph(tmp_path, [], [MISS], InMemorySaver())
     config = {"configurable": {"thread_id": "s4"}}
     graph.invoke({"query": "a bird"}, config, version="v2")
     again = graph.invoke(Command(resume=answer), config, version="v2")
     [asked] = again.interrupts
-    assert "is not one of the results shown" in asked.value["ask"] and "0..2" in asked.value["ask"]
-    assert graph.invoke(Command(resume="found: 1"), config, version="v2").value["found_id"] == "b"
+    assert why in asked.value["ask"] and "1 a.png, 2 b.png, 3 t.png" in asked.value["ask"]
+    assert graph.invoke(Command(resume="found: 2"), config, version="v2").value["found_id"] == "b"
+
+
+def test_results_are_named_from_1_by_position_or_by_file_name() -> None:
+    shown = [{"id": "aaa", "path": "x/jay.png"}, {"id": "bbb", "path": "x/snow.png"}]
+    assert [resolve_found(answer, shown) for answer in ("found: 1", "found: 2", "found: snow")] == ["aaa", "bbb", "bbb"]
 
 
 def test_an_ambiguous_id_prefix_is_asked_again() -> None:
-    shown = [{"id": "abc1"}, {"id": "abc2"}]
+    shown = [{"id": "abc1", "path": "a.png"}, {"id": "abc2", "path": "b.png"}]
     with pytest.raises(FoundError, match="matches several results"):
         resolve_found("found: abc", shown)
     assert resolve_found("found: abc2", shown) == "abc2" and resolve_found("bluer", shown) is None
@@ -164,16 +174,17 @@ def test_a_second_run_on_the_same_thread_starts_clean(tmp_path: Path) -> None:
         vlm, ScriptedGenerator(), ScriptedRankingRetriever([MISS]), ArtifactStore(tmp_path / "a"), InMemorySaver()
     )
     config = {"configurable": {"thread_id": "shared"}}
-    target = {"user": "simulated", "target_id": "t", "target_path": str(tmp_path / "t.png"), "max_rounds": 1, "k": 2}
-    first = graph.invoke({}, config, version="v2", context={**target, "feedback": "verbal"}).value
+    target = {"target_id": "t", "target_path": str(tmp_path / "t.png")}
+    first = graph.invoke({}, config, version="v2", context={**target, "rounds": 1, "k": 2, "feedback": "verbal"}).value
     second = graph.invoke({"query": "a cat"}, config, version="v2")
 
     assert first["stop_reason"] == "max_rounds" and len(first["rounds"]) == 2
     [asked] = second.interrupts  # a person's search: no target, default feedback and rounds
     state = graph.get_state(config).values
-    assert (state["user"], state["target_id"], state["feedback"], state["max_rounds"]) == ("person", None, "visual", 10)
+    knobs = state["knobs"]
+    assert (state["user"], state["target_id"], knobs.feedback, knobs.rounds) == ("person", None, "visual", 10)
     assert [r["query"] for r in state["rounds"]] == ["a cat"] and asked.value["round"] == 0
-    assert state["steps"][0]["node"] == "prepare" and state["found_id"] is None and state["k"] == 10
+    assert state["steps"][0]["node"] == "prepare" and state["found_id"] is None and knobs.k == 10
 
 
 def test_a_search_resumes_from_a_sqlite_checkpoint_in_a_new_graph(tmp_path: Path) -> None:
@@ -203,5 +214,5 @@ def test_parse_found_reads_what_the_answer_names() -> None:
 
 
 def test_hybrid_router_starts_visual() -> None:
-    state: Any = {"feedback": "hybrid", "rounds": [], "hybrid_threshold": 0.9}
+    state: Any = {"knobs": SimulatedUserKnobs(feedback="hybrid", hybrid_threshold=0.9), "rounds": []}
     assert pick_shown_kind(state) == "visual"

@@ -11,13 +11,13 @@ import pytest
 
 from imageloop.agents.simulated_user import PAPER_DECODING
 from imageloop.app import App
-from imageloop.app.sessions import genir_knobs
 from imageloop.cli import main
 from imageloop.config import load_settings
 from imageloop.errors import ConfigError, ImageloopError
 from imageloop.eval.genir import GenIREvalSettings, Target, evaluate_targets, hybrid_arms, rescore_text, summarise
 from imageloop.eval.genir_data import GENIR_SAMPLE_SEED, load_image_folder, sample
 from imageloop.graphs.genir import build_genir_graph
+from imageloop.knobs import GenIREvalKnobs, SimulatedUserKnobs
 from imageloop.prompts import GENIR_CAPTION_SYSTEM, GENIR_COMPARE, GENIR_PREDICTION_CAPTION, GENIR_REFINE
 from imageloop.protocols import Decoding
 from imageloop.tools.artifacts import ArtifactStore
@@ -37,13 +37,10 @@ def turn(query: str) -> dict[str, str]:
 
 
 def eval_settings(**changes: Any) -> GenIREvalSettings:
-    fields: dict[str, Any] = {
-        "rounds": 3, "ks": [1, 5, 10], "feedback": "visual", "hybrid_rule": "confidence",
-        "hybrid_visual_fraction": 0.223, "hybrid_fallback": "prediction", "simulated_user": "ours",
-        "user_decoding": {"temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0}, "rank_depth": 1000,
-        "seed": 0, "vlm": "scripted:vlm", "generator": "scripted:generator", "embedder": "fake:hash", "index": "idx",
-    }  # fmt: skip
-    return GenIREvalSettings(**{**fields, **changes})
+    knobs = GenIREvalKnobs(rounds=3, ks=(1, 5, 10)).overridden(changes)
+    return GenIREvalSettings(
+        knobs, vlm="scripted:vlm", generator="scripted:generator", embedder="fake:hash", index="idx"
+    )
 
 
 # --- the simulated user, as the run's knobs ask -------------------------------------------------------
@@ -52,14 +49,14 @@ def eval_settings(**changes: Any) -> GenIREvalSettings:
 def search(tmp_path: Path, answers: list[Any], rankings: list[list[tuple[str, float]]], **context: Any) -> ScriptedVLM:
     vlm = ScriptedVLM(answers)
     graph = build_genir_graph(vlm, ScriptedGenerator(), ScriptedRankingRetriever(rankings), ArtifactStore(tmp_path))
-    target = {"user": "simulated", "target_id": "t", "target_path": str(tmp_path / "t.png"), "k": 1}
+    target = {"target_id": "t", "target_path": str(tmp_path / "t.png"), "k": 1}
     graph.invoke({}, version="v2", context={**target, **context})
     return vlm
 
 
 def test_the_paper_style_user_set_per_run_asks_the_released_prompts_with_the_papers_sampling(tmp_path: Path) -> None:
     vlm = search(tmp_path, ["a caption", "it is bluer", "a bluer caption"], [MISS, HIT],
-                 simulated_user="paper", max_rounds=1)  # fmt: skip
+                 simulated_user="paper", rounds=1)  # fmt: skip
     asked = [messages for messages, _ in vlm.calls]
     assert asked[0][0].text == GENIR_CAPTION_SYSTEM.format(max_tokens=500)
     assert asked[1][1].text == GENIR_COMPARE.format(query="a caption")
@@ -78,9 +75,9 @@ def test_with_prediction_feedback_the_paper_user_opens_with_a_retrieval_caption(
 
 
 def test_the_genir_paper_preset_reaches_the_graphs_knobs() -> None:
-    knobs = genir_knobs(load_settings("genir-paper"))
-    assert (knobs["simulated_user"], knobs["max_rounds"], knobs["k"], knobs["feedback"]) == ("paper", 10, 10, "visual")
-    assert (knobs["user_temperature"], knobs["user_top_p"], knobs["user_repetition_penalty"]) == (0.7, 0.9, 1.1)
+    knobs = SimulatedUserKnobs.from_settings(load_settings("genir-paper"))
+    assert (knobs.simulated_user, knobs.rounds, knobs.k, knobs.feedback) == ("paper", 10, 10, "visual")
+    assert (knobs.user_temperature, knobs.user_top_p, knobs.user_repetition_penalty) == (0.7, 0.9, 1.1)
 
 
 # --- several K, rounds 0..N and latency from one run ------------------------------------------------
@@ -183,9 +180,9 @@ def test_targets_and_a_benchmark_are_one_or_the_other(
         app = App(fakes.settings)
         with pytest.raises(ConfigError, match="not both"):
             app.eval_genir(ffhq, ffhq, tmp_path / "out", benchmark="ffhq", images=ffhq)
-        with pytest.raises(ConfigError, match="needs --images"):
+        with pytest.raises(ConfigError, match="needs `images`"):
             app.eval_genir(ffhq, None, tmp_path / "out", benchmark="ffhq")
-        with pytest.raises(ConfigError, match="go with --benchmark"):
+        with pytest.raises(ConfigError, match="go with `benchmark`"):
             app.eval_genir(ffhq, ffhq, tmp_path / "out", sample=2)
 
 

@@ -181,7 +181,7 @@ def test_a_second_run_on_the_same_thread_inherits_nothing(tmp_path: Path) -> Non
     assert generator.requests[-1].prompt == "a cat" and generator.requests[-1].references == ()  # no jay.png
     assert (second["stop_reason"], second["iteration"], second["references"]) == ("aligned", 0, [])
     state = graph.get_state(config).values
-    assert (state["similarity_threshold"], state["top_k"], state["hits"]) == (None, 1, [])
+    assert (state["knobs"].similarity_threshold, state["knobs"].top_k, state["hits"]) == (None, 1, [])
     assert [s["node"] for s in second["steps"]] == ["prepare", "generate_draft", "critic", "finish"]
 
 

@@ -54,15 +54,17 @@ def test_the_loop_knobs_are_command_line_options(photos: Path, tmp_path: Path, m
     out = tmp_path / "run"
     options = ["--retrieval-query", "concept", "--final-image-policy", "last", "--references-policy", "accumulate",
                "--plan-scope", "every", "--rephrase-only"]  # fmt: skip
-    with fake_backends(monkeypatch, [NOT_ALIGNED, NOT_ALIGNED]) as fakes:
+    with fake_backends(monkeypatch, [NOT_ALIGNED, "a blue jay on a snowy branch", NOT_ALIGNED]) as fakes:
         assert main(["generate", PROMPT, "--index", str(photos), "--out", str(out), *options, *MODELS]) == 0
     settings = json.loads((out / "run.json").read_text())["settings"]
     assert (settings["retrieval_query"], settings["final_image_policy"]) == ("concept", "last")
     assert (settings["references_policy"], settings["plan_scope"], settings["rephrase_only"]) == (
         "accumulate", "every", True,
     )  # fmt: skip
-    # Rephrase only: the concept word is folded into the prompt and no reference reaches the generator.
-    assert fakes.generator.requests[-1].references == () and "blue jay" in fakes.generator.requests[-1].prompt
+    # Rephrase only: the VLM's rephrased prompt is drawn and no reference reaches the generator.
+    assert (fakes.generator.requests[-1].prompt, fakes.generator.requests[-1].references) == (
+        "a blue jay on a snowy branch", (),
+    )  # fmt: skip
 
 
 def test_the_langchain_tool_takes_the_critic_and_policies(

@@ -719,7 +719,7 @@ def test_index_info_on_something_that_is_not_an_index_is_a_one_line_error(
 
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == f"imageloop: error: no imageloop index at {path}: run `imageloop index {path.resolve()}` first\n"
+    assert err == f"imageloop: error: no imageloop index at {path}: index {path.resolve()} first\n"
 
 
 @pytest.mark.parametrize("content", [b"garbage, not a database", b""], ids=["not-sqlite", "empty-file"])

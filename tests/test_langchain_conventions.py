@@ -74,7 +74,7 @@ def test_with_images_a_finished_run_shows_its_final_image_and_draft(app: App, fa
     message = invoke(tools, "generate_with_references", prompt="a blue jay", index="photos")
     assert message.artifact["status"] == "done" and len(pictures(message)) == 2
     labels = [b["text"] for b in message.content if isinstance(b, dict) and b["type"] == "text"]
-    assert labels[1:] == ["final_image", "draft_image"]
+    assert [label.split(":")[0] for label in labels[1:]] == ["final_image", "draft_image"]  # as MCP labels them
 
 
 def test_a_long_run_answers_with_its_id_and_get_run_polls_it_to_the_end(app: App, fakes: FakeBackends) -> None:
@@ -87,7 +87,7 @@ def test_a_long_run_answers_with_its_id_and_get_run_polls_it_to_the_end(app: App
     assert f"Call get_run with run_id '{run_id}'" in str(started.content)
 
     finished = invoke(tools, "get_run", run_id=run_id, wait_seconds=30)
-    assert finished.artifact["status"] == "done" and finished.artifact["record"]["stop_reason"] == "aligned"
+    assert finished.artifact["status"] == "done" and finished.artifact["result"]["stop_reason"] == "aligned"
     assert str(finished.content).startswith(f"Run {run_id}: aligned with the prompt")
 
 
@@ -95,4 +95,4 @@ def test_a_run_from_another_process_is_read_from_its_folder(app: App, fakes: Fak
     fakes.vlm.answers.append(ALIGNED)
     record = app.generate("a blue jay", "photos")  # e.g. the command line's run, never a background job here
     answer = invoke(imageloop_tools(app=app), "get_run", run_id=record["run_id"])
-    assert answer.artifact["record"]["run_id"] == record["run_id"] and answer.artifact["status"] == "done"
+    assert answer.artifact["result"]["run_id"] == record["run_id"] and answer.artifact["status"] == "done"

@@ -126,8 +126,8 @@ def test_an_agent_indexes_searches_and_draws_with_references(fakes: FakeBackends
     for message in tools.values():  # short text for the model: no paths, no long listings
         assert len(str(message.content)) < 600 and str(tmp_path) not in str(message.content)
 
-    indexed = tools["index_images"].artifact
-    assert (indexed["indexed"], indexed["failed"], indexed["index"]) == (3, 0, str(photos.resolve()))
+    indexed = tools["index_images"].artifact["result"]
+    assert (indexed["indexed"], indexed["failed"], indexed["folder"]) == (3, 0, str(photos.resolve()))
     assert "Indexed 3 new image(s)" in str(tools["index_images"].content)
 
     results = tools["retrieve_images"].artifact["results"]
@@ -137,16 +137,16 @@ def test_an_agent_indexes_searches_and_draws_with_references(fakes: FakeBackends
         and "a blue jay with a blue crest" in tools["retrieve_images"].content
     )
 
-    run = tools["generate_with_references"].artifact
+    run = tools["generate_with_references"].artifact["result"]
     run_dir = tmp_path / "runs" / run["run_id"]
-    assert Path(run["run_dir"]) == run_dir.resolve() and run["aligned"] and run["stop_reason"] == "aligned"
-    assert Path(run["final_image"]).is_file() and Path(run["report"]).is_file()
+    assert run["aligned"] and run["stop_reason"] == "aligned"
+    assert Path(run["final_image"]).is_file() and (run_dir / "report.html").is_file()
     [reference] = run["references"]
     assert Path(reference["path"]) == photos.resolve() / "jay.png" and isinstance(reference["score"], float)
     assert json.loads((run_dir / "run.json").read_text())["prompt"] == "a blue jay on a snowy branch"
 
     got = tools["get_run"]
-    assert got.artifact["run_id"] == run["run_id"] and got.artifact["record"]["stop_reason"] == "aligned"
+    assert got.artifact["run_id"] == run["run_id"] and got.artifact["result"]["stop_reason"] == "aligned"
     assert f"Run {run['run_id']}" in str(got.content) and "aligned" in str(got.content)
 
 
@@ -158,14 +158,14 @@ def test_a_search_session_spans_tool_calls_keyed_by_its_session_id(
     turns: list[Turn] = [
         call("genir_round", index=str(photos), query="a bird", k=2, rounds=4),
         quoting(r"Session (\w+),", "genir_feedback", "session_id", feedback="the bird should be blue"),
-        quoting(r"Session (\w+),", "genir_feedback", "session_id", feedback="found: 0"),
+        quoting(r"Session (\w+),", "genir_feedback", "session_id", feedback="found: 1"),
         AIMessage("Found it."),
     ]
     messages = converse(fakes, tmp_path, turns, "Help me find my photo of a blue jay")
     rounds = [m for m in messages if isinstance(m, ToolMessage)]
     assert [m.status for m in rounds] == ["success"] * 3
 
-    first, second, last = (m.artifact for m in rounds)
+    first, second, last = (m.artifact["result"] for m in rounds)
     assert first["status"] == second["status"] == "awaiting_feedback"
     assert first["session_id"] == second["session_id"] == last["session_id"]
     assert Path(first["synthetic_image"]).is_file() and Path(first["page"]).is_file()  # visual feedback drew it
@@ -188,17 +188,18 @@ def test_a_session_continues_with_a_new_set_of_tools(fakes: FakeBackends, photos
     started = tool("genir_round").invoke(
         {"type": "tool_call", "id": "1", "name": "genir_round", "args": {"index": str(photos), "query": "a cat"}}
     )
-    session = started.artifact["session_id"]
+    session = started.artifact["result"]["session_id"]
     finished = tool("genir_feedback").invoke(
         {
             "type": "tool_call",
             "id": "2",
             "name": "genir_feedback",
-            "args": {"session_id": session, "feedback": "found: 0"},
+            "args": {"session_id": session, "feedback": "found: 1"},
         }
     )
-    assert finished.artifact["status"] == "finished" and finished.artifact["found_id"]
-    assert (Path(finished.artifact["out_dir"]) / "session.json").is_file()
+    shown = finished.artifact["result"]
+    assert shown["status"] == "finished" and shown["found_id"]
+    assert (Path(shown["out_dir"]) / "session.json").is_file()
 
 
 def test_mistakes_come_back_to_the_model_as_one_line_answers(fakes: FakeBackends, photos: Path, tmp_path: Path) -> None:
@@ -206,19 +207,21 @@ def test_mistakes_come_back_to_the_model_as_one_line_answers(fakes: FakeBackends
         call("retrieve_images", index=str(photos), query="a jay"),  # not indexed yet
         call("retrieve_images", index="/etc", query="a jay"),  # outside the allowed folder
         call("retrieve_images", index=str(photos), query="a jay", k=500),  # out of bounds
-        call("retrieve_images", index=str(photos), query="a jay", image_path=str(photos / "jay.png")),  # both
+        call("retrieve_images", index=str(photos), query="a jay", image=str(photos / "jay.png")),  # both
+        call("retrieve_images", index=str(photos), query="a jay", top_kk=3),  # a misspelled argument
         call("genir_feedback", session_id="0123456789ab", feedback="bluer"),  # no such session
         call("get_run", run_id="../../etc"),
         AIMessage("Sorry."),
     ]
     messages = converse(fakes, tmp_path, turns, "find a jay")
     answers = [m for m in messages if isinstance(m, ToolMessage)]
-    assert [m.status for m in answers] == ["error"] * 6
+    assert [m.status for m in answers] == ["error"] * 7
     texts = [str(m.content) for m in answers]
-    assert texts[0].startswith("no imageloop index at") and "run `imageloop index" in texts[0]
+    assert texts[0].startswith("no imageloop index at") and texts[0].endswith(f"index {photos.resolve()} first")
     assert "is outside the folders" in texts[1]
     assert texts[2] == "invalid arguments: k: Input should be less than or equal to 50"
-    assert texts[3] == "invalid arguments: give exactly one of query (text) or image_path"
-    assert texts[4].startswith("no search session '0123456789ab'")
-    assert texts[5].startswith("invalid arguments: run_id")
+    assert texts[3] == "invalid arguments: give exactly one of query (text) or image (a path)"
+    assert texts[4].startswith("retrieve_images: unknown argument 'top_kk'; expected some of index, query, image, k")
+    assert texts[5].startswith("no search session '0123456789ab'")
+    assert texts[6].startswith("invalid arguments: run_id")
     assert all("\n" not in text for text in texts)

@@ -116,6 +116,15 @@ def test_images_are_downscaled_to_max_image_side(tmp_path: Path) -> None:
     assert decoded_image(content[1]).size == (32, 16)
 
 
+def test_an_answer_carries_the_tokens_the_integration_reported_plain_or_structured() -> None:
+    usage = {"input_tokens": 120, "output_tokens": 7, "total_tokens": 127}
+    model = ScriptedVisionChatModel(answers=[AIMessage(content="hi", usage_metadata=usage)] * 2)
+    vlm = LangChainVisionLanguageModel(model)
+    plain = vlm.chat([Message("user", "Hi")])
+    structured = vlm.chat([Message("user", "Hi")], json_schema={"name": "Answer", "schema": {"type": "object"}})
+    assert [(a.usage.input_tokens, a.usage.output_tokens) for a in (plain, structured)] == [(120, 7)] * 2  # type: ignore[attr-defined]
+
+
 class ScriptedTemperatureChatModel(ScriptedVisionChatModel):
     """A scripted model with a temperature field, as most integrations have; records it per request."""
 

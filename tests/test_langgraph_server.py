@@ -107,7 +107,8 @@ def test_the_imagerag_graph_runs_on_the_configured_backends(configured: FakeBack
     graph = load_graph("imagerag")
     state = graph.invoke({"prompt": "a blue jay on a snowy branch"}, context={"artifacts_dir": str(artifacts)})
     assert state["stop_reason"] == "aligned"
-    assert (artifacts / f"{state['final_image']}.png").is_file()
+    final = state["final_image"]  # named by its address: the artifacts folder lies under the first root
+    assert final.startswith("/imageloop/roots/0/server-artifacts/") and (artifacts / Path(final).name).is_file()
     [reference] = state["references"]
     assert Path(reference["path"]).name == "jay.png"
 
@@ -139,6 +140,28 @@ def test_the_servers_settings_are_the_runs_knobs_unless_the_run_says_otherwise(
     assert (state["iteration"], len(state["references"])) == (1, 1)
 
 
+def test_a_server_runs_record_is_the_knobs_its_context_set_not_the_deployments(
+    configured: FakeBackends, tmp_path: Path
+) -> None:
+    not_aligned = {"aligned": False, "missing_concepts": ["blue jay"]}
+    captions = {"captions": [{"concept": "blue jay", "caption": "a blue jay with a blue crest"}]}
+    configured.vlm.answers.extend([not_aligned, captions] * 3 + [not_aligned])
+    state = load_graph("imagerag").invoke({"prompt": "a blue jay"}, context={"max_iterations": 3, "top_k": 2})
+    [record] = (tmp_path / "runs" / "server").glob("*/run.json")
+    ran = json.loads(record.read_text())["settings"]
+    assert (state["iteration"], len(state["references"])) == (3, 2)  # the run used the context's knobs...
+    assert (ran["max_iterations"], ran["top_k"]) == (3, 2)  # ...and its record says so (it said the server's 1 and 1)
+
+
+@pytest.mark.parametrize("name", ["imagerag", "genir", "cir", "rage"])
+def test_a_misspelled_context_key_is_refused_in_one_line_naming_the_valid_ones(
+    configured: FakeBackends, name: str
+) -> None:
+    inputs = {"imagerag": {"prompt": "a jay"}, "genir": {"query": "a jay"}, "rage": {"prompt": "a jay"}}
+    with pytest.raises(ConfigError, match=rf"^unknown {name} knob 'max_iteration': expected one of .*\bindex\b"):
+        load_graph(name).invoke(inputs.get(name, {"reference": "x.png", "change": "red"}), context={"max_iteration": 3})
+
+
 def test_a_person_answers_genir_through_the_servers_checkpointer(configured: FakeBackends, tmp_path: Path) -> None:
     graph = load_graph("genir")
     served = graph.copy(update={"checkpointer": InMemorySaver()})  # what the server does with its own saver
@@ -168,3 +191,18 @@ def test_a_run_without_an_index_says_how_to_configure_one(
     graph = load_graph("imagerag")
     with pytest.raises(ConfigError, match="no index: set IMAGELOOP_INDEX=FOLDER"):
         graph.invoke({"prompt": "a blue jay"}, context={"mode": "generation"})
+
+
+@pytest.mark.parametrize(("name", "inputs"), [("genir", {"query": "a blue jay"}), ("rage", {"prompt": "a blue jay"})])
+def test_a_resume_that_answers_nothing_is_one_line_and_the_question_stays_asked(
+    configured: FakeBackends, name: str, inputs: dict[str, Any]
+) -> None:
+    graph = load_graph(name).copy(update={"checkpointer": InMemorySaver()})
+    thread = {"configurable": {"thread_id": name}}
+    context = {"feedback": "verbal"} if name == "genir" else {}
+    asked = graph.invoke(inputs, thread, version="v2", context=context)
+
+    with pytest.raises(ConfigError, match=r"^Command\(resume=None\) answers nothing"):
+        graph.invoke(Command(resume=None), thread, version="v2", context=context)
+
+    assert [i.value for i in graph.get_state(thread).interrupts] == [i.value for i in asked.interrupts]

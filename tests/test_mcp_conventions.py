@@ -4,7 +4,9 @@ toward a total, run outputs as resources, and no traceback when a client simply 
 from __future__ import annotations
 
 import base64
+import io
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -17,14 +19,18 @@ from typing import Any
 
 import pytest
 from mcp.types import BlobResourceContents, CallToolResult, TextContent
+from PIL import Image
 from pydantic import AnyUrl
 
+from imageloop import __version__
 from imageloop.app.jobs import Note
-from imageloop.mcp.server import ProgressClock
+from imageloop.mcp.server import ProgressClock, build_server
 from imageloop.progress import report_progress
 from imageloop.protocols import GenerationRequest, GenerationResult
+from imageloop.tools.indexing.image_index import open_index
 from tests.fake_openai_server import FakeOpenAIServer
 from tests.fakes import ScriptedGenerator
+from tests.test_index_sources import write_shards
 from tests.test_mcp_server import (
     ALIGNED,
     REPO,
@@ -37,6 +43,7 @@ from tests.test_mcp_server import (
     photo_folder,
     streamable_http_client,
     structured,
+    text_of,
 )
 
 __all__ = ["fakes", "library"]  # fixtures shared with the server's own tests
@@ -90,6 +97,25 @@ def test_every_tool_has_a_title_and_every_parameter_a_description(client: Client
         assert undescribed == [], tool.name
 
 
+def test_every_tool_description_is_one_paragraph_without_docstring_indentation(client: Client) -> None:
+    for tool in tools(client):
+        assert tool.description and "\n" not in tool.description and "  " not in tool.description, tool.name
+
+
+def test_server_info_names_imageloops_version_not_the_sdks(tmp_path: Path) -> None:
+    with in_process(tmp_path) as (app, _):
+        options = build_server(app)._mcp_server.create_initialization_options()  # what initialize answers
+    assert (options.server_name, options.server_version) == ("imageloop", __version__)
+
+
+def test_genir_rounds_schema_says_index_and_query_or_a_session_id(client: Client) -> None:
+    [genir_round] = [tool for tool in tools(client) if tool.name == "genir_round"]
+    properties = genir_round.inputSchema["properties"]
+    assert "give with query" in properties["index"]["description"]
+    assert "instead of index and query" in properties["session_id"]["description"]
+    assert "not both" in str(genir_round.description)
+
+
 def test_every_tool_states_each_hint_and_none_destroys_anything(client: Client) -> None:
     for tool in tools(client):
         hints = tool.annotations
@@ -109,6 +135,21 @@ def test_indexing_reports_images_handled_out_of_the_folders_total(client: Client
     assert values == sorted(set(values)) and values[-1] == 20
     assert {total for _, total, _ in tracked.values} == {20}
     assert "8/20 images in photos handled" in [message for _, _, message in tracked.values]
+
+
+def test_indexing_records_the_search_engine_asked_for_and_refuses_a_thread_count_past_its_bound(
+    client: Client, tmp_path: Path
+) -> None:
+    photo_folder(tmp_path, 3)
+
+    done = structured(client.call("index_images", {"folder": "photos", "ann": "quantized", "threads": 1}))
+    refused = client.call("index_images", {"folder": "photos", "threads": 0})
+
+    assert done["status"] == "done"
+    index = open_index(tmp_path / "photos")
+    assert index.store.get_meta()["ann_engine"] == "quantized"
+    index.close()
+    assert refused.isError and "threads" in text_of(refused)
 
 
 def test_a_run_forwards_each_denoising_step_with_a_total_and_never_goes_back(
@@ -149,14 +190,59 @@ def test_a_finished_run_names_its_images_as_resources_a_client_reads_at_full_siz
 
 
 @pytest.mark.parametrize(
-    "uri", ["imageloop://runs/../photos/p00.png", "imageloop://runs/abc/run.json", "imageloop://runs/abc/none.png"]
+    "uri",
+    [
+        "imageloop://runs/../photos/p00.png",
+        "imageloop://runs/abc/checkpoints.sqlite",
+        "imageloop://runs/abc/none.png",
+        "imageloop://roots/0/photos%2Fnotes.txt",
+        "imageloop://roots/0/..%2F..%2Fsecret.png",
+        "imageloop://roots/1/p00.png",
+    ],
 )
-def test_resources_serve_only_run_images_under_the_runs_folder(client: Client, tmp_path: Path, uri: str) -> None:
+def test_resources_serve_only_run_files_and_images_under_the_roots(client: Client, tmp_path: Path, uri: str) -> None:
     photo_folder(tmp_path, 1)
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    (tmp_path.parent / "secret.png").write_bytes(b"png")
     (tmp_path / ".runs" / "abc").mkdir(parents=True)
-    (tmp_path / ".runs" / "abc" / "run.json").write_text("{}")
-    with pytest.raises(Exception, match=r"no such run file|is no image"):
+    (tmp_path / ".runs" / "abc" / "checkpoints.sqlite").write_text("SQLite format 3")
+    with pytest.raises(Exception, match=r"no such run file|no such image"):
         client.portal.call(client.session.read_resource, AnyUrl(uri))
+
+
+def test_an_image_inside_an_indexed_shard_under_a_root_reads_as_a_resource(client: Client, tmp_path: Path) -> None:
+    pictures = write_shards(tmp_path / "laion", shards=1, per_shard=1)
+    read = client.portal.call(
+        client.session.read_resource, AnyUrl("imageloop://roots/0/laion%2F00000.tar%23000000000.jpg")
+    )
+    [contents] = read.contents
+    assert isinstance(contents, BlobResourceContents) and contents.mimeType == "image/png"
+    shown = Image.open(io.BytesIO(base64.b64decode(contents.blob)))
+    assert shown.size == Image.open(io.BytesIO(pictures["00000.tar#000000000.jpg"])).size
+
+
+def test_over_http_an_answer_names_every_file_as_a_resource_the_client_reads(
+    fakes: dict[str, Any], tmp_path: Path
+) -> None:
+    photo_folder(tmp_path, 3)
+    fakes["vlm"].answers.append(ALIGNED)
+    with in_process(tmp_path, remote=True) as (_, open_session), memory_client(open_session) as client:
+        client.call("index_images", {"folder": "photos"})
+        found = client.call("retrieve_images", {"index": "photos", "query": "a jay", "k": 2})
+        run = client.call("generate_with_references", {"prompt": "a jay", "index": "photos"})
+        refused = client.call("retrieve_images", {"index": "nowhere", "query": "a jay"})
+        said = [text_of(result) + json.dumps(result.structuredContent) for result in (found, run, refused)]
+        first = structured(found)["results"][0]["path"]
+        record = structured(run)["result"]
+        read = [client.portal.call(client.session.read_resource, AnyUrl(uri)) for uri in (first, record["final_image"])]
+        report = client.portal.call(
+            client.session.read_resource, AnyUrl(record["final_image"].replace("final.png", "report.html"))
+        )
+    assert not any(str(tmp_path) in text for text in said) and refused.isError
+    assert first.startswith("imageloop://roots/0/photos%2Fp0") and record["final_image"].startswith("imageloop://runs/")
+    pictures = [Image.open(io.BytesIO(base64.b64decode(r.contents[0].blob))) for r in read]  # type: ignore[union-attr]
+    assert [picture.size for picture in pictures] == [(40, 40), (16, 16)]
+    assert report.contents[0].mimeType == "text/html" and "a jay" in report.contents[0].text  # type: ignore[union-attr]
 
 
 def test_progress_values_only_grow_and_count_toward_the_current_tasks_total() -> None:

@@ -40,7 +40,6 @@ from imageloop.app import App
 from imageloop.cli import main
 from imageloop.config import Settings
 from imageloop.mcp import build_server
-from imageloop.mcp.server import ImageloopMCP
 from imageloop.thumbnails import RESULT_IMAGE_BUDGET
 from tests.fake_openai_server import FakeOpenAIServer, Fault, RecordedRequest, chat_completion
 from tests.fakes import FakeHashEmbedder, ScriptedGenerator, ScriptedVLM
@@ -194,7 +193,10 @@ def test_lists_the_tools_with_bounded_arguments(stdio: Client) -> None:
     bounds = limits.BOUNDS  # the one table every face takes its bounds from
     assert maximum(generate["max_iterations"]) == bounds["max_iterations"].high
     assert maximum(generate["steps"]) == bounds["steps"].high
-    assert maximum(generate["width"]) == limits.MAX_SIDE and maximum(generate["wait_seconds"]) <= 55
+    assert (
+        generate["size"]["anyOf"][0]["prefixItems"][0] == {"type": "integer"}
+        and maximum(generate["wait_seconds"]) <= 55
+    )
     assert tools["get_run"].outputSchema is not None  # the run view's shape is declared
 
 
@@ -202,13 +204,13 @@ def test_retrieve_images_returns_ranked_paths_and_png_thumbnails(stdio: Client, 
     result = stdio.call("retrieve_images", {"index": str(library / "photos"), "query": CAPTIONS["jay"], "k": 3})
 
     found = structured(result)
-    assert [hit["rank"] for hit in found["results"]] == [0, 1, 2]
+    assert [hit["position"] for hit in found["results"]] == [1, 2, 3]
     top = found["results"][0]
     assert Path(top["path"]) == library / "photos" / "jay.png" and top["caption"] == CAPTIONS["jay"]
     assert top["score"] == pytest.approx(1.0, abs=1e-4)  # the fake embeds identical texts identically
     thumbnails = images_of(result)
     outside = sum(hit["path"].endswith("leak.png") for hit in found["results"])  # never shown (see below)
-    assert len(thumbnails) == found["images_shown"] == 3 - outside
+    assert len(thumbnails) == 3 - outside
     assert thumbnails[0].size == (48, 32)  # small images come back as they are
     assert "base64" not in json.dumps(found) and len(json.dumps(found)) < 5000  # paths, never pixels
 
@@ -258,13 +260,14 @@ DRAW = {"prompt": "a jay", "index": "photos"}
         ("retrieve_images", {**FIND, "k": "ten"}, "invalid k:"),
         ("retrieve_images", {"query": "x"}, "invalid index: Field required"),
         ("retrieve_images", {**FIND, "top": 3}, "unknown argument 'top'"),
-        ("retrieve_images", {"index": "photos"}, "give exactly one of a text query or an image"),
+        ("retrieve_images", {"index": "photos"}, "give exactly one of query (text) or image (a path)"),
         ("retrieve_images", {"index": "photos", "query": "x" * (limits.PROMPT_CHARS + 1)}, "invalid query:"),
         ("generate_with_references", {**DRAW, "max_iterations": TOO_MANY_ITERATIONS}, "invalid max_iterations"),
         ("generate_with_references", {**DRAW, "steps": BOUNDS["steps"].high + 1}, "invalid steps"),
-        ("generate_with_references", {**DRAW, "width": limits.MAX_SIDE + 1}, "invalid width"),
+        ("generate_with_references", {**DRAW, "size": [limits.MAX_SIDE + 1, 64]}, "is out of range: each side"),
         ("generate_with_references", {**DRAW, "wait_seconds": 600}, "invalid wait_seconds"),
-        ("genir_round", {"index": "photos", "query": "a jay", "max_rounds": TOO_MANY_ROUNDS}, "invalid max_rounds"),
+        ("genir_round", {"index": "photos", "query": "a jay", "rounds": TOO_MANY_ROUNDS}, "invalid rounds"),
+        ("genir_round", {"index": "photos", "query": "a jay", "max_rounds": 3}, "unknown argument 'max_rounds'"),
         ("genir_feedback", {"session_id": "../../etc", "feedback": "bluer"}, "invalid session_id"),
         ("get_run", {"run_id": "nope"}, "invalid run_id"),
         ("get_run", {"run_id": "0123456789ab"}, "no run '0123456789ab'"),
@@ -286,7 +289,7 @@ def test_generate_with_references_returns_the_final_image_its_record_and_progres
 
     result = stdio.call(
         "generate_with_references",
-        {"prompt": "a Cyanocitta cristata on a snowy branch", "index": "photos", "width": 256, "height": 256},
+        {"prompt": "a Cyanocitta cristata on a snowy branch", "index": "photos", "size": [256, 256]},
         progress=progress,
     )
 
@@ -314,11 +317,11 @@ def test_concurrent_calls_are_all_answered_each_with_its_own_result(stdio: Clien
 
 def test_a_genir_session_continues_across_calls_until_found(stdio: Client, openai: FakeOpenAIServer) -> None:
     first = structured(
-        stdio.call("genir_round", {"index": "photos", "query": "a bird", "feedback": "visual", "k": 2, "max_rounds": 3})
+        stdio.call("genir_round", {"index": "photos", "query": "a bird", "feedback": "visual", "k": 2, "rounds": 3})
     )
     round0 = first["result"]
     session = round0["session_id"]
-    assert (round0["state"], round0["round"], len(round0["retrieved"])) == ("awaiting_feedback", 0, 2)
+    assert (round0["status"], round0["round"], len(round0["retrieved"])) == ("awaiting_feedback", 0, 2)
     assert Path(round0["synthetic_image"]).is_file()  # visual feedback: what the system understood
 
     openai.push("/v1/chat/completions", 200, chat_completion(json.dumps({"query": CAPTIONS["snow"]})))
@@ -331,8 +334,8 @@ def test_a_genir_session_continues_across_calls_until_found(stdio: Client, opena
     assert structured(shown)["result"]["retrieved"] == round1["retrieved"]
     assert len(images_of(shown)) == 3  # the synthetic image and two results
 
-    done = structured(stdio.call("genir_feedback", {"session_id": session, "feedback": "found: 0"}))["result"]
-    assert (done["state"], done["found_id"]) == ("finished", round1["retrieved"][0]["id"])
+    done = structured(stdio.call("genir_feedback", {"session_id": session, "feedback": "found: 1"}))["result"]
+    assert (done["status"], done["found_id"]) == ("finished", round1["retrieved"][0]["id"])
     again = stdio.call("genir_feedback", {"session_id": session, "feedback": "bluer"})
     assert again.isError and "is finished (found)" in text_of(again)
 
@@ -371,12 +374,12 @@ def test_a_client_that_disconnects_mid_run_leaves_a_cancelled_run_with_a_whole_r
     status = json.loads((run_dir / "status.json").read_text())
     record = json.loads((run_dir / "run.json").read_text())
     assert status["status"] == "cancelled" and "shut down" in status["error"]
-    assert record["stop_reason"] == "error" and record["error"] == status["error"]
+    assert record["stop_reason"] == "cancelled" and record["error"] == status["error"]
     assert record["steps"] and record["draft_image"] and Path(record["draft_image"]).is_file()
 
     app = App(Settings(), roots=[library], runs_dir=runs)  # a later server reads the run from disk
     try:
-        view = ImageloopMCP(app).run_view(started["run_id"])
+        view = app.run_state(started["run_id"])
     finally:
         app.close()
     assert (view.status, view.error, view.result) == ("cancelled", status["error"], record)
@@ -427,6 +430,7 @@ def test_http_on_localhost_serves_the_tools_and_checks_host_and_origin(
             assert client.tool_names() == TOOLS
             result = client.call("retrieve_images", {"index": "photos", "query": CAPTIONS["cat"], "k": 2})
             assert structured(result)["results"][0]["caption"] == CAPTIONS["cat"] and len(images_of(result)) == 2
+            assert structured(result)["results"][0]["path"] == "imageloop://roots/0/photos%2Fcat.png"  # no path
 
         foreign_origin = httpx.post(url, json=INITIALIZE, headers={**MCP_HEADERS, "Origin": "http://evil.example"})
         foreign_host = httpx.post(url, json=INITIALIZE, headers={**MCP_HEADERS, "Host": "evil.example"})
@@ -483,11 +487,12 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
 
 
 @contextmanager
-def in_process(root: Path) -> Iterator[tuple[App, Callable[[], Any]]]:
-    """An App confined to `root` with fake backends, its MCP server, and a way to open client sessions to it."""
+def in_process(root: Path, remote: bool = False) -> Iterator[tuple[App, Callable[[], Any]]]:
+    """An App confined to `root` with fake backends, its MCP server (as served over HTTP to a `remote` client), and
+    a way to open client sessions to it."""
     settings = Settings.model_validate({"vlm": "fake:vlm", "generator": "fake:generator", "embedder": "fake:hash"})
     app = App(settings, roots=[root], runs_dir=root / ".runs", sessions_db=root / ".runs" / "sessions.sqlite")
-    server = build_server(app)
+    server = build_server(app, remote=remote)
     try:
         yield app, lambda: create_connected_server_and_client_session(server)
     finally:

@@ -30,7 +30,7 @@ def found_answers() -> st.SearchStrategy[str]:
 
 
 @given(answer=found_answers() | st.text(max_size=60), shown=SHOWN)
-@example(answer="found: ²", shown=[{"id": "a" * 12}])
+@example(answer="found: ²", shown=[{"id": "a" * 12, "path": "a.png"}])
 @example(answer="found: 0\nand more", shown=[])
 def test_a_found_answer_names_a_shown_result_or_is_refused_in_one_line(
     answer: str, shown: list[dict[str, Any]]
@@ -50,8 +50,8 @@ def test_a_found_answer_names_a_shown_result_or_is_refused_in_one_line(
 
 @given(shown=SHOWN.filter(bool), data=st.data())
 def test_found_with_a_listed_position_picks_that_result(shown: list[dict[str, Any]], data: st.DataObject) -> None:
-    position = data.draw(st.integers(min_value=0, max_value=len(shown) - 1))
-    assert resolve_found(f"found: {position}", shown) == shown[position]["id"]
+    position = data.draw(st.integers(min_value=1, max_value=len(shown)))  # positions are listed from 1
+    assert resolve_found(f"found: {position}", shown) == shown[position - 1]["id"]
 
 
 @given(text=st.text(max_size=30) | st.builds(lambda w, h, s: f"{w}{s}{h}", NUMBERS, NUMBERS, st.sampled_from("xX×*")))
@@ -106,7 +106,7 @@ def test_where_without_an_equals_sign_names_the_item() -> None:
     try:
         parse_where(["folder"])
     except ImageloopError as e:
-        assert "--where 'folder': expected KEY=VALUE" in str(e)
+        assert "`where` 'folder': expected KEY=VALUE" in str(e)
     else:
         raise AssertionError("accepted")
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from imageloop.cli import _settings, build_parser
+from imageloop.cli import _given, _settings, build_parser
 from imageloop.config import MODEL_PROFILES, PROFILES, ROLES, Settings, load_settings
 from imageloop.errors import ConfigError
+from imageloop.knobs import ImageRAGKnobs
 from imageloop.presets import GENIR_PAPER, IMAGERAG_PAPER, PRESETS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -53,7 +54,8 @@ def test_the_command_line_takes_a_profile_twice_or_a_list() -> None:
         settings = _settings(args)
         assert (settings.vlm, settings.critic) == ("openai:gpt-4.1-mini", "paper")
     args = build_parser().parse_args(["generate", "a jay", "--profile", "imagerag-paper", "--critic", "single_call"])
-    assert _settings(args).critic == "single_call"
+    run = ImageRAGKnobs.from_settings(_settings(args)).overridden(_given(args, ImageRAGKnobs))
+    assert (run.critic, run.plan_scope) == ("single_call", "every")  # the option over the preset, the rest kept
 
 
 def test_the_readme_presets_table_lists_every_paper_value() -> None:

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -160,36 +157,35 @@ def test_cli_a_session_left_at_the_picks_is_resumed_by_its_id(
     assert last_json(capsys.readouterr().out)["stop_reason"] == "generated"
     assert len(fakes.generator.requests) == 1
     assert main(["rage", "--resume", session, "--k", "3"]) == 2
-    assert "--resume continues a session with its own settings: drop --k" in capsys.readouterr().err
+    assert "was started with k 10, not 3: continue it without those" in capsys.readouterr().err
 
 
-# The CLI, as a subprocess against an OpenAI-compatible server.
+# The CLI against an OpenAI-compatible server.
 
 
-def test_cli_subprocess_sends_the_picks_to_images_edit_and_refuses_a_bad_pick_first(
-    openai_server: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_the_cli_sends_the_picks_to_images_edit_and_refuses_a_bad_pick_first(
+    openai_server: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     folder = product_catalogue(tmp_path / "catalogue")
-    env = {
-        "OPENAI_BASE_URL": openai_server.base_url, "OPENAI_API_KEY": "sk-test", "PATH": "/usr/bin",
-        "PYTHONPATH": str(REPO), "IMAGELOOP_SESSIONS": os.environ["IMAGELOOP_SESSIONS"], "HF_HUB_OFFLINE": "1",
-    }  # fmt: skip
+    monkeypatch.setenv("OPENAI_BASE_URL", openai_server.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
 
-    def imageloop(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "imageloop.cli", *args, "--profile", "openai"]
-        return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    def imageloop(*args: str) -> tuple[int, str, str]:
+        code = main([*args, "--profile", "openai"])
+        out, err = capsys.readouterr()
+        return code, out, err
 
-    assert imageloop("index", str(folder)).returncode == 0
+    assert imageloop("index", str(folder))[0] == 0
     run = ["rage", PROMPT, "--index", str(folder), "--out"]
 
-    refused = imageloop(*run, str(tmp_path / "a"), "--select", "tote.png,9", "--json")
-    assert refused.returncode == 2 and refused.stdout == ""
-    assert "imageloop: error: pick '9' is not a position shown (1..5)" in refused.stderr
+    code, out, err = imageloop(*run, str(tmp_path / "a"), "--select", "tote.png,9", "--json")
+    assert code == 2 and out == ""
+    assert "imageloop: error: pick '9' is not a position shown (1..5)" in err
     assert openai_server.requests_to("/v1/images/edits") == []
 
-    done = imageloop(*run, str(tmp_path / "b"), "--select", "tote.png,mug.png", "--json")
-    assert done.returncode == 0, done.stderr
-    result = last_json(done.stdout)
+    code, out, err = imageloop(*run, str(tmp_path / "b"), "--select", "tote.png,mug.png", "--json")
+    assert code == 0, err
+    result = last_json(out)
     assert [Path(c["path"]).name for c in result["selected"]] == ["tote.png", "mug.png"]
     [edit] = openai_server.requests_to("/v1/images/edits")
     assert edit.fields("prompt")[0].content.decode() == PROMPT and len(edit.fields("image[]")) == 2
@@ -212,9 +208,9 @@ def test_mcp_rage_retrieve_shows_candidates_and_rage_generate_returns_the_image(
     server = build_server(mcp_app)
     with memory_client(lambda: create_connected_server_and_client_session(server)) as client:
         retrieved = client.call("rage_retrieve", {"prompt": PROMPT, "index": str(catalogue), "k": 3})
-        view = structured(retrieved)
-        assert len(view["candidates"]) == 3 and view["images_shown"] == 3 and len(images_of(retrieved)) == 3
-        assert "#1 " in text_of(retrieved) and "rage_generate" in view["ask"]
+        view = structured(retrieved)["result"]
+        assert len(view["candidates"]) == 3 and len(images_of(retrieved)) == 3
+        assert "#1 " in text_of(retrieved) and view["status"] == "awaiting_selection"
 
         second = Path(view["candidates"][1]["path"]).name
         generated = client.call("rage_generate", {"session_id": view["session_id"], "selected": [2, "1"]})
@@ -232,13 +228,22 @@ def test_mcp_rage_generate_refuses_a_pick_naming_nothing_before_generating(
 ) -> None:
     server = build_server(mcp_app)
     with memory_client(lambda: create_connected_server_and_client_session(server)) as client:
-        view = structured(client.call("rage_retrieve", {"prompt": PROMPT, "index": str(catalogue), "k": 2}))
+        view = structured(client.call("rage_retrieve", {"prompt": PROMPT, "index": str(catalogue), "k": 2}))["result"]
         refused = client.call("rage_generate", {"session_id": view["session_id"], "selected": ["mug.png"]})
         too_many = client.call("rage_generate", {"session_id": view["session_id"], "selected": list(range(17))})
 
     assert refused.isError and "rage_generate: pick 'mug.png' is not a candidate shown" in text_of(refused)
     assert too_many.isError and "selected" in text_of(too_many)
     assert fakes.generator.requests == []
+
+
+def test_an_agent_asking_for_a_persons_review_is_told_which_reviews_it_can_have(
+    fakes: FakeBackends, catalogue: Path, mcp_app: App
+) -> None:
+    server = build_server(mcp_app)
+    with memory_client(lambda: create_connected_server_and_client_session(server)) as client:
+        refused = client.call("rage_retrieve", {"prompt": PROMPT, "index": str(catalogue), "review": "person"})
+    assert refused.isError and "from an agent, review none or critic" in text_of(refused)
 
 
 # LangChain tools; a session started there continues in the CLI.
@@ -255,9 +260,9 @@ def test_langchain_rage_tools_then_the_cli_continue_one_session(
     tools = imageloop_tools(fakes.settings, roots=[tmp_path], runs_dir=tmp_path / "runs")
 
     retrieved = invoke(tools, "rage_retrieve", prompt=PROMPT, index=str(catalogue), where={"brand": "acme"})
-    session = retrieved.artifact["session_id"]
+    session = retrieved.artifact["result"]["session_id"]
     assert retrieved.status == "success" and "1. " in retrieved.content and str(tmp_path) not in retrieved.content
-    assert {Path(c["path"]).name for c in retrieved.artifact["candidates"]} == {
+    assert {Path(c["path"]).name for c in retrieved.artifact["result"]["candidates"]} == {
         "red-sneaker.png", "backpack.png", "tote.png",
     }  # fmt: skip
 
@@ -266,11 +271,11 @@ def test_langchain_rage_tools_then_the_cli_continue_one_session(
 
     generated = invoke(tools, "rage_generate", session_id=session, selected=["tote.png", 1])
     assert generated.status == "success" and "generated with tote.png" in generated.content
-    assert Path(generated.artifact["final_image"]).is_file()
-    assert generated.artifact["status"] == "finished"
+    result = generated.artifact["result"]
+    assert Path(result["final_image"]).is_file() and result["status"] == "finished"
 
     assert main(["rage", "--resume", session, "--json", *FAKE_ROLES]) == 0  # shows the finished session
-    assert last_json(capsys.readouterr().out)["final_image"] == generated.artifact["final_image"]
+    assert last_json(capsys.readouterr().out)["final_image"] == result["final_image"]
     assert len(fakes.generator.requests) == 1
 
 
@@ -306,7 +311,8 @@ def test_the_server_graph_interrupts_with_the_candidates_and_resumes_with_the_pi
     done = served.invoke(Command(resume={"selected": ["2", "1"]}), thread, version="v2", context=context).value
 
     assert done["stop_reason"] == "generated" and reference_names(fakes) == [[names[1], names[0]]]
-    assert (tmp_path / "art" / f"{done['final_image']}.png").is_file()
+    assert done["final_image"].startswith("/imageloop/roots/0/art/")  # named by its address on the server's route
+    assert (tmp_path / "art" / Path(done["final_image"]).name).is_file()
     [record] = (tmp_path / "runs" / "server").glob("*/run.json")
     written = json.loads(record.read_text())
     assert (written["loop"], written["prompt"], written["stop_reason"]) == ("rage", PROMPT, "generated")

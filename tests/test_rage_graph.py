@@ -329,7 +329,7 @@ def test_a_second_run_on_the_same_thread_is_independent(catalogue: Retriever, tm
     assert len(first["images"]) == 2 and len(second["images"]) == 1
     assert second["stop_reason"] == "generated" and Path(second["selected"][0]["path"]).name == "mug.png"
     assert [s["node"] for s in second["steps"]] == ["prepare", "retrieve", "select", "generate", "finish"]
-    assert run.graph.get_state(run.thread).values["review"] == "none"  # the first run's knobs did not stay
+    assert run.graph.get_state(run.thread).values["knobs"].review == "none"  # the first run's knobs did not stay
 
 
 def test_state_holds_artifact_ids_and_paths_never_pixels(catalogue: Retriever, tmp_path: Path) -> None:
@@ -339,7 +339,7 @@ def test_state_holds_artifact_ids_and_paths_never_pixels(catalogue: Retriever, t
 
     values = run.graph.get_state(run.thread).values
 
-    json.dumps(values)  # nothing but small JSON values
+    json.dumps({**values, "knobs": values["knobs"].record()})  # nothing but small JSON values and the knob model
     assert run.artifacts.path(values["images"][0]["artifact"]).is_file()
 
 

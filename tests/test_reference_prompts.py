@@ -90,3 +90,9 @@ def test_verbatim_keeps_the_first_picks_whatever_their_scores() -> None:
 
 def test_a_text_only_backend_keeps_no_reference_and_says_so() -> None:
     assert keep_references(request(JAY, PRINT), 0, "m") == ((), ("m draws from text alone: left out 2 reference(s)",))
+
+
+def test_the_readme_quotes_the_in_context_prompt_as_the_generators_word_it() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert "these examples of" not in readme  # the paper's wording, which the released code (and we) do not send
+    assert readme.count('"According to these images of <caption 1>: ') == 2  # the OpenAI and OmniGen lines

@@ -146,6 +146,17 @@ def test_a_failed_run_still_gets_a_report_saying_why(monkeypatch: pytest.MonkeyP
     assert "draft (prompt alone)" in page.text and all((out / src).is_file() for src in page.images)
 
 
+def test_an_image_the_critic_could_not_judge_says_so_not_that_it_was_not_asked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    with fake_backends(monkeypatch, ["no verdict here", "still none", ALIGNED]) as fakes:  # malformed, even repaired
+        images = captioned_folder(tmp_path / "photos")
+        index_folder(images, fakes.embedder, None, progress=False)
+        App(fakes.settings).generate("a blue jay", images, out_dir=tmp_path / "run")
+    text = parse(tmp_path / "run" / "report.html").text
+    assert "critic: could not answer" in text and "critic: not asked" not in text
+
+
 def chromium() -> str:
     found = next((c for c in CHROMIUM_CANDIDATES if Path(c).is_file()), None) or shutil.which("chromium")
     if found is None:

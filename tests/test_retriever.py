@@ -44,7 +44,7 @@ def test_open_index_on_a_folder_without_an_index_raises_and_creates_nothing(tmp_
     folder = captioned_folder(tmp_path / "images")
     before = sorted(folder.rglob("*"))
 
-    with pytest.raises(IndexNotFoundError, match=r"no imageloop index at .*run `imageloop index"):
+    with pytest.raises(IndexNotFoundError, match=r"no imageloop index at .*: index .* first"):
         open_index(folder)
 
     assert sorted(folder.rglob("*")) == before
@@ -97,6 +97,15 @@ def test_search_returns_at_most_k_images(retriever: Retriever) -> None:
 def test_k_must_be_positive(retriever: Retriever) -> None:
     with pytest.raises(ImageloopError, match="k must be a positive number of results, got 0"):
         retriever.search("a picture", k=0)
+
+
+def test_a_hit_whose_file_is_gone_is_replaced_by_the_next_one(retriever: Retriever) -> None:
+    best = retriever.search("a red bird", k=1)[0]
+    best.path.unlink()  # deleted since indexing
+
+    hits = retriever.search("a red bird", k=2)
+
+    assert len(hits) == 2 and best.path not in [hit.path for hit in hits]
 
 
 def test_search_drops_hits_below_the_similarity_threshold(retriever: Retriever) -> None:

@@ -15,8 +15,8 @@ def test_the_model_part_keeps_its_own_colons() -> None:
 
 
 @pytest.mark.parametrize("text", ["", "openai", "openai:", ":gpt-4.1", "  :  ", "\t:x"])
-def test_a_string_without_both_parts_is_refused_naming_the_option(text: str) -> None:
-    with pytest.raises(ConfigError, match=r"--vlm .*expected PROVIDER:MODEL"):
+def test_a_string_without_both_parts_is_refused_naming_the_setting(text: str) -> None:
+    with pytest.raises(ConfigError, match=r"`vlm` .*expected PROVIDER:MODEL"):
         RoleSpec.parse(text, "vlm")
 
 

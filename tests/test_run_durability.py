@@ -6,20 +6,29 @@ lies outside its folder."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
+from imageloop.app import App
 from imageloop.cli import main
+from imageloop.config import load_settings
 from imageloop.files import jsonl_journal, read_jsonl
 from imageloop.protocols import GenerationRequest, GenerationResult, Vector
 from imageloop.tools.indexing.indexer import FALLBACK_SIDE, SIDE_MARGIN, index_folder
+from tests.fake_openai_server import FakeOpenAIServer, chat_completion, hung
 from tests.fake_providers import FAKE_SETTINGS, FakeBackends, captioned_folder, fake_backends
 from tests.fakes import FakeHashEmbedder, ScriptedGenerator
 
+REPO = Path(__file__).resolve().parents[1]
 FAKE = [option for role, model in FAKE_SETTINGS.items() for option in (f"--{role}", model)]
 NOT_ALIGNED = {"aligned": False, "missing_concepts": ["blue jay"]}
 CAPTIONS = {"captions": [{"concept": "blue jay", "caption": "a blue jay with a blue crest on a branch"}]}
@@ -87,6 +96,26 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_reusing_finished_nodes(
     assert record["stop_reason"] == "aligned" and record["error"] is None
     assert record["resumed"]["reused_steps"] >= 2  # prepare and the draft were not done again
     assert len(fakes.generator.requests) == drafts == 1
+
+
+def test_resuming_with_another_knob_is_refused_in_one_line_never_recorded_and_ignored(
+    fakes: FakeBackends, library: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    fakes.vlm.answers.append(interrupt)
+    assert main(["generate", "a blue jay", "--index", str(library), "--out", str(out), *FAKE]) == 130
+    capsys.readouterr()
+
+    code = main(["generate", "--resume", str(out), "--max-iterations", "4", *FAKE])
+
+    [line] = capsys.readouterr().err.splitlines()
+    assert code == 2 and line == (
+        f"imageloop: error: the run in {out.resolve()} was started with max_iterations 1, not 4: "
+        "resume it without those, or start anew"
+    )
+    fakes.vlm.answers.append(ALIGNED)
+    assert main(["generate", "--resume", str(out), "--max-iterations", "1", *FAKE]) == 0  # the same value: fine
+    assert json.loads((out / "run.json").read_text())["settings"]["max_iterations"] == 1
 
 
 def test_ctrl_c_before_a_run_began_says_nothing_was_saved(
@@ -192,3 +221,93 @@ def test_an_indexed_file_replaced_by_a_link_out_of_the_folder_is_never_retrieved
     sent = [reference.path.resolve() for request in fakes.generator.requests for reference in request.references]
     record = json.loads((out / "run.json").read_text())
     assert secret not in sent and all(Path(r["path"]).resolve() != secret for r in record["references"])
+
+
+# Killed at any point: `imageloop generate` as a subprocess on a fake OpenAI endpoint that hangs at one call,
+# killed there (kill -9, or SIGTERM), then resumed: the record was there all along, nothing checkpointed is
+# drawn again, and the run finishes.
+
+OPENAI_ROLES = {
+    "IMAGELOOP_VLM": "openai:gpt-test",
+    "IMAGELOOP_GENERATOR": "openai:gpt-image-1",
+    "IMAGELOOP_EMBEDDER": "openai:embed-test",
+}
+CHAT, DRAW, EDIT, EMBED = "/v1/chat/completions", "/v1/images/generations", "/v1/images/edits", "/v1/embeddings"
+# Each point: the call that hangs there, the chat answers before it, and those the resumed run needs.
+KILL_POINTS: dict[str, tuple[str, list[dict[str, Any]], list[dict[str, Any]]]] = {
+    "draft": (DRAW, [], [ALIGNED]),
+    "critique": (CHAT, [], [ALIGNED]),
+    "rewrite": (CHAT, [NOT_ALIGNED], [CAPTIONS, ALIGNED]),
+    "retrieve": (EMBED, [NOT_ALIGNED, CAPTIONS], [ALIGNED]),
+    "regenerate": (EDIT, [NOT_ALIGNED, CAPTIONS], [ALIGNED]),
+}
+
+
+def push_chat(server: FakeOpenAIServer, answers: list[dict[str, Any]]) -> None:
+    for answer in answers:
+        server.push(CHAT, 200, chat_completion(json.dumps(answer)))
+
+
+def generate_process(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "imageloop.cli", "generate", *args, "-q"],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_a_run_killed_at_any_point_resumes_without_drawing_again_what_a_checkpoint_holds(
+    point: str, how: signal.Signals, openai_server: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {**os.environ, **OPENAI_ROLES, "OPENAI_BASE_URL": openai_server.base_url, "OPENAI_API_KEY": "sk-test"}
+    env |= {"PYTHONPATH": str(REPO), "IMAGELOOP_SESSIONS": str(tmp_path / "sessions.sqlite")}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    library = captioned_folder(tmp_path / "photos")
+    App(load_settings()).index_folder(library)
+    route, before, after = KILL_POINTS[point]
+    push_chat(openai_server, before)
+    openai_server.push_fault(route, hung())
+    reached = len(openai_server.requests_to(route)) + (len(before) + 1 if route == CHAT else 1)
+    out = tmp_path / "run"
+
+    killed = generate_process(env, "a blue jay", "--index", str(library), "--out", str(out))
+    wait_for(lambda: len(openai_server.requests_to(route)) >= reached)
+    killed.send_signal(how)
+    _, err = killed.communicate(timeout=60)
+
+    assert json.loads((out / "run.json").read_text())["status"] == ("running" if how == signal.SIGKILL else "cancelled")
+    if how == signal.SIGTERM:
+        assert killed.returncode == 143 and f"continue it with: imageloop generate --resume {out}" in err
+    drawn = len(openai_server.requests_to(DRAW))
+    push_chat(openai_server, after)
+
+    resumed = generate_process(env, "--resume", str(out))
+    assert resumed.wait(timeout=120) == 0, resumed.communicate()[1]
+
+    record = json.loads((out / "run.json").read_text())
+    assert (record["status"], record["stop_reason"]) == ("finished", "aligned")
+    assert len(openai_server.requests_to(DRAW)) - drawn == (1 if point == "draft" else 0)
+
+
+def test_resuming_a_finished_run_again_calls_no_model_and_leaves_its_record_as_it_was(
+    fakes: FakeBackends, library: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    fakes.vlm.answers.append(ALIGNED)
+    assert main(["generate", "a blue jay", "--index", str(library), "--out", str(out), *FAKE]) == 0
+    written = (out / "run.json").read_bytes()
+    calls = (len(fakes.vlm.calls), len(fakes.generator.requests))
+
+    assert main(["generate", "--resume", str(out), *FAKE]) == 0
+
+    assert (out / "run.json").read_bytes() == written
+    assert (len(fakes.vlm.calls), len(fakes.generator.requests)) == calls

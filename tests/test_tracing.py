@@ -3,22 +3,33 @@ runs under the node that made them, with their inputs, outputs and timings."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.documents import Document
 from langchain_core.messages import BaseMessage
 from langchain_core.outputs import LLMResult
 from langchain_core.tracers.base import BaseTracer
+from langchain_core.tracers.langchain import LangChainTracer, wait_for_all_tracers
 from langchain_core.tracers.schemas import Run
+from PIL import Image
 
+from imageloop.agents.vlms.openai_compatible import OpenAIVisionLanguageModel
+from imageloop.config import Endpoint
 from imageloop.graphs.genir import build_genir_graph
 from imageloop.graphs.imagerag import build_imagerag_graph
 from imageloop.tools.artifacts import ArtifactStore
+from imageloop.tracing import provider_and_model
+from tests.fake_langsmith_server import FakeLangSmithServer
+from tests.fake_openai_server import FakeOpenAIServer, chat_completion
 from tests.fakes import ScriptedGenerator, ScriptedRankingRetriever, ScriptedRetriever, ScriptedVLM
 
 NOT_ALIGNED = {"aligned": False, "missing_concepts": ["blue jay"]}
@@ -80,7 +91,7 @@ def test_a_callback_handler_sees_the_critics_question_and_answer(tmp_path: Path)
     imagerag_run(tmp_path, [handler])
     assert json.loads(handler.answers[0]) == NOT_ALIGNED and json.loads(handler.answers[-1]) == ALIGNED
     first_question = " ".join(str(m.content) for m in handler.prompts[0])
-    assert "a blue jay" in first_question and "<image " in first_question  # the draft, by path
+    assert "a blue jay" in first_question and "data:image/png;base64," in first_question  # the draft, as a thumbnail
 
 
 def test_a_callback_handler_sees_each_retrieval_query_and_its_scored_hits(tmp_path: Path) -> None:
@@ -128,7 +139,77 @@ def test_genir_traces_its_image_searches_too(tmp_path: Path) -> None:
         retriever,
         ArtifactStore(tmp_path),
     )
-    context = {"user": "simulated", "target_id": "a", "target_path": str(tmp_path / "a.png"), "max_rounds": 1}
+    context = {"target_id": "a", "target_path": str(tmp_path / "a.png"), "rounds": 1}
     graph.invoke({"query": "x"}, {"callbacks": [handler]}, context=context)
     assert handler.queries and handler.queries[0].endswith(".png")  # image→image with the synthetic image
     assert [d.id for d in handler.documents[0]] == ["a", "b"]
+
+
+# What LangSmith itself receives: the runs its own tracer posts, caught by a local LangSmith API.
+
+PROVIDER_USAGE = [(812, 23), (301, 40), (815, 9)]  # prompt and completion tokens, as the provider counts them
+
+
+@pytest.fixture
+def langsmith() -> Iterator[FakeLangSmithServer]:
+    with FakeLangSmithServer().serving() as server:
+        yield server
+
+
+@pytest.fixture
+def traced_runs(
+    openai_server: FakeOpenAIServer, langsmith: FakeLangSmithServer, tmp_path: Path
+) -> list[dict[str, Any]]:
+    """An ImageRAG run whose critic is an OpenAI model, traced to LangSmith: the model calls LangSmith received."""
+    for answer, usage in zip((NOT_ALIGNED, CAPTIONS, ALIGNED), PROVIDER_USAGE, strict=True):
+        openai_server.push("/v1/chat/completions", 200, chat_completion(json.dumps(answer), usage=usage))
+    vlm = OpenAIVisionLanguageModel("gpt-4.1-mini", Endpoint(base_url=openai_server.base_url, api_key="sk-test"))
+    retriever = ScriptedRetriever({"jay": [("jay1.png", 0.8)]}, root=tmp_path)
+    graph = build_imagerag_graph(vlm, ScriptedGenerator(), retriever, ArtifactStore(tmp_path / "artifacts"))
+    client = langsmith.client()
+    graph.invoke({"prompt": "a blue jay"}, {"callbacks": [LangChainTracer(client=client, project_name="imageloop")]})
+    wait_for_all_tracers()
+    client.flush()
+    return langsmith.llm_runs()
+
+
+def test_each_model_call_reaches_langsmith_as_an_llm_run_with_the_providers_token_counts(
+    traced_runs: list[dict[str, Any]],
+) -> None:
+    usage = [run["extra"]["metadata"]["usage_metadata"] for run in traced_runs]
+    assert [(u["input_tokens"], u["output_tokens"], u["total_tokens"]) for u in usage] == [
+        (read, written, read + written) for read, written in PROVIDER_USAGE
+    ]
+    answer = traced_runs[0]["outputs"]["generations"][0][0]["message"]["kwargs"]
+    assert answer["usage_metadata"]["input_tokens"] == 812 and json.loads(answer["content"]) == NOT_ALIGNED
+
+
+def test_a_model_run_names_the_provider_model_and_temperature_langsmith_prices_it_by(
+    traced_runs: list[dict[str, Any]],
+) -> None:
+    for run in traced_runs:
+        metadata = run["extra"]["metadata"]
+        named = (metadata["ls_provider"], metadata["ls_model_name"], metadata["ls_model_type"])
+        assert named == ("openai", "gpt-4.1-mini", "chat") and metadata["ls_temperature"] == 0.0
+        assert run["name"] == "openai:gpt-4.1-mini" and metadata["langgraph_node"] in ("critic", "rewrite")
+
+
+def test_a_model_run_shows_the_picture_the_model_judged(traced_runs: list[dict[str, Any]]) -> None:
+    [question] = traced_runs[0]["inputs"]["messages"]
+    blocks = [block for message in question for block in message["kwargs"]["content"] if isinstance(block, dict)]
+    [picture] = [block for block in blocks if block["type"] == "image_url"]
+    data = base64.b64decode(picture["image_url"]["url"].removeprefix("data:image/png;base64,"))
+    assert Image.open(io.BytesIO(data)).size == (16, 16)  # the draft, whole (small enough to trace as it is)
+
+
+@pytest.mark.parametrize(
+    ("model_id", "named"),
+    [
+        ("openai:gpt-4.1-mini", ("openai", "gpt-4.1-mini")),
+        ("langchain:anthropic:claude-sonnet-4-5", ("anthropic", "claude-sonnet-4-5")),
+        ("transformers:Qwen/Qwen2.5-VL-7B-Instruct", ("transformers", "Qwen/Qwen2.5-VL-7B-Instruct")),
+        ("tiny:qwen2-vl", ("tiny", "qwen2-vl")),
+    ],
+)
+def test_a_model_id_names_the_provider_and_model_langsmith_expects(model_id: str, named: tuple[str, str]) -> None:
+    assert provider_and_model(model_id) == named

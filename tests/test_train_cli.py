@@ -61,7 +61,7 @@ def test_train_cir_fine_tunes_on_real_triplets_and_resumes_a_finished_run(
     ("args", "message"),
     [
         (["--steps", "0"], "nothing to train"),
-        (["--batch-size", "0"], "batch_size must be at least 1"),
+        (["--batch-size", "1"], "--batch-size must be at least 2"),
     ],
 )
 def test_train_cir_refuses_what_cannot_train(
@@ -78,3 +78,23 @@ def test_train_cir_lora_refuses_a_generator_that_is_not_flux(
     code = main(["train", "cir-lora", "--generator", "tiny:omnigen", "--triplets", str(synthetic), "--out",
                  str(tmp_path / "lora")])  # fmt: skip
     assert code == 2 and "CIR-LoRA trains on FLUX" in capsys.readouterr().err
+
+
+def test_train_cir_on_a_binary_triplets_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "triplets.jsonl").write_bytes(bytes(range(256)))
+
+    code = main(["train", "cir", "--embedder", "tiny:clip", "--triplets", str(tmp_path), "--out", str(tmp_path / "m")])
+
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and line.startswith("imageloop: error: ") and "not UTF-8 text" in line
+
+
+def test_train_cir_takes_the_fra_margin_and_records_the_options_it_ran_with(
+    synthetic: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = synthetic / "triplets.jsonl"
+    summary, _ = train(capsys, "cir", "--embedder", "tiny:clip", "--triplets", str(synthetic), "--real", str(real),
+                       "--out", str(tmp_path / "m"), "--steps", "1", "--finetune-steps", "1", "--batch-size", "4",
+                       "--fra-margin", "0.3")  # fmt: skip
+    options = json.loads((Path(summary["model"]) / "config.json").read_text())["training"]["options"]
+    assert (options["fra_margin"], options["drsp_features"], options["model"]) == (0.3, "visual", "combiner")

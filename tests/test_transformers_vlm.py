@@ -272,6 +272,18 @@ def test_a_batch_answers_each_call_as_it_is_answered_alone(
     assert mask.shape[0] == 4 and not mask[:, 0].all() and mask[:, -1].all()  # left-padded rows
 
 
+def test_a_local_answer_counts_its_tokens_as_a_provider_would_batched_or_alone(
+    vlm: TransformersVisionLanguageModel, spy: GenerateSpy, tmp_path: Path
+) -> None:
+    calls = mixed_calls(tmp_path)
+    alone = [vlm.chat(c.messages, c.json_schema, c.decoding) for c in calls]
+    prompts = [int(call["input_ids"].shape[1]) for call in spy.calls]  # each prompt, image tokens included
+    batched = vlm.chat_batch(calls)
+    assert [getattr(a, "usage", None) for a in batched] == [getattr(a, "usage", None) for a in alone]  # no padding
+    assert [a.usage.input_tokens for a in alone] == prompts  # type: ignore[attr-defined]
+    assert all(0 < a.usage.output_tokens <= vlm.max_new_tokens for a in alone)  # type: ignore[attr-defined]
+
+
 def test_sampled_answers_in_a_batch_come_from_each_calls_own_seed(
     vlm: TransformersVisionLanguageModel, tmp_path: Path
 ) -> None:
@@ -403,7 +415,7 @@ def test_out_of_memory_names_the_knobs_to_turn(
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(vlm.network, "generate", exhausted)
-    with pytest.raises(ImageloopError, match=r"out of GPU memory while running transformers:.*--dtype"):
+    with pytest.raises(ImageloopError, match=r"out of GPU memory while running transformers:.*`dtype`"):
         vlm.chat([Message("user", "hi")])
 
 

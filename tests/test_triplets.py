@@ -328,3 +328,31 @@ def test_an_unreachable_endpoint_ends_the_run_with_its_one_line_error(
     code = main(["triplets", "--objects", str(objects), "--edits", "add", "--n", "1", "--out", str(tmp_path / "o"),
                  *FAKE])  # fmt: skip
     assert code == 2 and "endpoint unreachable" in capsys.readouterr().err
+
+
+def test_temporary_files_a_killed_image_write_left_are_deleted_when_the_folder_is_next_opened(tmp_path: Path) -> None:
+    images = tmp_path / "o" / "images"
+    images.mkdir(parents=True)
+    leftover = images / ".t003_reference.png.k2j4x9.tmp"  # what kill -9 during an atomic write leaves
+    leftover.write_bytes(b"half a png")
+
+    with TripletDataset(tmp_path / "o"):
+        pass
+
+    assert not leftover.exists()
+
+
+def test_a_damaged_record_of_the_folders_settings_is_one_line(
+    fakes: FakeBackends, objects: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fakes.vlm.answers += [script_for] * 2
+    synthesize(capsys, objects, tmp_path / "o", 1)
+    settings = tmp_path / "o" / "synthesis.json"
+    settings.write_text(settings.read_text()[:20])  # cut short by a full disk or a careless copy
+
+    code = main(["triplets", "--objects", str(objects), "--edits", "add", "--n", "2", "--out", str(tmp_path / "o"),
+                 *FAKE])  # fmt: skip
+
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"{settings}: not valid JSON" in err.strip().splitlines()[-1]

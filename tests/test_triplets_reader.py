@@ -30,7 +30,7 @@ def test_a_real_triplets_file_may_name_absolute_images_and_leave_captions_out(tm
     records = colour_triplets(tmp_path / "pictures", [("bars", "green", "cyan")], relative=False)
     for record in records:
         del record["reference_text"], record["target_text"], record["object"], record["edit"]
-    [triplet] = read_triplets(write_jsonl(tmp_path / "elsewhere" / "real.jsonl", records))
+    [triplet] = read_triplets(write_jsonl(tmp_path / "real.jsonl", records))
     assert triplet.reference_image.is_absolute() and triplet.reference_image.is_file()
     assert (triplet.reference_text, triplet.target_text) == ("", "")
 
@@ -70,3 +70,20 @@ def test_importing_the_training_package_and_its_readers_imports_no_torch() -> No
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute"])
+def test_a_triplet_image_outside_the_folder_of_its_file_is_refused(tmp_path: Path, how: str) -> None:
+    records = colour_triplets(tmp_path / "elsewhere", [("dot", "red", "blue")], relative=False)
+    name = str(records[0]["reference_image"])
+    records[0]["reference_image"] = (
+        name if how == "absolute" else "../elsewhere/" + Path(name).relative_to(tmp_path / "elsewhere").as_posix()
+    )
+    with pytest.raises(ImageloopError, match=r"real\.jsonl:1: image .* lies outside"):
+        read_triplets(write_jsonl(tmp_path / "dataset" / "real.jsonl", records))
+
+
+def test_a_triplet_image_in_a_folder_the_caller_names_is_read(tmp_path: Path) -> None:
+    records = colour_triplets(tmp_path / "benchmark", [("dot", "red", "blue")], relative=False)
+    triplets = read_triplets(write_jsonl(tmp_path / "dataset" / "real.jsonl", records), [tmp_path / "benchmark"])
+    assert triplets[0].reference_image == Path(records[0]["reference_image"])

@@ -64,6 +64,13 @@ def test_the_link_sets_a_cookie_and_drops_the_token_from_the_address() -> None:
         assert socket.receive_text() == "hello"
 
 
+def test_a_browser_without_the_token_gets_a_page_saying_how_to_open_the_ui_not_json() -> None:
+    answer = gated().get("/", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
+    assert answer.status_code == 401 and answer.headers["content-type"].startswith("text/html")
+    assert "needs its access token" in answer.text and "?token=" in answer.text
+    assert gated().get("/", headers={"Accept": "application/json"}).json() == {"error": "missing or wrong token"}
+
+
 def test_api_clients_send_a_bearer_token_and_only_browsers_get_cookies() -> None:
     client = gated(browser=False)
     assert client.get("/", headers={"Authorization": f"bearer {TOKEN}"}).text == "the page"

@@ -377,7 +377,7 @@ def test_an_index_on_weaviate_cannot_silently_change_collection(tmp_path: Path, 
 def test_the_weaviate_store_needs_a_url(tmp_path: Path) -> None:
     folder = captioned_folder(tmp_path / "images")
 
-    with pytest.raises(ConfigError, match="--store weaviate needs a server: pass --weaviate-url"):
+    with pytest.raises(ConfigError, match="`store` weaviate needs a server: pass `weaviate_url`"):
         create_or_open_index(folder, FakeHashEmbedder(), store="weaviate")
 
     assert not (folder / ".imageloop").exists()

@@ -21,10 +21,11 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict
 
+from imageloop import limits
 from imageloop.agents.rewriter import RetrievalCaption
 from imageloop.agents.structured import ask_structured, ask_text
-from imageloop.config import PlanScope
 from imageloop.errors import MalformedOutputError
+from imageloop.knobs import PlanScope
 from imageloop.prompts import (
     CRITIC_PROMPT,
     CRITIC_SYSTEM,
@@ -83,7 +84,7 @@ class Critique:
 class ImageCritic(Protocol):
     """What the ImageRAG graph asks a critic: judge `image` against `prompt`, or plan from the prompt alone."""
 
-    def critique(self, prompt: str, image: Path | None, max_concepts: int) -> Critique: ...
+    def critique(self, prompt: str, image: Path | None, max_concepts: int | None) -> Critique: ...
 
 
 def clean_concepts(concepts: list[str], max_concepts: int | None) -> list[str]:
@@ -104,6 +105,11 @@ def answer_lines(text: str) -> list[str]:
     return [item for item in items if item]
 
 
+def stated_limit(max_concepts: int | None) -> int:
+    """The limit our critic's questions state: `max_concepts`, or with none the most a critique may name."""
+    return int(limits.BOUNDS["max_concepts"].high) if max_concepts is None else max_concepts
+
+
 class Critic:
     """Asks a VLM the paper's questions in one structured call; raises MalformedOutputError when it cannot answer."""
 
@@ -114,32 +120,39 @@ class Critic:
         self.plan_scope = plan_scope
         self.decoding = decoding
 
-    def judge(self, prompt: str, image: Path, max_concepts: int) -> CriticVerdict:
+    def judge(self, prompt: str, image: Path, max_concepts: int | None) -> CriticVerdict:
         """Check `image` against `prompt`; an aligned verdict carries no missing concepts."""
+        limit = stated_limit(max_concepts)
         messages = [
             Message("system", CRITIC_SYSTEM),
-            Message("user", CRITIC_PROMPT.format(prompt=prompt, max_concepts=max_concepts), (image,)),
+            Message("user", CRITIC_PROMPT.format(prompt=prompt, max_concepts=limit), (image,)),
         ]
         verdict = ask_structured(self.vlm, messages, CriticVerdict, self.decoding)
-        concepts = [] if verdict.aligned else clean_concepts(verdict.missing_concepts, max_concepts)
+        concepts = [] if verdict.aligned else clean_concepts(verdict.missing_concepts, limit)
         return CriticVerdict(aligned=verdict.aligned, missing_concepts=concepts)
 
-    def plan(self, prompt: str, max_concepts: int) -> list[str]:
+    def plan(self, prompt: str, max_concepts: int | None) -> list[str]:
         """Name the concepts `prompt` needs references for, without a draft (generation mode)."""
+        limit = stated_limit(max_concepts)
         question = PLAN_EVERY_CONCEPT_PROMPT if self.plan_scope == "every" else PLAN_PROMPT
         messages = [
             Message("system", CRITIC_SYSTEM),
-            Message("user", question.format(prompt=prompt, max_concepts=max_concepts)),
+            Message("user", question.format(prompt=prompt, max_concepts=limit)),
         ]
         plan = ask_structured(self.vlm, messages, ConceptPlan, self.decoding)
-        return clean_concepts(plan.missing_concepts, max_concepts)
+        return clean_concepts(plan.missing_concepts, limit)
 
-    def critique(self, prompt: str, image: Path | None, max_concepts: int) -> Critique:
+    def critique(self, prompt: str, image: Path | None, max_concepts: int | None) -> Critique:
         """`judge` the image, or `plan` when there is none; the captions are left to the rewriter."""
         if image is None:
             return Critique(aligned=False, missing_concepts=self.plan(prompt, max_concepts))
         verdict = self.judge(prompt, image, max_concepts)
         return Critique(aligned=verdict.aligned, missing_concepts=verdict.missing_concepts)
+
+
+def decision_turn(prompt: str, image: Path) -> Message:
+    """The released critic's first turn: the decision question, with the image (utils.py l.68-70)."""
+    return Message("user", PAPER_CRITIC_DECISION.format(prompt=prompt), (image,))
 
 
 class PaperCritic:
@@ -154,14 +167,18 @@ class PaperCritic:
         self.vlm = vlm
         self.decoding = decoding
 
+    def decide(self, prompt: str, image: Path) -> tuple[bool, str]:
+        """The decision alone (whether `image` matches), and the answer as given: the conversation's next turn."""
+        answer = ask_text(self.vlm, [decision_turn(prompt, image)], self.decoding)
+        return "yes" in answer.lower(), answer  # utils.py l.71
+
     def judge(self, prompt: str, image: Path, max_concepts: int | None) -> Critique:
         """Ask the decision alone; if not aligned, the missing concepts and their captions in the same conversation."""
-        decision = Message("user", PAPER_CRITIC_DECISION.format(prompt=prompt), (image,))
-        answer = ask_text(self.vlm, [decision], self.decoding)
-        if "yes" in answer.lower():  # utils.py l.71
+        aligned, answer = self.decide(prompt, image)
+        if aligned:
             return Critique(aligned=True, missing_concepts=[])
         return self._concepts_then_captions(
-            [decision, Message("assistant", answer)], PAPER_CRITIC_CONCEPTS, max_concepts
+            [decision_turn(prompt, image), Message("assistant", answer)], PAPER_CRITIC_CONCEPTS, max_concepts
         )
 
     def plan(self, prompt: str, max_concepts: int | None) -> Critique:

@@ -9,6 +9,9 @@ Two styles:
   repetition penalty 1.1 (genIR_CaptionImageRefinement.py l.351-359 and l.415-424).
 - "ours": one structured call per round (differences and the new query as JSON), a one-sentence
   from-memory description at round 0, greedy.
+
+With ChatIR feedback (the baseline GenIR compares with, not in its code) the user answers a question about
+its target instead, in either style.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from imageloop.agents.structured import ask_structured, ask_text
-from imageloop.config import SimulatedUserStyle
+from imageloop.knobs import SimulatedUserStyle
 from imageloop.prompts import (
+    CHATIR_ANSWER,
     GENIR_CAPTION,
     GENIR_CAPTION_SYSTEM,
     GENIR_COMPARE,
@@ -45,7 +49,7 @@ from imageloop.prompts import (
 )
 from imageloop.protocols import GREEDY, Decoding, Message, VisionLanguageModel
 
-ShownKind = Literal["visual", "prediction", "verbal"]
+ShownKind = Literal["visual", "prediction", "verbal", "chatir"]
 
 PAPER_DECODING = Decoding(temperature=0.7, top_p=0.9, repetition_penalty=1.1)
 """The released code's sampling for every simulated-user call."""
@@ -105,7 +109,7 @@ class SimulatedUser:
         if kind == "prediction":
             system = GENIR_PREDICTION_CAPTION_SYSTEM.format(max_tokens=BASELINE_TOKENS)
             return self._ask(system, GENIR_PREDICTION_CAPTION, (target,))
-        tokens = BASELINE_TOKENS if kind == "verbal" else VISUAL_CAPTION_TOKENS
+        tokens = BASELINE_TOKENS if kind in ("verbal", "chatir") else VISUAL_CAPTION_TOKENS
         return self._ask(GENIR_CAPTION_SYSTEM.format(max_tokens=tokens), GENIR_CAPTION, (target,))
 
     def respond(self, target: Path, query: str, kind: ShownKind, shown: Path | None) -> SimulatedUserTurn:
@@ -146,6 +150,11 @@ class SimulatedUser:
             (target,),
         )
         return SimulatedUserTurn(differences=differences, query=refined)
+
+    def answer(self, target: Path, question: str) -> str:
+        """ChatIR feedback: a short answer to the system's question about the target."""
+        message = Message("user", CHATIR_ANSWER.format(question=question), (target,))
+        return ask_text(self.vlm, [message], self.decoding)
 
     def _ask(self, system: str, question: str, images: tuple[Path, ...]) -> str:
         """One plain-text call as the released code makes it: a system turn, then the images and the question."""

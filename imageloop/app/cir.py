@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imageloop import limits
-from imageloop.config import Settings
+from imageloop.app.results import CIRResult, shown_list
 from imageloop.errors import ImageloopError
 from imageloop.eval.cir import (
     EVAL_SETTINGS,
@@ -33,8 +33,9 @@ from imageloop.eval.cir import (
     summarise,
 )
 from imageloop.files import write_json_atomic
-from imageloop.graphs.cir import CIRContext, CIRKnobs, ComposedQueryModel, build_cir_graph
+from imageloop.graphs.cir import CIRGraph, ComposedQueryModel, build_cir_graph
 from imageloop.graphs.steps import Step, play
+from imageloop.knobs import CIRKnobs, Given
 from imageloop.progress import OnProgress
 from imageloop.protocols import GREEDY, Decoding, Message, VisionLanguageModel
 from imageloop.tools.artifacts import ArtifactStore
@@ -46,32 +47,16 @@ OnStep = Callable[[Step], None]
 OnQuery = Callable[[int, int], None]
 
 
-def cir_knobs(settings: Settings) -> CIRKnobs:
-    """The CIR graph's knobs from the settings (profile, environment, options)."""
-    return CIRKnobs(
-        k=settings.k,
-        proxy=False,
-        fusion_lambda=settings.fusion_lambda,
-        rerank_depth=settings.rerank_depth,
-        max_verifications=settings.verify,
-        exclude_reference=True,
-        cir_model=None,
-        rank_depth=None,
-        seed=settings.seed,
-        size=settings.size,
-        steps_per_image=settings.steps,
-    )
-
-
 def load_query_model(folder: str) -> ComposedQueryModel:
-    """The composed-query model in `folder`, loaded once per process (again if its weights change)."""
+    """The composed-query model in `folder`, loaded once per process (again if it is trained anew)."""
     from imageloop.runtime import load_cached
-    from imageloop.training.combiner import MODEL_WEIGHTS, CIRModel
+    from imageloop.training.combiner import MODEL_CONFIG
+    from imageloop.training.models import load_query_model as load
 
     path = Path(folder).resolve()
-    weights = path / MODEL_WEIGHTS
-    stamp = weights.stat().st_mtime_ns if weights.is_file() else None
-    model: ComposedQueryModel = load_cached(("cir-model", str(path), stamp), lambda: CIRModel.load(path))
+    config = path / MODEL_CONFIG  # written last by every training: its time marks the weights beside it
+    stamp = config.stat().st_mtime_ns if config.is_file() else None
+    model: ComposedQueryModel = load_cached(("cir-model", str(path), stamp), lambda: load(path))
     return model
 
 
@@ -93,12 +78,12 @@ class OnFirstUse:
         return self._build().chat(messages, json_schema, decoding)
 
 
-def captioner_for(app: App, settings: Settings) -> Callable[[Path], str]:
+def captioner_for(app: App) -> Callable[[Path], str]:
     """The one captioning rule's captioner (the captioner role, else the VLM), built on first use."""
     from imageloop.agents.captioner import VLMCaptioner
 
     def caption(path: Path) -> str:
-        return VLMCaptioner(app.vlm(settings, role="captioner"))(path)
+        return VLMCaptioner(app.vlm(role="captioner"))(path)
 
     return caption
 
@@ -113,50 +98,45 @@ def compose_retrieve(
     reference: str | Path,
     change: str,
     *,
-    k: int | None = None,
-    proxy: bool = False,
-    verify: int | None = None,
-    fusion_lambda: float | None = None,
-    cir_model: str | Path | None = None,
+    knobs: Given = None,
     on_step: OnStep | None = None,
     on_progress: OnProgress | None = None,
-) -> dict[str, Any]:
-    """Find the images of `index` that show `reference` changed as `change` says; the graph's answer, paths as text.
-
-    Returns `{"edited_description", "results": [{"id", "path", "score"}], "reference_description",
-    "proxy_image", "stop_reason", "verifications", "attempts", "steps"}`.
-    """
-    settings = app.with_knobs(k=k, verify=verify, fusion_lambda=fusion_lambda)
+) -> CIRResult:
+    """Find the images of `index` that show `reference` changed as `change` says; `knobs` are CIR's
+    (`CIRKnobs`; unset: the settings'), a `cir_model` folder confined like every path."""
+    given = CIRKnobs.given(knobs)
+    resolved = CIRKnobs.from_settings(app.settings).overridden(given)
     reference_path = app.path(reference, "reference", kind="file")
     change = limits.check_text("change", change)
-    model = _model_folder(app, cir_model)
-    retriever = app.retriever(index, settings)
+    model = _model_folder(app, resolved.cir_model)
+    retriever = app.retriever(index)
     artifacts = ArtifactStore(app.runs_dir / "cir" / "artifacts")
     graph = build_cir_graph(
-        OnFirstUse(lambda: app.vlm(settings)),  # type: ignore[arg-type]  # model_id is a property here
-        captioner_for(app, settings),
-        app.generator(settings) if proxy else None,
+        OnFirstUse(app.vlm),  # type: ignore[arg-type]  # model_id is a property here
+        captioner_for(app),
+        app.generator() if resolved.proxy else None,
         retriever,
         artifacts,
         query_models=load_query_model,
-        defaults=cir_knobs(settings),
+        defaults=resolved.overridden({"cir_model": model}),
+        paths=app.file_path,
     )
     inputs = {"reference": str(reference_path), "change": change}
-    context = CIRContext(proxy=proxy, cir_model=model)
-    state = play(graph, inputs, context=context, on_step=on_step, on_progress=on_progress)
+    state = play(graph, inputs, on_step=on_step, on_progress=on_progress)
     proxy_image = state.get("proxy_image")
-    return {
-        "reference": str(reference_path),
-        "change": change,
-        "reference_description": state.get("reference_description"),
-        "edited_description": state.get("edited_description"),
-        "results": state.get("results", []),
-        "proxy_image": str(artifacts.path(proxy_image)) if proxy_image else None,
-        "stop_reason": state.get("stop_reason"),
-        "verifications": state.get("verification", 0),
-        "attempts": state.get("attempts", []),
-        "steps": state.get("steps", []),
-    }
+    return CIRResult(
+        reference=str(reference_path),
+        change=change,
+        reference_description=state.get("reference_description"),
+        edited_description=state.get("edited_description"),
+        results=shown_list(state.get("results", [])),
+        proxy_image=str(artifacts.path(proxy_image)) if proxy_image else None,
+        stop_reason=state.get("stop_reason"),
+        verifications=state.get("verification", 0),
+        attempts=state.get("attempts", []),
+        knobs=state["knobs"].record(),
+        steps=state.get("steps", []),
+    )
 
 
 def run_cir_eval(
@@ -168,10 +148,7 @@ def run_cir_eval(
     *,
     split: str | None = None,
     images: str | Path | None = None,
-    proxy: bool = False,
-    verify: int | None = None,
-    fusion_lambda: float | None = None,
-    cir_model: str | Path | None = None,
+    knobs: Given = None,
     concurrency: int = 1,
     on_query: OnQuery | None = None,
 ) -> dict[str, Any]:
@@ -181,48 +158,42 @@ def run_cir_eval(
     FashionIQ: `{"n", "categories", "avg_at_10", "avg_at_50", "avg", "settings"}`; recalls in percent.
     """
     limits.check("concurrency", concurrency)
-    settings = app.with_knobs(verify=verify, fusion_lambda=fusion_lambda)
+    resolved = CIRKnobs.from_settings(app.settings).overridden(knobs)
     spec = locate(app.path(annotations, "annotations"), fmt, split)
     benchmarks = load_benchmarks(spec, app.path(images, "images", kind="dir") if images is not None else None)
-    model = _model_folder(app, cir_model)
+    resolved = resolved.overridden({"cir_model": _model_folder(app, resolved.cir_model)})
     image_index = app.index(index)
-    embedder = app.embedder(settings)
+    embedder = app.embedder()
     galleries = [GalleryRetriever(image_index, embedder, b.gallery) for b in benchmarks]
     out = app.path(out_dir, "out", kind="out")
     out.mkdir(parents=True, exist_ok=True)
+    settings = app.settings
     eval_settings = CIREvalSettings(
         format=spec.format,
         split=spec.split,
         benchmarks=[b.name for b in benchmarks],
         index=str(image_index.root),
         embedder=embedder.model_id,
-        vlm="-" if model else str(settings.role_spec("vlm")),
-        generator=str(settings.role_spec("generator")) if proxy else "-",
-        cir_model=model,
-        proxy=proxy,
-        fusion_lambda=settings.fusion_lambda,
-        rerank_depth=settings.rerank_depth,
-        verify=settings.verify,
+        vlm="-" if resolved.cir_model else str(settings.role_spec("vlm")),
+        generator=str(settings.role_spec("generator")) if resolved.proxy else "-",
+        knobs=resolved.record(),
     )
     settings_file = out / EVAL_SETTINGS
     if settings_file.exists() and json.loads(settings_file.read_text(encoding="utf-8")) != asdict(eval_settings):
-        raise ImageloopError(f"{out} holds an evaluation with other settings: use another --out")
+        raise ImageloopError(f"{out} holds an evaluation with other settings: use another `out` folder")
     write_json_atomic(settings_file, asdict(eval_settings))
-    captioner = MemoCaptioner(
-        captioner_for(app, settings), known_descriptions(finished(out / QUERIES).values(), benchmarks)
-    )
-    generator = app.generator(settings) if proxy else None
-    defaults = CIRKnobs(**{**cir_knobs(settings), "proxy": proxy, "cir_model": model})
-    llm: Any = OnFirstUse(lambda: app.vlm(settings))  # a VisionLanguageModel whose model_id is a property
+    captioner = MemoCaptioner(captioner_for(app), known_descriptions(finished(out / QUERIES).values(), benchmarks))
+    generator = app.generator() if resolved.proxy else None
+    llm: Any = OnFirstUse(app.vlm)  # a VisionLanguageModel whose model_id is a property
     artifacts = ArtifactStore(out / "artifacts")
-    runs = [
-        (
-            b,
-            g,
-            build_cir_graph(llm, captioner, generator, g, artifacts, query_models=load_query_model, defaults=defaults),
-        )
-        for b, g in zip(benchmarks, galleries, strict=True)
-    ]
+
+    def graph(gallery: GalleryRetriever) -> CIRGraph:
+        return build_cir_graph(
+            llm, captioner, generator, gallery, artifacts, query_models=load_query_model, defaults=resolved,
+            paths=app.file_path,
+        )  # fmt: skip
+
+    runs = [(b, g, graph(g)) for b, g in zip(benchmarks, galleries, strict=True)]
     done = evaluate_queries(runs, out, concurrency=concurrency, on_query=on_query)
     summary = summarise(benchmarks, done, eval_settings, out)
     write_json_atomic(out / SUMMARY, summary)

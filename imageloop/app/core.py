@@ -16,23 +16,29 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel
+
 from imageloop import limits
-from imageloop.app.jobs import Job, JobRegistry
+from imageloop.app.jobs import Followers, Job, JobKind, JobRegistry
 from imageloop.app.paths import Kind, Roots, default_sessions_db, resolve_path
 from imageloop.backends import make_embedder, make_generator, make_vlm
 from imageloop.config import Role, Settings, load_settings
 from imageloop.errors import ConfigError, ImageloopError, StorageError
 from imageloop.files import os_error_message
+from imageloop.knobs import Given
 from imageloop.protocols import Embedder, ImageGenerator, RetrievedImage, VisionLanguageModel
+from imageloop.tools.indexing.options import IndexOptions
 
 if TYPE_CHECKING:
+    from imageloop.app.results import CIRResult, PastWork, RAGEView, RunState, SearchView
+    from imageloop.graphs.steps import OnStep
+    from imageloop.progress import OnProgress
     from imageloop.tools.indexing.image_index import ImageIndex
     from imageloop.tools.indexing.indexer import IndexSummary
     from imageloop.tools.indexing.retriever import Retriever, Where
-    from imageloop.tools.stores.engines import AnnEngine
 
-Progress = Callable[[str], None]
-"""A face's way to show progress: one short line per event (a step decided, a batch indexed)."""
+TrainingProgress = Callable[[Any], None]
+"""Hears each training step (`imageloop.training.progress`)."""
 
 ROOTS_ENV = "IMAGELOOP_ROOTS"
 RUNS_ENV = "IMAGELOOP_RUNS"
@@ -73,11 +79,12 @@ class App:
         runs = environ.get(RUNS_ENV)
         return cls(load_settings(environ=environ), roots=roots, runs_dir=Path(runs) if runs else roots[0] / "runs")
 
-    # Settings and backends.
+    @classmethod
+    def serving(cls, settings: Settings, index: Path, roots: Sequence[Path] = (), **options: Any) -> App:
+        """The application of a face that serves one index to a browser (the UI): confined to the index and `roots`."""
+        return cls(settings, roots=[Path(index), *roots], **options)
 
-    def with_knobs(self, **overrides: Any) -> Settings:
-        """The settings with a run's knobs (None: keep the setting), validated against the limits."""
-        return self.settings.with_overrides(overrides)
+    # Settings and backends.
 
     # Every backend the application hands out is its process-wide micro-batcher: calls made at the same
     # time by any run, job or evaluation target of this process are merged into batched model calls (one
@@ -106,6 +113,11 @@ class App:
         """
         return resolve_path(text, what, self.roots, extra=(self.runs_dir,), kind=kind)
 
+    def file_path(self, text: str | Path, what: str) -> Path:
+        """An existing file a graph input names (a CIR reference, a GenIR target), confined like any path
+        argument: the `PathResolver` every graph this application builds or deploys is given."""
+        return self.path(text, what, kind="file")
+
     def may_read(self, path: Path) -> bool:
         """Whether a face may show the file at `path` (inside the roots or the runs, when confined)."""
         resolved = path.resolve()
@@ -127,12 +139,12 @@ class App:
                 )  # fmt: skip
             return self._indexes[root]
 
-    def retriever(self, folder: str | Path, settings: Settings | None = None) -> Retriever:
+    def retriever(self, folder: str | Path) -> Retriever:
         """A retriever over `folder`'s index with the configured embedder (refuses a mismatched or empty index)."""
         from imageloop.tools.indexing.retriever import Retriever
 
         index = self.index(folder)
-        embedder = self.embedder(settings)
+        embedder = self.embedder()
         with self._lock:
             key = (index.root, embedder.model_id)
             if key not in self._retrievers:
@@ -141,19 +153,21 @@ class App:
 
     def index_folder(
         self,
-        folder: str | Path,
+        folder: str | Path | Sequence[str | Path],
         *,
-        batch_size: int | None = None,
+        options: Given = None,
         progress: bool = False,
         on_progress: Callable[[int, int], None] | None = None,
-        ann: AnnEngine | None = None,
-        threads: int | None = None,
     ) -> IndexSummary:
         """Add the new images of `folder` to its index (created in the configured store); prune vanished ones.
 
+        `folder` may also be a parquet table of image paths and captions, or WebDataset shards (tar files,
+        brace patterns such as `data/{00000..00099}.tar` expanded): the index goes to the folder holding
+        them (`imageloop.tools.indexing.sources`).
+
+        `options` are `IndexOptions` (a mapping or the model; unset: their defaults): the batch size, and
+        how the embedded store builds its approximate search index (`ann`, recorded in the index; `threads`).
         `progress` draws a bar on stderr; `on_progress(done, total)` hears the files handled so far.
-        `ann` ("hnsw" or "quantized", recorded in the index) and `threads` choose how the embedded
-        store builds its approximate search index (default: by size, on every core).
 
         The one captioning rule: the caption route (a text embedder) needs a caption per image (a
         sidecar `NAME.txt`, else the captioner VLM); the image route asks a VLM only when a captioner is
@@ -161,9 +175,15 @@ class App:
         """
         from imageloop.agents.captioner import VLMCaptioner
         from imageloop.tools.indexing.indexer import index_folder
+        from imageloop.tools.indexing.sources import Source, resolve_source
 
-        root = self.path(folder, "folder", kind="dir")
-        limits.check("batch_size", batch_size)
+        given = [folder] if isinstance(folder, str | Path) else list(folder)
+        if len(given) == 1 and Path(given[0]).suffix not in (".tar", ".parquet") and "{" not in str(given[0]):
+            source = Source(self.path(given[0], "folder", kind="dir"), "folder")
+        else:
+            source = resolve_source([self.path(name, "source") for name in given])
+        root = source.root
+        resolved = IndexOptions().overridden(options)
         embedder = self.embedder()
         captioner: VLMCaptioner | None = None
         captioner_lock = threading.Lock()
@@ -181,13 +201,13 @@ class App:
         settings = self.settings
         try:
             return index_folder(
-                root, embedder, caption if wants_captioner else None,
-                batch_size=batch_size or int(limits.default("batch_size") or 32), progress=progress,
+                source, embedder, caption if wants_captioner else None,
+                batch_size=resolved.batch_size, progress=progress,
                 on_progress=on_progress,
                 store=settings.store, weaviate_url=settings.weaviate_url,
                 weaviate_api_key=settings.weaviate_api_key, weaviate_grpc_port=settings.weaviate_grpc_port,
                 request_timeout=settings.timeout_for("store"), max_retries=settings.max_retries,
-                ann=ann, threads=threads,
+                ann=resolved.ann, threads=resolved.threads,
             )  # fmt: skip
         except OSError as e:  # the folder or the disk under the index: full, read-only, a file in the way
             raise StorageError(os_error_message(e, f"writing the index of {root}")) from e
@@ -234,22 +254,39 @@ class App:
             return retriever.search_image(self.path(image, "image", kind="file"), k, similarity_threshold, where)
         return retriever.search(limits.check_text("query", str(query)), k, similarity_threshold, where)
 
-    # Loops: ImageRAG runs, GenIR and RAGE sessions, evaluations (each in its own module of this package).
+    # Loops: ImageRAG runs, GenIR and RAGE sessions, evaluations (each in its own module of this package). Each
+    # takes the knobs a run asks for (the loop's model in `imageloop.knobs`, or a mapping of them; unset: the
+    # settings') and answers a typed result or the run's record.
 
-    def generate(self, prompt: str | None, index: str | Path | None, **options: Any) -> dict[str, Any]:
-        """Run ImageRAG and write its run directory; see `imageloop.app.runs.run_imagerag`."""
-        from imageloop.app.runs import run_imagerag
+    def generate(
+        self,
+        prompt: str | None,
+        index: str | Path | None,
+        *,
+        knobs: Given = None,
+        out_dir: str | Path | None = None,
+        where: Where | None = None,
+        resume: bool = False,
+        on_step: OnStep | None = None,
+        on_progress: OnProgress | None = None,
+    ) -> dict[str, Any]:
+        """Run ImageRAG and write its run directory, hearing Ctrl-C and SIGTERM at once; returns its record. See
+        `imageloop.app.runs.run_in_terminal` and `run_imagerag`."""
+        from imageloop.app.runs import run_in_terminal
 
-        return run_imagerag(self, prompt, index, **options)
+        return run_in_terminal(
+            self, prompt, index, knobs=knobs, out_dir=out_dir, where=where, resume=resume, on_step=on_step,
+            on_progress=on_progress,
+        )  # fmt: skip
 
-    def start_generate(self, prompt: str, index: str | Path, knobs: Mapping[str, Any] | None = None) -> Job:
+    def start_generate(self, prompt: str, index: str | Path, knobs: Given = None) -> Job:
         """ImageRAG as a background run (poll it with `run_state`); see `imageloop.app.runs.start_generate`."""
         from imageloop.app.runs import start_generate
 
         return start_generate(self, prompt, index, knobs)
 
-    def run_state(self, run_id: str) -> dict[str, Any]:
-        """A background run's state, live or from its folder: `{run_id, kind, status, progress, error, result}`."""
+    def run_state(self, run_id: str) -> RunState:
+        """A background run's state, live or from its folder."""
         from imageloop.app.jobs import job_state, stored_state
 
         job = self.jobs.get(run_id)
@@ -267,41 +304,93 @@ class App:
 
         return run_file(self, relative)
 
+    def history(self, limit: int = 50) -> list[PastWork]:
+        """The runs and sessions any face left in the runs folder, newest first; see `imageloop.app.history`."""
+        from imageloop.app.history import past_work
+
+        return past_work(self, limit)
+
+    def stop_run(self, run_id: str, reason: str) -> bool:
+        """Ask a background run to stop at its next step boundary (recorded as cancelled, `reason` its error);
+        False when no such run is going."""
+        job = self.jobs.get(run_id)
+        if job is None or job.done.is_set():
+            return False
+        job.stop(reason)
+        return True
+
     def run_relative(self, path: str | Path) -> str | None:
         """How a remote client names a run output: its path under the runs folder (None if elsewhere)."""
         from imageloop.app.runs import run_relative
 
         return run_relative(self, path)
 
-    def start_search(self, index: str | Path, query: str, **options: Any) -> dict[str, Any]:
-        """Start a GenIR session and play its first round; see `imageloop.app.sessions.start_search`."""
-        from imageloop.app.sessions import start_search
+    def start_search(
+        self,
+        index: str | Path,
+        query: str,
+        *,
+        knobs: Given = None,
+        out_dir: str | Path | None = None,
+        on_step: OnStep | None = None,
+        on_progress: OnProgress | None = None,
+    ) -> SearchView:
+        """Start a GenIR search and play its first round; see `imageloop.app.search.start_search`."""
+        from imageloop.app.search import start_search
 
-        return start_search(self, index, query, **options)
+        return start_search(self, index, query, knobs=knobs, out_dir=out_dir, on_step=on_step, on_progress=on_progress)
 
-    def continue_search(self, session_id: str, answer: str | None, **options: Any) -> dict[str, Any]:
-        """Answer a session's round and play the next; see `imageloop.app.sessions.continue_search`."""
-        from imageloop.app.sessions import continue_search
+    def continue_search(
+        self,
+        session_id: str,
+        answer: str | None,
+        *,
+        knobs: Given = None,
+        on_step: OnStep | None = None,
+        on_progress: OnProgress | None = None,
+    ) -> SearchView:
+        """Answer a search's round and play the next; see `imageloop.app.search.continue_search`."""
+        from imageloop.app.search import continue_search
 
-        return continue_search(self, session_id, answer, **options)
+        return continue_search(self, session_id, answer, knobs=knobs, on_step=on_step, on_progress=on_progress)
 
-    def show_search(self, session_id: str, **options: Any) -> dict[str, Any]:
-        """A session as it stands; see `imageloop.app.sessions.show_search`."""
-        from imageloop.app.sessions import show_search
+    def show_search(self, session_id: str, *, knobs: Given = None) -> SearchView:
+        """A search as it stands; see `imageloop.app.search.show_search`."""
+        from imageloop.app.search import show_search
 
-        return show_search(self, session_id, **options)
+        return show_search(self, session_id, knobs=knobs)
 
-    def start_rage(self, prompt: str, index: str | Path, **options: Any) -> dict[str, Any]:
+    def start_rage(
+        self,
+        prompt: str,
+        index: str | Path,
+        *,
+        knobs: Given = None,
+        where: Where | None = None,
+        out_dir: str | Path | None = None,
+        on_step: OnStep | None = None,
+        on_progress: OnProgress | None = None,
+    ) -> RAGEView:
         """Start a RAGE session: retrieve candidates to pick from; see `imageloop.app.rage.start_rage`."""
         from imageloop.app.rage import start_rage
 
-        return start_rage(self, prompt, index, **options)
+        return start_rage(
+            self, prompt, index, knobs=knobs, where=where, out_dir=out_dir, on_step=on_step, on_progress=on_progress
+        )
 
-    def continue_rage(self, session_id: str, answer: Any, **options: Any) -> dict[str, Any]:
+    def continue_rage(
+        self,
+        session_id: str,
+        answer: Any,
+        *,
+        knobs: Given = None,
+        on_step: OnStep | None = None,
+        on_progress: OnProgress | None = None,
+    ) -> RAGEView:
         """Answer a RAGE session's picks or review and play on; see `imageloop.app.rage.continue_rage`."""
         from imageloop.app.rage import continue_rage
 
-        return continue_rage(self, session_id, answer, **options)
+        return continue_rage(self, session_id, answer, knobs=knobs, on_step=on_step, on_progress=on_progress)
 
     def check_rage_answer(self, session_id: str, answer: Any) -> dict[str, Any]:
         """Refuse a RAGE answer that its pending question cannot take; see `imageloop.app.rage.check_rage_answer`."""
@@ -309,55 +398,135 @@ class App:
 
         return check_rage_answer(self, session_id, answer)
 
-    def show_rage(self, session_id: str) -> dict[str, Any]:
+    def show_rage(self, session_id: str) -> RAGEView:
         """A RAGE session as it stands; see `imageloop.app.rage.show_rage`."""
         from imageloop.app.rage import show_rage
 
         return show_rage(self, session_id)
 
     def eval_genir(
-        self, index: str | Path, targets: str | Path | None, out_dir: str | Path, **options: Any
+        self,
+        index: str | Path,
+        targets: str | Path | None,
+        out_dir: str | Path,
+        *,
+        benchmark: str | None = None,
+        images: str | Path | None = None,
+        annotations: str | Path | None = None,
+        sample: int | None = None,
+        knobs: Given = None,
+        concurrency: int = 1,
+        on_target: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
         """Simulated-user GenIR evaluation; see `imageloop.app.evals.run_genir_eval`."""
         from imageloop.app.evals import run_genir_eval
 
-        return run_genir_eval(self, index, targets, out_dir, **options)
+        return run_genir_eval(
+            self, index, targets, out_dir, benchmark=benchmark, images=images, annotations=annotations,
+            sample=sample, knobs=knobs, concurrency=concurrency, on_target=on_target,
+        )  # fmt: skip
 
     # Composed image retrieval and DAIG (`app/cir.py`, `app/triplets.py`, `app/training.py`).
 
-    def compose_retrieve(self, index: str | Path, reference: str | Path, change: str, **options: Any) -> dict[str, Any]:
+    def compose_retrieve(
+        self,
+        index: str | Path,
+        reference: str | Path,
+        change: str,
+        *,
+        knobs: Given = None,
+        on_step: OnStep | None = None,
+        on_progress: OnProgress | None = None,
+    ) -> CIRResult:
         """The images of `index` that show `reference` changed as `change` says; see `imageloop.app.cir`."""
         from imageloop.app.cir import compose_retrieve
 
-        return compose_retrieve(self, index, reference, change, **options)
+        return compose_retrieve(self, index, reference, change, knobs=knobs, on_step=on_step, on_progress=on_progress)
 
     def eval_cir(
-        self, index: str | Path, annotations: str | Path, fmt: str, out_dir: str | Path, **options: Any
+        self,
+        index: str | Path,
+        annotations: str | Path,
+        fmt: str,
+        out_dir: str | Path,
+        *,
+        split: str | None = None,
+        images: str | Path | None = None,
+        knobs: Given = None,
+        concurrency: int = 1,
+        on_query: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
         """CIRR or FashionIQ through the CIR graph; see `imageloop.app.cir.run_cir_eval`."""
         from imageloop.app.cir import run_cir_eval
 
-        return run_cir_eval(self, index, annotations, fmt, out_dir, **options)
+        return run_cir_eval(
+            self, index, annotations, fmt, out_dir, split=split, images=images, knobs=knobs,
+            concurrency=concurrency, on_query=on_query,
+        )  # fmt: skip
 
     def synthesize_triplets(
-        self, objects: str | Path, edits: Any, n: int, out_dir: str | Path, **options: Any
+        self,
+        objects: str | Path,
+        edits: Sequence[str] | str,
+        n: int,
+        out_dir: str | Path,
+        *,
+        examples: str | Path | None = None,
+        lora: str | Path | None = None,
+        knobs: Given = None,
+        on_step: OnStep | None = None,
     ) -> dict[str, Any]:
         """DAIG's triplet synthesis into a dataset folder; see `imageloop.app.triplets`."""
         from imageloop.app.triplets import synthesize_triplets
 
-        return synthesize_triplets(self, objects, edits, n, out_dir, **options)
+        return synthesize_triplets(
+            self, objects, edits, n, out_dir, examples=examples, lora=lora, knobs=knobs, on_step=on_step
+        )
 
-    def train_cir(self, triplets: str | Path, out_dir: str | Path, **options: Any) -> dict[str, Any]:
-        """Train a composed-query model (DRSP, then FRA); see `imageloop.app.training`."""
+    def train_cir(
+        self,
+        triplets: str | Path,
+        out_dir: str | Path,
+        *,
+        real: str | Path | None = None,
+        images: str | Path | None = None,
+        options: Given = None,
+        progress: TrainingProgress | None = None,
+    ) -> dict[str, Any]:
+        """Train a composed-query model (DRSP, then FRA); `options` are `CIRTrainingOptions`; see `app.training`."""
         from imageloop.app.training import train_cir
 
-        return train_cir(self, triplets, out_dir, **options)
+        return train_cir(self, triplets, out_dir, real=real, images=images, options=options, progress=progress)
 
-    def train_cir_lora(self, triplets: str | Path, out_dir: str | Path, **options: Any) -> dict[str, Any]:
-        """Train a CIR-LoRA on FLUX; see `imageloop.app.training`."""
+    def cir_data(
+        self,
+        annotations: str | Path,
+        fmt: str,
+        out: str | Path,
+        *,
+        images: str | Path | None = None,
+        shots: int | None = None,
+        fraction: float | None = None,
+        seed: int = 0,
+    ) -> dict[str, Any]:
+        """A benchmark's train split as real triplets (K-shot, fraction or all); see `app.training.real_triplets`."""
+        from imageloop.app.training import real_triplets
+
+        return real_triplets(self, annotations, fmt, out, images=images, shots=shots, fraction=fraction, seed=seed)
+
+    def train_cir_lora(
+        self,
+        triplets: str | Path,
+        out_dir: str | Path,
+        *,
+        images: str | Path | None = None,
+        options: Given = None,
+        progress: TrainingProgress | None = None,
+    ) -> dict[str, Any]:
+        """Train a CIR-LoRA on FLUX; `options` are `CIRLoRAOptions`; see `imageloop.app.training`."""
         from imageloop.app.training import train_cir_lora
 
-        return train_cir_lora(self, triplets, out_dir, **options)
+        return train_cir_lora(self, triplets, out_dir, images=images, options=options, progress=progress)
 
     def rescore_genir(self, out_dir: str | Path, index: str | Path | None = None) -> dict[str, Any]:
         """Re-score a GenIR evaluation's saved queries by text alone; see `imageloop.app.evals.rescore_genir_text`."""
@@ -366,14 +535,37 @@ class App:
         return rescore_genir_text(self, out_dir, index)
 
     def eval_imagerag(
-        self, prompts: str | Path, index: str | Path, out_dir: str | Path, **options: Any
+        self,
+        prompts: str | Path,
+        index: str | Path,
+        out_dir: str | Path,
+        *,
+        real_images: str | Path | None = None,
+        metrics: str | Sequence[str] | None = None,
+        knobs: Given = None,
+        concurrency: int = 1,
+        on_prompt: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
         """ImageRAG evaluation, draft vs final; see `imageloop.app.evals.run_imagerag_eval`."""
         from imageloop.app.evals import run_imagerag_eval
 
-        return run_imagerag_eval(self, prompts, index, out_dir, **options)
+        return run_imagerag_eval(
+            self, prompts, index, out_dir, real_images=real_images, metrics=metrics, knobs=knobs,
+            concurrency=concurrency, on_prompt=on_prompt,
+        )  # fmt: skip
 
     # Background runs.
+
+    def in_background(self, kind: JobKind, play: Callable[[Followers], BaseModel], session: str | None = None) -> Job:
+        """Play a loop call as a background run (`jobs`): `play` gets the callbacks that report each step and stop
+        the run at a step boundary when asked; the run's result is its answer as JSON. A `session` is played by one
+        run at a time."""
+        from imageloop.app.jobs import report_to
+
+        def work(job: Job) -> dict[str, Any]:
+            return play(report_to(job)).model_dump(mode="json")
+
+        return self.jobs.submit(kind, work, session=session)
 
     @property
     def jobs(self) -> JobRegistry:
@@ -409,7 +601,7 @@ def parse_where(items: Sequence[str]) -> dict[str, Any] | None:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ImageloopError(f"--where {item!r}: expected KEY=VALUE, e.g. folder=birds")
+            raise ImageloopError(f"`where` {item!r}: expected KEY=VALUE, e.g. folder=birds")
         key = key.strip()
         if key in where:
             previous = where[key]

@@ -3,9 +3,8 @@
 A server builds a graph to run it, and also to draw it or read its schemas, so nothing here is
 configured at build time: the process-wide `App` (settings from `IMAGELOOP_*`, paths confined to
 `IMAGELOOP_ROOTS`, default the working directory) is created when a node first needs a model or an
-index. The run context names the index and where images go (`DeployedImageRAGContext`,
-`DeployedGenIRContext`, `DeployedCIRContext`, `DeployedRAGEContext`), and knobs a run leaves unset take
-the deployment's settings. Every finished ImageRAG or RAGE run writes its record under
+index. The run context (each loop's knobs, `deployed_context`) names the index and where images go, and
+knobs a run leaves unset take the deployment's settings. Every finished ImageRAG or RAGE run writes its record under
 `<runs>/server/<run id>/run.json`, as the CLI does.
 """
 
@@ -15,21 +14,23 @@ import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
+from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import get_runtime
+from langgraph.types import Command
+from pydantic import Field, create_model
 
 from imageloop.app.core import App
+from imageloop.app.links import HTTP_BASE, Links
 from imageloop.app.rage import rage_record
 from imageloop.app.runs import imagerag_record, new_run_id
 from imageloop.errors import ConfigError
 from imageloop.files import write_json_atomic
-from imageloop.graphs.cir import CIRContext, ComposedQueryModel
-from imageloop.graphs.genir import GenIRContext
-from imageloop.graphs.imagerag import ImageRAGContext
-from imageloop.graphs.rage import RAGEContext
+from imageloop.graphs.cir import ComposedQueryModel
+from imageloop.knobs import KnobContext
+from imageloop.limits import PATH_CHARS
 from imageloop.protocols import (
     GREEDY,
     Decoding,
@@ -68,36 +69,49 @@ def close_deployed_app() -> None:
         _app = None
 
 
-@dataclass(kw_only=True)
-class DeployedImageRAGContext(ImageRAGContext):
-    """ImageRAG's knobs plus where a server run searches and draws."""
-
-    index: str | None = field(default=None, metadata={"description": f"an indexed image folder (${INDEX_ENV})"})
-    artifacts_dir: str | None = field(default=None, metadata={"description": "where drawn images are stored"})
+def deployed_publish(value: Any) -> Any:
+    """How a server run names its images to its remote clients: addresses on the server's own route, never paths."""
+    return Links(deployed_app(), HTTP_BASE).publish(value)
 
 
-@dataclass(kw_only=True)
-class DeployedCIRContext(CIRContext):
-    """CIR's knobs plus where a server run searches and draws its proxy."""
-
-    index: str | None = field(default=None, metadata={"description": f"an indexed image folder (${INDEX_ENV})"})
-    artifacts_dir: str | None = field(default=None, metadata={"description": "where proxy images are stored"})
-
-
-@dataclass(kw_only=True)
-class DeployedGenIRContext(GenIRContext):
-    """GenIR's knobs plus where a server run searches and draws."""
-
-    index: str | None = field(default=None, metadata={"description": f"an indexed image folder (${INDEX_ENV})"})
-    artifacts_dir: str | None = field(default=None, metadata={"description": "where drawn images are stored"})
+def deployed_context(base: type[KnobContext]) -> type[KnobContext]:
+    """A graph's run context plus where a server run searches (`index`) and keeps its images (`artifacts_dir`)."""
+    where: dict[str, Any] = {
+        "index": (
+            str | None,
+            Field(None, max_length=PATH_CHARS, description=f"an indexed image folder (${INDEX_ENV})"),
+        ),
+        "artifacts_dir": (str | None, Field(None, max_length=PATH_CHARS, description="where drawn images are kept")),
+    }
+    return create_model(f"Deployed{base.__name__}", __base__=base, **where)
 
 
-@dataclass(kw_only=True)
-class DeployedRAGEContext(RAGEContext):
-    """RAGE's knobs plus the catalogue a server run searches and where it draws."""
+class ServedGraph(CompiledStateGraph[Any, Any, Any, Any]):
+    """A compiled graph as LangGraph Server runs it: a resume that answers nothing (`Command(resume=None)`, which
+    LangGraph itself fails on with an internal error) is refused in one line, and the question stays asked."""
 
-    index: str | None = field(default=None, metadata={"description": f"an indexed image folder (${INDEX_ENV})"})
-    artifacts_dir: str | None = field(default=None, metadata={"description": "where drawn images are stored"})
+    def stream(self, input: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override, unused-ignore]
+        """`CompiledStateGraph.stream`, once the input answers something."""
+        return super().stream(_answering(input), *args, **kwargs)
+
+    def astream(self, input: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override, unused-ignore]
+        """`CompiledStateGraph.astream`, once the input answers something."""
+        return super().astream(_answering(input), *args, **kwargs)
+
+
+Served = TypeVar("Served", bound=CompiledStateGraph[Any, Any, Any, Any])
+
+
+def served(graph: Served) -> Served:
+    """`graph` as a `ServedGraph` (what `copy` does, with the served class)."""
+    attributes = {name: value for name, value in graph.__dict__.items() if name != "__orig_class__"}
+    return cast(Served, ServedGraph(**attributes))
+
+
+def _answering(given: Any) -> Any:
+    if isinstance(given, Command) and given.resume is None and given.update is None and not given.goto:
+        raise ConfigError("Command(resume=None) answers nothing: resume with an answer to the question the run asks")
+    return given
 
 
 def _context_value(name: str) -> Any:
@@ -173,6 +187,11 @@ def deployed_caption(image: Path) -> str:
     return VLMCaptioner(deployed_app().vlm(role="captioner"))(image)
 
 
+def deployed_file(text: str, what: str) -> Path:
+    """A graph input naming an image (a CIR reference, a GenIR target), confined to the deployment's roots."""
+    return deployed_app().file_path(text, what)
+
+
 def deployed_query_model(folder: str) -> ComposedQueryModel:
     """A run's composed-query model, its folder confined to the deployment's roots."""
     from imageloop.app.cir import load_query_model
@@ -200,7 +219,7 @@ def record_run(state: Mapping[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     seconds = sum(float(step["seconds"]) for step in state.get("steps", []))
     index = app.index(_index()).root
-    record = imagerag_record(state, app.settings, run_dir, ContextArtifacts(), index, seconds)
+    record = {**imagerag_record(state, app.settings, run_dir, ContextArtifacts(), index, seconds), "status": "finished"}
     write_json_atomic(run_dir / "run.json", {**record, "finished_at": time.time()})
     write_report(run_dir, record)
 

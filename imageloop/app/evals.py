@@ -9,10 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imageloop import limits
-from imageloop.agents.simulated_user import user_decoding
 from imageloop.app.paths import make_out_dir
-from imageloop.app.runs import RUN_RECORD, imagerag_knobs, run_imagerag
-from imageloop.app.sessions import genir_knobs
+from imageloop.app.runs import RUN_RECORD, run_imagerag
 from imageloop.config import Settings
 from imageloop.errors import ConfigError, ImageloopError
 from imageloop.eval.genir import (
@@ -42,7 +40,8 @@ from imageloop.eval.imagerag import (
 from imageloop.eval.imagerag import SUMMARY as IMAGERAG_SUMMARY
 from imageloop.eval.imagerag import summarise as summarise_imagerag
 from imageloop.files import write_json_atomic
-from imageloop.graphs.genir import build_genir_graph
+from imageloop.graphs.genir import build_genir_graph, refuse_caption_route
+from imageloop.knobs import GenIREvalKnobs, Given, ImageRAGKnobs, SimulatedUserKnobs
 from imageloop.report import read_record
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tools.indexing.image_index import ImageIndex
@@ -52,33 +51,6 @@ if TYPE_CHECKING:
 
 OnTarget = Callable[[int, int], None]
 OnPrompt = Callable[[int, int], None]
-
-
-def _eval_settings(settings: Settings, embedder_id: str, index: Path) -> GenIREvalSettings:
-    decoding = user_decoding(
-        settings.simulated_user, settings.user_temperature, settings.user_top_p, settings.user_repetition_penalty
-    )
-    draws = settings.feedback in ("visual", "hybrid")
-    return GenIREvalSettings(
-        rounds=settings.rounds,
-        ks=list(settings.ks or (settings.k,)),
-        feedback=settings.feedback,
-        hybrid_rule=settings.hybrid_rule,
-        hybrid_visual_fraction=settings.hybrid_visual_fraction,
-        hybrid_fallback=settings.hybrid_fallback,
-        simulated_user=settings.simulated_user,
-        user_decoding={
-            "temperature": decoding.temperature,
-            "top_p": decoding.top_p,
-            "repetition_penalty": decoding.repetition_penalty,
-        },
-        rank_depth=settings.rank_depth,
-        seed=settings.seed,
-        vlm=str(settings.role_spec("vlm")),
-        generator=str(settings.role_spec("generator")) if draws else "-",
-        embedder=embedder_id,
-        index=str(index),
-    )
 
 
 def _targets(
@@ -92,13 +64,13 @@ def _targets(
 ) -> list[Target]:
     """The targets: a folder or list of images, or a benchmark read from the user's disk (optionally sampled)."""
     if (targets is None) == (benchmark is None):
-        raise ConfigError("give the targets (--targets) or a benchmark (--benchmark with --images), not both")
+        raise ConfigError("give the targets (`targets`) or a benchmark (`benchmark` with `images`), not both")
     if targets is not None:
         if sample_size is not None or images is not None or annotations is not None:
-            raise ConfigError("--sample, --images and --annotations go with --benchmark")
+            raise ConfigError("`sample`, `images` and `annotations` go with `benchmark`")
         return load_targets(app.path(targets, "targets"), index)
     if images is None:
-        raise ConfigError(f"--benchmark {benchmark} needs --images: the folder the benchmark's images are in")
+        raise ConfigError(f"`benchmark` {benchmark} needs `images`: the folder the benchmark's images are in")
     limits.check("sample", sample_size)
     listed = load_genir_benchmark(
         str(benchmark),
@@ -118,35 +90,43 @@ def run_genir_eval(
     images: str | Path | None = None,
     annotations: str | Path | None = None,
     sample: int | None = None,
-    knobs: Mapping[str, Any] | None = None,
+    knobs: Given = None,
     concurrency: int = 1,
     on_target: OnTarget | None = None,
 ) -> dict[str, Any]:
     """Run the simulated-user loop for every target not yet done in `out_dir`; write and return the summary.
 
     Targets are a folder or list of images (`targets`), or a benchmark (`benchmark`, `images`,
-    `annotations`; `sample` draws that many with GenIR's seed 42). `knobs` may set any GenIR or drawing
-    setting (feedback, rounds, k, ks, the hybrid rule, the simulated user and its decoding, ...).
+    `annotations`; `sample` draws that many with GenIR's seed 42). `knobs` are an evaluation's
+    (`GenIREvalKnobs`: feedback, rounds, k, ks, the hybrid rule, the simulated user and its decoding, the
+    drawing knobs; unset: the settings').
     """
-    settings = app.with_knobs(**(knobs or {}))
+    resolved = GenIREvalKnobs.from_settings(app.settings).overridden(knobs)
     limits.check("concurrency", concurrency)
     # Concurrent searches share the application's micro-batched models: one batch of model calls costs
     # about what one call does on a GPU.
-    retriever = app.retriever(index, settings)
+    retriever = app.retriever(index)
     folder = retriever.index.root
-    eval_settings = _eval_settings(settings, retriever.embedder.model_id, folder)
+    refuse_caption_route(resolved, retriever.route, f"the index at {folder}")
+    draws = resolved.feedback in ("visual", "hybrid")
+    eval_settings = GenIREvalSettings(
+        resolved, vlm=str(app.settings.role_spec("vlm")),
+        generator=str(app.settings.role_spec("generator")) if draws else "-",
+        embedder=retriever.embedder.model_id, index=str(folder),
+    )  # fmt: skip
     target_list = _targets(app, retriever.index, targets, benchmark, images, annotations, sample)
     out = make_out_dir(app.path(out_dir, "results folder", kind="out"), "results folder")
     settings_file = out / EVAL_SETTINGS
     if settings_file.exists() and json.loads(settings_file.read_text()) != eval_settings.to_json():
-        raise ImageloopError(f"{out} holds an evaluation with other settings: use another --out")
+        raise ImageloopError(f"{out} holds an evaluation with other settings: use another `out` folder")
     write_json_atomic(settings_file, eval_settings.to_json())
     graph = build_genir_graph(
-        app.vlm(settings),
-        app.generator(settings) if eval_settings.generator != "-" else None,
+        app.vlm(),
+        app.generator() if draws else None,
         retriever,
         ArtifactStore(out / "artifacts"),
-        defaults=genir_knobs(settings),
+        defaults=SimulatedUserKnobs.model_validate(resolved.model_dump(include=set(SimulatedUserKnobs.model_fields))),
+        paths=app.file_path,
     )
     done = evaluate_targets(graph, target_list, out, eval_settings, concurrency=concurrency, on_target=on_target)
     wanted = {t.id for t in target_list}
@@ -165,7 +145,7 @@ def rescore_genir_text(app: App, out_dir: str | Path, index: str | Path | None =
     settings_file = out / EVAL_SETTINGS
     if not settings_file.is_file():
         raise ImageloopError(f"{out} is not a GenIR evaluation folder (no {EVAL_SETTINGS})")
-    recorded = GenIREvalSettings(**json.loads(settings_file.read_text()))
+    recorded = GenIREvalSettings.from_json(json.loads(settings_file.read_text()))
     retriever = app.retriever(index if index is not None else recorded.index)
     summary = rescore_text(read_dialogues(out).values(), retriever, recorded)
     summary["embedder"] = retriever.embedder.model_id
@@ -182,9 +162,9 @@ def _metric_names(metrics: str | Sequence[str] | None, cases: Sequence[PromptCas
     names = list(dict.fromkeys(item.strip().lower() for item in items if item.strip()))
     unknown = [name for name in names if name not in METRICS]
     if unknown or not names:
-        raise ConfigError(f"--metrics {metrics!r}: expected some of {','.join(METRICS)}")
+        raise ConfigError(f"`metrics` {metrics!r}: expected some of {','.join(METRICS)}")
     if "dino" in names and not has_real:
-        raise ConfigError("dino compares with real images: pass --real-images DIR, or a folder of classes as --prompts")
+        raise ConfigError("dino compares with real images: pass `real_images` DIR, or a folder of classes as `prompts`")
     return names
 
 
@@ -208,22 +188,24 @@ def run_imagerag_eval(
     *,
     real_images: str | Path | None = None,
     metrics: str | Sequence[str] | None = None,
-    knobs: Mapping[str, Any] | None = None,
+    knobs: Given = None,
     concurrency: int = 1,
     on_prompt: OnPrompt | None = None,
 ) -> dict[str, Any]:
     """Run ImageRAG for every prompt not yet scored in `out_dir`, score draft and final; write and return the summary.
 
     `prompts` is a text file or a folder of classes (`imageloop.eval.imagerag`); `knobs` are the loop's
-    (a preset profile sets them all). The summary is `{"n", "metrics": {NAME: {"draft", "final", "delta"}},
-    "stop_reasons", "settings"}`, each entry a mean with its 95% interval.
+    (`ImageRAGKnobs`; a preset profile sets them all). The summary is `{"n", "metrics": {NAME: {"draft",
+    "final", "delta"}}, "stop_reasons", "settings"}`, each entry a mean with its 95% interval.
     """
-    settings = app.with_knobs(**(knobs or {}))
+    settings = app.settings
+    given = ImageRAGKnobs.given(knobs)
+    resolved = ImageRAGKnobs.from_settings(settings).overridden(given)
     limits.check("concurrency", concurrency)
     real_root = app.path(real_images, "real images", kind="dir") if real_images is not None else None
     cases = load_prompts(app.path(prompts, "prompts"), real_root)
     names = _metric_names(metrics, cases)
-    folder = app.retriever(index, settings).index.root  # refuses a missing, empty or mismatched index first
+    folder = app.retriever(index).index.root  # refuses a missing, empty or mismatched index first
     specs = {"clip": settings.eval_clip, "siglip": settings.eval_siglip, "dino": settings.eval_dino,
              "vlmscore": settings.judge or str(settings.role_spec("vlm"))}  # fmt: skip
     eval_settings: dict[str, Any] = json.loads(
@@ -232,14 +214,14 @@ def run_imagerag_eval(
                 "metrics": {name: specs[name] for name in names},
                 "models": {role: str(settings.role_spec(role)) for role in ("vlm", "generator", "embedder")},
                 "index": str(folder),
-                "knobs": imagerag_knobs(settings),
+                "knobs": resolved.record(),
             }
         )
     )
     out = make_out_dir(app.path(out_dir, "results folder", kind="out"), "results folder")
     settings_file = out / IMAGERAG_EVAL_SETTINGS
     if settings_file.exists() and json.loads(settings_file.read_text()) != eval_settings:
-        raise ImageloopError(f"{out} holds an evaluation with other settings: use another --out")
+        raise ImageloopError(f"{out} holds an evaluation with other settings: use another `out` folder")
     write_json_atomic(settings_file, eval_settings)
     scorers = [_scorer(app, settings, name) for name in names]
 
@@ -248,10 +230,10 @@ def run_imagerag_eval(
             previous = read_record(run_dir)
             if previous.get("stop_reason") != "error":
                 return previous  # ran to its end before: score it as it is
-            return run_imagerag(app, None, None, out_dir=run_dir, knobs=knobs, resume=True)
+            return run_imagerag(app, None, None, out_dir=run_dir, resume=True)
         if run_dir.exists():
             shutil.rmtree(run_dir)  # a run killed before it wrote any record: start it again
-        return run_imagerag(app, case.prompt, folder, out_dir=run_dir, knobs=knobs)
+        return run_imagerag(app, case.prompt, folder, out_dir=run_dir, knobs=given)
 
     done = evaluate_prompts(cases, out, run_case, scorers, concurrency=concurrency, on_prompt=on_prompt)
     records = [done[case.key] for case in cases if case.key in done]

@@ -22,10 +22,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from typing_extensions import TypedDict
 
+from imageloop.app.results import RunState
 from imageloop.errors import ImageloopError
 from imageloop.files import write_json_atomic
 
@@ -44,6 +45,8 @@ STATUS_FILE = "status.json"
 JobKind = Literal["generate", "index", "genir", "rage", "cir", "triplets", "eval"]
 JobStatus = Literal["queued", "running", "done", "error", "cancelled", "interrupted"]
 FINISHED: frozenset[str] = frozenset({"done", "error", "cancelled", "interrupted"})
+SHUT_DOWN = "cancelled: the service shut down before the run finished"
+T = TypeVar("T")
 
 
 class ServerBusyError(ImageloopError):
@@ -51,7 +54,7 @@ class ServerBusyError(ImageloopError):
 
 
 class RunCancelledError(ImageloopError):
-    """A run stopped at a step boundary because the application is shutting down."""
+    """A run stopped at a step boundary: the application is shutting down, or a person stopped it."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class Job:
     future: Future[None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     write_record: Callable[[str | None], object] | None = None
+    cancel_reason: str = SHUT_DOWN
 
     def record_with(self, write_record: Callable[[str | None], object]) -> None:
         """Register how to write this run's record with an error, for when the service cannot wait for it."""
@@ -107,10 +111,16 @@ class Job:
             if len(self.notes) > PROGRESS_KEPT:
                 del self.notes[: len(self.notes) - PROGRESS_KEPT]
 
+    def stop(self, reason: str) -> None:
+        """Ask the run to stop at its next step boundary, saying why (recorded as its error)."""
+        self.cancel_reason = f"cancelled: {reason}"
+        self.cancel.set()
+
     def check_cancelled(self) -> None:
-        """Stop here if the server is shutting down."""
+        """Stop here if the server is shutting down, someone stopped the run, or the terminal's run was
+        interrupted."""
         if self.cancel.is_set():
-            raise RunCancelledError("cancelled: the service shut down before the run finished")
+            raise RunCancelledError(self.cancel_reason)
 
     def notes_since(self, count: int) -> tuple[int, list[Note]]:
         """The total reported so far and the notes after the first `count`."""
@@ -133,16 +143,25 @@ class JobRegistry:
     def __init__(self, workers: int = WORKERS, max_active: int = MAX_ACTIVE_RUNS, kept: int = KEPT_RUNS) -> None:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imageloop-run")
         self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._sessions: dict[str, str] = {}
         self._lock = threading.Lock()
         self._max_active = max_active
         self._kept = kept
         self._closed = False
 
-    def submit(self, kind: JobKind, work: Callable[[Job], dict[str, Any]], run_root: Path | None = None) -> Job:
-        """Queue `work` (with its own folder RUN_ROOT/<run_id> if given); refused when shutting down or full."""
+    def submit(
+        self,
+        kind: JobKind,
+        work: Callable[[Job], dict[str, Any]],
+        run_root: Path | None = None,
+        session: str | None = None,
+    ) -> Job:
+        """Queue `work` (with its own folder RUN_ROOT/<run_id> if given); refused when shutting down or full, and
+        for a `session` another run of which is still going (a session is played by one run at a time)."""
         with self._lock:
             if self._closed:
                 raise ServerBusyError("shutting down; no new runs")
+            self._refuse_busy(session)
             active = sum(not job.done.is_set() for job in self._jobs.values())
             if active >= self._max_active:
                 raise ServerBusyError(
@@ -151,6 +170,8 @@ class JobRegistry:
             job_id = uuid.uuid4().hex[:12]
             job = Job(id=job_id, kind=kind, run_dir=run_root / job_id if run_root is not None else None)
             self._jobs[job.id] = job
+            if session is not None:
+                self._sessions[session] = job.id
             finished = [key for key, old in self._jobs.items() if old.done.is_set()]
             for key in finished[: max(0, len(self._jobs) - self._kept)]:
                 del self._jobs[key]
@@ -158,10 +179,26 @@ class JobRegistry:
         job.future = self._executor.submit(self._run, job, work)
         return job
 
+    def refuse_busy(self, session: str) -> None:
+        """Refuse to touch a session another run is still playing (it holds the session until it finishes)."""
+        with self._lock:
+            self._refuse_busy(session)
+
+    def _refuse_busy(self, session: str | None) -> None:
+        playing = self._jobs.get(self._sessions.get(session, "")) if session is not None else None
+        if playing is not None and not playing.done.is_set():
+            raise ServerBusyError(f"session {session} is busy with run {playing.id}: poll get_run first")
+
     def get(self, job_id: str) -> Job | None:
         """The run with this id, if this process still remembers it."""
         with self._lock:
             return self._jobs.get(job_id)
+
+    def playing(self, session: str) -> Job | None:
+        """The run playing `session` now, if one is (a page reloaded mid-round finds it here)."""
+        with self._lock:
+            job = self._jobs.get(self._sessions.get(session, ""))
+        return job if job is not None and not job.done.is_set() else None
 
     def _run(self, job: Job, work: Callable[[Job], dict[str, Any]]) -> None:
         try:
@@ -181,6 +218,9 @@ class JobRegistry:
             # The record writer closes over the run's graph and checkpointer: a finished run keeps only its
             # status and result (a server keeps the last KEPT_RUNS runs; their graphs would stay with them).
             job.write_record = None
+            with self._lock:  # the session table holds running sessions only
+                for session in [s for s, job_id in self._sessions.items() if job_id == job.id]:
+                    del self._sessions[session]
             try:
                 job.persist()
             finally:
@@ -225,6 +265,53 @@ class JobRegistry:
         return len(stuck)
 
 
+class LeftRunning(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM (`stop`) while a foreground run was inside a model call: its record says where it
+    stopped, and the process may leave without waiting for the call."""
+
+    def __init__(self, stop: KeyboardInterrupt) -> None:
+        super().__init__(str(stop))
+        self.stop = stop
+
+
+def run_in_foreground(kind: JobKind, work: Callable[[Job], T], grace_s: float) -> T:
+    """What `work` returns (or raises), run in a thread of its own and waited for here, so that Ctrl-C and
+    SIGTERM reach this thread at once even while the run waits on a model call.
+
+    An interrupt asks the run to stop at its next step (`work` reports through `report_to(job)` or calls
+    `job.check_cancelled`), where its record is written whole; a run still inside a step after `grace_s` is
+    recorded there and then (`Job.abandon`) and `LeftRunning` is raised, for the process to leave without
+    waiting for the call (a hung endpoint would otherwise hold it for minutes).
+    """
+    job = Job(id=uuid.uuid4().hex[:12], kind=kind, cancel_reason="cancelled: interrupted before the run finished")
+    if threading.current_thread() is not threading.main_thread():
+        return work(job)  # no signal is delivered here: nothing to hear
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            outcome.append(work(job))
+        except BaseException as e:  # handed to the waiting thread, traceback and all
+            failure.append(e)
+        finally:
+            job.done.set()
+
+    threading.Thread(target=target, name=f"imageloop-{kind}", daemon=True).start()
+    try:
+        while not job.done.wait(0.1):
+            pass
+    except KeyboardInterrupt as stop:
+        job.cancel.set()
+        if not job.done.wait(grace_s):
+            job.abandon("interrupted during a step; the record holds the steps before")
+            raise LeftRunning(stop) from stop
+        raise
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
 class Followers(TypedDict):
     """The callbacks a loop run takes to be followed (`run_imagerag`, `start_search`, ... accept both)."""
 
@@ -254,28 +341,36 @@ def _record(run_dir: Path) -> dict[str, Any] | None:
     return read_record(run_dir) if (run_dir / RECORD_FILE).is_file() else None
 
 
-def job_state(job: Job, last: int = 20) -> dict[str, Any]:
-    """A live run's state: `{run_id, kind, status, progress (the latest messages), error, result}`; a failed or
-    cancelled run's result is the record it wrote."""
+def job_state(job: Job, last: int = 20) -> RunState:
+    """A live run's state (the latest progress messages); a failed or cancelled run's result is the record it wrote."""
     with job.lock:
         progress = [note.message for note in job.notes[-last:]]
     result = job.result
     if result is None and job.run_dir is not None and job.done.is_set():
         result = _record(job.run_dir)
-    return {"run_id": job.id, "kind": job.kind, "status": job.status, "progress": progress, "error": job.error,
-            "result": result}  # fmt: skip
+    poll = None if job.done.is_set() else f"call get_run with run_id={job.id!r} (and wait_seconds) for the result"
+    return RunState(
+        run_id=job.id, kind=job.kind, status=job.status, progress=progress, error=job.error, result=result, poll=poll
+    )
 
 
-def stored_state(runs_dir: Path, run_id: str) -> dict[str, Any]:
+def stored_state(runs_dir: Path, run_id: str) -> RunState:
     """A run's state from its folder, for a process that no longer (or never) held it in memory; a run that
     was still going when its server stopped reads "interrupted"."""
     run_dir = runs_dir / run_id
     status_path = run_dir / STATUS_FILE
     if not status_path.is_file():
-        raise ImageloopError(f"no run {run_id!r} (runs are kept in {runs_dir})")
+        record = _record(run_dir)
+        if record is None:
+            raise ImageloopError(f"no run {run_id!r} (runs are kept in {runs_dir})")
+        # A run no server held (the CLI's, another program's): its record is all there is, and says how it ended.
+        stop_reason = record.get("stop_reason")
+        status = stop_reason if stop_reason in ("error", "cancelled") else "done"
+        return RunState(
+            run_id=run_id, kind="generate", status=status, progress=[], error=record.get("error"), result=record
+        )
     status = json.loads(status_path.read_text(encoding="utf-8"))
     state, error = status["status"], status.get("error")
     if state not in FINISHED:
         state, error = "interrupted", "the server stopped before the run finished"
-    return {"run_id": run_id, "kind": status["kind"], "status": state, "progress": [], "error": error,
-            "result": _record(run_dir)}  # fmt: skip
+    return RunState(run_id=run_id, kind=status["kind"], status=state, progress=[], error=error, result=_record(run_dir))

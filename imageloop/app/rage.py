@@ -3,25 +3,22 @@
 A session is one RAGE run (`imageloop.graphs.rage`) played call by call: `start_rage` retrieves and
 stops at the question "which images?" (unless the top N are picked automatically); `continue_rage`
 answers it (checked first: a pick that names no candidate is refused before anything is generated)
-and plays to the next question (a person's review) or the end. It is checkpointed in the sessions
-database shared by every face (`App.sessions_db`) and registered with its index, folder and knobs, so
-the session id is all a later call needs, from the terminal, an MCP client or a LangChain agent.
+and plays to the next question (a person's review) or the end. It is a session of the sessions database
+(`imageloop.app.sessions`: the same registry and resume policy as GenIR searches), so the session id is
+all a later call needs, from the terminal, an MCP client or a LangChain agent.
 
 Every call writes the session's folder: `run.json` (atomic; the prompt, the candidates, the picks,
-each image, the final image, the stop reason, the steps), `report.html` (the candidates with
-thumbnails, which is also the page a person picks from, the picks and each generation), `artifacts/`
-and, once finished, `final.png`. A call that fails still writes the record with its error; the
-session shows as "incomplete" and `continue_rage(app, id, None)` plays on from the last finished node.
+each image, the final image, the stop reason, the steps, the knobs it ran with), `report.html` (the
+candidates with thumbnails, which is also the page a person picks from, the picks and each generation),
+`artifacts/` and, once finished, `final.png`. A call that fails still writes the record with its error;
+the session shows as "incomplete" and `continue_rage(app, id, None)` plays on from the last finished node.
 """
 
 from __future__ import annotations
 
-import json
-import sqlite3
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import closing, contextmanager
-from dataclasses import dataclass, fields
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,20 +26,22 @@ from typing import TYPE_CHECKING, Any
 from langgraph.types import Command, StateSnapshot
 
 from imageloop import __version__, limits
+from imageloop.app.results import RAGEStatus, RAGEView, shown_list
 from imageloop.app.runs import error_text, export_image
-from imageloop.app.threads import OnStep, checkpointed_thread, pending_interrupt, play, thread_config, unfinished
+from imageloop.app.sessions import Session, load, register, session_thread
+from imageloop.app.threads import OnStep, carry_knobs, pending_interrupt, play, thread_config, unfinished
 from imageloop.config import Role, Settings
 from imageloop.errors import ImageloopError
 from imageloop.files import write_json_atomic
 from imageloop.graphs.rage import (
     RAGEContext,
     RAGEGraph,
-    RAGEKnobs,
     build_rage_graph,
-    resolve_knobs,
+    check_where,
     resolve_review,
     resolve_selection,
 )
+from imageloop.knobs import Given, KnobContext, RAGEKnobs
 from imageloop.progress import OnProgress
 from imageloop.report import RECORD_FILE, REPORT_FILE, write_report
 from imageloop.tools.artifacts import ArtifactStore
@@ -51,34 +50,8 @@ from imageloop.tools.indexing.retriever import Where
 if TYPE_CHECKING:
     from imageloop.app.core import App
 
-RAGE_TABLE = "imageloop_rage_sessions"
 FINAL_IMAGE = "final.png"
 LOOP = "rage"
-
-
-def rage_knobs(settings: Settings) -> RAGEKnobs:
-    """The graph's knobs from the settings (a person picks unless a run asks for automatic picks)."""
-    return RAGEKnobs(
-        k=settings.k,
-        similarity_threshold=settings.similarity_threshold,
-        where=None,
-        auto_select=0,
-        review=settings.review,
-        max_generations=settings.max_generations,
-        seed=settings.seed,
-        size=settings.size,
-        steps_per_image=settings.steps,
-    )
-
-
-@dataclass(frozen=True)
-class RAGESession:
-    """What a session id stands for: the index searched, the folder written, the knobs resolved at its start."""
-
-    thread_id: str
-    index: Path
-    out_dir: Path
-    knobs: RAGEKnobs
 
 
 def start_rage(
@@ -86,50 +59,53 @@ def start_rage(
     prompt: str,
     index: str | Path,
     *,
-    knobs: Mapping[str, Any] | None = None,
+    knobs: Given = None,
     where: Where | None = None,
     out_dir: str | Path | None = None,
     on_step: OnStep | None = None,
     on_progress: OnProgress | None = None,
-) -> dict[str, Any]:
+) -> RAGEView:
     """Start a session: retrieve the candidates for `prompt` and stop at the selection (see `show_rage`).
 
-    `knobs` are `RAGEContext` fields (k, similarity_threshold, auto_select, review, max_generations,
-    seed, size, steps; None keeps the setting); `where` filters the catalogue's metadata, e.g.
+    `knobs` are RAGE's (`RAGEKnobs`; unset: the settings'); `where` filters the catalogue's metadata, e.g.
     `{"tags": "sneaker"}`. With `auto_select = N` the top N are picked and generated at once. The
     session's folder is `out_dir`, by default `<runs>/rage-<session id>`.
     """
     prompt = limits.check_text("prompt", prompt)
-    given = {name: value for name, value in (knobs or {}).items() if value is not None}
-    unknown = sorted(set(given) - {f.name for f in fields(RAGEContext) if f.name != "where"})  # `where` comes alone
-    if unknown:
-        raise ImageloopError(f"unknown RAGE knob {unknown[0]!r}")
-    resolved = resolve_knobs(rage_knobs(app.settings), RAGEContext(**given, where=dict(where) if where else None))
+    resolved = RAGEKnobs.from_settings(app.settings).overridden(knobs)
+    where = check_where(where)
     app.retriever(index)  # refuses a missing, empty or mismatched index before anything is stored
-    thread_id = uuid.uuid4().hex[:12]
-    folder = app.path(out_dir, "out", kind="out") if out_dir is not None else app.runs_dir / f"{LOOP}-{thread_id}"
+    session_id = uuid.uuid4().hex[:12]
+    folder = app.path(out_dir, "out", kind="out") if out_dir is not None else app.runs_dir / f"{LOOP}-{session_id}"
     if (folder / RECORD_FILE).is_file():
         raise ImageloopError(f"{folder} already holds a run: use another folder")
-    session = RAGESession(thread_id, app.index(index).root, folder, resolved)
-    _register(app.sessions_db, session)
+    session = Session(session_id, "rage", app.index(index).root, folder, resolved.record())
+    register(app, session)
     with _session_graph(app, session) as graph:
-        return _play(app, graph, session, {"prompt": prompt}, on_step, on_progress)
+        return _play(app, graph, session, {"prompt": prompt}, on_step, on_progress, RAGEContext(where=where))
 
 
 def continue_rage(
-    app: App, thread_id: str, answer: Any, *, on_step: OnStep | None = None, on_progress: OnProgress | None = None
-) -> dict[str, Any]:
+    app: App,
+    session_id: str,
+    answer: Any,
+    *,
+    knobs: Given = None,
+    on_step: OnStep | None = None,
+    on_progress: OnProgress | None = None,
+) -> RAGEView:
     """Answer the session's pending question and play to the next one or the end.
 
     To "which images?": `{"selected": ITEMS, "prompt": optional new prompt}` or ITEMS alone (positions
-    as shown, ids or unique id prefixes, file names; see `imageloop.graphs.rage.resolve_picks`); nothing
-    picked with a prompt searches again, nothing at all ends. To a review: accept, regenerate or
+    as shown, from 1, ids or unique id prefixes, file names; see `imageloop.graphs.rage.resolve_picks`);
+    nothing picked with a prompt searches again, nothing at all ends. To a review: accept, regenerate or
     reselect, or `{"action": "regenerate", "prompt": ...}`. An answer is checked before anything is
     played. A session cut off mid-way is played on and shown instead; `answer=None` does only that.
+    `knobs` asked for must be the session's (the one resume policy).
     """
-    session = load_rage_session(app, thread_id)
+    session = load_rage(app, session_id, knobs)
     with _session_graph(app, session) as graph:
-        snapshot = graph.get_state(thread_config(thread_id))
+        snapshot = graph.get_state(thread_config(session_id))
         pending = pending_interrupt(snapshot)
         if pending is None and unfinished(snapshot):
             return _play(app, graph, session, None, on_step, on_progress)
@@ -137,18 +113,18 @@ def continue_rage(
             return _publish(app, session, snapshot)
         if pending is None:
             raise ImageloopError(
-                f"session {thread_id} has finished ({snapshot.values.get('stop_reason')}): start another"
+                f"session {session_id} has finished ({snapshot.values.get('stop_reason')}): start another"
             )
         return _play(app, graph, session, Command(resume=resume_value(pending, answer)), on_step, on_progress)
 
 
-def check_rage_answer(app: App, thread_id: str, answer: Any) -> dict[str, Any]:
+def check_rage_answer(app: App, session_id: str, answer: Any) -> dict[str, Any]:
     """The answer as the session's pending question takes it, or the one-line error a face shows first."""
-    shown = show_rage(app, thread_id)
-    if shown["status"] not in ("awaiting_selection", "awaiting_review"):
-        reason = shown["stop_reason"] or "no question pending"
-        raise ImageloopError(f"session {thread_id} is {shown['status']} ({reason}): start another")
-    return resume_value(shown["question"], answer)
+    shown = show_rage(app, session_id)
+    if shown.question is None:
+        reason = shown.stop_reason or "no question pending"
+        raise ImageloopError(f"session {session_id} is {shown.status} ({reason}): start another")
+    return resume_value(shown.question, answer)
 
 
 def resume_value(question: Mapping[str, Any], answer: Any) -> dict[str, Any]:
@@ -160,35 +136,18 @@ def resume_value(question: Mapping[str, Any], answer: Any) -> dict[str, Any]:
     return {"action": review.action, "prompt": review.prompt}
 
 
-def show_rage(app: App, thread_id: str) -> dict[str, Any]:
-    """A session as it stands, without playing anything; its record and report are written afresh.
-
-    Every answer is the session's record (see `rage_record`) plus `session_id`, `status`, `out_dir`,
-    `report` and `record` (their paths). Status "awaiting_selection" adds `question` (its `candidates`)
-    and `ask`; "awaiting_review" adds `question` (the `image` to judge, `choices`) and `ask`;
-    "finished" has `final_image`; "incomplete" (cut off mid-way) is played on by `continue_rage(..., None)`.
-    """
-    session = load_rage_session(app, thread_id)
+def show_rage(app: App, session_id: str) -> RAGEView:
+    """A session as it stands, without playing anything; its record and report are written afresh."""
+    session = load_rage(app, session_id)
     with _session_graph(app, session) as graph:
-        return _publish(app, session, graph.get_state(thread_config(thread_id)))
+        return _publish(app, session, graph.get_state(thread_config(session_id)))
 
 
-def load_rage_session(app: App, thread_id: str) -> RAGESession:
-    """The session registered under `thread_id` (its index must still be one this app may use)."""
-    db = app.sessions_db
-    row = None
-    if db.is_file():
-        with closing(sqlite3.connect(db)) as conn:
-            _create_table(conn)
-            row = conn.execute(
-                f"SELECT index_path, out_dir, knobs FROM {RAGE_TABLE} WHERE thread_id = ?", (thread_id,)
-            ).fetchone()
-    if row is None:
-        raise ImageloopError(f"no RAGE session {thread_id!r} in {db}: start one first")
-    knobs: RAGEKnobs = json.loads(row[2])
-    knobs["size"] = limits.check_size(knobs["size"]) if knobs.get("size") else None  # JSON made the pair a list
-    index = app.path(row[0], "the session's index", kind="dir")
-    return RAGESession(thread_id, index, Path(row[1]), knobs)
+def load_rage(app: App, session_id: str, knobs: Given = None) -> Session:
+    """The RAGE session registered as `session_id`; knobs asked for that differ from its own are refused."""
+    session = load(app, session_id, "rage", RAGEKnobs)
+    session.refuse_changes(RAGEKnobs, knobs)
+    return session
 
 
 def rage_record(
@@ -206,9 +165,9 @@ def rage_record(
     images = [
         {**image, "path": str(artifacts.path(image["artifact"]).resolve())} for image in state.get("images") or []
     ]
-    knobs = {f.name: state.get(f.name) for f in fields(RAGEContext) if f.name not in ("steps", "where")}
+    knobs = state.get("knobs")
     roles: list[Role] = ["embedder", "generator"]
-    if state.get("review") == "critic":
+    if knobs is not None and knobs.review == "critic":
         roles.append("vlm")
     return {
         "run_id": run_id,
@@ -224,7 +183,7 @@ def rage_record(
         "stop_reason": "error" if error else state.get("stop_reason"),
         "error": error,
         "steps": state.get("steps") or [],
-        "settings": {**knobs, "steps": state.get("steps_per_image")},
+        "settings": knobs.record() if knobs is not None else None,
         "models": {role: str(settings.role_spec(role)) for role in roles},
         "seconds": round(sum(float(s["seconds"]) for s in state.get("steps") or []), 3),
         "imageloop_version": __version__,
@@ -232,78 +191,72 @@ def rage_record(
     }
 
 
-def _register(db: Path, session: RAGESession) -> None:
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with closing(sqlite3.connect(db, timeout=30.0)) as conn, conn:
-        _create_table(conn)
-        conn.execute(
-            f"INSERT INTO {RAGE_TABLE} (thread_id, index_path, out_dir, knobs, created_at) "
-            "VALUES (?, ?, ?, ?, datetime('now'))",
-            (session.thread_id, str(session.index), str(session.out_dir), json.dumps(session.knobs)),
-        )
-
-
-def _create_table(conn: sqlite3.Connection) -> None:
-    conn.execute(
-        f"CREATE TABLE IF NOT EXISTS {RAGE_TABLE} (thread_id TEXT PRIMARY KEY, index_path TEXT NOT NULL, "
-        "out_dir TEXT NOT NULL, knobs TEXT NOT NULL, created_at TEXT NOT NULL)"
-    )
-
-
 @contextmanager
-def _session_graph(app: App, session: RAGESession) -> Iterator[RAGEGraph]:
-    """The session's graph over its index, with its knobs as the defaults; one call per session at a time."""
+def _session_graph(app: App, session: Session) -> Iterator[RAGEGraph]:
+    """The session's graph over its index, its knobs the session's; one call per session at a time."""
+    knobs = RAGEKnobs.model_validate(session.knobs)
     retriever = app.retriever(session.index)
     generator = app.generator()  # a misconfigured generator fails this call, before anything is picked
-    vlm = app.vlm() if session.knobs["review"] == "critic" else None
+    vlm = app.vlm() if knobs.review == "critic" else None
     session.out_dir.mkdir(parents=True, exist_ok=True)
     artifacts = ArtifactStore(session.out_dir / "artifacts")
-    with checkpointed_thread(app.sessions_db, session.thread_id) as checkpointer:
-        yield build_rage_graph(vlm, generator, retriever, artifacts, checkpointer, defaults=session.knobs)
+    with session_thread(app, session.session_id) as checkpointer:
+        graph = build_rage_graph(vlm, generator, retriever, artifacts, checkpointer, defaults=knobs)
+        carry_knobs(graph, session.session_id, knobs)
+        yield graph
 
 
 def _play(
     app: App,
     graph: RAGEGraph,
-    session: RAGESession,
+    session: Session,
     command: Mapping[str, Any] | Command[Any] | None,
     on_step: OnStep | None,
     on_progress: OnProgress | None = None,
-) -> dict[str, Any]:
+    context: KnobContext | None = None,
+) -> RAGEView:
     """Play to the next question or the end (in-node progress to `on_progress`); the record is written
     whatever happens."""
     try:
-        snapshot = play(graph, command, session.thread_id, None, on_step, on_progress)
+        snapshot = play(graph, command, session.session_id, context, on_step, on_progress)
     except BaseException as e:
-        _publish(app, session, graph.get_state(thread_config(session.thread_id)), error_text(e))
+        _publish(app, session, graph.get_state(thread_config(session.session_id)), error_text(e))
         raise
     return _publish(app, session, snapshot)
 
 
-def _status(snapshot: StateSnapshot, question: Mapping[str, Any] | None) -> str:
+def _status(snapshot: StateSnapshot, question: Mapping[str, Any] | None) -> RAGEStatus:
     if question is not None:
         return "awaiting_selection" if question["kind"] == "select" else "awaiting_review"
     return "incomplete" if unfinished(snapshot) else "finished"
 
 
-def _publish(app: App, session: RAGESession, snapshot: StateSnapshot, error: str | None = None) -> dict[str, Any]:
+def _publish(app: App, session: Session, snapshot: StateSnapshot, error: str | None = None) -> RAGEView:
     """Write the session's run.json and report.html (and final.png once finished); returns what to show."""
     question = pending_interrupt(snapshot)
     status = _status(snapshot, question)
     record = rage_record(
-        snapshot.values, run_id=session.thread_id, out_dir=session.out_dir,
+        snapshot.values, run_id=session.session_id, out_dir=session.out_dir,
         artifacts=ArtifactStore(session.out_dir / "artifacts"), index=session.index, settings=app.settings,
         status=status, error=error,
     )  # fmt: skip
     write_json_atomic(session.out_dir / RECORD_FILE, record)
     write_report(session.out_dir, record)
-    shown = {
-        **record,
-        "session_id": session.thread_id,
-        "out_dir": str(session.out_dir),
-        "report": str(session.out_dir / REPORT_FILE),
-        "record": str(session.out_dir / RECORD_FILE),
-    }
-    if question is not None:
-        shown |= {"question": question, "ask": question["ask"]}
-    return shown
+    return RAGEView(
+        session_id=session.session_id,
+        status=status,
+        prompt=record["prompt"],
+        where=record["where"],
+        candidates=shown_list(record["candidates"]),
+        selected=shown_list(record["selected"]),
+        images=record["images"],
+        final_image=record["final_image"],
+        stop_reason=record["stop_reason"],
+        error=error,
+        question=question,
+        ask=question["ask"] if question is not None else None,
+        knobs=session.knobs,
+        out_dir=str(session.out_dir),
+        report=str(session.out_dir / REPORT_FILE),
+        record=str(session.out_dir / RECORD_FILE),
+    )

@@ -1,47 +1,28 @@
-"""What the sessions of every interrupting loop (GenIR searches, RAGE picks) share: a checkpointed thread.
+"""Playing a checkpointed LangGraph thread (a session's, a run's) to its next question or its end.
 
-A session is one LangGraph thread checkpointed in the sessions database (`App.sessions_db`) after every
-node, played by one call at a time (a lock per thread), and paused on an `interrupt()` whose payload is
-the question to show. Any face may play it on, since the thread id is all it takes.
+A thread pauses on an `interrupt()` whose payload is the question to show, or stops part-way (a callback
+that raised, a process killed); any face may play it on, since the thread id is all it takes.
 """
 
 from __future__ import annotations
 
-import sqlite3
-import threading
-from collections.abc import Iterator, Mapping
-from contextlib import closing, contextmanager
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
-from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, StateSnapshot
 
 from imageloop.graphs.steps import OnStep, follow_steps_and_progress
+from imageloop.knobs import Knobs
 from imageloop.progress import OnProgress
 
-__all__ = ["OnStep", "checkpointed_thread", "pending_interrupt", "play", "thread_config"]
-
-_THREAD_LOCKS: dict[str, threading.Lock] = {}
-_THREAD_LOCKS_GUARD = threading.Lock()
+__all__ = ["OnStep", "carry_knobs", "pending_interrupt", "play", "thread_config", "unfinished"]
 
 
 def thread_config(thread_id: str) -> RunnableConfig:
     """The run config naming a session's thread."""
     return {"configurable": {"thread_id": thread_id}}
-
-
-@contextmanager
-def checkpointed_thread(db: Path, thread_id: str) -> Iterator[SqliteSaver]:
-    """A checkpointer on the sessions database, held with the thread's lock: one call per session at a time."""
-    with _THREAD_LOCKS_GUARD:
-        lock = _THREAD_LOCKS.setdefault(thread_id, threading.Lock())
-    db.parent.mkdir(parents=True, exist_ok=True)
-    # A generous busy timeout: a server plays several sessions at once against one database.
-    with lock, closing(sqlite3.connect(db, timeout=30.0, check_same_thread=False)) as conn:
-        yield SqliteSaver(conn)
 
 
 def play(
@@ -78,3 +59,11 @@ def unfinished(snapshot: StateSnapshot) -> bool:
     its writes instead of running it again.
     """
     return bool(snapshot.next or snapshot.tasks)
+
+
+def carry_knobs(graph: CompiledStateGraph[Any, Any, Any, Any], thread_id: str, knobs: Knobs) -> None:
+    """A thread checkpointed before a loop's knobs were one model in state gets them there, so it plays on."""
+    config = thread_config(thread_id)
+    values = graph.get_state(config).values
+    if values and "knobs" not in values:
+        graph.update_state(config, {"knobs": knobs})

@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any
 from imageloop import limits
 from imageloop.config import RoleSpec, Settings
 from imageloop.errors import ConfigError, ImageloopError
+from imageloop.eval.annotations import read_json
 from imageloop.files import write_json_atomic
 from imageloop.graphs.steps import Step, play
-from imageloop.graphs.triplets import DEFAULT_SIZE, EDIT_TYPES, TripletsContext, build_triplets_graph
+from imageloop.graphs.triplets import DEFAULT_SIZE, EDIT_TYPES, build_triplets_graph
+from imageloop.knobs import Given, TripletsKnobs
 from imageloop.tools.generators.diptych import DiptychPainter, GeneratorDiptychs
 from imageloop.tools.triplet_dataset import TripletDataset
 from imageloop.training.triplets import triplets_file
@@ -34,10 +36,10 @@ def read_objects(path: Path) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ImageloopError(f"--objects {path}: cannot read it ({e})") from None
+        raise ImageloopError(f"`objects` {path}: cannot read it ({e})") from None
     objects = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not objects:
-        raise ImageloopError(f"--objects {path}: no objects (expected one a line)")
+        raise ImageloopError(f"`objects` {path}: no objects (expected one a line)")
     return objects
 
 
@@ -47,7 +49,7 @@ def parse_edits(edits: Sequence[str] | str) -> list[str]:
     chosen = list(dict.fromkeys(item.strip() for item in items if item.strip()))
     unknown = [e for e in chosen if e not in EDIT_TYPES]
     if unknown or not chosen:
-        raise ConfigError(f"--edits {','.join(unknown) or '(none)'}: expected some of {','.join(EDIT_TYPES)}")
+        raise ConfigError(f"`edits` {','.join(unknown) or '(none)'}: expected some of {','.join(EDIT_TYPES)}")
     return chosen
 
 
@@ -57,7 +59,7 @@ def read_examples(source: Path) -> list[dict[str, str]]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ImageloopError(f"--examples {path}: cannot read it ({e})") from None
+        raise ImageloopError(f"`examples` {path}: cannot read it ({e})") from None
     examples = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -71,7 +73,7 @@ def read_examples(source: Path) -> list[dict[str, str]]:
         keys = ("reference_text", "change", "target_text", "edit")
         examples.append({key: str(record.get(key) or "").strip() for key in keys})
     if not examples:
-        raise ImageloopError(f"--examples {path}: holds no triplets")
+        raise ImageloopError(f"`examples` {path}: holds no triplets")
     return examples
 
 
@@ -94,7 +96,7 @@ def _painter(app: App, settings: Settings, lora: Path | None) -> tuple[DiptychPa
         model, steps = str(tiny_generator_dir("flux")), TINY_STEPS
     else:
         raise ConfigError(
-            f"--lora draws with FLUX: pass --generator flux:MODEL (it was trained on {config.get('base_model')})"
+            f"`lora` draws with FLUX: pass `generator` flux:MODEL (it was trained on {config.get('base_model')})"
         )
     painter = FluxLoRADiptychs(
         model, lora, device=settings.device, dtype=settings.dtype, offload=settings.offload, steps=steps,
@@ -113,41 +115,40 @@ def synthesize_triplets(
     *,
     examples: str | Path | None = None,
     lora: str | Path | None = None,
-    check: bool = False,
-    concurrency: int | None = None,
-    seed: int | None = None,
-    size: tuple[int, int] | None = None,
-    steps: int | None = None,
+    knobs: Given = None,
     on_step: OnStep | None = None,
 ) -> dict[str, Any]:
-    """Fill `out_dir` up to `n` triplets; returns `{"written", "failed", "rejected", "total", "pending", "out"}`."""
+    """Fill `out_dir` up to `n` triplets; returns `{"written", "failed", "rejected", "total", "pending", "out"}`.
+
+    `knobs` are the synthesis's (`TripletsKnobs`: check, max_attempts, concurrency, seed, size, steps; unset:
+    the settings' drawing knobs, else the declared defaults).
+    """
     limits.check("triplets", n)
-    limits.check("triplet_concurrency", concurrency)
-    settings = app.with_knobs(seed=seed, size=size, steps=steps)
+    resolved = TripletsKnobs.from_settings(app.settings).overridden(knobs)
     object_list = read_objects(app.path(objects, "objects", kind="file"))
     edit_list = parse_edits(edits)
     example_list = read_examples(app.path(examples, "examples")) if examples is not None else []
     lora_dir = app.path(lora, "lora", kind="dir") if lora is not None else None
     out = app.path(out_dir, "out", kind="out")
-    painter, default_size = _painter(app, settings, lora_dir)
-    canvas = settings.size or default_size
-    workers = concurrency or int(limits.default("triplet_concurrency") or 2)
+    painter, default_size = _painter(app, app.settings, lora_dir)
+    resolved = resolved.overridden({"size": resolved.size or default_size})
     made_with = {
-        "objects": object_list, "edits": edit_list, "seed": settings.seed or 0, "painter": painter.model_id,
-        "size": list(canvas), "steps": settings.steps, "check": check,
+        "objects": object_list, "edits": edit_list, "seed": resolved.seed, "painter": painter.model_id,
+        "size": list(resolved.size or default_size), "steps": resolved.steps, "check": resolved.check,
     }  # fmt: skip
     with TripletDataset(out) as dataset:
         recorded = out / SYNTHESIS_FILE
-        if recorded.is_file() and json.loads(recorded.read_text(encoding="utf-8")) != made_with:
-            raise ImageloopError(f"{out} holds triplets made with other objects, edits or models: use another --out")
+        what = "the settings its triplets were made with (restore it, or use another `out` folder)"
+        if recorded.is_file() and read_json(recorded, what) != made_with:
+            raise ImageloopError(
+                f"{out} holds triplets made with other objects, edits or models: use another `out` folder"
+            )
         write_json_atomic(recorded, made_with)
-        graph = build_triplets_graph(app.vlm(settings), painter, dataset, checker=app.vlm(settings) if check else None)
-        context = TripletsContext(
-            n=n, objects=object_list, edits=edit_list, seed=settings.seed or 0, size=canvas, steps=settings.steps,
-            check=check, concurrency=workers,
-        )  # fmt: skip
+        checker = app.vlm() if resolved.check else None
+        graph = build_triplets_graph(app.vlm(), painter, dataset, checker=checker, defaults=resolved)
         # Two supersteps a batch (plan, synthesize): the loop's own cap is the slot list, not the recursion limit.
-        config: dict[str, Any] = {"recursion_limit": 2 * (n // workers + 2) + 10}
-        state = play(graph, {"examples": example_list}, context=context, config=config, on_step=on_step)
+        config: dict[str, Any] = {"recursion_limit": 2 * (n // resolved.concurrency + 2) + 10}
+        request = {"n": n, "objects": object_list, "edits": edit_list, "examples": example_list}
+        state = play(graph, request, config=config, on_step=on_step)
     keys = ("written", "failed", "rejected", "total", "pending")
     return {**{key: int(state.get(key) or 0) for key in keys}, "out": str(out)}

@@ -38,7 +38,7 @@ from imageloop.eval.cir_data import (
 )
 from imageloop.eval.cir_metrics import CIRR_RECALL_AT, cirr_metrics, cirr_test_submission, fashioniq_metrics
 from imageloop.files import read_jsonl, write_json_atomic
-from imageloop.graphs.cir import CIRContext, CIRGraph
+from imageloop.graphs.cir import CIRContext, CIRGraph, CIRInput
 from imageloop.protocols import Embedder, RetrievedImage, Vector
 from imageloop.tools.images import content_id
 from imageloop.tools.indexing.image_index import ImageIndex, Route
@@ -57,7 +57,7 @@ _FASHIONIQ_CAPTIONS = re.compile(r"^cap\.(?P<category>[^.]+)\.(?P<split>[^.]+)\.
 
 @dataclass(frozen=True)
 class BenchmarkSpec:
-    """Where a benchmark's files are, read from `--annotations` (and `--split`)."""
+    """Where a benchmark's files are, read from ``annotations`` (and ``split``)."""
 
     format: Format
     root: Path
@@ -68,7 +68,7 @@ class BenchmarkSpec:
 def locate(annotations: Path, fmt: str, split: str | None = None) -> BenchmarkSpec:
     """The dataset root, split and (FashionIQ) categories an annotation file or dataset folder names."""
     if fmt not in FORMATS:
-        raise ImageloopError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+        raise ImageloopError(f"`format` {fmt!r}: expected one of {', '.join(FORMATS)}")
     if annotations.is_dir():
         root = annotations
         chosen = split or "val"
@@ -79,14 +79,14 @@ def locate(annotations: Path, fmt: str, split: str | None = None) -> BenchmarkSp
             raise ImageloopError(f"{root}: no captions/cap.<category>.{chosen}.json (a FashionIQ root holds captions/)")
         return BenchmarkSpec("fashioniq", root, chosen, present)
     if not annotations.is_file():
-        raise ImageloopError(f"--annotations {annotations}: no such file or folder")
+        raise ImageloopError(f"`annotations` {annotations}: no such file or folder")
     pattern = _CIRR_CAPTIONS if fmt == "cirr" else _FASHIONIQ_CAPTIONS
     named = pattern.match(annotations.name)
     if named is None or annotations.parent.name != "captions":
         expected = "captions/cap.rc2.<split>.json" if fmt == "cirr" else "captions/cap.<category>.<split>.json"
-        raise ImageloopError(f"--annotations {annotations}: expected {fmt}'s {expected}, or the dataset folder")
+        raise ImageloopError(f"`annotations` {annotations}: expected {fmt}'s {expected}, or the dataset folder")
     if split is not None and split != named["split"]:
-        raise ImageloopError(f"--split {split} but {annotations.name} is the {named['split']} split")
+        raise ImageloopError(f"`split` {split} but {annotations.name} is the {named['split']} split")
     root = annotations.parent.parent
     if fmt == "cirr":
         return BenchmarkSpec("cirr", root, named["split"])
@@ -125,7 +125,7 @@ class GalleryRetriever:
         if missing:
             raise ImageloopError(
                 f"{len(missing)} gallery images are not in the index at {index.root} (first: {missing[0]}): "
-                f"index the benchmark's images with `imageloop index`"
+                f"index the benchmark's images first"
             )
         self.ids = ids
         self.paths = {i: index.root / str(records[i].metadata.get("path", "")) for i in ids}
@@ -167,11 +167,7 @@ class CIREvalSettings:
     embedder: str
     vlm: str
     generator: str
-    cir_model: str | None
-    proxy: bool
-    fusion_lambda: float
-    rerank_depth: int
-    verify: int
+    knobs: dict[str, Any]
 
 
 class MemoCaptioner:
@@ -241,12 +237,9 @@ def evaluate_queries(
 
     def run(task: tuple[CIRBenchmark, GalleryRetriever, CIRGraph, CIRQuery]) -> dict[str, Any]:
         benchmark, gallery, graph, query = task
+        asked = CIRInput(reference=str(benchmark.gallery[query.reference]), change=query.modification)
         context = CIRContext(k=min(len(gallery), CIRR_RECALL_AT[-1]), exclude_reference=False, rank_depth=len(gallery))
-        state = graph.invoke(
-            {"reference": str(benchmark.gallery[query.reference]), "change": query.modification},
-            version="v2",
-            context=context,
-        ).value
+        state = graph.invoke(asked, version="v2", context=context).value
         return _query_record(benchmark, gallery, query, state)
 
     for record in journaled(pending, run, queries_file, total=total, concurrency=concurrency, on_progress=on_query):

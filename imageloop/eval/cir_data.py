@@ -102,9 +102,22 @@ def load_cirr(root: Path, split: str = "val", images: Path | None = None) -> CIR
     captions_file = root / "captions" / f"cap.rc2.{split}.json"
     entries = as_list(read_json(captions_file, "CIRR's captions (a list of query pairs)"), str(captions_file))
     queries = tuple(_cirr_query(entry, split, f"{captions_file}, entry {i}") for i, entry in enumerate(entries))
+    _check_queries(queries, captions_file)
     _check_names(queries, gallery, str(split_file))
     require_files(gallery.items(), f"CIRR {split} (images folder {images})")
     return CIRBenchmark("cirr", split, queries, gallery)
+
+
+def _check_queries(queries: Sequence[CIRQuery], captions_file: Path) -> None:
+    """Refuse a captions file with no query (its recalls would read 0, not "nothing measured") or with a query
+    id twice (one pair would count twice, and a resumed run would take one for the other)."""
+    if not queries:
+        raise ImageloopError(f"{captions_file}: holds no queries; expected the benchmark's captions")
+    seen: set[str] = set()
+    for query in queries:
+        if query.id in seen:
+            raise ImageloopError(f"{captions_file}: query {query.id!r} appears twice; each pair id must be unique")
+        seen.add(query.id)
 
 
 def _cirr_query(entry: object, split: str, where: str) -> CIRQuery:
@@ -165,6 +178,7 @@ def _fashioniq_category(root: Path, split: str, category: str, images: Path, fil
         _fashioniq_query(entry, f"{category}-{i}", split, f"{captions_file}, entry {i}")
         for i, entry in enumerate(entries)
     )
+    _check_queries(queries, captions_file)
     _check_names(queries, gallery, str(split_file))
     return CIRBenchmark(f"fashioniq-{category}", split, queries, gallery)
 

@@ -9,7 +9,7 @@ Hybrid feedback comes in two kinds. Ours (`hybrid_rule="confidence"`) decides pe
 graph: draw first, show the top hit once retrieval looks confident. The paper's decides per query:
 `random` shows a drawing to a seeded share (`hybrid_visual_fraction`, 0.223 in the paper) of the
 targets and the fallback feedback to the rest; `oracle` plays both and keeps the dialogue that found
-its target first (an upper bound that needs the target, so it exists only here).
+its target first, a tie the fallback's (an upper bound that needs the target, so it exists only here).
 
 The run directory holds `dialogues.jsonl` (one line per finished target: every round's query,
 synthetic image, retrieved ids with scores, the target's rank and the round's seconds),
@@ -21,20 +21,20 @@ paper's check that its dialogues carry the information, not only its drawings).
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imageloop.config import FeedbackKind, HybridFallback, HybridRule
+from imageloop.agents.simulated_user import user_decoding
 from imageloop.errors import ConfigError, ImageloopError
 from imageloop.eval import journaled
 from imageloop.eval.genir_data import BenchmarkTarget
 from imageloop.eval.metrics import cumulative_hits_at_k, mean_best_rank, per_round_hits_at_k
 from imageloop.files import read_jsonl
 from imageloop.graphs.genir import GenIRContext, GenIRGraph
+from imageloop.knobs import FeedbackKind, GenIREvalKnobs
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tools.images import IMAGE_SUFFIXES, content_id
 from imageloop.tools.indexing.image_index import ImageIndex
@@ -56,26 +56,19 @@ class Target:
 
 @dataclass(frozen=True)
 class GenIREvalSettings:
-    """What makes two evaluation runs comparable; a resume must match it exactly.
+    """What makes two evaluation runs comparable (a resume must match it exactly): the knobs it ran with and
+    the models. A dialogue stops at the smallest of `ks`; the hybrid knobs matter only for hybrid feedback."""
 
-    `rounds` are refinement rounds after round 0; a dialogue stops at the smallest of `ks`. The hybrid
-    fields matter only for hybrid feedback; the user's decoding is the effective one.
-    """
-
-    rounds: int
-    ks: list[int]
-    feedback: FeedbackKind
-    hybrid_rule: HybridRule
-    hybrid_visual_fraction: float
-    hybrid_fallback: HybridFallback
-    simulated_user: str
-    user_decoding: dict[str, float]
-    rank_depth: int
-    seed: int | None
+    knobs: GenIREvalKnobs
     vlm: str
     generator: str
     embedder: str
     index: str
+
+    @property
+    def ks(self) -> list[int]:
+        """The K values scored: `ks`, else `k`."""
+        return list(self.knobs.ks or (self.knobs.k,))
 
     @property
     def stop_k(self) -> int:
@@ -85,12 +78,24 @@ class GenIREvalSettings:
     @property
     def per_query_hybrid(self) -> bool:
         """Whether hybrid feedback is chosen per query (the paper's) rather than per round (ours)."""
-        return self.feedback == "hybrid" and self.hybrid_rule != "confidence"
+        return self.knobs.feedback == "hybrid" and self.knobs.hybrid_rule != "confidence"
 
     def to_json(self) -> dict[str, Any]:
-        """The settings as `eval.json` holds them (JSON types only, so a reread compares equal)."""
-        loaded: dict[str, Any] = json.loads(json.dumps(asdict(self)))
-        return loaded
+        """The settings as `eval.json` holds them: the knobs (with `ks` filled in and the simulated user's
+        effective decoding), then the models."""
+        knobs = self.knobs
+        decoding = user_decoding(
+            knobs.simulated_user, knobs.user_temperature, knobs.user_top_p, knobs.user_repetition_penalty
+        )
+        effective = {name: getattr(decoding, name) for name in ("temperature", "top_p", "repetition_penalty")}
+        models = {"vlm": self.vlm, "generator": self.generator, "embedder": self.embedder, "index": self.index}
+        return {**knobs.record(), "ks": self.ks, "user_decoding": effective, **models}
+
+    @classmethod
+    def from_json(cls, recorded: Mapping[str, Any]) -> GenIREvalSettings:
+        """The settings an `eval.json` holds."""
+        knobs = GenIREvalKnobs.model_validate({k: v for k, v in recorded.items() if k in GenIREvalKnobs.model_fields})
+        return cls(knobs, *(str(recorded[name]) for name in ("vlm", "generator", "embedder", "index")))
 
 
 def _target_files(spec: Path) -> list[Path]:
@@ -101,7 +106,7 @@ def _target_files(spec: Path) -> list[Path]:
     if spec.is_file():
         lines = [line.strip() for line in spec.read_text(encoding="utf-8").splitlines()]
         return [(spec.parent / line) for line in lines if line and not line.startswith("#")]
-    raise ImageloopError(f"--targets {spec}: no such file or folder")
+    raise ImageloopError(f"`targets` {spec}: no such file or folder")
 
 
 def indexed_targets(paths: Iterable[Path], index: ImageIndex) -> list[Target]:
@@ -121,7 +126,7 @@ def load_targets(spec: Path, index: ImageIndex) -> list[Target]:
     """Targets from a folder of images, one image, or a file listing paths; each must be in the index."""
     targets = indexed_targets(_target_files(spec), index)
     if not targets:
-        raise ImageloopError(f"--targets {spec}: no target images found")
+        raise ImageloopError(f"`targets` {spec}: no target images found")
     return targets
 
 
@@ -157,6 +162,7 @@ def _dialogue_record(target: Target, state: Mapping[str, Any], artifacts: Artifa
                 "retrieved": [{"id": hit["id"], "score": hit["score"]} for hit in r["retrieved"]],
                 "target_rank": r["target_rank"],
                 "differences": r["differences"],
+                "question": r.get("question"),
                 "next_query": r["feedback"],
                 "seconds": round(seconds.get(r["round"], 0.0), 4),
             }
@@ -173,10 +179,14 @@ def summarise(records: Iterable[Mapping[str, Any]], settings: GenIREvalSettings)
     """Per round 0..rounds: cumulative and per-round Hits@K for every K, mean seconds, mean best rank.
 
     `hits_at_k` and `k` are those of the smallest K; `latency_s` averages the dialogues that played the round.
+    A dialogue that stopped (its target found) counts its last rank again at every later round; each round
+    says how many of its values were carried forward so (`carried`, of `n_targets`), and `played` how many
+    dialogues really played it.
     """
     records = list(records)
-    played = settings.rounds + 1
+    played = settings.knobs.rounds + 1
     ranks = [[r["target_rank"] for r in record["rounds"]] for record in records]
+    carried = [sum(1 for per_target in ranks if 0 < len(per_target) <= t) for t in range(played)]
     cumulative = {k: cumulative_hits_at_k(ranks, k, played) for k in settings.ks}
     per_round = {k: per_round_hits_at_k(ranks, k, played) for k in settings.ks}
     latency = []
@@ -191,6 +201,8 @@ def summarise(records: Iterable[Mapping[str, Any]], settings: GenIREvalSettings)
                 "hits_at": {str(k): round(cumulative[k][t], 4) for k in settings.ks},
                 "per_round_hits_at": {str(k): round(per_round[k][t], 4) for k in settings.ks},
                 "latency_s": latency[t],
+                "played": sum(1 for per_target in ranks if len(per_target) > t),
+                "carried": carried[t],
             }
             for t in range(played)
         ],
@@ -198,35 +210,37 @@ def summarise(records: Iterable[Mapping[str, Any]], settings: GenIREvalSettings)
         "ks": list(settings.ks),
         "n_targets": len(ranks),
         "per_round_hits_at_k": [round(h, 4) for h in per_round[settings.stop_k]],
-        "mean_rank": [round(r, 2) for r in mean_best_rank(ranks, played, settings.rank_depth)],
+        "mean_rank": [round(r, 2) for r in mean_best_rank(ranks, played, settings.knobs.rank_depth)],
         "settings": settings.to_json(),
     }
     if settings.per_query_hybrid and records:
         visual = sum(1 for record in records if record.get("hybrid", {}).get("chosen") == "visual")
-        summary["hybrid"] = {"rule": settings.hybrid_rule, "visual_share": round(visual / len(records), 4)}
+        summary["hybrid"] = {"rule": settings.knobs.hybrid_rule, "visual_share": round(visual / len(records), 4)}
     return summary
 
 
 def hybrid_arms(settings: GenIREvalSettings, target_id: str) -> list[FeedbackKind]:
     """The feedback each of a target's dialogues plays: one arm, or both for the oracle (visual first)."""
+    knobs = settings.knobs
     if not settings.per_query_hybrid:
-        return [settings.feedback]
-    if settings.hybrid_rule == "oracle":
-        return ["visual", settings.hybrid_fallback]
+        return [knobs.feedback]
+    if knobs.hybrid_rule == "oracle":
+        return ["visual", knobs.hybrid_fallback]
     # Seeded by the run's seed and the target, so a resumed or repeated run makes the same choices.
-    draw = random.Random(f"{settings.seed}:{target_id}").random()
-    return ["visual" if draw < settings.hybrid_visual_fraction else settings.hybrid_fallback]
+    draw = random.Random(f"{knobs.seed}:{target_id}").random()
+    return ["visual" if draw < knobs.hybrid_visual_fraction else knobs.hybrid_fallback]
 
 
 def _oracle_pick(arms: Mapping[FeedbackKind, dict[str, Any]], settings: GenIREvalSettings) -> FeedbackKind:
-    """The arm that found its target first at the smallest K; ties go to the better best rank, then visual."""
+    """Visual only where its dialogue found the target at the smallest K strictly before the fallback's: a tie
+    (both at the same round, or neither) goes to the fallback, which needs no drawing (the paper's oracle)."""
 
-    def cost(arm: FeedbackKind) -> tuple[float, int]:
-        ranks = [r["target_rank"] for r in arms[arm]["rounds"]]
-        best = min((rank for rank in ranks if rank is not None), default=settings.rank_depth)
-        return _first_hit(ranks, settings.stop_k), best
+    def first_hit(arm: FeedbackKind) -> float:
+        return _first_hit([r["target_rank"] for r in arms[arm]["rounds"]], settings.stop_k)
 
-    return min(arms, key=cost)
+    return (
+        "visual" if first_hit("visual") < first_hit(settings.knobs.hybrid_fallback) else settings.knobs.hybrid_fallback
+    )
 
 
 def evaluate_targets(
@@ -240,21 +254,17 @@ def evaluate_targets(
 ) -> dict[str, dict[str, Any]]:
     """Search for every target not already in `dialogues.jsonl`, appending (fsynced) as each finishes.
 
-    The graph's own defaults (the drawing knobs and the simulated user among them) apply except for the
-    knobs `settings` fix here.
+    Each target runs with the evaluation's knobs (the graph's defaults), its feedback and stopping K set here.
     """
-    if settings.rank_depth < max(settings.ks):
-        raise ConfigError(f"rank_depth {settings.rank_depth} is below the largest K {max(settings.ks)}: raise it")
+    if settings.knobs.rank_depth < max(settings.ks):
+        raise ConfigError(f"rank_depth {settings.knobs.rank_depth} is below the largest K {max(settings.ks)}: raise it")
     artifacts = ArtifactStore(out_dir / "artifacts")
     dialogues = out_dir / DIALOGUES
     done = _finished(dialogues)
     pending = [t for t in targets if t.id not in done]
 
     def play(target: Target, feedback: FeedbackKind) -> dict[str, Any]:
-        context = GenIRContext(
-            user="simulated", target_id=target.id, target_path=str(target.path), feedback=feedback,
-            max_rounds=settings.rounds, k=settings.stop_k, rank_depth=settings.rank_depth,
-        )  # fmt: skip
+        context = GenIRContext(feedback=feedback, k=settings.stop_k, target_id=target.id, target_path=str(target.path))
         state = graph.invoke({}, version="v2", context=context).value
         return _dialogue_record(target, state, artifacts)
 
@@ -262,8 +272,9 @@ def evaluate_targets(
         arms = {arm: play(target, arm) for arm in hybrid_arms(settings, target.id)}
         if not settings.per_query_hybrid:
             return next(iter(arms.values()))
-        chosen = _oracle_pick(arms, settings) if settings.hybrid_rule == "oracle" else next(iter(arms))
-        hybrid: dict[str, Any] = {"rule": settings.hybrid_rule, "chosen": chosen}
+        rule = settings.knobs.hybrid_rule
+        chosen = _oracle_pick(arms, settings) if rule == "oracle" else next(iter(arms))
+        hybrid: dict[str, Any] = {"rule": rule, "chosen": chosen}
         if len(arms) > 1:
             hybrid["arms"] = {arm: [r["target_rank"] for r in record["rounds"]] for arm, record in arms.items()}
         return {**arms[chosen], "hybrid": hybrid}
@@ -278,7 +289,7 @@ def read_dialogues(out_dir: Path) -> dict[str, dict[str, Any]]:
     """The finished dialogues of an evaluation folder, by target id; none is an error saying what to run."""
     done = _finished(out_dir / DIALOGUES)
     if not done:
-        raise ImageloopError(f"{out_dir} holds no finished dialogues ({DIALOGUES}): run `imageloop eval genir` first")
+        raise ImageloopError(f"{out_dir} holds no finished dialogues ({DIALOGUES}): run the GenIR evaluation first")
     return done
 
 
@@ -290,7 +301,7 @@ def rescore_text(
     Each round's query is searched text→image; a dialogue that stopped early keeps its last rank for the
     rounds it did not play, as the image-query summary does.
     """
-    depth = max(settings.rank_depth, max(settings.ks))
+    depth = max(settings.knobs.rank_depth, max(settings.ks))
     rescored = []
     for record in records:
         queries = [r["query"] for r in record["rounds"]]

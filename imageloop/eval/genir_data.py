@@ -44,7 +44,7 @@ T = TypeVar("T")
 
 GENIR_BENCHMARKS = ("mscoco", "flickr30k", "ffhq", "clothing-adc")
 GENIR_SAMPLE_SEED = 42
-"""The seed GenIR's create_*_json.py scripts draw their 2,000 queries with; `--sample N` draws with it too."""
+"""The seed GenIR's create_*_json.py scripts draw their 2,000 queries with; ``sample` N` draws with it too."""
 # Karpathy's split names in dataset_flickr30k.json.
 FLICKR30K_SPLITS = ("train", "val", "test")
 
@@ -264,7 +264,7 @@ def sample(targets: Sequence[T], n: int | None, seed: int) -> list[T]:
     if n is None:
         return list(targets)
     if not 1 <= n <= len(targets):
-        raise ImageloopError(f"--sample {n}: expected 1 to {len(targets)} (the benchmark's size)")
+        raise ImageloopError(f"`sample` {n}: expected 1 to {len(targets)} (the benchmark's size)")
     picked = sorted(random.Random(seed).sample(range(len(targets)), n))
     return [targets[i] for i in picked]
 

@@ -2,8 +2,9 @@
 
 Prompts come from a text file (one per line; `CLASS<TAB>PROMPT` names the class whose real images
 DINO compares against) or from an ImageNet-style folder of classes, each read as "a photo of a
-<class>" (the class is the folder's name, or its name in a `LOC_synset_mapping.txt` beside the folders)
-with the folder's own images as that class's real images unless `--real-images` names another root.
+<class>" (its name in a `LOC_synset_mapping.txt` beside the folders, else the folder's name as
+`class_name` cleans CUB's and iNaturalist's) with the folder's own images as that class's real images
+unless `--real-images` names another root.
 
 The output folder holds `runs/<key>/` (one ImageRAG run directory per prompt, resumable), `results.jsonl`
 (one line per prompt: the run's outcome and every score of the draft and the final image),
@@ -20,6 +21,7 @@ import hashlib
 import html
 import os
 import random
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,16 +83,33 @@ def _class_names(folder: Path) -> dict[str, str]:
     return names
 
 
+_NUMBERED = re.compile(r"^\d+[._]")
+_INATURALIST = re.compile(r"^\d+(?:_[^_]+){5}_(?P<genus>[^_]+)_(?P<species>[^_]+)$")
+"""iNaturalist 2021: `00000_Animalia_Annelida_Clitellata_Haplotaxida_Lumbricidae_Lumbricus_terrestris`
+(number, kingdom, phylum, class, order, family, genus, species)."""
+
+
+def class_name(folder: str, synsets: Mapping[str, str]) -> str:
+    """A class folder's name as a prompt says it: ImageNet's synset name, iNaturalist's species ("Lumbricus
+    terrestris"), CUB's without its number ("001.Black_footed_Albatross": "Black footed Albatross")."""
+    if folder in synsets:
+        return synsets[folder]
+    species = _INATURALIST.match(folder)
+    if species:
+        return f"{species['genus']} {species['species']}"
+    return _NUMBERED.sub("", folder).replace("_", " ").strip()
+
+
 def load_prompts(spec: Path, real_images: Path | None = None) -> list[PromptCase]:
     """The prompts of a text file or a folder of classes (see the module docstring), in order, without repeats."""
     if spec.is_dir():
         names = _class_names(spec)
         folders = sorted(p for p in spec.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not folders:
-            raise ImageloopError(f"--prompts {spec}: no class folders in it")
+            raise ImageloopError(f"`prompts` {spec}: no class folders in it")
         cases = [
             _case(
-                CLASS_PROMPT.format(name=names.get(f.name, f.name.replace("_", " "))),
+                CLASS_PROMPT.format(name=class_name(f.name, names)),
                 f.name,
                 (real_images / f.name) if real_images is not None else f,
             )
@@ -109,10 +128,10 @@ def load_prompts(spec: Path, real_images: Path | None = None) -> list[PromptCase
             images = real_images / label_or_none if real_images is not None and label_or_none else None
             cases.append(_case(prompt.strip() if tab else line, label_or_none, images))
     else:
-        raise ImageloopError(f"--prompts {spec}: no such file or folder")
+        raise ImageloopError(f"`prompts` {spec}: no such file or folder")
     unique = list({case.key: case for case in cases}.values())
     if not unique:
-        raise ImageloopError(f"--prompts {spec}: no prompts in it")
+        raise ImageloopError(f"`prompts` {spec}: no prompts in it")
     return unique
 
 

@@ -99,7 +99,7 @@ def dino_encoder(spec: str, settings: Settings) -> Embedder:
     """The DINO backbone named `transformers:ID_OR_DIR`, on the settings' device and dtype."""
     provider, _, model = spec.partition(":")
     if provider.strip().lower() != "transformers" or not model.strip():
-        raise ConfigError(f"--eval-dino {spec!r}: expected transformers:MODEL (e.g. transformers:facebook/dinov2-base)")
+        raise ConfigError(f"`eval_dino` {spec!r}: expected transformers:MODEL (e.g. transformers:facebook/dinov2-base)")
     from imageloop.tools.embedders.local import ImageFeatureEncoder
 
     return ImageFeatureEncoder(model.strip(), device=settings.device, dtype=settings.dtype)

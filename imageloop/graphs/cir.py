@@ -22,13 +22,14 @@ retrieve ─checks left→ verify ─mismatch→ generate_proxy (proxy) or retri
   runs it; we normalise it, so S_proxy is a cosine like S_text. Fusion re-ranks the union of the
   text and proxy top `rerank_depth`, exactly (each candidate's stored vector is scored).
 - composed-query model (`cir_model`): a trained Combiner (`imageloop.training`, CLIP4CIR's, trained as
-  DAIG does) turns the reference image's vector and the change's text vector into one query vector;
+  DAIG does) turns the reference image's vector and the change's text vector into one query vector (an
+  SPRC model, a `PixelQueryModel`, reads the reference image and the change themselves);
   no description is written, so proxy and verify (which work on the description) are refused.
 - verify (ours, beyond the papers): a VLM compares the top hit with the reference and the change and
-  rewrites the description when the hit is wrong; `max_verifications` (in state) caps the checks.
+  rewrites the description when the hit is wrong; the `verify` knob caps the checks.
 
-The reference itself is never an answer (`exclude_reference`, on by default; benchmarks switch it off
-and follow their own protocol). `rank_depth` asks for a deeper ranking of ids (evaluation). State
+The reference itself is never an answer (the context's `exclude_reference`, on by default; benchmarks switch it
+off and follow their own protocol). The context's `rank_depth` asks for a deeper ranking of ids. State
 holds paths, ids and scores; the proxy image is an artifact id.
 """
 
@@ -37,9 +38,8 @@ from __future__ import annotations
 import operator
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from langgraph.graph import END, START, StateGraph
@@ -51,19 +51,23 @@ from typing_extensions import TypedDict
 from imageloop import limits
 from imageloop.agents.composer import EditComposer, ResultVerifier
 from imageloop.errors import ConfigError, ImageloopError, MalformedOutputError
-from imageloop.graphs.steps import Step, step
+from imageloop.graphs.steps import Publish, Step, kept, step
+from imageloop.knobs import CIRKnobs, KnobContext, run_context
 from imageloop.protocols import (
     Embedder,
     GenerationRequest,
     ImageGenerator,
+    PathResolver,
     ReferenceImage,
     RetrievedImage,
     Vector,
     VisionLanguageModel,
+    as_given,
 )
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tools.images import content_id, open_image
 from imageloop.tools.indexing.indexer import sidecar_caption
+from imageloop.tracing import traced_generator, traced_vlm
 
 Captioner = Callable[[Path], str]
 
@@ -90,6 +94,14 @@ class ComposedQueryModel(Protocol):
     def embed_query(self, reference_image_vector: Vector, text_vector: Vector) -> Vector: ...
 
 
+@runtime_checkable
+class PixelQueryModel(ComposedQueryModel, Protocol):
+    """A composed-query model that reads the reference image and the change themselves (SPRC's Q-Former fuses the
+    reference's patch features with the change's tokens), rather than two stored vectors."""
+
+    def embed_composed(self, reference: Path, change: str) -> Vector: ...
+
+
 QueryModels = Callable[[str], ComposedQueryModel]
 """Loads the composed-query model of a folder (cached by the caller)."""
 
@@ -111,56 +123,13 @@ class Attempt(TypedDict):
     matches: bool | None
 
 
-class CIRKnobs(TypedDict):
-    """The per-run knobs, as state holds them once `prepare` resolved them."""
-
-    k: int
-    proxy: bool
-    fusion_lambda: float
-    rerank_depth: int
-    max_verifications: int
-    exclude_reference: bool
-    cir_model: str | None
-    rank_depth: int | None
-    seed: int | None
-    size: tuple[int, int] | None
-    steps_per_image: int | None
-
-
-KNOB_DEFAULTS = CIRKnobs(
-    k=int(limits.default("k") or 10),
-    proxy=False,
-    fusion_lambda=float(limits.default("fusion_lambda") or 0.65),
-    rerank_depth=int(limits.default("rerank_depth") or 100),
-    max_verifications=int(limits.default("verify") or 0),
-    exclude_reference=True,
-    cir_model=None,
-    rank_depth=None,
-    seed=0,
-    size=None,
-    steps_per_image=None,
+CIRContext = run_context(
+    CIRKnobs,
+    "CIRContext",
+    rank_depth=(int | None, "an evaluation: also rank this many ids (the whole gallery)"),
+    exclude_reference=(bool | None, "never return the reference image (default true; benchmarks keep it)"),
 )
-
-
-@dataclass(kw_only=True)
-class CIRContext:
-    """Per-run knobs (LangGraph run context); a field left None takes the graph's defaults."""
-
-    k: int | None = field(default=None, metadata={"description": "results to return"})
-    proxy: bool | None = field(default=None, metadata={"description": "draw the edited scene and fuse its scores"})
-    fusion_lambda: float | None = field(
-        default=None, metadata={"description": "λ in S = λ·S_text + (1−λ)·S_text·S_proxy"}
-    )
-    rerank_depth: int | None = field(default=None, metadata={"description": "proxy: candidates re-ranked"})
-    max_verifications: int | None = field(
-        default=None, metadata={"description": "times a VLM may check the top hit and rewrite (0: off)"}
-    )
-    exclude_reference: bool | None = field(default=None, metadata={"description": "never return the reference"})
-    cir_model: str | None = field(default=None, metadata={"description": "a trained composed-query model folder"})
-    rank_depth: int | None = field(default=None, metadata={"description": "also rank this many ids (evaluation)"})
-    seed: int | None = field(default=None, metadata={"description": "generator seed (proxy)"})
-    size: tuple[int, int] | None = field(default=None, metadata={"description": "[width, height] of the proxy"})
-    steps: int | None = field(default=None, metadata={"description": "denoising steps (proxy)"})
+"""Per-run knobs (each unset one takes the graph's defaults, the settings') and, for an evaluation, its ranking."""
 
 
 class CIRInput(TypedDict):
@@ -173,6 +142,7 @@ class CIRInput(TypedDict):
 class CIROutput(TypedDict, total=False):
     """The edited description, the ranked results and how the run went."""
 
+    knobs: CIRKnobs
     reference: str
     change: str
     reference_description: str | None
@@ -187,9 +157,12 @@ class CIROutput(TypedDict, total=False):
     steps: list[Step]
 
 
-class CIRState(CIRKnobs, total=False):
+class CIRState(TypedDict, total=False):
     """The resolved knobs, the query and what the run found."""
 
+    knobs: CIRKnobs
+    rank_depth: int | None
+    exclude_reference: bool
     reference: str
     change: str
     reference_id: str
@@ -218,27 +191,6 @@ FRESH_RUN: dict[str, Any] = {
     "attempts": [],
     "stop_reason": None,
 }
-_BOUND_OF = {"max_verifications": "verify"}
-
-
-def resolve_knobs(defaults: CIRKnobs, context: CIRContext | None) -> CIRKnobs:
-    """The run's knobs: the context's where given, else `defaults`; each checked against `imageloop.limits`."""
-    knobs = CIRKnobs(**defaults)
-    for f in fields(CIRContext) if context else ():
-        value = getattr(context, f.name)
-        if value is None:
-            continue
-        if f.name == "size":
-            knobs["size"] = limits.check_size((int(value[0]), int(value[1])))
-        elif f.name == "steps":
-            limits.check("steps", value)
-            knobs["steps_per_image"] = int(value)
-        else:
-            bound = _BOUND_OF.get(f.name, f.name)
-            if bound in limits.BOUNDS:
-                limits.check(bound, value)
-            knobs[f.name] = value  # type: ignore[literal-required]
-    return knobs
 
 
 def fuse_scores(text: Vector, proxy: Vector, fusion_lambda: float) -> Vector:
@@ -271,17 +223,17 @@ def robust_proxy_query(proxy: Vector, reference: Vector, direction: Vector) -> V
 
 def route_after_prepare(state: CIRState) -> Literal["retrieve", "describe_reference"]:
     """A composed-query model embeds the query itself; otherwise the reference is described first."""
-    return "retrieve" if state["cir_model"] else "describe_reference"
+    return "retrieve" if state["knobs"].cir_model else "describe_reference"
 
 
 def route_to_retrieval(state: CIRState) -> Literal["generate_proxy", "retrieve"]:
     """With a proxy, the edited description is drawn before each retrieval."""
-    return "generate_proxy" if state["proxy"] else "retrieve"
+    return "generate_proxy" if state["knobs"].proxy else "retrieve"
 
 
 def route_after_retrieve(state: CIRState) -> Literal["verify", "finish"]:
     """Check the top hit while checks are left."""
-    return "verify" if state["results"] and state["verification"] < state["max_verifications"] else "finish"
+    return "verify" if state["results"] and state["verification"] < state["knobs"].verify else "finish"
 
 
 def route_after_verify(state: CIRState) -> Literal["generate_proxy", "retrieve", "finish"]:
@@ -301,44 +253,56 @@ class _Nodes:
         artifacts: ArtifactStore,
         query_models: QueryModels | None,
         defaults: CIRKnobs | Callable[[], CIRKnobs],
+        paths: PathResolver,
+        publish: Publish = kept,
     ) -> None:
+        self.publish = publish
+        # Every model call becomes a run in the graph's trace (LangSmith, callback handlers).
+        llm = traced_vlm(llm)
         self.composer = EditComposer(llm)
         self.verifier = ResultVerifier(llm)
         self.captioner = captioner
-        self.generator = generator
+        self.generator = traced_generator(generator) if generator is not None else None
         self.retriever = retriever
         self.artifacts = artifacts
         self.query_models = query_models
         self._defaults = defaults
+        self.paths = paths
 
-    def prepare(self, state: CIRState, runtime: Runtime[CIRContext]) -> dict[str, Any]:
+    def prepare(self, state: CIRState, runtime: Runtime[KnobContext]) -> dict[str, Any]:
         """Resolve and check the knobs against what this index and these backends can do; reset the run."""
         started = time.perf_counter()
         defaults = self._defaults() if callable(self._defaults) else self._defaults
-        knobs = resolve_knobs(defaults, runtime.context)
-        reference = Path(str(state.get("reference") or ""))
+        knobs = defaults.overridden(runtime.context)
+        rank_depth = getattr(runtime.context, "rank_depth", None)
+        exclude_reference = getattr(runtime.context, "exclude_reference", None)
+        if rank_depth is not None:
+            limits.check("rank_depth", rank_depth)
+        reference = self.paths(str(state.get("reference") or ""), "reference")
         if not reference.is_file():
             raise ImageloopError(f"reference image {reference} does not exist")
         change = limits.check_text("change", str(state.get("change") or ""))
         embedder = self.retriever.embedder
-        if knobs["cir_model"]:
-            if knobs["proxy"] or knobs["max_verifications"]:
-                raise ConfigError("a composed-query model writes no description: proxy and verify need one")
+        if knobs.cir_model:
+            if knobs.proxy or knobs.verify:
+                raise ConfigError("a composed-query model writes no description: `proxy` and `verify` need one")
             if self.query_models is None:
                 raise ConfigError("this graph was built without a way to load composed-query models")
-            self.query_models(knobs["cir_model"]).require_embedder(embedder.model_id)
-        if (knobs["cir_model"] or knobs["proxy"]) and (self.retriever.route != "image" or not embedder.embeds_images):
-            what = "a composed-query model" if knobs["cir_model"] else "the proxy image"
+            self.query_models(knobs.cir_model).require_embedder(embedder.model_id)
+        if (knobs.cir_model or knobs.proxy) and (self.retriever.route != "image" or not embedder.embeds_images):
+            what = "a composed-query model" if knobs.cir_model else "the proxy image"
             raise ConfigError(f"{what} searches image embeddings: use an index built with an image embedder")
-        if knobs["proxy"] and self.generator is None:
-            raise ConfigError("the proxy image is drawn: configure a generator")
-        decision = "composed-query model" if knobs["cir_model"] else "describe, compose" + (", proxy" * knobs["proxy"])
-        record = step("prepare", 0, decision, started, k=knobs["k"], max_verifications=knobs["max_verifications"])
+        if knobs.proxy and self.generator is None:
+            raise ConfigError("the proxy image is drawn: configure a `generator`")
+        decision = "composed-query model" if knobs.cir_model else "describe, compose" + (", proxy" * knobs.proxy)
+        record = step("prepare", 0, decision, started, knobs=knobs.record())
         return {
             "reference": str(reference),
             "change": change,
             "reference_id": content_id(reference),
-            **knobs,
+            "knobs": knobs,
+            "rank_depth": rank_depth,
+            "exclude_reference": exclude_reference is not False,
             **FRESH_RUN,
             "steps": Overwrite([record]),
         }
@@ -347,7 +311,7 @@ class _Nodes:
         """The reference's sidecar caption, else the captioner's."""
         started = time.perf_counter()
         reference = Path(state["reference"])
-        sidecar = sidecar_caption(reference)
+        sidecar = sidecar_caption(reference, reference.parent)
         description = sidecar if sidecar else self.captioner(reference)
         how = "read the sidecar caption" if sidecar else "captioned the reference"
         record = step("describe_reference", 0, how, started, description=description)
@@ -374,9 +338,9 @@ class _Nodes:
         request = GenerationRequest(
             prompt=str(state["edited_description"]),
             references=references,
-            seed=state["seed"],
-            size=state["size"],
-            steps=state["steps_per_image"],
+            seed=state["knobs"].seed,
+            size=state["knobs"].size,
+            steps=state["knobs"].steps,
         )
         artifact = self.artifacts.put(self.generator.generate(request).image)
         record = step(
@@ -396,23 +360,28 @@ class _Nodes:
         """Rank the index by the composed vector, the edited description, or both fused with the proxy."""
         started = time.perf_counter()
         excluded = state["reference_id"] if state["exclude_reference"] else None
-        depth = max(state["k"], state["rank_depth"] or 0) + (1 if excluded else 0)
+        knobs = state["knobs"]
+        depth = max(knobs.k, state["rank_depth"] or 0) + (1 if excluded else 0)
         embedder = self.retriever.embedder
-        if state["cir_model"]:
+        if knobs.cir_model:
             assert self.query_models is not None  # prepare checked it
-            text = embedder.embed_texts([state["change"]])[0]
-            query = self.query_models(state["cir_model"]).embed_query(self._reference_vector(state), text)
+            model = self.query_models(knobs.cir_model)
+            if isinstance(model, PixelQueryModel):
+                query = model.embed_composed(Path(state["reference"]), state["change"])
+            else:
+                text = embedder.embed_texts([state["change"]])[0]
+                query = model.embed_query(self._reference_vector(state), text)
             ranked = [(hit, float(hit.score)) for hit in self.retriever.search_vector(query, depth)]
             how = "composed-query model"
-        elif not state["proxy"]:
+        elif not knobs.proxy:
             query = embedder.embed_texts([str(state["edited_description"])])[0]
             ranked = [(hit, float(hit.score)) for hit in self.retriever.search_vector(query, depth)]
             how = "text→image with the edited description"
         else:
-            ranked = self._fused(state, max(depth, state["rerank_depth"]))
-            how = f"text and proxy fused (λ={state['fusion_lambda']:g})"
+            ranked = self._fused(state, max(depth, knobs.rerank_depth))
+            how = f"text and proxy fused (λ={knobs.fusion_lambda:g})"
         ranked = [(hit, score) for hit, score in ranked if hit.id != excluded]
-        results = [Result(id=hit.id, path=str(hit.path), score=round(score, 6)) for hit, score in ranked[: state["k"]]]
+        results = [Result(id=hit.id, path=str(hit.path), score=round(score, 6)) for hit, score in ranked[: knobs.k]]
         ranking = [hit.id for hit, _ in ranked[: state["rank_depth"]]] if state["rank_depth"] else []
         attempt = Attempt(
             description=state["edited_description"],
@@ -447,7 +416,7 @@ class _Nodes:
         if not ids:
             return []
         vectors = np.stack([stored[i] for i in ids]).astype(np.float32)
-        fused = fuse_scores(vectors @ edited, vectors @ proxy_query, state["fusion_lambda"])
+        fused = fuse_scores(vectors @ edited, vectors @ proxy_query, state["knobs"].fusion_lambda)
         order = np.argsort(-fused, kind="stable")
         return [(candidates[ids[i]], float(fused[i])) for i in order]
 
@@ -480,13 +449,20 @@ class _Nodes:
         """Say why the run stopped."""
         started = time.perf_counter()
         reason = state.get("stop_reason") or (
-            "max_verifications" if state["max_verifications"] and not state.get("verified") else "retrieved"
+            "max_verifications" if state["knobs"].verify and not state.get("verified") else "retrieved"
         )
         record = step("finish", state["verification"], f"stop: {reason}", started, results=len(state["results"]))
-        return {"stop_reason": reason, "steps": [record]}
+        update: dict[str, Any] = {"stop_reason": reason, "steps": [record]}
+        if self.publish is not kept:  # the answer as its reader names images: the proxy drawn by its file
+            proxy = self.artifacts.file(state.get("proxy_image"))
+            update |= self.publish(
+                {"results": state["results"], "proxy_image": proxy, "steps": [*state["steps"], record]}
+            )
+            update["steps"] = Overwrite(update["steps"])
+        return update
 
 
-CIRGraph = CompiledStateGraph[CIRState, CIRContext, CIRInput, CIROutput]
+CIRGraph = CompiledStateGraph[CIRState, KnobContext, CIRInput, CIROutput]
 
 
 def build_cir_graph(
@@ -498,16 +474,21 @@ def build_cir_graph(
     checkpointer: Checkpointer = None,
     *,
     query_models: QueryModels | None = None,
-    defaults: CIRKnobs | Callable[[], CIRKnobs] = KNOB_DEFAULTS,
-    context_schema: type[CIRContext] = CIRContext,
+    defaults: CIRKnobs | Callable[[], CIRKnobs] | None = None,
+    context_schema: type[KnobContext] = CIRContext,
+    paths: PathResolver = as_given,
+    publish: Publish = kept,
 ) -> CIRGraph:
     """Wire the CIR loop: `llm` composes and verifies, `captioner` describes a reference without a sidecar.
 
     `generator` may be None when no run asks for a proxy; `query_models` loads a run's `cir_model`.
     `defaults` (or a function returning them, read when a run starts) are the knobs a run's context
-    leaves unset.
+    leaves unset; `paths` resolves the reference (a face confines it to its roots); `publish` names the images
+    of the answer (see `Publish`).
     """
-    nodes = _Nodes(llm, captioner, generator, retriever, artifacts, query_models, defaults)
+    nodes = _Nodes(
+        llm, captioner, generator, retriever, artifacts, query_models, defaults or CIRKnobs(), paths, publish
+    )
     graph = StateGraph(CIRState, context_schema=context_schema, input_schema=CIRInput, output_schema=CIROutput)
     graph.add_node("prepare", nodes.prepare)
     graph.add_node("describe_reference", nodes.describe_reference)

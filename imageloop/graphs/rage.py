@@ -20,7 +20,8 @@ taking fewer references than picked keeps the first ones and the image's notes n
 checks alignment; `max_generations` caps the images drawn, in state. Each regeneration draws with the
 next seed. Images never enter state: they are artifact ids.
 
-A run is asked `RAGEInput` (the prompt) with per-run knobs in the run context (`RAGEContext`), answers
+A run is asked `RAGEInput` (the prompt) with per-run knobs and a metadata filter (`where`) in the run
+context (`RAGEContext`), answers
 `RAGEOutput`, and `prepare` resets every per-run field, so a reused thread starts clean.
 """
 
@@ -29,9 +30,9 @@ from __future__ import annotations
 import operator
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol, cast
+from typing import Annotated, Any, Literal, Protocol
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
@@ -41,23 +42,20 @@ from typing_extensions import TypedDict
 
 from imageloop import limits
 from imageloop.agents.critic import Critic
-from imageloop.config import REVIEW_KINDS, ReviewKind
 from imageloop.errors import ConfigError, ImageloopError, MalformedOutputError
 from imageloop.graphs.imagerag import GeneratedImage, best_image
-from imageloop.graphs.knobs import resolve_knobs as resolve_context
-from imageloop.graphs.steps import Step, step
+from imageloop.graphs.picks import find_shown, listed
+from imageloop.graphs.steps import Publish, Step, kept, step
+from imageloop.knobs import KnobContext, RAGEKnobs, run_context
+from imageloop.prompts.questions import RAGE_REVIEW_ASK, RAGE_SELECT_ASK
 from imageloop.protocols import GenerationRequest, ImageGenerator, ReferenceImage, RetrievedImage, VisionLanguageModel
 from imageloop.tools.artifacts import ArtifactStore
 from imageloop.tools.generators.references import keep_references
 from imageloop.tools.stores.metadata_filter import parse_where
+from imageloop.tracing import traced_generator, traced_retriever, traced_vlm
 
 ReviewAction = Literal["accept", "regenerate", "reselect"]
 REVIEW_ACTIONS: tuple[ReviewAction, ...] = ("accept", "regenerate", "reselect")
-SELECT_ASK = (
-    "Pick the images to generate with, in the order they should be used: positions as shown (1, 2, ...), ids "
-    "(or unique prefixes) or file names. Pick nothing and give a new prompt to search again, or pick nothing to stop."
-)
-REVIEW_ASK = "accept this image, regenerate it (optionally with a new prompt), or reselect the references"
 CRITIC_CONCEPTS = 3
 """Missing concepts the critic names per judged image (recorded; RAGE keeps the prompt verbatim)."""
 
@@ -92,56 +90,17 @@ class RAGEImage(GeneratedImage):
     review: str | None
 
 
-class RAGEKnobs(TypedDict):
-    """The per-run knobs, as state holds them once `prepare` resolved them."""
-
-    k: int
-    similarity_threshold: float | None
-    where: dict[str, Any] | None
-    auto_select: int
-    review: ReviewKind
-    max_generations: int
-    seed: int | None
-    size: tuple[int, int] | None
-    steps_per_image: int | None
-
-
-KNOB_DEFAULTS = RAGEKnobs(
-    k=int(limits.BOUNDS["k"].default or 10),
-    similarity_threshold=None,
-    where=None,
-    auto_select=0,
-    review="none",
-    max_generations=int(limits.BOUNDS["max_generations"].default or 3),
-    seed=0,
-    size=None,
-    steps_per_image=None,
+RAGEContext = run_context(
+    RAGEKnobs,
+    "RAGEContext",
+    where=(dict[str, Any] | None, 'a metadata filter on the catalogue, e.g. {"tags": "sneaker"} or {"folder": "bags"}'),
 )
-
-
-@dataclass(kw_only=True)
-class RAGEContext:
-    """Per-run knobs (LangGraph run context); a field left None takes the graph's defaults."""
-
-    k: int | None = field(default=None, metadata={"description": "candidates retrieved and shown"})
-    similarity_threshold: float | None = field(
-        default=None, metadata={"description": "drop candidates whose cosine is below this (-1 keeps all)"}
-    )
-    where: dict[str, Any] | None = field(
-        default=None, metadata={"description": 'metadata filter, e.g. {"tags": "sneaker"} or {"folder": "bags"}'}
-    )
-    auto_select: int | None = field(
-        default=None, metadata={"description": "pick the top N candidates without a person (0: a person picks)"}
-    )
-    review: ReviewKind | None = field(default=None, metadata={"description": "none, person or critic (a VLM)"})
-    max_generations: int | None = field(default=None, metadata={"description": "images drawn at most"})
-    seed: int | None = field(default=None, metadata={"description": "generator seed (regenerations take the next)"})
-    size: tuple[int, int] | None = field(default=None, metadata={"description": "[width, height] of the images"})
-    steps: int | None = field(default=None, metadata={"description": "denoising steps (diffusion backends)"})
+"""Per-run knobs (each unset one takes the graph's defaults, the settings') and the catalogue's filter."""
 
 
 class RAGEInput(TypedDict):
-    """What a run is asked: the prompt, which is also the retrieval query (knobs come through the context)."""
+    """What a run is asked: the prompt, which is also the retrieval query (knobs and a filter come through the
+    context)."""
 
     prompt: str
 
@@ -149,6 +108,7 @@ class RAGEInput(TypedDict):
 class RAGEOutput(TypedDict, total=False):
     """What a run answers: the candidates, the picks, every image drawn, the final one and why it stopped."""
 
+    knobs: RAGEKnobs
     prompt: str
     candidates: list[Candidate]
     selected: list[Candidate]
@@ -158,10 +118,12 @@ class RAGEOutput(TypedDict, total=False):
     steps: list[Step]
 
 
-class RAGEState(RAGEKnobs, total=False):
+class RAGEState(TypedDict, total=False):
     """The prompt, the resolved knobs and everything decided so far."""
 
+    knobs: RAGEKnobs
     prompt: str
+    where: dict[str, Any] | None
     candidates: list[Candidate]
     selected: list[Candidate]
     images: list[RAGEImage]
@@ -183,20 +145,14 @@ FRESH_RUN: dict[str, Any] = {
 }
 
 
-CHOICES: dict[str, tuple[object, ...]] = {"review": REVIEW_KINDS}
-
-
-def resolve_knobs(defaults: RAGEKnobs, context: RAGEContext | None) -> RAGEKnobs:
-    """The run's knobs: the context's where given, else `defaults`; each checked against `imageloop.limits`,
-    and the metadata filter against what every store can filter on."""
-    knobs = cast(RAGEKnobs, resolve_context(defaults, context, CHOICES))
-    where = knobs["where"]
-    if where is not None:
-        if not isinstance(where, Mapping):
-            raise ConfigError(f"where {where!r}: expected a mapping of metadata keys to values")
-        parse_where(where)
-        knobs["where"] = dict(where) or None
-    return knobs
+def check_where(where: Any) -> dict[str, Any] | None:
+    """A metadata filter as every store can apply it (None or empty: no filter)."""
+    if where is None:
+        return None
+    if not isinstance(where, Mapping):
+        raise ConfigError(f"where {where!r}: expected a mapping of metadata keys to values")
+    parse_where(where)
+    return dict(where) or None
 
 
 # Picks and review answers: one rule for the graph and for every face.
@@ -262,19 +218,11 @@ def resolve_picks(items: Any, candidates: Sequence[Candidate]) -> list[Candidate
 def _resolve_pick(item: str, candidates: Sequence[Candidate]) -> Candidate:
     if not candidates:
         raise SelectionError("nothing was retrieved, so there is nothing to pick: give a new prompt to search again")
-    if item.isascii() and item.isdigit():  # str.isdigit also holds for '²', which int() refuses
-        if 1 <= int(item) <= len(candidates):
-            return candidates[int(item) - 1]
-        reason = f"is not a position shown (1..{len(candidates)})"
-    else:
-        matches = [c for c in candidates if item in (Path(c["path"]).name, Path(c["path"]).stem)]
-        if not matches:
-            matches = [c for c in candidates if c["id"].startswith(item.lower())]
-        if len({c["id"] for c in matches}) == 1:
-            return matches[0]
-        reason = "matches several candidates" if matches else "is not a candidate shown"
-    valid = ", ".join(f"{c['position']} {Path(c['path']).name}" for c in candidates)
-    raise SelectionError(f"pick {item!r} {reason}: pick by position, id (or a unique prefix) or file name: {valid}")
+    found = find_shown(item, candidates, "a candidate", "candidates")
+    if isinstance(found, str):
+        how = "pick by position, id (or a unique prefix) or file name"
+        raise SelectionError(f"pick {item!r} {found}: {how}: {listed(candidates)}")
+    return found
 
 
 def resolve_selection(answer: Any, candidates: Sequence[Candidate]) -> Selection:
@@ -329,9 +277,9 @@ def route_after_select(state: RAGEState) -> Literal["generate", "retrieve", "fin
 
 def route_after_generate(state: RAGEState) -> Literal["review", "finish"]:
     """Review unless there is no review, nothing was drawn, or a person could not ask for another image."""
-    if state.get("stop_reason") or state["review"] == "none":
+    if state.get("stop_reason") or state["knobs"].review == "none":
         return "finish"
-    if state["review"] == "person" and state["generation"] >= state["max_generations"]:
+    if state["knobs"].review == "person" and state["generation"] >= state["knobs"].max_generations:
         return "finish"
     return "review"
 
@@ -339,7 +287,7 @@ def route_after_generate(state: RAGEState) -> Literal["review", "finish"]:
 def route_after_review(state: RAGEState) -> Literal["generate", "select", "finish"]:
     """Accepted, aligned, undecidable or capped: stop; else regenerate or pick again."""
     action = state.get("review_action")
-    if action in (None, "accept") or state["generation"] >= state["max_generations"]:
+    if action in (None, "accept") or state["generation"] >= state["knobs"].max_generations:
         return "finish"
     return "select" if action == "reselect" else "generate"
 
@@ -348,10 +296,10 @@ def stop_reason(state: RAGEState) -> str:
     """Why the run stopped, for `finish`: a reason already recorded, else what the review decided."""
     if state.get("stop_reason"):
         return str(state["stop_reason"])
-    if state["review"] == "none":
+    if state["knobs"].review == "none":
         return "generated"
     if state.get("review_action") == "accept":
-        return "accepted" if state["review"] == "person" else "aligned"
+        return "accepted" if state["knobs"].review == "person" else "aligned"
     return "max_generations"
 
 
@@ -373,36 +321,41 @@ class _Nodes:
         artifacts: ArtifactStore,
         defaults: RAGEKnobs | Callable[[], RAGEKnobs],
         on_finish: Callable[[RAGEState], None] | None,
+        publish: Publish = kept,
     ) -> None:
         self._defaults = defaults
-        self.vlm = vlm
-        self.generator = generator
-        self.retriever = retriever
+        # Every model call and search becomes a run in the graph's trace (LangSmith, callback handlers).
+        self.vlm = traced_vlm(vlm) if vlm is not None else None
+        self.generator = traced_generator(generator)
+        self.retriever = traced_retriever(retriever)
         self.artifacts = artifacts
         self.on_finish = on_finish
+        self.publish = publish
 
-    def prepare(self, state: RAGEState, runtime: Runtime[RAGEContext]) -> dict[str, Any]:
-        """Check the prompt, resolve the knobs and reset every per-run field (a reused thread starts clean)."""
+    def prepare(self, state: RAGEState, runtime: Runtime[KnobContext]) -> dict[str, Any]:
+        """Check the prompt and filter, resolve the knobs, reset every per-run field (a reused thread starts clean)."""
         started = time.perf_counter()
         prompt = limits.check_text("prompt", str(state.get("prompt") or ""))
+        where = check_where(getattr(runtime.context, "where", None))
         defaults = self._defaults() if callable(self._defaults) else self._defaults
-        knobs = resolve_knobs(defaults, runtime.context)
-        if knobs["review"] == "critic" and self.vlm is None:
-            raise ConfigError("a critic review asks a VLM: configure one (--vlm) or review none or person")
-        who = f"top {knobs['auto_select']} picked automatically" if knobs["auto_select"] else "a person picks"
-        record = step("prepare", 0, f"{who}; review {knobs['review']}", started, **knobs)
-        return {"prompt": prompt, **knobs, **FRESH_RUN, "steps": Overwrite([record])}
+        knobs = defaults.overridden(runtime.context)
+        if knobs.review == "critic" and self.vlm is None:
+            raise ConfigError("a critic review asks a VLM: configure a `vlm`, or review none or person")
+        who = f"top {knobs.auto_select} picked automatically" if knobs.auto_select else "a person picks"
+        record = step("prepare", 0, f"{who}; review {knobs.review}", started, where=where, knobs=knobs.record())
+        return {"prompt": prompt, "where": where, "knobs": knobs, **FRESH_RUN, "steps": Overwrite([record])}
 
     def retrieve(self, state: RAGEState) -> dict[str, Any]:
         """Search the catalogue with the prompt, within the filter, keeping hits at or above the threshold."""
         started = time.perf_counter()
-        found = self.retriever.search(state["prompt"], state["k"], state["similarity_threshold"], state["where"])
+        knobs = state["knobs"]
+        found = self.retriever.search(state["prompt"], knobs.k, knobs.similarity_threshold, state["where"])
         candidates = _candidate_list(found)
         decision = f"{len(candidates)} candidate(s) for the prompt"
         if state["where"]:
             decision += f" within {state['where']}"
-        if state["similarity_threshold"] is not None:
-            decision += f" at similarity >= {state['similarity_threshold']}"
+        if knobs.similarity_threshold is not None:
+            decision += f" at similarity >= {knobs.similarity_threshold}"
         record = step(
             "retrieve", state["generation"], decision, started,
             query=state["prompt"], scores=[c["score"] for c in candidates],
@@ -414,8 +367,8 @@ class _Nodes:
         started = time.perf_counter()
         candidates = state["candidates"]
         iteration = state["generation"]
-        if state["auto_select"]:
-            picked = candidates[: state["auto_select"]]
+        if state["knobs"].auto_select:
+            picked = candidates[: state["knobs"].auto_select]
             if not picked:
                 record = step("select", iteration, "no candidate to pick automatically", started)
                 return {"selected": [], "stop_reason": "no_candidates", "steps": [record]}
@@ -423,15 +376,15 @@ class _Nodes:
             record = step("select", iteration, decision, started, selected=[c["id"] for c in picked])
             return {"selected": picked, "review_action": None, "steps": [record]}
         request: dict[str, Any] = {
-            "kind": "select", "prompt": state["prompt"], "candidates": candidates, "ask": SELECT_ASK,
+            "kind": "select", "prompt": state["prompt"], "candidates": candidates, "ask": RAGE_SELECT_ASK,
         }  # fmt: skip
         while True:
-            answer = interrupt(request)
+            answer = interrupt(self.publish(request))
             try:
                 selection = resolve_selection(answer, candidates)
                 break
             except ImageloopError as e:
-                request = {**request, "ask": f"{e}. {SELECT_ASK}"}
+                request = {**request, "ask": f"{e}. {RAGE_SELECT_ASK}"}
         prompt = selection.prompt or state["prompt"]
         if selection.picks:
             decision = f"a person picked {len(selection.picks)}" + (" with a new prompt" if selection.prompt else "")
@@ -454,7 +407,7 @@ class _Nodes:
             decision = "every picked file is gone from the catalogue: nothing to generate with"
             record = step("generate", generation, decision, started, notes=notes)
             return {"stop_reason": "picked_files_missing", "steps": [record]}
-        seed = None if state["seed"] is None else (state["seed"] + generation - 1) % 2**32
+        seed = (state["knobs"].seed + generation - 1) % 2**32
         request = GenerationRequest(
             prompt=state["prompt"],
             references=tuple(
@@ -462,8 +415,8 @@ class _Nodes:
                 for c in present
             ),
             seed=seed,
-            size=state["size"],
-            steps=state["steps_per_image"],
+            size=state["knobs"].size,
+            steps=state["knobs"].steps,
             template="verbatim",
         )
         kept, dropped = keep_references(request, self.generator.max_references, self.generator.model_id)
@@ -495,7 +448,7 @@ class _Nodes:
         latest = state["images"][-1]
         path = self.artifacts.path(latest["artifact"])
         generation = state["generation"]
-        if state["review"] == "critic":
+        if state["knobs"].review == "critic":
             assert self.vlm is not None  # prepare refuses a critic review without a VLM
             try:
                 verdict = Critic(self.vlm).judge(state["prompt"], path, CRITIC_CONCEPTS)
@@ -506,7 +459,7 @@ class _Nodes:
             judged = RAGEImage(
                 **{**latest, "aligned": verdict.aligned, "missing": len(verdict.missing_concepts), "review": said}
             )
-            capped = not verdict.aligned and generation >= state["max_generations"]
+            capped = not verdict.aligned and generation >= state["knobs"].max_generations
             decision = ("aligned with the prompt" if verdict.aligned else f"not aligned: {judged['review']}") + (
                 "; generation cap reached" if capped else ""
             )
@@ -524,16 +477,16 @@ class _Nodes:
             "prompt": state["prompt"],
             "selected": state["selected"],
             "choices": list(REVIEW_ACTIONS),
-            "generations_left": state["max_generations"] - generation,
-            "ask": f"{REVIEW_ASK.capitalize()}.",
+            "generations_left": state["knobs"].max_generations - generation,
+            "ask": f"{RAGE_REVIEW_ASK.capitalize()}.",
         }
         while True:
-            answer = interrupt(request)
+            answer = interrupt(self.publish(request))
             try:
                 verdict_answer = resolve_review(answer)
                 break
             except ImageloopError as e:
-                request = {**request, "ask": f"{e}: {REVIEW_ASK}."}
+                request = {**request, "ask": f"{e}: {RAGE_REVIEW_ASK}."}
         reviewed = RAGEImage(**{**latest, "review": verdict_answer.action})
         decision = f"a person chose {verdict_answer.action}" + (" with a new prompt" if verdict_answer.prompt else "")
         record = step("review", generation, decision, started, action=verdict_answer.action)
@@ -551,7 +504,7 @@ class _Nodes:
         started = time.perf_counter()
         images = state["images"]
         chosen: GeneratedImage | None = (
-            best_image(images) if state["review"] == "critic" else (images[-1] if images else None)
+            best_image(images) if state["knobs"].review == "critic" else (images[-1] if images else None)
         )
         final = chosen["artifact"] if chosen else None
         reason = stop_reason(state)
@@ -560,10 +513,17 @@ class _Nodes:
         if self.on_finish is not None:
             final_state = {**state, "final_image": final, "stop_reason": reason, "steps": [*state["steps"], record]}
             self.on_finish(RAGEState(**final_state))  # type: ignore[typeddict-item]
-        return {"final_image": final, "stop_reason": reason, "steps": [record]}
+        update: dict[str, Any] = {"final_image": final, "stop_reason": reason, "steps": [record]}
+        if self.publish is not kept:  # the answer as its reader names images: each drawing by its file
+            drawn = [{**image, "artifact": self.artifacts.file(image["artifact"])} for image in images]
+            named = {"final_image": self.artifacts.file(final), "images": drawn}
+            listed = {"candidates": state["candidates"], "selected": state["selected"]}
+            update |= self.publish({**named, **listed, "steps": [*state["steps"], record]})
+            update["steps"] = Overwrite(update["steps"])
+        return update
 
 
-RAGEGraph = CompiledStateGraph[RAGEState, RAGEContext, RAGEInput, RAGEOutput]
+RAGEGraph = CompiledStateGraph[RAGEState, KnobContext, RAGEInput, RAGEOutput]
 
 
 def build_rage_graph(
@@ -573,17 +533,19 @@ def build_rage_graph(
     artifacts: ArtifactStore,
     checkpointer: Checkpointer = None,
     *,
-    defaults: RAGEKnobs | Callable[[], RAGEKnobs] = KNOB_DEFAULTS,
-    context_schema: type[RAGEContext] = RAGEContext,
+    defaults: RAGEKnobs | Callable[[], RAGEKnobs] | None = None,
+    context_schema: type[KnobContext] = RAGEContext,
     on_finish: Callable[[RAGEState], None] | None = None,
+    publish: Publish = kept,
 ) -> RAGEGraph:
     """Wire the RAGE loop; a person's picks and reviews need a checkpointer and a thread_id to interrupt.
 
     `vlm` is only asked by a critic review (None refuses one). `defaults` (or a function returning them,
     read when a run starts) are the knobs of a run whose context leaves them unset; `on_finish` sees the
-    final state of every finished run (LangGraph Server writes the run's record with it).
+    final state of every finished run (LangGraph Server writes the run's record with it); `publish` names the
+    images of the questions asked and of the answer (see `Publish`).
     """
-    nodes = _Nodes(vlm, generator, retriever, artifacts, defaults, on_finish)
+    nodes = _Nodes(vlm, generator, retriever, artifacts, defaults or RAGEKnobs(), on_finish, publish)
     graph = StateGraph(RAGEState, context_schema=context_schema, input_schema=RAGEInput, output_schema=RAGEOutput)
     graph.add_node("prepare", nodes.prepare)
     graph.add_node("retrieve", nodes.retrieve)

@@ -11,6 +11,15 @@ from typing_extensions import TypedDict
 
 from imageloop.progress import OnProgress, progress_event
 
+Publish = Callable[[Any], Any]
+"""How a run names its images in its questions (interrupts) and answers for whoever reads them: as paths (no
+`publish`, a local caller), or as addresses a remote client can fetch (LangGraph Server: `imageloop.app.links`)."""
+
+
+def kept(value: Any) -> Any:
+    """The local caller's `Publish`: images named by their paths."""
+    return value
+
 
 class Step(TypedDict):
     """One visited node."""

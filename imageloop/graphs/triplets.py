@@ -23,7 +23,6 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -37,11 +36,13 @@ from imageloop import limits
 from imageloop.agents.triplet_scripter import TripletChecker, TripletScript, TripletScripter
 from imageloop.errors import ConfigError, MalformedOutputError
 from imageloop.graphs.steps import Step, step
+from imageloop.knobs import KnobContext, TripletsKnobs
 from imageloop.prompts.cir import EDIT_GUIDANCE
 from imageloop.prompts.diptych import diptych_description
 from imageloop.protocols import VisionLanguageModel
 from imageloop.tools.generators.diptych import DiptychPainter, split_diptych
 from imageloop.tools.triplet_dataset import TripletDataset, TripletRecord
+from imageloop.tracing import traced_vlm
 
 EDIT_TYPES: tuple[str, ...] = tuple(EDIT_GUIDANCE)
 """DAIG's edit types: add, delete, replace, viewpoint, count."""
@@ -79,57 +80,24 @@ def pick_examples(examples: Sequence[Example], edits: Sequence[str], edit: str, 
     return (same + other)[:EXAMPLES_PER_SCRIPT]
 
 
-class TripletsKnobs(TypedDict):
-    """The per-run knobs, as state holds them once `prepare` resolved them."""
+TripletsContext = TripletsKnobs.context_schema()
+"""Per-run knobs (LangGraph run context): each unset one takes the graph's defaults."""
+
+
+class TripletsInput(TypedDict, total=False):
+    """What to make: `n` triplets about `objects` with DAIG's `edits`, and the user's real triplets as examples
+    (`{"reference_text", "change", "target_text", "edit"}`, texts only)."""
 
     n: int
     objects: list[str]
     edits: list[str]
-    seed: int
-    size: tuple[int, int]
-    steps_per_image: int | None
-    check: bool
-    max_attempts: int
-    concurrency: int
-
-
-KNOB_DEFAULTS = TripletsKnobs(
-    n=1,
-    objects=[],
-    edits=list(EDIT_TYPES),
-    seed=0,
-    size=DEFAULT_SIZE,
-    steps_per_image=None,
-    check=False,
-    max_attempts=3,
-    concurrency=int(limits.default("triplet_concurrency") or 2),
-)
-
-
-@dataclass(kw_only=True)
-class TripletsContext:
-    """Per-run knobs (LangGraph run context); a field left None takes the graph's defaults."""
-
-    n: int | None = field(default=None, metadata={"description": "triplets the folder should hold"})
-    objects: list[str] | None = field(default=None, metadata={"description": "objects to script triplets about"})
-    edits: list[str] | None = field(default=None, metadata={"description": "edit types: add delete replace ..."})
-    seed: int | None = field(default=None, metadata={"description": "sampling and drawing seed"})
-    size: tuple[int, int] | None = field(default=None, metadata={"description": "[width, height] of the diptych"})
-    steps: int | None = field(default=None, metadata={"description": "denoising steps"})
-    check: bool | None = field(default=None, metadata={"description": "have a VLM check each drawing"})
-    max_attempts: int | None = field(default=None, metadata={"description": "drawings per triplet (check on)"})
-    concurrency: int | None = field(default=None, metadata={"description": "triplets in flight at once"})
-
-
-class TripletsInput(TypedDict, total=False):
-    """The user's real triplets as examples: `{"reference_text", "change", "target_text", "edit"}` (texts only)."""
-
     examples: list[dict[str, str]]
 
 
 class TripletsOutput(TypedDict, total=False):
     """What the run did."""
 
+    knobs: TripletsKnobs
     written: int
     failed: int
     rejected: int
@@ -152,9 +120,13 @@ class SlotTask(TypedDict):
     max_attempts: int
 
 
-class TripletsState(TripletsKnobs, total=False):
-    """The resolved knobs, the slots left and the counts."""
+class TripletsState(TypedDict, total=False):
+    """The resolved knobs, what to make, the slots left and the counts."""
 
+    knobs: TripletsKnobs
+    n: int
+    objects: list[str]
+    edits: list[str]
     examples: list[Example]
     example_edits: list[str]
     slots: list[int]
@@ -168,32 +140,17 @@ class TripletsState(TripletsKnobs, total=False):
     steps: Annotated[list[Step], operator.add]
 
 
-def resolve_knobs(defaults: TripletsKnobs, context: TripletsContext | None) -> TripletsKnobs:
-    """The run's knobs: the context's where given, else `defaults`, each checked."""
-    knobs = TripletsKnobs(**defaults)
-    for f in fields(TripletsContext) if context else ():
-        value = getattr(context, f.name)
-        if value is None:
-            continue
-        if f.name == "size":
-            knobs["size"] = limits.check_size((int(value[0]), int(value[1]))) or DEFAULT_SIZE
-        elif f.name == "steps":
-            limits.check("steps", value)
-            knobs["steps_per_image"] = int(value)
-        else:
-            knobs[f.name] = value  # type: ignore[literal-required]
-    limits.check("triplets", knobs["n"])
-    limits.check("triplet_concurrency", knobs["concurrency"])
-    limits.check("seed", knobs["seed"])
-    objects = [o.strip() for o in knobs["objects"] if o.strip()]
-    if not objects:
+def check_request(n: Any, objects: Any, edits: Any) -> tuple[int, list[str], list[str]]:
+    """What a run is asked to make, checked: n within its bound, some objects, DAIG's edit types (each once)."""
+    limits.check("triplets", n)
+    object_list = [str(o).strip() for o in objects or [] if str(o).strip()]
+    if not object_list:
         raise ConfigError("no objects to script triplets about: give a file with one object a line")
-    unknown = [e for e in knobs["edits"] if e not in EDIT_TYPES]
-    if unknown or not knobs["edits"]:
+    edit_list = list(dict.fromkeys(str(e) for e in edits or EDIT_TYPES))
+    unknown = [e for e in edit_list if e not in EDIT_TYPES]
+    if unknown or not edit_list:
         raise ConfigError(f"edit types {', '.join(unknown) or '(none)'}: expected some of {', '.join(EDIT_TYPES)}")
-    if not 1 <= knobs["max_attempts"] <= 10:
-        raise ConfigError(f"max_attempts {knobs['max_attempts']} is out of range: 1..10")
-    return TripletsKnobs(**{**knobs, "objects": objects, "edits": list(dict.fromkeys(knobs["edits"]))})
+    return int(n), object_list, edit_list
 
 
 # Routing: pure functions of state.
@@ -204,13 +161,14 @@ def fan_out(state: TripletsState) -> list[Send] | Literal["finish"]:
     if not state["batch"]:
         return "finish"
     sends = []
+    knobs = state["knobs"]
     for slot in state["batch"]:
-        subject, edit = slot_pair(state["seed"], slot, state["objects"], state["edits"])
+        subject, edit = slot_pair(knobs.seed, slot, state["objects"], state["edits"])
         task = SlotTask(
             slot=slot, object=subject, edit=edit,
-            examples=pick_examples(state["examples"], state["example_edits"], edit, slot), seed=state["seed"],
-            size=state["size"], steps_per_image=state["steps_per_image"], check=state["check"],
-            max_attempts=state["max_attempts"],
+            examples=pick_examples(state["examples"], state["example_edits"], edit, slot), seed=knobs.seed,
+            size=knobs.size or DEFAULT_SIZE, steps_per_image=knobs.steps, check=knobs.check,
+            max_attempts=knobs.max_attempts,
         )  # fmt: skip
         sends.append(Send("synthesize", task))
     return sends
@@ -227,18 +185,20 @@ class _Nodes:
         dataset: TripletDataset,
         defaults: TripletsKnobs,
     ) -> None:
-        self.scripter = TripletScripter(llm)
-        self.checker = TripletChecker(checker) if checker is not None else None
+        # Every model call becomes a run in the graph's trace (LangSmith, callback handlers).
+        self.scripter = TripletScripter(traced_vlm(llm))
+        self.checker = TripletChecker(traced_vlm(checker)) if checker is not None else None
         self.painter = painter
         self.dataset = dataset
         self.defaults = defaults
 
-    def prepare(self, state: TripletsState, runtime: Runtime[TripletsContext]) -> dict[str, Any]:
-        """Resolve the knobs and find the slots of 0..n-1 the folder does not hold yet."""
+    def prepare(self, state: TripletsState, runtime: Runtime[KnobContext]) -> dict[str, Any]:
+        """Resolve the knobs, check what to make and find the slots of 0..n-1 the folder does not hold yet."""
         started = time.perf_counter()
-        knobs = resolve_knobs(self.defaults, runtime.context)
-        if knobs["check"] and self.checker is None:
-            raise ConfigError("checking drawings needs a VLM: configure one")
+        knobs = self.defaults.overridden(runtime.context)
+        n, objects, edits = check_request(state.get("n", 1), state.get("objects"), state.get("edits"))
+        if knobs.check and self.checker is None:
+            raise ConfigError("checking drawings needs a VLM: configure a `vlm`")
         given = state.get("examples") or []
         examples = [
             {
@@ -250,11 +210,12 @@ class _Nodes:
         ]
         example_edits = [e.get("edit", "") for e in given]
         held = self.dataset.ids()
-        slots = [slot for slot in range(knobs["n"]) if triplet_id(slot) not in held]
-        decision = f"{len(slots)} of {knobs['n']} triplets to make ({len(held)} in the folder)"
-        record = step("prepare", 0, decision, started, examples=len(examples))
+        slots = [slot for slot in range(n) if triplet_id(slot) not in held]
+        decision = f"{len(slots)} of {n} triplets to make ({len(held)} in the folder)"
+        record = step("prepare", 0, decision, started, examples=len(examples), knobs=knobs.record())
         return {
-            **knobs, "examples": examples, "example_edits": example_edits, "slots": slots, "cursor": 0, "batch": [],
+            "knobs": knobs, "n": n, "objects": objects, "edits": edits, "examples": examples,
+            "example_edits": example_edits, "slots": slots, "cursor": 0, "batch": [],
             "written": Overwrite(0), "failed": Overwrite(0), "rejected": Overwrite(0), "total": len(held),
             "pending": len(slots), "steps": Overwrite([record]),
         }  # fmt: skip
@@ -262,7 +223,7 @@ class _Nodes:
     def plan(self, state: TripletsState) -> dict[str, Any]:
         """Take the next `concurrency` slots (`fan_out` sends them); at the end, an empty batch."""
         started = time.perf_counter()
-        batch = state["slots"][state["cursor"] : state["cursor"] + state["concurrency"]]
+        batch = state["slots"][state["cursor"] : state["cursor"] + state["knobs"].concurrency]
         decision = f"slots {batch[0]}..{batch[-1]}" if batch else "no slots left"
         record = step("plan", state["cursor"], decision, started, written=state["written"])
         return {"batch": batch, "cursor": state["cursor"] + len(batch), "steps": [record]}
@@ -317,7 +278,7 @@ class _Nodes:
         return {"total": total, "pending": pending, "steps": [step("finish", 0, decision, started)]}
 
 
-TripletsGraph = CompiledStateGraph[TripletsState, TripletsContext, TripletsInput, TripletsOutput]
+TripletsGraph = CompiledStateGraph[TripletsState, KnobContext, TripletsInput, TripletsOutput]
 
 
 def build_triplets_graph(
@@ -327,10 +288,10 @@ def build_triplets_graph(
     checkpointer: Checkpointer = None,
     *,
     checker: VisionLanguageModel | None = None,
-    defaults: TripletsKnobs = KNOB_DEFAULTS,
+    defaults: TripletsKnobs | None = None,
 ) -> TripletsGraph:
     """Wire triplet synthesis into `dataset` (opened, so held by this process); `checker` enables the check."""
-    nodes = _Nodes(llm, checker, painter, dataset, defaults)
+    nodes = _Nodes(llm, checker, painter, dataset, defaults or TripletsKnobs())
     graph = StateGraph(
         TripletsState, context_schema=TripletsContext, input_schema=TripletsInput, output_schema=TripletsOutput
     )

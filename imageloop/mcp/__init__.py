@@ -24,6 +24,7 @@ from imageloop.app import App
 from imageloop.errors import ConfigError
 from imageloop.mcp.server import build_server
 from imageloop.mcp.transport import check_origin, parse_http, protect_stdout, serve_http, transport_security
+from imageloop.runtime import limit_malloc_arenas
 
 __all__ = ["build_server", "serve"]
 
@@ -40,6 +41,7 @@ def serve(
 
     Browser pages may call the HTTP server from its own origin and from `allow_origins`.
     """
+    limit_malloc_arenas()  # before any thread: a server's memory stays flat over hours
     security: TransportSecuritySettings | None = None
     sock: socket.socket | None = None
     if http is not None:
@@ -54,7 +56,7 @@ def serve(
         origins = [check_origin(origin) for origin in allow_origins]  # refused before the port is taken
         sock = listen(host, port, f"--http {http}")
         security = transport_security(host, sock.getsockname()[1], allow_hosts, origins)
-    server = build_server(app, security)
+    server = build_server(app, security, remote=http is not None)
 
     def terminate(signum: int, frame: FrameType | None) -> None:
         # systemd, Docker, Kubernetes and stdio clients stop a server with SIGTERM: stop the runs at their

@@ -84,6 +84,33 @@ PAPER_CRITIC_CAPTIONS = (
 )
 """utils.py l.108-110 with k_captions_per_concept=1, as both released scripts call it."""
 
+PAPER_REPHRASE_AFTER_DECISION = (
+    "Please rephrase the following prompt to make it easier and clearer for the text-to-image generation model "
+    "that generated the above image for this prompt. The goal is to generate an image that matches the given text "
+    "prompt. If the prompt is already clear, return it as it is. Simplify and shorten long descriptions of known "
+    "objects/entities but DO NOT change the original meaning of the text prompt. If the prompt contains rare words, "
+    "change those words to a description of their meaning. In your answer only provide the prompt and nothing else. "
+    'The prompt to be rephrased: "{prompt}"'
+)
+"""utils.py l.124, the rephrase-only ablation (`--only_rephrase`): asked after the decision, in its conversation."""
+
+PAPER_REPHRASE = (
+    "Please rephrase the following prompt to make it clearer for a text-to-image generation model. If it's already "
+    "clear, return it as it is. In your answer only provide the prompt and nothing else, and don't change the "
+    "original meaning of the prompt. If it contains rare words, change the words to a description of their meaning. "
+    'The prompt to be rephrased: "{prompt}"'
+)
+"""utils.py l.122, the same without an image (generation mode, which the released scripts never rephrase in)."""
+
+PAPER_RERANK = (
+    "Which of these images is the most similar to the prompt {prompt}? in your answer only provide the indices of "
+    "the {k} most relevant images with a comma between them with no spaces, starting from index 0, e.g. answer: 0,3 "
+    "if the most similar images are the ones in indices 0 and 3. If you can't determine, return the first {k} "
+    "indices, e.g. 0,1 if {k}=2."
+)
+"""retrieval.py l.197-199 (`gpt_rerank`, the paper's re-ranking ablation), the candidates attached in order; the
+code's missing spaces between sentences are restored, its "if {k}=2" kept as written."""
+
 CAPTIONS_PROMPT = """\
 We will search an image collection for reference pictures that help draw: "{prompt}"
 
@@ -286,6 +313,27 @@ GENIR_VERBAL_REFINE = (
     "with no explanations or surrounding text. Keep your response under {max_tokens} tokens."
 )
 """Verbal feedback, second call (the target): TextOnly l.263."""
+
+# ChatIR (Levy et al., NeurIPS 2023), the baseline GenIR compares with: a model asks about the image, the
+# person searching answers, and the whole dialogue is the query. ChatIR's dialogues (GenIR's ChatIR/dialogues/,
+# e.g. ChatGPT_BLIP2.json) open with a caption and hold one "question? answer" line per round; its
+# evaluation joins them with ", " (ChatIR/eval.py l.51, l.207). Neither repository ships the questioner's
+# prompt, so the wording below is ours.
+
+CHATIR_QUESTION = """\
+You are helping someone find a picture in a large image collection. You cannot see the picture; they can. \
+This is what they told you so far: their description first, then each question asked and their answer.
+
+{dialogue}
+
+Ask one new, short question about the picture whose answer would best tell it apart from similar pictures \
+(objects, colours, people, setting, layout). Do not ask what is already answered. Answer with the question only."""
+
+CHATIR_ANSWER = (
+    "This is the picture you are looking for. Answer this question about it in a few words, as a person "
+    "would, with nothing else: {question}"
+)
+"""The simulated user answers a ChatIR question about its target (ChatIR's answerer was BLIP-2, in a few words)."""
 
 QUERY_REFINER_PROMPT = """\
 A person is searching an image collection for a picture they remember. Their last search was: \

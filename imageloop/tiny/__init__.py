@@ -40,17 +40,25 @@ def tiny_cache_root() -> Path:
 
 
 def tiny_model_dir(name: str, build: Callable[[Path], None]) -> Path:
-    """The directory of tiny model `name`, built once by `build(tmp_dir)` then renamed into place."""
+    """The directory of tiny model `name`, built once by `build(tmp_dir)` then renamed into place.
+
+    Once, across threads and processes (test workers, servers sharing a cache): a file lock is held while
+    one builds, and a finished model is never removed, since another process may be loading it.
+    """
+    from filelock import FileLock
+
     target = tiny_cache_root() / name
-    with _build_lock:
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock, FileLock(target.parent / f".{name}.lock"):
         if (target / ".complete").exists():
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
         try:
             build(tmp)
             (tmp / ".complete").write_text("ok\n")
-            if target.exists():
+            if target.exists():  # a build killed half-way: nobody can be loading from it
                 shutil.rmtree(target)
             os.replace(tmp, target)
         finally:

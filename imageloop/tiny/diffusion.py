@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imageloop.errors import ConfigError
+from imageloop.runtime import diffusers_class
 from imageloop.tiny import TINY_SEED, seeded, tiny_model_dir
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ def _t5_encoder(vocab_size: int) -> Any:
 
 
 def _vae(blocks: int, latent_channels: int = 4, **kwargs: Any) -> Any:
-    from diffusers import AutoencoderKL
+    AutoencoderKL = diffusers_class("AutoencoderKL")
 
     return AutoencoderKL(
         in_channels=3,
@@ -120,7 +121,9 @@ def _vae(blocks: int, latent_channels: int = 4, **kwargs: Any) -> Any:
 
 def build_omnigen(directory: Path) -> None:
     """Save a tiny OmniGen pipeline: one transformer block of width 16, an 8x VAE, a Llama tokenizer."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, OmniGenPipeline, OmniGenTransformer2DModel
+    FlowMatchEulerDiscreteScheduler = diffusers_class("FlowMatchEulerDiscreteScheduler")
+    OmniGenPipeline = diffusers_class("OmniGenPipeline")
+    OmniGenTransformer2DModel = diffusers_class("OmniGenTransformer2DModel")
 
     tokenizer = _llama_tokenizer()
     heads = 4
@@ -150,7 +153,7 @@ def build_omnigen(directory: Path) -> None:
 
 
 def _sdxl_unet() -> Any:
-    from diffusers import UNet2DConditionModel
+    UNet2DConditionModel = diffusers_class("UNet2DConditionModel")
 
     return UNet2DConditionModel(
         block_out_channels=_SDXL_BLOCKS,
@@ -173,7 +176,8 @@ def _sdxl_unet() -> Any:
 
 def build_sdxl(directory: Path) -> None:
     """Save a tiny Stable Diffusion XL pipeline (two CLIP text encoders, a text-time UNet, a 2x VAE)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    EulerDiscreteScheduler = diffusers_class("EulerDiscreteScheduler")
+    StableDiffusionXLPipeline = diffusers_class("StableDiffusionXLPipeline")
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = _clip_tokenizer()
@@ -270,7 +274,9 @@ def build_ip_adapter(directory: Path) -> None:
 
 def build_flux(directory: Path) -> None:
     """Save a tiny FLUX.1 pipeline: one double and one single block, CLIP + T5 text encoders, a 1-block VAE."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    FlowMatchEulerDiscreteScheduler = diffusers_class("FlowMatchEulerDiscreteScheduler")
+    FluxPipeline = diffusers_class("FluxPipeline")
+    FluxTransformer2DModel = diffusers_class("FluxTransformer2DModel")
     from transformers import CLIPTextModel
 
     tokenizer = _clip_tokenizer()
@@ -305,7 +311,9 @@ def build_flux(directory: Path) -> None:
 
 def build_sd3(directory: Path) -> None:
     """Save a tiny Stable Diffusion 3 pipeline: one joint block, two projecting CLIP encoders, T5, a 1-block VAE."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    FlowMatchEulerDiscreteScheduler = diffusers_class("FlowMatchEulerDiscreteScheduler")
+    SD3Transformer2DModel = diffusers_class("SD3Transformer2DModel")
+    StableDiffusion3Pipeline = diffusers_class("StableDiffusion3Pipeline")
     from transformers import CLIPTextModelWithProjection
 
     tokenizer = _clip_tokenizer()
@@ -343,7 +351,7 @@ def build_sd3(directory: Path) -> None:
 
 def build_flux_redux(directory: Path) -> None:
     """Save a tiny FLUX.1 Redux prior (SigLIP image encoder + Redux embedder) for the tiny FLUX."""
-    from diffusers import FluxPriorReduxPipeline
+    FluxPriorReduxPipeline = diffusers_class("FluxPriorReduxPipeline")
     from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 

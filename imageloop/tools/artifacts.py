@@ -41,6 +41,10 @@ class ArtifactStore:
             raise ValueError(f"not an artifact id: {artifact_id!r}")
         return self.root / f"{artifact_id}.png"
 
+    def file(self, artifact_id: str | None) -> str | None:
+        """The artifact's file, as its path (None for no image): how a record or a remote reader names it."""
+        return str(self.path(artifact_id)) if artifact_id else None
+
     def open(self, artifact_id: str) -> Image.Image:
         """Load a stored image."""
         return open_image(self.path(artifact_id))

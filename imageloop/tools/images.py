@@ -18,11 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from imageloop.errors import ImageDecodeError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+TAR_MEMBER = ".tar#"
+"""Marks an address inside a WebDataset shard: `00000.tar#000000123.jpg`."""
 
 # The decompression-bomb guard: a file is refused before any pixel is decoded when it is larger than
 # MAX_FILE_BYTES on disk or its header declares more than MAX_PIXELS, so one hostile or broken file
@@ -41,8 +43,16 @@ def open_regular(path: Path) -> io.BufferedReader:
     """`path` opened for binary reading, or ImageDecodeError when it is no regular file or cannot be opened.
 
     O_NONBLOCK makes opening a FIFO return at once (for a regular file it changes nothing); the kind is
-    checked on the open descriptor, so a file swapped for a FIFO after a check is still caught.
+    checked on the open descriptor, so a file swapped for a FIFO after a check is still caught. An address
+    inside a tar (`shard.tar#key.jpg`) opens that member, read in place (`imageloop.tools.indexing.sources`).
     """
+    if TAR_MEMBER in str(path) and not os.path.lexists(path):
+        # An image inside a WebDataset shard (`shard.tar#key.jpg`), as an index of shards records it.
+        from imageloop.tools.indexing.sources import open_tar_member, tar_address
+
+        address = tar_address(path)
+        if address is not None:
+            return open_tar_member(*address)
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(path, flags)
@@ -97,7 +107,9 @@ def decode_image(f: BinaryIO, path: Path, *, shortest_side: int | None = None) -
 
 def _open_header(f: BinaryIO, path: Path) -> Image.Image:
     """Open `f`'s header (no pixels decoded yet) after the size checks, or raise ImageDecodeError saying why."""
-    size = os.fstat(f.fileno()).st_size
+    start = f.tell()
+    size = f.seek(0, os.SEEK_END) - start  # the bytes from here: a file's, or a tar member's
+    f.seek(start)
     if size > MAX_FILE_BYTES:
         raise ImageDecodeError(f"{path}: {size:,} bytes exceeds the {MAX_FILE_BYTES:,}-byte limit; not decoded")
     try:
@@ -107,6 +119,9 @@ def _open_header(f: BinaryIO, path: Path) -> Image.Image:
             img = Image.open(f)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError(f"{path}: exceeds the {MAX_PIXELS:,}-pixel limit; not decoded ({e})") from e
+    except UnidentifiedImageError as e:
+        # Pillow's own message names the file object (`<_io.BufferedReader name=7>`), not the file.
+        raise ImageDecodeError(f"{path}: not a readable image (no image format Pillow knows)") from e
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageDecodeError(f"{path}: not a readable image ({e})") from e
     if img.width * img.height > MAX_PIXELS:

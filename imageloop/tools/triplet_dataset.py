@@ -5,7 +5,8 @@
 reference.png` and `images/<id>_target.png`: the two halves of one diptych). Images are written
 atomically before their record, and a record is appended as one fsynced write, so a process killed at
 any point leaves whole records only (a line it cut short is dropped when the folder is next opened)
-and at worst the images of a record it never wrote, which the next write of that id replaces.
+and at worst the images of a record it never wrote, which the next write of that id replaces (and the
+temporary files of an image write it cut short, which the next opening of the folder deletes).
 
 One writer at a time: opening the folder takes an exclusive lock on `DIR/.triplets.lock`, which the
 operating system releases when the process ends, however it ends.
@@ -65,10 +66,11 @@ class TripletDataset:
         except BlockingIOError:
             lock.close()
             raise ImageloopError(
-                f"{self.folder} is being written by another process: wait for it, or use another --out"
+                f"{self.folder} is being written by another process: wait for it, or use another `out` folder"
             ) from None
         self._lock_file = lock
         self._ids = self._repair_and_read()
+        self._remove_unfinished_images()
         return self
 
     def __exit__(
@@ -106,6 +108,13 @@ class TripletDataset:
     def image_paths(triplet_id: str) -> tuple[str, str]:
         """Where a triplet's reference and target halves go, relative to the folder."""
         return f"{IMAGES_DIR}/{triplet_id}_reference.png", f"{IMAGES_DIR}/{triplet_id}_target.png"
+
+    def _remove_unfinished_images(self) -> None:
+        """Delete the temporary files of image writes a killed process left (`images/.NAME.*.tmp`): with the
+        lock held, no other writer can be half-way through one."""
+        images = self.folder / IMAGES_DIR
+        for leftover in images.glob(".*.tmp") if images.is_dir() else ():
+            leftover.unlink(missing_ok=True)
 
     def _repair_and_read(self) -> set[str]:
         """Drop a last line a crash cut short, then read the ids of every record (a bad whole line is an error)."""

@@ -21,6 +21,12 @@ named adapters) plus the router, and `apply_cir_lora(pipe, folder, description)`
 and sets their adapter weights to the router's gates for the description about to be drawn. That is
 exact for a call that draws one description (a batch of different descriptions would share one mix).
 With one expert the folder holds a plain `pytorch_lora_weights.safetensors` that any FLUX LoRA loader reads.
+
+Real triplets often come without captions (a benchmark's train split has the change only); with a
+captioner, `train_cir_lora` describes each uncaptioned image once (journaled in `OUT/captions.jsonl`), so
+the diptych descriptions carry both panels' captions as DAIG's do. A run checkpoints its LoRA weights,
+optimizer and random generators (`imageloop.training.checkpoints`); the same call on the same folder, after
+any interruption (`kill -9` included), resumes and ends with the weights an uninterrupted run saves.
 """
 
 from __future__ import annotations
@@ -41,7 +47,10 @@ from torch import nn
 from imageloop.errors import ConfigError
 from imageloop.files import write_json_atomic
 from imageloop.prompts.diptych import DIPTYCH_TEMPLATE, diptych_description
+from imageloop.runtime import diffusers_class
 from imageloop.tools.images import open_image
+from imageloop.training.checkpoints import latest_checkpoint, save_checkpoint
+from imageloop.training.options import CIRLoRAOptions
 from imageloop.training.progress import (
     LossPoint,
     ProgressCallback,
@@ -49,10 +58,12 @@ from imageloop.training.progress import (
     TrainResult,
     finish_training,
 )
-from imageloop.training.triplets import Triplet, read_triplets
+from imageloop.training.triplets import Captioner, Triplet, describe_triplets, read_triplets
 
 DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.1-dev"
-DEFAULT_STEPS = 1000
+GUIDANCE_SCALE = 3.5
+"""FLUX.1-dev is guidance-distilled: training feeds it the guidance it draws with (diffusers' script's default)."""
+CAPTIONS_JOURNAL = "captions.jsonl"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 """diffusers' default LoRA file name: `pipe.load_lora_weights(folder)` finds it without a weight_name."""
 ROUTER_WEIGHTS = "router.safetensors"
@@ -61,32 +72,6 @@ CONFIG_FORMAT = "imageloop-cir-lora/1"
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 """Attention projections of FLUX's blocks: the image stream's q, k, v and output (all diffusers' FLUX LoRA
 script adapts by default) and the text stream's, through which the in-context description steers both panels."""
-WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
-
-
-@dataclass(frozen=True)
-class CIRLoRAOptions:
-    """How `train_cir_lora` trains. DAIG's own values could not be read here: the optimiser, learning rate,
-    batch, guidance, weighting, panel size and text length follow diffusers' FLUX LoRA script; the rank
-    (the script's default is 4) is ours, as in-context LoRAs carry a layout as well as a look.
-    """
-
-    rank: int = 16
-    alpha: float = 16.0
-    experts: int = 1
-    """1: one LoRA; K > 1: a mixture of K LoRA experts with a router over the description."""
-    learning_rate: float = 1e-4
-    resolution: int = 512
-    """Each panel's side in pixels; the diptych is 2 * resolution wide and resolution high."""
-    batch_size: int = 4
-    guidance_scale: float = 3.5
-    """FLUX.1-dev is guidance-distilled: training feeds it the guidance it draws with."""
-    weighting_scheme: str = "none"
-    max_sequence_length: int = 512
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    device: str | None = None
-    dtype: str | None = None
 
 
 def stitch_diptych(reference: Image.Image, target: Image.Image, side: int) -> Image.Image:
@@ -171,8 +156,17 @@ class LoRAMixture(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The experts' A and B matrices and the router: everything that learns (the base layers never do)."""
-        router = list(self.router.parameters()) if self.router is not None else []
-        return [p for layer in self._layers for p in (layer.lora_A, layer.lora_B)] + router
+        return [parameter for _, parameter in self.named_trainable_parameters()]
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """`trainable_parameters` by name, as a checkpoint keeps them."""
+        router = list(self.router.named_parameters("router")) if self.router is not None else []
+        layers = [
+            (f"layers.{index}.{name}", parameter)
+            for index, layer in enumerate(self._layers)
+            for name, parameter in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B))
+        ]
+        return layers + router
 
     def route(self, pooled_description: torch.Tensor) -> torch.Tensor:
         """Set (and return) each example's expert weights from its description's pooled embedding."""
@@ -192,7 +186,7 @@ class LoRAMixture(nn.Module):
 
     def save(self, directory: Path, config: dict[str, Any]) -> None:
         """Write the LoRA file(s), the router and `cir_lora.json` (written last: it marks the folder complete)."""
-        from diffusers import FluxPipeline
+        FluxPipeline = diffusers_class("FluxPipeline")
         from safetensors.torch import save_file
 
         directory.mkdir(parents=True, exist_ok=True)
@@ -280,7 +274,7 @@ class FlowSchedule:
     @classmethod
     def of(cls, scheduler_config: Any) -> FlowSchedule:
         """The tables of a FlowMatchEulerDiscreteScheduler built from `scheduler_config`."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
+        FlowMatchEulerDiscreteScheduler = diffusers_class("FlowMatchEulerDiscreteScheduler")
 
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
         return cls(scheduler.timesteps.clone(), scheduler.sigmas[: len(scheduler.timesteps)].clone())
@@ -298,7 +292,7 @@ def flow_matching_loss(
     weighting_scheme: str = "none",
 ) -> torch.Tensor:
     """FLUX's rectified-flow loss on shifted, scaled VAE latents (batch, C, H, W): predict noise - latents."""
-    from diffusers import FluxPipeline
+    FluxPipeline = diffusers_class("FluxPipeline")
     from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
     batch, channels, height, width = latents.shape
@@ -341,36 +335,48 @@ def train_cir_lora(
     triplets: Path,
     out_dir: Path,
     *,
-    base_model: str = DEFAULT_BASE_MODEL,
-    steps: int = DEFAULT_STEPS,
-    options: CIRLoRAOptions = CIRLoRAOptions(),
+    image_folders: Sequence[Path] = (),
+    options: CIRLoRAOptions | None = None,
+    guidance_scale: float | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    captioner: Captioner | None = None,
     progress: ProgressCallback | None = None,
 ) -> TrainResult:
-    """Fine-tune a CIR-LoRA on FLUX `base_model` from the triplets of `triplets` (a folder or JSONL) into `out_dir`.
+    """Fine-tune a CIR-LoRA on FLUX `options.base_model` from the triplets of `triplets` (a folder or JSONL).
 
-    `base_model` is a FLUX.1 diffusers checkpoint: `flux:MODEL`, a hub id, a folder, or `tiny:flux`.
+    The base model is a FLUX.1 diffusers checkpoint: `flux:MODEL`, a hub id, a folder, or `tiny:flux`.
+    `captioner` describes the images whose captions a triplet lacks (journaled in `OUT/captions.jsonl`);
+    images may also lie in `image_folders` (see `read_triplets`).
+    Checkpoints go to `OUT/checkpoints` every `options.checkpoint_every` steps; the same call on the same
+    folder resumes from the latest one and ends with the LoRA an uninterrupted run would have saved.
     """
-    from diffusers import FluxPipeline
+    FluxPipeline = diffusers_class("FluxPipeline")
 
     from imageloop.tools.generators._diffusers_common import from_hub, resolve_placement
 
-    _check(options, steps)
-    base_model = resolve_base_model(base_model)
-    examples = read_triplets(triplets)
-    device, dtype = resolve_placement(options.device, options.dtype, offload=False)
+    options = options or CIRLoRAOptions()
+    _check(options)
+    base_model = resolve_base_model(options.base_model or DEFAULT_BASE_MODEL)
+    examples = read_triplets(triplets, image_folders)
+    if captioner is not None:
+        examples = describe_triplets(examples, captioner, out_dir / CAPTIONS_JOURNAL)
+    guidance = GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+    placed_device, placed_dtype = resolve_placement(device, dtype, offload=False)
+    fingerprint = _fingerprint(examples, options, base_model, guidance)
     # A private copy, never the generators' cached pipeline: training rewires its transformer.
-    pipe = from_hub(base_model, lambda: FluxPipeline.from_pretrained(base_model, dtype=dtype))
+    pipe = from_hub(base_model, lambda: FluxPipeline.from_pretrained(base_model, dtype=placed_dtype))
     multiple = 2 * pipe.vae_scale_factor
     if options.resolution % multiple:
         raise ConfigError(f"resolution must be a multiple of {multiple} for {base_model}, got {options.resolution}")
-    pipe.to(device)
+    pipe.to(placed_device)
     for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         part.requires_grad_(False)
-    cuda = [torch.device(device).index or 0] if device.startswith("cuda") else []
+    cuda = [torch.device(placed_device).index or 0] if placed_device.startswith("cuda") else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(options.seed)
-        latents, texts = _encode_examples(pipe, examples, options, device)
-        if device != "cpu":
+        latents, texts = _encode_examples(pipe, examples, options, placed_device)
+        if placed_device != "cpu":
             # Latents and text embeddings are cached: only the transformer stays on the accelerator.
             for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
                 part.to("cpu")
@@ -380,17 +386,26 @@ def train_cir_lora(
             rank=options.rank,
             alpha=options.alpha,
             experts=options.experts,
-        ).to(device)
-        trainable = mixture.trainable_parameters()
-        optimizer = torch.optim.AdamW(trainable, lr=options.learning_rate, weight_decay=1e-4)
+        ).to(placed_device)
+        trainable = dict(mixture.named_trainable_parameters())
+        optimizer = torch.optim.AdamW(trainable.values(), lr=options.learning_rate, weight_decay=1e-4)
         schedule = FlowSchedule.of(pipe.scheduler.config)
         curve: list[LossPoint] = []
+        out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = latest_checkpoint(out_dir, fingerprint, placed_device)
+        if checkpoint is not None:
+            with torch.no_grad():
+                for name, parameter in trainable.items():
+                    parameter.copy_(checkpoint.weights[name])
+            optimizer.load_state_dict(checkpoint.optimizer)
+            curve = [LossPoint(**point) for point in checkpoint.state["loss_curve"]]
+        resumed_from = len(curve)
         started = time.perf_counter()
-        for step in range(1, steps + 1):
+        for step in range(resumed_from + 1, options.steps + 1):
             chosen = torch.randperm(len(examples))[: options.batch_size].tolist()
             vae = pipe.vae.config
             batch = torch.cat([latents[i].sample() for i in chosen])
-            batch = ((batch - vae.shift_factor) * vae.scaling_factor).to(dtype)
+            batch = ((batch - vae.shift_factor) * vae.scaling_factor).to(placed_dtype)
             prompt_embeds = torch.cat([texts[i][0] for i in chosen])
             pooled = torch.cat([texts[i][1] for i in chosen])
             mixture.route(pooled)
@@ -401,16 +416,21 @@ def train_cir_lora(
                 pooled,
                 texts[chosen[0]][2],
                 schedule,
-                guidance_scale=options.guidance_scale,
+                guidance_scale=guidance,
                 weighting_scheme=options.weighting_scheme,
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
-            torch.nn.utils.clip_grad_norm_(trainable, options.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(list(trainable.values()), options.max_grad_norm)
             optimizer.step()
             curve.append(LossPoint(step, "cir-lora", float(loss.item())))
             if progress is not None:
-                progress(TrainProgress("cir-lora", step, steps, curve[-1].loss))
+                progress(TrainProgress("cir-lora", step, options.steps, curve[-1].loss))
+            if step % options.checkpoint_every == 0 or step == options.steps:
+                save_checkpoint(
+                    out_dir, step, weights=trainable, optimizer=optimizer, fingerprint=fingerprint,
+                    state={"loss_curve": [asdict(point) for point in curve]}, device=placed_device,
+                )  # fmt: skip
         seconds = time.perf_counter() - started
     mixture.save(
         out_dir,
@@ -424,26 +444,30 @@ def train_cir_lora(
             "target_modules": list(ATTENTION_PROJECTIONS),
             "adapted_layers": len(mixture.names),
             "triplets": len(examples),
-            "steps": steps,
+            "captioned": captioner is not None,
+            "steps": options.steps,
             "final_loss": curve[-1].loss,
-            "options": asdict(options),
+            "guidance_scale": guidance,
+            "options": options.record(),
         },
     )
     title = f"CIR-LoRA flow-matching loss ({options.experts} expert(s))"
-    return finish_training(out_dir, curve, title, seconds=seconds)
+    return finish_training(out_dir, curve, title, seconds=seconds, resumed_from_step=resumed_from)
 
 
-def _check(options: CIRLoRAOptions, steps: int) -> None:
-    if steps < 1:
-        raise ConfigError(f"steps must be at least 1, got {steps}")
-    if options.rank < 1 or options.experts < 1 or options.batch_size < 1:
-        raise ConfigError("rank, experts and batch_size must be at least 1")
-    if options.resolution < 1 or options.learning_rate <= 0 or options.alpha <= 0:
-        raise ConfigError("resolution, learning_rate and alpha must be positive")
-    if options.weighting_scheme not in WEIGHTING_SCHEMES:
-        raise ConfigError(
-            f"weighting_scheme {options.weighting_scheme!r}: expected one of {', '.join(WEIGHTING_SCHEMES)}"
-        )
+def _fingerprint(examples: Sequence[Triplet], options: CIRLoRAOptions, base_model: str, guidance: float) -> str:
+    """What must match for a checkpoint to be resumed: the examples as described, the base model, every option."""
+    knobs = options.model_dump(mode="json", exclude={"checkpoint_every", "base_model"})
+    data = [[str(t.reference_image), str(t.target_image), triplet_description(t)] for t in examples]
+    blob = json.dumps({"options": knobs, "base": base_model, "guidance": guidance, "examples": data}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _check(options: CIRLoRAOptions) -> None:
+    """Before any load: at least one step, and a FLUX base model."""
+    if options.steps < 1:
+        raise ConfigError(f"`steps` must be at least 1, got {options.steps}")
+    resolve_base_model(options.base_model or DEFAULT_BASE_MODEL)
 
 
 def _encode_examples(

@@ -12,7 +12,9 @@ with it directly. Widths follow CLIP4CIR's ratios (projection 4x, hidden 8x the 
 and 5120 for RN50x4's 640) and its dropout of 0.5 (0.2 before the gate's output).
 
 A trained model is a folder: `model.safetensors` (the Combiner's weights) and `config.json` (format,
-widths, the embedder whose features it was trained on, and how it was trained).
+widths, the embedder whose features it was trained on, and how it was trained). A clip4cir model also
+holds its fine-tuned CLIP (`encoder/`, named by config.json's `encoder`): its features are those of the
+`cir:FOLDER` embedder, so it serves an index built with that embedder.
 """
 
 from __future__ import annotations
@@ -83,15 +85,27 @@ class Combiner(nn.Module):
         return F.normalize(residual + weight * text_features + (1 - weight) * image_features, dim=-1)
 
 
-def save_cir_model(directory: Path, combiner: Combiner, embedder_id: str, training: dict[str, Any]) -> None:
-    """Write a trained Combiner as a model folder `CIRModel.load` reads (config last: it marks the folder done)."""
+def save_cir_model(
+    directory: Path, combiner: Combiner, embedder_id: str, training: dict[str, Any], *, encoder: str | None = None
+) -> None:
+    """Write a trained Combiner as a model folder `CIRModel.load` reads (config last: it marks the folder done).
+
+    `encoder` names the folder's own fine-tuned encoder (clip4cir), whose `cir:` embedder its features come from.
+    """
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in combiner.state_dict().items()}
     save_file(state, str(directory / MODEL_WEIGHTS), metadata={"format": MODEL_FORMAT})
-    config = {"format": MODEL_FORMAT, "embedder": embedder_id, "combiner": asdict(combiner.config)}
+    config: dict[str, Any] = {"format": MODEL_FORMAT, "embedder": embedder_id, "combiner": asdict(combiner.config)}
+    if encoder is not None:
+        config["encoder"] = encoder
     write_json_atomic(directory / MODEL_CONFIG, {**config, "training": training})
+
+
+def own_embedder_id(directory: Path) -> str:
+    """The id of the `cir:` embedder a model folder with its own encoder doubles as (its resolved path)."""
+    return f"cir:{directory.resolve()}"
 
 
 class CIRModel:
@@ -124,7 +138,8 @@ class CIRModel:
             raise ConfigError(f"{directory}: {config.get('format')!r} is not a CIR model format this version reads")
         combiner = Combiner(CombinerConfig(**config["combiner"]))
         combiner.load_state_dict(load_file(str(directory / MODEL_WEIGHTS)))
-        return cls(combiner, config["embedder"], config.get("training", {}))
+        embedder = own_embedder_id(directory) if config.get("encoder") else config["embedder"]
+        return cls(combiner, embedder, config.get("training", {}))
 
     def require_embedder(self, model_id: str) -> None:
         """Refuse to serve an index built with another embedder than the one this model was trained on."""

@@ -17,6 +17,11 @@ so the output's own per-sample mean is beta ~ N(mu, Sigma_mu^2) and its std is |
 gamma ~ N(sigma, Sigma_sigma^2). The whole batch is perturbed with probability `p` (the paper: 0.5),
 only in training mode; in eval mode, with p = 0, or for a batch of one (no spread to estimate) it
 returns its input unchanged. The draw is differentiable (reparameterised), so gradients reach x.
+
+DAIG perturbs the visual features (the style of a synthetic picture lives in them); the trainings apply it
+to the reference image's features (`drsp_features="visual"`), or, ours, to the change's text features too
+(`"visual+text"`). A pooled feature's statistics are taken over its width (`dim=-1`); a ViT's patch
+features' per channel over the patches (`dim=1`), as DSU does over a feature map's positions.
 """
 
 from __future__ import annotations
@@ -25,9 +30,7 @@ import torch
 from torch import nn
 
 from imageloop.errors import ConfigError
-
-DEFAULT_PROBABILITY = 0.5
-"""DAIG applies DRSP to half of the training batches."""
+from imageloop.training.options import DEFAULT_PROBABILITY
 
 
 class DRSP(nn.Module):

@@ -16,8 +16,10 @@ worse match, ArcFace's linear continuation cos(theta) - phi * sin(phi) keeps the
 With phi = 0 this is exactly the plain contrastive loss DAIG pre-trains with.
 
 DAIG's own phi and tau could not be found (the paper and its code were not reachable from here): the
-defaults are ours. tau = 0.01 is CLIP4CIR's logit scale of 100 for its Combiner; phi = 0.1 rad (about
-5.7 degrees) is a small margin for a temperature that sharp.
+defaults are ours, settable (`fra_margin`, `temperature`). tau = 0.01 is CLIP4CIR's logit scale of 100
+for its Combiner; phi = 0.1 rad (about 5.7 degrees) is a small margin for a temperature that sharp. A model
+with its own similarity and temperature (SPRC's maximum over query features, its learnable temperature)
+widens its own cosines with `widen`.
 """
 
 from __future__ import annotations
@@ -29,11 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imageloop.errors import ConfigError
-
-DEFAULT_MARGIN = 0.1
-"""phi, in radians (our default; the paper's value is unknown here)."""
-DEFAULT_TEMPERATURE = 0.01
-"""tau: CLIP4CIR's Combiner scales its cosine logits by 100."""
+from imageloop.training.options import DEFAULT_MARGIN, DEFAULT_TEMPERATURE
 
 
 class FRALoss(nn.Module):
@@ -53,9 +51,12 @@ class FRALoss(nn.Module):
 
     def logits(self, query: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The (batch, batch) logits: cosines over tau, the diagonal's angle widened by the margin."""
-        cosine = F.normalize(query, dim=-1) @ F.normalize(target, dim=-1).T
+        return self.widen(F.normalize(query, dim=-1) @ F.normalize(target, dim=-1).T) / self.temperature
+
+    def widen(self, cosine: torch.Tensor) -> torch.Tensor:
+        """(batch, batch) cosines of queries and targets with the matching (diagonal) angles widened by phi."""
         if self.margin == 0.0:
-            return cosine / self.temperature
+            return cosine
         matching = cosine.diagonal()
         sine = (1.0 - matching.square()).clamp_min(1e-7).sqrt()
         widened = matching * math.cos(self.margin) - sine * math.sin(self.margin)
@@ -63,7 +64,7 @@ class FRALoss(nn.Module):
         beyond = matching < math.cos(math.pi - self.margin)
         widened = torch.where(beyond, matching - self.margin * math.sin(self.margin), widened)
         diagonal = torch.eye(cosine.shape[0], dtype=torch.bool, device=cosine.device)
-        return torch.where(diagonal, torch.diag_embed(widened), cosine) / self.temperature
+        return torch.where(diagonal, torch.diag_embed(widened), cosine)
 
     def forward(self, query: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of each query picking its own target among the batch's targets."""

@@ -16,12 +16,16 @@ from typing import Any
 from imageloop.access import MIN_TOKEN_CHARS, TokenGate, is_loopback, listen
 from imageloop.app import App
 from imageloop.errors import ConfigError
-from imageloop.ui.context import UIContext, set_context
+from imageloop.runtime import limit_malloc_arenas
+from imageloop.ui.context import UIContext, current, set_context
 
 PAGE = Path(__file__).with_name("page.py")
 # Streamlit's options for an embedded, offline server: no usage statistics, no file watching or
-# reloading, no "Deploy" menu, uploads bounded.
+# reloading, no "Deploy" menu, uploads bounded. Its top bar goes too: the page's work runs in the background
+# with its own Stop button, and Streamlit's "Running… Stop" would stop only the page polling it, leaving the
+# run going and its progress frozen.
 STREAMLIT_OPTIONS: dict[str, Any] = {
+    "ui.hideTopBar": True,
     "browser.gatherUsageStats": False,
     "server.headless": True,
     "server.fileWatcherType": "none",
@@ -44,20 +48,24 @@ def access_token(host: str, token: str | None) -> str | None:
 
 
 def streamlit_app(token: str | None) -> Any:
-    """Streamlit's ASGI app for the page, behind the token gate when there is a token."""
+    """Streamlit's ASGI app for the page and the files runs wrote (reports, images to download), behind the
+    token gate when there is a token."""
     import streamlit as st
     from starlette.middleware import Middleware
     from streamlit.web import bootstrap
 
+    from imageloop.web import served_files
+
     bootstrap.load_config_options(STREAMLIT_OPTIONS)
     middleware = [Middleware(TokenGate, token=token, browser=True)] if token else []
-    return st.App(str(PAGE), middleware=middleware)
+    return st.App(str(PAGE), routes=[served_files(lambda: current().app)], middleware=middleware)
 
 
 def serve(app: App, *, index: str | Path, host: str = "127.0.0.1", port: int = 7860, token: str | None = None) -> None:
     """Serve the UI over `app` and `index` until interrupted (Ctrl-C or SIGTERM)."""
     import uvicorn
 
+    limit_malloc_arenas()  # before any thread: a server's memory stays flat over hours
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port}: expected 0..65535 (0 picks a free port)")
     info = app.index_info(index)  # a missing or empty index fails here, with its own message

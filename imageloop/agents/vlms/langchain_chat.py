@@ -17,7 +17,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 
 from imageloop.agents.vlms.openai_compatible import image_data_uri
 from imageloop.errors import BackendError, ConfigError, MalformedOutputError
-from imageloop.protocols import GREEDY, Decoding, Message
+from imageloop.protocols import GREEDY, ChatAnswer, Decoding, Message, TokenUsage
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
@@ -77,10 +77,11 @@ class LangChainVisionLanguageModel:
         refusal = raw.additional_kwargs.get("refusal") if isinstance(raw, BaseMessage) else None
         if refusal:
             raise MalformedOutputError(f"{self.model_id} refused to answer: {refusal}")
+        usage = _usage(raw)
         if isinstance(parsed, dict):
-            return json.dumps(parsed)
+            return ChatAnswer(json.dumps(parsed), usage)
         # Unparseable structured output: hand the raw text to validation and repair.
-        return raw.text if isinstance(raw, BaseMessage) else str(raw)
+        return ChatAnswer(raw.text if isinstance(raw, BaseMessage) else str(raw), usage)
 
     def chat(
         self, messages: Sequence[Message], json_schema: Mapping[str, Any] | None = None, decoding: Decoding = GREEDY
@@ -90,16 +91,23 @@ class LangChainVisionLanguageModel:
         model = self._model(decoding)
         try:
             if json_schema is not None and self.supports_structured_output:
-                answer = self._structured(model, converted, json_schema)
-                if answer is not None:
-                    return answer
-            return model.invoke(converted).text
+                structured = self._structured(model, converted, json_schema)
+                if structured is not None:
+                    return structured
+            answer = model.invoke(converted)
+            return ChatAnswer(answer.text, _usage(answer))
         except MalformedOutputError:
             raise
         except Exception as e:
             # Integrations raise their own SDK's errors (network, auth, rate limits): one line, cause kept.
             first_line = (str(e).splitlines() or [""])[0][:300]
             raise BackendError(f"chat with {self.model_id} failed: {type(e).__name__}: {first_line}") from e
+
+
+def _usage(message: Any) -> TokenUsage | None:
+    """The tokens an integration reported on its answer (`AIMessage.usage_metadata`), if it did."""
+    usage = getattr(message, "usage_metadata", None)
+    return TokenUsage(usage["input_tokens"], usage["output_tokens"]) if usage else None
 
 
 def langchain_vlm(spec: str) -> LangChainVisionLanguageModel:

@@ -11,8 +11,16 @@ from PIL import Image
 
 from imageloop.config import Endpoint
 from imageloop.errors import BackendError, MalformedOutputError
-from imageloop.openai_client import DEFAULT_ENDPOINT, make_client, request_slots, server_message, translated_errors
-from imageloop.protocols import GREEDY, Decoding, Message
+from imageloop.openai_client import (
+    DEFAULT_ENDPOINT,
+    accepted_extras,
+    make_client,
+    refuse_extra,
+    request_slots,
+    server_message,
+    translated_errors,
+)
+from imageloop.protocols import GREEDY, ChatAnswer, Decoding, Message, TokenUsage
 from imageloop.tools.images import open_image, png_bytes
 
 if TYPE_CHECKING:
@@ -71,37 +79,39 @@ class OpenAIVisionLanguageModel:
     def _complete(
         self, messages: list[ChatCompletionMessageParam], json_schema: Mapping[str, Any] | None, decoding: Decoding
     ) -> ChatCompletion:
-        """One completion, with the JSON schema if the endpoint accepts it, else without."""
+        """One completion, with the JSON schema and the sampling extras the endpoint accepts; a 400 refusing
+        either is answered by asking again without it."""
         import openai
 
+        base_url = str(self._client.base_url)
         sampling: dict[str, Any] = {"temperature": decoding.temperature, "max_tokens": self.max_tokens}
         if not decoding.greedy:
             sampling["top_p"] = decoding.top_p
         if decoding.seed is not None:
             sampling["seed"] = decoding.seed
-        if decoding.repetition_penalty != 1.0:
-            # Not an OpenAI parameter: vLLM and other local servers read it from the body's extras.
-            sampling["extra_body"] = {"repetition_penalty": decoding.repetition_penalty}
-
-        if json_schema is not None and self.supports_response_format:
-            # The schema comes from imageloop.agents.structured.json_schema_for, already in this shape.
-            response_format = cast(
-                "ResponseFormatJSONSchema", {"type": "json_schema", "json_schema": dict(json_schema)}
-            )
+        # Not OpenAI parameters: vLLM and other local servers read them from the body's extras, and
+        # api.openai.com refuses them with a 400, after which that endpoint is sent them no more.
+        extras = {"repetition_penalty": decoding.repetition_penalty} if decoding.repetition_penalty != 1.0 else {}
+        while True:
+            request = dict(sampling)
+            if sendable := accepted_extras(base_url, extras):
+                request["extra_body"] = sendable
+            if json_schema is not None and self.supports_response_format:
+                # The schema comes from imageloop.agents.structured.json_schema_for, already in this shape.
+                request["response_format"] = cast(
+                    "ResponseFormatJSONSchema", {"type": "json_schema", "json_schema": dict(json_schema)}
+                )
             try:
                 return cast(
                     "ChatCompletion",
-                    self._client.chat.completions.create(
-                        model=self.model, messages=messages, response_format=response_format, **sampling
-                    ),
+                    self._client.chat.completions.create(model=self.model, messages=messages, **request),
                 )
             except openai.APIStatusError as e:
-                if not _rejects_response_format(e):
+                if refuse_extra(base_url, e, sendable):
+                    continue
+                if "response_format" not in request or not _rejects_response_format(e):
                     raise
                 self.supports_response_format = False
-        return cast(
-            "ChatCompletion", self._client.chat.completions.create(model=self.model, messages=messages, **sampling)
-        )
 
     def chat(
         self, messages: Sequence[Message], json_schema: Mapping[str, Any] | None = None, decoding: Decoding = GREEDY
@@ -118,4 +128,6 @@ class OpenAIVisionLanguageModel:
                 raise TypeError(f"message content is {type(content).__name__}, not text")
         if refusal:
             raise MalformedOutputError(f"{self.model_id} refused to answer: {refusal}")
-        return content or ""
+        usage = completion.usage  # what the provider counted (some compatible servers send none)
+        counted = TokenUsage(usage.prompt_tokens, usage.completion_tokens) if usage is not None else None
+        return ChatAnswer(content or "", counted)

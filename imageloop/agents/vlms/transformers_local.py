@@ -27,7 +27,7 @@ from PIL import Image
 
 from imageloop.errors import ConfigError
 from imageloop.prompts import JSON_SCHEMA_NOTE
-from imageloop.protocols import GREEDY, ChatCall, Decoding, Message
+from imageloop.protocols import GREEDY, ChatAnswer, ChatCall, Decoding, Message, TokenUsage
 from imageloop.runtime import (
     device_lock,
     explain_load_failure,
@@ -41,7 +41,7 @@ from imageloop.tools.images import image_size, open_image
 if TYPE_CHECKING:
     import torch
 
-VLM_MEMORY_KNOBS = "use --dtype bfloat16 or float16, a smaller checkpoint, or --device cpu"
+VLM_MEMORY_KNOBS = "set `dtype` bfloat16 or float16, use a smaller checkpoint, or set `device` cpu"
 JSON_PREFIX = "{"
 """What a structured answer is forced to start with."""
 PROMPT_LENGTH_CLASS = 1.25
@@ -180,8 +180,17 @@ class TransformersVisionLanguageModel:
                 repetition_penalty=1.0,
                 logits_processor=[rows],
             )
-        answers = self.processor.batch_decode(output[:, padded_length:], skip_special_tokens=True)
-        return [prefix + answer.strip() for (_, prefix), answer in zip(rendered, answers, strict=True)]
+        generated = output[:, padded_length:]
+        answers = self.processor.batch_decode(generated, skip_special_tokens=True)
+        # Counted as a provider counts them: each row's prompt (images' tokens included, padding not) and the
+        # tokens it generated (a row that ended early is padded after its end).
+        pad = self.processor.tokenizer.pad_token_id
+        read = inputs["attention_mask"].sum(dim=1).tolist()
+        written = (generated != pad).sum(dim=1).tolist() if pad is not None else [generated.shape[1]] * len(calls)
+        return [
+            ChatAnswer(prefix + answer.strip(), TokenUsage(int(prompt_tokens), int(answer_tokens)))
+            for (_, prefix), answer, prompt_tokens, answer_tokens in zip(rendered, answers, read, written, strict=True)
+        ]
 
 
 class RowDecoding:

@@ -415,7 +415,7 @@ def _load_vision_backbone(model_name: str, device: str, dtype: torch.dtype) -> _
 
     try:
         model = transformers.AutoModel.from_pretrained(model_name, dtype=dtype).to(device)
-        processor = transformers.AutoImageProcessor.from_pretrained(model_name)  # type: ignore[no-untyped-call]
+        processor = transformers.AutoImageProcessor.from_pretrained(model_name)  # type: ignore[no-untyped-call, unused-ignore]
     except Exception as e:
         raise explain_load_failure(model_name, e) from e
     model.eval()

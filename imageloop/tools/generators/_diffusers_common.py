@@ -38,7 +38,7 @@ def resolve_placement(device: str | None, dtype: str | None, offload: bool) -> t
     """The device and torch dtype to load on, checked before anything is downloaded or loaded."""
     resolved = pick_device(device)
     if offload and not resolved.startswith("cuda"):
-        raise ConfigError(f"--offload moves pipeline parts between the CPU and a CUDA GPU; the device is {resolved}")
+        raise ConfigError(f"`offload` moves pipeline parts between the CPU and a CUDA GPU; the device is {resolved}")
     return resolved, pick_dtype(resolved, dtype)
 
 
@@ -55,7 +55,7 @@ def from_hub(model: str, load: Callable[[], T]) -> T:
 
 
 def place(pipe: Any, device: str, offload: bool) -> None:
-    """Move a loaded pipeline to `device`, or let it visit the GPU one model at a time (`--offload`)."""
+    """Move a loaded pipeline to `device`, or let it visit the GPU one model at a time (``offload``)."""
     with translated_out_of_memory(f"loading {pipe.__class__.__name__} onto {device}"):
         if offload:
             pipe.enable_model_cpu_offload(device=device)

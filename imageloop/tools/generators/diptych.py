@@ -17,7 +17,7 @@ from PIL import Image
 
 from imageloop.errors import ConfigError
 from imageloop.protocols import GenerationRequest, ImageGenerator
-from imageloop.runtime import device_lock, load_cached, translated_out_of_memory
+from imageloop.runtime import device_lock, diffusers_class, load_cached, translated_out_of_memory
 from imageloop.tools.generators._diffusers_common import from_hub, noise_generator, place, resolve_placement
 
 DEFAULT_DIPTYCH_SIZE = (1024, 512)
@@ -84,7 +84,7 @@ class FluxLoRADiptychs:
         steps: int = 28,
         guidance_scale: float = 3.5,
     ) -> None:
-        from diffusers import FluxPipeline
+        FluxPipeline = diffusers_class("FluxPipeline")
 
         config = read_cir_lora_config(lora)
         self.lora = lora

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from imageloop.protocols import GenerationRequest, GenerationResult
-from imageloop.runtime import BatchMemory, load_cached
+from imageloop.runtime import BatchMemory, diffusers_class, load_cached
 from imageloop.tools.generators._diffusers_common import (
     BatchKind,
     DiffusersGenerator,
@@ -56,7 +56,8 @@ class FluxGenerator(DiffusersGenerator):
         size: tuple[int, int] = DEFAULT_SIZE,
         max_references: int = MAX_REFERENCES,
     ) -> None:
-        from diffusers import FluxPipeline, FluxPriorReduxPipeline
+        FluxPipeline = diffusers_class("FluxPipeline")
+        FluxPriorReduxPipeline = diffusers_class("FluxPriorReduxPipeline")
 
         self.model_id = f"flux:{model}"
         # Without a Redux prior this backend draws from text alone and says so when given references.

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from imageloop.protocols import GenerationRequest, GenerationResult, ReferenceImage
-from imageloop.runtime import BatchMemory, load_cached
+from imageloop.runtime import BatchMemory, diffusers_class, load_cached
 from imageloop.tools.generators._diffusers_common import (
     BatchKind,
     DiffusersGenerator,
@@ -104,7 +104,7 @@ class OmniGenGenerator(DiffusersGenerator):
         size: tuple[int, int] = DEFAULT_SIZE,
         max_input_image_size: int = 1024,
     ) -> None:
-        from diffusers import OmniGenPipeline
+        OmniGenPipeline = diffusers_class("OmniGenPipeline")
 
         self.model_id = f"omnigen:{model}"
         self.steps = steps

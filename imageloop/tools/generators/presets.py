@@ -10,8 +10,8 @@ before anything is downloaded.
   guidance 3.5, the pipeline's own 1024 px.
 - `flux.1-dev`: GenIR's FLUX setting (l.247-253, l.498-506): `FluxPipeline` without Redux, 50 steps,
   guidance 3.5, 1024x1024, T5 prompts up to 512 tokens.
-- `lumina-2`: Lumina-Image 2.0; GenIR's code has no setting for it, so diffusers' defaults (30 steps,
-  guidance 4.0).
+- `lumina-2`: Lumina-Image 2.0 at the 50 steps of the GenIR paper's table of generators (its code has no
+  setting for it); guidance and size are diffusers' (4.0, the pipeline's own).
 - `hidream-i1-fast`: HiDream-I1 Fast at its distilled setting (16 steps, no guidance, 1024x1024); its
   fourth text encoder is Llama-3.1-8B-Instruct, loaded beside it as diffusers' pipeline requires.
 """
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from imageloop.errors import ConfigError
+from imageloop.runtime import diffusers_class
 from imageloop.tools.generators._diffusers_common import from_hub
 from imageloop.tools.generators.text2image import Components, Text2ImageGenerator
 
@@ -57,8 +58,8 @@ GENERATOR_PRESETS: dict[str, GeneratorPreset] = {
         call_options={"max_sequence_length": 512},
     ),
     "lumina-2": GeneratorPreset(
-        "Lumina2Pipeline", "Alpha-VLLM/Lumina-Image-2.0", None, None, None,
-        "diffusers' Lumina2Pipeline defaults (GenIR's code sets none)",
+        "Lumina2Pipeline", "Alpha-VLLM/Lumina-Image-2.0", 50, None, None,
+        "the GenIR paper's generators table: 50 steps (its code sets none; guidance diffusers')",
     ),
     "hidream-i1-fast": GeneratorPreset(
         "HiDreamImagePipeline", "HiDream-ai/HiDream-I1-Fast", 16, 0.0, (1024, 1024),
@@ -76,7 +77,7 @@ def resolve_preset(spec: str) -> tuple[str, GeneratorPreset]:
     preset = GENERATOR_PRESETS.get(name.strip().lower())
     if preset is None:
         raise ConfigError(f"preset:{spec}: unknown generator preset; known: {', '.join(GENERATOR_PRESETS)}")
-    if getattr(diffusers, preset.pipeline, None) is None:
+    if diffusers_class(preset.pipeline) is None:
         raise ConfigError(
             f"preset:{name} needs diffusers' {preset.pipeline}, which diffusers {diffusers.__version__} does not "
             "have: pip install -U diffusers"

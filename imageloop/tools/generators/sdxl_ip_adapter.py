@@ -23,7 +23,7 @@ from typing import Any
 from PIL import Image
 
 from imageloop.protocols import GenerationRequest, GenerationResult
-from imageloop.runtime import BatchMemory, load_cached
+from imageloop.runtime import BatchMemory, diffusers_class, load_cached
 from imageloop.tools.generators._diffusers_common import (
     BatchKind,
     DiffusersGenerator,
@@ -67,7 +67,7 @@ class SDXLIPAdapterGenerator(DiffusersGenerator):
         negative_prompt: str | None = PAPER_NEGATIVE_PROMPT,
         max_references: int = MAX_REFERENCES,
     ) -> None:
-        from diffusers import StableDiffusionXLPipeline
+        StableDiffusionXLPipeline = diffusers_class("StableDiffusionXLPipeline")
         from transformers import CLIPVisionModelWithProjection
 
         self.model_id = f"sdxl-ip-adapter:{model}"

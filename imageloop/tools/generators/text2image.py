@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from imageloop.errors import ConfigError
 from imageloop.protocols import GenerationRequest, GenerationResult
-from imageloop.runtime import BatchMemory, load_cached
+from imageloop.runtime import BatchMemory, diffusers_class, load_cached
 from imageloop.tools.generators._diffusers_common import (
     BatchKind,
     DiffusersGenerator,
@@ -53,15 +54,15 @@ class Text2ImageGenerator(DiffusersGenerator):
         model_id: str | None = None,
     ) -> None:
         """`pipeline` names a diffusers class (default: the checkpoint's own); `call_options` go to every call."""
-        import diffusers
-
         self.model_id = model_id or f"diffusers:{model}"
         self.steps = steps
         self.guidance_scale = guidance_scale
         self.size = size
         self.call_options = dict(call_options or {})
         self.device, torch_dtype = resolve_placement(device, dtype, offload)
-        pipeline_class = diffusers.AutoPipelineForText2Image if pipeline is None else getattr(diffusers, pipeline)
+        pipeline_class = diffusers_class(pipeline or "AutoPipelineForText2Image")
+        if pipeline_class is None:
+            raise ConfigError(f"diffusers has no pipeline {pipeline!r}: name one of its pipeline classes")
 
         def load() -> Any:
             extra = components(torch_dtype) if components is not None else {}

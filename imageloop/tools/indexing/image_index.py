@@ -134,8 +134,8 @@ class ImageIndex:
         if model_id != self.embedder_id:
             raise EmbedderMismatchError(
                 f"index at {self.root} was built with {self.embedder_id}; the configured embedder is "
-                f"{model_id}: pass --embedder {self.embedder_id}, or delete {self.root / INDEX_DIRNAME} "
-                f"and re-index with --embedder {model_id}"
+                f"{model_id}: pass `embedder` {self.embedder_id}, or delete {self.root / INDEX_DIRNAME} "
+                f"and re-index with `embedder` {model_id}"
             )
 
     def check(self) -> None:
@@ -157,7 +157,7 @@ def _refuse_a_file_in_its_place(index_dir: Path) -> None:
     """`.imageloop` must be a folder (or absent): a file of that name is in the way, said in one line."""
     if index_dir.exists() and not index_dir.is_dir():
         raise ImageloopError(
-            f"{index_dir} is a file, not an imageloop index folder: move or delete it, then run `imageloop index`"
+            f"{index_dir} is a file, not an imageloop index folder: move or delete it, then index the folder"
         )
 
 
@@ -179,7 +179,7 @@ def open_index(
     else:
         root, index_dir = resolved, resolved / INDEX_DIRNAME
     _refuse_a_file_in_its_place(index_dir)
-    missing = IndexNotFoundError(f"no imageloop index at {given}: run `imageloop index {root}` first")
+    missing = IndexNotFoundError(f"no imageloop index at {given}: index {root} first")
     location = _recorded_location(index_dir)
     if location is None:
         raise missing
@@ -191,7 +191,7 @@ def open_index(
         )
     except IndexNotFoundError:
         raise IndexNotFoundError(
-            f"no imageloop index at {given}: {location.describe()} does not exist; run `imageloop index {root}`"
+            f"no imageloop index at {given}: {location.describe()} does not exist; index {root} again"
         ) from None
     # A store without meta is an index whose creation was interrupted before it held anything.
     if "embedder_id" not in store.get_meta():
@@ -280,7 +280,7 @@ def _new_location(
     if store != "weaviate":
         return StoreLocation()
     if not url:
-        raise ConfigError("--store weaviate needs a server: pass --weaviate-url URL or set IMAGELOOP_WEAVIATE_URL")
+        raise ConfigError("`store` weaviate needs a server: pass `weaviate_url` URL or set IMAGELOOP_WEAVIATE_URL")
     weaviate_store = _weaviate_store_module()
     name = weaviate_store.check_collection_name(collection) if collection else weaviate_store.collection_name_for(root)
     return StoreLocation("weaviate", url.rstrip("/"), name, grpc_port)

@@ -1,6 +1,8 @@
 """Indexing an image folder: content-addressed, incremental, overlapped, and crash-safe.
 
-Each image is stored once under the sha256 of its bytes, so re-running over a folder only embeds
+The images come from a folder, WebDataset shards or a parquet table (`imageloop.tools.indexing.sources`);
+each record's `path` is its address under the index's folder. Each image is stored once under the sha256
+of its bytes, so re-running over a folder only embeds
 files it has not seen, and a file that moved inside the folder keeps its vector and gets its new
 path. Besides its path, folder and caption (a sidecar `NAME.txt`, else the captioner's), a record
 carries the keys of a sidecar `NAME.json`, e.g. `{"tags": ["sneaker", "red"], "brand": "acme"}`, which
@@ -18,9 +20,9 @@ import json
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, Unpack
@@ -28,16 +30,25 @@ from typing import Any, TypeVar, Unpack
 from PIL import Image
 from tqdm import tqdm
 
-from imageloop.errors import ImageloopError
+from imageloop.errors import ImageloopError, StorageError
+from imageloop.limits import SIDECAR_BYTES
 from imageloop.protocols import Embedder, VectorRecord
-from imageloop.tools.images import decode_image, file_digest, image_files, open_regular
-from imageloop.tools.indexing.image_index import ImageIndex, Route, StoreOptions, create_or_open_index
+from imageloop.tools.images import decode_image, file_digest, open_regular
+from imageloop.tools.indexing.image_index import (
+    INDEX_DIRNAME,
+    ImageIndex,
+    Route,
+    StoreOptions,
+    create_or_open_index,
+)
+from imageloop.tools.indexing.sources import Item, Source
 from imageloop.tools.stores.embedded import EmbeddedVectorStore
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 Captioner = Callable[[Path], str]
+LOCK_FILE = "indexing.lock"
 RESERVED_KEYS = frozenset({"path", "folder", "caption"})
 """Metadata the indexer writes itself, which a sidecar `NAME.json` may not set."""
 
@@ -105,7 +116,7 @@ class _New:
     """Content not in the index yet, decoded; `image` is kept on the image route only."""
 
     id: str
-    relative: Path
+    item: Item
     caption: str
     extra: dict[str, Any]
     image: Image.Image | None
@@ -116,14 +127,14 @@ class _Known:
     """Content the index already holds, with its stored record (the path it was indexed under) and its sidecar keys."""
 
     id: str
-    relative: Path
+    item: Item
     record: VectorRecord
     extra: dict[str, Any]
 
 
 @dataclass(frozen=True)
 class _Failed:
-    relative: Path
+    address: str
     reason: str
 
 
@@ -131,7 +142,7 @@ _Outcome = _New | _Known | _Failed
 
 
 def index_folder(
-    folder: Path,
+    folder: Path | Source,
     embedder: Embedder,
     captioner: Captioner | None,
     *,
@@ -141,20 +152,45 @@ def index_folder(
     on_progress: Callable[[int, int], None] | None = None,
     **store_options: Unpack[StoreOptions],
 ) -> IndexSummary:
-    """Add every new image under `folder` to its index; unreadable files are reported, never fatal.
+    """Add every new image of `folder` (or of a `Source`: shards, a parquet table) to its index.
 
-    `store_options` choose the store of a new index (see `create_or_open_index`); default embedded.
-    `on_progress(done, total)` hears how many files were handled, at the start, per batch and at the end.
+    Unreadable files are reported, never fatal. `store_options` choose the store of a new index (see
+    `create_or_open_index`); default embedded. `on_progress(done, total)` hears how many images were
+    handled, at the start, per batch and at the end.
     """
     _check_sizes(batch_size, workers)
-    index = create_or_open_index(folder, embedder, **store_options)
+    source = folder if isinstance(folder, Source) else Source(Path(folder).resolve(), "folder")
+    index = create_or_open_index(source.root, embedder, **store_options)
     try:
-        return index_into(
-            index, embedder, captioner, batch_size=batch_size, workers=workers, progress=progress,
-            on_progress=on_progress,
-        )  # fmt: skip
+        with one_indexer(index.root / INDEX_DIRNAME):
+            return index_into(
+                index, embedder, captioner, batch_size=batch_size, workers=workers, progress=progress,
+                on_progress=on_progress, source=source,
+            )  # fmt: skip
     finally:
         index.close()
+
+
+@contextmanager
+def one_indexer(index_dir: Path) -> Iterator[None]:
+    """Index one folder in one run at a time, across processes and threads: a second run waits for the first,
+    then finds its images indexed (four at once embedded every image up to four times).
+
+    An advisory lock on `.imageloop/indexing.lock`, released by the operating system however the holder ends.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform (Windows): runs are not kept apart
+        yield
+        return
+    try:
+        lock = (index_dir / LOCK_FILE).open("ab")
+    except OSError:  # a read-only index: nothing can be added to it, nor by another run
+        yield
+        return
+    with lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
 
 
 def index_into(
@@ -166,8 +202,9 @@ def index_into(
     workers: int | None = None,
     progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
+    source: Source | None = None,
 ) -> IndexSummary:
-    """Index the images under `index.root` into an open index (whatever its store); see `index_folder`.
+    """Index the images of `source` (default: the folder `index.root`) into an open index; see `index_folder`.
 
     `captioner` is called from `workers` threads at once and must be thread-safe. At most
     `batch_size + 2 * workers` files are prepared ahead of the batch being embedded, so on the image
@@ -177,7 +214,13 @@ def index_into(
     _check_sizes(batch_size, workers)
     workers = workers or default_workers()
     index.require_embedder(embedder.model_id)
-    files = sorted(image_files(index.root), key=lambda path: path.relative_to(index.root).as_posix())
+    # A damaged index is said before any work (the store reads every page, ~1 s per GB), never reported
+    # as images that all failed, or as a run that found nothing new.
+    index.check()
+    source = source or Source(index.root, "folder")
+    _claim(index, source)
+    files = source.items()
+    addresses = {item.address for item in files}
     summary = IndexSummary(total=len(files))
     # Workers look up known content while the main thread commits: one lock makes any store safe.
     store_lock = threading.Lock()
@@ -187,8 +230,8 @@ def index_into(
 
     side = prepared_side(embedder)
 
-    def prepare(path: Path) -> _Outcome:
-        return _prepare(path, index, captioner, store_lock, side)
+    def prepare(item: Item) -> _Outcome:
+        return _prepare(item, index, captioner, store_lock, side)
 
     def commit() -> None:
         # One upsert per batch, one transaction per upsert: an interruption loses this batch only.
@@ -215,13 +258,13 @@ def index_into(
             for outcome in outcomes:
                 if isinstance(outcome, _Failed):
                     summary.failed += 1
-                    summary.failures.append((outcome.relative.as_posix(), outcome.reason))
+                    summary.failures.append((outcome.address, outcome.reason))
                 elif outcome.id in seen:
                     summary.skipped += 1  # the same content earlier in this run: stored once
                 elif isinstance(outcome, _Known):
                     seen.add(outcome.id)
                     summary.skipped += 1
-                    updated = _updated(outcome, index.root)
+                    updated = _updated(outcome, addresses)
                     if updated is not None:
                         moves.append(updated)
                 else:
@@ -305,49 +348,72 @@ def _in_order(
             future.cancel()
 
 
+def _claim(index: ImageIndex, source: Source) -> None:
+    """Record which source builds the index; another kind of source (or another parquet file) is refused."""
+    stored = index.store.get_meta().get("source")
+    # No record: a new index, or one from before sources were recorded, which is a folder's.
+    recorded = stored or (source.record() if index.store.count() == 0 else {"kind": "folder", "files": []})
+    other = recorded["kind"] != source.kind or (source.kind == "parquet" and recorded["files"] != list(source.files))
+    if other:
+        built = (
+            recorded["kind"] if recorded["kind"] == "folder" else f"{recorded['kind']} {', '.join(recorded['files'])}"
+        )
+        raise ImageloopError(
+            f"the index at {index.root} was built from {built}: each run keeps what its source holds and drops "
+            f"the rest, so index this source into a folder of its own"
+        )
+    if stored != source.record():
+        index.store.set_meta({"source": source.record()})
+
+
 def _prepare(
-    path: Path, index: ImageIndex, captioner: Captioner | None, store_lock: threading.Lock, side: int
+    item: Item, index: ImageIndex, captioner: Captioner | None, store_lock: threading.Lock, side: int
 ) -> _Outcome:
-    """Runs in a worker: hash `path`, look its content up, and decode and caption it if it is new.
+    """Runs in a worker: hash the item's bytes, look its content up, and decode and caption it if it is new.
 
     The bytes hashed and the pixels decoded come from one open file, so a file replaced meanwhile is
     indexed as one whole version, never the id of one and the picture of another.
     """
-    relative = path.relative_to(index.root)
+    if item.problem is not None:
+        return _Failed(item.address, item.problem)
+    path = index.root / item.address
     try:
         with open_regular(path) as f:
             image_id = file_digest(f)
             # Known content is not decoded: a re-run over a large folder only hashes bytes.
             with store_lock:
                 known = index.store.get([image_id])
-            extra = sidecar_metadata(path)
+            extra = dict(item.extra) if item.extra is not None else sidecar_metadata(path, index.root)
             if known:
-                return _Known(image_id, relative, known[0], extra)
+                return _Known(image_id, item, known[0], extra)
             f.seek(0)
             image = decode_image(f, path, shortest_side=side)  # on the caption route too: a broken file fails
-        caption = _caption(path, relative, index.route, captioner)
+        caption = item.caption if item.caption is not None else _caption(path, item, index.root, index.route, captioner)
+    except StorageError:
+        raise  # the index itself failed (damaged, full, busy): not this file's fault, the run's
     except ImageloopError as e:
-        return _Failed(relative, str(e))
+        return _Failed(item.address, str(e))
     except OSError as e:
-        return _Failed(relative, f"{path}: cannot read ({e.strerror or e})")
-    return _New(image_id, relative, caption, extra, image if index.route == "image" else None)
+        return _Failed(item.address, f"{path}: cannot read ({e.strerror or e})")
+    return _New(image_id, item, caption, extra, image if index.route == "image" else None)
 
 
-def _updated(known: _Known, root: Path) -> tuple[VectorRecord, bool, bool] | None:
-    """The record with its new path (when the path it was indexed under no longer exists) and its sidecar's
-    keys (when they changed), and which of the two changed; None when neither did.
+def _updated(known: _Known, addresses: set[str]) -> tuple[VectorRecord, bool, bool] | None:
+    """The record with its new address (when the one it was indexed under is gone from the source) and its
+    tags (when they changed), and which of the two changed; None when neither did.
 
-    A second copy of content whose recorded file is still there is a duplicate, not a move: its own
-    sidecar is not read into the record either.
+    A second copy of content whose recorded address is still in the source is a duplicate, not a move: its
+    own tags are not read into the record either.
     """
     metadata = dict(known.record.metadata)
     recorded = metadata.get("path")
-    if isinstance(recorded, str) and (recorded == known.relative.as_posix() or (root / recorded).is_file()):
-        if recorded != known.relative.as_posix():
+    address = known.item.address
+    if isinstance(recorded, str) and (recorded == address or recorded in addresses):
+        if recorded != address:
             return None
         moved = False
     else:
-        metadata |= {"path": known.relative.as_posix(), "folder": known.relative.parent.as_posix()}
+        metadata |= {"path": address, "folder": known.item.folder}
         moved = True
     before = {key: value for key, value in metadata.items() if key not in RESERVED_KEYS}
     retagged = before != known.extra
@@ -374,41 +440,65 @@ def _embedded(pending: list[_New], index: ImageIndex, embedder: Embedder) -> lis
         VectorRecord(
             id=item.id,
             vector=vector,
-            metadata={
-                **item.extra,
-                "path": item.relative.as_posix(),
-                "caption": item.caption,
-                "folder": item.relative.parent.as_posix(),
-            },
+            metadata={**item.extra, "path": item.item.address, "caption": item.caption, "folder": item.item.folder},
         )
         for item, vector in zip(pending, vectors, strict=True)
     ]
 
 
-def sidecar_caption(path: Path) -> str | None:
-    """The caption a person wrote for `path` in the sidecar `NAME.txt` beside it, else None."""
-    sidecar = path.with_suffix(".txt")
-    if not sidecar.is_file():
+def read_sidecar(image: Path, suffix: str, within: Path) -> str | None:
+    """The text of the sidecar `NAME.SUFFIX` beside `image` (None without one), read under the image's own
+    confinement: the sidecar is resolved (symlinks followed) and read only when it lies inside `within` (the
+    index root, or the folder of a reference image), is a regular file and holds at most `SIDECAR_BYTES`.
+
+    A sidecar linking out of the folder would otherwise hand any file the process can read (`/etc/passwd`)
+    to the index, the models and the client as a caption. Nothing outside `within` is opened or probed.
+    """
+    sidecar = image.with_suffix(suffix)
+    if not os.path.lexists(sidecar):
         return None
     try:
-        return sidecar.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ImageloopError(f"{sidecar}: cannot read caption ({e})") from e
+        resolved = sidecar.resolve()
+        inside = resolved.is_relative_to(within.resolve())
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise ImageloopError(f"{sidecar}: cannot resolve ({e}); not read") from None
+    if not inside:
+        raise ImageloopError(f"{sidecar}: links outside {within}; not read")
+    try:
+        with open_regular(resolved) as f:
+            data = f.read(SIDECAR_BYTES + 1)
+    except ImageloopError as e:
+        if not resolved.exists() and resolved.parent.is_dir():
+            return None  # a dangling link inside the folder: no sidecar
+        raise ImageloopError(str(e).replace(str(resolved), str(sidecar))) from None
+    if len(data) > SIDECAR_BYTES:
+        raise ImageloopError(f"{sidecar}: over {SIDECAR_BYTES:,} bytes; not read")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ImageloopError(f"{sidecar}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def sidecar_metadata(path: Path) -> dict[str, Any]:
+def sidecar_caption(path: Path, within: Path) -> str | None:
+    """The caption a person wrote for `path` in the sidecar `NAME.txt` beside it, else None (see `read_sidecar`)."""
+    text = read_sidecar(path, ".txt", within)
+    return None if text is None else text.strip()
+
+
+def sidecar_metadata(path: Path, within: Path) -> dict[str, Any]:
     """The keys of the image's sidecar `NAME.json` (none without one): text, numbers, booleans or lists of them.
 
     A catalogue's tags and attributes, e.g. `{"tags": ["sneaker", "red"], "brand": "acme"}`, stored
-    with the record so `where` can filter on them. A sidecar that is not such an object fails that
-    image (reported, never fatal), like an unreadable caption.
+    with the record so `where` can filter on them. A sidecar that is not such an object, or that
+    `read_sidecar` refuses, fails that image (reported, never fatal), like an unreadable caption.
     """
-    sidecar = path.with_suffix(".json")
-    if not sidecar.is_file():
+    text = read_sidecar(path, ".json", within)
+    if text is None:
         return {}
+    sidecar = path.with_suffix(".json")
     try:
-        data = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
         raise ImageloopError(f"{sidecar}: cannot read metadata ({e})") from e
     if not isinstance(data, dict):
         raise ImageloopError(f'{sidecar}: expected a JSON object such as {{"tags": ["sneaker"]}}')
@@ -421,13 +511,14 @@ def sidecar_metadata(path: Path) -> dict[str, Any]:
     return data
 
 
-def _caption(path: Path, relative: Path, route: Route, captioner: Captioner | None) -> str:
+def _caption(path: Path, item: Item, root: Path, route: Route, captioner: Captioner | None) -> str:
     """The sidecar `NAME.txt` if present, else the captioner's; the caption route needs one of them."""
-    sidecar = sidecar_caption(path)
+    sidecar = sidecar_caption(path, root)
     if sidecar is not None:
         return sidecar
     if captioner is not None:
         return captioner(path)
     if route == "caption":
-        raise ImageloopError(f"no caption: add {relative.with_suffix('.txt').as_posix()} or configure a captioner")
+        sidecar_name = Path(item.address).with_suffix(".txt").as_posix()
+        raise ImageloopError(f"no caption: add {sidecar_name} or configure a captioner")
     return ""

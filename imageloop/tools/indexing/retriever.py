@@ -26,6 +26,7 @@ from imageloop.protocols import Embedder, RetrievedImage, SearchHit, Vector
 from imageloop.tools.images import open_image, reduce_image
 from imageloop.tools.indexing.image_index import ImageIndex, Route
 from imageloop.tools.indexing.indexer import prepared_side
+from imageloop.tools.indexing.sources import tar_address
 
 Where = Mapping[str, Any]
 
@@ -38,7 +39,7 @@ class Retriever:
         # would make every later retrieval silently return nothing.
         index.require_embedder(embedder.model_id)
         if index.count() == 0:
-            raise ImageloopError(f"index at {index.root} is empty: add images and run `imageloop index`")
+            raise ImageloopError(f"index at {index.root} is empty: add images and index the folder again")
         self.index = index
         self.embedder = embedder
         self._real_root = index.root.resolve()
@@ -114,16 +115,35 @@ class Retriever:
             )
         store = self.index.store
         batched = getattr(store, "search_many", None)
-        hit_lists: list[list[SearchHit]]
-        if batched is not None:
-            hit_lists = batched(vectors, k, where)
-        else:
-            hit_lists = [store.search(vector, k, where) for vector in vectors]
-        kept = [
-            [hit for hit in hits if similarity_threshold is None or hit.score >= similarity_threshold]
-            for hits in hit_lists
-        ]
-        return [[image for image in map(self._retrieved, hits) if image is not None] for hits in kept]
+        depth = k
+        while True:
+            hit_lists: list[list[SearchHit]]
+            if batched is not None:
+                hit_lists = batched(vectors, depth, where)
+            else:
+                hit_lists = [store.search(vector, depth, where) for vector in vectors]
+            found = [self._usable(hits, k, similarity_threshold) for hits in hit_lists]
+            # A hit whose file is gone leaves a gap the next hit fills: search deeper while a query is short of
+            # k and its store may hold more above the threshold.
+            if not any(
+                len(usable) < k and len(hits) == depth and _above(hits[-1], similarity_threshold)
+                for usable, hits in zip(found, hit_lists, strict=True)
+            ):
+                return found
+            depth *= 2
+
+    def _usable(self, hits: list[SearchHit], k: int, similarity_threshold: float | None) -> list[RetrievedImage]:
+        """The first `k` hits above the threshold whose files are still there, best first."""
+        usable: list[RetrievedImage] = []
+        for hit in hits:
+            if not _above(hit, similarity_threshold):
+                continue
+            image = self._retrieved(hit)
+            if image is not None:
+                usable.append(image)
+            if len(usable) == k:
+                break
+        return usable
 
     def _retrieved(self, hit: SearchHit) -> RetrievedImage | None:
         """The hit as a result, or None when its file now resolves outside the index's folder or is gone.
@@ -131,16 +151,22 @@ class Retriever:
         The indexer never indexes a symlink that leaves the folder; a file (or folder) replaced by one
         afterwards is dropped here, so no caller (a confined server among them) is handed a file from elsewhere.
         A file deleted since indexing, or replaced by something that is no regular file (a FIFO would block
-        whoever opens it), is dropped too: the next `imageloop index` prunes it.
+        whoever opens it), is dropped too: the next `imageloop index` prunes it. An image inside a shard
+        (`shard.tar#key.jpg`) is checked by its tar file.
         """
         path = self.index.root / hit.metadata["path"]
+        address = tar_address(path)
         try:
-            real = path.resolve(strict=True)
+            real = (address[0] if address is not None else path).resolve(strict=True)
         except (OSError, RuntimeError):
             return None
         if not real.is_relative_to(self._real_root) or not real.is_file():
             return None
         return RetrievedImage(id=hit.id, path=path, caption=hit.metadata.get("caption", ""), score=hit.score)
+
+
+def _above(hit: SearchHit, similarity_threshold: float | None) -> bool:
+    return similarity_threshold is None or hit.score >= similarity_threshold
 
 
 class FilteredRetriever:

@@ -182,7 +182,7 @@ def store_error(error: sqlite3.Error, path: Path) -> StorageError:
     if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
         return IndexDamagedError(f"the index at {folder} is damaged ({error}): delete {folder} and re-index")
     if name.startswith("SQLITE_FULL"):
-        return StorageError(f"disk full while writing {path} ({error}): free some space and run the same command again")
+        return StorageError(f"disk full while writing {path} ({error}): free some space and try again")
     if name.startswith("SQLITE_READONLY"):
         return StorageError(
             f"the index at {folder} is read-only here: searching works; adding images needs it writable"

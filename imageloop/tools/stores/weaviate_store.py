@@ -452,7 +452,7 @@ class WeaviateVectorStore:
         if status in (401, 403):
             return (
                 f"Weaviate at {self.url} refused to {what} (HTTP {status}): check the API key "
-                "(WEAVIATE_API_KEY or --weaviate-api-key)"
+                "(WEAVIATE_API_KEY or `weaviate_api_key`)"
             )
         return f"Weaviate at {self.url} failed to {what} ({tries}): {_one_line(str(error))}"
 
