@@ -782,6 +782,7 @@ def test_of_two_processes_saving_indexes_over_as_many_rows_neither_deletes_the_o
 
     pointed = tmp_path / second.get_meta()["ann"]["file"]
     assert interleaved and pointed.exists()
+    assert list(tmp_path.glob("store.sqlite-ann-*")) == [pointed]  # the other one superseded, not left behind
     reopened = EmbeddedVectorStore(tmp_path / "store.sqlite", ann_threshold=1000)
     assert reopened.search(vectors[7], k=1)[0].id == "7"
 

@@ -36,6 +36,7 @@ records' ids and metadata, not from SQLite.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -519,7 +520,7 @@ class EmbeddedVectorStore:
     def _in_snapshot(self, work: Callable[[sqlite3.Connection], R]) -> R:
         """`work` in one read transaction; in a fresh one if a file it names was replaced by another process meanwhile.
 
-        The vector file (by a compaction) or the saved ANN index (by a save over more rows).
+        The vector file (replaced by a compaction) or the saved ANN index (superseded by a later save).
         """
         for _ in range(_SNAPSHOT_ATTEMPTS - 1):
             try:
@@ -688,24 +689,37 @@ class EmbeddedVectorStore:
     def _save_ann(self, index: HnswIndex | QuantizedIndex) -> None:
         """Write the index to a new file, then point the store's meta at it in one transaction."""
         name = f"{self.path.name}{_ANN_INFIX}{index.kind}-{index.graph_rows}-{uuid.uuid4().hex[:8]}"
-        index.save(self.path.parent / name)
+        saved = self.path.parent / name
+        index.save(saved)
+        replaced: Path | None = None
         with self._write() as conn:
             current = _read_meta(conn, _ANN)
             vectors = _read_meta(conn, _VECTORS)
-            # Another process may have saved a larger index meanwhile, or compacted the vector file;
-            # of two over as many rows, the last saved (a rebuild) wins.
-            if vectors["file"] == index.vectors.name and (
-                current is None
-                or (current["vectors"], current["engine"]) != (vectors["file"], index.kind)
-                or current["rows"] <= index.graph_rows
+            # Another process may have saved a larger index meanwhile, compacted the vector file, or
+            # saved one over as many rows and deleted this file; of two over as many rows, the last
+            # saved (a rebuild) wins.
+            if (
+                vectors["file"] == index.vectors.name
+                and saved.exists()
+                and (
+                    current is None
+                    or (current["vectors"], current["engine"]) != (vectors["file"], index.kind)
+                    or current["rows"] <= index.graph_rows
+                )
             ):
+                replaced = None if current is None else self.path.parent / current["file"]
                 current = {
                     "file": name, "engine": index.kind, "vectors": index.vectors.name, "rows": index.graph_rows,
                     "generation": self._rows.generation, **index.info,
                 }  # fmt: skip
                 _put_meta(conn, {_ANN: current})
-        kept = {vectors["file"], *([current["file"]] if current else [])}
-        _remove_stale_files(self.path, keep=kept, superseding=current)
+            # Under the write lock, so that no other save is between its check above and its commit. The
+            # index pointed at until this commit goes after it: readers see it pointed at until then.
+            pointed = [current["file"]] if current else []
+            _remove_stale_files(self.path, keep={vectors["file"], *pointed, *([replaced.name] if replaced else [])})
+        if replaced is not None:
+            with contextlib.suppress(OSError):  # already gone, or open elsewhere (Windows): a later save tries again
+                replaced.unlink(missing_ok=True)
 
     def _compact(self) -> bool:
         """Copy the live rows to a new vector file and renumber the records' rows, in one transaction.
@@ -1114,28 +1128,22 @@ def _rewritten_since(conn: sqlite3.Connection, generation: int, max_seq: int) ->
     return deleted is not None or replaced is not None
 
 
-def _remove_stale_files(store_path: Path, *, keep: set[str], superseding: Mapping[str, Any] | None = None) -> None:
-    """Delete the files beside the store that it no longer refers to, but those in `keep`.
+def _remove_stale_files(store_path: Path, *, keep: set[str]) -> None:
+    """Delete the files beside the store that it no longer refers to.
 
-    A saved ANN index of the engine of `superseding` (the index the meta points at) over fewer rows is
-    superseded at once: it is never pointed at again. One over as many rows may be another process's
-    save about to be pointed at (the last saved wins), and any other unreferenced file (a vector file
-    or index of another process's compaction or save in progress, or left by a killed one) is deleted
-    only once older than `_STALE_SECONDS`.
+    A saved ANN index covering no more rows than the kept one is superseded at once (a save calls
+    this holding the write lock: another process's save of it, if in progress, finds it gone before
+    pointing at it); any other unreferenced file (a vector file or index of another process's
+    compaction or save in progress, or left by a killed one) only once older than `_STALE_SECONDS`.
     """
     prefix = store_path.name
+    kept_rows = max((_ann_rows(name, prefix) for name in keep), default=-1)
     now = time.time()
     for candidate in [*store_path.parent.glob(f"{prefix}-*"), *store_path.parent.glob(f".{prefix}-*")]:
         name = candidate.name.lstrip(".")
         if name in keep or not any(name.startswith(prefix + infix) for infix in (_ANN_INFIX, _VECTORS_INFIX)):
             continue  # ours to keep, or not ours (the SQLite -wal and -shm files)
-        saved = _saved_ann(name, prefix) if not candidate.name.endswith(".tmp") else None
-        superseded = (
-            saved is not None
-            and superseding is not None
-            and saved[0] == superseding["engine"]
-            and saved[1] < superseding["rows"]
-        )
+        superseded = not candidate.name.endswith(".tmp") and 0 <= _ann_rows(name, prefix) <= kept_rows
         try:
             if superseded or now - candidate.stat().st_mtime > _STALE_SECONDS:
                 candidate.unlink()
@@ -1143,14 +1151,12 @@ def _remove_stale_files(store_path: Path, *, keep: set[str], superseding: Mappin
             continue  # already gone, or open elsewhere (Windows): a later save tries again
 
 
-def _saved_ann(name: str, prefix: str) -> tuple[str, int] | None:
-    """The engine and rows of a saved ANN index, from its file name `<store>-ann-<engine>-<rows>-<id>`; else None."""
+def _ann_rows(name: str, prefix: str) -> int:
+    """The rows a saved ANN index file covers, from its name `<store>-ann-<engine>-<rows>-<id>`; -1 if not one."""
     if not name.startswith(prefix + _ANN_INFIX):
-        return None
+        return -1
     parts = name[len(prefix + _ANN_INFIX) :].split("-")
-    if len(parts) != 3 or not (parts[1].isascii() and parts[1].isdigit()):
-        return None
-    return parts[0], int(parts[1])
+    return int(parts[1]) if len(parts) == 3 and parts[1].isascii() and parts[1].isdigit() else -1
 
 
 def _read_meta(conn: sqlite3.Connection, key: str) -> Any:
