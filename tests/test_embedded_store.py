@@ -459,30 +459,41 @@ def test_refresh_compacts_a_vector_file_holding_dead_rows(tmp_path: Path) -> Non
     ]
 
 
+def writer_and_reader(tmp_path: Path, searched_by: str) -> tuple[EmbeddedVectorStore, EmbeddedVectorStore]:
+    """Two handles on one store searched by `searched_by` past 10 records, as two processes would hold it."""
+    if searched_by != "exact" and ann_index.faiss_module() is None:
+        pytest.skip("faiss is not installed (the ann extra)")
+    ann = None if searched_by == "exact" else searched_by
+    options = {"ann_threshold": None if ann is None else 10, "ann": ann}
+    writer = EmbeddedVectorStore(tmp_path / "store.sqlite", **options)  # type: ignore[arg-type]
+    return writer, EmbeddedVectorStore(tmp_path / "store.sqlite", **options)  # type: ignore[arg-type]
+
+
+def compacting_first(monkeypatch: pytest.MonkeyPatch, name: str, writer: EmbeddedVectorStore) -> list[bool]:
+    """The store module's `name`, called first, lets `writer` compact the store before it runs (once)."""
+    real = getattr(embedded_store, name)
+    compacted: list[bool] = []
+
+    def compacting(*args: object, **kwargs: object) -> object:
+        if not compacted:
+            compacted.append(True)
+            writer.refresh()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embedded_store, name, compacting)
+    return compacted
+
+
 @pytest.mark.parametrize("searched_by", ["exact", *ANN_ENGINES])
 def test_a_compaction_by_another_process_is_followed_by_a_reader_mid_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, searched_by: str
 ) -> None:
-    if searched_by != "exact" and ann_index.faiss_module() is None:
-        pytest.skip("faiss is not installed (the ann extra)")
     vectors = clustered(100)
-    ann = None if searched_by == "exact" else searched_by
-    options = {"ann_threshold": None if ann is None else 10, "ann": ann}
-    writer = EmbeddedVectorStore(tmp_path / "store.sqlite", **options)  # type: ignore[arg-type]
+    writer, reader = writer_and_reader(tmp_path, searched_by)
     writer.upsert(numbered(vectors))
     writer.delete([str(i) for i in range(60)])
-    reader = EmbeddedVectorStore(tmp_path / "store.sqlite", **options)  # type: ignore[arg-type]
-    real = embedded_store.VectorFile
-    compacted: list[bool] = []
-
-    def compacting_first(*args: object, **kwargs: object) -> object:
-        # The reader has read the old file's name; the writer replaces the file before it opens it.
-        if not compacted:
-            compacted.append(True)
-            writer.refresh()
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(embedded_store, "VectorFile", compacting_first)
+    # The reader has read the old file's name; the writer replaces the file before it opens it.
+    compacted = compacting_first(monkeypatch, "VectorFile", writer)
 
     hits = reader.search(vectors[70], k=3)
 
@@ -495,28 +506,14 @@ def test_a_compaction_by_another_process_is_followed_by_a_reader_mid_read(
 def test_a_reader_holding_the_vector_file_reads_it_on_after_another_process_compacts_it_away(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, searched_by: str
 ) -> None:
-    if searched_by != "exact" and ann_index.faiss_module() is None:
-        pytest.skip("faiss is not installed (the ann extra)")
     vectors = clustered(120)
-    ann = None if searched_by == "exact" else searched_by
-    options = {"ann_threshold": None if ann is None else 10, "ann": ann}
-    writer = EmbeddedVectorStore(tmp_path / "store.sqlite", **options)  # type: ignore[arg-type]
+    writer, reader = writer_and_reader(tmp_path, searched_by)
     writer.upsert(numbered(vectors[:100]))
-    reader = EmbeddedVectorStore(tmp_path / "store.sqlite", **options)  # type: ignore[arg-type]
     assert reader.search(vectors[70], k=1)[0].id == "70"  # the reader now holds the vector file, mapped
     writer.upsert(numbered(vectors[100:], start=100))
     writer.delete([str(i) for i in range(60)])
-    real = embedded_store._row_changes
-    compacted: list[bool] = []
-
-    def compacting_first(*args: object, **kwargs: object) -> object:
-        # The reader's snapshot names the file it holds; the writer compacts it away before the reader maps new rows.
-        if not compacted:
-            compacted.append(True)
-            writer.refresh()
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(embedded_store, "_row_changes", compacting_first)
+    # The reader's snapshot names the file it holds; the writer compacts it away before the reader maps new rows.
+    compacted = compacting_first(monkeypatch, "_row_changes", writer)
 
     hits = reader.search(vectors[110], k=3)
 
@@ -713,13 +710,21 @@ def test_the_ann_index_is_saved_once_and_reused_by_a_reopened_store(
     assert len(list(tmp_path.glob("store.sqlite-ann-*"))) == 1
 
 
+def saved_and_another_handle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str
+) -> tuple[EmbeddedVectorStore, EmbeddedVectorStore, np.ndarray]:
+    """A large store whose ANN index is built and saved, and a second handle on it (as another process
+    opens it); from then on, building an index again fails the test."""
+    first, vectors = large_store(tmp_path / "store.sqlite", engine=engine)
+    first.refresh()
+    monkeypatch.setattr(ENGINES[engine], "build", _must_not_build)
+    return first, EmbeddedVectorStore(tmp_path / "store.sqlite", ann_threshold=1000), vectors
+
+
 def test_the_ann_index_catches_up_with_another_writer_without_rebuilding(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str
 ) -> None:
-    reader, vectors = large_store(tmp_path / "store.sqlite", engine=engine)
-    reader.refresh()
-    monkeypatch.setattr(ENGINES[engine], "build", _must_not_build)
-    writer = EmbeddedVectorStore(tmp_path / "store.sqlite", ann_threshold=1000)
+    reader, writer, vectors = saved_and_another_handle(tmp_path, monkeypatch, engine)
 
     writer.upsert([VectorRecord("new", vectors[3], {"folder": "fresh"})])
     writer.upsert([VectorRecord("5", -vectors[5], {"folder": "moved"})])
@@ -735,10 +740,7 @@ def test_the_ann_index_catches_up_with_another_writer_without_rebuilding(
 def test_a_reader_whose_saved_index_is_superseded_while_it_opens_it_loads_the_newer_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str
 ) -> None:
-    writer, vectors = large_store(tmp_path / "store.sqlite", engine=engine)
-    writer.refresh()
-    monkeypatch.setattr(ENGINES[engine], "build", _must_not_build)
-    reader = EmbeddedVectorStore(tmp_path / "store.sqlite", ann_threshold=1000)
+    writer, reader, vectors = saved_and_another_handle(tmp_path, monkeypatch, engine)
     real_load = ENGINES[engine].load.__func__  # type: ignore[attr-defined]
     superseded: list[bool] = []
 
