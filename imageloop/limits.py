@@ -99,7 +99,7 @@ BOUNDS: dict[str, Bound] = {
     "auto_select": Bound(0, MAX_REFERENCES, 0, "RAGE: pick the top N candidates without a person (0: a person picks)"),
     # Jobs
     "batch_size": Bound(1, 256, 32, "images embedded per batch while indexing"),
-    "index_threads": Bound(
+    "threads": Bound(
         1, 1024, None, "threads that build the embedded store's search index (default: every core this process may use)"
     ),
     "concurrency": Bound(1, 64, 1, "evaluation targets searched at once"),

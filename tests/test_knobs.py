@@ -39,7 +39,7 @@ def test_every_knob_is_described(model: type) -> None:
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m.__name__)
 def test_a_bounded_knob_takes_its_range_and_default_from_the_limits_table(model: type) -> None:
     for name, info in model.model_fields.items():
-        bound = limits.BOUNDS.get({"concurrency": "triplet_concurrency", "threads": "index_threads"}.get(name, name))
+        bound = limits.BOUNDS.get({"concurrency": "triplet_concurrency"}.get(name, name))
         if bound is None:
             continue
         low = next(m.ge for m in info.metadata if isinstance(m, annotated_types.Ge))

@@ -27,4 +27,4 @@ class IndexOptions(Knobs):
         "over the vectors) or quantized (4-bit codes in memory, re-ranked exactly; for vectors that do not fit "
         "in memory); unset: the recorded one, else by size",
     )
-    threads: int | None = knob(bound="index_threads")
+    threads: int | None = knob(bound="threads")
