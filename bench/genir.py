@@ -27,7 +27,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imageloop.agents.simulated_user import SimulatedUser
-from imageloop.eval.genir import GenIREvalSettings, Target, evaluate_targets
+from imageloop.eval import in_threads
+from imageloop.eval.genir import GenIREvalSettings, Target, evaluate_targets, target_search
 from imageloop.graphs.genir import build_genir_graph
 from imageloop.protocols import GenerationRequest, Vector, VectorRecord
 from imageloop.tools.artifacts import ArtifactStore
@@ -130,7 +131,7 @@ def eval_throughput(
         graph = build_genir_graph(ScriptedVLM([lambda _: TURN] * (n * rounds)), ScriptedGenerator(), retriever,
                                   ArtifactStore(out / "artifacts"))  # fmt: skip
         started = time.perf_counter()
-        evaluate_targets(graph, targets, out, eval_settings(rounds - 1), concurrency=workers)
+        evaluate_targets(in_threads(target_search(graph, eval_settings(rounds - 1), out), workers), targets, out)
         results[name] = n / (time.perf_counter() - started)
     return results
 

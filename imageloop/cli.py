@@ -19,6 +19,8 @@ from pathlib import Path
 from types import UnionType
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
+from pydantic import BaseModel
+
 from imageloop import __version__, limits
 from imageloop.config import STORE_KINDS, ModelSettings, Settings, load_settings
 from imageloop.errors import ConfigError, ImageloopError
@@ -27,8 +29,8 @@ from imageloop.knobs import (
     GenIREvalKnobs,
     GenIRKnobs,
     ImageRAGKnobs,
-    Knobs,
     RAGEKnobs,
+    RayOptions,
     TripletsKnobs,
     describe_knob,
 )
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
     from imageloop.graphs.steps import Step
 
 EXIT_USER_ERROR = 2
+EACH = "(default 1; with --ray: on each worker)"
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a filter stopped by its reader
 EXIT_TERMINATED = 128 + signal.SIGTERM
@@ -152,10 +155,10 @@ def _role_options(roles: Sequence[str] = tuple(ROLE_EXAMPLES)) -> argparse.Argum
     return parent
 
 
-def _add_knobs(parser: argparse.ArgumentParser, knobs: type[Knobs], title: str, **aliases: str) -> None:
-    """A loop's knobs as options, derived from their one declaration (`imageloop.knobs`): `--name-with-dashes`,
-    its type and choices, and its description and default as help; unset, a knob takes the settings' value.
-    `aliases` name an older spelling of an option (`auto_select="--auto"`)."""
+def _add_knobs(parser: argparse.ArgumentParser, knobs: type[BaseModel], title: str, **aliases: str) -> None:
+    """A loop's knobs (or a job's options) as options, derived from their one declaration (`imageloop.knobs`):
+    `--name-with-dashes`, its type and choices, and its description and default as help; unset, a knob takes
+    the settings' value. `aliases` name an older spelling of an option (`auto_select="--auto"`)."""
     group = parser.add_argument_group(title)
     for name, info in knobs.model_fields.items():
         flags = [f"--{name.replace('_', '-')}", *([aliases[name]] if name in aliases else [])]
@@ -178,9 +181,14 @@ def _option_kind(annotation: Any) -> dict[str, Any]:
     return {"metavar": "TEXT"}
 
 
-def _given(args: argparse.Namespace, knobs: type[Knobs]) -> dict[str, Any]:
-    """The knobs this command line set (the rest take the settings')."""
+def _given(args: argparse.Namespace, knobs: type[BaseModel]) -> dict[str, Any]:
+    """The knobs (or options) this command line set (the rest take the settings')."""
     return {name: getattr(args, name) for name in knobs.model_fields if getattr(args, name, None) is not None}
+
+
+def _add_ray(parser: argparse.ArgumentParser) -> None:
+    """`--ray ADDRESS` and its workers' options, derived from `RayOptions`: the job on a Ray cluster."""
+    _add_knobs(parser, RayOptions, "Ray cluster (the ray extra; README: Beyond one machine)")
 
 
 def _add_cir_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
@@ -204,9 +212,10 @@ def _add_cir_eval_parser(loops: Any, roles: argparse.ArgumentParser) -> None:
     cir_eval.add_argument(
         "--images", type=Path, metavar="DIR", help="the benchmark's images (default ROOT/img_raw or ROOT/images)"
     )
-    cir_eval.add_argument("--concurrency", type=int, default=1, help="queries run at once (default 1)")
+    cir_eval.add_argument("--concurrency", type=int, default=1, help=f"queries run at once {EACH}")
     cir_eval.add_argument("--out", type=Path, default=Path("runs/eval-cir"), help="results folder (resumable)")
     _add_knobs(cir_eval, CIRKnobs, "composed retrieval")
+    _add_ray(cir_eval)
     cir_eval.add_argument("--json", action="store_true", help="print the recalls as JSON last")
 
 
@@ -221,6 +230,7 @@ def _add_triplets_parser(commands: Any, roles: argparse.ArgumentParser) -> None:
     triplets.add_argument("--examples", type=Path, metavar="FILE", help="real triplets (JSONL) as few-shot examples")
     triplets.add_argument("--lora", type=Path, metavar="PATH", help="a CIR-LoRA `train cir-lora` wrote (FLUX)")
     _add_knobs(triplets, TripletsKnobs, "synthesis")
+    _add_ray(triplets)
     triplets.add_argument("--json", action="store_true", help='print {"written", "total", "out"} last')
 
 
@@ -277,6 +287,7 @@ def _add_genir_eval_options(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--annotations", type=Path, metavar="FILE", help="its dialogues, captions or query list")
     data.add_argument("--sample", type=int, metavar="N", help="N targets drawn with GenIR's seed 42 (default all)")
     _add_knobs(parser, GenIREvalKnobs, "search and simulated user (the genir-paper preset sets the paper's values)")
+    _add_ray(parser)
     parser.add_argument(
         "--rescore-text", action="store_true", help="re-score the queries saved in --out by text-only retrieval"
     )
@@ -295,7 +306,7 @@ def _add_eval_imagerag_parser(loops: Any, roles: argparse.ArgumentParser) -> Non
     parser.add_argument("--out", type=Path, required=True, help="results folder (resumable)")
     parser.add_argument("--real-images", type=Path, metavar="DIR", help="a folder per class of real images (DINO)")
     parser.add_argument("--metrics", metavar="NAME[,NAME]", help=f"some of {','.join(METRICS)} (default all)")
-    parser.add_argument("--concurrency", type=int, default=1, help="prompts run at once (default 1)")
+    parser.add_argument("--concurrency", type=int, default=1, help=f"prompts run at once {EACH}")
     parser.add_argument("--json", action="store_true", help='print {"n", "metrics": {NAME: {"draft", "final"}}} last')
     models = parser.add_argument_group("scoring models")
     models.add_argument("--eval-clip", metavar="PROVIDER:MODEL", help="CLIP (open_clip:ViT-L-14/openai)")
@@ -305,6 +316,7 @@ def _add_eval_imagerag_parser(loops: Any, roles: argparse.ArgumentParser) -> Non
     models.add_argument("--eval-dino", metavar="transformers:MODEL", help="DINO (transformers:facebook/dinov2-base)")
     models.add_argument("--judge", metavar="PROVIDER:MODEL", help="the VLM judge (default: the --vlm)")
     _add_knobs(parser, ImageRAGKnobs, "ImageRAG loop (the imagerag-paper preset sets the paper's values)")
+    _add_ray(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -329,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     stores.add_argument("--store", choices=STORE_KINDS, help="default embedded: FOLDER/.imageloop")
     stores.add_argument("--weaviate-url", metavar="URL", help="e.g. http://localhost:8080 or https://ID.weaviate.cloud")
     stores.add_argument("--weaviate-api-key", metavar="KEY", help="default: WEAVIATE_API_KEY (never written to disk)")
+    _add_ray(index)
 
     index_info = commands.add_parser("index-info", help="show what an index holds and what built it")
     index_info.add_argument("index", type=Path, metavar="INDEX", help="an indexed image folder (or its .imageloop)")
@@ -380,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     genir_eval = loops.add_parser("genir", parents=[roles], help="simulated-user GenIR: cumulative Hits@K per round")
     genir_eval.add_argument("--index", type=Path, help="an indexed image folder (the corpus searched)")
     genir_eval.add_argument("--targets", type=Path, help="a folder of target images or a file of paths")
-    genir_eval.add_argument("--concurrency", type=int, default=1, help="targets searched at once (default 1)")
+    genir_eval.add_argument("--concurrency", type=int, default=1, help=f"targets searched at once {EACH}")
     genir_eval.add_argument("--out", type=Path, default=Path("runs/eval-genir"), help="results folder (resumable)")
     genir_eval.add_argument("--json", action="store_true", help='print {"rounds": [{"round", "hits_at_k"}], ...} last')
     _add_cir_eval_parser(loops, roles)
@@ -504,7 +517,10 @@ def _app(args: argparse.Namespace, **options: Any) -> App:
 
 
 def _err(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    # One write, its newline included: print's two writes let another thread's line (Ray forwards its workers'
+    # logs to this stderr from a thread of its own) land between a message and its newline.
+    sys.stderr.write(f"{message}\n")
+    sys.stderr.flush()
 
 
 class _Progress:
@@ -549,7 +565,9 @@ class _Progress:
 
 
 def _index(args: argparse.Namespace, app: App) -> int:
-    summary = app.index_folder(args.folder, options=_given(args, IndexOptions), progress=not args.quiet)
+    summary = app.index_folder(
+        args.folder, options=_given(args, IndexOptions), progress=not args.quiet, ray=_given(args, RayOptions)
+    )
     for path, reason in summary.failures:
         _err(f"skipped {path}: {reason}")
     removed = f", removed {summary.removed}" if summary.removed else ""
@@ -745,7 +763,7 @@ def _eval(args: argparse.Namespace, app: App) -> int:
     if args.loop == "cir":
         return _eval_cir(args, app)
     if args.rescore_text:
-        summary = app.rescore_genir(args.out, args.index)
+        summary = app.rescore_genir(args.out, args.index, ray=_given(args, RayOptions))
         _show_hits(summary)
         where = args.out / "text_rescore.json"
         _err(f"{summary['n_targets']} dialogues re-scored by text with {summary['embedder']}; summary in {where}")
@@ -757,7 +775,7 @@ def _eval(args: argparse.Namespace, app: App) -> int:
             summary = app.eval_genir(
                 args.index, args.targets, args.out, benchmark=args.benchmark, images=args.images,
                 annotations=args.annotations, sample=args.sample, knobs=knobs, concurrency=args.concurrency,
-                on_target=progress,
+                ray=_given(args, RayOptions), on_target=progress,
             )  # fmt: skip
         _show_hits(summary)
         _err(f"{summary['n_targets']} targets; dialogues in {args.out / 'dialogues.jsonl'}")
@@ -780,7 +798,7 @@ def _eval_imagerag(args: argparse.Namespace, app: App) -> int:
     with _counter("prompts", "prompt", args.quiet) as progress:
         summary = app.eval_imagerag(
             args.prompts, args.index, args.out, real_images=args.real_images, metrics=args.metrics, knobs=knobs,
-            concurrency=args.concurrency, on_prompt=progress,
+            concurrency=args.concurrency, ray=_given(args, RayOptions), on_prompt=progress,
         )  # fmt: skip
     for name, row in summary["metrics"].items():
         draft, final = row["draft"]["mean"], row["final"]["mean"]
@@ -870,7 +888,8 @@ def _eval_cir(args: argparse.Namespace, app: App) -> int:
     with _counter("queries", "query", args.quiet) as progress:
         summary = app.eval_cir(
             args.index, args.annotations, args.format, args.out, split=args.split, images=args.images,
-            knobs=_given(args, CIRKnobs), concurrency=args.concurrency, on_query=progress,
+            knobs=_given(args, CIRKnobs), concurrency=args.concurrency, ray=_given(args, RayOptions),
+            on_query=progress,
         )  # fmt: skip
     keys: tuple[str, ...]
     if "submission" in summary:
@@ -901,7 +920,7 @@ def _triplets(args: argparse.Namespace, app: App) -> int:
 
     made = app.synthesize_triplets(
         args.objects, args.edits, args.n, args.out, examples=args.examples, lora=args.lora,
-        knobs=_given(args, TripletsKnobs), on_step=show,
+        knobs=_given(args, TripletsKnobs), ray=_given(args, RayOptions), on_step=show,
     )  # fmt: skip
     counts = f"wrote {made['written']} (failed {made['failed']}, rejected {made['rejected']})"
     _err(f"{counts}; {made['total']} triplets in {made['out']}")

@@ -10,6 +10,7 @@ A loop's knobs are one model here; everything else is derived from it and never 
   and LangChain alike) and the run record, written from the model `prepare` resolved into state.
 
 Bounds (range and, for bounded knobs, the default) come from the one table, `imageloop.limits`.
+A job's options for running on a Ray cluster (`RayOptions`) are declared here too, and derived alike.
 Adding a knob is one field here (plus its test): every face, schema and record has it.
 """
 
@@ -309,3 +310,25 @@ LOOPS: dict[str, type[Knobs]] = {
     "triplets": TripletsKnobs,
 }
 """Each graph's knob model, by the graph's name."""
+
+
+# Where a job runs: not a loop's knob but a job's option, the same for every job that hands out items.
+
+RAY_ADDRESS = r"^(local|auto|ray://[^\s/:]+:[0-9]{1,5})$"
+
+
+class RayOptions(BaseModel):
+    """Where a job's items run when not in this process: a Ray cluster, its workers and what each one holds
+    (`imageloop.app.cluster` runs them; every face derives its options from these fields)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ray: str | None = Field(
+        None,
+        pattern=RAY_ADDRESS,
+        description="run on a Ray cluster: local (start one on this machine), auto (the one in RAY_ADDRESS) or "
+        "ray://HOST:PORT; unset: in this process",
+    )
+    workers: int | None = knob(bound="workers")
+    gpus_per_worker: float | None = knob(bound="gpus_per_worker")
+    cpus_per_worker: float = knob(bound="cpus_per_worker")

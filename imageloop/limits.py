@@ -103,6 +103,10 @@ BOUNDS: dict[str, Bound] = {
         1, 1024, None, "threads that build the embedded store's search index (default: every core this process may use)"
     ),
     "concurrency": Bound(1, 64, 1, "evaluation targets searched at once"),
+    # Ray: the workers of a job on a cluster (`imageloop[ray]`)
+    "workers": Bound(1, 4096, None, "Ray workers, each holding its models once (default: one per GPU, else per CPUs)"),
+    "gpus_per_worker": Bound(0, 8, None, "GPUs each Ray worker holds; 0.5 puts two on one GPU (default 1 if any)"),
+    "cpus_per_worker": Bound(0.1, 256, 1, "CPUs each Ray worker holds"),
     "max_batch": Bound(
         1, 256, None, "local models: requests in one batched call at most (default 8 pictures, 16 VLM turns, 64 items)"
     ),

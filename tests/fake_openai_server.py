@@ -21,6 +21,7 @@ import json
 import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -314,3 +315,20 @@ class FakeOpenAIServer:
                 """Keep test output clean."""
 
         return Handler
+
+
+class ScriptedOpenAIServer(FakeOpenAIServer):
+    """The fake OpenAI API answering each chat request with `answer(request)`: a function of what was asked, not
+    of arrival order, so concurrent clients (a cluster's workers, however scheduled) get the answers one
+    process would. Other routes answer as `FakeOpenAIServer` does."""
+
+    def __init__(self, answer: Callable[[RecordedRequest], str]) -> None:
+        super().__init__()
+        self.answer = answer
+
+    def _answer(self, request: RecordedRequest) -> Fault:
+        if request.path != "/v1/chat/completions":
+            return super()._answer(request)
+        with self._lock:
+            self.requests.append(request)
+        return _json_fault(200, chat_completion(self.answer(request)))

@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# Each script is loaded (not run: its name is not __main__) in one fresh process, which its sys.path edits
-# cannot harm.
+# Each script is loaded as `python bench/X.py` loads it (its folder first on sys.path, so it may import its
+# neighbours), but not run (its name is not __main__), in one fresh process that its sys.path edits cannot harm.
 LOAD_ALL = """
-import runpy, sys
+import os, runpy, sys
+path = list(sys.path)
 for script in sys.argv[1:]:
+    sys.path[:] = [os.path.dirname(script), *path]
     runpy.run_path(script, run_name="bench_import_check")
 """
 

@@ -14,7 +14,8 @@ from imageloop.app import App
 from imageloop.cli import main
 from imageloop.config import load_settings
 from imageloop.errors import ConfigError
-from imageloop.eval.genir import GenIREvalSettings, Target, evaluate_targets, hybrid_arms
+from imageloop.eval import in_threads
+from imageloop.eval.genir import GenIREvalSettings, Target, evaluate_targets, hybrid_arms, target_search
 from imageloop.graphs.genir import build_genir_graph
 from imageloop.knobs import GenIREvalKnobs, SimulatedUserKnobs
 from imageloop.prompts import CHATIR_ANSWER, CHATIR_QUESTION
@@ -64,7 +65,8 @@ def test_an_oracle_tie_goes_to_the_fallback_which_draws_nothing(tmp_path: Path) 
     retriever = ScriptedRankingRetriever([MISS, HIT, MISS, HIT])
     defaults = SimulatedUserKnobs(simulated_user="ours")
     graph = build_genir_graph(vlm, ScriptedGenerator(), retriever, ArtifactStore(tmp_path / "a"), defaults=defaults)
-    done = evaluate_targets(graph, [Target("t", tmp_path / "t.png")], tmp_path, settings)
+    run = in_threads(target_search(graph, settings, tmp_path))
+    done = evaluate_targets(run, [Target("t", tmp_path / "t.png")], tmp_path)
     assert done["t"]["hybrid"]["arms"] == {"visual": [2, 0], "verbal": [2, 0]}
     assert done["t"]["hybrid"]["chosen"] == "verbal"
 

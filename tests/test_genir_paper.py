@@ -14,7 +14,16 @@ from imageloop.app import App
 from imageloop.cli import main
 from imageloop.config import load_settings
 from imageloop.errors import ConfigError, ImageloopError
-from imageloop.eval.genir import GenIREvalSettings, Target, evaluate_targets, hybrid_arms, rescore_text, summarise
+from imageloop.eval import in_threads
+from imageloop.eval.genir import (
+    GenIREvalSettings,
+    Target,
+    evaluate_targets,
+    hybrid_arms,
+    rescore_text,
+    summarise,
+    target_search,
+)
 from imageloop.eval.genir_data import GENIR_SAMPLE_SEED, load_image_folder, sample
 from imageloop.graphs.genir import build_genir_graph
 from imageloop.knobs import GenIREvalKnobs, SimulatedUserKnobs
@@ -88,7 +97,9 @@ def evaluate(
 ) -> tuple[dict[str, dict[str, Any]], ScriptedRankingRetriever]:
     retriever = ScriptedRankingRetriever(rankings)
     graph = build_genir_graph(ScriptedVLM(answers), ScriptedGenerator(), retriever, ArtifactStore(tmp_path / "a"))
-    done = evaluate_targets(graph, [Target("t", tmp_path / "t.png")], tmp_path, settings)
+    done = evaluate_targets(
+        in_threads(target_search(graph, settings, tmp_path)), [Target("t", tmp_path / "t.png")], tmp_path
+    )
     return done, retriever
 
 

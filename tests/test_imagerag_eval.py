@@ -288,6 +288,37 @@ def test_a_prompt_whose_run_failed_is_recorded_and_retried_next_time(
     assert [line["error"] for line in lines] == ["the generator is out of memory", None, None]
 
 
+def test_a_prompt_killed_mid_run_is_resumed_next_time_never_scored_half_done(
+    photos: Path, prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "eval"
+    original = ScriptedGenerator.generate
+    calls = iter(range(100))
+    on_disk: dict[Path, bytes] = {}
+
+    def killed_at_the_second_drawing(self: ScriptedGenerator, request: Any) -> Any:
+        if next(calls) == 1:
+            # What a kill -9 here leaves: the record written after the last step, the run `running`.
+            on_disk.update((path, path.read_bytes()) for path in (out / "runs").glob("*/run.json"))
+            raise KeyboardInterrupt
+        return original(self, request)
+
+    monkeypatch.setattr(ScriptedGenerator, "generate", killed_at_the_second_drawing)
+    with fake_backends(monkeypatch, scripted_loop()) as fakes:
+        app = App(fakes.settings.with_overrides({"eval_clip": "tiny:clip"}))
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(app, prompts, photos, out, metrics="clip")
+        for path, data in on_disk.items():
+            path.write_bytes(data)
+        (killed,) = [json.loads(data) for data in on_disk.values()]
+        summary = evaluate(app, prompts, photos, out, metrics="clip")
+        app.close()
+    assert (killed["status"], killed["stop_reason"]) == ("running", None)
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    resumed = next(line for line in lines if line["prompt"] == "a blue jay on a branch")
+    assert summary["n"] == 2 and resumed["stop_reason"] is not None and resumed["iterations"] == 1
+
+
 def test_dino_without_real_images_and_unknown_metrics_are_refused(
     photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from imageloop.app.cluster import ray_options
 from imageloop.app.jobs import Job, JobKind
 from imageloop.app.results import RunState, SearchView, Shown
 from imageloop.config import bounded
 from imageloop.errors import ConfigError, ImageloopError
-from imageloop.knobs import CIRKnobs, GenIRKnobs, ImageRAGKnobs, Knobs, RAGEKnobs
+from imageloop.knobs import CIRKnobs, GenIRKnobs, ImageRAGKnobs, Knobs, RAGEKnobs, RayOptions
 from imageloop.limits import MAX_REFERENCES, PATH_CHARS, PROMPT_CHARS
 from imageloop.tools.indexing.options import IndexOptions
 
@@ -50,12 +51,16 @@ MAX_IMAGES = bounded("max_images")
 SESSION = Field(pattern=ID_PATTERN, description="the session_id the tool that started the session returned")
 
 
+def _fields(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's fields as `create_model` takes them: each declared once, there."""
+    return {name: (info.annotation, info) for name, info in model.model_fields.items()}
+
+
 def _args(
     name: str, doc: str, knobs: type[Knobs] | None = None, base: type[ToolArgs] | None = None, **fields: Any
 ) -> type[ToolArgs]:
     """A tool's arguments model: `fields`, then (for a loop tool) every knob of `knobs` as its run context has it."""
-    derived = {n: (info.annotation, info) for n, info in knobs.context_schema().model_fields.items()} if knobs else {}
-    every: dict[str, Any] = {**fields, **derived}
+    every: dict[str, Any] = {**fields, **(_fields(knobs.context_schema()) if knobs else {})}
     return create_model(name, __base__=base or ToolArgs, __doc__=doc, **every)
 
 
@@ -103,10 +108,12 @@ class GenIRRoundArgs(ToolArgs):
 
 IndexArgs = _args(
     "IndexArgs",
-    "Arguments of index_images: the folder and how it is indexed.",
+    "Arguments of index_images: the folder, how it is indexed, and where its new images are embedded (with `ray`, "
+    "on the server's own Ray cluster).",
     IndexOptions,
     folder=(str, _path("a folder of images, indexed into FOLDER/.imageloop")),
     wait_seconds=(float, WAIT),
+    **_fields(RayOptions),
 )
 GenerateArgs = _args(
     "GenerateArgs",
@@ -320,13 +327,19 @@ class AgentOps:
 
     def index_images(self, args: Any) -> Job:
         root = self.app.path(args.folder, "folder", kind="dir")
+        # The faces fill in every default: only what differs from one was asked for.
+        defaults = {name: info.default for name, info in RayOptions.model_fields.items()}
+        asked = {
+            name: value for name, value in args.model_dump(include=set(defaults)).items() if value != defaults[name]
+        }
+        ray = ray_options(asked, confined=self.app.roots is not None)  # a cluster it may not use fails this call
 
         def work(job: Job) -> dict[str, Any]:
             def counted(done: int, total: int) -> None:
                 job.report(f"{done}/{total} images in {root.name} handled", done, total)
                 job.check_cancelled()
 
-            summary = self.app.index_folder(root, options=knobs_of(args, IndexOptions), on_progress=counted)
+            summary = self.app.index_folder(root, options=knobs_of(args, IndexOptions), on_progress=counted, ray=ray)
             done = f"indexed {summary.indexed}, skipped {summary.skipped}, failed {summary.failed}"
             job.report(done, summary.total, summary.total)
             return {"folder": str(root), **summary.to_json()}

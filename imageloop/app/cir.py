@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imageloop import limits
+from imageloop.app.cluster import RayGiven, ray_options, runner
 from imageloop.app.results import CIRResult, shown_list
 from imageloop.errors import ImageloopError
 from imageloop.eval.cir import (
     EVAL_SETTINGS,
     QUERIES,
     SUMMARY,
+    BenchmarkQuery,
     CIREvalSettings,
     GalleryRetriever,
     MemoCaptioner,
@@ -30,10 +32,12 @@ from imageloop.eval.cir import (
     known_descriptions,
     load_benchmarks,
     locate,
+    query_search,
     summarise,
 )
+from imageloop.eval.cir_data import CIRBenchmark
 from imageloop.files import write_json_atomic
-from imageloop.graphs.cir import CIRGraph, ComposedQueryModel, build_cir_graph
+from imageloop.graphs.cir import ComposedQueryModel, build_cir_graph
 from imageloop.graphs.steps import Step, play
 from imageloop.knobs import CIRKnobs, Given
 from imageloop.progress import OnProgress
@@ -139,6 +143,35 @@ def compose_retrieve(
     )
 
 
+@dataclass(frozen=True)
+class CIRQueries:
+    """A CIR evaluation's per-query work, as any process (this one, or a cluster's worker) binds it: the
+    benchmarks, the index, the knobs, the results folder and the references described before."""
+
+    benchmarks: tuple[CIRBenchmark, ...]
+    index: Path
+    knobs: CIRKnobs
+    out: Path
+    known: Mapping[str, str]
+
+    def bind(self, app: App) -> Callable[[BenchmarkQuery], dict[str, Any]]:
+        """Each benchmark's graph over its gallery (searched exactly), with `app`'s models."""
+        image_index, embedder = app.index(self.index), app.embedder()
+        captioner = MemoCaptioner(captioner_for(app), self.known)
+        generator = app.generator() if self.knobs.proxy else None
+        llm: Any = OnFirstUse(app.vlm)  # a VisionLanguageModel whose model_id is a property
+        artifacts = ArtifactStore(self.out / "artifacts")
+        runs = []
+        for benchmark in self.benchmarks:
+            gallery = GalleryRetriever(image_index, embedder, benchmark.gallery)
+            graph = build_cir_graph(
+                llm, captioner, generator, gallery, artifacts, query_models=load_query_model, defaults=self.knobs,
+                paths=app.file_path,
+            )  # fmt: skip
+            runs.append((benchmark, gallery, graph))
+        return query_search(runs)
+
+
 def run_cir_eval(
     app: App,
     index: str | Path,
@@ -150,21 +183,23 @@ def run_cir_eval(
     images: str | Path | None = None,
     knobs: Given = None,
     concurrency: int = 1,
+    ray: RayGiven = None,
     on_query: OnQuery | None = None,
 ) -> dict[str, Any]:
     """Run every benchmark query not yet in `out_dir` through the CIR graph; write and return the summary.
 
+    `concurrency` queries run at once (on each worker with `ray`: see `imageloop.app.cluster`).
     CIRR: `{"n", "recall_at", "recall_subset_at", "avg", "settings"}` (test1: `{"n", "submission"}`);
     FashionIQ: `{"n", "categories", "avg_at_10", "avg_at_50", "avg", "settings"}`; recalls in percent.
     """
     limits.check("concurrency", concurrency)
+    cluster = ray_options(ray, confined=app.roots is not None)
     resolved = CIRKnobs.from_settings(app.settings).overridden(knobs)
     spec = locate(app.path(annotations, "annotations"), fmt, split)
     benchmarks = load_benchmarks(spec, app.path(images, "images", kind="dir") if images is not None else None)
     resolved = resolved.overridden({"cir_model": _model_folder(app, resolved.cir_model)})
     image_index = app.index(index)
     embedder = app.embedder()
-    galleries = [GalleryRetriever(image_index, embedder, b.gallery) for b in benchmarks]
     out = app.path(out_dir, "out", kind="out")
     out.mkdir(parents=True, exist_ok=True)
     settings = app.settings
@@ -178,23 +213,15 @@ def run_cir_eval(
         generator=str(settings.role_spec("generator")) if resolved.proxy else "-",
         knobs=resolved.record(),
     )
+    known = known_descriptions(finished(out / QUERIES).values(), benchmarks)
+    work = CIRQueries(tuple(benchmarks), image_index.root, resolved, out, known)
+    # Here the galleries are read now: one missing from the index is named before anything is written.
+    run = runner(app, work, concurrency=concurrency, ray=cluster)
     settings_file = out / EVAL_SETTINGS
     if settings_file.exists() and json.loads(settings_file.read_text(encoding="utf-8")) != asdict(eval_settings):
         raise ImageloopError(f"{out} holds an evaluation with other settings: use another `out` folder")
     write_json_atomic(settings_file, asdict(eval_settings))
-    captioner = MemoCaptioner(captioner_for(app), known_descriptions(finished(out / QUERIES).values(), benchmarks))
-    generator = app.generator() if resolved.proxy else None
-    llm: Any = OnFirstUse(app.vlm)  # a VisionLanguageModel whose model_id is a property
-    artifacts = ArtifactStore(out / "artifacts")
-
-    def graph(gallery: GalleryRetriever) -> CIRGraph:
-        return build_cir_graph(
-            llm, captioner, generator, gallery, artifacts, query_models=load_query_model, defaults=resolved,
-            paths=app.file_path,
-        )  # fmt: skip
-
-    runs = [(b, g, graph(g)) for b, g in zip(benchmarks, galleries, strict=True)]
-    done = evaluate_queries(runs, out, concurrency=concurrency, on_query=on_query)
+    done = evaluate_queries(benchmarks, out, run, on_query=on_query)
     summary = summarise(benchmarks, done, eval_settings, out)
     write_json_atomic(out / SUMMARY, summary)
     return summary

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,11 +32,12 @@ from imageloop.protocols import Embedder, ImageGenerator, RetrievedImage, Vision
 from imageloop.tools.indexing.options import IndexOptions
 
 if TYPE_CHECKING:
+    from imageloop.app.cluster import RayGiven, Workers
     from imageloop.app.results import CIRResult, PastWork, RAGEView, RunState, SearchView
     from imageloop.graphs.steps import OnStep
     from imageloop.progress import OnProgress
-    from imageloop.tools.indexing.image_index import ImageIndex
-    from imageloop.tools.indexing.indexer import IndexSummary
+    from imageloop.tools.indexing.image_index import ImageIndex, Route
+    from imageloop.tools.indexing.indexer import Captioner, Embedded, IndexSummary, NewFile
     from imageloop.tools.indexing.retriever import Retriever, Where
 
 TrainingProgress = Callable[[Any], None]
@@ -66,6 +69,7 @@ class App:
         self._retired: list[ImageIndex] = []
         self._lock = threading.RLock()
         self._jobs: JobRegistry | None = None
+        self._workers: Workers | None = None
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> App:
@@ -158,6 +162,7 @@ class App:
         options: Given = None,
         progress: bool = False,
         on_progress: Callable[[int, int], None] | None = None,
+        ray: RayGiven = None,
     ) -> IndexSummary:
         """Add the new images of `folder` to its index (created in the configured store); prune vanished ones.
 
@@ -167,13 +172,12 @@ class App:
 
         `options` are `IndexOptions` (a mapping or the model; unset: their defaults): the batch size, and
         how the embedded store builds its approximate search index (`ann`, recorded in the index; `threads`).
-        `progress` draws a bar on stderr; `on_progress(done, total)` hears the files handled so far.
-
-        The one captioning rule: the caption route (a text embedder) needs a caption per image (a
-        sidecar `NAME.txt`, else the captioner VLM); the image route asks a VLM only when a captioner is
-        configured explicitly, since captioning a whole folder costs a model call per image.
+        `progress` draws a bar on stderr; `on_progress(done, total)` hears the files handled so far. With
+        `ray`, the new images are read, captioned and embedded by that cluster's workers, a batch at a time,
+        and written here (see `imageloop.app.cluster`). Captions follow `index_captioner`, wherever they are made.
         """
-        from imageloop.agents.captioner import VLMCaptioner
+        from imageloop.app.cluster import ray_options, runner
+        from imageloop.tools.indexing.image_index import route_of
         from imageloop.tools.indexing.indexer import index_folder
         from imageloop.tools.indexing.sources import Source, resolve_source
 
@@ -184,7 +188,38 @@ class App:
             source = resolve_source([self.path(name, "source") for name in given])
         root = source.root
         resolved = IndexOptions().overridden(options)
-        embedder = self.embedder()
+        cluster = ray_options(ray, confined=self.roots is not None)
+        remote = None
+        if cluster is not None:
+            in_flight = batches_in_flight(cluster.cpus_per_worker)
+            embedder = self.embedder()
+            new_files = IndexBatches(root, route_of(embedder), embedder.dim)
+            remote = runner(self, new_files, concurrency=in_flight, ray=cluster)
+        settings = self.settings
+        try:
+            return index_folder(
+                source, self.embedder(), self.index_captioner() if remote is None else None,
+                batch_size=resolved.batch_size, progress=progress,
+                on_progress=on_progress, remote=remote,
+                store=settings.store, weaviate_url=settings.weaviate_url,
+                weaviate_api_key=settings.weaviate_api_key, weaviate_grpc_port=settings.weaviate_grpc_port,
+                request_timeout=settings.timeout_for("store"), max_retries=settings.max_retries,
+                ann=resolved.ann, threads=resolved.threads,
+            )  # fmt: skip
+        except OSError as e:  # the folder or the disk under the index: full, read-only, a file in the way
+            raise StorageError(os_error_message(e, f"writing the index of {root}")) from e
+        finally:
+            self.retire_index(root)
+
+    def index_captioner(self) -> Captioner | None:
+        """The one captioning rule of indexing, wherever the images are read: the caption route (a text embedder)
+        needs a caption per image (a sidecar `NAME.txt`, else the captioner VLM); the image route asks a VLM only
+        when a captioner is configured explicitly, since captioning a whole folder costs a model call per image.
+        """
+        from imageloop.agents.captioner import VLMCaptioner
+
+        if self.embedder().embeds_images and self.settings.captioner is None:
+            return None
         captioner: VLMCaptioner | None = None
         captioner_lock = threading.Lock()
 
@@ -197,22 +232,7 @@ class App:
                     captioner = VLMCaptioner(self.vlm(role="captioner"))
             return captioner(path)
 
-        wants_captioner = not embedder.embeds_images or self.settings.captioner is not None
-        settings = self.settings
-        try:
-            return index_folder(
-                source, embedder, caption if wants_captioner else None,
-                batch_size=resolved.batch_size, progress=progress,
-                on_progress=on_progress,
-                store=settings.store, weaviate_url=settings.weaviate_url,
-                weaviate_api_key=settings.weaviate_api_key, weaviate_grpc_port=settings.weaviate_grpc_port,
-                request_timeout=settings.timeout_for("store"), max_retries=settings.max_retries,
-                ann=resolved.ann, threads=resolved.threads,
-            )  # fmt: skip
-        except OSError as e:  # the folder or the disk under the index: full, read-only, a file in the way
-            raise StorageError(os_error_message(e, f"writing the index of {root}")) from e
-        finally:
-            self.retire_index(root)
+        return caption
 
     def retire_index(self, folder: Path) -> None:
         """Drop `folder`'s cached index after it changed; closed at `close()`, since a search may still use it."""
@@ -416,14 +436,15 @@ class App:
         sample: int | None = None,
         knobs: Given = None,
         concurrency: int = 1,
+        ray: RayGiven = None,
         on_target: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
-        """Simulated-user GenIR evaluation; see `imageloop.app.evals.run_genir_eval`."""
+        """Simulated-user GenIR evaluation, here or on a Ray cluster; see `imageloop.app.evals.run_genir_eval`."""
         from imageloop.app.evals import run_genir_eval
 
         return run_genir_eval(
             self, index, targets, out_dir, benchmark=benchmark, images=images, annotations=annotations,
-            sample=sample, knobs=knobs, concurrency=concurrency, on_target=on_target,
+            sample=sample, knobs=knobs, concurrency=concurrency, ray=ray, on_target=on_target,
         )  # fmt: skip
 
     # Composed image retrieval and DAIG (`app/cir.py`, `app/triplets.py`, `app/training.py`).
@@ -454,14 +475,15 @@ class App:
         images: str | Path | None = None,
         knobs: Given = None,
         concurrency: int = 1,
+        ray: RayGiven = None,
         on_query: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
-        """CIRR or FashionIQ through the CIR graph; see `imageloop.app.cir.run_cir_eval`."""
+        """CIRR or FashionIQ through the CIR graph, here or on a Ray cluster; see `imageloop.app.cir.run_cir_eval`."""
         from imageloop.app.cir import run_cir_eval
 
         return run_cir_eval(
             self, index, annotations, fmt, out_dir, split=split, images=images, knobs=knobs,
-            concurrency=concurrency, on_query=on_query,
+            concurrency=concurrency, ray=ray, on_query=on_query,
         )  # fmt: skip
 
     def synthesize_triplets(
@@ -474,13 +496,14 @@ class App:
         examples: str | Path | None = None,
         lora: str | Path | None = None,
         knobs: Given = None,
+        ray: RayGiven = None,
         on_step: OnStep | None = None,
     ) -> dict[str, Any]:
-        """DAIG's triplet synthesis into a dataset folder; see `imageloop.app.triplets`."""
+        """DAIG's triplet synthesis into a dataset folder, here or on Ray; see `imageloop.app.triplets`."""
         from imageloop.app.triplets import synthesize_triplets
 
         return synthesize_triplets(
-            self, objects, edits, n, out_dir, examples=examples, lora=lora, knobs=knobs, on_step=on_step
+            self, objects, edits, n, out_dir, examples=examples, lora=lora, knobs=knobs, ray=ray, on_step=on_step
         )
 
     def train_cir(
@@ -528,11 +551,13 @@ class App:
 
         return train_cir_lora(self, triplets, out_dir, images=images, options=options, progress=progress)
 
-    def rescore_genir(self, out_dir: str | Path, index: str | Path | None = None) -> dict[str, Any]:
+    def rescore_genir(
+        self, out_dir: str | Path, index: str | Path | None = None, *, ray: RayGiven = None
+    ) -> dict[str, Any]:
         """Re-score a GenIR evaluation's saved queries by text alone; see `imageloop.app.evals.rescore_genir_text`."""
         from imageloop.app.evals import rescore_genir_text
 
-        return rescore_genir_text(self, out_dir, index)
+        return rescore_genir_text(self, out_dir, index, ray=ray)
 
     def eval_imagerag(
         self,
@@ -544,15 +569,27 @@ class App:
         metrics: str | Sequence[str] | None = None,
         knobs: Given = None,
         concurrency: int = 1,
+        ray: RayGiven = None,
         on_prompt: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
-        """ImageRAG evaluation, draft vs final; see `imageloop.app.evals.run_imagerag_eval`."""
+        """ImageRAG evaluation, draft vs final, here or on Ray; see `imageloop.app.evals.run_imagerag_eval`."""
         from imageloop.app.evals import run_imagerag_eval
 
         return run_imagerag_eval(
             self, prompts, index, out_dir, real_images=real_images, metrics=metrics, knobs=knobs,
-            concurrency=concurrency, on_prompt=on_prompt,
+            concurrency=concurrency, ray=ray, on_prompt=on_prompt,
         )  # fmt: skip
+
+    @property
+    def workers(self) -> Workers:
+        """The Ray workers this application's jobs run on (`ray`): kept with their models for the next job, as the
+        backends are, and ended by `close()`; see `imageloop.app.cluster`."""
+        from imageloop.app.cluster import Workers
+
+        with self._lock:
+            if self._workers is None:
+                self._workers = Workers()
+            return self._workers
 
     # Background runs.
 
@@ -576,11 +613,13 @@ class App:
             return self._jobs
 
     def close(self, grace_s: float = 1.0) -> int:
-        """Finish (or cancel at a step boundary) background runs, then close every index this app opened.
+        """Finish (or cancel at a step boundary) background runs, end its Ray workers, close every index it opened.
 
         Returns how many runs were still inside a step: recorded as interrupted, their threads running on.
         """
         stuck = self._jobs.shutdown(grace_s) if self._jobs is not None else 0
+        if self._workers is not None:
+            self._workers.end()
         with self._lock:
             for index in [*self._indexes.values(), *self._retired]:
                 index.close()
@@ -593,6 +632,29 @@ class App:
         """How many index handles are open (the face contract checks `close` leaves none)."""
         with self._lock:
             return len(self._indexes) + len(self._retired)
+
+
+def batches_in_flight(cpus_per_worker: float) -> int:
+    """Batches of new images a Ray worker reads and embeds at once: one per CPU it holds (decoding is CPU work),
+    two at least (one read while one is embedded)."""
+    return max(2, int(cpus_per_worker))
+
+
+@dataclass(frozen=True)
+class IndexBatches:
+    """Indexing's per-batch work as a Ray cluster's worker binds it: new files under `root`, read, captioned (the
+    one captioning rule) and embedded with the worker's models for an index of that `route` and `dim`. Workers
+    never open the index: the driver alone reads and writes it, whatever its store."""
+
+    root: Path
+    route: Route
+    dim: int
+
+    def bind(self, app: App) -> Callable[[list[NewFile]], Embedded]:
+        """`embed_new_files` with the worker's embedder and captioner."""
+        from imageloop.tools.indexing.indexer import embed_new_files
+
+        return partial(embed_new_files, self.root, self.route, self.dim, app.embedder(), app.index_captioner())
 
 
 def parse_where(items: Sequence[str]) -> dict[str, Any] | None:

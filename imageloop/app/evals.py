@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imageloop import limits
+from imageloop.app.cluster import RayGiven, asked_options, ray_options, runner
 from imageloop.app.paths import make_out_dir
-from imageloop.app.runs import RUN_RECORD, run_imagerag
+from imageloop.app.runs import FINISHED, RUN_RECORD, run_imagerag
 from imageloop.config import Settings
 from imageloop.errors import ConfigError, ImageloopError
 from imageloop.eval.genir import (
@@ -25,6 +27,7 @@ from imageloop.eval.genir import (
     read_dialogues,
     rescore_text,
     summarise,
+    target_search,
 )
 from imageloop.eval.genir_data import GENIR_SAMPLE_SEED, load_genir_benchmark, sample
 from imageloop.eval.imagerag import EVAL_SETTINGS as IMAGERAG_EVAL_SETTINGS
@@ -34,6 +37,7 @@ from imageloop.eval.imagerag import (
     Scorer,
     evaluate_prompts,
     load_prompts,
+    prompt_evaluation,
     real_image_files,
     write_eval_report,
 )
@@ -80,6 +84,28 @@ def _targets(
     return benchmark_targets(sample(listed, sample_size, GENIR_SAMPLE_SEED), index)
 
 
+@dataclass(frozen=True)
+class GenIRTargets:
+    """A GenIR evaluation's per-target work, as any process (this one, or a cluster's worker) binds it."""
+
+    index: Path
+    out: Path
+    settings: GenIREvalSettings
+
+    def bind(self, app: App) -> Callable[[Target], dict[str, Any]]:
+        """The target search over `app`'s models: the simulated user, the drawing (visual feedback) and retrieval."""
+        knobs = self.settings.knobs
+        graph = build_genir_graph(
+            app.vlm(),
+            app.generator() if knobs.feedback in ("visual", "hybrid") else None,
+            app.retriever(self.index),
+            ArtifactStore(self.out / "artifacts"),
+            defaults=SimulatedUserKnobs.model_validate(knobs.model_dump(include=set(SimulatedUserKnobs.model_fields))),
+            paths=app.file_path,
+        )
+        return target_search(graph, self.settings, self.out)
+
+
 def run_genir_eval(
     app: App,
     index: str | Path,
@@ -92,6 +118,7 @@ def run_genir_eval(
     sample: int | None = None,
     knobs: Given = None,
     concurrency: int = 1,
+    ray: RayGiven = None,
     on_target: OnTarget | None = None,
 ) -> dict[str, Any]:
     """Run the simulated-user loop for every target not yet done in `out_dir`; write and return the summary.
@@ -99,10 +126,12 @@ def run_genir_eval(
     Targets are a folder or list of images (`targets`), or a benchmark (`benchmark`, `images`,
     `annotations`; `sample` draws that many with GenIR's seed 42). `knobs` are an evaluation's
     (`GenIREvalKnobs`: feedback, rounds, k, ks, the hybrid rule, the simulated user and its decoding, the
-    drawing knobs; unset: the settings').
+    drawing knobs; unset: the settings'). `concurrency` targets are searched at once (on each worker with
+    `ray`: see `imageloop.app.cluster`).
     """
     resolved = GenIREvalKnobs.from_settings(app.settings).overridden(knobs)
     limits.check("concurrency", concurrency)
+    cluster = ray_options(ray, confined=app.roots is not None)
     # Concurrent searches share the application's micro-batched models: one batch of model calls costs
     # about what one call does on a GPU.
     retriever = app.retriever(index)
@@ -120,27 +149,24 @@ def run_genir_eval(
     if settings_file.exists() and json.loads(settings_file.read_text()) != eval_settings.to_json():
         raise ImageloopError(f"{out} holds an evaluation with other settings: use another `out` folder")
     write_json_atomic(settings_file, eval_settings.to_json())
-    graph = build_genir_graph(
-        app.vlm(),
-        app.generator() if draws else None,
-        retriever,
-        ArtifactStore(out / "artifacts"),
-        defaults=SimulatedUserKnobs.model_validate(resolved.model_dump(include=set(SimulatedUserKnobs.model_fields))),
-        paths=app.file_path,
-    )
-    done = evaluate_targets(graph, target_list, out, eval_settings, concurrency=concurrency, on_target=on_target)
+    run = runner(app, GenIRTargets(folder, out, eval_settings), concurrency=concurrency, ray=cluster)
+    done = evaluate_targets(run, target_list, out, on_target=on_target)
     wanted = {t.id for t in target_list}
     summary = summarise((r for target_id, r in done.items() if target_id in wanted), eval_settings)
     write_json_atomic(out / SUMMARY, summary)
     return summary
 
 
-def rescore_genir_text(app: App, out_dir: str | Path, index: str | Path | None = None) -> dict[str, Any]:
+def rescore_genir_text(
+    app: App, out_dir: str | Path, index: str | Path | None = None, *, ray: RayGiven = None
+) -> dict[str, Any]:
     """Re-score an evaluation's saved queries with text-only retrieval; writes and returns `text_rescore.json`.
 
     The index defaults to the one the evaluation searched; the configured embedder must be the one that
-    built it (its text tower embeds the queries).
+    built it (its text tower embeds the queries). It runs in this process: a `ray` option is refused, not ignored.
     """
+    if asked := asked_options(ray):  # the saved queries are searched here: there is nothing to hand out
+        raise ConfigError(f"text re-scoring searches the saved queries in this process: drop `{min(asked)}`")
     out = app.path(out_dir, "evaluation folder", kind="dir")
     settings_file = out / EVAL_SETTINGS
     if not settings_file.is_file():
@@ -180,6 +206,34 @@ def _scorer(app: App, settings: Settings, name: str) -> Scorer:
     return VLMJudge(app.vlm(settings.with_overrides({"vlm": settings.judge})))
 
 
+@dataclass(frozen=True)
+class ImageRAGPrompts:
+    """An ImageRAG evaluation's per-prompt work, as any process (this one, or a cluster's worker) binds it:
+    the index, the results folder, the knobs the run asked for and the metrics."""
+
+    index: Path
+    out: Path
+    knobs: dict[str, Any]
+    metrics: tuple[str, ...]
+
+    def bind(self, app: App) -> Callable[[PromptCase], dict[str, Any]]:
+        """The prompt's run (resumed where a killed one left it) and its scoring with `app`'s scorers."""
+        scorers = [_scorer(app, app.settings, name) for name in self.metrics]
+
+        def run_case(case: PromptCase, run_dir: Path) -> Mapping[str, Any]:
+            if (run_dir / RUN_RECORD).is_file():
+                previous = read_record(run_dir)
+                # A record without a status is from before runs were recorded from their first step: finished.
+                if previous.get("status", FINISHED) == FINISHED and previous.get("stop_reason") != "error":
+                    return previous  # ran to its end before: score it as it is
+                return run_imagerag(app, None, None, out_dir=run_dir, resume=True)  # failed, stopped or killed
+            if run_dir.exists():
+                shutil.rmtree(run_dir)  # a run killed before it wrote any record: start it again
+            return run_imagerag(app, case.prompt, self.index, out_dir=run_dir, knobs=self.knobs)
+
+        return prompt_evaluation(self.out, run_case, scorers)
+
+
 def run_imagerag_eval(
     app: App,
     prompts: str | Path,
@@ -190,18 +244,21 @@ def run_imagerag_eval(
     metrics: str | Sequence[str] | None = None,
     knobs: Given = None,
     concurrency: int = 1,
+    ray: RayGiven = None,
     on_prompt: OnPrompt | None = None,
 ) -> dict[str, Any]:
     """Run ImageRAG for every prompt not yet scored in `out_dir`, score draft and final; write and return the summary.
 
     `prompts` is a text file or a folder of classes (`imageloop.eval.imagerag`); `knobs` are the loop's
-    (`ImageRAGKnobs`; a preset profile sets them all). The summary is `{"n", "metrics": {NAME: {"draft",
-    "final", "delta"}}, "stop_reasons", "settings"}`, each entry a mean with its 95% interval.
+    (`ImageRAGKnobs`; a preset profile sets them all); `concurrency` prompts run at once (on each worker with
+    `ray`: see `imageloop.app.cluster`). The summary is `{"n", "metrics": {NAME: {"draft", "final",
+    "delta"}}, "stop_reasons", "settings"}`, each entry a mean with its 95% interval.
     """
     settings = app.settings
     given = ImageRAGKnobs.given(knobs)
     resolved = ImageRAGKnobs.from_settings(settings).overridden(given)
     limits.check("concurrency", concurrency)
+    cluster = ray_options(ray, confined=app.roots is not None)
     real_root = app.path(real_images, "real images", kind="dir") if real_images is not None else None
     cases = load_prompts(app.path(prompts, "prompts"), real_root)
     names = _metric_names(metrics, cases)
@@ -223,19 +280,9 @@ def run_imagerag_eval(
     if settings_file.exists() and json.loads(settings_file.read_text()) != eval_settings:
         raise ImageloopError(f"{out} holds an evaluation with other settings: use another `out` folder")
     write_json_atomic(settings_file, eval_settings)
-    scorers = [_scorer(app, settings, name) for name in names]
-
-    def run_case(case: PromptCase, run_dir: Path) -> Mapping[str, Any]:
-        if (run_dir / RUN_RECORD).is_file():
-            previous = read_record(run_dir)
-            if previous.get("stop_reason") != "error":
-                return previous  # ran to its end before: score it as it is
-            return run_imagerag(app, None, None, out_dir=run_dir, resume=True)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # a run killed before it wrote any record: start it again
-        return run_imagerag(app, case.prompt, folder, out_dir=run_dir, knobs=given)
-
-    done = evaluate_prompts(cases, out, run_case, scorers, concurrency=concurrency, on_prompt=on_prompt)
+    work = ImageRAGPrompts(folder, out, given.set_values(), tuple(names))
+    run = runner(app, work, concurrency=concurrency, ray=cluster)
+    done = evaluate_prompts(cases, out, run, on_prompt=on_prompt)
     records = [done[case.key] for case in cases if case.key in done]
     summary = {**summarise_imagerag(records, names), "settings": eval_settings}
     write_json_atomic(out / IMAGERAG_SUMMARY, summary)

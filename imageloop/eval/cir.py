@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from imageloop.errors import ImageloopError
-from imageloop.eval import journaled
+from imageloop.eval import Run, journaled
 from imageloop.eval.cir_data import (
     CIRR_SPLITS,
     FASHIONIQ_CATEGORIES,
@@ -218,31 +218,43 @@ def _query_record(
     }
 
 
-def evaluate_queries(
+BenchmarkQuery = tuple[str, CIRQuery]
+"""One query of an evaluation, as handed to whoever runs it: its benchmark's name and the query."""
+
+
+def query_search(
     runs: Sequence[tuple[CIRBenchmark, GalleryRetriever, CIRGraph]],
-    out_dir: Path,
-    *,
-    concurrency: int = 1,
-    on_query: Callable[[int, int], None] | None = None,
-) -> dict[tuple[str, str], dict[str, Any]]:
-    """Run every query not yet in `queries.jsonl` through its benchmark's graph, appending (fsynced) as each ends.
+) -> Callable[[BenchmarkQuery], dict[str, Any]]:
+    """One query's work, the same in this process and on a cluster's worker: the query through its benchmark's
+    graph, ranking its whole gallery (`rank_depth`) with the reference left in (the metrics apply each
+    benchmark's own rule for it); the result is its line of `queries.jsonl`."""
+    by_name = {benchmark.name: (benchmark, gallery, graph) for benchmark, gallery, graph in runs}
 
-    Each query ranks its whole gallery (`rank_depth`), with the reference left in: the metrics apply
-    each benchmark's own rule for it.
-    """
-    queries_file = out_dir / QUERIES
-    done = finished(queries_file)
-    pending = [(b, g, graph, q) for b, g, graph in runs for q in b.queries if (b.name, q.id) not in done]
-    total = sum(len(b.queries) for b, _, _ in runs)
-
-    def run(task: tuple[CIRBenchmark, GalleryRetriever, CIRGraph, CIRQuery]) -> dict[str, Any]:
-        benchmark, gallery, graph, query = task
+    def search(item: BenchmarkQuery) -> dict[str, Any]:
+        benchmark, gallery, graph = by_name[item[0]]
+        query = item[1]
         asked = CIRInput(reference=str(benchmark.gallery[query.reference]), change=query.modification)
         context = CIRContext(k=min(len(gallery), CIRR_RECALL_AT[-1]), exclude_reference=False, rank_depth=len(gallery))
         state = graph.invoke(asked, version="v2", context=context).value
         return _query_record(benchmark, gallery, query, state)
 
-    for record in journaled(pending, run, queries_file, total=total, concurrency=concurrency, on_progress=on_query):
+    return search
+
+
+def evaluate_queries(
+    benchmarks: Sequence[CIRBenchmark],
+    out_dir: Path,
+    run: Run[BenchmarkQuery, dict[str, Any]],
+    *,
+    on_query: Callable[[int, int], None] | None = None,
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Run every query not yet in `queries.jsonl` (`run` does each one's `query_search`, here or on a cluster),
+    appending (fsynced) as each ends."""
+    queries_file = out_dir / QUERIES
+    done = finished(queries_file)
+    pending = [(b.name, q) for b in benchmarks for q in b.queries if (b.name, q.id) not in done]
+    total = sum(len(b.queries) for b in benchmarks)
+    for record in journaled(pending, run, queries_file, total=total, on_progress=on_query):
         done[record["benchmark"], record["id"]] = record
     return done
 

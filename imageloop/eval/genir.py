@@ -29,7 +29,7 @@ from typing import Any
 
 from imageloop.agents.simulated_user import user_decoding
 from imageloop.errors import ConfigError, ImageloopError
-from imageloop.eval import journaled
+from imageloop.eval import Run, journaled
 from imageloop.eval.genir_data import BenchmarkTarget
 from imageloop.eval.metrics import cumulative_hits_at_k, mean_best_rank, per_round_hits_at_k
 from imageloop.files import read_jsonl
@@ -64,6 +64,11 @@ class GenIREvalSettings:
     generator: str
     embedder: str
     index: str
+
+    def __post_init__(self) -> None:
+        """Refuse a rank depth that would cut off a K the evaluation scores."""
+        if self.knobs.rank_depth < max(self.ks):
+            raise ConfigError(f"rank_depth {self.knobs.rank_depth} is below the largest K {max(self.ks)}: raise it")
 
     @property
     def ks(self) -> list[int]:
@@ -243,25 +248,13 @@ def _oracle_pick(arms: Mapping[FeedbackKind, dict[str, Any]], settings: GenIREva
     )
 
 
-def evaluate_targets(
-    graph: GenIRGraph,
-    targets: list[Target],
-    out_dir: Path,
-    settings: GenIREvalSettings,
-    *,
-    concurrency: int = 1,
-    on_target: Callable[[int, int], None] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Search for every target not already in `dialogues.jsonl`, appending (fsynced) as each finishes.
+def target_search(graph: GenIRGraph, settings: GenIREvalSettings, out_dir: Path) -> Callable[[Target], dict[str, Any]]:
+    """One target's work, the same in this process and on a cluster's worker: its dialogue (or its hybrid arms'),
+    drawings kept under `out_dir/artifacts`; the result is the target's line of `dialogues.jsonl`.
 
     Each target runs with the evaluation's knobs (the graph's defaults), its feedback and stopping K set here.
     """
-    if settings.knobs.rank_depth < max(settings.ks):
-        raise ConfigError(f"rank_depth {settings.knobs.rank_depth} is below the largest K {max(settings.ks)}: raise it")
     artifacts = ArtifactStore(out_dir / "artifacts")
-    dialogues = out_dir / DIALOGUES
-    done = _finished(dialogues)
-    pending = [t for t in targets if t.id not in done]
 
     def play(target: Target, feedback: FeedbackKind) -> dict[str, Any]:
         context = GenIRContext(feedback=feedback, k=settings.stop_k, target_id=target.id, target_path=str(target.path))
@@ -279,8 +272,22 @@ def evaluate_targets(
             hybrid["arms"] = {arm: [r["target_rank"] for r in record["rounds"]] for arm, record in arms.items()}
         return {**arms[chosen], "hybrid": hybrid}
 
-    searched = journaled(pending, search, dialogues, total=len(targets), concurrency=concurrency, on_progress=on_target)
-    for record in searched:
+    return search
+
+
+def evaluate_targets(
+    run: Run[Target, dict[str, Any]],
+    targets: list[Target],
+    out_dir: Path,
+    *,
+    on_target: Callable[[int, int], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Search for every target not already in `dialogues.jsonl` (`run` does each one's `target_search`, here or on
+    a cluster), appending (fsynced) as each finishes."""
+    dialogues = out_dir / DIALOGUES
+    done = _finished(dialogues)
+    pending = [t for t in targets if t.id not in done]
+    for record in journaled(pending, run, dialogues, total=len(targets), on_progress=on_target):
         done[record["target_id"]] = record
     return done
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from imageloop.errors import ImageloopError
-from imageloop.eval import journaled
+from imageloop.eval import Run, journaled
 from imageloop.files import read_jsonl, write_atomic
 from imageloop.tools.images import image_files
 
@@ -205,22 +205,15 @@ def score_run(case: PromptCase, run_dir: Path, record: Mapping[str, Any], scorer
     }
 
 
-def evaluate_prompts(
-    cases: Sequence[PromptCase],
-    out_dir: Path,
-    run_case: Callable[[PromptCase, Path], Mapping[str, Any]],
-    scorers: Sequence[Scorer],
-    *,
-    concurrency: int = 1,
-    on_prompt: Callable[[int, int], None] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Run and score every case not yet recorded without error, appending (fsynced) to results.jsonl.
+def prompt_evaluation(
+    out_dir: Path, run_case: Callable[[PromptCase, Path], Mapping[str, Any]], scorers: Sequence[Scorer]
+) -> Callable[[PromptCase], dict[str, Any]]:
+    """One prompt's work, the same in this process and on a cluster's worker: its run, scored; the result is
+    its line of results.jsonl.
 
-    `run_case(case, run_dir)` runs ImageRAG in `run_dir` (resuming it when it holds a run) and returns
-    its record; a failure is recorded as the case's error and the other cases go on.
+    `run_case(case, run_dir)` runs ImageRAG in `run_dir` (resuming it when it holds a run) and returns its
+    record; a failure is recorded as the case's error and the other cases go on.
     """
-    done = read_results(out_dir)
-    pending = [c for c in cases if c.key not in done or done[c.key].get("error")]
 
     def evaluate(case: PromptCase) -> dict[str, Any]:
         run_dir = out_dir / RUNS / case.key
@@ -233,8 +226,21 @@ def evaluate_prompts(
                     "scores": {}, "stop_reason": "error", "error": record["error"]}  # fmt: skip
         return score_run(case, run_dir, record, scorers)
 
-    for line in journaled(pending, evaluate, out_dir / RESULTS, total=len(cases), concurrency=concurrency,
-                          on_progress=on_prompt):  # fmt: skip
+    return evaluate
+
+
+def evaluate_prompts(
+    cases: Sequence[PromptCase],
+    out_dir: Path,
+    run: Run[PromptCase, dict[str, Any]],
+    *,
+    on_prompt: Callable[[int, int], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run and score every case not yet recorded without error (`run` does each one's `prompt_evaluation`, here
+    or on a cluster), appending (fsynced) to results.jsonl."""
+    done = read_results(out_dir)
+    pending = [c for c in cases if c.key not in done or done[c.key].get("error")]
+    for line in journaled(pending, run, out_dir / RESULTS, total=len(cases), on_progress=on_prompt):
         done[line["key"]] = line
     return done
 

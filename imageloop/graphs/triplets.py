@@ -14,6 +14,8 @@ target) through a painter that may carry a CIR-LoRA, splits the halves, optional
 them (off by default: DAIG uses no filter; a rejected drawing is redrawn with the next seed, up to
 `max_attempts`), and appends the triplet to the folder. A run killed at any point and run again
 ends with exactly n triplets, none twice. State holds slot numbers, counts and caps, never images.
+One slot's work is `TripletMaker.make`, which writes nothing: the `synthesize` node appends what it made,
+as the driver of a run on a Ray cluster does with what its workers made (`imageloop.app.triplets`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,6 +33,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import Checkpointer, Overwrite, Send
+from PIL import Image
 from typing_extensions import TypedDict
 
 from imageloop import limits
@@ -153,6 +157,117 @@ def check_request(n: Any, objects: Any, edits: Any) -> tuple[int, list[str], lis
     return int(n), object_list, edit_list
 
 
+def few_shot(given: Sequence[dict[str, str]]) -> tuple[list[Example], list[str]]:
+    """The user's real triplets as the scripter shows them, and each one's edit type."""
+    examples = [
+        {"reference": e.get("reference_text", ""), "change": e.get("change", ""), "target": e.get("target_text", "")}
+        for e in given
+    ]
+    return examples, [e.get("edit", "") for e in given]
+
+
+def slot_task(
+    knobs: TripletsKnobs,
+    slot: int,
+    objects: Sequence[str],
+    edits: Sequence[str],
+    examples: Sequence[Example],
+    example_edits: Sequence[str],
+) -> SlotTask:
+    """Everything slot `slot` needs to be made, from the run's knobs and request alone (so every run agrees)."""
+    subject, edit = slot_pair(knobs.seed, slot, objects, edits)
+    return SlotTask(
+        slot=slot, object=subject, edit=edit, examples=pick_examples(examples, example_edits, edit, slot),
+        seed=knobs.seed, size=knobs.size or DEFAULT_SIZE, steps_per_image=knobs.steps, check=knobs.check,
+        max_attempts=knobs.max_attempts,
+    )  # fmt: skip
+
+
+def missing_slots(held: set[str], n: int) -> list[int]:
+    """The slots of 0..n-1 whose triplet is not among the `held` ids."""
+    return [slot for slot in range(n) if triplet_id(slot) not in held]
+
+
+def held_counts(dataset: TripletDataset, n: int) -> tuple[int, int]:
+    """How many triplets the folder holds, and how many of slots 0..n-1 it still lacks."""
+    held = dataset.ids()
+    return len(held), len(missing_slots(held, n))
+
+
+@dataclass(frozen=True)
+class SlotOutcome:
+    """What making one slot came to: `counted` as written (with its record and halves), failed or rejected,
+    the step that says so, and the painter that drew it."""
+
+    counted: Literal["written", "failed", "rejected"]
+    step: Step
+    painter: str
+    record: TripletRecord | None = None
+    reference: Image.Image | None = None
+    target: Image.Image | None = None
+
+    def keep(self, dataset: TripletDataset) -> None:
+        """Append the triplet made, if one was, to the dataset folder (held by this process)."""
+        if self.record is not None and self.reference is not None and self.target is not None:
+            dataset.add(self.record, self.reference, self.target)
+
+
+class TripletMaker:
+    """One slot's work, the same in a graph's node and on a cluster's worker: script, draw, split, (check).
+
+    It writes nothing: whoever holds the dataset folder appends what it made.
+    """
+
+    def __init__(
+        self, llm: VisionLanguageModel, painter: DiptychPainter, checker: VisionLanguageModel | None = None
+    ) -> None:
+        # Every model call becomes a run in the graph's trace (LangSmith, callback handlers).
+        self.scripter = TripletScripter(traced_vlm(llm))
+        self.checker = TripletChecker(traced_vlm(checker)) if checker is not None else None
+        self.painter = painter
+
+    def make(self, task: SlotTask) -> SlotOutcome:
+        """The slot's triplet, or why there is none; a failure is an outcome, never an error."""
+        started = time.perf_counter()
+        slot = task["slot"]
+        painter = self.painter.model_id
+        try:
+            script = self.scripter.script(task["object"], task["edit"], task["examples"])
+        except MalformedOutputError as e:
+            return SlotOutcome("failed", step("synthesize", slot, f"no script ({e})", started), painter)
+        description = diptych_description(script.change, script.reference, script.target, task["object"])
+        for attempt in range(task["max_attempts"] if task["check"] else 1):
+            seed = slot_seed(task["seed"], slot, attempt)
+            reference, target = split_diptych(
+                self.painter.draw(description, seed, task["size"], task["steps_per_image"])
+            )
+            if task["check"] and not self._accepted(reference, target, script):
+                continue
+            reference_path, target_path = TripletDataset.image_paths(triplet_id(slot))
+            record = TripletRecord(
+                id=triplet_id(slot), object=task["object"], edit=task["edit"], reference_text=script.reference,
+                change=script.change, target_text=script.target, reference_image=reference_path,
+                target_image=target_path,
+            )  # fmt: skip
+            decision = f"wrote {record.id}: {task['edit']} {task['object']!r}, {script.change!r}"
+            made = step("synthesize", slot, decision, started, attempt=attempt, seed=seed)
+            return SlotOutcome("written", made, painter, record, reference, target)
+        decision = f"{task['max_attempts']} drawings rejected by the check"
+        return SlotOutcome("rejected", step("synthesize", slot, decision, started), painter)
+
+    def _accepted(self, reference: Any, target: Any, script: TripletScript) -> bool:
+        """The checker's verdict on the two halves (shown to it as files); no verdict is a rejection."""
+        assert self.checker is not None  # a maker for a run that checks is built with its checker
+        with tempfile.TemporaryDirectory() as folder:
+            paths = Path(folder) / "reference.png", Path(folder) / "target.png"
+            reference.save(paths[0])
+            target.save(paths[1])
+            try:
+                return self.checker.check(paths[0], paths[1], script).valid
+            except MalformedOutputError:
+                return False
+
+
 # Routing: pure functions of state.
 
 
@@ -160,35 +275,15 @@ def fan_out(state: TripletsState) -> list[Send] | Literal["finish"]:
     """One `synthesize` per slot of the batch `plan` took; no batch ends the run."""
     if not state["batch"]:
         return "finish"
-    sends = []
-    knobs = state["knobs"]
-    for slot in state["batch"]:
-        subject, edit = slot_pair(knobs.seed, slot, state["objects"], state["edits"])
-        task = SlotTask(
-            slot=slot, object=subject, edit=edit,
-            examples=pick_examples(state["examples"], state["example_edits"], edit, slot), seed=knobs.seed,
-            size=knobs.size or DEFAULT_SIZE, steps_per_image=knobs.steps, check=knobs.check,
-            max_attempts=knobs.max_attempts,
-        )  # fmt: skip
-        sends.append(Send("synthesize", task))
-    return sends
+    every = state["objects"], state["edits"], state["examples"], state["example_edits"]
+    return [Send("synthesize", slot_task(state["knobs"], slot, *every)) for slot in state["batch"]]
 
 
 class _Nodes:
-    """Node functions closed over the backends and the dataset they use."""
+    """Node functions closed over the slot maker and the dataset it fills."""
 
-    def __init__(
-        self,
-        llm: VisionLanguageModel,
-        checker: VisionLanguageModel | None,
-        painter: DiptychPainter,
-        dataset: TripletDataset,
-        defaults: TripletsKnobs,
-    ) -> None:
-        # Every model call becomes a run in the graph's trace (LangSmith, callback handlers).
-        self.scripter = TripletScripter(traced_vlm(llm))
-        self.checker = TripletChecker(traced_vlm(checker)) if checker is not None else None
-        self.painter = painter
+    def __init__(self, maker: TripletMaker, dataset: TripletDataset, defaults: TripletsKnobs) -> None:
+        self.maker = maker
         self.dataset = dataset
         self.defaults = defaults
 
@@ -197,20 +292,11 @@ class _Nodes:
         started = time.perf_counter()
         knobs = self.defaults.overridden(runtime.context)
         n, objects, edits = check_request(state.get("n", 1), state.get("objects"), state.get("edits"))
-        if knobs.check and self.checker is None:
+        if knobs.check and self.maker.checker is None:
             raise ConfigError("checking drawings needs a VLM: configure a `vlm`")
-        given = state.get("examples") or []
-        examples = [
-            {
-                "reference": e.get("reference_text", ""),
-                "change": e.get("change", ""),
-                "target": e.get("target_text", ""),
-            }
-            for e in given
-        ]
-        example_edits = [e.get("edit", "") for e in given]
+        examples, example_edits = few_shot(state.get("examples") or [])
         held = self.dataset.ids()
-        slots = [slot for slot in range(n) if triplet_id(slot) not in held]
+        slots = missing_slots(held, n)
         decision = f"{len(slots)} of {n} triplets to make ({len(held)} in the folder)"
         record = step("prepare", 0, decision, started, examples=len(examples), knobs=knobs.record())
         return {
@@ -229,51 +315,15 @@ class _Nodes:
         return {"batch": batch, "cursor": state["cursor"] + len(batch), "steps": [record]}
 
     def synthesize(self, task: SlotTask) -> dict[str, Any]:
-        """Script, draw, split, (check) and append one triplet; a failure is counted, never fatal."""
-        started = time.perf_counter()
-        slot = task["slot"]
-        try:
-            script = self.scripter.script(task["object"], task["edit"], task["examples"])
-        except MalformedOutputError as e:
-            return {"failed": 1, "steps": [step("synthesize", slot, f"no script ({e})", started)]}
-        description = diptych_description(script.change, script.reference, script.target, task["object"])
-        for attempt in range(task["max_attempts"] if task["check"] else 1):
-            seed = slot_seed(task["seed"], slot, attempt)
-            reference, target = split_diptych(
-                self.painter.draw(description, seed, task["size"], task["steps_per_image"])
-            )
-            if task["check"] and not self._accepted(reference, target, script):
-                continue
-            reference_path, target_path = TripletDataset.image_paths(triplet_id(slot))
-            record = TripletRecord(
-                id=triplet_id(slot), object=task["object"], edit=task["edit"], reference_text=script.reference,
-                change=script.change, target_text=script.target, reference_image=reference_path,
-                target_image=target_path,
-            )  # fmt: skip
-            self.dataset.add(record, reference, target)
-            decision = f"wrote {record.id}: {task['edit']} {task['object']!r}, {script.change!r}"
-            return {"written": 1, "steps": [step("synthesize", slot, decision, started, attempt=attempt, seed=seed)]}
-        decision = f"{task['max_attempts']} drawings rejected by the check"
-        return {"rejected": 1, "steps": [step("synthesize", slot, decision, started)]}
-
-    def _accepted(self, reference: Any, target: Any, script: TripletScript) -> bool:
-        """The checker's verdict on the two halves (shown to it as files); no verdict is a rejection."""
-        assert self.checker is not None  # prepare refuses check without a VLM
-        with tempfile.TemporaryDirectory() as folder:
-            paths = Path(folder) / "reference.png", Path(folder) / "target.png"
-            reference.save(paths[0])
-            target.save(paths[1])
-            try:
-                return self.checker.check(paths[0], paths[1], script).valid
-            except MalformedOutputError:
-                return False
+        """Make one slot's triplet and append it to the folder; a failure is counted, never fatal."""
+        outcome = self.maker.make(task)
+        outcome.keep(self.dataset)
+        return {outcome.counted: 1, "steps": [outcome.step]}
 
     def finish(self, state: TripletsState) -> dict[str, Any]:
         """Count what the folder holds now."""
         started = time.perf_counter()
-        held = self.dataset.ids()
-        total = len(held)
-        pending = sum(1 for slot in range(state["n"]) if triplet_id(slot) not in held)
+        total, pending = held_counts(self.dataset, state["n"])
         decision = f"wrote {state['written']}, failed {state['failed']}, rejected {state['rejected']}; {total} held"
         return {"total": total, "pending": pending, "steps": [step("finish", 0, decision, started)]}
 
@@ -291,7 +341,7 @@ def build_triplets_graph(
     defaults: TripletsKnobs | None = None,
 ) -> TripletsGraph:
     """Wire triplet synthesis into `dataset` (opened, so held by this process); `checker` enables the check."""
-    nodes = _Nodes(llm, checker, painter, dataset, defaults or TripletsKnobs())
+    nodes = _Nodes(TripletMaker(llm, painter, checker), dataset, defaults or TripletsKnobs())
     graph = StateGraph(
         TripletsState, context_schema=TripletsContext, input_schema=TripletsInput, output_schema=TripletsOutput
     )

@@ -200,6 +200,11 @@ def open_index(
     return ImageIndex(root, store, location)
 
 
+def route_of(embedder: Embedder) -> Route:
+    """How an index built with `embedder` finds images: by their pixels (an image embedder) or their captions."""
+    return "image" if embedder.embeds_images else "caption"
+
+
 def create_or_open_index(
     folder: Path,
     embedder: Embedder,
@@ -244,8 +249,8 @@ def create_or_open_index(
     )  # fmt: skip
     try:
         if "embedder_id" not in vectors.get_meta():
-            route: Route = "image" if embedder.embeds_images else "caption"
-            vectors.set_meta({"embedder_id": embedder.model_id, "dim": embedder.dim, "route": route, "root": str(root)})
+            meta = {"embedder_id": embedder.model_id, "dim": embedder.dim, "route": route_of(embedder)}
+            vectors.set_meta({**meta, "root": str(root)})
         if not (index_dir / STORE_FILENAME).is_file():
             _write_location(index_dir, location)
         index = ImageIndex(root, vectors, location)

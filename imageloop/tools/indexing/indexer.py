@@ -20,12 +20,12 @@ import json
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, Unpack
+from typing import Any, BinaryIO, TypeVar, Unpack
 
 from PIL import Image
 from tqdm import tqdm
@@ -133,12 +133,33 @@ class _Known:
 
 
 @dataclass(frozen=True)
+class NewFile:
+    """Content not in the index yet, hashed but not read: what a cluster's worker opens by its item's address
+    (a file, a tar member), decodes, captions and embeds."""
+
+    id: str
+    item: Item
+    extra: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class _Failed:
     address: str
     reason: str
 
 
-_Outcome = _New | _Known | _Failed
+@dataclass(frozen=True)
+class Embedded:
+    """A batch of new files as a worker returns it: the records to store, and the files it could not read."""
+
+    records: list[VectorRecord]
+    failures: list[tuple[str, str]]
+
+
+_Outcome = _New | _Known | NewFile | _Failed
+EmbedRemotely = Callable[[Iterable[list[NewFile]]], Iterable[Embedded]]
+"""How batches of new files are read and embedded elsewhere (a Ray cluster's workers), handed out as the walk
+finds them, each result as it arrives."""
 
 
 def index_folder(
@@ -150,13 +171,15 @@ def index_folder(
     workers: int | None = None,
     progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
+    remote: EmbedRemotely | None = None,
     **store_options: Unpack[StoreOptions],
 ) -> IndexSummary:
     """Add every new image of `folder` (or of a `Source`: shards, a parquet table) to its index.
 
     Unreadable files are reported, never fatal. `store_options` choose the store of a new index (see
     `create_or_open_index`); default embedded. `on_progress(done, total)` hears how many images were
-    handled, at the start, per batch and at the end.
+    handled, at the start, per batch and at the end. `remote` reads and embeds the new images elsewhere
+    (see `index_into`).
     """
     _check_sizes(batch_size, workers)
     source = folder if isinstance(folder, Source) else Source(Path(folder).resolve(), "folder")
@@ -165,7 +188,7 @@ def index_folder(
         with one_indexer(index.root / INDEX_DIRNAME):
             return index_into(
                 index, embedder, captioner, batch_size=batch_size, workers=workers, progress=progress,
-                on_progress=on_progress, source=source,
+                on_progress=on_progress, source=source, remote=remote,
             )  # fmt: skip
     finally:
         index.close()
@@ -203,6 +226,7 @@ def index_into(
     progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
     source: Source | None = None,
+    remote: EmbedRemotely | None = None,
 ) -> IndexSummary:
     """Index the images of `source` (default: the folder `index.root`) into an open index; see `index_folder`.
 
@@ -210,6 +234,10 @@ def index_into(
     `batch_size + 2 * workers` files are prepared ahead of the batch being embedded, so on the image
     route at most `2 * batch_size + 2 * workers` decoded images are held at once, each reduced to
     `prepared_side(embedder)` on its shortest side as it is decoded; the caption route keeps only the captions.
+
+    With `remote`, this process hashes every image and looks it up, and hands the new ones out, in batches of
+    `batch_size` as it finds them, to be read and embedded elsewhere (`embed_new_files` on a cluster's
+    workers, which open each by its address); it alone writes the index, a batch at a time, as here.
     """
     _check_sizes(batch_size, workers)
     workers = workers or default_workers()
@@ -231,14 +259,13 @@ def index_into(
     side = prepared_side(embedder)
 
     def prepare(item: Item) -> _Outcome:
-        return _prepare(item, index, captioner, store_lock, side)
+        return _prepare(item, index, captioner, store_lock, side, read=remote is None)
 
-    def commit() -> None:
+    def commit(embedded: list[VectorRecord]) -> None:
         # One upsert per batch, one transaction per upsert: an interruption loses this batch only.
-        records = [*_embedded(pending, index, embedder), *(record for record, _, _ in moves)]
         with store_lock:
-            index.store.upsert(records)
-        summary.indexed += len(pending)
+            index.store.upsert([*embedded, *(record for record, _, _ in moves)])
+        summary.indexed += len(embedded)
         summary.moved += sum(moved for _, moved, _ in moves)
         summary.retagged += sum(retagged for _, _, retagged in moves)
         pending.clear()
@@ -246,6 +273,51 @@ def index_into(
 
     bar = tqdm(total=len(files), unit="img", desc="indexing", disable=None if progress else True)
     handled = 0
+
+    def counted(files_handled: int, moves_pending: int) -> None:
+        nonlocal handled
+        bar.set_postfix(_counts(summary, moves_pending), refresh=False)
+        bar.update(files_handled)
+        handled += files_handled  # counted here: a disabled bar counts nothing
+        crossed = handled // batch_size > (handled - files_handled) // batch_size  # another batch's worth
+        if on_progress is not None and crossed and handled < len(files):
+            on_progress(handled, len(files))
+
+    def walk(outcomes: Iterable[_Outcome]) -> Iterator[list[NewFile]]:
+        """Every image classified, its record updated or embedded here; with `remote`, the new images come out in
+        batches for the cluster instead, as they are found."""
+        unread: list[NewFile] = []
+        for outcome in outcomes:
+            if isinstance(outcome, _Failed):
+                summary.failed += 1
+                summary.failures.append((outcome.address, outcome.reason))
+            elif outcome.id in seen:
+                summary.skipped += 1  # the same content earlier in this run: stored once
+            elif isinstance(outcome, _Known):
+                seen.add(outcome.id)
+                summary.skipped += 1
+                updated = _updated(outcome, addresses)
+                if updated is not None:
+                    moves.append(updated)
+            elif isinstance(outcome, NewFile):
+                seen.add(outcome.id)
+                unread.append(outcome)
+                if len(unread) == batch_size:
+                    yield unread
+                    unread = []
+                continue  # counted when its batch comes back embedded
+            else:
+                seen.add(outcome.id)
+                pending.append(outcome)
+            if len(pending) >= batch_size or len(moves) >= batch_size:
+                commit(_embedded(pending, index.root, index.route, index.dim, embedder))
+            counted(1, len(moves))
+        if pending or moves:
+            commit(_embedded(pending, index.root, index.route, index.dim, embedder))
+            counted(0, 0)
+        if unread:
+            yield unread
+
     if on_progress is not None:
         on_progress(0, len(files))
     try:
@@ -255,31 +327,14 @@ def index_into(
             ThreadPoolExecutor(workers, thread_name_prefix="imageloop-index") as pool,
             closing(_in_order(pool, prepare, files, lookahead=batch_size + 2 * workers)) as outcomes,
         ):
-            for outcome in outcomes:
-                if isinstance(outcome, _Failed):
-                    summary.failed += 1
-                    summary.failures.append((outcome.address, outcome.reason))
-                elif outcome.id in seen:
-                    summary.skipped += 1  # the same content earlier in this run: stored once
-                elif isinstance(outcome, _Known):
-                    seen.add(outcome.id)
-                    summary.skipped += 1
-                    updated = _updated(outcome, addresses)
-                    if updated is not None:
-                        moves.append(updated)
-                else:
-                    seen.add(outcome.id)
-                    pending.append(outcome)
-                if len(pending) >= batch_size or len(moves) >= batch_size:
-                    commit()
-                bar.set_postfix(_counts(summary, len(moves)), refresh=False)
-                bar.update()
-                handled += 1  # counted here: a disabled bar counts nothing
-                if on_progress is not None and handled % batch_size == 0 and handled < len(files):
-                    on_progress(handled, len(files))
-            if pending or moves:
-                commit()
-                bar.set_postfix(_counts(summary, 0))
+            if remote is None:
+                list(walk(outcomes))  # every new image is read and embedded here as the walk finds it
+            else:
+                for embedded in remote(walk(outcomes)):
+                    commit(embedded.records)
+                    summary.failed += len(embedded.failures)
+                    summary.failures += embedded.failures
+                    counted(len(embedded.records) + len(embedded.failures), 0)
             if on_progress is not None:
                 on_progress(handled, len(files))
         with store_lock:
@@ -367,9 +422,15 @@ def _claim(index: ImageIndex, source: Source) -> None:
 
 
 def _prepare(
-    item: Item, index: ImageIndex, captioner: Captioner | None, store_lock: threading.Lock, side: int
+    item: Item,
+    index: ImageIndex,
+    captioner: Captioner | None,
+    store_lock: threading.Lock,
+    side: int,
+    read: bool = True,
 ) -> _Outcome:
-    """Runs in a worker: hash the item's bytes, look its content up, and decode and caption it if it is new.
+    """Runs in a worker thread: hash the item's bytes, look its content up, and (`read`) decode and caption it
+    if it is new.
 
     The bytes hashed and the pixels decoded come from one open file, so a file replaced meanwhile is
     indexed as one whole version, never the id of one and the picture of another.
@@ -386,16 +447,57 @@ def _prepare(
             extra = dict(item.extra) if item.extra is not None else sidecar_metadata(path, index.root)
             if known:
                 return _Known(image_id, item, known[0], extra)
-            f.seek(0)
-            image = decode_image(f, path, shortest_side=side)  # on the caption route too: a broken file fails
-        caption = item.caption if item.caption is not None else _caption(path, item, index.root, index.route, captioner)
+            if not read:
+                return NewFile(image_id, item, extra)
+            return _read(f, path, NewFile(image_id, item, extra), index.root, index.route, captioner, side)
     except StorageError:
         raise  # the index itself failed (damaged, full, busy): not this file's fault, the run's
-    except ImageloopError as e:
-        return _Failed(item.address, str(e))
-    except OSError as e:
-        return _Failed(item.address, f"{path}: cannot read ({e.strerror or e})")
-    return _New(image_id, item, caption, extra, image if index.route == "image" else None)
+    except (ImageloopError, OSError) as e:
+        return _unreadable(path, item.address, e)
+
+
+def _read(
+    f: BinaryIO, path: Path, new: NewFile, root: Path, route: Route, captioner: Captioner | None, side: int
+) -> _New:
+    """New content decoded from its open file (on the caption route too: a broken file fails) and captioned
+    (the source's caption, else the sidecar's or the captioner's)."""
+    f.seek(0)
+    image = decode_image(f, path, shortest_side=side)
+    item = new.item
+    caption = item.caption if item.caption is not None else _caption(path, item, root, route, captioner)
+    return _New(new.id, item, caption, new.extra, image if route == "image" else None)
+
+
+def _unreadable(path: Path, address: str, error: ImageloopError | OSError) -> _Failed:
+    if isinstance(error, OSError):
+        return _Failed(address, f"{path}: cannot read ({error.strerror or error})")
+    return _Failed(address, str(error))
+
+
+def embed_new_files(
+    root: Path, route: Route, dim: int, embedder: Embedder, captioner: Captioner | None, batch: Sequence[NewFile]
+) -> Embedded:
+    """A batch of new images read, captioned and embedded (on a cluster's worker): the same records as here.
+
+    Each is opened by its item's address under `root` (a file, a tar member), as the driver hashed it. One
+    whose bytes changed since they were hashed is reported, not indexed: the next run indexes it under its
+    new content, never the id of one version with the picture of another.
+    """
+    side = prepared_side(embedder)
+    read: list[_New] = []
+    failures: list[tuple[str, str]] = []
+    for new in batch:
+        path = root / new.item.address
+        try:
+            with open_regular(path) as f:
+                if file_digest(f) != new.id:
+                    raise ImageloopError(f"{path} changed while it was indexed: run again to index it")
+                read.append(_read(f, path, new, root, route, captioner, side))
+        except StorageError:
+            raise  # not this image's fault but the run's, as on the driver
+        except (ImageloopError, OSError) as e:
+            failures.append((new.item.address, _unreadable(path, new.item.address, e).reason))
+    return Embedded(_embedded(read, root, route, dim, embedder), failures)
 
 
 def _updated(known: _Known, addresses: set[str]) -> tuple[VectorRecord, bool, bool] | None:
@@ -423,18 +525,18 @@ def _updated(known: _Known, addresses: set[str]) -> tuple[VectorRecord, bool, bo
     return VectorRecord(id=known.id, vector=known.record.vector, metadata=metadata), moved, retagged
 
 
-def _embedded(pending: list[_New], index: ImageIndex, embedder: Embedder) -> list[VectorRecord]:
+def _embedded(pending: list[_New], root: Path, route: Route, dim: int, embedder: Embedder) -> list[VectorRecord]:
     """Records for a batch of new images, embedded in one call (pixels or captions, by route)."""
     if not pending:
         return []
-    if index.route == "image":
+    if route == "image":
         vectors = embedder.embed_images([item.image for item in pending if item.image is not None])
     else:
         vectors = embedder.embed_texts([item.caption for item in pending])
-    if vectors.shape != (len(pending), index.dim):
+    if vectors.shape != (len(pending), dim):
         raise ImageloopError(
             f"{embedder.model_id} returned vectors of shape {tuple(vectors.shape)} for {len(pending)} images, "
-            f"but the index at {index.root} holds {index.dim}-d vectors"
+            f"but the index at {root} holds {dim}-d vectors"
         )
     return [
         VectorRecord(
