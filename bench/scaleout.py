@@ -68,7 +68,7 @@ def index(app: App, pictures: Path, count: int, out: Path, ray: RayOptions | Non
     out.mkdir()
     for picture in sorted(pictures.glob("*.png"))[:count]:
         shutil.copy(picture, out)
-    summary = app.index_folder(out, batch_size=BATCH, ray=ray)
+    summary = app.index_folder(out, options={"batch_size": BATCH}, ray=ray)
     assert summary.indexed == count, summary
 
 

@@ -36,6 +36,7 @@ from imageloop.knobs import (
 )
 from imageloop.progress import ProgressEvent, describe
 from imageloop.runtime import hide_loading_bars
+from imageloop.tools.indexing.options import IndexOptions
 
 if TYPE_CHECKING:
     from imageloop.app import App
@@ -334,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a folder of images, a parquet table of image paths and captions, or WebDataset shards "
         "('data/{00000..00099}.tar'); the index is written to FOLDER/.imageloop (the folder holding them)",
     )  # fmt: skip
-    index.add_argument("--batch-size", type=int, help=f"images embedded per batch (default {_default('batch_size')})")
+    _add_knobs(index, IndexOptions, "indexing")
     index.add_argument("--json", action="store_true", help='print {"indexed", "skipped", "failed", "total", ...} last')
     stores = index.add_argument_group("vector store (a new index; an existing one keeps its own)")
     stores.add_argument("--store", choices=STORE_KINDS, help="default embedded: FOLDER/.imageloop")
@@ -565,7 +566,7 @@ class _Progress:
 
 def _index(args: argparse.Namespace, app: App) -> int:
     summary = app.index_folder(
-        args.folder, batch_size=args.batch_size, progress=not args.quiet, ray=_given(args, RayOptions)
+        args.folder, options=_given(args, IndexOptions), progress=not args.quiet, ray=_given(args, RayOptions)
     )
     for path, reason in summary.failures:
         _err(f"skipped {path}: {reason}")

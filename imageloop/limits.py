@@ -99,6 +99,9 @@ BOUNDS: dict[str, Bound] = {
     "auto_select": Bound(0, MAX_REFERENCES, 0, "RAGE: pick the top N candidates without a person (0: a person picks)"),
     # Jobs
     "batch_size": Bound(1, 256, 32, "images embedded per batch while indexing"),
+    "threads": Bound(
+        1, 1024, None, "threads that build the embedded store's search index (default: every core this process may use)"
+    ),
     "concurrency": Bound(1, 64, 1, "evaluation targets searched at once"),
     # Ray: the workers of a job on a cluster (`imageloop[ray]`)
     "workers": Bound(1, 4096, None, "Ray workers, each holding its models once (default: one per GPU, else per CPUs)"),

@@ -85,6 +85,7 @@ def test_search_refuses_rounds_past_their_bound(
         (["query", "{folder}", "a jay", "--k", "51"], bound_words("k", "51")),
         (["query", "{folder}", "a jay", "--k", "0"], bound_words("k", "0")),
         (["index", "{folder}", "--batch-size", "257"], bound_words("batch_size", "257")),
+        (["index", "{folder}", "--threads", "0"], bound_words("threads", "0")),
         (["search", "--index", "{folder}", "--query", "a jay", "--k", "51"], bound_words("k", "51")),
     ],
 )

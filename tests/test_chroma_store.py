@@ -80,6 +80,14 @@ def test_an_index_on_chroma_cannot_silently_change_store(tmp_path: Path) -> None
 
 
 @needs_chromadb
+def test_an_index_on_chroma_refuses_the_embedded_stores_search_options(tmp_path: Path) -> None:
+    folder = captioned_folder(tmp_path / "images")
+
+    with pytest.raises(ConfigError, match=r"`ann` and `threads` choose the embedded store's search index; the Chroma"):
+        create_or_open_index(folder, FakeHashEmbedder(), store="chroma", ann="quantized")
+
+
+@needs_chromadb
 def test_an_index_whose_chroma_folder_was_removed_is_not_found_and_not_recreated(tmp_path: Path) -> None:
     folder = captioned_folder(tmp_path / "images")
     index_folder(folder, FakeHashEmbedder(), None, progress=False, store="chroma")

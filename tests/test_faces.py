@@ -37,6 +37,7 @@ from imageloop.config import load_settings
 from imageloop.knobs import CIRKnobs, GenIREvalKnobs, GenIRKnobs, ImageRAGKnobs, Knobs, RAGEKnobs, TripletsKnobs
 from imageloop.langchain_tools import imageloop_tools
 from imageloop.mcp import build_server
+from imageloop.tools.indexing.options import IndexOptions
 from imageloop.tools.stores import embedded
 from tests.fake_openai_server import FakeOpenAIServer
 from tests.test_mcp_server import Client, memory_client
@@ -483,6 +484,7 @@ LOOP_FACES: dict[str, tuple[type[Knobs], list[str], str | None, Any]] = {
     "eval-imagerag": (ImageRAGKnobs, ["eval", "imagerag"], None, None),
     "eval-cir": (CIRKnobs, ["eval", "cir"], None, None),
     "triplets": (TripletsKnobs, ["triplets"], None, None),
+    "index": (IndexOptions, ["index"], "index_images", None),
 }
 
 
@@ -526,12 +528,12 @@ def test_every_face_exposes_every_knob_with_the_same_name_default_bound_and_desc
         schemas = {t.name: t.args_schema.model_json_schema()["properties"] for t in langchain.tools.values()}
     finally:
         langchain.close()
-    studio = graph().get_context_jsonschema()["properties"]
+    studio = graph().get_context_jsonschema()["properties"] if graph is not None else {}
     for name in knobs.model_fields:
         faces_say = {
             "mcp": shape(listed[tool][name]),
             "langchain": shape(schemas[tool][name]),
-            "studio": shape(studio[name]),
+            **({"studio": shape(studio[name])} if graph is not None else {}),
         }
         assert faces_say == {face: declared[name] for face in faces_say}, name
 

@@ -397,8 +397,8 @@ def test_out_on_a_read_only_disk_is_one_line(openai_server: FakeOpenAIServer, tm
 # Damage.
 
 
-def damage_vectors_page(folder: Path, name: str = "vectors") -> None:
-    """Overwrite the page holding the vectors (or table or index `name`) with garbage; the others stay intact."""
+def damage_page(folder: Path, name: str) -> None:
+    """Overwrite the root page of the store's table or index `name` with garbage; the others stay intact."""
     store = folder / ".imageloop" / "index.sqlite"
     with sqlite3.connect(store) as conn:
         (root_page,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (name,)).fetchone()
@@ -414,7 +414,7 @@ def test_page_level_damage_is_one_line_saying_to_reindex_and_index_info_gives_no
 ) -> None:
     folder = captioned_folder(tmp_path / "photos")
     indexed(folder, capsys)
-    damage_vectors_page(folder)
+    damage_page(folder, "records")  # the records' rows; the index b-trees that count them stay intact
 
     info = cli(capsys, "index-info", str(folder), "--json")
     query = cli(capsys, "query", str(folder), "a blue jay")
@@ -430,7 +430,7 @@ def test_indexing_again_over_a_damaged_index_is_one_line_not_a_run_that_found_no
 ) -> None:
     folder = captioned_folder(tmp_path / "photos")
     indexed(folder, capsys)
-    damage_vectors_page(folder, "records_by_generation")  # a page no lookup of known images reads
+    damage_page(folder, "records_by_generation")  # a page no lookup of known images reads
 
     code, out, err = cli(capsys, "index", str(folder), "--json")
 

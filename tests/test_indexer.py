@@ -28,6 +28,7 @@ from imageloop.protocols import Vector
 from imageloop.tools.images import decode_image, open_image
 from imageloop.tools.indexing.image_index import open_index
 from imageloop.tools.indexing.indexer import IndexingInterrupted, index_folder
+from tests.fake_providers import fake_backends
 from tests.fakes import FakeHashEmbedder
 from tests.image_folders import (
     CAPTIONS,
@@ -669,7 +670,24 @@ def test_index_info_prints_count_embedder_dim_and_store_as_json(
         "store": "embedded",
         "route": "caption",
         "root": str(folder.resolve()),
+        "ann": "exact",
     }
+
+
+def test_index_records_the_search_engine_asked_for_and_index_info_says_how_the_index_searches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = captioned_folder(tmp_path / "images")
+    with fake_backends(monkeypatch):
+        command = ["index", str(folder), "--embedder", "fake:hash", "--ann", "quantized", "--threads", "1"]
+        assert main(command) == 0
+        capsys.readouterr()
+        assert main(["index-info", str(folder), "--json"]) == 0
+
+    assert json.loads(capsys.readouterr().out)["ann"] == "exact"  # 3 images: searched exactly up to 100,000
+    index = open_index(folder)
+    assert index.store.get_meta()["ann_engine"] == "quantized"
+    index.close()
 
 
 def test_index_info_accepts_the_imageloop_directory_and_reads_as_prose(

@@ -25,8 +25,9 @@ from imageloop.knobs import (
     TripletsKnobs,
     describe_knob,
 )
+from imageloop.tools.indexing.options import IndexOptions
 
-MODELS = [ImageRAGKnobs, SimulatedUserKnobs, GenIREvalKnobs, RAGEKnobs, CIRKnobs, TripletsKnobs]
+MODELS = [ImageRAGKnobs, SimulatedUserKnobs, GenIREvalKnobs, RAGEKnobs, CIRKnobs, TripletsKnobs, IndexOptions]
 
 
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m.__name__)

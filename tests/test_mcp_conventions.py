@@ -27,6 +27,7 @@ from imageloop.app.jobs import Note
 from imageloop.mcp.server import ProgressClock, build_server
 from imageloop.progress import report_progress
 from imageloop.protocols import GenerationRequest, GenerationResult
+from imageloop.tools.indexing.image_index import open_index
 from tests.fake_openai_server import FakeOpenAIServer
 from tests.fakes import ScriptedGenerator
 from tests.test_index_sources import write_shards
@@ -134,6 +135,21 @@ def test_indexing_reports_images_handled_out_of_the_folders_total(client: Client
     assert values == sorted(set(values)) and values[-1] == 20
     assert {total for _, total, _ in tracked.values} == {20}
     assert "8/20 images in photos handled" in [message for _, _, message in tracked.values]
+
+
+def test_indexing_records_the_search_engine_asked_for_and_refuses_a_thread_count_past_its_bound(
+    client: Client, tmp_path: Path
+) -> None:
+    photo_folder(tmp_path, 3)
+
+    done = structured(client.call("index_images", {"folder": "photos", "ann": "quantized", "threads": 1}))
+    refused = client.call("index_images", {"folder": "photos", "threads": 0})
+
+    assert done["status"] == "done"
+    index = open_index(tmp_path / "photos")
+    assert index.store.get_meta()["ann_engine"] == "quantized"
+    index.close()
+    assert refused.isError and "threads" in text_of(refused)
 
 
 def test_a_run_forwards_each_denoising_step_with_a_total_and_never_goes_back(

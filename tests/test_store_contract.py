@@ -1,8 +1,9 @@
 """The vector store contract: every store an index can live in passes this one suite.
 
-It runs against the embedded SQLite store; the Chroma store (Chroma's persistent local client, in a
-temporary folder); the Weaviate store on FakeWeaviateServer (Weaviate's
-REST and gRPC wire protocol on 127.0.0.1, spoken to by the real weaviate-client); and the Weaviate
+It runs against the embedded SQLite store once per search engine (exact; and "hnsw" and "quantized",
+with every store past the exact-search threshold and filters left to the graph); the Chroma store
+(Chroma's persistent local client, in a temporary folder); the Weaviate store on FakeWeaviateServer
+(Weaviate's REST and gRPC wire protocol on 127.0.0.1, spoken to by the real weaviate-client); and the Weaviate
 store on a real server when `WEAVIATE_URL` is set (with `WEAVIATE_API_KEY` and
 `WEAVIATE_GRPC_PORT` when needed; each test uses, then drops, its own collection):
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,10 @@ import pytest
 from imageloop.errors import ImageloopError
 from imageloop.protocols import VectorRecord, VectorStore
 from imageloop.tools.indexing.image_index import IndexStore
+from imageloop.tools.stores import ann_index
 from imageloop.tools.stores.embedded import EmbeddedVectorStore
 
-BACKENDS = ["embedded", "chroma", "weaviate-fake", "weaviate-real"]
+BACKENDS = ["embedded", "embedded-hnsw", "embedded-quantized", "chroma", "weaviate-fake", "weaviate-real"]
 
 
 def unit(*values: float) -> np.ndarray:
@@ -67,6 +69,16 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     collection = f"Contract_{uuid.uuid4().hex[:12]}"
     if request.param == "embedded":
         backend = Backend(request.param, lambda: EmbeddedVectorStore(tmp_path / "store.sqlite"))
+    elif request.param.startswith("embedded-"):
+        if ann_index.faiss_module() is None:
+            pytest.skip("faiss is not installed (the ann extra)")
+        engine = request.param.removeprefix("embedded-")
+        defaults = ann_index.HnswSettings() if engine == "hnsw" else ann_index.QUANTIZED_SETTINGS
+        graph_only = {engine: replace(defaults, exact_below=0)}
+        backend = Backend(
+            request.param,
+            lambda: EmbeddedVectorStore(tmp_path / "store.sqlite", ann_threshold=0, ann=engine, **graph_only),  # type: ignore[arg-type]
+        )
     elif request.param == "chroma":
         pytest.importorskip("chromadb", reason="the chroma extra is not installed")
         from imageloop.tools.stores.chroma_store import ChromaVectorStore

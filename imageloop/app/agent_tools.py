@@ -23,6 +23,7 @@ from imageloop.config import bounded
 from imageloop.errors import ConfigError, ImageloopError
 from imageloop.knobs import CIRKnobs, GenIRKnobs, ImageRAGKnobs, Knobs, RAGEKnobs, RayOptions
 from imageloop.limits import MAX_REFERENCES, PATH_CHARS, PROMPT_CHARS
+from imageloop.tools.indexing.options import IndexOptions
 
 if TYPE_CHECKING:
     from imageloop.app.core import App
@@ -107,10 +108,10 @@ class GenIRRoundArgs(ToolArgs):
 
 IndexArgs = _args(
     "IndexArgs",
-    "Arguments of index_images: the folder, and where its new images are embedded (with `ray`, on the server's "
-    "own Ray cluster).",
+    "Arguments of index_images: the folder, how it is indexed, and where its new images are embedded (with `ray`, "
+    "on the server's own Ray cluster).",
+    IndexOptions,
     folder=(str, _path("a folder of images, indexed into FOLDER/.imageloop")),
-    batch_size=(int, bounded("batch_size")),
     wait_seconds=(float, WAIT),
     **_fields(RayOptions),
 )
@@ -338,7 +339,7 @@ class AgentOps:
                 job.report(f"{done}/{total} images in {root.name} handled", done, total)
                 job.check_cancelled()
 
-            summary = self.app.index_folder(root, batch_size=args.batch_size, on_progress=counted, ray=ray)
+            summary = self.app.index_folder(root, options=knobs_of(args, IndexOptions), on_progress=counted, ray=ray)
             done = f"indexed {summary.indexed}, skipped {summary.skipped}, failed {summary.failed}"
             job.report(done, summary.total, summary.total)
             return {"folder": str(root), **summary.to_json()}

@@ -29,6 +29,7 @@ from imageloop.errors import ConfigError, ImageloopError, StorageError
 from imageloop.files import os_error_message
 from imageloop.knobs import Given
 from imageloop.protocols import Embedder, ImageGenerator, RetrievedImage, VisionLanguageModel
+from imageloop.tools.indexing.options import IndexOptions
 
 if TYPE_CHECKING:
     from imageloop.app.cluster import RayGiven, Workers
@@ -158,7 +159,7 @@ class App:
         self,
         folder: str | Path | Sequence[str | Path],
         *,
-        batch_size: int | None = None,
+        options: Given = None,
         progress: bool = False,
         on_progress: Callable[[int, int], None] | None = None,
         ray: RayGiven = None,
@@ -169,6 +170,8 @@ class App:
         brace patterns such as `data/{00000..00099}.tar` expanded): the index goes to the folder holding
         them (`imageloop.tools.indexing.sources`).
 
+        `options` are `IndexOptions` (a mapping or the model; unset: their defaults): the batch size, and
+        how the embedded store builds its approximate search index (`ann`, recorded in the index; `threads`).
         `progress` draws a bar on stderr; `on_progress(done, total)` hears the files handled so far. With
         `ray`, the new images are read, captioned and embedded by that cluster's workers, a batch at a time,
         and written here (see `imageloop.app.cluster`). Captions follow `index_captioner`, wherever they are made.
@@ -184,7 +187,7 @@ class App:
         else:
             source = resolve_source([self.path(name, "source") for name in given])
         root = source.root
-        limits.check("batch_size", batch_size)
+        resolved = IndexOptions().overridden(options)
         cluster = ray_options(ray, confined=self.roots is not None)
         remote = None
         if cluster is not None:
@@ -196,11 +199,12 @@ class App:
         try:
             return index_folder(
                 source, self.embedder(), self.index_captioner() if remote is None else None,
-                batch_size=batch_size or int(limits.default("batch_size") or 32), progress=progress,
+                batch_size=resolved.batch_size, progress=progress,
                 on_progress=on_progress, remote=remote,
                 store=settings.store, weaviate_url=settings.weaviate_url,
                 weaviate_api_key=settings.weaviate_api_key, weaviate_grpc_port=settings.weaviate_grpc_port,
                 request_timeout=settings.timeout_for("store"), max_retries=settings.max_retries,
+                ann=resolved.ann, threads=resolved.threads,
             )  # fmt: skip
         except OSError as e:  # the folder or the disk under the index: full, read-only, a file in the way
             raise StorageError(os_error_message(e, f"writing the index of {root}")) from e
@@ -240,14 +244,14 @@ class App:
                 del self._retrievers[key]
 
     def index_info(self, folder: str | Path) -> dict[str, Any]:
-        """What an index holds and what built it: `{count, embedder, dim, store, route, root}` (+ url, collection).
+        """What an index holds and what built it: `{count, embedder, dim, store, route, root, ann}` (+ url, collection).
 
         The store is checked first, so a damaged index is reported as damaged, never by a stale count.
         """
         index = self.index(folder)
         index.check()
         info = {"count": index.count(), "embedder": index.embedder_id, "dim": index.dim, **index.location.to_json()}
-        return {**info, "route": index.route, "root": str(index.root)}
+        return {**info, "route": index.route, "root": str(index.root), "ann": index.search_engine()}
 
     def retrieve(
         self,

@@ -30,6 +30,7 @@ from imageloop.files import write_json_atomic
 from imageloop.protocols import Embedder, VectorStore
 from imageloop.tools.stores.chroma_store import ChromaVectorStore
 from imageloop.tools.stores.embedded import EmbeddedVectorStore
+from imageloop.tools.stores.engines import AnnEngine
 
 INDEX_DIRNAME = ".imageloop"
 INDEX_FILENAME = "index.sqlite"
@@ -62,6 +63,8 @@ class StoreOptions(TypedDict, total=False):
     weaviate_grpc_port: int | None
     request_timeout: float | None
     max_retries: int | None
+    ann: AnnEngine | None
+    threads: int | None
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,11 @@ class ImageIndex:
     def count(self) -> int:
         """How many images the index holds."""
         return self.store.count()
+
+    def search_engine(self) -> str | None:
+        """How the embedded store searches now ("exact", "hnsw" or "quantized"); None for a server's store."""
+        engine = getattr(self.store, "search_engine", None)
+        return None if engine is None else str(engine())
 
     def require_embedder(self, model_id: str) -> None:
         """Refuse an embedder other than the one that built the index: its vectors live elsewhere."""
@@ -208,12 +216,15 @@ def create_or_open_index(
     weaviate_grpc_port: int | None = None,
     request_timeout: float | None = None,
     max_retries: int | None = None,
+    ann: AnnEngine | None = None,
+    threads: int | None = None,
 ) -> ImageIndex:
     """The index the indexer writes to: created for `embedder`, or reopened if `embedder` built it.
 
     `store` chooses where a new index keeps its vectors (default embedded); the `weaviate_*` options
     say how to reach Weaviate (the collection defaults to one named after the folder). An existing
-    index keeps its recorded store: asking for another one is an error, not a silent move.
+    index keeps its recorded store: asking for another one is an error, not a silent move. `ann`
+    (recorded) and `threads` choose how the embedded store builds its approximate search index.
     """
     root = Path(folder).resolve()
     if not root.is_dir():
@@ -228,7 +239,14 @@ def create_or_open_index(
     else:
         _refuse_another_store(recorded, root, store, weaviate_url, weaviate_collection)
         location = recorded
-    vectors = _open_store(index_dir, location, weaviate_api_key, create=True, patience=(request_timeout, max_retries))
+    if location.kind != "embedded" and (ann is not None or threads is not None):
+        raise ConfigError(
+            f"`ann` and `threads` choose the embedded store's search index; the {location.describe()} has its own"
+        )
+    vectors = _open_store(
+        index_dir, location, weaviate_api_key, create=True, patience=(request_timeout, max_retries),
+        ann=ann, threads=threads,
+    )  # fmt: skip
     try:
         if "embedder_id" not in vectors.get_meta():
             meta = {"embedder_id": embedder.model_id, "dim": embedder.dim, "route": route_of(embedder)}
@@ -298,9 +316,11 @@ def _open_store(
     *,
     create: bool,
     patience: tuple[float | None, int | None] = (None, None),
+    ann: AnnEngine | None = None,
+    threads: int | None = None,
 ) -> IndexStore:
     if location.kind == "embedded":
-        return EmbeddedVectorStore(index_dir / INDEX_FILENAME)
+        return EmbeddedVectorStore(index_dir / INDEX_FILENAME, ann=ann, threads=threads)
     if location.kind == "chroma":
         return ChromaVectorStore(index_dir / CHROMA_DIRNAME, create=create)
     assert location.url is not None and location.collection is not None

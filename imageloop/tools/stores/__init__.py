@@ -1,1 +1,1 @@
-"""Vector stores behind an index: the embedded store (SQLite + exact/HNSW search) and Weaviate."""
+"""Vector stores behind an index: the embedded store (SQLite and one vector file), Chroma and Weaviate."""

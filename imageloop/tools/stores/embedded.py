@@ -1,33 +1,46 @@
-"""The default vector store: one SQLite file on local disk, no server; exact search, HNSW when large.
+"""The default vector store: SQLite records plus one file of vectors, on local disk; exact search, ANN when large.
 
-SQLite (WAL) is the source of truth for records and vectors, and every write is one transaction.
-Searches run over an index derived from it: every vector in a numpy matrix (exact search) while the
-store holds at most `ann_threshold` records, a FAISS HNSW index above that (`pip install
-imageloop[ann]`). The index follows the store's write generation: another process's writes are
-picked up by reading only the rows written since, and the HNSW index is saved beside the store
-(`<store>-hnsw-*`, written whole then renamed, and referenced from the store's meta in a
-transaction) so a reopened store does not rebuild it. A killed process therefore leaves every
-committed batch visible, no partial batch, and at worst a stale index that is caught up on open.
+What is stored, once each: the records (id, metadata) in SQLite (WAL), the source of truth, and
+every vector, scaled to length 1, as one row of an append-only float32 file beside it
+(`<store>-vectors-*`, see `vector_file`); each record names its row, and the meta counts the
+committed rows. Every write is one SQLite transaction, and the rows it appends are synced before it
+commits: a killed process leaves every committed batch, no partial one, and at worst some uncounted
+rows at the end of the file that the next write overwrites.
+
+Searches run over an engine derived from those rows, at the store's write generation: up to
+`ann_threshold` records an exact scan of the memory-mapped file; above it (`pip install
+imageloop[ann]`) an HNSW graph whose FAISS storage is a view of that same file ("hnsw"), or, for
+catalogues whose vectors do not fit in memory, a graph over 4-bit codes whose candidates are
+re-ranked with rows read from the file ("quantized"). The engine is chosen per store (`ann`,
+recorded in its meta; by default "quantized" once the vectors pass `DEFAULT_QUANTIZED_ABOVE_BYTES`),
+built on `threads` threads, extended as rows are appended, and saved beside the store
+(`<store>-ann-*`, written whole then renamed, and referenced from the meta in a transaction), so a
+reopened store neither rebuilds it nor holds a second copy of the vectors. Other processes' writes
+are picked up by reading only what changed since. Once a fifth of the rows are dead (deleted or
+replaced), the file is compacted: the live rows are copied to a new file, and the records point at
+it in one transaction.
 
 What the disk does to it is said in one line (`StorageError`): a store on a read-only disk or folder
 opens read-only (searches work, writes say why they cannot); several processes creating one store at
 once wait for each other rather than fail; a full disk, a store left locked and page-level damage
-(`IndexDamagedError`, with "delete the index folder and re-index") are named as such.
+(`IndexDamagedError`, with "delete the index folder and re-index") are named as such. A store of an
+earlier layout (vectors inside SQLite, and again in the HNSW file) is migrated in place when opened
+writable, in one transaction.
 
-Why these engines, measured with bench/retrieval.py on 2 shared cores (d=512, k=10, p50 of one
-query): a numpy scan of 100,000 vectors takes 6-17 ms (bare FAISS IndexFlatIP 14-63 ms) and needs
-no build, no second copy of the vectors and has recall 1; at a million a scan takes 80 ms while
-FAISS HNSW (M=32) answers in 2.6 ms at recall@10 0.974, for a 6-minute build. Our searches add ~0.1-0.2
+Why these engines, measured with bench/retrieval.py and bench/footprint.py on 2 shared cores (d=512,
+k=10): a scan of 100,000 vectors takes 6-17 ms and needs no build and has recall 1; at a million a
+scan takes 80 ms while HNSW (M=32) answers in ~2.6 ms at recall@10 0.97. Our searches add ~0.1-0.2
 ms to bare FAISS (ids, metadata, the staleness check); hits come from an in-memory copy of the
-records' ids and metadata, not from SQLite. HNSW variants of other engines measured here earlier
-(usearch, Chroma, LanceDB, Milvus Lite, sqlite-vec) were slower, less accurate or much larger.
+records' ids and metadata, not from SQLite.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
 import random
 import sqlite3
 import threading
@@ -45,64 +58,81 @@ import numpy as np
 from imageloop.errors import ImageloopError, IndexDamagedError, StorageError
 from imageloop.files import os_error_message
 from imageloop.protocols import SearchHit, Vector, VectorRecord
-from imageloop.tools.stores.ann_index import AnnIndexUnreadable, HnswIndex, HnswSettings, faiss_module
+from imageloop.tools.stores.ann_index import (
+    QUANTIZED_SETTINGS,
+    AnnIndexUnreadable,
+    HnswIndex,
+    HnswSettings,
+    QuantizedIndex,
+    faiss_module,
+)
 from imageloop.tools.stores.checks import check_k, checked_vector, unit_vector
+from imageloop.tools.stores.engines import ANN_ENGINES, AnnEngine
 from imageloop.tools.stores.metadata_filter import Facet, Where, parse_where
-from imageloop.tools.stores.vector_search import Changes, ExactIndex, Found, Matrix, Seqs, normalise_rows
+from imageloop.tools.stores.vector_file import BLOCK_ROWS, DTYPE, VectorFile
+from imageloop.tools.stores.vector_search import Changes, ExactIndex, Found, Matrix, RowMap, Seqs
 
 logger = logging.getLogger(__name__)
 
-# Above this many records a store searches with HNSW (when faiss is installed). Measured: exact
-# search at 100,000 vectors takes ~6-17 ms here, HNSW ~1 ms but ~30 s to build and recall 0.98;
+# Above this many records a store searches with an ANN engine (when faiss is installed). Measured:
+# exact search at 100,000 vectors takes ~6-17 ms here, HNSW ~1 ms but ~30 s to build and recall 0.98;
 # an embedder call costs more than either, so exact search (recall 1, no build) is kept up to here.
 DEFAULT_ANN_THRESHOLD = 100_000
+# Past this many bytes of vectors (2 million at d=512) a store whose engine was not chosen uses the
+# quantised one: its memory is 0.2x the vectors where HNSW touches all of them.
+DEFAULT_QUANTIZED_ABOVE_BYTES = 4 * 2**30
 
-# Vectors are stored as little-endian float32 whatever the machine, so a store file is portable.
-_BLOB_DTYPE = np.dtype("<f4")
-
-# Meta keys the store writes itself. "generation" counts committed vector writes and stamps every
-# index derived from the rows; "dim" is fixed by the first upsert (or preset with set_meta before
-# it) and never changes; "ann" points at the saved HNSW file and says how it was built.
+# Meta keys the store writes itself. "generation" counts committed writes and stamps every index
+# derived from the rows; "dim" is fixed by the first upsert (or preset with set_meta before it) and
+# never changes; "vectors" names the vector file and counts its committed rows; "ann" points at the
+# saved ANN index and says how it was built; "ann_engine" is the engine chosen for the store.
 _GENERATION = "generation"
 _DIM = "dim"
+_VECTORS = "vectors"
 _ANN = "ann"
-
-# A 2 KiB vector (d=512) plus its row header does not fit twice in SQLite's default 4 KiB page, so
-# half of every page would be empty; 16 KiB pages hold seven (88% full, 94% at d=384 or d=768).
-_PAGE_SIZE = 16384
+_ENGINE = "ann_engine"
 
 # PRAGMA application_id marks an SQLite file as an imageloop vector store; user_version is the layout.
 _APPLICATION_ID = 0x494C5653  # "ILVS"
-_LAYOUT = 2
+_LAYOUT = 3
 
-# `seq` numbers records for the derived indexes: AUTOINCREMENT never reuses one, and an INTEGER
-# PRIMARY KEY survives VACUUM. Each record carries the generation that last wrote it and `deletions`
-# records what each generation removed, so an index catches up by reading only what changed.
-# Vectors (2 KiB at d=512) live in a table of their own: the narrow `records` rows that a search
-# reads for its hits, and that filters scan, then sit ~100 to a page and stay in cache.
+# `seq` numbers records: AUTOINCREMENT never reuses one, and an INTEGER PRIMARY KEY survives VACUUM.
+# Each record carries the generation that last wrote it, the row of its vector in the vector file
+# and the vector's length (vectors are kept at length 1); `deletions` records which record and row
+# each generation removed (a row also dies when its record's vector is replaced), so derived indexes
+# catch up by reading only what changed.
 _SCHEMA = (
     "CREATE TABLE records (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, "
-    "metadata TEXT NOT NULL, generation INTEGER NOT NULL)",
+    "metadata TEXT NOT NULL, generation INTEGER NOT NULL, row INTEGER NOT NULL, norm REAL NOT NULL)",
     "CREATE INDEX records_by_generation ON records (generation)",
-    "CREATE TABLE vectors (seq INTEGER PRIMARY KEY, vector BLOB NOT NULL)",
-    "CREATE TABLE deletions (seq INTEGER NOT NULL, generation INTEGER NOT NULL)",
+    "CREATE TABLE deletions (seq INTEGER NOT NULL, row INTEGER NOT NULL, generation INTEGER NOT NULL)",
     "CREATE INDEX deletions_by_generation ON deletions (generation)",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
-_TABLES = {"records", "vectors", "deletions", "meta"}
-# The first layout (id TEXT PRIMARY KEY, vector, metadata) is migrated in place on open.
+_TABLES = {"records", "deletions", "meta"}
+# The first layout (id TEXT PRIMARY KEY, vector, metadata) and the second (records, and their vectors
+# in a table of their own) are migrated in place on open.
 _LAYOUT_1_COLUMNS = ["id", "vector", "metadata"]
 
-# The HNSW index is rebuilt once this share of its positions are deleted or replaced rows, and saved
-# again once this share of its positions were added since the file it came from.
+# Once this share of the rows are dead (deleted, or replaced by a new row) an ANN store compacts its
+# vector file and rebuilds its index; a grown index is saved again once this share of its rows are new.
 _MAX_DEAD_FRACTION = 0.2
 _RESAVE_FRACTION = 0.05
-# A leftover HNSW file (from a killed save) older than this is deleted by the next save.
+# An upserted vector within this distance (per component) of the stored one keeps its row: re-tagging
+# or moving an image writes no new row.
+_SAME_VECTOR = 1e-6
+# Files beside the store: the vector file, saved ANN indexes, and the HNSW files of the second layout.
+_VECTORS_INFIX = "-vectors-"
+_ANN_INFIX = "-ann-"
+_LAYOUT_2_HNSW_INFIX = "-hnsw-"
+# A file beside the store that it does not refer to (left by a killed save, compaction or migration)
+# is deleted once older than this; until then it may be another process's save in progress.
 _STALE_SECONDS = 3600.0
-_HNSW_INFIX = "-hnsw-"
 _FILTER_CACHE_SIZE = 32
 # A record as the JSON fragment `"id",{metadata}`: hits are read from these, kept in memory.
 _RECORD_TEXT = "json_quote(id) || ',' || metadata"
+# Reads that find their vector file gone (another process compacted it) start over this many times.
+_SNAPSHOT_ATTEMPTS = 3
 
 # How long opening waits for other processes that hold the store (creating it, converting it to WAL):
 # SQLite answers "database is locked" there without calling its busy handler, so opening retries.
@@ -110,9 +140,24 @@ _OPEN_PATIENCE_S = 30.0
 
 _warned_without_faiss = False
 
-SearchIndex = ExactIndex | HnswIndex
+SearchIndex = ExactIndex | HnswIndex | QuantizedIndex
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+class _VectorFileGone(IndexDamagedError):
+    """The vector file the store's meta names is missing: replaced by a compaction since, or deleted."""
+
+
+class _SavedIndexGone(Exception):
+    """The saved ANN index the store's meta names is missing: superseded by another process's save since."""
+
+
+def available_threads() -> int:
+    """The cores this process may run on: what an ANN index is built with unless told otherwise."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _translated(
@@ -125,8 +170,8 @@ def _translated(
             return method(self, *args, **kwargs)
         except sqlite3.Error as e:
             raise store_error(e, self.path) from e
-        except OSError as e:  # the HNSW file beside the store
-            raise StorageError(os_error_message(e, f"writing the search index beside {self.path}")) from e
+        except OSError as e:  # the vector file or the ANN index beside the store
+            raise StorageError(os_error_message(e, f"writing the index files beside {self.path}")) from e
 
     return functools.wraps(method)(wrapper)
 
@@ -151,10 +196,12 @@ def store_error(error: sqlite3.Error, path: Path) -> StorageError:
 
 
 class EmbeddedVectorStore:
-    """A `VectorStore` in one SQLite file; every write is one transaction, all or nothing.
+    """A `VectorStore` in one SQLite file and one vector file; every write is one transaction, all or nothing.
 
-    `ann_threshold`: above this many records, search with HNSW (None: always exact).
-    `hnsw`: how the HNSW index is built and searched (efSearch is tuned to a target recall by default).
+    `ann_threshold`: above this many records, search with an ANN engine (None: always exact).
+    `ann`: the ANN engine, "hnsw" or "quantized", recorded in the store (None: the recorded one, else by size).
+    `threads`: threads an ANN index is built with (None: every core this process may use).
+    `hnsw`, `quantized`: how each engine's graph is built and searched (efSearch is tuned by default).
     """
 
     def __init__(
@@ -162,11 +209,17 @@ class EmbeddedVectorStore:
         path: Path,
         *,
         ann_threshold: int | None = DEFAULT_ANN_THRESHOLD,
+        ann: AnnEngine | None = None,
+        threads: int | None = None,
         hnsw: HnswSettings | None = None,
+        quantized: HnswSettings | None = None,
     ) -> None:
+        if threads is not None and threads < 1:
+            raise ImageloopError(f"threads must be at least 1, got {threads}")
         self.path = Path(path)
         self.ann_threshold = ann_threshold
-        self.hnsw = hnsw or HnswSettings()
+        self.threads = threads or available_threads()
+        self.settings = {"hnsw": hnsw or HnswSettings(), "quantized": quantized or QUANTIZED_SETTINGS}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -176,23 +229,28 @@ class EmbeddedVectorStore:
         # (LangGraph runs sync nodes in a pool) and guarded by `_lock`.
         self._conn, self.read_only = _open_store(self.path)
         self._lock = threading.RLock()
+        self._vectors: VectorFile | None = None
+        self._rows = RowMap()
         self._index: SearchIndex | None = None
         self._texts = _RecordTexts()
         self._facets: dict[str, Facet] = {}
         self._filters: OrderedDict[tuple[int, Where], Seqs] = OrderedDict()
+        self._last_snapshot = False  # whether a read that finds a file gone may still start over
+        if ann is not None:
+            self.choose_ann(ann)
 
     def close(self) -> None:
-        """Release the database connection and the in-memory index."""
+        """Release the database connection, the vector file and the in-memory index."""
         with self._lock:
             self._conn.close()
-            self._index = None
+            self._forget_vectors()
             self._texts = _RecordTexts()
             self._facets.clear()
             self._filters.clear()
 
     @_translated
     def get_meta(self) -> dict[str, Any]:
-        """All meta values (JSON-decoded), including the store's own `dim`, `generation` and `ann`."""
+        """All meta values (JSON-decoded), including the store's own `dim`, `generation`, `vectors` and `ann`."""
         with self._lock:
             rows = self._conn.execute("SELECT key, value FROM meta").fetchall()
         return {key: json.loads(value) for key, value in rows}
@@ -200,13 +258,24 @@ class EmbeddedVectorStore:
     @_translated
     def set_meta(self, values: Mapping[str, Any]) -> None:
         """Write meta values in one transaction; `dim` may only be set while unset or unchanged."""
-        for key in (_GENERATION, _ANN):
+        for key in (_GENERATION, _VECTORS, _ANN, _ENGINE):
             if key in values:
                 raise ValueError(f"meta key {key!r} is maintained by the store")
         with self._write() as conn:
             if _DIM in values:
                 self._check_dim(conn, int(values[_DIM]))
             _put_meta(conn, values)
+
+    @_translated
+    def choose_ann(self, engine: AnnEngine) -> None:
+        """Record the ANN engine this store searches with past `ann_threshold`; the next search switches to it."""
+        if engine not in ANN_ENGINES:
+            raise ImageloopError(f"unknown search engine {engine!r}: choose one of {', '.join(ANN_ENGINES)}")
+        with self._lock:
+            if _read_meta(self._conn, _ENGINE) == engine or self.read_only:
+                return
+            with self._write() as conn:
+                _put_meta(conn, {_ENGINE: engine})
 
     @_translated
     def upsert(self, records: Sequence[VectorRecord]) -> None:
@@ -216,7 +285,7 @@ class EmbeddedVectorStore:
         with self._write() as conn:
             generation = _read_generation(conn) + 1
             # Keyed by id: a batch naming one id twice stores its last record, like successive upserts.
-            rows: dict[str, tuple[str, bytes]] = {}
+            rows: dict[str, tuple[str, Matrix, float]] = {}
             checked_dims: set[int] = set()
             for record in records:
                 # Validation and serialisation happen inside the transaction on purpose: a bad
@@ -225,18 +294,27 @@ class EmbeddedVectorStore:
                 if vector.shape[0] not in checked_dims:
                     self._check_dim(conn, vector.shape[0])
                     checked_dims.add(vector.shape[0])
-                rows[record.id] = (json.dumps(dict(record.metadata)), vector.astype(_BLOB_DTYPE).tobytes())
+                norm = np.sqrt(np.dot(vector, vector))
+                rows[record.id] = (json.dumps(dict(record.metadata)), vector / norm, float(norm))
+            vectors = self._vector_file(conn, create=True)
+            assert vectors is not None
+            kept, replaced = self._unchanged_rows(conn, vectors, rows)
+            fresh = [record_id for record_id in rows if record_id not in kept]
+            start = int(_read_meta(conn, _VECTORS)["rows"])
+            if fresh:
+                vectors.write(start, np.stack([rows[record_id][1] for record_id in fresh]))
+            placed = {**kept, **{record_id: start + i for i, record_id in enumerate(fresh)}}
             conn.executemany(
-                "INSERT INTO records (id, metadata, generation) VALUES (?, ?, ?) ON CONFLICT(id) "
-                "DO UPDATE SET metadata = excluded.metadata, generation = excluded.generation",
-                [(record_id, metadata, generation) for record_id, (metadata, _) in rows.items()],
+                "INSERT INTO records (id, metadata, generation, row, norm) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET metadata = excluded.metadata, generation = excluded.generation, "
+                "row = excluded.row, norm = excluded.norm",
+                [(record_id, text, generation, placed[record_id], norm) for record_id, (text, _, norm) in rows.items()],
             )
-            written = conn.execute("SELECT seq, id FROM records WHERE generation = ?", (generation,))
             conn.executemany(
-                "INSERT OR REPLACE INTO vectors (seq, vector) VALUES (?, ?)",
-                [(seq, rows[record_id][1]) for seq, record_id in written],
+                "INSERT INTO deletions (seq, row, generation) VALUES (?, ?, ?)",
+                [(seq, row, generation) for seq, row in replaced],
             )
-            _put_meta(conn, {_GENERATION: generation})
+            _put_meta(conn, {_GENERATION: generation, _VECTORS: {"file": vectors.name, "rows": start + len(fresh)}})
 
     @_translated
     def search(self, vector: Vector, k: int, where: Mapping[str, Any] | None = None) -> list[SearchHit]:
@@ -252,7 +330,7 @@ class EmbeddedVectorStore:
     def search_many(
         self, vectors: Sequence[Vector] | Matrix, k: int, where: Mapping[str, Any] | None = None
     ) -> list[list[SearchHit]]:
-        """`search` for each of `vectors`, in one batch: one matrix product or one parallel HNSW search."""
+        """`search` for each of `vectors`, in one batch: one matrix product or one parallel graph search."""
         check_k(k)
         queries = [unit_vector(vector, f"query vector {i}") for i, vector in enumerate(vectors)]
         if not queries:
@@ -264,17 +342,24 @@ class EmbeddedVectorStore:
     @_translated
     def get(self, ids: Sequence[str]) -> list[VectorRecord]:
         """The stored records for `ids`, in the order asked; unknown ids are left out."""
-        records = []
-        with self._lock:
+
+        def read(conn: sqlite3.Connection) -> list[VectorRecord]:
+            found = []
             for record_id in ids:
-                row = self._conn.execute(
-                    "SELECT v.vector, r.metadata FROM records AS r JOIN vectors AS v USING (seq) WHERE r.id = ?",
-                    (record_id,),
-                ).fetchone()
+                row = conn.execute("SELECT row, norm, metadata FROM records WHERE id = ?", (record_id,)).fetchone()
                 if row is not None:
-                    vector = np.frombuffer(row[0], dtype=_BLOB_DTYPE).astype(np.float32)
-                    records.append(VectorRecord(record_id, vector, json.loads(row[1])))
-        return records
+                    found.append((record_id, *row))
+            vectors = self._vector_file(conn)
+            if not found or vectors is None:
+                return []
+            matrix = vectors.read(np.array([row for _, row, _, _ in found], dtype=np.int64))
+            return [
+                VectorRecord(record_id, matrix[i] * np.float32(norm), json.loads(metadata))
+                for i, (record_id, _, norm, metadata) in enumerate(found)
+            ]
+
+        with self._lock:
+            return self._in_snapshot(read)
 
     @_translated
     def delete(self, ids: Sequence[str]) -> None:
@@ -284,11 +369,10 @@ class EmbeddedVectorStore:
         with self._write() as conn:
             generation = _read_generation(conn) + 1
             for record_id in ids:
-                row = conn.execute("SELECT seq FROM records WHERE id = ?", (record_id,)).fetchone()
+                row = conn.execute("SELECT seq, row FROM records WHERE id = ?", (record_id,)).fetchone()
                 if row is not None:
-                    conn.execute("DELETE FROM records WHERE seq = ?", row)
-                    conn.execute("DELETE FROM vectors WHERE seq = ?", row)
-                    conn.execute("INSERT INTO deletions (seq, generation) VALUES (?, ?)", (row[0], generation))
+                    conn.execute("DELETE FROM records WHERE seq = ?", row[:1])
+                    conn.execute("INSERT INTO deletions (seq, row, generation) VALUES (?, ?, ?)", (*row, generation))
             _put_meta(conn, {_GENERATION: generation})
 
     @_translated
@@ -306,82 +390,111 @@ class EmbeddedVectorStore:
 
     @_translated
     def check(self) -> None:
-        """Read every page of the store (SQLite's quick_check, ~1 s per GB): IndexDamagedError if any is corrupt.
+        """Read every page of the store (SQLite's quick_check, ~1 s per GB) and measure its vector file.
 
+        IndexDamagedError if a page is corrupt or the vector file is missing or shorter than its rows.
         A count alone can come from an intact index b-tree while the rows' own pages are damaged.
         """
+        folder = self.path.parent
         with self._lock:
             problems = [row[0] for row in self._conn.execute("PRAGMA quick_check(3)")]
-        if problems != ["ok"]:
-            folder = self.path.parent
-            raise IndexDamagedError(
-                f"the index at {folder} is damaged ({'; '.join(problems)[:200]}): delete {folder} and re-index"
-            )
+            if problems != ["ok"]:
+                raise IndexDamagedError(
+                    f"the index at {folder} is damaged ({'; '.join(problems)[:200]}): delete {folder} and re-index"
+                )
+
+            def measure(conn: sqlite3.Connection) -> None:
+                vectors, pointer = self._vector_file(conn), _read_meta(conn, _VECTORS)
+                if vectors is not None and vectors.stored_rows() < int(pointer["rows"]):
+                    raise IndexDamagedError(
+                        f"the index at {folder} is damaged ({vectors.name} holds {vectors.stored_rows()} of its "
+                        f"{pointer['rows']} vectors): delete {folder} and re-index"
+                    )
+
+            self._in_snapshot(measure)
+
+    @_translated
+    def search_engine(self) -> str:
+        """What searches use at the store's size: exact, hnsw or quantized (read from the meta; nothing is loaded)."""
+        with self._lock, self._reading() as conn:
+            (count,) = conn.execute("SELECT COUNT(*) FROM records").fetchone()
+            return self._wanted_engine(conn, int(count), warn=False)
 
     @_translated
     def refresh(self, *, rebuild: bool = False) -> dict[str, Any]:
         """Bring the search index up to date now rather than at the next search, and save it; returns `ann_info()`.
 
-        Past `ann_threshold` this builds (or, with `rebuild`, rebuilds) the HNSW index: minutes at a
-        million vectors, so an indexer calls it once after its last batch.
+        Past `ann_threshold` this builds the ANN index (minutes at a million vectors), adds the rows
+        appended since, and compacts a vector file holding dead rows; with `rebuild` it builds anew.
+        An indexer calls it once after its last batch.
         """
         with self._lock:
-            with self._reading() as conn:
-                index = self._synced_index(conn)
-                if rebuild and isinstance(index, HnswIndex):
-                    index = self._install(self._build_hnsw(index))
-            self._save_hnsw_if_due(force=True)
+            compacted = False
+            if not self.read_only:
+                rows = self._in_snapshot(self._synced_rows)
+                if rows.rows > rows.count and (rebuild or rows.dead_fraction > _MAX_DEAD_FRACTION):
+                    compacted = self._compact()
+            index = self._in_snapshot(self._synced_index)
+            if rebuild and not compacted and not isinstance(index, ExactIndex):
+                # The saved index stays the one pointed at until this one is saved in its place.
+                index = self._index = self._build(index.kind)
+            if isinstance(index, HnswIndex):
+                index.extend(self._rows.rows, self.threads, fold=True)
+            self._save_ann_if_due(force=True)
             return self._describe(index)
 
     @_translated
     def ann_info(self) -> dict[str, Any]:
-        """How searches run now: `engine` ("exact" or "faiss-hnsw"), `count`, `recall_at_10` and how it was measured.
+        """How searches run now: `engine` (exact, hnsw or quantized), `count`, `recall_at_10` and how it was measured.
 
         Brings the index up to date first, as the next search would.
         """
         with self._lock:
-            with self._reading() as conn:
-                index = self._synced_index(conn)
-            self._save_hnsw_if_due()
+            index = self._in_snapshot(self._synced_index)
+            if self._maintain():
+                index = self._in_snapshot(self._synced_index)
             return self._describe(index)
 
     def _search(self, queries: Matrix, k: int, where: Mapping[str, Any] | None) -> list[list[SearchHit]]:
         """Search unit `queries` over the index and records as of one write generation of the store."""
         parsed = parse_where(where) if where else None
+
+        def synced(conn: sqlite3.Connection) -> SearchIndex:
+            index = self._synced_index(conn)
+            self._texts.sync(conn, self._rows.generation)
+            if parsed is not None:
+                self._allowed_rows(conn, parsed)
+            return index
+
         with self._lock:
             # The common case reads one row of SQLite: the generation, to see that the in-memory
             # index, hit texts and (cached) filter are all current. Otherwise they are brought up
             # to date in one read transaction.
             index = self._index
-            if index is None or not self._is_current(index, parsed):
-                with self._reading() as conn:
-                    index = self._synced_index(conn)
-                    self._texts.sync(conn, index.generation)
-                    if parsed is not None:
-                        self._allowed_positions(conn, index, parsed)
-            assert index is not None
-            if index.count == 0:
+            if index is None or not self._is_current(parsed):
+                index = self._in_snapshot(synced)
+            if self._rows.count == 0:
                 return [[] for _ in queries]
             if queries.shape[1] != index.dim:
                 raise ImageloopError(
                     f"query vector has dimension {queries.shape[1]} but the store at {self.path} "
                     f"holds dimension {index.dim}"
                 )
-            allowed = None
+            allowed = self._rows.live
             if parsed is not None:
-                allowed = self._filters[(index.generation, parsed)]
-                self._filters.move_to_end((index.generation, parsed))
+                allowed = self._filters[(self._rows.generation, parsed)]
+                self._filters.move_to_end((self._rows.generation, parsed))
                 if len(allowed) == 0:
                     return [[] for _ in queries]
-            hits = self._hits(index, index.search(queries, k, allowed))
-            self._save_hnsw_if_due()
+            hits = self._hits(index.search(queries, k, allowed))
+            self._maintain()
         return hits
 
-    def _is_current(self, index: SearchIndex, where: Where | None) -> bool:
-        """Whether `index`, the hit texts and the filter for `where` are all at the store's generation."""
-        if not index.generation == self._texts.generation == _read_generation(self._conn):
+    def _is_current(self, where: Where | None) -> bool:
+        """Whether the row map, index, hit texts and the filter for `where` are all at the store's generation."""
+        if not self._rows.generation == self._texts.generation == _read_generation(self._conn):
             return False
-        return where is None or (index.generation, where) in self._filters
+        return where is None or (self._rows.generation, where) in self._filters
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -404,6 +517,25 @@ class EmbeddedVectorStore:
         finally:
             self._conn.execute("COMMIT")
 
+    def _in_snapshot(self, work: Callable[[sqlite3.Connection], R]) -> R:
+        """`work` in one read transaction; in a fresh one if a file it names was replaced by another process meanwhile.
+
+        The vector file (replaced by a compaction) or the saved ANN index (superseded by a later save).
+        """
+        for _ in range(_SNAPSHOT_ATTEMPTS - 1):
+            try:
+                with self._reading() as conn:
+                    return work(conn)
+            except (_VectorFileGone, _SavedIndexGone):
+                continue
+        # Still missing: a vector file was deleted, and that is said; a saved index is rebuilt.
+        self._last_snapshot = True
+        try:
+            with self._reading() as conn:
+                return work(conn)
+        finally:
+            self._last_snapshot = False
+
     def _check_dim(self, conn: sqlite3.Connection, dim: int) -> None:
         """Fix the store's dimension on first use; refuse any other dimension afterwards."""
         row = conn.execute("SELECT value FROM meta WHERE key = ?", (_DIM,)).fetchone()
@@ -414,98 +546,237 @@ class EmbeddedVectorStore:
                 f"vector has dimension {dim} but the store at {self.path} holds dimension {json.loads(row[0])}"
             )
 
-    def _synced_index(self, conn: sqlite3.Connection) -> SearchIndex:
-        """The search index at the store's current generation: loaded, caught up, upgraded or rebuilt as needed."""
-        generation = _read_generation(conn)
-        index = self._index
-        if index is not None and index.generation == generation:
-            return index
-        if index is None or index.count == 0:
-            # An empty index starts over: cheap, and it learns the dimension from the first rows.
-            index = self._open_index(conn, generation)
-        if index.generation != generation:
-            index.apply(_changes(conn, since=index.generation, generation=generation))
-        if isinstance(index, ExactIndex) and self._wants_hnsw(index.count):
-            if faiss_module() is not None:
-                index = self._build_hnsw(index)
-            else:
-                _warn_without_faiss(index.count)
-        elif isinstance(index, HnswIndex) and index.dead_fraction > _MAX_DEAD_FRACTION:
-            index = self._build_hnsw(index)
-        return self._install(index)
-
-    def _install(self, index: SearchIndex) -> SearchIndex:
-        """Make `index` the one searched; cached filters hold positions of the index they were made for."""
-        if index is not self._index:
-            self._filters.clear()
-            self._index = index
-        return index
-
-    def _open_index(self, conn: sqlite3.Connection, generation: int) -> SearchIndex:
-        """The saved HNSW index when the store is large and has a readable one, else every vector loaded exactly."""
-        pointer = _read_meta(conn, _ANN)
-        if pointer is not None and self._wants_hnsw(int(pointer["count"])) and faiss_module() is not None:
+    def _vector_file(self, conn: sqlite3.Connection, *, create: bool = False) -> VectorFile | None:
+        """The vector file the meta names (None before the first vector; created then when `create`)."""
+        pointer = _read_meta(conn, _VECTORS)
+        if pointer is None:
+            if not create:
+                return None
+            name = f"{self.path.name}{_VECTORS_INFIX}{uuid.uuid4().hex[:8]}"
+            self._forget_vectors()
+            self._vectors = VectorFile(self.path.parent / name, int(_read_meta(conn, _DIM)), writable=True, create=True)
+            _put_meta(conn, {_VECTORS: {"file": name, "rows": 0}})
+            return self._vectors
+        if self._vectors is None or self._vectors.name != pointer["file"]:
             try:
-                saved = HnswIndex.load(self.path.parent / pointer["file"], self.hnsw)
-            except AnnIndexUnreadable as e:
-                logger.warning("%s; rebuilding the HNSW index from the store", e)
+                opened = VectorFile(self.path.parent / pointer["file"], int(_read_meta(conn, _DIM)),
+                                    writable=not self.read_only)  # fmt: skip
+            except FileNotFoundError:
+                folder = self.path.parent
+                raise _VectorFileGone(
+                    f"the index at {folder} is damaged (its vector file {pointer['file']} is missing): "
+                    f"delete {folder} and re-index"
+                ) from None
+            self._forget_vectors()
+            self._vectors = opened
+        return self._vectors
+
+    def _forget_vectors(self) -> None:
+        """Close the vector file and drop everything derived from its rows (after a compaction, or on close)."""
+        if self._vectors is not None:
+            self._vectors.close()
+        self._vectors = None
+        self._index = None
+        self._rows = RowMap()
+
+    def _unchanged_rows(
+        self, conn: sqlite3.Connection, vectors: VectorFile, rows: Mapping[str, tuple[str, Matrix, float]]
+    ) -> tuple[dict[str, int], list[tuple[int, int]]]:
+        """Of the ids in `rows` already stored: those whose vector is unchanged (id -> row); the (seq, row) replaced."""
+        stored: list[tuple[str, int, int]] = []
+        ids = list(rows)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            stored += conn.execute(f"SELECT id, seq, row FROM records WHERE id IN ({marks})", chunk).fetchall()
+        if not stored:
+            return {}, []
+        old = vectors.read(np.array([row for _, _, row in stored], dtype=np.int64))
+        kept: dict[str, int] = {}
+        replaced: list[tuple[int, int]] = []
+        for (record_id, seq, row), vector in zip(stored, old, strict=True):
+            if np.abs(vector - rows[record_id][1]).max() <= _SAME_VECTOR:
+                kept[record_id] = row
             else:
-                if saved.generation == pointer["generation"] <= generation:
-                    return saved
-                logger.warning("HNSW file %s does not match the store; rebuilding it", pointer["file"])
-        dim = _read_meta(conn, _DIM)
-        index = ExactIndex(int(dim or 0))
-        index.apply(_changes(conn, since=0, generation=generation))
+                replaced.append((seq, row))
+        return kept, replaced
+
+    def _synced_rows(self, conn: sqlite3.Connection) -> RowMap:
+        """The row map at the store's current generation: caught up, or read whole for a new vector file."""
+        generation = _read_generation(conn)
+        if self._rows.generation == generation:
+            return self._rows
+        vectors = self._vector_file(conn)
+        name = vectors.name if vectors is not None else None
+        if self._rows.generation < 0 or self._rows.file_name != name:
+            self._index = None
+            self._rows = RowMap(name)
+            self._rows.apply(_row_changes(conn, generation, since=None))
+        else:
+            self._rows.apply(_row_changes(conn, generation, since=self._rows))
+        return self._rows
+
+    def _synced_index(self, conn: sqlite3.Connection) -> SearchIndex:
+        """The search index at the store's current generation: loaded, extended, switched or built as needed."""
+        rows = self._synced_rows(conn)
+        wanted = self._wanted_engine(conn, rows.count)
+        index = self._index
+        if index is None or index.kind != wanted or index.vectors is not self._vectors:
+            index = self._open_index(conn, wanted)
+        index.extend(rows.rows, self.threads)
+        self._index = index
         return index
 
-    def _wants_hnsw(self, count: int) -> bool:
-        return self.ann_threshold is not None and count > self.ann_threshold
+    def _wanted_engine(self, conn: sqlite3.Connection, count: int, *, warn: bool = True) -> str:
+        """The engine for `count` records: exact up to the threshold, then the chosen ANN engine, else one by size."""
+        if self.ann_threshold is None or count <= self.ann_threshold:
+            return "exact"
+        if faiss_module() is None:
+            if warn:
+                _warn_without_faiss(count)
+            return "exact"
+        chosen = _read_meta(conn, _ENGINE)
+        if chosen in ANN_ENGINES:
+            return str(chosen)
+        dim = int(_read_meta(conn, _DIM) or 0)
+        return "quantized" if count * dim * DTYPE.itemsize > DEFAULT_QUANTIZED_ABOVE_BYTES else "hnsw"
 
-    def _build_hnsw(self, index: SearchIndex) -> HnswIndex:
-        """A fresh HNSW index over `index`'s live vectors (saved after the search that asked for it)."""
-        logger.info("building an HNSW index over %d vectors of %s (minutes at a million)", index.count, self.path)
-        seqs, vectors = index.seqs, index.vectors()
-        if index.count < len(seqs):  # a copy of the live rows only when some are dead
-            live = seqs >= 0
-            seqs, vectors = seqs[live], vectors[live]
-        return HnswIndex.build(seqs, vectors, index.generation, self.hnsw)
+    def _open_index(self, conn: sqlite3.Connection, wanted: str) -> SearchIndex:
+        """The saved ANN index if it is the wanted engine's over this vector file and readable; else built, or exact."""
+        vectors = self._vectors
+        if wanted == "exact" or vectors is None:
+            return ExactIndex(vectors)
+        engine = HnswIndex if wanted == "hnsw" else QuantizedIndex
+        pointer = _read_meta(conn, _ANN)
+        if pointer is not None and pointer["engine"] == wanted and pointer["vectors"] == vectors.name:
+            path = self.path.parent / pointer["file"]
+            try:
+                saved = engine.load(path, self.settings[wanted], vectors)
+            except AnnIndexUnreadable as e:
+                if not path.exists() and not self._last_snapshot:
+                    raise _SavedIndexGone(str(e)) from e
+                logger.warning("%s; rebuilding the %s index from the store", e, wanted)
+            else:
+                if saved.graph_rows == pointer["rows"] <= self._rows.rows:
+                    return saved
+                logger.warning("%s index %s does not match the store; rebuilding it", wanted, pointer["file"])
+        return self._build(wanted)
 
-    def _save_hnsw_if_due(self, *, force: bool = False) -> None:
-        """Save the HNSW index when it was built here or grew by `_RESAVE_FRACTION` since its file."""
+    def _build(self, engine: str) -> HnswIndex | QuantizedIndex:
+        """A new `engine` index over every row of the vector file, on `threads` threads."""
+        assert self._vectors is not None
+        logger.info("building a %s index over %d vectors of %s on %d threads (minutes at a million)",
+                    engine, self._rows.count, self.path, self.threads)  # fmt: skip
+        kind = HnswIndex if engine == "hnsw" else QuantizedIndex
+        return kind.build(self._vectors, self._rows.rows, self._rows.live, self.settings[engine], self.threads)
+
+    def _maintain(self) -> bool:
+        """After a search: save a new or grown ANN index; compact a file a fifth dead. True if it compacted."""
+        self._save_ann_if_due()
+        if isinstance(self._index, ExactIndex) or self.read_only:
+            return False
+        return self._rows.dead_fraction > _MAX_DEAD_FRACTION and self._compact()
+
+    def _save_ann_if_due(self, *, force: bool = False) -> None:
+        """Save the ANN index when it was built here or grew by `_RESAVE_FRACTION` since its file."""
         index = self._index
-        if not isinstance(index, HnswIndex) or self.read_only:
+        if index is None or isinstance(index, ExactIndex) or self.read_only:
             return
-        grown = len(index.seqs) - index.saved_positions >= _RESAVE_FRACTION * len(index.seqs)
-        if index.saved_positions == 0 or grown or (force and _saved_generation(self._conn) < index.generation):
-            self._save_hnsw(index)
+        grown = index.graph_rows - index.saved_rows >= _RESAVE_FRACTION * index.graph_rows
+        if index.saved_rows == 0 or grown or (force and index.saved_rows < index.graph_rows):
+            self._save_ann(index)
 
-    def _save_hnsw(self, index: HnswIndex) -> None:
+    def _save_ann(self, index: HnswIndex | QuantizedIndex) -> None:
         """Write the index to a new file, then point the store's meta at it in one transaction."""
-        name = f"{self.path.name}{_HNSW_INFIX}{index.generation}-{uuid.uuid4().hex[:8]}"
-        index.save(self.path.parent / name)
+        name = f"{self.path.name}{_ANN_INFIX}{index.kind}-{index.graph_rows}-{uuid.uuid4().hex[:8]}"
+        saved = self.path.parent / name
+        index.save(saved)
+        replaced: Path | None = None
         with self._write() as conn:
             current = _read_meta(conn, _ANN)
-            # Another process may have saved a newer index meanwhile: the newest one wins.
-            if current is None or current["generation"] < index.generation:
-                current = {"file": name, "generation": index.generation, "count": index.count, **index.info}
+            vectors = _read_meta(conn, _VECTORS)
+            # Another process may have saved a larger index meanwhile, compacted the vector file, or
+            # saved one over as many rows and deleted this file; of two over as many rows, the last
+            # saved (a rebuild) wins.
+            if (
+                vectors["file"] == index.vectors.name
+                and saved.exists()
+                and (
+                    current is None
+                    or (current["vectors"], current["engine"]) != (vectors["file"], index.kind)
+                    or current["rows"] <= index.graph_rows
+                )
+            ):
+                replaced = None if current is None else self.path.parent / current["file"]
+                current = {
+                    "file": name, "engine": index.kind, "vectors": index.vectors.name, "rows": index.graph_rows,
+                    "generation": self._rows.generation, **index.info,
+                }  # fmt: skip
                 _put_meta(conn, {_ANN: current})
-        _remove_stale_hnsw_files(self.path, keep=current["file"], keep_generation=current["generation"])
+            # Under the write lock, so that no other save is between its check above and its commit. The
+            # index pointed at until this commit goes after it: readers see it pointed at until then.
+            pointed = [current["file"]] if current else []
+            _remove_stale_files(self.path, keep={vectors["file"], *pointed, *([replaced.name] if replaced else [])})
+        if replaced is not None:
+            with contextlib.suppress(OSError):  # already gone, or open elsewhere (Windows): a later save tries again
+                replaced.unlink(missing_ok=True)
 
-    def _allowed_positions(self, conn: sqlite3.Connection, index: SearchIndex, where: Where) -> Seqs:
-        """The index positions of records matching `where`, cached per write generation."""
-        key = (index.generation, where)
+    def _compact(self) -> bool:
+        """Copy the live rows to a new vector file and renumber the records' rows, in one transaction.
+
+        The copy is made outside the write lock; if a write committed meanwhile, it is dropped and
+        False returned (the next maintenance tries again). Other processes reading the old file keep
+        their memory map of it (unlinked files stay readable); one that opens it too late starts its
+        read over (`_in_snapshot`).
+        """
+        rows = self._in_snapshot(self._synced_rows)
+        old = self._vectors
+        if old is None:
+            return False
+        generation = rows.generation
+        live = np.flatnonzero(rows.seqs >= 0)
+        name = f"{self.path.name}{_VECTORS_INFIX}{uuid.uuid4().hex[:8]}"
+        logger.info("compacting the vectors of %s: %d of %d rows are live", self.path, len(live), rows.rows)
+        copy = VectorFile(self.path.parent / name, old.dim, writable=True, create=True)
+        done = False
+        try:
+            for start in range(0, len(live), BLOCK_ROWS):
+                copy.write(start, old.read(live[start : start + BLOCK_ROWS]), sync=False)
+            copy.sync()
+            with self._write() as conn:
+                if _read_generation(conn) == generation:
+                    conn.executemany(
+                        "UPDATE records SET row = ? WHERE seq = ?",
+                        zip(range(len(live)), rows.seqs[live].tolist(), strict=True),
+                    )
+                    conn.execute("DELETE FROM meta WHERE key = ?", (_ANN,))
+                    _put_meta(conn, {_GENERATION: generation + 1, _VECTORS: {"file": name, "rows": len(live)}})
+                    done = True
+        finally:
+            copy.close()
+            if not done:
+                copy.path.unlink(missing_ok=True)
+        if done:
+            self._forget_vectors()
+            old.path.unlink(missing_ok=True)
+            _remove_stale_files(self.path, keep={name})
+        return done
+
+    def _allowed_rows(self, conn: sqlite3.Connection, where: Where) -> Seqs:
+        """The rows of records matching `where`, cached per write generation."""
+        key = (self._rows.generation, where)
         if key in self._filters:
             return self._filters[key]
         seqs: Seqs | None = None
         for name, values in where:
-            matching = self._facet(conn, name, index.generation).seqs(values)
+            matching = self._facet(conn, name, self._rows.generation).seqs(values)
             seqs = matching if seqs is None else np.intersect1d(seqs, matching, assume_unique=True)
         assert seqs is not None
-        positions = index.positions_of(seqs)
-        self._filters[key] = positions
+        rows = self._rows.positions_of(seqs)
+        self._filters[key] = rows
         if len(self._filters) > _FILTER_CACHE_SIZE:
             self._filters.popitem(last=False)
-        return positions
+        return rows
 
     def _facet(self, conn: sqlite3.Connection, key: str, generation: int) -> Facet:
         """The value lists of metadata `key` at `generation`: appended to after inserts, rebuilt after deletes."""
@@ -521,10 +792,10 @@ class EmbeddedVectorStore:
         self._facets[key] = facet
         return facet
 
-    def _hits(self, index: SearchIndex, found: Found) -> list[list[SearchHit]]:
+    def _hits(self, found: Found) -> list[list[SearchHit]]:
         """Search results as hits carrying each record's id and metadata."""
         valid = found.positions >= 0
-        seq_rows = np.where(valid, index.seqs[np.where(valid, found.positions, 0)], -1).tolist()
+        seq_rows = np.where(valid, self._rows.seqs[np.where(valid, found.positions, 0)], -1).tolist()
         records = json.loads(self._texts.document([seq for row in seq_rows for seq in row if seq >= 0]))
         results = []
         taken = 0
@@ -539,16 +810,19 @@ class EmbeddedVectorStore:
         return results
 
     def _describe(self, index: SearchIndex) -> dict[str, Any]:
-        if isinstance(index, HnswIndex):
-            return {**index.info, "ef_search": index.ef_search, "count": index.count, "generation": index.generation}
+        if not isinstance(index, ExactIndex):
+            return {
+                **index.info, "engine": index.kind, "ef_search": index.ef_search, "count": self._rows.count,
+                "rows": index.rows, "generation": self._rows.generation,
+            }  # fmt: skip
         described: dict[str, Any] = {
             "engine": "exact",
-            "count": index.count,
+            "count": self._rows.count,
             "recall_at_10": 1.0,
             "recall_method": "exact search scores every vector",
-            "generation": index.generation,
+            "generation": self._rows.generation,
         }
-        if self._wants_hnsw(index.count) and faiss_module() is None:
+        if self.ann_threshold is not None and self._rows.count > self.ann_threshold and faiss_module() is None:
             described["note"] = "faiss is not installed: pip install imageloop[ann] for an HNSW index"
         return described
 
@@ -613,7 +887,7 @@ class _RecordTexts:
 
 
 def _open_store(path: Path) -> tuple[sqlite3.Connection, bool]:
-    """A connection to the store at `path` (created if new) and whether it is read-only.
+    """A connection to the store at `path` (created if new, migrated if older) and whether it is read-only.
 
     ImageloopError for anything that is not a store. A store that cannot be opened for writing (a
     read-only disk or folder) is opened read-only; "database is locked" while another process creates
@@ -643,6 +917,8 @@ def _open_store(path: Path) -> tuple[sqlite3.Connection, bool]:
             raise IndexDamagedError(
                 f"{path} is not a readable imageloop vector store ({e}): delete {path.parent} and re-index"
             ) from e
+        except OSError as e:  # writing the vector file of a migration
+            raise StorageError(os_error_message(e, f"migrating the index at {path.parent}")) from e
 
 
 def _has_data(path: Path) -> bool:
@@ -654,18 +930,17 @@ def _open_writable(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
     try:
         # Checked before anything is written: a foreign database is refused untouched.
-        if _layout_action(conn, path) == "create":
-            conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")  # only possible before the first write
+        _layout_action(conn, path)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("BEGIN IMMEDIATE")
         try:
-            # Decided again under the write lock: another process may have created it meanwhile.
+            # Decided again under the write lock: another process may have created or migrated it meanwhile.
             action = _layout_action(conn, path)
             if action == "create":
                 for statement in _SCHEMA:
                     conn.execute(statement)
             elif action == "migrate":
-                _migrate_layout_1(conn)
+                _migrate(conn, path)
             if action != "open":
                 conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
                 conn.execute(f"PRAGMA user_version = {_LAYOUT}")
@@ -673,6 +948,8 @@ def _open_writable(path: Path) -> sqlite3.Connection:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+        if action == "migrate":
+            _after_migration(conn, path)
     except BaseException:
         conn.close()
         raise
@@ -706,7 +983,8 @@ def _open_read_only(path: Path) -> sqlite3.Connection:
     try:
         if _layout_action(conn, path) != "open":
             raise ImageloopError(
-                f"{path} is read-only and not yet in this imageloop's layout: open it where it is writable"
+                f"{path} is read-only and in an older imageloop layout: open it once where it is writable "
+                "(any imageloop command on it migrates it in place)"
             )
     except sqlite3.DatabaseError as e:
         conn.close()
@@ -718,7 +996,7 @@ def _open_read_only(path: Path) -> sqlite3.Connection:
 
 
 def _layout_action(conn: sqlite3.Connection, path: Path) -> str:
-    """What opening needs: "open" a store, "create" one in an empty database, "migrate" the first layout.
+    """What opening needs: "open" a store, "create" one in an empty database, "migrate" an earlier layout.
 
     Read in one transaction: another process creating the store commits its tables and its application
     id together, and two separate reads could see one without the other.
@@ -738,7 +1016,7 @@ def _layout_action(conn: sqlite3.Connection, path: Path) -> str:
     if application_id == _APPLICATION_ID and tables >= _TABLES:
         if layout > _LAYOUT:
             raise ImageloopError(f"{path} was written by a newer imageloop (store layout {layout}): upgrade imageloop")
-        return "open"
+        return "migrate" if "vectors" in tables else "open"  # the second layout kept vectors in SQLite
     if application_id == 0 and not tables:
         return "create"
     if application_id == 0 and tables == {"vectors", "meta"}:  # the first layout
@@ -749,56 +1027,100 @@ def _layout_action(conn: sqlite3.Connection, path: Path) -> str:
     raise ImageloopError(f"{path} is an SQLite database but not an imageloop vector store (its tables: {listed})")
 
 
-def _migrate_layout_1(conn: sqlite3.Connection) -> None:
-    """Copy a first-layout store (no seq, no generations) into the current layout, in the open transaction."""
-    generation = _read_generation(conn)
-    conn.execute("ALTER TABLE vectors RENAME TO vectors_layout_1")
-    for statement in _SCHEMA:
-        conn.execute(statement)
-    conn.execute(
-        "INSERT INTO records (id, metadata, generation) SELECT id, metadata, ? FROM vectors_layout_1 ORDER BY id",
-        (generation,),
-    )
-    conn.execute(
-        "INSERT INTO vectors (seq, vector) SELECT r.seq, old.vector FROM records AS r "
-        "JOIN vectors_layout_1 AS old ON old.id = r.id"
-    )
-    conn.execute("DROP TABLE vectors_layout_1")
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring a store of the first or second layout to this one, in the open transaction.
 
-
-def _changes(conn: sqlite3.Connection, *, since: int, generation: int) -> Changes:
-    """What was written and deleted after generation `since` (everything when 0), with unit vectors."""
-    dim = int(_read_meta(conn, _DIM) or 0)
-    if since == 0:
-        (n,) = conn.execute("SELECT COUNT(*) FROM vectors").fetchone()
-        cursor = conn.execute("SELECT seq, vector FROM vectors ORDER BY seq")
-        deleted = np.zeros(0, dtype=np.int64)
+    The vectors move out of SQLite into a new vector file (written before the transaction commits;
+    a killed migration leaves the store as it was and an unreferenced file that is later deleted).
+    The second layout's HNSW files, which held the vectors again, are dropped after the commit.
+    """
+    logger.info("migrating %s to store layout %d: its vectors move to a file of their own (once)", path, _LAYOUT)
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "records" not in tables:  # the first layout: one table of id, vector, metadata
+        generation = _read_generation(conn)
+        conn.execute("ALTER TABLE vectors RENAME TO vectors_layout_1")
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO records (id, metadata, generation, row, norm) "
+            "SELECT id, metadata, ?, -1, 1.0 FROM vectors_layout_1 ORDER BY id",
+            (generation,),
+        )
+        source = (
+            "SELECT r.seq, old.vector FROM records AS r JOIN vectors_layout_1 AS old ON old.id = r.id ORDER BY r.seq"
+        )
+        old_table = "vectors_layout_1"
     else:
-        (n,) = conn.execute("SELECT COUNT(*) FROM records WHERE generation > ?", (since,)).fetchone()
-        cursor = conn.execute(
-            "SELECT r.seq, v.vector FROM records AS r JOIN vectors AS v USING (seq) "
-            "WHERE r.generation > ? ORDER BY r.seq",
-            (since,),
+        conn.execute("ALTER TABLE records ADD COLUMN row INTEGER NOT NULL DEFAULT -1")
+        conn.execute("ALTER TABLE records ADD COLUMN norm REAL NOT NULL DEFAULT 1.0")
+        conn.execute("ALTER TABLE deletions ADD COLUMN row INTEGER NOT NULL DEFAULT -1")
+        source = "SELECT r.seq, v.vector FROM records AS r JOIN vectors AS v USING (seq) ORDER BY r.seq"
+        old_table = "vectors"
+    dim = _read_meta(conn, _DIM)
+    if dim is not None:
+        name = f"{path.name}{_VECTORS_INFIX}{uuid.uuid4().hex[:8]}"
+        vectors = VectorFile(path.parent / name, int(dim), writable=True, create=True)
+        rows = 0
+        try:
+            cursor = conn.execute(source)
+            while chunk := cursor.fetchmany(8192):
+                matrix = np.frombuffer(b"".join(blob for _, blob in chunk), dtype=DTYPE).reshape(-1, int(dim))
+                norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix))
+                vectors.write(rows, matrix / norms[:, None], sync=False)
+                conn.executemany(
+                    "UPDATE records SET row = ?, norm = ? WHERE seq = ?",
+                    zip(range(rows, rows + len(chunk)), norms.tolist(), [seq for seq, _ in chunk], strict=True),
+                )
+                rows += len(chunk)
+            vectors.sync()
+        finally:
+            vectors.close()
+        _put_meta(conn, {_VECTORS: {"file": name, "rows": rows}})
+    conn.execute(f"DROP TABLE {old_table}")
+    conn.execute("DELETE FROM meta WHERE key = ?", (_ANN,))
+
+
+def _after_migration(conn: sqlite3.Connection, path: Path) -> None:
+    """Delete the second layout's HNSW files and give the dropped vectors' pages back to the disk."""
+    for leftover in [*path.parent.glob(f"{path.name}{_LAYOUT_2_HNSW_INFIX}*"),
+                     *path.parent.glob(f".{path.name}{_LAYOUT_2_HNSW_INFIX}*")]:  # fmt: skip
+        leftover.unlink(missing_ok=True)
+    try:
+        conn.execute("VACUUM")
+    except sqlite3.OperationalError as e:  # another process is reading: the free pages are reused instead
+        logger.info("could not VACUUM %s after migrating it (%s)", path, e)
+
+
+def _row_changes(conn: sqlite3.Connection, generation: int, *, since: RowMap | None) -> Changes:
+    """What happened to the vector file's rows after `since` (everything when None), as of `generation`."""
+    pointer = _read_meta(conn, _VECTORS)
+    rows = 0 if pointer is None else int(pointer["rows"])
+    if since is None:
+        written = conn.execute("SELECT row, seq FROM records")
+        dead: Seqs = np.zeros(0, dtype=np.int64)
+    else:
+        # A record whose vector was replaced has a row past the ones already known; one whose metadata
+        # alone changed keeps its row.
+        written = conn.execute(
+            "SELECT row, seq FROM records WHERE generation > ? AND row >= ?", (since.generation, since.rows)
         )
-        deleted = np.array(
-            [seq for (seq,) in conn.execute("SELECT seq FROM deletions WHERE generation > ?", (since,))],
-            dtype=np.int64,
-        )
-    seqs = np.empty(n, dtype=np.int64)
-    vectors = np.empty((n, dim), dtype=np.float32)
-    filled = 0
-    # Read in chunks into preallocated arrays: a million 2 KiB blobs never sit in memory as bytes at once.
-    while rows := cursor.fetchmany(8192):
-        end = filled + len(rows)
-        seqs[filled:end] = [row[0] for row in rows]
-        vectors[filled:end] = np.frombuffer(b"".join(row[1] for row in rows), dtype=_BLOB_DTYPE).reshape(-1, dim)
-        normalise_rows(vectors[filled:end])
-        filled = end
-    return Changes(generation=generation, seqs=seqs, vectors=vectors, deleted=deleted, full=since == 0)
+        dead = _int_columns(
+            conn.execute("SELECT row FROM deletions WHERE generation > ? AND row >= 0", (since.generation,)), 1
+        )[0]
+    written_rows, written_seqs = _int_columns(written, 2)
+    order = np.argsort(written_rows)
+    return Changes(generation, rows, written_rows[order], written_seqs[order], dead, full=since is None)
+
+
+def _int_columns(cursor: sqlite3.Cursor, width: int) -> list[Seqs]:
+    """The integer columns of a query's rows as arrays, read in chunks: a million rows never sit in memory as tuples."""
+    chunks = [np.array(chunk, dtype=np.int64).reshape(-1, width) for chunk in iter(lambda: cursor.fetchmany(65536), [])]
+    table = np.concatenate(chunks) if chunks else np.zeros((0, width), dtype=np.int64)
+    return [table[:, column] for column in range(width)]
 
 
 def _rewritten_since(conn: sqlite3.Connection, generation: int, max_seq: int) -> bool:
-    """Whether rows up to `max_seq` were deleted or replaced after `generation` (appends do not count)."""
+    """Whether records up to `max_seq` were deleted or replaced after `generation` (appends do not count)."""
     deleted = conn.execute("SELECT 1 FROM deletions WHERE generation > ? LIMIT 1", (generation,)).fetchone()
     replaced = conn.execute(
         "SELECT 1 FROM records WHERE generation > ? AND seq <= ? LIMIT 1", (generation, max_seq)
@@ -806,32 +1128,35 @@ def _rewritten_since(conn: sqlite3.Connection, generation: int, max_seq: int) ->
     return deleted is not None or replaced is not None
 
 
-def _saved_generation(conn: sqlite3.Connection) -> int:
-    """The generation of the saved HNSW file, -1 when there is none."""
-    pointer = _read_meta(conn, _ANN)
-    return -1 if pointer is None else int(pointer["generation"])
+def _remove_stale_files(store_path: Path, *, keep: set[str]) -> None:
+    """Delete the files beside the store that it no longer refers to.
 
-
-def _remove_stale_hnsw_files(store_path: Path, *, keep: str, keep_generation: int) -> None:
-    """Delete HNSW files superseded by `keep`; others (another process's save in progress) only once abandoned."""
-    prefix = store_path.name + _HNSW_INFIX
+    A saved ANN index covering no more rows than the kept one is superseded at once (a save calls
+    this holding the write lock: another process's save of it, if in progress, finds it gone before
+    pointing at it); any other unreferenced file (a vector file or index of another process's
+    compaction or save in progress, or left by a killed one) only once older than `_STALE_SECONDS`.
+    """
+    prefix = store_path.name
+    kept_rows = max((_ann_rows(name, prefix) for name in keep), default=-1)
     now = time.time()
-    # Temporary files of interrupted saves are dot-prefixed (imageloop.files.atomic_writer).
-    for candidate in [*store_path.parent.glob(prefix + "*"), *store_path.parent.glob(f".{prefix}*")]:
-        if candidate.name == keep:
-            continue
-        generation = candidate.name.lstrip(".")[len(prefix) :].split("-")[0]
-        superseded = (
-            not candidate.name.endswith(".tmp")
-            and generation.isascii()
-            and generation.isdigit()
-            and int(generation) <= keep_generation
-        )
+    for candidate in [*store_path.parent.glob(f"{prefix}-*"), *store_path.parent.glob(f".{prefix}-*")]:
+        name = candidate.name.lstrip(".")
+        if name in keep or not any(name.startswith(prefix + infix) for infix in (_ANN_INFIX, _VECTORS_INFIX)):
+            continue  # ours to keep, or not ours (the SQLite -wal and -shm files)
+        superseded = not candidate.name.endswith(".tmp") and 0 <= _ann_rows(name, prefix) <= kept_rows
         try:
             if superseded or now - candidate.stat().st_mtime > _STALE_SECONDS:
                 candidate.unlink()
         except OSError:
             continue  # already gone, or open elsewhere (Windows): a later save tries again
+
+
+def _ann_rows(name: str, prefix: str) -> int:
+    """The rows a saved ANN index file covers, from its name `<store>-ann-<engine>-<rows>-<id>`; -1 if not one."""
+    if not name.startswith(prefix + _ANN_INFIX):
+        return -1
+    parts = name[len(prefix + _ANN_INFIX) :].split("-")
+    return int(parts[1]) if len(parts) == 3 and parts[1].isascii() and parts[1].isdigit() else -1
 
 
 def _read_meta(conn: sqlite3.Connection, key: str) -> Any:

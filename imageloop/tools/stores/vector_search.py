@@ -1,16 +1,21 @@
-"""Exact top-k cosine search over an in-memory matrix, and the change feed the store's indexes follow.
+"""Exact top-k cosine search, the row map every engine shares, and the change feed it follows.
 
-Both search indexes of `EmbeddedVectorStore` (this exact one and the HNSW one in `ann_index`) hold
-unit vectors by *position* and know which store row (`seq`) each position holds; the store brings
-them up to date with `Changes` read from SQLite instead of reloading everything after each write.
+Every search engine of `EmbeddedVectorStore` addresses vectors by their *row* in the store's vector
+file (`vector_file.VectorFile`); the `RowMap` says which record (`seq`) each row holds now, and is
+brought up to date with `Changes` read from SQLite rather than reloaded after each write.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from imageloop.tools.stores.vector_file import VectorFile
 
 Seqs = npt.NDArray[np.int64]
 Matrix = npt.NDArray[np.float32]
@@ -25,16 +30,18 @@ _GATHER_BLOCK = 8192
 
 @dataclass(frozen=True)
 class Changes:
-    """What the records gained and lost up to write `generation`: the feed an index catches up from.
+    """What happened to the vector file's rows up to write `generation`: the feed the row map follows.
 
-    `seqs` are rows written (new or replaced), ascending, with their unit `vectors`; `deleted` are
-    rows removed. `full` means `seqs` is every record and the index should start over from them.
+    `rows` is the file's committed row count then; `written_rows` (ascending) were written since,
+    each now holding the record `written_seqs`; `dead_rows` lost their record (deleted, or its vector
+    replaced by a new row). `full` means the written rows are every live row: start over.
     """
 
     generation: int
-    seqs: Seqs
-    vectors: Matrix
-    deleted: Seqs
+    rows: int
+    written_rows: Seqs
+    written_seqs: Seqs
+    dead_rows: Seqs
     full: bool = False
 
 
@@ -104,65 +111,104 @@ def _gathered_scores(matrix: Matrix, queries: Matrix, rows: Seqs) -> Matrix:
     return scores
 
 
-class ExactIndex:
-    """Every live vector in one matrix, in row (`seq`) order, searched by a full scan: recall 1 by definition."""
+def merge_found(first: Found, second: Found, k: int) -> Found:
+    """The `k` best of two results for the same queries (positions from one numbering)."""
+    scores = np.concatenate([first.scores, second.scores], axis=1)
+    positions = np.concatenate([first.positions, second.positions], axis=1)
+    scores[positions < 0] = -np.inf
+    best, columns = top_k(scores, k)
+    return Found(best, np.take_along_axis(positions, columns, axis=1))
 
-    kind = "exact"
 
-    def __init__(self, dim: int) -> None:
-        self.dim = dim
-        self.generation = 0
+def exact_search_blocks(blocks: Iterable[tuple[Seqs, Matrix]], queries: Matrix, k: int) -> Found:
+    """Exact top-`k` over vectors that come in blocks `(rows, vectors)`: streamed from disk, never all in memory."""
+    found = Found(np.full((len(queries), k), -np.inf, dtype=np.float32), np.full((len(queries), k), -1, np.int64))
+    for rows, vectors in blocks:
+        block = exact_search(vectors, queries, k)
+        valid = block.positions >= 0
+        block.positions[valid] = rows[block.positions[valid]]
+        found = merge_found(found, block, k)
+    return found
+
+
+class RowMap:
+    """Which record (`seq`) each row of the vector file holds at one write generation; -1 marks a dead row."""
+
+    def __init__(self, file_name: str | None = None) -> None:
+        self.file_name = file_name
+        self.generation = -1
         self.seqs: Seqs = np.zeros(0, dtype=np.int64)
-        # Rows beyond `count` are spare capacity, so a small append does not copy the whole matrix.
-        self._buffer: Matrix = np.zeros((0, dim), dtype=np.float32)
+        self._live: Seqs | None = None
+        self._live_count = 0
+        # The seq -> row lookup is sorted on first use: only filtered searches need it.
+        self._order: Seqs | None = None
+        self._sorted: Seqs = self.seqs
+
+    @property
+    def rows(self) -> int:
+        """How many rows the file had committed at this generation."""
+        return len(self.seqs)
 
     @property
     def count(self) -> int:
-        """How many vectors the index holds."""
-        return len(self.seqs)
+        """How many rows hold a record."""
+        return self._live_count
 
-    def vectors(self) -> Matrix:
-        """The unit vectors by position (a view: valid until the next `apply`)."""
-        return self._buffer[: self.count]
+    @property
+    def dead_fraction(self) -> float:
+        """The share of rows that searches skip; past a limit the store compacts its file."""
+        return 1.0 - self._live_count / len(self.seqs) if len(self.seqs) else 0.0
+
+    @property
+    def live(self) -> Seqs | None:
+        """The rows holding a record, sorted; None when every row does (searches then need no filter)."""
+        return self._live
 
     def apply(self, changes: Changes) -> None:
-        """Catch up with `changes`: drop deleted rows, overwrite replaced ones, append new ones."""
+        """Catch up with `changes`: new rows take their records, dead rows are marked."""
         if changes.full:
-            self.seqs, self._buffer = changes.seqs, changes.vectors
-            self.generation = changes.generation
-            return
-        if len(changes.deleted):
-            keep = ~np.isin(self.seqs, changes.deleted)
-            if not keep.all():
-                self._buffer = self.vectors()[keep]
-                self.seqs = self.seqs[keep]
-        if len(changes.seqs):
-            positions = np.searchsorted(self.seqs, changes.seqs)
-            found = positions < self.count
-            found[found] = self.seqs[positions[found]] == changes.seqs[found]
-            self._buffer[positions[found]] = changes.vectors[found]
-            # The store never reuses a seq, so new rows sort after every row already held.
-            self._append(changes.seqs[~found], changes.vectors[~found])
+            self.seqs = np.full(changes.rows, -1, dtype=np.int64)
+        elif changes.rows > len(self.seqs):
+            self.seqs = np.concatenate([self.seqs, np.full(changes.rows - len(self.seqs), -1, dtype=np.int64)])
+        self.seqs[changes.dead_rows] = -1
+        self.seqs[changes.written_rows] = changes.written_seqs
         self.generation = changes.generation
+        self._refresh()
 
     def positions_of(self, seqs: Seqs) -> Seqs:
-        """The sorted positions of those `seqs` the index holds."""
-        positions = np.searchsorted(self.seqs, seqs)
-        inside = positions < self.count
-        positions = positions[inside]
-        return np.sort(positions[self.seqs[positions] == seqs[inside]])
+        """The sorted rows holding `seqs` (those that are stored)."""
+        if self._order is None:
+            self._order = np.argsort(self.seqs, kind="stable")
+            self._sorted = self.seqs[self._order]
+        at = np.searchsorted(self._sorted, seqs)
+        inside = at < len(self._sorted)
+        at = at[inside]
+        return np.sort(self._order[at[self._sorted[at] == seqs[inside]]])
+
+    def _refresh(self) -> None:
+        alive = self.seqs >= 0
+        self._live_count = int(alive.sum())
+        self._live = None if self._live_count == len(self.seqs) else np.flatnonzero(alive)
+        self._order = None
+
+
+class ExactIndex:
+    """Every row scanned in place in the memory-mapped vector file: recall 1 by definition, nothing to build or save."""
+
+    kind = "exact"
+
+    def __init__(self, vectors: VectorFile | None) -> None:
+        self.vectors = vectors
+        self.dim = vectors.dim if vectors is not None else 0
+        self.rows = 0
+        self._matrix: Matrix = np.zeros((0, self.dim), dtype=np.float32)
+
+    def extend(self, rows: int, threads: int) -> None:
+        """Cover the first `rows` rows of the file (rows are only ever appended); nothing to build on `threads`."""
+        if self.vectors is not None:
+            self._matrix = self.vectors.matrix(rows)
+        self.rows = rows
 
     def search(self, queries: Matrix, k: int, allowed: Seqs | None = None) -> Found:
-        """Exact top-`k` for unit `queries`, over all positions or only the sorted `allowed` ones."""
-        return exact_search(self.vectors(), queries, k, allowed)
-
-    def _append(self, seqs: Seqs, vectors: Matrix) -> None:
-        if not len(seqs):
-            return
-        count, needed = self.count, self.count + len(seqs)
-        if needed > len(self._buffer):
-            grown = np.empty((max(needed, 2 * len(self._buffer)), self.dim), dtype=np.float32)
-            grown[:count] = self.vectors()
-            self._buffer = grown
-        self._buffer[count:needed] = vectors
-        self.seqs = np.concatenate([self.seqs, seqs])
+        """Exact top-`k` for unit `queries` over every row, or only over the sorted `allowed` rows."""
+        return exact_search(self._matrix, queries, k, allowed)
