@@ -54,8 +54,10 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult, TextContent
 from PIL import Image
 
+from imageloop.app.links import MCP_BASE
+
 REPO = Path(__file__).resolve().parents[1]
-RUNS_RESOURCE = "imageloop://runs/"
+RUNS_RESOURCE = MCP_BASE + "runs/"  # how the server names a run's files to an HTTP client
 FINISHED = {"done", "error", "cancelled", "interrupted"}
 WORDS = ["red", "blue", "green", "bird", "cat", "dog", "snow", "branch", "sofa", "beach", "city", "night"]
 # How often each kind of call is made (weights).
