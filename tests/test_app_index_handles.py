@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,38 @@ def test_a_folder_indexed_again_and_again_keeps_one_open_handle(tmp_path: Path, 
     finally:
         app.close()
     assert app.open_indexes() == 0
+
+
+def vector_files_open_under(folder: Path) -> int:
+    """How many of this process's file descriptors name a vector file under `folder` (SQLite's own descriptors
+    are not counted: it keeps a closed connection's open while another connection holds a lock on the file,
+    and reuses it for the next connection)."""
+    links = (os.readlink(fd) for fd in Path("/proc/self/fd").iterdir() if fd.is_symlink())
+    return sum(link.startswith(str(folder.resolve())) and "-vectors-" in link for link in links)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors through /proc")
+def test_a_folder_indexed_again_and_again_leaves_no_vector_file_open_from_replaced_handles(
+    tmp_path: Path, fakes: FakeBackends
+) -> None:
+    # A replaced handle freed without close() closed its database connection but not its vector file's raw
+    # descriptor: the 10-minute soak's server held 268 descriptors of one vector file, one per index_images call.
+    folder = product_catalogue(tmp_path / "catalogue")
+    app = App(fakes.settings, runs_dir=tmp_path / "runs")
+    try:
+        for _ in range(2):
+            app.index_folder(folder)
+            app.retrieve(folder, query="a red sneaker", k=2)
+        gc.collect()
+        settled = vector_files_open_under(folder)  # the current handle's
+        for _ in range(5):
+            app.index_folder(folder)
+            app.retrieve(folder, query="a red sneaker", k=2)
+        gc.collect()
+        assert vector_files_open_under(folder) == settled
+    finally:
+        app.close()
+    assert vector_files_open_under(folder) == 0
 
 
 def test_a_handle_still_searched_survives_its_retirement_until_let_go(tmp_path: Path, fakes: FakeBackends) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +46,10 @@ class VectorFile:
         self.row_bytes = dim * DTYPE.itemsize
         flags = os.O_RDWR if writable else os.O_RDONLY
         self._fd = os.open(path, flags | (os.O_CREAT if create else 0), 0o666)
+        # Closed when the file is dropped unclosed too (a store freed without close(), as a server's replaced
+        # index handles are): a raw descriptor is not closed by the collector, and a server that re-indexed
+        # now and then leaked one per call until it hit the open-files limit.
+        self._closer = weakref.finalize(self, os.close, self._fd)
         if create:
             fsync_folder(path.parent)  # the file's name must be on disk before a commit refers to it
         self._map: Matrix | None = None
@@ -55,8 +60,8 @@ class VectorFile:
         return self.path.name
 
     def close(self) -> None:
-        """Close the file; memory maps already handed out stay valid until dropped."""
-        os.close(self._fd)
+        """Close the file (once, however often called); memory maps already handed out stay valid until dropped."""
+        self._closer()
         self._map = None
 
     def stored_rows(self) -> int:
