@@ -1092,3 +1092,15 @@ def _read_line(child: subprocess.Popen[str]) -> str:
 
 def _must_not_build(*args: object, **kwargs: object) -> HnswIndex:
     raise AssertionError("the ANN index was rebuilt")
+
+
+def test_the_tuner_climbs_past_efsearch_1024_when_the_target_needs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # At ten million vectors the quantised engine reached only 0.932 at efSearch 1024, where the ladder stopped; the
+    # walk, not the re-ranking, sets its recall, so the build must go on widening it (recall here as the walk gives it).
+    graph = QuantizedIndex.__new__(QuantizedIndex)
+    graph.settings = QUANTIZED_SETTINGS
+    monkeypatch.setattr(QuantizedIndex, "_recall", lambda self, probes, truth, allowed, ef: min(1.0, 0.8 + ef / 15_000))
+    probes, truth = np.zeros((3, 4), np.float32), np.zeros((3, 10), np.int64)
+    ef, recall = graph._tune(probes, truth, None)
+    assert ef == 3072  # the smallest rung reaching 0.95 plus the margin
+    assert recall >= QUANTIZED_SETTINGS.target_recall
