@@ -633,11 +633,18 @@ def batched(provider: str, model_dirs: dict[str, Path]) -> BatchImageGenerator:
 
 
 def submit_while_the_device_is_busy(wrapper: BatchingGenerator, requests: list[GenerationRequest]) -> list[Any]:
-    """Submit every request from its own thread while another model holds the device: all queue for one batch."""
+    """Submit every request from its own thread while another model holds the device: all queue for one batch.
+
+    The device is let go once every request is queued, not after a fixed pause: on a loaded machine (the suite
+    beside a ten-million-vector build) 0.2 s was too short for seven threads to start, and they split."""
+    batcher = wrapper._batcher
+    assert batcher is not None
     with ThreadPoolExecutor(len(requests)) as pool:
         with runtime.device_lock:
             futures = [pool.submit(wrapper.generate, r) for r in requests]
-            time.sleep(0.2)
+            deadline = time.monotonic() + 30
+            while len(batcher.queue) < len(requests) and time.monotonic() < deadline:
+                time.sleep(0.01)
         return [f.result() for f in futures]
 
 
