@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.retrieval import DIM, K, synthetic, synthetic_blocks
+from bench.retrieval import DIM, K, recall, synthetic, synthetic_blocks
 from imageloop.tools.stores.ann_index import QUANTIZED_SETTINGS, QuantizedIndex, faiss_threads
 from imageloop.tools.stores.vector_file import VectorFile
 from imageloop.tools.stores.vector_search import exact_search_blocks
@@ -66,10 +66,9 @@ def main() -> None:
                     started = time.perf_counter()
                     found = np.vstack([index.search(query[None], K).positions for query in queries])
                     ms = (time.perf_counter() - started) * 1000 / len(queries)
-                hits = sum(len(set(a) & set(b)) for a, b in zip(truth.tolist(), found.tolist(), strict=True))
-                recall = hits / truth.size
-                grid.append({"ef": ef, "candidates": candidates, "recall_at_10": round(recall, 4), "ms": round(ms, 3)})
-                print(f"  efSearch {ef:5d}, {candidates:4d} candidates: recall@10 {recall:.3f}, {ms:.2f} ms")
+                at_10 = recall(found, truth)
+                grid.append({"ef": ef, "candidates": candidates, "recall_at_10": round(at_10, 4), "ms": round(ms, 3)})
+                print(f"  efSearch {ef:5d}, {candidates:4d} candidates: recall@10 {at_10:.3f}, {ms:.2f} ms")
         vectors.close()
     print(json.dumps({"n": args.n, "build_s": round(build_s, 1), "grid": grid}))
 
